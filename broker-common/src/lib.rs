@@ -1,0 +1,156 @@
+//! Types shared by the kernel programs (`broker-ebpf`) and the daemon (`broker-userspace`).
+//!
+//! Every type here is `#[repr(C)]`, has no hidden padding (explicit `_pad` fields) and is
+//! `Copy`, so the same bytes mean the same thing on both sides of a BPF map.
+//!
+//! Addresses are always stored as 16-byte IPv6 addresses in network byte order; an IPv4
+//! address is stored in its IPv4-mapped form `::ffff:a.b.c.d`. Ports are host byte order.
+#![no_std]
+
+/// Name of the map of exact `ip:port` targets ([`AddrKey`] -> [`TargetValue`]).
+pub const MAP_TARGETS: &str = "TARGETS";
+/// Name of the LPM trie of `cidr:port` targets ([`CidrKey`] -> [`TargetValue`]).
+pub const MAP_TARGET_CIDRS: &str = "TARGET_CIDRS";
+/// Name of the one-entry array holding [`BrokerSettings`].
+pub const MAP_SETTINGS: &str = "SETTINGS";
+/// Name of the LRU map socket cookie -> [`ConnRecord`], written by connect4/6.
+pub const MAP_BY_COOKIE: &str = "BY_COOKIE";
+/// Name of the LRU map client address ([`AddrKey`]) -> [`ConnRecord`], written by sock_ops.
+pub const MAP_BY_PEER: &str = "BY_PEER";
+
+/// Capacity of the exact target map.
+pub const MAX_TARGETS: u32 = 16_384;
+/// Capacity of the CIDR trie.
+pub const MAX_CIDRS: u32 = 4_096;
+/// Capacity of each per-connection LRU map. LRU eviction bounds them even if the daemon
+/// never reads an entry (a client that connects and dies before the broker accepts).
+pub const MAX_CONNS: u32 = 65_536;
+
+/// Default socket mark bit that the broker sets on its own upstream sockets. Any socket
+/// whose mark has this bit set is never redirected.
+pub const DEFAULT_BYPASS_MARK: u32 = 0x0000_0539;
+
+/// `SETTINGS.flags`: redirection is enabled. Cleared, every connect goes direct.
+pub const SETTINGS_ENABLED: u32 = 1;
+/// `SETTINGS.flags`: emit aya-log debug lines from the kernel programs.
+pub const SETTINGS_DEBUG: u32 = 2;
+
+/// `AF_INET`, as recorded in [`ConnRecord::family`].
+pub const FAMILY_INET: u16 = 2;
+/// `AF_INET6`, as recorded in [`ConnRecord::family`].
+pub const FAMILY_INET6: u16 = 10;
+
+/// An address and port: a target's destination, or a brokered client's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    /// IPv6 address, network byte order (IPv4 as `::ffff:a.b.c.d`).
+    pub addr: [u8; 16],
+    /// Port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key data of the CIDR trie: the port comes first so that it is always matched in full
+/// (prefix length = 16 + the address prefix length in IPv6 terms).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrKey {
+    /// Port, network byte order (the trie compares bytes most significant first).
+    pub port_be: [u8; 2],
+    /// IPv6 address, network byte order (IPv4 as `::ffff:a.b.c.d`).
+    pub addr: [u8; 16],
+}
+
+/// What a target maps to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetValue {
+    /// Index of the service in the daemon's configuration.
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+/// Global settings, written by the daemon before it attaches the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BrokerSettings {
+    /// `SETTINGS_*` bits.
+    pub flags: u32,
+    /// Mark bit(s) that exempt a socket from redirection (the broker's own sockets).
+    pub bypass_mark: u32,
+    /// Thread-group id (in the initial pid namespace) of the broker; its connects are
+    /// never redirected, whatever their mark. 0 = none.
+    pub bypass_tgid: u32,
+    /// Port of the broker's transparent listener on 127.0.0.1 and ::1, host byte order.
+    pub listen_port: u16,
+    pub _pad: u16,
+}
+
+/// Everything the broker learns about one intercepted connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRecord {
+    /// cgroup v2 id of the calling process.
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns()` at connect time.
+    pub connect_ns: u64,
+    /// Original destination address (network byte order, IPv4-mapped for IPv4).
+    pub orig_addr: [u8; 16],
+    /// `comm` of the calling thread, NUL padded.
+    pub comm: [u8; 16],
+    /// Original destination port, host byte order.
+    pub orig_port: u16,
+    /// Address family of the socket that connected (`FAMILY_INET` or `FAMILY_INET6`).
+    pub family: u16,
+    /// Service index from the matching target.
+    pub service_id: u32,
+    /// Thread-group id of the caller (initial pid namespace).
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, contain only integers and byte arrays,
+    // and have no implicit padding (checked by the size assertions below).
+    unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::CidrKey {}
+    unsafe impl aya::Pod for super::TargetValue {}
+    unsafe impl aya::Pod for super::BrokerSettings {}
+    unsafe impl aya::Pod for super::ConnRecord {}
+}
+
+// No hidden padding: every byte is a named field.
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+const _: () = assert!(core::mem::size_of::<CidrKey>() == 18);
+const _: () = assert!(core::mem::size_of::<TargetValue>() == 8);
+const _: () = assert!(core::mem::size_of::<BrokerSettings>() == 16);
+const _: () = assert!(core::mem::size_of::<ConnRecord>() == 8 + 8 + 16 + 16 + 2 + 2 + 4 * 5);
+
+/// The IPv4-mapped IPv6 form of an IPv4 address given as network-order bytes.
+#[must_use]
+pub const fn mapped_v4(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+/// Whether a 16-byte address is IPv4-mapped (`::ffff:0:0/96`).
+#[must_use]
+pub const fn is_mapped_v4(a: &[u8; 16]) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}

@@ -1,0 +1,314 @@
+//! Kernel side of the credential broker.
+//!
+//! * `connect4` / `connect6` (cgroup/sock_addr): if the destination is a configured target
+//!   (exact `ip:port` in `TARGETS`, or `cidr:port` in the `TARGET_CIDRS` LPM trie), record
+//!   the original destination and the caller's identity under the socket cookie
+//!   (`BY_COOKIE`) and rewrite the destination to the broker's loopback listener.
+//! * `sock_ops` (ACTIVE_ESTABLISHED): copy the record to `BY_PEER`, keyed by the client
+//!   socket's local address, which is exactly the peer address the broker's `accept()`
+//!   returns. The callback runs while the client processes the SYN-ACK, before it sends
+//!   the final ACK, so the entry exists before the broker can accept: race-free.
+//!   It also asks for state callbacks so the cookie entry is deleted when the socket closes.
+//! * `getpeername4` / `getpeername6`: the application sees the original peer, never the
+//!   broker.
+//!
+//! Sockets carrying the bypass mark (the broker's upstream sockets) and sockets of the
+//! broker's own process are never redirected, so there are no loops even at the root cgroup.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::debug;
+use broker_common::{
+    AddrKey, BrokerSettings, CidrKey, ConnRecord, FAMILY_INET, FAMILY_INET6, MAX_CIDRS, MAX_CONNS,
+    MAX_TARGETS, SETTINGS_DEBUG, SETTINGS_ENABLED, TargetValue, is_mapped_v4, mapped_v4,
+};
+
+#[map]
+static TARGETS: HashMap<AddrKey, TargetValue> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+#[map]
+static TARGET_CIDRS: LpmTrie<CidrKey, TargetValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+#[map]
+static SETTINGS: Array<BrokerSettings> = Array::with_max_entries(1, 0);
+
+#[map]
+static BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+#[map]
+static BY_PEER: LruHashMap<AddrKey, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+const IPPROTO_TCP: u32 = 6;
+const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
+const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+const SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const SOCK_OPS_STATE_CB: u32 = 10;
+const SOCK_OPS_STATE_CB_FLAG: i32 = 1 << 2;
+const TCP_CLOSE: u32 = 7;
+
+#[inline(always)]
+fn settings() -> Option<BrokerSettings> {
+    SETTINGS.get(0).copied()
+}
+
+#[inline(always)]
+fn addr_from_words(words: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn words_from_addr(addr: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
+        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
+        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+    ]
+}
+
+/// The target a destination maps to: exact `ip:port` first, then the longest CIDR.
+#[inline(always)]
+fn lookup_target(addr: [u8; 16], port: u16) -> Option<TargetValue> {
+    let key = AddrKey {
+        addr,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out immediately; TARGETS is only written by the daemon.
+    if let Some(v) = unsafe { TARGETS.get(&key) } {
+        return Some(*v);
+    }
+    let cidr = Key::new(
+        16 + 128,
+        CidrKey {
+            port_be: port.to_be_bytes(),
+            addr,
+        },
+    );
+    TARGET_CIDRS.get(&cidr).copied()
+}
+
+/// Whether this connect must be left alone: the broker's own sockets, or not TCP.
+#[inline(always)]
+fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
+    if s.flags & SETTINGS_ENABLED == 0 {
+        return true;
+    }
+    // SAFETY: the kernel hands us a valid bpf_sock_addr; sk is always set for connect.
+    let (protocol, mark) = unsafe {
+        let sa: *const bpf_sock_addr = ctx.sock_addr;
+        let sk = (*sa).__bindgen_anon_1.sk;
+        ((*sa).protocol, (*sk).mark)
+    };
+    if protocol != IPPROTO_TCP || mark & s.bypass_mark != 0 {
+        return true;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    s.bypass_tgid != 0 && tgid == s.bypass_tgid
+}
+
+/// Record the caller and original destination under the socket cookie.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16, target: TargetValue) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let rec = ConnRecord {
+        // SAFETY: helpers without pointer arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        connect_ns: unsafe { bpf_ktime_get_ns() },
+        orig_addr: addr,
+        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        orig_port: port,
+        family,
+        service_id: target.service_id,
+        pid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        _pad: 0,
+    };
+    // SAFETY: ctx.as_ptr() is the program's context, valid for the cookie helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = BY_COOKIE.insert(&cookie, &rec, 0);
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn broker_connect4(ctx: SockAddrContext) -> i32 {
+    let Some(s) = settings() else { return 1 };
+    if exempt(&ctx, &s) {
+        return 1;
+    }
+    // SAFETY: valid context pointer for the duration of the program.
+    let (ip, port_raw) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    let addr = mapped_v4(ip.to_ne_bytes());
+    let port = u16::from_be(port_raw as u16);
+    let Some(target) = lookup_target(addr, port) else {
+        return 1;
+    };
+    record(&ctx, addr, port, FAMILY_INET, target);
+    // SAFETY: 4-byte stores to writable context fields.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(LOOPBACK_V4);
+        (*ctx.sock_addr).user_port = u32::from(s.listen_port.to_be());
+    }
+    if s.flags & SETTINGS_DEBUG != 0 {
+        debug!(&ctx, "redirect v4 port {} -> broker", port);
+    }
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
+    let Some(s) = settings() else { return 1 };
+    if exempt(&ctx, &s) {
+        return 1;
+    }
+    // SAFETY: valid context pointer for the duration of the program.
+    let (words, port_raw) = unsafe {
+        let sa = ctx.sock_addr;
+        (
+            [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ],
+            (*sa).user_port,
+        )
+    };
+    let addr = addr_from_words(words);
+    let port = u16::from_be(port_raw as u16);
+    let Some(target) = lookup_target(addr, port) else {
+        return 1;
+    };
+    // A dual-stack socket connecting to ::ffff:a.b.c.d talks IPv4: send it to the
+    // IPv4-mapped loopback listener; a native IPv6 destination goes to ::1.
+    let (family, to) = if is_mapped_v4(&addr) {
+        (FAMILY_INET6, mapped_v4(LOOPBACK_V4))
+    } else {
+        (FAMILY_INET6, LOOPBACK_V6)
+    };
+    record(&ctx, addr, port, family, target);
+    let w = words_from_addr(to);
+    // SAFETY: 4-byte stores to writable context fields.
+    unsafe {
+        let sa = ctx.sock_addr;
+        (*sa).user_ip6[0] = w[0];
+        (*sa).user_ip6[1] = w[1];
+        (*sa).user_ip6[2] = w[2];
+        (*sa).user_ip6[3] = w[3];
+        (*sa).user_port = u32::from(s.listen_port.to_be());
+    }
+    if s.flags & SETTINGS_DEBUG != 0 {
+        debug!(&ctx, "redirect v6 port {} -> broker", port);
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn broker_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: ctx.as_ptr() is the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the record is copied out immediately.
+    let Some(rec) = (unsafe { BY_COOKIE.get(&cookie) }).copied() else {
+        return 1;
+    };
+    let a = rec.orig_addr;
+    // SAFETY: 4-byte stores to writable context fields.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        (*ctx.sock_addr).user_port = u32::from(rec.orig_port.to_be());
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn broker_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: ctx.as_ptr() is the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the record is copied out immediately.
+    let Some(rec) = (unsafe { BY_COOKIE.get(&cookie) }).copied() else {
+        return 1;
+    };
+    let w = words_from_addr(rec.orig_addr);
+    // SAFETY: 4-byte stores to writable context fields.
+    unsafe {
+        let sa = ctx.sock_addr;
+        (*sa).user_ip6[0] = w[0];
+        (*sa).user_ip6[1] = w[1];
+        (*sa).user_ip6[2] = w[2];
+        (*sa).user_ip6[3] = w[3];
+        (*sa).user_port = u32::from(rec.orig_port.to_be());
+    }
+    1
+}
+
+#[sock_ops]
+pub fn broker_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == TCP_CLOSE {
+                // SAFETY: ctx.as_ptr() is the program's context.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let _ = BY_COOKIE.remove(&cookie);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    // SAFETY: ctx.as_ptr() is the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the record is copied out immediately.
+    let Some(rec) = (unsafe { BY_COOKIE.get(&cookie) }).copied() else {
+        return;
+    };
+    let addr = if ctx.family() == u32::from(FAMILY_INET) {
+        mapped_v4(ctx.local_ip4().to_ne_bytes())
+    } else {
+        addr_from_words(ctx.local_ip6())
+    };
+    let key = AddrKey {
+        addr,
+        port: ctx.local_port() as u16,
+        _pad: 0,
+    };
+    let _ = BY_PEER.insert(&key, &rec, 0);
+    // Delete the cookie entry when this socket closes (getpeername needs it until then).
+    let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | SOCK_OPS_STATE_CB_FLAG);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

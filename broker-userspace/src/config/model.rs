@@ -1,0 +1,172 @@
+//! The validated, immutable configuration the daemon runs on.
+//!
+//! Produced from YAML by [`super::load`]; every field here has already been checked.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use ipnet::IpNet;
+
+use crate::secret::Secret;
+
+/// Default health endpoint.
+pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:5335";
+/// Default lifetime of a fetched credential in the cache.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Services in file order; a service's index is its id in the eBPF maps.
+    pub services: Vec<Service>,
+    /// Named provider instances from the top-level `providers:` block, plus the built-in
+    /// defaults (`literal`, `env`, `file`, `http`) when not overridden.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Broker-wide settings (top-level `broker:` block).
+    pub broker: BrokerSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Health endpoint (`/live`, `/ready`). `None` when set to `off`.
+    pub health_addr: Option<SocketAddr>,
+    /// Port of the transparent listener on 127.0.0.1 and ::1; 0 picks a free port.
+    pub transparent_port: u16,
+    /// How long a fetched credential may be reused. Zero disables the cache.
+    pub cache_ttl: Duration,
+    /// Socket mark bit set on the broker's upstream sockets.
+    pub bypass_mark: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: String,
+    pub connector: Connector,
+    /// Explicit listener (Secretless `listenOn`).
+    pub listen_on: Option<ListenAddr>,
+    /// Destinations whose connections the eBPF programs redirect to this service.
+    pub intercept: Vec<InterceptTarget>,
+    /// Credential name -> where its value comes from.
+    pub credentials: BTreeMap<String, CredentialSource>,
+    /// Secretless-style `authentication:` entries (e.g. OAuth2 client credentials).
+    pub authentication: Vec<AuthMethod>,
+}
+
+/// A connector and its validated `config:` block.
+#[derive(Debug, Clone)]
+pub enum Connector {
+    Tcp(TcpConfig),
+    Pg(PgConfig),
+    /// A connector name we know (Secretless or ours) whose implementation is not built
+    /// yet. Loading succeeds; `broker check` and `broker run` report it by name.
+    NotBuilt {
+        name: String,
+    },
+}
+
+impl Connector {
+    #[must_use]
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Tcp(_) => "tcp",
+            Self::Pg(_) => "pg",
+            Self::NotBuilt { name } => name,
+        }
+    }
+}
+
+/// `connector: tcp`: relay bytes, optionally originating TLS to the upstream.
+#[derive(Debug, Clone, Default)]
+pub struct TcpConfig {
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS toward the upstream.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamTls {
+    /// Extra CA certificate(s) (PEM) trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Name to verify and send as SNI; defaults to the upstream host.
+    pub server_name: Option<String>,
+    /// Skip certificate verification entirely (never for production).
+    pub insecure_skip_verify: bool,
+}
+
+/// `connector: pg` (aliases `postgres`, `postgresql`). Connection settings come from the
+/// credentials (`host port username password database sslmode sslrootcert sslcert sslkey
+/// sslhost`), as in Secretless.
+#[derive(Debug, Clone, Default)]
+pub struct PgConfig {}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterceptTarget {
+    /// `db.example.com:5432`, resolved by the daemon and kept current (TTL).
+    Host { host: String, port: u16 },
+    /// `10.0.0.5:5432`, `[2001:db8::5]:5432`.
+    Addr(SocketAddr),
+    /// `10.0.0.0/24:5432`, `[2001:db8::/64]:5432`.
+    Cidr { net: IpNet, port: u16 },
+}
+
+#[derive(Debug, Clone)]
+pub enum CredentialSource {
+    /// A scalar in the file, or `from: literal`.
+    Literal(Secret),
+    /// Fetched from a provider instance by id.
+    Provider { provider: String, id: String },
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderConfig {
+    Literal,
+    Env,
+    File,
+    Http(HttpProviderConfig),
+    /// Known kind (`vault`, `conjur`, `aws`, `kubernetes`), not built yet.
+    NotBuilt {
+        kind: String,
+    },
+}
+
+impl ProviderConfig {
+    #[must_use]
+    pub fn kind(&self) -> &str {
+        match self {
+            Self::Literal => "literal",
+            Self::Env => "env",
+            Self::File => "file",
+            Self::Http(_) => "http",
+            Self::NotBuilt { kind } => kind,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HttpProviderConfig {
+    /// Prepended to relative ids (`get: secrets/db/password`).
+    pub base_url: Option<String>,
+    /// Sent as `Authorization: Bearer <token>`.
+    pub token: Option<Secret>,
+    /// Extra CA certificate (PEM) for HTTPS secret servers.
+    pub ca_file: Option<PathBuf>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// An entry of a Secretless-style `authentication:` list.
+#[derive(Debug, Clone)]
+pub enum AuthMethod {
+    OAuth2(OAuth2Config),
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuth2Config {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub scope: Option<String>,
+}

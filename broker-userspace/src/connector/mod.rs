@@ -1,0 +1,120 @@
+//! Connectors: what the broker does with one accepted client connection.
+//!
+//! The proxy layer accepts a connection, works out the service, the caller and the
+//! original destination, and hands a [`Conn`] to the service's connector. A connector
+//! fetches credentials through [`crate::broker::Broker`], authenticates to the upstream
+//! and relays bytes, filling in [`ConnStats`] for the access log as it goes.
+
+pub mod pg;
+pub mod tcp;
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, sync::Arc};
+
+use crate::{config::Service, secret::Secret};
+
+/// Who is on the other end of an intercepted connection, as the kernel recorded it at
+/// `connect()` time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub comm: String,
+}
+
+/// One brokered client connection.
+#[derive(Debug)]
+pub struct Conn {
+    pub service: Arc<Service>,
+    /// The client's address as the broker's listener saw it.
+    pub client_addr: SocketAddr,
+    /// The caller's identity (transparent connections only).
+    pub caller: Option<Caller>,
+    /// Where the client meant to connect (transparent connections only).
+    pub orig_dst: Option<SocketAddr>,
+    /// Filled in by the connector for the access log.
+    pub stats: ConnStats,
+}
+
+/// Per-connection facts for the access-log line.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// `host:port` actually dialed.
+    pub upstream: Option<String>,
+    /// Bytes client -> upstream and upstream -> client.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Credential fetches: `name <- provider:id` (never values).
+    pub fetched: Vec<String>,
+}
+
+/// Resolved credentials for one connection: name -> value.
+#[derive(Default, Clone)]
+pub struct Credentials(pub BTreeMap<String, Secret>);
+
+impl Credentials {
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&Secret> {
+        self.0.get(name)
+    }
+
+    /// A credential that must be UTF-8 text (hosts, user names, modes).
+    ///
+    /// # Errors
+    /// When it is not valid UTF-8; the error names the credential, not its value.
+    pub fn text(&self, name: &str) -> Result<Option<&str>, ConnError> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(s) => s
+                .expose_str()
+                .map(Some)
+                .map_err(|_| ConnError::Config(format!("credential `{name}` is not UTF-8"))),
+        }
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// Why a brokered connection failed. Never carries a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("fetching credentials failed: {0}")]
+    Credentials(String),
+    #[error("upstream {addr} unreachable: {source}")]
+    Upstream {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("upstream TLS with {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
+    #[error("upstream rejected the credentials: {0}")]
+    AuthRejected(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ConnError {
+    /// Short result word for the access log.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Credentials(_) => "credentials_error",
+            Self::Upstream { .. } => "upstream_unreachable",
+            Self::Tls { .. } => "upstream_tls_error",
+            Self::AuthRejected(_) => "auth_rejected",
+            Self::Protocol(_) => "protocol_error",
+            Self::Config(_) => "config_error",
+            Self::Io(_) => "io_error",
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! `connector: tcp`: relay bytes to the upstream, optionally originating TLS.
+//!
+//! The upstream is `credentials.host`/`credentials.port` when set, else the original
+//! destination of an intercepted connection, else (for `listenOn` services) the
+//! listener's port on `credentials.host`.
+
+use std::sync::Arc;
+
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use crate::{
+    broker::Broker,
+    config::{ListenAddr, TcpConfig},
+    connector::{Conn, ConnError},
+    tls::{self, TlsOptions, Verify},
+};
+
+/// Relay buffer size in each direction.
+pub const RELAY_BUF: usize = 64 * 1024;
+
+/// Serve one client connection.
+///
+/// # Errors
+/// When credentials cannot be fetched or the upstream cannot be reached.
+pub async fn serve(
+    broker: &Broker,
+    conn: &mut Conn,
+    cfg: &TcpConfig,
+    mut client: TcpStream,
+) -> Result<(), ConnError> {
+    let service = Arc::clone(&conn.service);
+    let creds = broker.credentials(&service, false, &mut conn.stats).await?;
+    let host = match creds.text("host")? {
+        Some(h) => h.to_owned(),
+        None => conn
+            .orig_dst
+            .map(|a| a.ip().to_string())
+            .ok_or_else(|| ConnError::Config("no upstream: set credential `host`".into()))?,
+    };
+    let port = match creds.text("port")? {
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| ConnError::Config("credential `port` is not a port number".into()))?,
+        None => match (conn.orig_dst, &service.listen_on) {
+            (Some(a), _) => a.port(),
+            (None, Some(ListenAddr::Tcp(a))) => a.port(),
+            _ => {
+                return Err(ConnError::Config(
+                    "no upstream port: set credential `port`".into(),
+                ));
+            }
+        },
+    };
+    conn.stats.upstream = Some(format!("{host}:{port}"));
+    let upstream = broker.dial(&host, port).await?;
+    let (up, down) = match &cfg.tls {
+        None => relay(&mut client, upstream).await?,
+        Some(t) => {
+            let config = tls::client_config(TlsOptions {
+                verify: if t.insecure_skip_verify {
+                    Verify::None
+                } else {
+                    Verify::Full
+                },
+                ca_file: t.ca_file.as_deref(),
+                with_system_roots: true,
+                client_cert: None,
+            })
+            .map_err(|e| ConnError::Config(e.to_string()))?;
+            let name = t.server_name.clone().unwrap_or_else(|| host.clone());
+            let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|_| ConnError::Config(format!("invalid TLS server name `{name}`")))?;
+            let tls_stream = tokio_rustls::TlsConnector::from(config)
+                .connect(server_name, upstream)
+                .await
+                .map_err(|e| ConnError::Tls {
+                    addr: format!("{host}:{port}"),
+                    reason: e.to_string(),
+                })?;
+            relay(&mut client, tls_stream).await?
+        }
+    };
+    conn.stats.bytes_up = up;
+    conn.stats.bytes_down = down;
+    Ok(())
+}
+
+/// Copy both ways until both sides are done; returns (client->upstream, upstream->client).
+///
+/// # Errors
+/// The first I/O error on either side.
+pub async fn relay<U>(client: &mut TcpStream, mut upstream: U) -> Result<(u64, u64), ConnError>
+where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let res =
+        tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, RELAY_BUF, RELAY_BUF).await;
+    let _ = upstream.shutdown().await;
+    Ok(res?)
+}
