@@ -1,1 +1,229 @@
+//! Test harness: locate the `broker` binary, run it (`run`, `exec`, `check`), pick free
+//! ports, enforce privileges. Real servers are started by the modules below.
+//!
+//! Tests panic (never return `Result`) so failures keep their backtrace.
 
+pub mod pg;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The `broker` binary: `$BROKER_BIN`, else `target/debug/broker` of this workspace.
+#[must_use]
+pub fn broker_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BROKER_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = workspace_root();
+    let p = root.join("target/debug/broker");
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build -p broker-userspace` (cargo xtask test does)",
+        p.display()
+    );
+    p
+}
+
+#[must_use]
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Whether privileged tests can run. Without root they fail when
+/// `BROKER_REQUIRE_PRIVILEGED=1` (CI and `cargo xtask test` set it) and are skipped,
+/// loudly, otherwise.
+#[must_use]
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    assert!(
+        std::env::var("BROKER_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+        "this test needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and BROKER_REQUIRE_PRIVILEGED=1"
+    );
+    eprintln!("SKIPPED: not root (set BROKER_REQUIRE_PRIVILEGED=1 to make this a failure)");
+    false
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+#[must_use]
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local_addr")
+        .port()
+}
+
+/// Wait until something accepts TCP connections on `addr`.
+pub fn wait_port(addr: SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listening on {addr} after {timeout:?}");
+}
+
+/// Minimal HTTP GET on loopback; returns (status, body).
+#[must_use]
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Some((status, body))
+}
+
+/// A running `broker run` daemon, stopped with SIGTERM on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub health: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Start `broker run -f <config> <args>`; stderr/stdout go to `log`. Waits for
+    /// `/ready` on `health` (the config must set `broker.health` to it).
+    #[must_use]
+    pub fn start(config: &Path, args: &[&str], health: SocketAddr, log: &Path) -> Self {
+        let out = std::fs::File::create(log).expect("create daemon log");
+        let child = Command::new(broker_bin())
+            .arg("run")
+            .arg("-f")
+            .arg(config)
+            .args(args)
+            .stdout(out.try_clone().expect("dup log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn broker run");
+        let mut d = Self {
+            child,
+            health,
+            log: log.to_path_buf(),
+        };
+        d.wait_ready(Duration::from_secs(30));
+        d
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                panic!("broker exited early ({st}):\n{}", self.log_text());
+            }
+            if matches!(http_get(self.health, "/ready"), Some((200, _))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("broker not ready after {timeout:?}:\n{}", self.log_text());
+    }
+
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Send SIGTERM and wait (bounded) for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill with a pid we own.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("broker did not exit on SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill with a pid we own.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Run `broker exec -f <config> [flags] -- <cmd...>` with extra environment, bounded by
+/// `timeout`. Returns the output (stdout, stderr: the client's and the broker's).
+#[must_use]
+pub fn broker_exec(config: &Path, cmd: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
+    let mut c = Command::new("timeout");
+    c.arg("--kill-after=5")
+        .arg(format!("{}", timeout.as_secs()))
+        .arg(broker_bin())
+        .arg("exec")
+        .arg("-f")
+        .arg(config)
+        .arg("--")
+        .args(cmd)
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("spawn broker exec")
+}
+
+/// Run `broker check -f <config>`.
+#[must_use]
+pub fn broker_check(config: &Path, env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(broker_bin());
+    c.arg("check").arg("-f").arg(config);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("spawn broker check")
+}
+
+/// Stdout and stderr as one string, for assertions and secret greps.
+#[must_use]
+pub fn output_text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Panic if `haystack` contains any of the secret values.
+pub fn assert_no_secret(haystack: &str, secrets: &[&str], what: &str) {
+    for s in secrets {
+        assert!(
+            !haystack.contains(s),
+            "{what} contains a secret value (length {})",
+            s.len()
+        );
+    }
+}

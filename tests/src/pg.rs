@@ -1,0 +1,1 @@
+//! Real PostgreSQL servers for tests (owned by the PostgreSQL connector work).
