@@ -185,14 +185,15 @@ pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
         return 1;
     }
     // SAFETY: valid context pointer for the duration of the program.
+    // One fixed-offset load per word (see on_established).
     let (words, port_raw) = unsafe {
         let sa = ctx.sock_addr;
         (
             [
-                (*sa).user_ip6[0],
-                (*sa).user_ip6[1],
-                (*sa).user_ip6[2],
-                (*sa).user_ip6[3],
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
             ],
             (*sa).user_port,
         )
@@ -214,10 +215,10 @@ pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: 4-byte stores to writable context fields.
     unsafe {
         let sa = ctx.sock_addr;
-        (*sa).user_ip6[0] = w[0];
-        (*sa).user_ip6[1] = w[1];
-        (*sa).user_ip6[2] = w[2];
-        (*sa).user_ip6[3] = w[3];
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], w[0]);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], w[1]);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], w[2]);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], w[3]);
         (*sa).user_port = u32::from(s.listen_port.to_be());
     }
     if s.flags & SETTINGS_DEBUG != 0 {
@@ -255,10 +256,10 @@ pub fn broker_getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: 4-byte stores to writable context fields.
     unsafe {
         let sa = ctx.sock_addr;
-        (*sa).user_ip6[0] = w[0];
-        (*sa).user_ip6[1] = w[1];
-        (*sa).user_ip6[2] = w[2];
-        (*sa).user_ip6[3] = w[3];
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], w[0]);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], w[1]);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], w[2]);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], w[3]);
         (*sa).user_port = u32::from(rec.orig_port.to_be());
     }
     1
@@ -291,7 +292,19 @@ fn on_established(ctx: &SockOpsContext) {
     let addr = if ctx.family() == u32::from(FAMILY_INET) {
         mapped_v4(ctx.local_ip4().to_ne_bytes())
     } else {
-        addr_from_words(ctx.local_ip6())
+        // One fixed-offset load per word: the verifier rejects loads through a context
+        // pointer the compiler has offset (which an array copy produces).
+        // SAFETY: valid context pointer; volatile keeps each load separate.
+        let w = unsafe {
+            let ops = ctx.ops;
+            [
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
+            ]
+        };
+        addr_from_words(w)
     };
     let key = AddrKey {
         addr,

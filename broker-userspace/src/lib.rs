@@ -2,9 +2,15 @@
 //!
 //! See `docs/ARCHITECTURE.md` for how the pieces fit together.
 
+pub mod app;
 pub mod broker;
+pub mod cgroup;
 pub mod config;
 pub mod connector;
+pub mod ebpf;
+pub mod health;
 pub mod provider;
+pub mod proxy;
+pub mod resolver;
 pub mod secret;
 pub mod tls;

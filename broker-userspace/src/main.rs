@@ -1,1 +1,108 @@
-fn main() {}
+//! `broker`: the eBPF-assisted transparent credential broker.
+
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "broker", version, about = "Transparent credential broker: apps connect to real hostnames with no secrets; the broker authenticates for them")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter (tracing env-filter syntax), e.g. `info`, `debug,hickory=warn`.
+    #[arg(long, global = true, env = "BROKER_LOG", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon: attach the eBPF programs and broker connections until SIGTERM.
+    Run {
+        /// Configuration file (YAML).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// cgroup v2 directory to attach to (default: the root of the cgroup v2 mount).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Serve only the explicit `listenOn` listeners; load no eBPF (Secretless mode).
+        #[arg(long)]
+        no_ebpf: bool,
+        /// Forward the kernel programs' debug logs.
+        #[arg(long)]
+        ebpf_debug: bool,
+    },
+    /// Run one command with its connections brokered: a child cgroup is created, the
+    /// programs are attached there, CMD runs inside it; exits with CMD's status.
+    Exec {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long)]
+        ebpf_debug: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<OsString>,
+    },
+    /// Validate a configuration file: print every error with its key path.
+    Check {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::Check { file } = &cli.cmd {
+        return ExitCode::from(u8::try_from(broker::app::check(file)).unwrap_or(1));
+    }
+    init_logging(cli.log_format, &cli.log_level);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("broker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Run { file, cgroup, no_ebpf, ebpf_debug } => {
+                broker::app::run(&file, cgroup, no_ebpf, ebpf_debug).await.map(|()| 0)
+            }
+            Cmd::Exec { file, ebpf_debug, cmd } => broker::app::exec(&file, &cmd, ebpf_debug).await,
+            Cmd::Check { .. } => unreachable!("handled above"),
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            let code = if e.downcast_ref::<broker::app::BadConfig>().is_some() {
+                broker::app::EXIT_CONFIG
+            } else {
+                1
+            };
+            eprintln!("broker: {e:#}");
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! Tests panic (never return `Result`) so failures keep their backtrace.
 
 pub mod pg;
+pub mod secret_server;
 
 use std::{
     io::{Read as _, Write as _},

@@ -1,1 +1,135 @@
-fn main() {}
+//! Project tasks. Every task that needs tools installs them first, idempotently.
+//!
+//! * `cargo xtask setup`  install everything a fresh machine lacks
+//! * `cargo xtask demo`   set up, build, and run the PostgreSQL demo (root)
+//! * `cargo xtask test`   set up, build, and run every check and test (root)
+//! * `cargo xtask bench pg`  set up, build (release), and run the pgbench comparison
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install nightly rust-src, bpf-linker and the Debian packages the tests use.
+    Setup,
+    /// Set up, build, then run the demo: a real PostgreSQL, a local secret server, and an
+    /// unmodified `psql` run under `broker exec`.
+    Demo,
+    /// Set up, build, then run fmt, clippy and every test (needs root).
+    Test {
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
+    /// Benchmarks, side by side with the direct connection and a peer proxy.
+    Bench {
+        /// Which benchmark: `pg`.
+        what: String,
+        /// pgbench duration per run, seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.cmd {
+        Cmd::Setup => setup::all(),
+        Cmd::Demo => {
+            setup::all()?;
+            build(&root, false)?;
+            demo::run(&root)
+        }
+        Cmd::Test { no_lint, rest } => {
+            setup::all()?;
+            test(&root, no_lint, &rest)
+        }
+        Cmd::Bench { what, seconds } => {
+            setup::all()?;
+            build(&root, true)?;
+            match what.as_str() {
+                "pg" => bench::pg(&root, seconds),
+                other => bail!("unknown benchmark `{other}` (known: pg)"),
+            }
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Run a command, failing with its name if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed: {st}");
+    }
+    Ok(())
+}
+
+fn build(root: &Path, release: bool) -> anyhow::Result<()> {
+    let mut c = Command::new("cargo");
+    c.current_dir(root).args(["build", "-p", "broker-userspace"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn test(root: &Path, no_lint: bool, rest: &[String]) -> anyhow::Result<()> {
+    if !no_lint {
+        run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+        run(Command::new("cargo").args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    build(root, false)?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc_geteuid() };
+    if euid != 0 {
+        bail!("the test suite loads eBPF programs and starts servers: run it as root (sudo -E cargo xtask test)");
+    }
+    let mut c = Command::new("cargo");
+    c.current_dir(root)
+        .args(["test", "--workspace", "--exclude", "broker-ebpf", "--exclude", "xtask"])
+        .args(rest)
+        .env("BROKER_REQUIRE_PRIVILEGED", "1")
+        .env("BROKER_BIN", root.join("target/debug/broker"));
+    run(&mut c)
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

@@ -54,7 +54,7 @@ pub async fn serve(
     conn.stats.upstream = Some(format!("{host}:{port}"));
     let upstream = broker.dial(&host, port).await?;
     let (up, down) = match &cfg.tls {
-        None => relay(&mut client, upstream).await?,
+        None => relay_tcp(&client, &upstream).await?,
         Some(t) => {
             let config = tls::client_config(TlsOptions {
                 verify: if t.insecure_skip_verify {
@@ -85,7 +85,11 @@ pub async fn serve(
     Ok(())
 }
 
-/// Copy both ways until both sides are done; returns (client->upstream, upstream->client).
+/// Buffer size of the generic (TLS) relay, per direction.
+pub const TLS_RELAY_BUF: usize = 16 * 1024;
+
+/// Copy both ways between the client and any upstream stream (e.g. TLS) until both
+/// sides are done; returns (client->upstream, upstream->client).
 ///
 /// # Errors
 /// The first I/O error on either side.
@@ -93,8 +97,61 @@ pub async fn relay<U>(client: &mut TcpStream, mut upstream: U) -> Result<(u64, u
 where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let res =
-        tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, RELAY_BUF, RELAY_BUF).await;
+    let res = tokio::io::copy_bidirectional_with_sizes(
+        client,
+        &mut upstream,
+        TLS_RELAY_BUF,
+        TLS_RELAY_BUF,
+    )
+    .await;
     let _ = upstream.shutdown().await;
     Ok(res?)
+}
+
+/// Copy both ways between two plain TCP sockets until both sides are done; returns
+/// (client->upstream, upstream->client).
+///
+/// An idle connection holds no buffer: a direction allocates its buffer only when its
+/// socket is readable and frees it as soon as the socket would block, so thousands of
+/// idle brokered connections cost little more than their sockets. A half-close on one
+/// side is passed on as `shutdown(SHUT_WR)` on the other.
+///
+/// # Errors
+/// The first I/O error on either side.
+pub async fn relay_tcp(client: &TcpStream, upstream: &TcpStream) -> Result<(u64, u64), ConnError> {
+    Ok(tokio::try_join!(pump(client, upstream), pump(upstream, client))?)
+}
+
+async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        let mut buf: Vec<u8> = Vec::with_capacity(RELAY_BUF);
+        loop {
+            buf.clear();
+            match from.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                    return Ok(total);
+                }
+                Ok(n) => {
+                    write_all(to, &buf[..n]).await?;
+                    total += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,205 @@
+//! cgroup v2 helpers: find the unified hierarchy, create and remove child cgroups.
+
+use std::{
+    fs,
+    io::{self, Write as _},
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 (cgroup2) mount found in /proc/self/mountinfo")]
+    NoCgroup2,
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The mount point of the cgroup v2 hierarchy, from `/proc/self/mountinfo`
+/// (`/sys/fs/cgroup` on most hosts, `/sys/fs/cgroup/unified` on hybrid ones).
+///
+/// # Errors
+/// When mountinfo cannot be read or has no cgroup2 mount.
+pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
+    let text = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io_err("reading", Path::new("/proc/self/mountinfo")))?;
+    parse_mountinfo(&text).ok_or(CgroupError::NoCgroup2)
+}
+
+fn parse_mountinfo(text: &str) -> Option<PathBuf> {
+    text.lines().find_map(|line| {
+        // <id> <parent> <maj:min> <root> <mount point> <options> ... - <fstype> <source> ...
+        let (pre, post) = line.split_once(" - ")?;
+        let fstype = post.split_whitespace().next()?;
+        let mount_point = pre.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(char::from(v));
+            i += 4;
+            continue;
+        }
+        out.push(char::from(b[i]));
+        i += 1;
+    }
+    out
+}
+
+/// A child cgroup this process created; removed (after killing anything left in it)
+/// on drop.
+#[derive(Debug)]
+pub struct ChildCgroup {
+    path: PathBuf,
+}
+
+impl ChildCgroup {
+    /// Create `parent/name`.
+    ///
+    /// # Errors
+    /// When the directory cannot be created.
+    pub fn create(parent: &Path, name: &str) -> Result<Self, CgroupError> {
+        let path = parent.join(name);
+        fs::create_dir(&path).map_err(io_err("creating cgroup", &path))?;
+        Ok(Self { path })
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// An open `cgroup.procs` of this cgroup; a child process writes `0` to it (from
+    /// `pre_exec`) to move itself in before it execs.
+    ///
+    /// # Errors
+    /// When the file cannot be opened.
+    pub fn procs_fd(&self) -> Result<OwnedFd, CgroupError> {
+        let p = self.path.join("cgroup.procs");
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io_err("opening", &p))?;
+        Ok(OwnedFd::from(f))
+    }
+
+    /// Move a process into this cgroup.
+    ///
+    /// # Errors
+    /// When the kernel refuses.
+    pub fn add_pid(&self, pid: u32) -> Result<(), CgroupError> {
+        let p = self.path.join("cgroup.procs");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io_err("opening", &p))?;
+        write!(f, "{pid}").map_err(io_err("writing", &p))
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// Kill everything still in the cgroup and remove it, waiting up to `timeout`.
+    ///
+    /// # Errors
+    /// When the cgroup is still busy after the timeout.
+    pub fn remove(&self, timeout: Duration) -> Result<(), CgroupError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(CgroupError::Io {
+                        op: "removing cgroup",
+                        path: self.path.clone(),
+                        source: e,
+                    });
+                }
+                Err(_) => {
+                    // cgroup.kill (5.14+) kills the whole subtree; fall back to SIGKILL.
+                    if fs::write(self.path.join("cgroup.kill"), "1").is_err() {
+                        for pid in self.pids() {
+                            // SAFETY: plain kill(2).
+                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove(Duration::from_secs(5)) {
+            tracing::warn!(error = %e, "leaving cgroup behind");
+        }
+    }
+}
+
+/// Write `0` ("this process") to an open `cgroup.procs`. Async-signal-safe: meant for
+/// `CommandExt::pre_exec`.
+///
+/// # Errors
+/// The `write(2)` error.
+pub fn join_from_pre_exec(procs: &OwnedFd) -> io::Result<()> {
+    // SAFETY: write(2) on an fd we own, with a valid 1-byte buffer.
+    let n = unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) };
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_and_unified_layouts() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_mountinfo(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(parse_mountinfo(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(parse_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        let escaped = "1 0 0:1 / /mnt/my\\040cg rw - cgroup2 none rw\n";
+        assert_eq!(parse_mountinfo(escaped), Some(PathBuf::from("/mnt/my cg")));
+    }
+}

@@ -1,0 +1,354 @@
+//! Loading, attaching and feeding the kernel programs (`broker-ebpf`).
+//!
+//! [`Interceptor`] owns the loaded object. Every program is attached with a BPF link
+//! (`bpf_link_create`), so the attachments live exactly as long as this process holds
+//! the link fds: dropping the `Interceptor`, any error path, and even SIGKILL detach
+//! everything. Nothing is pinned.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+};
+use broker_common::{
+    AddrKey, BrokerSettings, CidrKey, ConnRecord, MAP_BY_PEER, MAP_SETTINGS, MAP_TARGET_CIDRS,
+    MAP_TARGETS, TargetValue, mapped_v4,
+};
+
+/// The eBPF object built by `build.rs` (aya-build) from `broker-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/broker"));
+
+/// Programs in attach order: the bookkeeping ones first, the redirecting ones last, so a
+/// connection is never redirected before its record can be found.
+const PROGRAMS: [&str; 5] = [
+    "broker_sock_ops",
+    "broker_getpeername4",
+    "broker_getpeername6",
+    "broker_connect4",
+    "broker_connect6",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("loading the eBPF object: {0} (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_SYS_ADMIN, kernel >= 5.8)")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A target as the kernel sees it: exact address or CIDR, always with a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KernelTarget {
+    Exact(IpAddr, u16),
+    Cidr(IpAddr, u8, u16),
+}
+
+fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => mapped_v4(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The key under which sock_ops recorded a client with this source address.
+#[must_use]
+pub fn peer_key(peer: SocketAddr) -> AddrKey {
+    let ip = match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    AddrKey {
+        addr: addr16(ip),
+        port: peer.port(),
+        _pad: 0,
+    }
+}
+
+/// The original destination stored in a record.
+#[must_use]
+pub fn record_destination(rec: &ConnRecord) -> SocketAddr {
+    let v6 = std::net::Ipv6Addr::from(rec.orig_addr);
+    let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+    SocketAddr::new(ip, rec.orig_port)
+}
+
+struct Targets {
+    exact: HashMap<MapData, AddrKey, TargetValue>,
+    cidrs: LpmTrie<MapData, CidrKey, TargetValue>,
+    current: BTreeMap<KernelTarget, u32>,
+}
+
+/// The loaded and attached kernel programs and their maps.
+pub struct Interceptor {
+    // Field order matters for drop: maps first, then the object (which detaches).
+    peers: Mutex<HashMap<MapData, AddrKey, ConnRecord>>,
+    targets: Mutex<Targets>,
+    settings: Mutex<Array<MapData, BrokerSettings>>,
+    cgroup: PathBuf,
+    ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Interceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interceptor")
+            .field("cgroup", &self.cgroup)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
+    move |source| EbpfError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
+    move |source| EbpfError::Program { name, source }
+}
+
+impl Interceptor {
+    /// Load the programs, write the settings and targets, then attach to `cgroup`.
+    /// On any error everything attached so far is detached (the object is dropped).
+    ///
+    /// # Errors
+    /// Load, map or attach failures, naming the map or program.
+    pub fn attach(
+        cgroup: &Path,
+        settings: BrokerSettings,
+        targets: &BTreeMap<KernelTarget, u32>,
+    ) -> Result<Self, EbpfError> {
+        let mut ebpf = Ebpf::load(OBJECT).map_err(EbpfError::Load)?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
+        };
+        let mut settings_map: Array<MapData, BrokerSettings> =
+            Array::try_from(take(&mut ebpf, MAP_SETTINGS)?).map_err(map_err(MAP_SETTINGS))?;
+        settings_map
+            .set(0, settings, 0)
+            .map_err(map_err(MAP_SETTINGS))?;
+        let mut t = Targets {
+            exact: HashMap::try_from(take(&mut ebpf, MAP_TARGETS)?).map_err(map_err(MAP_TARGETS))?,
+            cidrs: LpmTrie::try_from(take(&mut ebpf, MAP_TARGET_CIDRS)?)
+                .map_err(map_err(MAP_TARGET_CIDRS))?,
+            current: BTreeMap::new(),
+        };
+        t.update(targets)?;
+        let peers =
+            HashMap::try_from(take(&mut ebpf, MAP_BY_PEER)?).map_err(map_err(MAP_BY_PEER))?;
+
+        let cg = std::fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        for name in PROGRAMS {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(EbpfError::Program {
+                    name,
+                    source: aya::programs::ProgramError::NotLoaded,
+                })?;
+            // CgroupAttachMode::Single: aya #1078; links are multi-attach anyway.
+            if name == "broker_sock_ops" {
+                let p: &mut SockOps = prog.try_into().map_err(prog_err(name))?;
+                p.load().map_err(prog_err(name))?;
+                p.attach(&cg, CgroupAttachMode::Single)
+                    .map_err(prog_err(name))?;
+            } else {
+                let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err(name))?;
+                p.load().map_err(prog_err(name))?;
+                p.attach(&cg, CgroupAttachMode::Single)
+                    .map_err(prog_err(name))?;
+            }
+        }
+        tracing::info!(cgroup = %cgroup.display(), programs = PROGRAMS.len(), "eBPF programs attached");
+        Ok(Self {
+            peers: Mutex::new(peers),
+            targets: Mutex::new(t),
+            settings: Mutex::new(settings_map),
+            cgroup: cgroup.to_path_buf(),
+            ebpf,
+        })
+    }
+
+    /// The cgroup the programs are attached to.
+    #[must_use]
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Replace the target set (adds new entries before removing stale ones).
+    ///
+    /// # Errors
+    /// A map update failure (e.g. the map is full).
+    pub fn set_targets(&self, targets: &BTreeMap<KernelTarget, u32>) -> Result<(), EbpfError> {
+        self.targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .update(targets)
+    }
+
+    /// Look up and delete the record of the client connected from `peer`.
+    pub fn take_record(&self, peer: SocketAddr) -> Option<ConnRecord> {
+        let key = peer_key(peer);
+        let mut peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rec = peers.get(&key, 0).ok()?;
+        let _ = peers.remove(&key);
+        Some(rec)
+    }
+
+    /// Stop redirecting new connections (programs stay attached until drop).
+    pub fn disable(&self) {
+        let mut s = self
+            .settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Ok(mut cur) = s.get(&0, 0) {
+            cur.flags = 0;
+            let _ = s.set(0, cur, 0);
+        }
+    }
+
+    /// Start forwarding kernel debug logs (aya-log) into our tracing output.
+    ///
+    /// # Errors
+    /// When the object has no log map.
+    pub fn kernel_logger(
+        &mut self,
+    ) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+    }
+}
+
+impl Targets {
+    fn update(&mut self, want: &BTreeMap<KernelTarget, u32>) -> Result<(), EbpfError> {
+        for (t, &id) in want {
+            if self.current.get(t) == Some(&id) {
+                continue;
+            }
+            let v = TargetValue {
+                service_id: id,
+                _pad: 0,
+            };
+            match *t {
+                KernelTarget::Exact(ip, port) => self
+                    .exact
+                    .insert(exact_key(ip, port), v, 0)
+                    .map_err(map_err(MAP_TARGETS))?,
+                KernelTarget::Cidr(ip, len, port) => self
+                    .cidrs
+                    .insert(&cidr_key(ip, len, port), v, 0)
+                    .map_err(map_err(MAP_TARGET_CIDRS))?,
+            }
+            self.current.insert(*t, id);
+        }
+        let stale: BTreeSet<KernelTarget> = self
+            .current
+            .keys()
+            .filter(|t| !want.contains_key(t))
+            .copied()
+            .collect();
+        for t in stale {
+            match t {
+                KernelTarget::Exact(ip, port) => {
+                    let _ = self.exact.remove(&exact_key(ip, port));
+                }
+                KernelTarget::Cidr(ip, len, port) => {
+                    let _ = self.cidrs.remove(&cidr_key(ip, len, port));
+                }
+            }
+            self.current.remove(&t);
+        }
+        Ok(())
+    }
+}
+
+fn exact_key(ip: IpAddr, port: u16) -> AddrKey {
+    AddrKey {
+        addr: addr16(ip),
+        port,
+        _pad: 0,
+    }
+}
+
+fn cidr_key(ip: IpAddr, len: u8, port: u16) -> Key<CidrKey> {
+    // IPv4 prefixes live under ::ffff:0:0/96 in the trie.
+    let addr_bits = match ip {
+        IpAddr::V4(_) => 96 + u32::from(len),
+        IpAddr::V6(_) => u32::from(len),
+    };
+    Key::new(
+        16 + addr_bits,
+        CidrKey {
+            port_be: port.to_be_bytes(),
+            addr: addr16(ip),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_keys_normalise_ipv4_mapped() {
+        let a = peer_key("127.0.0.1:4000".parse().unwrap());
+        let b = peer_key("[::ffff:127.0.0.1]:4000".parse().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(a.addr[10..], [0xff, 0xff, 127, 0, 0, 1]);
+        assert_eq!(a.port, 4000);
+    }
+
+    #[test]
+    fn cidr_prefix_lengths_cover_the_port() {
+        let k = cidr_key("10.1.0.0".parse().unwrap(), 16, 5432);
+        let (len, data) = (k.prefix_len(), k.data());
+        assert_eq!(len, 16 + 96 + 16);
+        assert_eq!(data.port_be, 5432u16.to_be_bytes());
+        let k6 = cidr_key("2001:db8::".parse().unwrap(), 32, 443);
+        assert_eq!(k6.prefix_len(), 16 + 32);
+    }
+
+    #[test]
+    fn record_destination_round_trips() {
+        let rec = ConnRecord {
+            cgroup_id: 1,
+            connect_ns: 0,
+            orig_addr: mapped_v4([10, 1, 2, 3]),
+            comm: [0; 16],
+            orig_port: 80,
+            family: broker_common::FAMILY_INET,
+            service_id: 0,
+            pid: 1,
+            uid: 0,
+            gid: 0,
+            _pad: 0,
+        };
+        assert_eq!(record_destination(&rec), "10.1.2.3:80".parse().unwrap());
+    }
+}

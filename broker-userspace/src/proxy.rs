@@ -1,0 +1,255 @@
+//! Accept loops and per-connection handling.
+//!
+//! Two kinds of listener:
+//! * the **transparent** listener (127.0.0.1:P and [::1]:P) that the eBPF programs
+//!   redirect to. Each accepted connection must have a redirect record (original
+//!   destination + caller identity, see [`crate::ebpf`]); one without is refused.
+//! * **explicit** `listenOn` listeners (Secretless style), one per service.
+//!
+//! Each connection runs in its own task with one span, and writes exactly one access-log
+//! line (target `access`) when it ends, from a drop guard, whatever the outcome.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Notify, watch},
+};
+use tracing::Instrument as _;
+
+use crate::{
+    broker::Broker,
+    config::{Connector, Service},
+    connector::{self, Caller, Conn, ConnError, ConnStats},
+    ebpf::{Interceptor, record_destination},
+};
+
+/// A redirect record older than this is not trusted (the client would have been
+/// accepted long ago; an old entry can only be stale).
+pub const MAX_RECORD_AGE: Duration = Duration::from_secs(60);
+
+/// Counts live connection tasks so shutdown can drain them.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+impl Tracker {
+    fn enter(self: &Arc<Self>) -> TrackerGuard {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        TrackerGuard(Arc::clone(self))
+    }
+
+    #[must_use]
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Wait until no connection is active, or `deadline` passes. Returns how many remain.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let notified = self.idle.notified();
+            if self.active() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return self.active();
+            }
+        }
+    }
+}
+
+struct TrackerGuard(Arc<Tracker>);
+
+impl Drop for TrackerGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Everything an accept loop needs.
+#[derive(Clone)]
+pub struct Shared {
+    pub broker: Arc<Broker>,
+    pub services: Arc<Vec<Arc<Service>>>,
+    /// Weak, so that stopping the daemon detaches the programs at once even while
+    /// connections are still being drained.
+    pub interceptor: Option<std::sync::Weak<Interceptor>>,
+    pub tracker: Arc<Tracker>,
+    /// Connection tasks end when this turns true after the drain deadline.
+    pub abort: watch::Receiver<bool>,
+}
+
+/// Accept on the transparent listener until `stop` turns true.
+pub async fn serve_transparent(listener: TcpListener, shared: Shared, stop: watch::Receiver<bool>) {
+    accept_loop(listener, shared, stop, None).await;
+}
+
+/// Accept on a service's `listenOn` listener until `stop` turns true.
+pub async fn serve_explicit(
+    listener: TcpListener,
+    shared: Shared,
+    service_id: usize,
+    stop: watch::Receiver<bool>,
+) {
+    accept_loop(listener, shared, stop, Some(service_id)).await;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Shared,
+    mut stop: watch::Receiver<bool>,
+    explicit: Option<usize>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            () = stopped(&mut stop) => return,
+            res = listener.accept() => match res {
+                Ok((stream, peer)) => {
+                    let shared = shared.clone();
+                    let guard = shared.tracker.enter();
+                    tokio::spawn(async move {
+                        let _guard = guard;
+                        handle(stream, peer, shared, explicit).await;
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: Option<usize>) {
+    let started = Instant::now();
+    let (service_id, caller, orig_dst) = match explicit {
+        Some(id) => (id, None, None),
+        None => {
+            let rec = shared
+                .interceptor
+                .as_ref()
+                .and_then(std::sync::Weak::upgrade)
+                .and_then(|i| i.take_record(peer));
+            let Some(rec) = rec.filter(|r| record_is_fresh(r.connect_ns)) else {
+                // Someone connected to the listener directly: no redirect record, no
+                // identity, nothing to broker. Close without a byte.
+                tracing::warn!(
+                    target: "access",
+                    client = %peer,
+                    result = "refused",
+                    reason = "no redirect record (direct connection to the broker's listener)",
+                    "connection refused"
+                );
+                drop(stream);
+                return;
+            };
+            let caller = Caller {
+                pid: rec.pid,
+                uid: rec.uid,
+                gid: rec.gid,
+                cgroup_id: rec.cgroup_id,
+                comm: comm_text(&rec.comm),
+            };
+            (rec.service_id as usize, Some(caller), Some(record_destination(&rec)))
+        }
+    };
+    let Some(service) = shared.services.get(service_id).cloned() else {
+        tracing::warn!(target: "access", client = %peer, service_id, result = "refused", "unknown service id");
+        return;
+    };
+    let mut conn = Conn {
+        service,
+        client_addr: peer,
+        caller,
+        orig_dst,
+        stats: ConnStats::default(),
+    };
+    let span = tracing::info_span!("conn", service = %conn.service.name, client = %peer);
+    let mut abort = shared.abort.clone();
+    let result = async {
+        tokio::select! {
+            r = dispatch(&shared.broker, &mut conn, stream) => r,
+            () = stopped(&mut abort) => Err(ConnError::Io(std::io::Error::other("broker shutting down"))),
+        }
+    }
+    .instrument(span)
+    .await;
+    access_log(&conn, &result, started.elapsed());
+}
+
+async fn dispatch(broker: &Broker, conn: &mut Conn, stream: TcpStream) -> Result<(), ConnError> {
+    let service = Arc::clone(&conn.service);
+    match &service.connector {
+        Connector::Tcp(cfg) => connector::tcp::serve(broker, conn, cfg, stream).await,
+        Connector::Pg(cfg) => connector::pg::serve(broker, conn, cfg, stream).await,
+        Connector::NotBuilt { name } => Err(ConnError::Config(format!(
+            "connector `{name}` is not built yet"
+        ))),
+    }
+}
+
+/// Resolves once the flag turns true (or its sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn record_is_fresh(connect_ns: u64) -> bool {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    let now = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0);
+    now.saturating_sub(connect_ns) < MAX_RECORD_AGE.as_nanos() as u64
+}
+
+fn comm_text(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// The one access-log line of a connection. Never contains a credential value.
+fn access_log(conn: &Conn, result: &Result<(), ConnError>, elapsed: Duration) {
+    let (res, error) = match result {
+        Ok(()) => ("ok", String::new()),
+        Err(e) => (e.kind(), e.to_string()),
+    };
+    let c = conn.caller.as_ref();
+    tracing::info!(
+        target: "access",
+        service = %conn.service.name,
+        connector = conn.service.connector.name(),
+        client = %conn.client_addr,
+        caller.pid = c.map(|c| c.pid),
+        caller.uid = c.map(|c| c.uid),
+        caller.gid = c.map(|c| c.gid),
+        caller.cgroup = c.map(|c| c.cgroup_id),
+        caller.comm = c.map(|c| c.comm.as_str()),
+        dst = conn.orig_dst.map(|d| d.to_string()),
+        upstream = conn.stats.upstream.as_deref(),
+        credentials = %conn.stats.fetched.join(","),
+        result = res,
+        error = %error,
+        bytes_up = conn.stats.bytes_up,
+        bytes_down = conn.stats.bytes_down,
+        duration_ms = elapsed.as_millis() as u64,
+        "connection"
+    );
+}
