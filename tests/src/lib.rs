@@ -3,6 +3,7 @@
 //!
 //! Tests panic (never return `Result`) so failures keep their backtrace.
 
+pub mod net;
 pub mod pg;
 pub mod secret_server;
 
@@ -56,14 +57,31 @@ pub fn privileged() -> bool {
     false
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port free on 127.0.0.1 and ::1, never handed out twice by this process.
+///
+/// Ports come from 20000..32000, below the kernel's ephemeral range (32768+), so they
+/// cannot be taken in the meantime by an outgoing connection's source port or by a
+/// listener bound to port 0 (which is what `TcpListener::bind(":0")` would race with).
 #[must_use]
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local_addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = u16::try_from(LOW + n % SPAN).expect("port fits");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000");
 }
 
 /// Wait until something accepts TCP connections on `addr`.
@@ -103,12 +121,25 @@ impl Daemon {
     /// `/ready` on `health` (the config must set `broker.health` to it).
     #[must_use]
     pub fn start(config: &Path, args: &[&str], health: SocketAddr, log: &Path) -> Self {
+        Self::start_with_env(config, args, &[], health, log)
+    }
+
+    /// [`Daemon::start`] with extra environment variables for the daemon.
+    #[must_use]
+    pub fn start_with_env(
+        config: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        health: SocketAddr,
+        log: &Path,
+    ) -> Self {
         let out = std::fs::File::create(log).expect("create daemon log");
         let child = Command::new(broker_bin())
             .arg("run")
             .arg("-f")
             .arg(config)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(out.try_clone().expect("dup log"))
             .stderr(out)
             .spawn()

@@ -80,6 +80,24 @@ impl fmt::Debug for Credentials {
     }
 }
 
+/// Close a client connection without a reset: send FIN, then read and discard what the
+/// client already sent (bounded in bytes and time) before the socket is closed. Closing
+/// with unread data would make the kernel answer with RST, which clients report as
+/// "connection reset" instead of a clean end.
+pub async fn close_gracefully(mut client: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = client.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut left = 256 * 1024usize;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
+    }
+}
+
 /// Why a brokered connection failed. Never carries a secret value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {

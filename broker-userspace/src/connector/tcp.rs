@@ -28,6 +28,19 @@ pub async fn serve(
     cfg: &TcpConfig,
     mut client: TcpStream,
 ) -> Result<(), ConnError> {
+    let result = serve_inner(broker, conn, cfg, &mut client).await;
+    if result.is_err() && conn.stats.bytes_up == 0 && conn.stats.bytes_down == 0 {
+        super::close_gracefully(client).await;
+    }
+    result
+}
+
+async fn serve_inner(
+    broker: &Broker,
+    conn: &mut Conn,
+    cfg: &TcpConfig,
+    client: &mut TcpStream,
+) -> Result<(), ConnError> {
     let service = Arc::clone(&conn.service);
     let creds = broker.credentials(&service, false, &mut conn.stats).await?;
     let host = match creds.text("host")? {
@@ -54,7 +67,7 @@ pub async fn serve(
     conn.stats.upstream = Some(format!("{host}:{port}"));
     let upstream = broker.dial(&host, port).await?;
     let (up, down) = match &cfg.tls {
-        None => relay_tcp(&client, &upstream).await?,
+        None => relay_tcp(client, &upstream).await?,
         Some(t) => {
             let config = tls::client_config(TlsOptions {
                 verify: if t.insecure_skip_verify {
@@ -77,7 +90,7 @@ pub async fn serve(
                     addr: format!("{host}:{port}"),
                     reason: e.to_string(),
                 })?;
-            relay(&mut client, tls_stream).await?
+            relay(client, tls_stream).await?
         }
     };
     conn.stats.bytes_up = up;
