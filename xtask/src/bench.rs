@@ -1,6 +1,202 @@
-//! `cargo xtask bench pg` (filled in with the PostgreSQL connector).
-use std::path::Path;
+//! `cargo xtask bench pg`: pgbench select-only, persistent connections and a new
+//! connection per transaction (`-C`), each direct, through haproxy (TCP relay) and
+//! through the broker (release build, eBPF-intercepted), in one run; TPS and the ratio
+//! to direct. Then the broker's resident memory idle and per idle brokered connection.
+//!
+//! Direct and haproxy runs authenticate with the password (SCRAM in the client, as an
+//! application would today); broker runs carry no password at all.
 
-pub fn pg(_root: &Path, _seconds: u32) -> anyhow::Result<()> {
-    anyhow::bail!("bench not written yet")
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use broker_tests::{
+    free_port, http_get,
+    net::TestCgroup,
+    pg::{PgAuth, PgOptions, PgServer},
+};
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pgbench(
+    args: &[&str],
+    host: &str,
+    port: u16,
+    password: Option<&str>,
+    cg: Option<&TestCgroup>,
+) -> anyhow::Result<f64> {
+    let mut c = Command::new("pgbench");
+    c.args(["-h", host, "-p", &port.to_string(), "-U", "app_user", "-n"])
+        .args(args)
+        .arg("app")
+        .env_remove("PGPASSWORD")
+        .env("PGSSLMODE", "disable")
+        .stdin(Stdio::null());
+    if let Some(p) = password {
+        c.env("PGPASSWORD", p);
+    }
+    if let Some(cg) = cg {
+        cg.enter(&mut c);
+    }
+    let out = c.output().context("running pgbench")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("pgbench {args:?} via {host}:{port} failed:\n{text}");
+    }
+    if let Some(failed) = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of failed transactions: "))
+        && !failed.starts_with('0')
+    {
+        bail!("pgbench reported failed transactions: {failed}");
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no tps in pgbench output:\n{text}"))
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+/// Hold `n` idle brokered connections open (python3 + psycopg2, in the cgroup) until
+/// the returned child is killed; waits until all are established.
+fn idle_connections(n: usize, port: u16, cg: &TestCgroup) -> anyhow::Result<Killed> {
+    let script = format!(
+        "import psycopg2, sys, time\nconns = [psycopg2.connect(host='127.0.0.2', port={port}, user='app_user', dbname='app', sslmode='disable') for _ in range({n})]\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    );
+    let mut c = Command::new("/usr/bin/python3");
+    c.arg("-c").arg(script).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cg.enter(&mut c);
+    let mut child = c.spawn().context("starting python3")?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut buf).context("idle connections did not come up")?;
+    Ok(Killed(child))
+}
+
+pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
+    if !broker_tests::pg::available() {
+        bail!("the benchmark needs root and PostgreSQL 15");
+    }
+    let password = "bench-password-4f1d";
+    let pg = PgServer::start(PgOptions::new(PgAuth::Scram, password));
+    let pg_port = pg.addr().port();
+    let init = Command::new("pgbench")
+        .args(["-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", &pg_port.to_string(), "-U", "app_user", "app"])
+        .env("PGPASSWORD", password)
+        .output()?;
+    if !init.status.success() {
+        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+    }
+
+    let dir = tempfile::tempdir()?;
+    // haproxy: a plain TCP relay.
+    let ha_port = free_port();
+    let ha_cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &ha_cfg,
+        format!(
+            "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nlisten pg\n  bind 127.0.0.1:{ha_port}\n  server pg 127.0.0.1:{pg_port}\n"
+        ),
+    )?;
+    let _haproxy = Killed(
+        Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&ha_cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting haproxy")?,
+    );
+
+    // The broker: release build, intercepting 127.0.0.2:5432 for a child cgroup.
+    let cg = TestCgroup::new("bench");
+    let health = free_port();
+    let cfg = dir.path().join("broker.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n  db:\n    connector: pg\n    intercept: [\"127.0.0.2:5432\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{pg_port}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
+            dir.path().join("pw").display()
+        ),
+    )?;
+    std::fs::write(dir.path().join("pw"), password)?;
+    let broker = Killed(
+        Command::new(root.join("target/release/broker"))
+            .args(["--log-level", "warn", "run", "-f"])
+            .arg(&cfg)
+            .arg("--cgroup")
+            .arg(&cg.path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting broker")?,
+    );
+    let health_addr: SocketAddr = format!("127.0.0.1:{health}").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(http_get(health_addr, "/ready"), Some((200, _))) {
+        if Instant::now() > deadline {
+            bail!("broker not ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    broker_tests::wait_port(format!("127.0.0.1:{ha_port}").parse()?, Duration::from_secs(10));
+    let fresh = rss_kib(broker.0.id())?;
+
+    let t = seconds.to_string();
+    let modes: [(&str, Vec<&str>); 2] = [
+        ("persistent (-S -c 8)", vec!["-S", "-c", "8", "-j", "2", "-T", &t]),
+        ("new conn/txn (-S -C -c 8)", vec!["-S", "-C", "-c", "8", "-j", "2", "-T", &t]),
+    ];
+    println!("\npgbench select-only, scale 1, {seconds}s per run, 2 cores\n");
+    println!("{:<28} {:>12} {:>20} {:>20}", "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)");
+    for (name, args) in &modes {
+        let direct = pgbench(args, "127.0.0.1", pg_port, Some(password), None)?;
+        let ha = pgbench(args, "127.0.0.1", ha_port, Some(password), None)?;
+        let br = pgbench(args, "127.0.0.2", 5432, None, Some(&cg))?;
+        println!(
+            "{name:<28} {direct:>12.0} {:>20} {:>20}",
+            format!("{ha:.0} ({:.2}x)", ha / direct),
+            format!("{br:.0} ({:.2}x)", br / direct)
+        );
+    }
+
+    let pid = broker.0.id();
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = rss_kib(pid)?;
+    let n = 80;
+    let held = idle_connections(n, 5432, &cg)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let with = rss_kib(pid)?;
+    drop(held);
+    println!("\nbroker RSS: {:.1} MiB idle after start", fresh as f64 / 1024.0);
+    println!(
+        "broker RSS: {:.1} MiB after the runs; {:.1} MiB with {n} idle brokered connections: {:.1} KiB per idle connection",
+        idle as f64 / 1024.0,
+        with as f64 / 1024.0,
+        with.saturating_sub(idle) as f64 / n as f64
+    );
+    drop(broker);
+    Ok(())
 }
