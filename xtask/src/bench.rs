@@ -148,6 +148,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
             .arg(&cfg)
             .arg("--cgroup")
             .arg(&cg.path)
+            .envs(std::env::var("BENCH_BROKER_THREADS").ok().map(|t| ("TOKIO_WORKER_THREADS", t)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -171,7 +172,8 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     ];
     println!("\npgbench select-only, scale 1, {seconds}s per run, 2 cores\n");
     println!("{:<28} {:>12} {:>20} {:>20}", "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)");
-    for (name, args) in &modes {
+    let only = std::env::var("BENCH_ONLY").ok();
+    for (name, args) in modes.iter().filter(|(n, _)| only.as_deref().is_none_or(|o| n.starts_with(o))) {
         let direct = pgbench(args, "127.0.0.1", pg_port, Some(password), None)?;
         let ha = pgbench(args, "127.0.0.1", ha_port, Some(password), None)?;
         let br = pgbench(args, "127.0.0.2", 5432, None, Some(&cg))?;
@@ -185,7 +187,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     let pid = broker.0.id();
     std::thread::sleep(Duration::from_secs(1));
     let idle = rss_kib(pid)?;
-    let n = 80;
+    let n = 50;
     let held = idle_connections(n, 5432, &cg)?;
     std::thread::sleep(Duration::from_millis(500));
     let with = rss_kib(pid)?;

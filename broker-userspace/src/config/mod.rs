@@ -1,3 +1,206 @@
 //! Configuration: YAML (Secretless v2 and the user's shapes) -> validated [`Config`].
+//!
+//! Loading happens in two steps: the text is parsed into a generic YAML value (a syntax
+//! error is one error with its line and column), then that value is walked by hand into
+//! the immutable model ([`Config`] and the types it holds), collecting *every* problem
+//! with its dotted key path (`services.db.credentials.password`,
+//! `services[0].authentication[0].config.token_url`) instead of stopping at the first. `${VAR}` references are expanded in every scalar
+//! string after parsing, so an environment value can never break the YAML.
+//!
+//! Error messages never contain a credential value, nor any value that came from the
+//! environment. See `docs/CONFIG.md` for the reference of the format.
+
+mod interpolate;
+mod load;
 mod model;
+mod values;
+
+use std::{fmt, path::Path};
+
 pub use model::*;
+
+/// One problem in a configuration, with the dotted key path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path (`services.db.credentials.password`, `services[0].intercept[1]`);
+    /// empty for whole-file errors (unreadable file, YAML syntax).
+    pub path: String,
+    /// What is wrong. Never contains a secret value.
+    pub message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every problem found in one configuration, in the order they were found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    /// One error per line: `path: message`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl ConfigErrors {
+    /// Number of errors.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The errors whose path is `path` or lies under it (`services.db` matches
+    /// `services.db.listenOn`).
+    pub fn at<'a>(&'a self, path: &'a str) -> impl Iterator<Item = &'a ConfigError> + 'a {
+        self.0.iter().filter(move |e| {
+            e.path == path
+                || e.path
+                    .strip_prefix(path)
+                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        })
+    }
+}
+
+/// Read and validate a configuration file, expanding `${VAR}` from the process
+/// environment.
+///
+/// # Errors
+/// Every problem found; an unreadable file is one error naming the file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::new(
+            "",
+            format!("cannot read config file {}: {e}", path.display()),
+        )])
+    })?;
+    load_str(&text)
+}
+
+/// Validate a configuration text, expanding `${VAR}` from the process environment.
+///
+/// # Errors
+/// Every problem found.
+pub fn load_str(text: &str) -> Result<Config, ConfigErrors> {
+    load_str_with_env(text, &process_env)
+}
+
+/// Validate a configuration text, expanding `${VAR}` with `env` (a variable name ->
+/// its value, `None` when unset). Lets tests load configs without touching the process
+/// environment.
+///
+/// # Errors
+/// Every problem found.
+pub fn load_str_with_env(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    load::load(text, env)
+}
+
+fn process_env(name: &str) -> Option<String> {
+    std::env::var_os(name).and_then(|v| v.into_string().ok())
+}
+
+/// Connector names that are recognized but whose implementation is not built yet.
+pub const NOT_BUILT_CONNECTORS: &[&str] = &[
+    "mysql",
+    "mssql",
+    "basic_auth",
+    "conjur",
+    "aws",
+    "generic_http",
+    "http",
+    "ssh",
+    "ssh-agent",
+];
+
+/// Built connectors, with their aliases.
+pub const BUILT_CONNECTORS: &[&str] = &["tcp", "pg", "postgres", "postgresql"];
+
+/// Provider kinds that are built in; each has a default instance of the same name.
+pub const BUILT_PROVIDERS: &[&str] = &["literal", "env", "file", "http"];
+
+/// Provider kinds that are recognized but not built yet.
+pub const NOT_BUILT_PROVIDERS: &[&str] = &["vault", "conjur", "aws", "kubernetes", "keychain"];
+
+/// Everything a loaded configuration uses that is recognized but not built yet
+/// (connectors, provider kinds, authentication types), each as an error naming it.
+/// Loading succeeds for these; `broker check` and `broker run` print them as errors.
+#[must_use]
+pub fn unsupported(cfg: &Config) -> Vec<ConfigError> {
+    let mut out = Vec::new();
+    for s in &cfg.services {
+        let path = format!("services.{}", s.name);
+        if let Connector::NotBuilt { name } = &s.connector {
+            out.push(ConfigError::new(
+                format!("{path}.connector"),
+                format!("connector \"{name}\" is not built yet"),
+            ));
+        }
+        for (cred, source) in &s.credentials {
+            let CredentialSource::Provider { provider, .. } = source else {
+                continue;
+            };
+            let kind = match cfg.providers.get(provider) {
+                Some(ProviderConfig::NotBuilt { kind }) => kind.as_str(),
+                Some(_) => continue,
+                None if NOT_BUILT_PROVIDERS.contains(&provider.as_str()) => provider.as_str(),
+                None => continue,
+            };
+            let message = if kind == provider {
+                format!("provider \"{provider}\" is not built yet")
+            } else {
+                format!("provider \"{provider}\" (type {kind}) is not built yet")
+            };
+            out.push(ConfigError::new(
+                format!("{path}.credentials.{cred}"),
+                message,
+            ));
+        }
+        for (i, a) in s.authentication.iter().enumerate() {
+            let kind = match a {
+                AuthMethod::OAuth2(_) => "oauth2",
+            };
+            out.push(ConfigError::new(
+                format!("{path}.authentication[{i}]"),
+                format!("authentication type \"{kind}\" is not built yet"),
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -12,6 +12,8 @@ use crate::secret::Secret;
 pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:5335";
 /// Default lifetime of a fetched credential in the cache.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Default per-request timeout of an `http` provider.
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -151,6 +153,9 @@ pub struct HttpProviderConfig {
     pub base_url: Option<String>,
     /// Sent as `Authorization: Bearer <token>`.
     pub token: Option<Secret>,
+    /// File holding the bearer token (`tokenFile`), read when the provider is built;
+    /// one trailing newline is removed. Exclusive with `token`.
+    pub token_file: Option<PathBuf>,
     /// Extra CA certificate (PEM) for HTTPS secret servers.
     pub ca_file: Option<PathBuf>,
     /// Per-request timeout.

@@ -1,23 +1,381 @@
-//! PostgreSQL connector (stub; see issue 3).
-use tokio::net::TcpStream;
+//! `connector: pg`: PostgreSQL with credentials the client never sees.
+//!
+//! The client's startup is read ([`startup`]), answering SSLRequest/GSSENCRequest with
+//! `N` and routing CancelRequest ([`cancel`]). The broker then connects upstream
+//! ([`upstream`]: host/port from the credentials or the original destination, libpq's
+//! `sslmode`), sends the client's startup with `user` (and `database`) rewritten, and
+//! authenticates itself ([`auth`], [`scram`]). The client sees AuthenticationOk and the
+//! session's first messages, then bytes are relayed. When the server rejects the
+//! credentials, they are fetched again bypassing the cache and the connection is tried
+//! once more (rotation). Failures reach the client as an ErrorResponse with a real
+//! SQLSTATE ([`errors`]).
 
-use crate::{
-    broker::Broker,
-    connector::{Conn, ConnError},
+pub mod auth;
+pub mod cancel;
+pub mod errors;
+pub mod messages;
+pub mod scram;
+pub mod startup;
+pub mod upstream;
+
+#[cfg(test)]
+mod live_tests;
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
 };
 
-/// State shared between PostgreSQL connections.
+use self::{
+    auth::{AuthInput, Outcome},
+    cancel::{CancelMap, CancelTarget},
+    errors::{Failure, sqlstate},
+    scram::SaltedPasswordCache,
+    startup::{CancelKey, FirstPacket, Startup, StartupError},
+    upstream::{PgStream, TlsConfigCache, UpstreamParams},
+};
+use crate::{
+    broker::Broker,
+    config::{PgConfig, Service},
+    connector::{Conn, ConnError, Credentials, tcp},
+};
+
+/// How long a client may take to send its startup packet (PostgreSQL's
+/// `authentication_timeout` default).
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long connecting and authenticating upstream may take, TLS included.
+pub const UPSTREAM_AUTH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// State shared between PostgreSQL connections: cancel keys of live sessions, SCRAM
+/// salted passwords, built TLS client configurations. All bounded; `Debug` shows sizes
+/// only.
 #[derive(Debug, Default)]
-pub struct PgShared {}
+pub struct PgShared {
+    pub cancel: CancelMap,
+    pub salted: SaltedPasswordCache,
+    pub tls: TlsConfigCache,
+}
 
 /// Serve one client connection.
 ///
 /// # Errors
-/// Always, for now.
+/// When the session cannot be set up (the client has been sent an ErrorResponse when the
+/// protocol allows it) or the relay fails.
 pub async fn serve(
-    _broker: &Broker,
-    _conn: &mut Conn,
-    _client: TcpStream,
+    broker: &Broker,
+    conn: &mut Conn,
+    _cfg: &PgConfig,
+    mut client: TcpStream,
 ) -> Result<(), ConnError> {
-    Err(ConnError::Config("pg connector not built".into()))
+    let service = Arc::clone(&conn.service);
+    let mut cbuf = BytesMut::with_capacity(1024);
+    let first = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client, &mut cbuf))
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(Failure::told(ConnError::Protocol(format!(
+            "client sent no startup packet within {STARTUP_TIMEOUT:?}"
+        )))),
+    };
+    let result = match first {
+        Ok(FirstPacket::Startup(s)) => session(broker, conn, &service, &mut client, s, cbuf).await,
+        Ok(FirstPacket::Cancel(key)) => return forward_cancel(broker, conn, &key).await,
+        Ok(_) => Err(Failure::new(
+            sqlstate::PROTOCOL_VIOLATION,
+            ConnError::Protocol("repeated encryption request".into()),
+        )),
+        Err(f) => Err(f),
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(f) => {
+            if !f.client_told {
+                let _ = client.write_all(&f.client_error(&service.name)).await;
+                let _ = client.flush().await;
+            }
+            let _ = client.shutdown().await;
+            Err(f.err)
+        }
+    }
+}
+
+/// Read packets until a StartupMessage or CancelRequest, answering `N` to encryption
+/// requests (once each).
+async fn read_startup(client: &mut TcpStream, buf: &mut BytesMut) -> Result<FirstPacket, Failure> {
+    let mut negotiated = 0;
+    loop {
+        let len = loop {
+            match startup::frame(buf) {
+                Ok(Some(len)) => break len,
+                Ok(None) => {}
+                Err(StartupError::TlsHello) => {
+                    // The client expects TLS: no ErrorResponse can reach it.
+                    tracing::warn!("client opened with a TLS ClientHello");
+                    return Err(Failure::told(ConnError::Protocol(
+                        StartupError::TlsHello.to_string(),
+                    )));
+                }
+                Err(e) => return Err(startup_error(e)),
+            }
+            buf.reserve(startup::MAX_STARTUP_LEN.min(4096));
+            if client.read_buf(buf).await.map_err(ConnError::Io)? == 0 {
+                return Err(Failure::told(ConnError::Protocol(
+                    "client closed the connection before its startup packet".into(),
+                )));
+            }
+        };
+        let packet = buf.split_to(len);
+        match startup::parse(&packet).map_err(startup_error)? {
+            FirstPacket::SslRequest | FirstPacket::GssEncRequest if negotiated < 2 => {
+                negotiated += 1;
+                if !buf.is_empty() {
+                    // Bytes after SSLRequest before our answer (CVE-2021-23214).
+                    return Err(Failure::told(ConnError::Protocol(
+                        "client sent data after an encryption request before the answer".into(),
+                    )));
+                }
+                client.write_all(b"N").await.map_err(ConnError::Io)?;
+            }
+            other => return Ok(other),
+        }
+    }
+}
+
+fn startup_error(e: StartupError) -> Failure {
+    let code = match e {
+        StartupError::UnsupportedVersion(_) => sqlstate::FEATURE_NOT_SUPPORTED,
+        _ => sqlstate::PROTOCOL_VIOLATION,
+    };
+    Failure::new(code, ConnError::Protocol(e.to_string()))
+}
+
+/// Forward a CancelRequest to the session's upstream on a fresh connection.
+async fn forward_cancel(broker: &Broker, conn: &mut Conn, key: &CancelKey) -> Result<(), ConnError> {
+    let Some(target) = broker.pg.cancel.lookup(key) else {
+        tracing::info!(pid = key.pid, "CancelRequest for an unknown session: dropped");
+        return Err(ConnError::Protocol(format!(
+            "CancelRequest for unknown backend pid {}: dropped",
+            key.pid
+        )));
+    };
+    let CancelTarget { host, port } = &target;
+    conn.stats.upstream = Some(if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    });
+    let mut up = broker.dial(host, *port).await?;
+    let packet = key.cancel_request();
+    up.write_all(&packet).await?;
+    up.flush().await?;
+    // The server answers by closing; wait for that briefly so the cancel is processed
+    // before the client (which waits for our close) moves on.
+    let mut sink = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_secs(5), up.read(&mut sink)).await;
+    conn.stats.bytes_up = packet.len() as u64;
+    tracing::debug!(pid = key.pid, "CancelRequest forwarded");
+    Ok(())
+}
+
+/// Everything after the client's StartupMessage.
+async fn session(
+    broker: &Broker,
+    conn: &mut Conn,
+    service: &Service,
+    client: &mut TcpStream,
+    startup: Startup,
+    client_rest: BytesMut,
+) -> Result<(), Failure> {
+    tracing::debug!(
+        params = %startup.param_names(),
+        version = startup.version,
+        "client startup"
+    );
+    let mut creds = broker.credentials(service, false, &mut conn.stats).await?;
+    let mut retried = false;
+    let (mut up, up_rest, ready, params, startup_len) = loop {
+        let params = UpstreamParams::from_credentials(&creds, conn.orig_dst)?;
+        conn.stats.upstream = Some(params.addr());
+        let attempt = tokio::time::timeout(
+            UPSTREAM_AUTH_TIMEOUT,
+            attempt(broker, &params, &creds, &startup, client),
+        )
+        .await
+        .map_err(|_| {
+            Failure::new(
+                sqlstate::CONNECTION_FAILURE,
+                ConnError::Upstream {
+                    addr: params.addr(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no session within {UPSTREAM_AUTH_TIMEOUT:?}"),
+                    ),
+                },
+            )
+        })??;
+        match attempt {
+            Attempt::Ready {
+                stream,
+                rest,
+                ready,
+                startup_len,
+            } => break (stream, rest, ready, params, startup_len),
+            Attempt::Rejected { error, forward } => {
+                if !retried {
+                    retried = true;
+                    tracing::info!(
+                        code = %error.code,
+                        "upstream rejected the credentials; fetching them again (rotation)"
+                    );
+                    match broker.credentials(service, true, &mut conn.stats).await {
+                        Ok(fresh) if !same_credentials(&fresh, &creds) => {
+                            creds = fresh;
+                            continue;
+                        }
+                        Ok(_) => tracing::info!("credentials unchanged; not retrying"),
+                        Err(e) => tracing::warn!(error = %e, "refetching credentials failed"),
+                    }
+                }
+                let _ = client.write_all(&forward).await;
+                let _ = client.flush().await;
+                return Err(Failure::told(ConnError::AuthRejected(error.to_string())));
+            }
+        }
+    };
+
+    // Remember the session for CancelRequests until it ends.
+    let _cancel_guard = ready.backend_key.clone().and_then(|key| {
+        let pid = key.pid;
+        let g = broker.pg.cancel.register(
+            key,
+            CancelTarget {
+                host: params.host.clone(),
+                port: params.port,
+            },
+        );
+        if g.is_none() {
+            tracing::warn!(pid, "cancel map full: this session cannot be cancelled via the broker");
+        }
+        g
+    });
+
+    client
+        .write_all(&ready.to_client)
+        .await
+        .map_err(|e| Failure::told(ConnError::Io(e)))?;
+    if !up_rest.is_empty() {
+        client
+            .write_all(&up_rest)
+            .await
+            .map_err(|e| Failure::told(ConnError::Io(e)))?;
+    }
+    client
+        .flush()
+        .await
+        .map_err(|e| Failure::told(ConnError::Io(e)))?;
+    if !client_rest.is_empty() {
+        up.write_all(&client_rest)
+            .await
+            .map_err(|e| Failure::told(ConnError::Io(e)))?;
+        up.flush()
+            .await
+            .map_err(|e| Failure::told(ConnError::Io(e)))?;
+    }
+    let pre_up = (startup_len + client_rest.len()) as u64;
+    let pre_down = (ready.to_client.len() + up_rest.len()) as u64;
+    conn.stats.bytes_up = pre_up;
+    conn.stats.bytes_down = pre_down;
+    tracing::debug!(
+        upstream = %params.addr(),
+        tls = up.is_tls(),
+        auth = ready.method,
+        "session established; relaying"
+    );
+    let (a, b) = tcp::relay(client, up).await.map_err(Failure::told)?;
+    conn.stats.bytes_up = pre_up + a;
+    conn.stats.bytes_down = pre_down + b;
+    Ok(())
+}
+
+fn same_credentials(a: &Credentials, b: &Credentials) -> bool {
+    a.0 == b.0
+}
+
+enum Attempt {
+    Ready {
+        stream: PgStream,
+        rest: BytesMut,
+        ready: auth::Ready,
+        startup_len: usize,
+    },
+    Rejected {
+        error: errors::ServerError,
+        forward: Vec<u8>,
+    },
+}
+
+/// One upstream connection attempt with one set of credentials.
+async fn attempt(
+    broker: &Broker,
+    params: &UpstreamParams,
+    creds: &Credentials,
+    startup: &Startup,
+    client: &mut TcpStream,
+) -> Result<Attempt, Failure> {
+    let username = creds.text("username")?;
+    let rewritten = startup.rewritten(username, params.database.as_deref());
+    let user = match rewritten.get("user") {
+        Some(u) => String::from_utf8_lossy(u).into_owned(),
+        None => {
+            return Err(Failure::new(
+                sqlstate::REJECTED_ESTABLISHMENT,
+                ConnError::Config(
+                    "no user name: set credential `username` (the client sent none)".into(),
+                ),
+            ));
+        }
+    };
+    let wire = rewritten.encode();
+    let mut stream = upstream::connect(broker, &broker.pg.tls, params).await?;
+    let input = AuthInput {
+        user: &user,
+        password: creds.get("password"),
+        tls: stream.is_tls(),
+        channel_binding: stream.channel_binding(),
+    };
+    let mut rest = BytesMut::with_capacity(8 * 1024);
+    let outcome = auth::authenticate(
+        &mut stream,
+        &mut rest,
+        &wire,
+        &input,
+        &broker.pg.salted,
+        client,
+    )
+    .await
+    .map_err(|mut f| {
+        // Name the upstream in I/O errors during the exchange.
+        if let ConnError::Io(e) = f.err {
+            f.err = ConnError::Upstream {
+                addr: params.addr(),
+                source: e,
+            };
+        }
+        f
+    })?;
+    Ok(match outcome {
+        Outcome::Ready(ready) => Attempt::Ready {
+            stream,
+            rest,
+            ready,
+            startup_len: wire.len(),
+        },
+        Outcome::Rejected { error, forward } => {
+            let _ = stream.shutdown().await;
+            Attempt::Rejected { error, forward }
+        }
+    })
 }

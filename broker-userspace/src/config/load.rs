@@ -1,0 +1,1195 @@
+//! The hand-written walk from a YAML value to the validated [`Config`].
+//!
+//! Every check records a [`ConfigError`] with the key path and carries on, so one run
+//! reports every problem. Values are echoed in messages only when they are structural
+//! (connector names, addresses) *and* did not come from the environment; credential
+//! values are never echoed.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use serde_norway::{Mapping, Value};
+use zeroize::Zeroize;
+
+use super::{
+    BUILT_CONNECTORS, BUILT_PROVIDERS, ConfigError, ConfigErrors, NOT_BUILT_CONNECTORS,
+    NOT_BUILT_PROVIDERS, interpolate,
+    model::{
+        AuthMethod, BrokerSettings, Config, Connector, CredentialSource, DEFAULT_CACHE_TTL,
+        DEFAULT_HEALTH_ADDR, DEFAULT_HTTP_TIMEOUT, HttpProviderConfig, InterceptTarget, ListenAddr,
+        OAuth2Config, PgConfig, ProviderConfig, Service, TcpConfig, UpstreamTls,
+    },
+    values,
+};
+use crate::secret::Secret;
+
+/// Parse, expand and validate.
+pub(super) fn load(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let mut root: Value = serde_norway::from_str(text)
+        .map_err(|e| ConfigErrors(vec![ConfigError::new("", yaml_error(&e))]))?;
+    // `<<: *anchor` merge keys, as YAML 1.1 defines them.
+    let result = match root.apply_merge() {
+        Ok(()) => load_value(&mut root, env),
+        Err(e) => Err(ConfigErrors(vec![ConfigError::new(
+            "",
+            format!("invalid YAML merge key (<<): {e}"),
+        )])),
+    };
+    // The tree held every literal credential and expanded value as plain strings.
+    wipe(&mut root);
+    result
+}
+
+fn load_value(
+    root: &mut Value,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let one = |path: &str, msg: &str| Err(ConfigErrors(vec![ConfigError::new(path, msg)]));
+    match &*root {
+        Value::Mapping(m) => {
+            if let Some(path) = v1_marker(m) {
+                return one(
+                    path,
+                    "Secretless version 1 configurations (`listeners:` and `handlers:`) are \
+                     not supported; rewrite it as version 2 (`version: 2` and `services:` \
+                     name -> {connector, listenOn, credentials}), see docs/CONFIG.md",
+                );
+            }
+        }
+        Value::Null => return one("", "the configuration is empty"),
+        _ => {
+            return one(
+                "",
+                "the top level must be a map with `version: 2` and `services:`",
+            );
+        }
+    }
+    let mut l = Loader {
+        env,
+        errors: Vec::new(),
+        from_env: HashSet::new(),
+        broken: HashSet::new(),
+        seen_listen: Vec::new(),
+        seen_targets: Vec::new(),
+    };
+    l.expand_tree("", root);
+    let Value::Mapping(m) = &*root else {
+        unreachable!("expansion keeps the shape")
+    };
+    let cfg = l.config(m);
+    if l.errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(l.errors))
+    }
+}
+
+/// The key path of the v1 marker, if the file is a Secretless v1 configuration.
+fn v1_marker(map: &Mapping) -> Option<&'static str> {
+    let v1_version = match map.get("version") {
+        Some(Value::Number(n)) => n.as_u64() == Some(1) || n.as_f64() == Some(1.0),
+        Some(Value::String(s)) => s.trim() == "1",
+        _ => false,
+    };
+    if v1_version {
+        Some("version")
+    } else if map.contains_key("listeners") {
+        Some("listeners")
+    } else if map.contains_key("handlers") {
+        Some("handlers")
+    } else {
+        None
+    }
+}
+
+fn yaml_error(e: &serde_norway::Error) -> String {
+    let msg = e.to_string();
+    match e.location() {
+        Some(loc) if !msg.contains("line ") => format!(
+            "invalid YAML: {msg} at line {} column {}",
+            loc.line(),
+            loc.column()
+        ),
+        _ => format!("invalid YAML: {msg}"),
+    }
+}
+
+/// Overwrite every string of the tree with zeros.
+fn wipe(v: &mut Value) {
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Sequence(seq) => seq.iter_mut().for_each(wipe),
+        Value::Mapping(m) => m.values_mut().for_each(wipe),
+        Value::Tagged(t) => wipe(&mut t.value),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn index(path: &str, i: usize) -> String {
+    format!("{path}[{i}]")
+}
+
+fn key_text(k: &Value) -> Option<String> {
+    match k {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn quoted_list(items: &[&str]) -> String {
+    items
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Levenshtein distance, for "did you mean" hints on short key names.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn suggestion(word: &str, known: &[&str]) -> String {
+    let lower = word.to_ascii_lowercase();
+    let best = known
+        .iter()
+        .map(|k| (distance(&lower, &k.to_ascii_lowercase()), *k))
+        .min();
+    match best {
+        Some((d, k)) if d <= 2 && d < word.len() => format!(" (did you mean \"{k}\"?)"),
+        _ => format!(" (expected one of: {})", quoted_list(known)),
+    }
+}
+
+const SERVICE_KEYS: &[&str] = &[
+    "connector",
+    "listenOn",
+    "intercept",
+    "credentials",
+    "config",
+    "authentication",
+];
+const LIST_SERVICE_KEYS: &[&str] = &[
+    "name",
+    "connector",
+    "listenOn",
+    "intercept",
+    "credentials",
+    "config",
+    "authentication",
+];
+const PG_CREDENTIALS: &str =
+    "host, port, username, password, database, sslmode, sslrootcert, sslcert, sslkey, sslhost";
+
+struct Loader<'e> {
+    env: &'e dyn Fn(&str) -> Option<String>,
+    errors: Vec<ConfigError>,
+    /// Paths whose value contains text from the environment: never echoed.
+    from_env: HashSet<String>,
+    /// Paths whose expansion failed (already reported): not checked further.
+    broken: HashSet<String>,
+    /// Every `listenOn` and `intercept` target seen so far, with its path, to report
+    /// the same address used twice.
+    seen_listen: Vec<(ListenAddr, String)>,
+    seen_targets: Vec<(InterceptTarget, String)>,
+}
+
+/// What the service walk needs to know about providers.
+struct ProviderNames<'a> {
+    configured: &'a BTreeMap<String, ProviderConfig>,
+    /// Known not-built kinds used without an instance; added as `NotBuilt` instances.
+    implicit: BTreeSet<String>,
+}
+
+impl Loader<'_> {
+    fn err(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(path, message));
+    }
+
+    /// How a structural value may appear in a message.
+    fn shown(&self, path: &str, value: &str) -> String {
+        if self.from_env.contains(path) {
+            "(value from the environment)".to_owned()
+        } else if value.chars().count() > 80 {
+            format!("{:?}...", value.chars().take(80).collect::<String>())
+        } else {
+            format!("{value:?}")
+        }
+    }
+
+    // ---- ${VAR} expansion ------------------------------------------------------------
+
+    fn expand_tree(&mut self, path: &str, v: &mut Value) {
+        match v {
+            Value::String(s) if s.contains('$') => match interpolate::expand(s, self.env) {
+                Ok(e) => {
+                    if e.from_env {
+                        self.from_env.insert(path.to_owned());
+                    }
+                    s.zeroize();
+                    *s = e.text;
+                }
+                Err(errs) => {
+                    self.broken.insert(path.to_owned());
+                    for m in errs {
+                        self.err(path, m);
+                    }
+                }
+            },
+            Value::Sequence(seq) => {
+                for (i, x) in seq.iter_mut().enumerate() {
+                    self.expand_tree(&index(path, i), x);
+                }
+            }
+            Value::Mapping(m) => {
+                for (k, x) in m.iter_mut() {
+                    let key = key_text(k).unwrap_or_else(|| "?".to_owned());
+                    self.expand_tree(&join(path, &key), x);
+                }
+            }
+            Value::Tagged(t) => self.expand_tree(path, &mut t.value),
+            _ => {}
+        }
+    }
+
+    // ---- generic shape helpers -------------------------------------------------------
+
+    /// `v` as a map, or an error saying it must be `what`.
+    fn map<'v>(&mut self, path: &str, v: &'v Value, what: &str) -> Option<&'v Mapping> {
+        match v {
+            Value::Mapping(m) => Some(m),
+            Value::Tagged(_) => {
+                self.err(path, "YAML tags (`!tag`) are not supported");
+                None
+            }
+            _ => {
+                self.err(path, format!("must be {what}"));
+                None
+            }
+        }
+    }
+
+    /// Report every key of `m` not in `allowed`.
+    fn keys(&mut self, path: &str, m: &Mapping, allowed: &[&str]) {
+        for k in m.keys() {
+            match k.as_str() {
+                Some(s) if allowed.contains(&s) => {}
+                Some(s) => {
+                    let hint = suggestion(s, allowed);
+                    self.err(&join(path, s), format!("unknown key \"{s}\"{hint}"));
+                }
+                None => self.err(path, "keys must be strings"),
+            }
+        }
+    }
+
+    /// A scalar as text (numbers and booleans become their text).
+    fn text(&mut self, path: &str, v: &Value) -> Option<String> {
+        if self.broken.contains(path) {
+            return None;
+        }
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Null => {
+                self.err(path, "has no value");
+                None
+            }
+            Value::Tagged(_) => {
+                self.err(path, "YAML tags (`!tag`) are not supported");
+                None
+            }
+            Value::Sequence(_) | Value::Mapping(_) => {
+                self.err(path, "must be a single value, not a list or a map");
+                None
+            }
+        }
+    }
+
+    /// A non-empty scalar as text.
+    fn non_empty(&mut self, path: &str, v: &Value) -> Option<String> {
+        let s = self.text(path, v)?;
+        if s.is_empty() {
+            self.err(path, "must not be empty");
+            return None;
+        }
+        Some(s)
+    }
+
+    /// An unsigned integer up to `max` (a YAML integer, or text holding one, decimal or
+    /// `0x` hexadecimal).
+    fn uint(&mut self, path: &str, v: &Value, max: u64, what: &str) -> Option<u64> {
+        if self.broken.contains(path) {
+            return None;
+        }
+        let n = match v {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => {
+                let s = s.trim();
+                match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+                    Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                    None => s.parse().ok(),
+                }
+            }
+            _ => None,
+        };
+        match n {
+            Some(n) if n <= max => Some(n),
+            _ => {
+                self.err(path, format!("must be {what} (0 to {max})"));
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, path: &str, v: &Value) -> Option<bool> {
+        if self.broken.contains(path) {
+            return None;
+        }
+        match v {
+            Value::Bool(b) => Some(*b),
+            Value::String(s) if s == "true" => Some(true),
+            Value::String(s) if s == "false" => Some(false),
+            _ => {
+                self.err(path, "must be true or false");
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &str, v: &Value) -> Option<std::time::Duration> {
+        let s = self.text(path, v)?;
+        match values::duration(&s) {
+            Ok(d) => Some(d),
+            Err(reason) => {
+                let shown = self.shown(path, &s);
+                self.err(path, format!("invalid duration {shown}: {reason}"));
+                None
+            }
+        }
+    }
+
+    // ---- top level -------------------------------------------------------------------
+
+    fn config(&mut self, root: &Mapping) -> Config {
+        self.keys("", root, &["version", "services", "providers", "broker"]);
+        self.version(root.get("version"));
+        let mut providers = self.providers(root.get("providers"));
+        let broker = self.broker(root.get("broker"));
+        let mut names = ProviderNames {
+            configured: &providers,
+            implicit: BTreeSet::new(),
+        };
+        let services = self.services(root.get("services"), &mut names);
+        let implicit = names.implicit;
+        for kind in implicit {
+            providers
+                .entry(kind.clone())
+                .or_insert(ProviderConfig::NotBuilt { kind });
+        }
+        Config {
+            services,
+            providers,
+            broker,
+        }
+    }
+
+    fn version(&mut self, v: Option<&Value>) {
+        let Some(v) = v else {
+            self.err("version", "missing: set `version: 2`");
+            return;
+        };
+        let ok = match v {
+            Value::Number(n) => n.as_u64() == Some(2) || n.as_f64() == Some(2.0),
+            Value::String(s) => s.trim() == "2",
+            _ => false,
+        };
+        if !ok && !self.broken.contains("version") {
+            self.err(
+                "version",
+                "unsupported version: only version 2 (Secretless v2) is supported",
+            );
+        }
+    }
+
+    // ---- providers -------------------------------------------------------------------
+
+    fn providers(&mut self, v: Option<&Value>) -> BTreeMap<String, ProviderConfig> {
+        let mut out = BTreeMap::new();
+        out.insert("literal".to_owned(), ProviderConfig::Literal);
+        out.insert("env".to_owned(), ProviderConfig::Env);
+        out.insert("file".to_owned(), ProviderConfig::File);
+        out.insert(
+            "http".to_owned(),
+            ProviderConfig::Http(HttpProviderConfig {
+                timeout: DEFAULT_HTTP_TIMEOUT,
+                ..HttpProviderConfig::default()
+            }),
+        );
+        let m = match v {
+            None | Some(Value::Null) => return out,
+            Some(v) => match self.map(
+                "providers",
+                v,
+                "a map of instance name -> {type: http|env|file|literal|..., ...}",
+            ) {
+                Some(m) => m,
+                None => return out,
+            },
+        };
+        let all_kinds: Vec<&str> = BUILT_PROVIDERS
+            .iter()
+            .chain(NOT_BUILT_PROVIDERS)
+            .copied()
+            .collect();
+        for (k, pv) in m {
+            let Some(name) = k.as_str() else {
+                self.err("providers", "provider instance names must be strings");
+                continue;
+            };
+            let path = join("providers", name);
+            if name.is_empty() {
+                self.err(&path, "a provider instance name must not be empty");
+                continue;
+            }
+            let empty = Mapping::new();
+            let pm = match pv {
+                Value::Null => &empty,
+                v => match self.map(&path, v, "a map with `type:` and the provider's options") {
+                    Some(m) => m,
+                    None => continue,
+                },
+            };
+            let kind = match pm.get("type") {
+                Some(t) => match self.non_empty(&join(&path, "type"), t) {
+                    Some(t) => t,
+                    None => continue,
+                },
+                None if all_kinds.contains(&name) => name.to_owned(),
+                None => {
+                    self.err(
+                        &path,
+                        format!("missing \"type\" (one of: {})", quoted_list(&all_kinds)),
+                    );
+                    continue;
+                }
+            };
+            let cfg = match kind.as_str() {
+                "literal" | "env" | "file" => {
+                    self.keys(&path, pm, &["type"]);
+                    match kind.as_str() {
+                        "literal" => ProviderConfig::Literal,
+                        "env" => ProviderConfig::Env,
+                        _ => ProviderConfig::File,
+                    }
+                }
+                "http" => match self.http_provider(&path, pm) {
+                    Some(c) => ProviderConfig::Http(c),
+                    None => continue,
+                },
+                k if NOT_BUILT_PROVIDERS.contains(&k) => ProviderConfig::NotBuilt { kind },
+                _ => {
+                    let tpath = join(&path, "type");
+                    let shown = self.shown(&tpath, &kind);
+                    self.err(
+                        &tpath,
+                        format!(
+                            "unknown provider type {shown} (known: {})",
+                            quoted_list(&all_kinds)
+                        ),
+                    );
+                    continue;
+                }
+            };
+            out.insert(name.to_owned(), cfg);
+        }
+        out
+    }
+
+    fn http_provider(&mut self, path: &str, m: &Mapping) -> Option<HttpProviderConfig> {
+        self.keys(
+            path,
+            m,
+            &["type", "baseUrl", "token", "tokenFile", "caFile", "timeout"],
+        );
+        let errors_before = self.errors.len();
+        let mut cfg = HttpProviderConfig {
+            timeout: DEFAULT_HTTP_TIMEOUT,
+            ..HttpProviderConfig::default()
+        };
+        if let Some(v) = m.get("baseUrl") {
+            let p = join(path, "baseUrl");
+            if let Some(url) = self.non_empty(&p, v) {
+                match reqwest::Url::parse(&url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {
+                        cfg.base_url = Some(url);
+                    }
+                    // Not echoed: a URL may carry a password in its user-info part.
+                    _ => self.err(
+                        &p,
+                        "invalid URL: expected http://HOST/... or https://HOST/...",
+                    ),
+                }
+            }
+        }
+        if let Some(v) = m.get("token") {
+            // Never echoed: `text` reports shape problems only.
+            let p = join(path, "token");
+            if let Some(t) = self.text(&p, v) {
+                if t.is_empty() {
+                    self.err(&p, "is empty");
+                } else {
+                    cfg.token = Some(Secret::from(t));
+                }
+            }
+        }
+        if let Some(v) = m.get("tokenFile") {
+            cfg.token_file = self.non_empty(&join(path, "tokenFile"), v).map(Into::into);
+        }
+        if m.contains_key("token") && m.contains_key("tokenFile") {
+            self.err(path, "set either \"token\" or \"tokenFile\", not both");
+        }
+        if let Some(v) = m.get("caFile") {
+            cfg.ca_file = self.non_empty(&join(path, "caFile"), v).map(Into::into);
+        }
+        if let Some(v) = m.get("timeout") {
+            let p = join(path, "timeout");
+            match self.duration(&p, v) {
+                Some(d) if d.is_zero() => self.err(&p, "must be more than zero"),
+                Some(d) => cfg.timeout = d,
+                None => {}
+            }
+        }
+        (self.errors.len() == errors_before).then_some(cfg)
+    }
+
+    // ---- broker ----------------------------------------------------------------------
+
+    fn broker(&mut self, v: Option<&Value>) -> BrokerSettings {
+        let mut out = BrokerSettings {
+            health_addr: Some(DEFAULT_HEALTH_ADDR.parse().expect("valid default")),
+            transparent_port: 0,
+            cache_ttl: DEFAULT_CACHE_TTL,
+            bypass_mark: broker_common::DEFAULT_BYPASS_MARK,
+        };
+        let m = match v {
+            None | Some(Value::Null) => return out,
+            Some(v) => match self.map("broker", v, "a map of broker settings") {
+                Some(m) => m,
+                None => return out,
+            },
+        };
+        self.keys(
+            "broker",
+            m,
+            &["health", "transparentPort", "cacheTTL", "bypassMark"],
+        );
+        if let Some(v) = m.get("health") {
+            let p = "broker.health";
+            let text = match v {
+                Value::Bool(false) => Some("off".to_owned()),
+                v => self.text(p, v),
+            };
+            if let Some(s) = text {
+                match values::health_addr(&s) {
+                    Ok(a) => out.health_addr = a,
+                    Err(reason) => {
+                        let shown = self.shown(p, &s);
+                        self.err(p, format!("invalid address {shown}: {reason}"));
+                    }
+                }
+            }
+        }
+        if let Some(v) = m.get("transparentPort")
+            && let Some(p) = self.uint(
+                "broker.transparentPort",
+                v,
+                u64::from(u16::MAX),
+                "a port number",
+            )
+        {
+            out.transparent_port = u16::try_from(p).expect("checked range");
+        }
+        if let Some(v) = m.get("cacheTTL")
+            && let Some(d) = self.duration("broker.cacheTTL", v)
+        {
+            out.cache_ttl = d;
+        }
+        if let Some(v) = m.get("bypassMark")
+            && let Some(mark) =
+                self.uint("broker.bypassMark", v, u64::from(u32::MAX), "a socket mark")
+        {
+            if mark == 0 {
+                self.err(
+                    "broker.bypassMark",
+                    "must not be 0: the broker's own connections would be intercepted",
+                );
+            } else {
+                out.bypass_mark = u32::try_from(mark).expect("checked range");
+            }
+        }
+        out
+    }
+
+    // ---- services --------------------------------------------------------------------
+
+    fn services(&mut self, v: Option<&Value>, names: &mut ProviderNames<'_>) -> Vec<Service> {
+        const WHAT: &str = "a map of service name -> service, or a list of services with `name:`";
+        let mut out: Vec<Service> = Vec::new();
+        match v {
+            None => self.err(
+                "services",
+                "missing: a configuration needs at least one service",
+            ),
+            Some(Value::Null) => self.err("services", "has no services"),
+            Some(Value::Mapping(m)) => {
+                if m.is_empty() {
+                    self.err("services", "has no services");
+                }
+                for (k, sv) in m {
+                    let Some(name) = key_text(k) else {
+                        self.err("services", "service names must be strings");
+                        continue;
+                    };
+                    let path = join("services", &name);
+                    if name.is_empty() {
+                        self.err(&path, "a service name must not be empty");
+                        continue;
+                    }
+                    out.extend(self.service(&path, name, sv, false, names));
+                }
+            }
+            Some(Value::Sequence(seq)) => {
+                // Name -> path of its first entry.
+                let mut seen: Vec<(String, String)> = Vec::new();
+                if seq.is_empty() {
+                    self.err("services", "has no services");
+                }
+                for (i, sv) in seq.iter().enumerate() {
+                    let path = index("services", i);
+                    let Some(m) = self.map(&path, sv, "a service: {name, connector, ...}") else {
+                        continue;
+                    };
+                    let Some(nv) = m.get("name") else {
+                        self.err(&path, "missing \"name\"");
+                        // Still check the rest of the entry.
+                        let _ = self.service(&path, String::new(), sv, true, names);
+                        continue;
+                    };
+                    let npath = join(&path, "name");
+                    let Some(name) = self.non_empty(&npath, nv) else {
+                        let _ = self.service(&path, String::new(), sv, true, names);
+                        continue;
+                    };
+                    if let Some((_, other)) = seen.iter().find(|(n, _)| *n == name) {
+                        let msg = format!("duplicate service name {name:?} (also {other})");
+                        self.err(&npath, msg);
+                    } else {
+                        seen.push((name.clone(), path.clone()));
+                    }
+                    out.extend(self.service(&path, name, sv, true, names));
+                }
+            }
+            Some(_) => self.err("services", format!("must be {WHAT}")),
+        }
+        out
+    }
+
+    fn service(
+        &mut self,
+        path: &str,
+        name: String,
+        v: &Value,
+        list_shape: bool,
+        names: &mut ProviderNames<'_>,
+    ) -> Option<Service> {
+        let m = self.map(
+            path,
+            v,
+            "a service: {connector, listenOn, intercept, credentials, config}",
+        )?;
+        self.keys(
+            path,
+            m,
+            if list_shape {
+                LIST_SERVICE_KEYS
+            } else {
+                SERVICE_KEYS
+            },
+        );
+        let connector = self.connector(path, m);
+        let listen_on = m.get("listenOn").and_then(|v| {
+            let p = join(path, "listenOn");
+            let s = self.text(&p, v)?;
+            match values::listen_addr(&s) {
+                Ok(a) => {
+                    if let Some((_, other)) = self.seen_listen.iter().find(|(x, _)| *x == a) {
+                        let msg = format!("the same address is also used by {other}");
+                        self.err(&p, msg);
+                    } else {
+                        self.seen_listen.push((a.clone(), p.clone()));
+                    }
+                    Some(a)
+                }
+                Err(reason) => {
+                    let shown = self.shown(&p, &s);
+                    self.err(&p, format!("invalid listenOn {shown}: {reason}"));
+                    None
+                }
+            }
+        });
+        let intercept = self.intercept(path, m.get("intercept"));
+        let credentials = self.credentials(path, m.get("credentials"), names);
+        let authentication = self.authentication(path, m.get("authentication"));
+
+        let connector = connector?;
+        if matches!(connector, Connector::Tcp(_) | Connector::Pg(_)) {
+            let intercept_given = m.get("intercept").is_some_and(|v| !v.is_null());
+            if !m.contains_key("listenOn") && !intercept_given {
+                self.err(
+                    path,
+                    format!(
+                        "needs \"listenOn\" or \"intercept\" (or both): connector \"{}\" has no \
+                         way to receive connections",
+                        connector.name()
+                    ),
+                );
+            }
+            let creds_path = join(path, "credentials");
+            let creds_given = m.get("credentials").is_some_and(|v| !v.is_null());
+            // Without a readable credentials block, its own errors say enough.
+            if creds_given && credentials.is_none() {
+                return None;
+            }
+            let has = |k: &str| {
+                credentials
+                    .as_ref()
+                    .is_some_and(|(_, given)| given.contains(k))
+            };
+            if matches!(connector, Connector::Pg(_)) {
+                for k in ["username", "password"] {
+                    if !has(k) {
+                        self.err(&creds_path, format!("missing \"{k}\""));
+                    }
+                }
+            }
+            if !intercept_given && !has("host") {
+                self.err(
+                    &creds_path,
+                    "missing \"host\" (the upstream server; required for a service without \
+                     \"intercept\")",
+                );
+            }
+        }
+        Some(Service {
+            name,
+            connector,
+            listen_on,
+            intercept,
+            credentials: credentials.map(|(c, _)| c).unwrap_or_default(),
+            authentication,
+        })
+    }
+
+    fn connector(&mut self, path: &str, m: &Mapping) -> Option<Connector> {
+        let Some(v) = m.get("connector") else {
+            self.err(path, "missing \"connector\"");
+            return None;
+        };
+        let cpath = join(path, "connector");
+        let name = self.non_empty(&cpath, v)?;
+        let config_path = join(path, "config");
+        let config = m.get("config").filter(|v| !v.is_null());
+        match name.as_str() {
+            "tcp" => Some(Connector::Tcp(self.tcp_config(&config_path, config)?)),
+            "pg" | "postgres" | "postgresql" => {
+                if let Some(c) = config {
+                    match c {
+                        Value::Mapping(cm) => {
+                            for k in cm.keys() {
+                                let k = key_text(k).unwrap_or_else(|| "?".to_owned());
+                                self.err(
+                                    &join(&config_path, &k),
+                                    format!(
+                                        "unknown key \"{k}\": connector \"{name}\" takes no \
+                                         config, its settings are credentials ({PG_CREDENTIALS})"
+                                    ),
+                                );
+                            }
+                        }
+                        _ => self.err(
+                            &config_path,
+                            format!("connector \"{name}\" takes no config"),
+                        ),
+                    }
+                }
+                Some(Connector::Pg(PgConfig {}))
+            }
+            n if NOT_BUILT_CONNECTORS.contains(&n) => Some(Connector::NotBuilt { name }),
+            _ => {
+                let known: Vec<&str> = BUILT_CONNECTORS
+                    .iter()
+                    .chain(NOT_BUILT_CONNECTORS)
+                    .copied()
+                    .collect();
+                let shown = self.shown(&cpath, &name);
+                self.err(
+                    &cpath,
+                    format!("unknown connector {shown} (known: {})", quoted_list(&known)),
+                );
+                None
+            }
+        }
+    }
+
+    fn tcp_config(&mut self, path: &str, v: Option<&Value>) -> Option<TcpConfig> {
+        let Some(v) = v else {
+            return Some(TcpConfig::default());
+        };
+        let m = self.map(path, v, "a map (`tls:`)")?;
+        self.keys(path, m, &["tls"]);
+        let before = self.errors.len();
+        let tls = match m.get("tls") {
+            None | Some(Value::Null) => None,
+            Some(v @ (Value::Bool(_) | Value::String(_))) => {
+                let tpath = join(path, "tls");
+                self.boolean(&tpath, v)?.then(UpstreamTls::default)
+            }
+            Some(Value::Mapping(tm)) => {
+                let tpath = join(path, "tls");
+                self.keys(&tpath, tm, &["caFile", "serverName", "insecureSkipVerify"]);
+                let mut t = UpstreamTls::default();
+                if let Some(v) = tm.get("caFile") {
+                    t.ca_file = self.non_empty(&join(&tpath, "caFile"), v).map(Into::into);
+                }
+                if let Some(v) = tm.get("serverName") {
+                    t.server_name = self.non_empty(&join(&tpath, "serverName"), v);
+                }
+                if let Some(v) = tm.get("insecureSkipVerify") {
+                    t.insecure_skip_verify = self
+                        .boolean(&join(&tpath, "insecureSkipVerify"), v)
+                        .unwrap_or(false);
+                }
+                Some(t)
+            }
+            Some(_) => {
+                self.err(
+                    &join(path, "tls"),
+                    "must be true, false or a map {caFile, serverName, insecureSkipVerify}",
+                );
+                None
+            }
+        };
+        (self.errors.len() == before).then_some(TcpConfig { tls })
+    }
+
+    fn intercept(&mut self, path: &str, v: Option<&Value>) -> Vec<InterceptTarget> {
+        let ipath = join(path, "intercept");
+        let items: Vec<(String, &Value)> = match v {
+            None | Some(Value::Null) => return Vec::new(),
+            Some(Value::Sequence(seq)) => seq
+                .iter()
+                .enumerate()
+                .map(|(i, x)| (index(&ipath, i), x))
+                .collect(),
+            Some(v @ Value::String(_)) => vec![(ipath.clone(), v)],
+            Some(_) => {
+                self.err(
+                    &ipath,
+                    "must be a list of HOST:PORT, IP:PORT, [IPV6]:PORT or CIDR:PORT",
+                );
+                return Vec::new();
+            }
+        };
+        let mut out: Vec<InterceptTarget> = Vec::new();
+        for (p, x) in items {
+            let Some(s) = self.text(&p, x) else { continue };
+            match values::intercept_target(s.trim()) {
+                Ok(t) => {
+                    if let Some((_, other)) = self.seen_targets.iter().find(|(x, _)| *x == t) {
+                        let msg = format!("the same target is also listed at {other}");
+                        self.err(&p, msg);
+                    } else {
+                        self.seen_targets.push((t.clone(), p));
+                        out.push(t);
+                    }
+                }
+                Err(reason) => {
+                    let shown = self.shown(&p, &s);
+                    self.err(&p, format!("invalid target {shown}: {reason}"));
+                }
+            }
+        }
+        out
+    }
+
+    // ---- credentials -----------------------------------------------------------------
+
+    /// The valid credentials and the names of all given ones (valid or not); `None`
+    /// when the block was unreadable (errors recorded).
+    fn credentials(
+        &mut self,
+        path: &str,
+        v: Option<&Value>,
+        names: &mut ProviderNames<'_>,
+    ) -> Option<(BTreeMap<String, CredentialSource>, BTreeSet<String>)> {
+        let cpath = join(path, "credentials");
+        let mut out = BTreeMap::new();
+        let mut given = BTreeSet::new();
+        match v {
+            None | Some(Value::Null) => {}
+            Some(Value::Mapping(m)) => {
+                for (k, cv) in m {
+                    let Some(name) = key_text(k) else {
+                        self.err(&cpath, "credential names must be strings");
+                        continue;
+                    };
+                    let p = join(&cpath, &name);
+                    given.insert(name.clone());
+                    let src = match cv {
+                        Value::Mapping(cm) => self.credential_source(&p, cm, false, names),
+                        Value::Sequence(_) => {
+                            self.err(
+                                &p,
+                                "must be a value or {from: PROVIDER, get: ID}, not a list",
+                            );
+                            None
+                        }
+                        // Literal. `text` never echoes the value.
+                        v => self
+                            .text(&p, v)
+                            .map(|s| CredentialSource::Literal(s.into())),
+                    };
+                    if let Some(src) = src {
+                        out.insert(name, src);
+                    }
+                }
+            }
+            Some(Value::Sequence(seq)) => {
+                for (i, item) in seq.iter().enumerate() {
+                    let p = index(&cpath, i);
+                    let Some(cm) = self.map(&p, item, "a credential: {name, provider, get}") else {
+                        continue;
+                    };
+                    let name = match cm.get("name") {
+                        Some(nv) => self.non_empty(&join(&p, "name"), nv),
+                        None => {
+                            self.err(&p, "missing \"name\"");
+                            None
+                        }
+                    };
+                    let src = self.credential_source(&p, cm, true, names);
+                    if let Some(name) = name {
+                        if !given.insert(name.clone()) {
+                            self.err(&join(&p, "name"), format!("duplicate credential {name:?}"));
+                        } else if let Some(src) = src {
+                            out.insert(name, src);
+                        }
+                    }
+                }
+            }
+            Some(_) => {
+                self.err(
+                    &cpath,
+                    "must be a map of name -> value or {from, get}, or a list of {name, \
+                     provider, get}",
+                );
+                return None;
+            }
+        }
+        Some((out, given))
+    }
+
+    /// `{from|provider: P, get: ID}` (plus `name` in the list shape).
+    fn credential_source(
+        &mut self,
+        path: &str,
+        m: &Mapping,
+        list_shape: bool,
+        names: &mut ProviderNames<'_>,
+    ) -> Option<CredentialSource> {
+        self.keys(
+            path,
+            m,
+            if list_shape {
+                &["name", "provider", "from", "get"]
+            } else {
+                &["from", "provider", "get"]
+            },
+        );
+        let (pkey, pv) = match (m.get("from"), m.get("provider")) {
+            (Some(_), Some(_)) => {
+                self.err(
+                    path,
+                    "set either \"from\" or \"provider\" (they mean the same), not both",
+                );
+                return None;
+            }
+            (Some(v), None) => ("from", v),
+            (None, Some(v)) => ("provider", v),
+            (None, None) => {
+                self.err(
+                    path,
+                    format!(
+                        "missing \"{}\" (the provider name: {}, or a configured instance)",
+                        if list_shape { "provider" } else { "from" },
+                        quoted_list(BUILT_PROVIDERS)
+                    ),
+                );
+                return None;
+            }
+        };
+        let ppath = join(path, pkey);
+        let provider = self.non_empty(&ppath, pv);
+        let get = match m.get("get") {
+            // The id of a literal is the secret itself: never echoed.
+            Some(v) => self.non_empty(&join(path, "get"), v),
+            None => {
+                self.err(path, "missing \"get\" (what to fetch from the provider)");
+                None
+            }
+        };
+        let provider = provider?;
+        let kind = match names.configured.get(&provider) {
+            Some(cfg) => Some(cfg),
+            None if NOT_BUILT_PROVIDERS.contains(&provider.as_str()) => {
+                names.implicit.insert(provider.clone());
+                None
+            }
+            None => {
+                let shown = self.shown(&ppath, &provider);
+                let configured: Vec<&str> = names
+                    .configured
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|k| !BUILT_PROVIDERS.contains(k))
+                    .collect();
+                let mut msg = format!(
+                    "unknown provider {shown} (built in: {}",
+                    quoted_list(BUILT_PROVIDERS)
+                );
+                if !configured.is_empty() {
+                    msg.push_str(&format!("; configured: {}", quoted_list(&configured)));
+                }
+                msg.push_str("; not built yet: ");
+                msg.push_str(&quoted_list(NOT_BUILT_PROVIDERS));
+                msg.push(')');
+                self.err(&ppath, msg);
+                return None;
+            }
+        };
+        let get = get?;
+        Some(match kind {
+            Some(ProviderConfig::Literal) => CredentialSource::Literal(Secret::from(get)),
+            _ => CredentialSource::Provider { provider, id: get },
+        })
+    }
+
+    // ---- authentication --------------------------------------------------------------
+
+    fn authentication(&mut self, path: &str, v: Option<&Value>) -> Vec<AuthMethod> {
+        let apath = join(path, "authentication");
+        let seq = match v {
+            None | Some(Value::Null) => return Vec::new(),
+            Some(Value::Sequence(seq)) => seq,
+            Some(_) => {
+                self.err(&apath, "must be a list of {type, config}");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, item) in seq.iter().enumerate() {
+            let p = index(&apath, i);
+            let Some(m) = self.map(&p, item, "an authentication entry: {type, config}") else {
+                continue;
+            };
+            self.keys(&p, m, &["type", "config"]);
+            let Some(tv) = m.get("type") else {
+                self.err(&p, "missing \"type\" (known: \"oauth2\")");
+                continue;
+            };
+            let tpath = join(&p, "type");
+            let Some(kind) = self.non_empty(&tpath, tv) else {
+                continue;
+            };
+            match kind.as_str() {
+                "oauth2" => {
+                    if let Some(c) = self.oauth2(&join(&p, "config"), m.get("config")) {
+                        out.push(AuthMethod::OAuth2(c));
+                    }
+                }
+                _ => {
+                    let shown = self.shown(&tpath, &kind);
+                    self.err(
+                        &tpath,
+                        format!("unknown authentication type {shown} (known: \"oauth2\")"),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn oauth2(&mut self, path: &str, v: Option<&Value>) -> Option<OAuth2Config> {
+        let Some(v) = v else {
+            self.err(
+                path,
+                "missing: oauth2 needs config {token_url, client_id, client_secret}",
+            );
+            return None;
+        };
+        let m = self.map(
+            path,
+            v,
+            "a map {token_url, client_id, client_secret, scope}",
+        )?;
+        self.keys(
+            path,
+            m,
+            &["token_url", "client_id", "client_secret", "scope"],
+        );
+        let field = |l: &mut Self, key: &str| match m.get(key) {
+            Some(v) => l.non_empty(&join(path, key), v),
+            None => {
+                l.err(path, format!("missing \"{key}\""));
+                None
+            }
+        };
+        let token_url = field(self, "token_url");
+        let client_id = field(self, "client_id");
+        let client_secret = field(self, "client_secret");
+        let scope = match m.get("scope") {
+            Some(v) => self.text(&join(path, "scope"), v),
+            None => None,
+        };
+        Some(OAuth2Config {
+            token_url: token_url?,
+            client_id: client_id?,
+            client_secret: Secret::from(client_secret?),
+            scope,
+        })
+    }
+}

@@ -1,0 +1,1092 @@
+//! Loader tests: the seed documents and examples load as written; every malformed input
+//! is reported with its key path; no secret ever appears in an error.
+
+use std::{collections::HashMap, time::Duration};
+
+use super::*;
+
+const SEED_003: &str = include_str!("../../../config/seed-003-uts.yaml");
+const SEED_000: &str = include_str!("../../../config/seed-000-oauth2.yaml");
+const SECRETLESS_V2: &str = include_str!("../../../config/secretless-v2.yaml");
+const EXAMPLE: &str = include_str!("../../../config/example.yaml");
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn load_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+    let vars: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    load_str_with_env(text, &move |k| vars.get(k).cloned())
+}
+
+#[track_caller]
+fn ok(text: &str) -> Config {
+    match load_str_with_env(text, &no_env) {
+        Ok(c) => c,
+        Err(e) => panic!("expected the config to load, got:\n{e}"),
+    }
+}
+
+#[track_caller]
+fn errs(text: &str) -> ConfigErrors {
+    match load_str_with_env(text, &no_env) {
+        Ok(c) => panic!("expected errors, loaded: {c:#?}"),
+        Err(e) => e,
+    }
+}
+
+/// Assert there is an error at exactly `path` whose message contains `needle`.
+#[track_caller]
+fn has(e: &ConfigErrors, path: &str, needle: &str) {
+    assert!(
+        e.0.iter()
+            .any(|x| x.path == path && x.message.contains(needle)),
+        "no error at {path:?} containing {needle:?}; got:\n{e}"
+    );
+}
+
+fn literal(s: &Service, name: &str) -> String {
+    match &s.credentials[name] {
+        CredentialSource::Literal(v) => v.expose_str().unwrap().to_owned(),
+        other => panic!("{name}: not a literal: {other:?}"),
+    }
+}
+
+fn from(s: &Service, name: &str) -> (String, String) {
+    match &s.credentials[name] {
+        CredentialSource::Provider { provider, id } => (provider.clone(), id.clone()),
+        other => panic!("{name}: not from a provider: {other:?}"),
+    }
+}
+
+fn unsupported_text(cfg: &Config) -> Vec<String> {
+    unsupported(cfg).iter().map(ToString::to_string).collect()
+}
+
+const PG: &str = "
+version: 2
+services:
+  db:
+    connector: pg
+    listenOn: tcp://127.0.0.1:5432
+    credentials:
+      host: db.internal
+      username: app
+      password: pw
+";
+
+// ---- the documents the user brings -------------------------------------------------
+
+#[test]
+fn seed_003_uts_loads_as_written() {
+    let cfg = ok(SEED_003);
+    assert_eq!(cfg.services.len(), 2);
+
+    let db = &cfg.services[0];
+    assert_eq!(db.name, "dao-governance-db");
+    assert!(matches!(
+        db.connector,
+        Connector::Tcp(TcpConfig { tls: None })
+    ));
+    assert_eq!(
+        db.listen_on,
+        Some(ListenAddr::Tcp("127.0.0.1:5432".parse().unwrap()))
+    );
+    assert!(db.intercept.is_empty());
+    assert_eq!(db.credentials.len(), 3);
+    for k in ["username", "password", "host"] {
+        assert_eq!(
+            from(db, k),
+            (
+                "http".to_owned(),
+                format!("http://uts.internal/secrets/dao-governance-db/{k}")
+            )
+        );
+    }
+
+    let novu = &cfg.services[1];
+    assert_eq!(novu.name, "novu-api");
+    assert!(matches!(&novu.connector, Connector::NotBuilt { name } if name == "http"));
+    assert_eq!(
+        from(novu, "api_key"),
+        (
+            "http".to_owned(),
+            "http://uts.internal/secrets/novu/api-key".to_owned()
+        )
+    );
+
+    // The built-in instances exist; `http` has no token.
+    for p in ["literal", "env", "file", "http"] {
+        assert!(cfg.providers.contains_key(p), "{p}");
+    }
+    let ProviderConfig::Http(h) = &cfg.providers["http"] else {
+        panic!("http is not an http provider")
+    };
+    assert!(h.token.is_none());
+    assert_eq!(h.timeout, DEFAULT_HTTP_TIMEOUT);
+
+    assert_eq!(
+        unsupported_text(&cfg),
+        vec!["services.novu-api.connector: connector \"http\" is not built yet"]
+    );
+}
+
+#[test]
+fn seed_000_oauth2_loads_with_its_environment() {
+    let cfg = load_env(
+        SEED_000,
+        &[
+            ("ACI_TOKEN_URL", "https://aci.example/oauth/token"),
+            ("ACI_CLIENT_ID", "eliza"),
+            ("ACI_CLIENT_SECRET", "s3cr3t-client"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.services.len(), 1);
+    let s = &cfg.services[0];
+    assert_eq!(s.name, "elizaos-agents");
+    assert!(matches!(&s.connector, Connector::NotBuilt { name } if name == "generic_http"));
+    assert!(s.listen_on.is_none());
+    let [AuthMethod::OAuth2(o)] = s.authentication.as_slice() else {
+        panic!("expected one oauth2 entry: {:?}", s.authentication)
+    };
+    assert_eq!(o.token_url, "https://aci.example/oauth/token");
+    assert_eq!(o.client_id, "eliza");
+    assert_eq!(o.client_secret.expose_str().unwrap(), "s3cr3t-client");
+    assert_eq!(o.scope.as_deref(), Some("agent:execute blockchain:read"));
+
+    let u = unsupported_text(&cfg);
+    assert_eq!(
+        u,
+        vec![
+            "services.elizaos-agents.connector: connector \"generic_http\" is not built yet",
+            "services.elizaos-agents.authentication[0]: authentication type \"oauth2\" is not \
+             built yet",
+        ]
+    );
+}
+
+#[test]
+fn seed_000_without_its_environment_names_each_variable() {
+    let e = errs(SEED_000);
+    assert_eq!(e.len(), 3, "{e}");
+    has(
+        &e,
+        "services[0].authentication[0].config.token_url",
+        "environment variable ACI_TOKEN_URL is not set",
+    );
+    has(
+        &e,
+        "services[0].authentication[0].config.client_id",
+        "environment variable ACI_CLIENT_ID is not set",
+    );
+    has(
+        &e,
+        "services[0].authentication[0].config.client_secret",
+        "environment variable ACI_CLIENT_SECRET is not set",
+    );
+}
+
+#[test]
+fn secretless_v2_example_loads() {
+    let cfg = ok(SECRETLESS_V2);
+    let names: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["pg-tcp", "pg-socket", "mysql-db"]);
+
+    let pg = &cfg.services[0];
+    assert!(matches!(pg.connector, Connector::Pg(_)));
+    assert_eq!(literal(pg, "host"), "db.internal");
+    assert_eq!(literal(pg, "port"), "5432");
+    assert_eq!(literal(pg, "sslmode"), "require");
+    assert_eq!(from(pg, "username"), ("env".into(), "PG_USER".into()));
+    assert_eq!(
+        from(pg, "password"),
+        ("vault".into(), "kv/db#password".into())
+    );
+
+    let sock = &cfg.services[1];
+    assert!(matches!(sock.connector, Connector::Pg(_)));
+    assert_eq!(
+        sock.listen_on,
+        Some(ListenAddr::Unix("/sock/.s.PGSQL.5432".into()))
+    );
+    // `from: literal` is a literal.
+    assert_eq!(literal(sock, "username"), "app");
+    assert_eq!(
+        from(sock, "host"),
+        ("file".into(), "/run/secrets/pg-host".into())
+    );
+
+    // The vault kind, used without an instance, gets a NotBuilt one.
+    assert!(matches!(
+        &cfg.providers["vault"],
+        ProviderConfig::NotBuilt { kind } if kind == "vault"
+    ));
+    assert_eq!(
+        unsupported_text(&cfg),
+        vec![
+            "services.pg-tcp.credentials.password: provider \"vault\" is not built yet",
+            "services.mysql-db.connector: connector \"mysql\" is not built yet",
+        ]
+    );
+}
+
+#[test]
+fn our_example_loads() {
+    let cfg = load_env(EXAMPLE, &[("UTS_AUTH_TOKEN", "tok-123")]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(unsupported(&cfg).is_empty(), "{:?}", unsupported(&cfg));
+    let db = &cfg.services[0];
+    assert_eq!(db.name, "orders-db");
+    assert!(matches!(db.connector, Connector::Pg(_)));
+    assert_eq!(
+        db.intercept,
+        vec![
+            InterceptTarget::Host {
+                host: "db.example.com".into(),
+                port: 5432
+            },
+            InterceptTarget::Cidr {
+                net: "10.20.0.0/24".parse().unwrap(),
+                port: 5432
+            },
+        ]
+    );
+    assert_eq!(
+        from(db, "password"),
+        ("uts".into(), "orders-db#password".into())
+    );
+    let ProviderConfig::Http(uts) = &cfg.providers["uts"] else {
+        panic!("uts is not http")
+    };
+    assert_eq!(
+        uts.base_url.as_deref(),
+        Some("https://uts.internal/secrets/")
+    );
+    assert_eq!(uts.token.as_ref().unwrap().expose_str().unwrap(), "tok-123");
+    assert_eq!(uts.timeout, Duration::from_secs(5));
+    assert_eq!(
+        uts.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/broker/uts-ca.pem"))
+    );
+
+    let cache = &cfg.services[1];
+    let Connector::Tcp(TcpConfig { tls: Some(tls) }) = &cache.connector else {
+        panic!("cache: {:?}", cache.connector)
+    };
+    assert_eq!(tls.server_name.as_deref(), Some("redis.internal"));
+    assert!(!tls.insecure_skip_verify);
+
+    assert_eq!(cfg.broker.bypass_mark, 0x539);
+    assert_eq!(cfg.broker.cache_ttl, Duration::from_secs(60));
+    assert_eq!(
+        cfg.broker.health_addr,
+        Some("127.0.0.1:5335".parse().unwrap())
+    );
+}
+
+#[test]
+fn example_files_on_disk_load_through_load_file() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let cfg = load_file(&dir.join("seed-003-uts.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.services.len(), 2);
+    let e = load_file(&dir.join("no-such-file.yaml")).unwrap_err();
+    assert_eq!(e.len(), 1);
+    assert_eq!(e.0[0].path, "");
+    assert!(e.0[0].message.contains("no-such-file.yaml"), "{e}");
+}
+
+// ---- shapes and defaults -----------------------------------------------------------
+
+#[test]
+fn minimal_pg_and_defaults() {
+    let cfg = ok(PG);
+    assert_eq!(cfg.broker.transparent_port, 0);
+    assert_eq!(cfg.broker.cache_ttl, DEFAULT_CACHE_TTL);
+    assert_eq!(cfg.broker.bypass_mark, broker_common::DEFAULT_BYPASS_MARK);
+    assert_eq!(
+        cfg.broker.health_addr,
+        Some(DEFAULT_HEALTH_ADDR.parse().unwrap())
+    );
+    assert_eq!(literal(&cfg.services[0], "password"), "pw");
+    assert!(unsupported(&cfg).is_empty());
+}
+
+#[test]
+fn version_forms() {
+    ok(&PG.replace("version: 2", "version: \"2\""));
+    ok(&PG.replace("version: 2", "version: '2'"));
+    let e = errs(&PG.replace("version: 2", "version: 3"));
+    has(&e, "version", "only version 2");
+    let e = errs(&PG.replace("version: 2", ""));
+    has(&e, "version", "missing");
+}
+
+#[test]
+fn broker_block() {
+    let cfg = ok(&format!(
+        "{PG}broker:\n  health: \"off\"\n  transparentPort: 15001\n  cacheTTL: 0s\n  bypassMark: 0x100\n"
+    ));
+    assert_eq!(cfg.broker.health_addr, None);
+    assert_eq!(cfg.broker.transparent_port, 15001);
+    assert_eq!(cfg.broker.cache_ttl, Duration::ZERO);
+    assert_eq!(cfg.broker.bypass_mark, 0x100);
+
+    let cfg = ok(&format!(
+        "{PG}broker:\n  health: off\n  cacheTTL: 1500ms\n  bypassMark: 1337\n"
+    ));
+    assert_eq!(cfg.broker.health_addr, None);
+    assert_eq!(cfg.broker.cache_ttl, Duration::from_millis(1500));
+    assert_eq!(cfg.broker.bypass_mark, 1337);
+
+    let cfg = ok(&format!(
+        "{PG}broker:\n  health: \"[::1]:9000\"\n  cacheTTL: 2m\n"
+    ));
+    assert_eq!(cfg.broker.health_addr, Some("[::1]:9000".parse().unwrap()));
+    assert_eq!(cfg.broker.cache_ttl, Duration::from_secs(120));
+
+    let e = errs(&format!(
+        "{PG}broker:\n  health: nowhere\n  transparentPort: 70000\n  cacheTTL: 60\n  bypassMark: -1\n  colour: blue\n"
+    ));
+    has(&e, "broker.health", "invalid address");
+    has(&e, "broker.transparentPort", "port number");
+    has(&e, "broker.cacheTTL", "missing unit");
+    has(&e, "broker.bypassMark", "socket mark");
+    has(&e, "broker.colour", "unknown key \"colour\"");
+    assert_eq!(e.len(), 5, "{e}");
+    let e = errs(&format!("{PG}broker:\n  bypassMark: 0\n"));
+    has(&e, "broker.bypassMark", "must not be 0");
+}
+
+#[test]
+fn services_as_a_list_with_credentials_as_a_map_and_from_synonym() {
+    let cfg = ok("
+version: 2
+services:
+  - name: a
+    connector: postgres
+    intercept: [\"db.example.com:5432\", \"10.0.0.5:5432\", \"[2001:db8::5]:5432\"]
+    credentials:
+      username: {provider: env, get: U}
+      password: {from: file, get: /run/pw}
+  - name: b
+    connector: tcp
+    intercept: \"[2001:db8::/64]:443\"
+    credentials:
+      - {name: token, from: env, get: TOKEN}
+");
+    let a = &cfg.services[0];
+    assert_eq!(a.intercept.len(), 3);
+    assert_eq!(from(a, "username"), ("env".into(), "U".into()));
+    let b = &cfg.services[1];
+    assert_eq!(
+        b.intercept,
+        vec![InterceptTarget::Cidr {
+            net: "2001:db8::/64".parse().unwrap(),
+            port: 443
+        }]
+    );
+    assert_eq!(from(b, "token"), ("env".into(), "TOKEN".into()));
+}
+
+#[test]
+fn anchors_and_merge_keys() {
+    let cfg = ok("
+version: 2
+services:
+  a:
+    connector: pg
+    listenOn: tcp://127.0.0.1:5432
+    credentials: &creds
+      host: db.internal
+      username: app
+      password: {from: env, get: PW}
+  b:
+    connector: pg
+    listenOn: tcp://127.0.0.1:5433
+    credentials:
+      <<: *creds
+      username: other
+");
+    assert_eq!(literal(&cfg.services[1], "host"), "db.internal");
+    assert_eq!(literal(&cfg.services[1], "username"), "other");
+    assert_eq!(
+        from(&cfg.services[1], "password"),
+        ("env".into(), "PW".into())
+    );
+}
+
+#[test]
+fn scalars_become_text() {
+    let cfg = ok("
+version: 2
+services:
+  db:
+    connector: tcp
+    listenOn: tcp://localhost:6000
+    credentials:
+      host: 10.1.2.3
+      port: 6379
+      flag: true
+      ratio: 1.5
+");
+    let s = &cfg.services[0];
+    assert_eq!(
+        s.listen_on,
+        Some(ListenAddr::Tcp("127.0.0.1:6000".parse().unwrap()))
+    );
+    assert_eq!(literal(s, "port"), "6379");
+    assert_eq!(literal(s, "flag"), "true");
+    assert_eq!(literal(s, "ratio"), "1.5");
+}
+
+#[test]
+fn tcp_tls_forms() {
+    let with = |tls: &str| {
+        format!(
+            "version: 2\nservices:\n  t:\n    connector: tcp\n    intercept: [\"x.internal:443\"]\n    config:\n      tls: {tls}\n"
+        )
+    };
+    let tls_of = |cfg: &Config| match &cfg.services[0].connector {
+        Connector::Tcp(t) => t.tls.clone(),
+        c => panic!("{c:?}"),
+    };
+    assert!(tls_of(&ok(&with("false"))).is_none());
+    assert!(tls_of(&ok(&with("true"))).is_some());
+    let t = tls_of(&ok(&with(
+        "{caFile: /ca.pem, serverName: x.internal, insecureSkipVerify: true}",
+    )))
+    .unwrap();
+    assert_eq!(t.ca_file.as_deref(), Some(std::path::Path::new("/ca.pem")));
+    assert_eq!(t.server_name.as_deref(), Some("x.internal"));
+    assert!(t.insecure_skip_verify);
+    let e = errs(&with("{cafile: /ca.pem, insecureSkipVerify: maybe}"));
+    has(
+        &e,
+        "services.t.config.tls.cafile",
+        "did you mean \"caFile\"",
+    );
+    has(
+        &e,
+        "services.t.config.tls.insecureSkipVerify",
+        "true or false",
+    );
+    let e = errs(&with("[1]"));
+    has(&e, "services.t.config.tls", "must be true, false or a map");
+}
+
+#[test]
+fn providers_block() {
+    let cfg = load_env(
+        "
+version: 2
+providers:
+  http:
+    token: ${UTS_AUTH_TOKEN}
+  uts:
+    type: http
+    baseUrl: https://uts.internal/
+    tokenFile: /run/uts-token
+    timeout: 3s
+  env:
+    type: env
+  myvault:
+    type: vault
+    address: https://vault:8200
+    anything: [goes, here]
+services:
+  db:
+    connector: pg
+    intercept: [\"db:5432\"]
+    credentials:
+      username: {from: uts, get: db/user}
+      password: {from: myvault, get: kv/db#password}
+      extra: {from: conjur, get: prod/db/password}
+",
+        &[("UTS_AUTH_TOKEN", "t0ken")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ProviderConfig::Http(http) = &cfg.providers["http"] else {
+        panic!()
+    };
+    assert_eq!(http.token.as_ref().unwrap().expose_str().unwrap(), "t0ken");
+    assert_eq!(http.timeout, DEFAULT_HTTP_TIMEOUT);
+    let ProviderConfig::Http(uts) = &cfg.providers["uts"] else {
+        panic!()
+    };
+    assert_eq!(
+        uts.token_file.as_deref(),
+        Some(std::path::Path::new("/run/uts-token"))
+    );
+    assert_eq!(uts.timeout, Duration::from_secs(3));
+    assert!(
+        matches!(&cfg.providers["myvault"], ProviderConfig::NotBuilt { kind } if kind == "vault")
+    );
+    assert_eq!(
+        unsupported_text(&cfg),
+        vec![
+            "services.db.credentials.extra: provider \"conjur\" is not built yet",
+            "services.db.credentials.password: provider \"myvault\" (type vault) is not built yet",
+        ]
+    );
+
+    let e = errs(
+        "
+version: 2
+providers:
+  a: {type: http, token: x, tokenFile: /f, timeout: 0s, baseUrl: ftp://x, extra: 1}
+  b: {type: magic}
+  c: {}
+  d: {type: env, baseUrl: http://x}
+services:
+  db: {connector: tcp, intercept: [\"db:1\"]}
+",
+    );
+    has(&e, "providers.a", "either \"token\" or \"tokenFile\"");
+    has(&e, "providers.a.timeout", "more than zero");
+    has(&e, "providers.a.baseUrl", "invalid URL");
+    has(&e, "providers.a.extra", "unknown key \"extra\"");
+    has(&e, "providers.b.type", "unknown provider type \"magic\"");
+    has(&e, "providers.c", "missing \"type\"");
+    has(&e, "providers.d.baseUrl", "unknown key \"baseUrl\"");
+}
+
+#[test]
+fn interpolation_defaults_and_dollars() {
+    let cfg = load_env(
+        "
+version: 2
+broker:
+  transparentPort: ${PORT}
+  cacheTTL: ${TTL:-5s}
+services:
+  db:
+    connector: tcp
+    listenOn: tcp://127.0.0.1:${LPORT:-7000}
+    credentials:
+      host: ${HOST}
+      password: pa$$word
+      template: \"Bearer {{ .token }} costs $5\"
+",
+        &[("PORT", "15001"), ("HOST", "redis.internal")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.broker.transparent_port, 15001);
+    assert_eq!(cfg.broker.cache_ttl, Duration::from_secs(5));
+    let s = &cfg.services[0];
+    assert_eq!(
+        s.listen_on,
+        Some(ListenAddr::Tcp("127.0.0.1:7000".parse().unwrap()))
+    );
+    assert_eq!(literal(s, "host"), "redis.internal");
+    assert_eq!(literal(s, "password"), "pa$word");
+    assert_eq!(literal(s, "template"), "Bearer {{ .token }} costs $5");
+}
+
+#[test]
+fn interpolated_values_never_break_yaml() {
+    // A value full of YAML syntax stays one string.
+    let cfg = load_env(
+        &PG.replace("password: pw", "password: ${PW}"),
+        &[("PW", "a: b\n- c # d {e} [f] 'g\" \\")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        literal(&cfg.services[0], "password"),
+        "a: b\n- c # d {e} [f] 'g\" \\"
+    );
+}
+
+// ---- malformed configurations ------------------------------------------------------
+
+#[test]
+fn bad_yaml_is_one_error_with_line_and_column() {
+    let e = errs("version: 2\nservices:\n  db:\n    connector: pg\n   listenOn: x\n");
+    assert_eq!(e.len(), 1, "{e}");
+    assert_eq!(e.0[0].path, "");
+    assert!(e.0[0].message.contains("line 5"), "{e}");
+    assert!(e.0[0].message.contains("column"), "{e}");
+
+    let e = errs("version: 2\nservices: [\n");
+    assert!(e.0[0].message.contains("line"), "{e}");
+
+    let e = errs("");
+    has(&e, "", "empty");
+    let e = errs("- a\n- b\n");
+    has(&e, "", "top level must be a map");
+    let e = errs("version: 2\nversion: 2\n");
+    assert!(e.0[0].message.contains("duplicate"), "{e}");
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let e = errs(
+        "
+version: 2
+servics: {}
+services:
+  db:
+    connector: pg
+    listenOn: tcp://127.0.0.1:5432
+    conifg: {}
+    credentials:
+      host: h
+      username: u
+      password: {from: env, get: PW, default: x}
+",
+    );
+    has(
+        &e,
+        "servics",
+        "unknown key \"servics\" (did you mean \"services\"?)",
+    );
+    has(
+        &e,
+        "services.db.conifg",
+        "unknown key \"conifg\" (did you mean \"config\"?)",
+    );
+    has(
+        &e,
+        "services.db.credentials.password.default",
+        "unknown key \"default\"",
+    );
+    assert_eq!(e.len(), 3, "{e}");
+}
+
+#[test]
+fn unknown_provider_and_connector() {
+    let e = errs(
+        "
+version: 2
+services:
+  db:
+    connector: pgsql
+    listenOn: tcp://127.0.0.1:5432
+    credentials:
+      password: {from: hashicorp, get: x}
+  list:
+    connector: tcp
+    listenOn: tcp://127.0.0.1:5433
+    credentials:
+      - {name: host, provider: nowhere, get: x}
+",
+    );
+    has(&e, "services.db.connector", "unknown connector \"pgsql\"");
+    has(&e, "services.db.connector", "\"postgresql\"");
+    has(
+        &e,
+        "services.db.credentials.password.from",
+        "unknown provider \"hashicorp\"",
+    );
+    has(
+        &e,
+        "services.list.credentials[0].provider",
+        "unknown provider \"nowhere\"",
+    );
+}
+
+#[test]
+fn bad_intercept_targets() {
+    let e = errs(
+        "
+version: 2
+services:
+  db:
+    connector: pg
+    intercept:
+      - 10.0.0.0/33:5432
+      - db.example.com
+      - 10.0.0.1:99999
+      - 2001:db8::1:5432
+      - ok.example.com:5432
+      - ok.example.com:5432
+    credentials: {username: u, password: p}
+  other:
+    connector: tcp
+    intercept: [\"OK.example.com:5432\", \"10.1.0.0/16:80\"]
+  third:
+    connector: tcp
+    intercept: [\"10.1.0.0/16:80\"]
+",
+    );
+    has(&e, "services.db.intercept[0]", "invalid CIDR");
+    has(&e, "services.db.intercept[1]", "missing \":PORT\"");
+    has(&e, "services.db.intercept[2]", "port must be");
+    has(&e, "services.db.intercept[3]", "brackets");
+    has(
+        &e,
+        "services.db.intercept[5]",
+        "also listed at services.db.intercept[4]",
+    );
+    has(
+        &e,
+        "services.other.intercept[0]",
+        "also listed at services.db.intercept[4]",
+    );
+    has(
+        &e,
+        "services.third.intercept[0]",
+        "also listed at services.other.intercept[1]",
+    );
+    assert_eq!(e.len(), 7, "{e}");
+}
+
+#[test]
+fn missing_credentials_and_listeners() {
+    let e = errs(
+        "
+version: 2
+services:
+  pg-nothing:
+    connector: pg
+    listenOn: tcp://127.0.0.1:5432
+  pg-intercept:
+    connector: pg
+    intercept: [\"db:5432\"]
+    credentials: {username: u}
+  tcp-no-host:
+    connector: tcp
+    listenOn: tcp://127.0.0.1:6000
+  nowhere:
+    connector: tcp
+    credentials: {host: h}
+  env-no-get:
+    connector: tcp
+    listenOn: tcp://127.0.0.1:6001
+    credentials:
+      host: {from: env}
+",
+    );
+    has(
+        &e,
+        "services.pg-nothing.credentials",
+        "missing \"username\"",
+    );
+    has(
+        &e,
+        "services.pg-nothing.credentials",
+        "missing \"password\"",
+    );
+    has(&e, "services.pg-nothing.credentials", "missing \"host\"");
+    has(
+        &e,
+        "services.pg-intercept.credentials",
+        "missing \"password\"",
+    );
+    assert!(
+        !e.at("services.pg-intercept")
+            .any(|x| x.message.contains("\"host\"")),
+        "host is not needed with intercept: {e}"
+    );
+    has(&e, "services.tcp-no-host.credentials", "missing \"host\"");
+    has(
+        &e,
+        "services.nowhere",
+        "needs \"listenOn\" or \"intercept\"",
+    );
+    has(
+        &e,
+        "services.env-no-get.credentials.host",
+        "missing \"get\"",
+    );
+}
+
+#[test]
+fn pg_takes_no_config() {
+    let e = errs(&PG.replace(
+        "    credentials:",
+        "    config:\n      sslmode: require\n    credentials:",
+    ));
+    has(&e, "services.db.config.sslmode", "takes no config");
+}
+
+#[test]
+fn bad_listen_on() {
+    let e = errs(
+        "
+version: 2
+services:
+  a: {connector: tcp, listenOn: \"127.0.0.1:5432\", credentials: {host: h}}
+  b: {connector: tcp, listenOn: \"tcp://db.example.com:5432\", credentials: {host: h}}
+  c: {connector: tcp, listenOn: \"unix://relative.sock\", credentials: {host: h}}
+  d: {connector: tcp, listenOn: \"tcp://127.0.0.1:7000\", credentials: {host: h}}
+  e: {connector: tcp, listenOn: \"tcp://127.0.0.1:7000\", credentials: {host: h}}
+",
+    );
+    has(
+        &e,
+        "services.a.listenOn",
+        "must be tcp://HOST:PORT or unix:///PATH",
+    );
+    has(&e, "services.b.listenOn", "IP address or \"localhost\"");
+    has(&e, "services.c.listenOn", "absolute");
+    has(
+        &e,
+        "services.e.listenOn",
+        "also used by services.d.listenOn",
+    );
+    assert_eq!(e.len(), 4, "{e}");
+}
+
+#[test]
+fn v1_format_is_refused_clearly() {
+    let e = errs(
+        "
+listeners:
+  - name: pg
+    protocol: pg
+    address: 0.0.0.0:5432
+handlers:
+  - name: pg
+    listener: pg
+    credentials:
+      - name: password
+        provider: env
+        id: PG_PASSWORD
+",
+    );
+    assert_eq!(e.len(), 1, "{e}");
+    has(&e, "listeners", "version 1");
+    has(&e, "listeners", "not supported");
+    let e = errs("version: 1\nlisteners: []\n");
+    has(&e, "version", "version 1");
+}
+
+#[test]
+fn service_shapes() {
+    let e = errs(
+        "
+version: 2
+services:
+  - connector: tcp
+    listenOn: tcp://127.0.0.1:1
+    credentials: {host: h}
+  - name: a
+    connector: tcp
+    listenOn: tcp://127.0.0.1:2
+    credentials: {host: h}
+  - name: a
+    connector: tcp
+    listenOn: tcp://127.0.0.1:3
+    credentials: {host: h}
+  - name: b
+    listenOn: tcp://127.0.0.1:4
+  - just a string
+",
+    );
+    has(&e, "services[0]", "missing \"name\"");
+    has(
+        &e,
+        "services[2].name",
+        "duplicate service name \"a\" (also services[1])",
+    );
+    has(&e, "services[3]", "missing \"connector\"");
+    has(&e, "services[4]", "must be a service");
+    let e = errs("version: 2\nservices:\n");
+    has(&e, "services", "no services");
+    let e = errs("version: 2\n");
+    has(&e, "services", "missing");
+    let e = errs(
+        "version: 2\nservices:\n  db:\n    name: db\n    connector: tcp\n    listenOn: tcp://127.0.0.1:1\n    credentials: {host: h}\n",
+    );
+    has(&e, "services.db.name", "unknown key \"name\"");
+}
+
+#[test]
+fn authentication_entries() {
+    let e = errs(
+        "
+version: 2
+services:
+  - name: x
+    connector: generic_http
+    authentication:
+      - type: oauth2
+        config: {token_url: https://t, client_id: c}
+      - type: kerberos
+      - config: {}
+",
+    );
+    has(
+        &e,
+        "services[0].authentication[0].config",
+        "missing \"client_secret\"",
+    );
+    has(
+        &e,
+        "services[0].authentication[1].type",
+        "unknown authentication type \"kerberos\"",
+    );
+    has(&e, "services[0].authentication[2]", "missing \"type\"");
+}
+
+#[test]
+fn many_errors_are_all_reported_in_one_run() {
+    let e = errs(
+        "
+version: 2
+providers:
+  bad: {type: nope}
+broker:
+  cacheTTL: forever
+services:
+  db:
+    connector: pg
+    listenOn: tcp://nowhere:5432
+    intercept: [\"10.0.0.0/99:5432\"]
+    conifg: {}
+    credentials:
+      host: ${DB_HOST}
+      password: {from: vault}
+",
+    );
+    for (path, needle) in [
+        ("providers.bad.type", "unknown provider type"),
+        ("broker.cacheTTL", "invalid duration"),
+        ("services.db.listenOn", "invalid listenOn"),
+        ("services.db.intercept[0]", "invalid CIDR"),
+        ("services.db.conifg", "unknown key"),
+        (
+            "services.db.credentials.host",
+            "environment variable DB_HOST is not set",
+        ),
+        ("services.db.credentials.password", "missing \"get\""),
+        ("services.db.credentials", "missing \"username\""),
+    ] {
+        has(&e, path, needle);
+    }
+    // Display: one error per line, `path: message`.
+    let text = e.to_string();
+    assert_eq!(text.lines().count(), e.len());
+    assert!(
+        text.lines()
+            .any(|l| l == "services.db.conifg: unknown key \"conifg\" (did you mean \"config\"?)"),
+        "{text}"
+    );
+}
+
+// ---- secrets stay out of errors ----------------------------------------------------
+
+#[test]
+fn no_secret_value_in_any_error() {
+    const SECRET: &str = "Hunter2-TopSecret";
+    let env = [
+        ("SECRET_LISTEN", SECRET),
+        ("SECRET_TOKEN", SECRET),
+        ("SECRET_CONNECTOR", SECRET),
+        ("SECRET_INTERCEPT", SECRET),
+        ("SECRET_DURATION", SECRET),
+    ];
+    let text = format!(
+        "
+version: 2
+providers:
+  uts:
+    type: http
+    token: {SECRET}
+    timeout: ${{SECRET_DURATION}}
+    baseUrl: ${{SECRET_LISTEN}}
+  leaky:
+    type: ${{SECRET_CONNECTOR}}
+broker:
+  health: ${{SECRET_LISTEN}}
+  cacheTTL: ${{SECRET_DURATION}}
+  transparentPort: ${{SECRET_TOKEN}}
+  bypassMark: {SECRET}
+services:
+  db:
+    connector: pg
+    listenOn: ${{SECRET_LISTEN}}
+    intercept: [\"${{SECRET_INTERCEPT}}\"]
+    credentials:
+      password: {SECRET}
+      username: [{SECRET}]
+      host: {{from: literal}}
+      port: {{from: literal, get: {SECRET}, extra: 1}}
+      sslmode: {{from: \"${{SECRET_CONNECTOR}}\", get: {SECRET}}}
+    config:
+      anything: {SECRET}
+  other:
+    connector: ${{SECRET_CONNECTOR}}
+    listenOn: tcp://127.0.0.1:1
+  - broken
+  list:
+    connector: tcp
+    listenOn: bogus
+    credentials:
+      - {{name: password, provider: nowhere, get: {SECRET}}}
+      - {{name: {SECRET}}}
+    authentication:
+      - type: ${{SECRET_CONNECTOR}}
+      - type: oauth2
+        config: {{token_url: x, client_id: y, client_secret: {SECRET}, scope: [{SECRET}]}}
+"
+    );
+    // That text is not even valid YAML (a list item inside a map): the syntax error
+    // must not quote it either.
+    let e = load_env(&text, &env).unwrap_err();
+    assert!(!e.to_string().contains(SECRET), "{e}");
+    assert!(!format!("{e:?}").contains(SECRET), "{e:?}");
+
+    let text = text.replace("  - broken\n", "");
+    let e = load_env(&text, &env).unwrap_err();
+    let shown = format!("{e}\n{e:?}");
+    assert!(!shown.contains(SECRET), "{shown}");
+    // And it did find the problems, without the value.
+    assert!(e.len() >= 15, "{e}");
+    has(&e, "services.db.listenOn", "(value from the environment)");
+    has(
+        &e,
+        "services.other.connector",
+        "(value from the environment)",
+    );
+    has(
+        &e,
+        "services.db.intercept[0]",
+        "(value from the environment)",
+    );
+    has(&e, "providers.leaky.type", "(value from the environment)");
+    has(&e, "broker.health", "(value from the environment)");
+    has(&e, "services.db.credentials.username", "not a list");
+    // An invalid credential is not also reported missing.
+    assert!(!e.to_string().contains("missing \"username\""), "{e}");
+
+    // The loaded model's Debug output hides secrets too.
+    let cfg = load_env(
+        &format!(
+            "
+version: 2
+providers:
+  http: {{token: {SECRET}}}
+services:
+  db:
+    connector: pg
+    listenOn: tcp://127.0.0.1:5432
+    credentials: {{host: h, username: u, password: {SECRET}}}
+    authentication:
+      - type: oauth2
+        config: {{token_url: x, client_id: y, client_secret: {SECRET}}}
+"
+        ),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!format!("{cfg:?}").contains(SECRET));
+    let u = unsupported_text(&cfg);
+    assert!(!u.concat().contains(SECRET));
+}
+
+#[test]
+fn errors_at_filters_by_prefix() {
+    let e = ConfigErrors(vec![
+        ConfigError::new("services.db.listenOn", "x"),
+        ConfigError::new("services.db2", "y"),
+        ConfigError::new("services.db", "z"),
+        ConfigError::new("services.db.intercept[0]", "w"),
+    ]);
+    let at: Vec<&str> = e.at("services.db").map(|x| x.message.as_str()).collect();
+    assert_eq!(at, ["x", "z", "w"]);
+    assert_eq!(e.at("services.db.intercept").count(), 1);
+}

@@ -1,0 +1,653 @@
+//! The upstream leg: where to connect (credentials, original destination), `sslmode`
+//! as libpq defines it, TLS with the broker's rustls configuration, and the stream type
+//! the rest of the connector reads and writes.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    io::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use sha2::{Digest, Sha256, Sha384, Sha512};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+};
+
+use super::{
+    errors::{Failure, sqlstate},
+    messages,
+};
+use crate::{
+    broker::Broker,
+    connector::{ConnError, Credentials},
+    secret::Secret,
+    tls::{self, TlsOptions, Verify},
+};
+
+/// Default PostgreSQL port.
+pub const DEFAULT_PORT: u16 = 5432;
+
+/// libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    /// `prefer` (the default) and `allow`: TLS when the server offers it, without
+    /// verification unless `sslrootcert` is set.
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    /// Parse a credential value.
+    ///
+    /// # Errors
+    /// On an unknown mode.
+    pub fn parse(s: &str) -> Result<Self, ConnError> {
+        Ok(match s.trim() {
+            "disable" => Self::Disable,
+            "allow" | "prefer" | "" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            other => {
+                return Err(ConnError::Config(format!(
+                    "credential `sslmode`: unknown mode `{other}` (expected disable, allow, prefer, require, verify-ca or verify-full)"
+                )));
+            }
+        })
+    }
+}
+
+/// A certificate or key given as a file path or, as Secretless does with
+/// `sslrootcert: {from: file, ...}`, as PEM text.
+#[derive(Clone)]
+pub enum Pem {
+    Path(PathBuf),
+    Inline(Secret),
+}
+
+impl fmt::Debug for Pem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Path(p) => write!(f, "Path({})", p.display()),
+            Self::Inline(_) => f.write_str("Inline(<pem>)"),
+        }
+    }
+}
+
+impl Pem {
+    fn from_credential(creds: &Credentials, name: &str) -> Result<Option<Self>, ConnError> {
+        let Some(v) = creds.get(name) else {
+            return Ok(None);
+        };
+        if v.is_empty() {
+            return Ok(None);
+        }
+        let text = v.expose_str().map_err(|_| {
+            ConnError::Config(format!("credential `{name}` is neither a path nor PEM text"))
+        })?;
+        if text.trim_start().starts_with("-----BEGIN") {
+            Ok(Some(Self::Inline(v.clone())))
+        } else {
+            Ok(Some(Self::Path(PathBuf::from(text.trim()))))
+        }
+    }
+
+    fn cache_key(&self) -> PemKey {
+        match self {
+            Self::Path(p) => PemKey::Path(p.clone()),
+            Self::Inline(s) => PemKey::Inline(Sha256::digest(s.expose()).into()),
+        }
+    }
+}
+
+/// Where and how to reach the upstream, from one set of credentials.
+#[derive(Debug, Clone)]
+pub struct UpstreamParams {
+    pub host: String,
+    pub port: u16,
+    pub database: Option<String>,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<Pem>,
+    pub sslcert: Option<Pem>,
+    pub sslkey: Option<Pem>,
+    pub sslhost: Option<String>,
+}
+
+impl UpstreamParams {
+    /// host = credential `host` (or Secretless v1 `address` `host[:port][/db]`), else the
+    /// original destination; port = credential `port`, else the address/original
+    /// destination port, else 5432.
+    ///
+    /// # Errors
+    /// When no upstream can be determined or a credential is malformed.
+    pub fn from_credentials(
+        creds: &Credentials,
+        orig_dst: Option<SocketAddr>,
+    ) -> Result<Self, ConnError> {
+        let (addr_host, addr_port, addr_db) = match creds.text("address")? {
+            Some(a) => parse_address(a)?,
+            None => (None, None, None),
+        };
+        let host = match creds.text("host")? {
+            Some(h) if !h.trim().is_empty() => h.trim().to_owned(),
+            _ => match (addr_host, orig_dst) {
+                (Some(h), _) => h,
+                (None, Some(a)) => a.ip().to_string(),
+                (None, None) => {
+                    return Err(ConnError::Config(
+                        "no upstream host: set credential `host`".into(),
+                    ));
+                }
+            },
+        };
+        let port = match creds.text("port")? {
+            Some(p) if !p.trim().is_empty() => parse_port(p.trim())?,
+            _ => addr_port
+                .or(orig_dst.map(|a| a.port()))
+                .unwrap_or(DEFAULT_PORT),
+        };
+        let database = match creds.text("database")? {
+            Some(d) if !d.is_empty() => Some(d.to_owned()),
+            _ => addr_db,
+        };
+        let sslmode = match creds.text("sslmode")? {
+            Some(m) => SslMode::parse(m)?,
+            None => SslMode::Prefer,
+        };
+        let sslhost = creds
+            .text("sslhost")?
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned);
+        let sslcert = Pem::from_credential(creds, "sslcert")?;
+        let sslkey = Pem::from_credential(creds, "sslkey")?;
+        if sslcert.is_some() != sslkey.is_some() {
+            return Err(ConnError::Config(
+                "credentials `sslcert` and `sslkey` must be set together".into(),
+            ));
+        }
+        Ok(Self {
+            host,
+            port,
+            database,
+            sslmode,
+            sslrootcert: Pem::from_credential(creds, "sslrootcert")?,
+            sslcert,
+            sslkey,
+            sslhost,
+        })
+    }
+
+    /// `host:port` (`[v6]:port`), for logs and messages.
+    #[must_use]
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The verification level and CA for this sslmode, as libpq: `require` (and
+    /// `prefer`) with a root certificate behave like `verify-ca`.
+    fn verify(&self) -> Verify {
+        match self.sslmode {
+            SslMode::VerifyFull => Verify::Full,
+            SslMode::VerifyCa => Verify::CaOnly,
+            _ if self.sslrootcert.is_some() => Verify::CaOnly,
+            _ => Verify::None,
+        }
+    }
+}
+
+fn parse_port(p: &str) -> Result<u16, ConnError> {
+    p.parse::<u16>()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| ConnError::Config("credential `port` is not a port number".into()))
+}
+
+/// Secretless `address`: `host[:port][/dbname]`, host possibly `[v6]`.
+fn parse_address(a: &str) -> Result<(Option<String>, Option<u16>, Option<String>), ConnError> {
+    let a = a.trim();
+    let (hostport, db) = match a.split_once('/') {
+        Some((hp, d)) => (hp, (!d.is_empty()).then(|| d.to_owned())),
+        None => (a, None),
+    };
+    let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
+        let (h, tail) = rest
+            .split_once(']')
+            .ok_or_else(|| ConnError::Config("credential `address`: unclosed `[`".into()))?;
+        let port = match tail.strip_prefix(':') {
+            Some(p) => Some(parse_port(p)?),
+            None => None,
+        };
+        (h.to_owned(), port)
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h.to_owned(), Some(parse_port(p)?)),
+            _ => (hostport.to_owned(), None),
+        }
+    };
+    Ok(((!host.is_empty()).then_some(host), port, db))
+}
+
+/// The upstream connection: plain TCP or TLS.
+pub enum PgStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl fmt::Debug for PgStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Plain(_) => "PgStream::Plain",
+            Self::Tls(_) => "PgStream::Tls",
+        })
+    }
+}
+
+impl PgStream {
+    #[must_use]
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_))
+    }
+
+    /// The `tls-server-end-point` channel binding data (RFC 5929) for this connection,
+    /// when it is TLS and the certificate's signature algorithm defines one.
+    #[must_use]
+    pub fn channel_binding(&self) -> Option<Vec<u8>> {
+        let Self::Tls(t) = self else {
+            return None;
+        };
+        let cert = t.get_ref().1.peer_certificates()?.first()?;
+        tls_server_end_point(cert)
+    }
+}
+
+impl AsyncRead for PgStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PgStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// RFC 5929 `tls-server-end-point`: the hash of the server's end-entity certificate,
+/// with SHA-256 when its signature uses MD5, SHA-1 or SHA-256, else the signature's own
+/// hash. `None` for algorithms without a single hash (Ed25519, RSA-PSS), which
+/// PostgreSQL cannot bind to either.
+#[must_use]
+pub fn tls_server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let oid = cert.signature_algorithm.algorithm.to_id_string();
+    match oid.as_str() {
+        // md5/sha1/sha224?/sha256 with RSA, ECDSA with SHA-1/SHA-256, DSA with SHA-1/SHA-256.
+        "1.2.840.113549.1.1.4"
+        | "1.2.840.113549.1.1.5"
+        | "1.2.840.113549.1.1.11"
+        | "1.2.840.10045.4.1"
+        | "1.2.840.10045.4.3.2"
+        | "1.2.840.10040.4.3"
+        | "2.16.840.1.101.3.4.3.2" => Some(Sha256::digest(cert_der).to_vec()),
+        "1.2.840.113549.1.1.14" | "1.2.840.10045.4.3.1" | "2.16.840.1.101.3.4.3.1" => {
+            Some(sha2::Sha224::digest(cert_der).to_vec())
+        }
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Some(Sha384::digest(cert_der).to_vec()),
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Some(Sha512::digest(cert_der).to_vec()),
+        _ => None,
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum PemKey {
+    Path(PathBuf),
+    Inline([u8; 32]),
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct TlsKey {
+    verify: u8,
+    root: Option<PemKey>,
+    cert: Option<PemKey>,
+    key: Option<PemKey>,
+}
+
+/// How long a built TLS client configuration is reused (files may be rotated).
+const TLS_CONFIG_TTL: Duration = Duration::from_secs(60);
+const TLS_CONFIG_CAP: usize = 64;
+
+/// Built rustls client configurations, so `sslmode=prefer` does not load the system
+/// roots for every connection. Bounded; entries expire after a minute.
+#[derive(Default)]
+pub struct TlsConfigCache {
+    inner: Mutex<HashMap<TlsKey, (Arc<rustls::ClientConfig>, Instant)>>,
+}
+
+impl fmt::Debug for TlsConfigCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let len = self.inner.lock().unwrap_or_else(PoisonError::into_inner).len();
+        f.debug_struct("TlsConfigCache").field("len", &len).finish()
+    }
+}
+
+impl TlsConfigCache {
+    fn get_or_build(&self, p: &UpstreamParams) -> Result<Arc<rustls::ClientConfig>, ConnError> {
+        let verify = p.verify();
+        let key = TlsKey {
+            verify: verify as u8,
+            root: p.sslrootcert.as_ref().map(Pem::cache_key),
+            cert: p.sslcert.as_ref().map(Pem::cache_key),
+            key: p.sslkey.as_ref().map(Pem::cache_key),
+        };
+        {
+            let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((c, at)) = map.get(&key)
+                && at.elapsed() < TLS_CONFIG_TTL
+            {
+                return Ok(Arc::clone(c));
+            }
+        }
+        let config = build_tls_config(p, verify)?;
+        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, (_, at)| at.elapsed() < TLS_CONFIG_TTL);
+        if map.len() >= TLS_CONFIG_CAP {
+            map.clear();
+        }
+        map.insert(key, (Arc::clone(&config), Instant::now()));
+        Ok(config)
+    }
+}
+
+/// A PEM source as a path `client_config` can read: the path itself, or an in-memory
+/// file (memfd) holding the inline PEM, so keys never touch the disk.
+struct PemFile {
+    path: PathBuf,
+    _fd: Option<std::fs::File>,
+}
+
+fn pem_file(name: &str, pem: &Pem) -> Result<PemFile, ConnError> {
+    match pem {
+        Pem::Path(p) => Ok(PemFile {
+            path: p.clone(),
+            _fd: None,
+        }),
+        Pem::Inline(s) => {
+            let fd = nix::sys::memfd::memfd_create(
+                "broker-pg-pem",
+                nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+            )
+            .map_err(|e| ConnError::Config(format!("credential `{name}`: memfd: {e}")))?;
+            let mut f = std::fs::File::from(fd);
+            f.write_all(s.expose())
+                .map_err(|e| ConnError::Config(format!("credential `{name}`: memfd: {e}")))?;
+            use std::os::fd::AsRawFd as _;
+            Ok(PemFile {
+                path: PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
+                _fd: Some(f),
+            })
+        }
+    }
+}
+
+fn build_tls_config(
+    p: &UpstreamParams,
+    verify: Verify,
+) -> Result<Arc<rustls::ClientConfig>, ConnError> {
+    let root = match &p.sslrootcert {
+        // libpq 16: `sslrootcert=system` means the system's trust store.
+        Some(Pem::Path(path)) if path == Path::new("system") => None,
+        Some(pem) => Some(pem_file("sslrootcert", pem)?),
+        None => None,
+    };
+    let cert = p.sslcert.as_ref().map(|c| pem_file("sslcert", c)).transpose()?;
+    let key = p.sslkey.as_ref().map(|k| pem_file("sslkey", k)).transpose()?;
+    let config = tls::client_config(TlsOptions {
+        verify,
+        ca_file: root.as_ref().map(|r| r.path.as_path()),
+        with_system_roots: false,
+        client_cert: cert
+            .as_ref()
+            .zip(key.as_ref())
+            .map(|(c, k)| (c.path.as_path(), k.path.as_path())),
+    })
+    .map_err(|e| ConnError::Config(format!("upstream TLS settings: {e}")))?;
+    let mut config = (*config).clone();
+    // PostgreSQL 17+ checks ALPN when a client sends it; older servers ignore it.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Connect to the upstream and negotiate TLS as `sslmode` says.
+///
+/// # Errors
+/// Unreachable upstream (08006), TLS failures (08006), bad TLS settings (08004).
+pub async fn connect(
+    broker: &Broker,
+    tls_cache: &TlsConfigCache,
+    p: &UpstreamParams,
+) -> Result<PgStream, Failure> {
+    let mut tcp = broker.dial(&p.host, p.port).await?;
+    if p.sslmode == SslMode::Disable {
+        return Ok(PgStream::Plain(tcp));
+    }
+    // Build the TLS configuration first: a bad setting should not cost a round trip.
+    let config = tls_cache.get_or_build(p)?;
+    let addr = p.addr();
+    let tls_err = |reason: String| {
+        Failure::new(
+            sqlstate::CONNECTION_FAILURE,
+            ConnError::Tls {
+                addr: addr.clone(),
+                reason,
+            },
+        )
+    };
+    tcp.write_all(&messages::ssl_request())
+        .await
+        .map_err(ConnError::Io)?;
+    // Exactly one byte: anything the server sent after it must not be trusted as part
+    // of the TLS stream (CVE-2021-23222).
+    let answer = tcp.read_u8().await.map_err(|e| {
+        tls_err(format!("server closed the connection after SSLRequest: {e}"))
+    })?;
+    match answer {
+        b'S' => {}
+        b'N' if p.sslmode == SslMode::Prefer => return Ok(PgStream::Plain(tcp)),
+        b'N' => {
+            return Err(tls_err(format!(
+                "server does not support TLS, but sslmode is {:?}",
+                p.sslmode
+            )));
+        }
+        other => {
+            return Err(tls_err(format!(
+                "unexpected answer {:?} to SSLRequest",
+                char::from(other)
+            )));
+        }
+    }
+    let name = p.sslhost.clone().unwrap_or_else(|| p.host.clone());
+    let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+        .map_err(|_| ConnError::Config(format!("`{name}` is not a valid TLS server name")))?;
+    let tls_stream = tokio_rustls::TlsConnector::from(config)
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| tls_err(e.to_string()))?;
+    Ok(PgStream::Tls(Box::new(tls_stream)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(pairs: &[(&str, &str)]) -> Credentials {
+        let mut c = Credentials::default();
+        for (k, v) in pairs {
+            c.0.insert((*k).to_owned(), Secret::from_str_value(v));
+        }
+        c
+    }
+
+    #[test]
+    fn upstream_from_credentials_and_orig_dst() {
+        let dst: SocketAddr = "10.0.0.5:6432".parse().unwrap();
+        let p = UpstreamParams::from_credentials(&creds(&[]), Some(dst)).unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("10.0.0.5", 6432));
+        assert_eq!(p.sslmode, SslMode::Prefer);
+        let p = UpstreamParams::from_credentials(&creds(&[("host", "db")]), Some(dst)).unwrap();
+        assert_eq!(p.addr(), "db:6432");
+        let p = UpstreamParams::from_credentials(&creds(&[("host", "db")]), None).unwrap();
+        assert_eq!(p.addr(), "db:5432");
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "::1"), ("port", "7000"), ("sslmode", "verify-full")]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.addr(), "[::1]:7000");
+        assert_eq!(p.verify(), Verify::Full);
+        assert!(UpstreamParams::from_credentials(&creds(&[]), None).is_err());
+        assert!(UpstreamParams::from_credentials(&creds(&[("host", "h"), ("port", "x")]), None).is_err());
+        assert!(
+            UpstreamParams::from_credentials(&creds(&[("host", "h"), ("sslmode", "bogus")]), None)
+                .is_err()
+        );
+        assert!(
+            UpstreamParams::from_credentials(&creds(&[("host", "h"), ("sslcert", "/c")]), None)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn verification_follows_libpq() {
+        let p = |m: &str, root: bool| {
+            let mut v = vec![("host", "h"), ("sslmode", m)];
+            if root {
+                v.push(("sslrootcert", "/ca.pem"));
+            }
+            UpstreamParams::from_credentials(&creds(&v), None).unwrap().verify()
+        };
+        assert_eq!(p("require", false), Verify::None);
+        assert_eq!(p("prefer", false), Verify::None);
+        assert_eq!(p("require", true), Verify::CaOnly);
+        assert_eq!(p("verify-ca", false), Verify::CaOnly);
+        assert_eq!(p("verify-full", true), Verify::Full);
+    }
+
+    #[test]
+    fn secretless_address_and_inline_pem() {
+        let p = UpstreamParams::from_credentials(
+            &creds(&[
+                ("address", "pg.internal:6543/orders"),
+                ("sslrootcert", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+            ]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.addr(), "pg.internal:6543");
+        assert_eq!(p.database.as_deref(), Some("orders"));
+        assert!(matches!(p.sslrootcert, Some(Pem::Inline(_))));
+        assert_eq!(format!("{:?}", p.sslrootcert), "Some(Inline(<pem>))");
+        assert_eq!(
+            parse_address("[::1]:5433").unwrap(),
+            (Some("::1".into()), Some(5433), None)
+        );
+        assert_eq!(parse_address("db").unwrap(), (Some("db".into()), None, None));
+    }
+
+    #[test]
+    fn inline_pem_is_readable_through_memfd() {
+        let pem = Pem::Inline(Secret::from_str_value("-----BEGIN X-----\n"));
+        let f = pem_file("sslrootcert", &pem).unwrap();
+        assert_eq!(std::fs::read_to_string(&f.path).unwrap(), "-----BEGIN X-----\n");
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn end_point_hash_follows_the_signature_hash() {
+        use base64::Engine as _;
+        let der = |b: &str| base64::engine::general_purpose::STANDARD.decode(b).unwrap();
+        // Self-signed test certificates made with `openssl req -x509`; expected values
+        // from `sha256sum`/`sha384sum` of the DER.
+        // ecdsa-with-SHA256 -> SHA-256.
+        let a = der("MIIBbDCCAROgAwIBAgIUPwu+hRBOuTcHQHh+EaaG5+uW+KQwCgYIKoZIzj0EAwIwDDEKMAgGA1UEAwwBYTAeFw0yNjExMjIxNDMyMzNaFw0zNjExMTkxNDMyMzNaMAwxCjAIBgNVBAMMAWEwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAARZXtEcg8Jn2VB44uzQUoqeyJ5kLXT3hMWoD5/qVHOIZ8Y0lRe3kxaCo3Ff1AVaS8SqNSp4nvlKyUhu+47afqALo1MwUTAdBgNVHQ4EFgQULRvCo3xRdmuhBvVUuE6FMjRw+Q0wHwYDVR0jBBgwFoAULRvCo3xRdmuhBvVUuE6FMjRw+Q0wDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNHADBEAiAJ2a9uT5veVwf2479LW/g2uGfyafXE5/txiu5d3/3uogIgL+u4X0lKbOiyyWPjioWVbhyHGdm5S29MiO0Ped4JoY4=");
+        assert_eq!(
+            hex(&tls_server_end_point(&a).unwrap()),
+            "aee6e586affe534ec39ee55bb2a2657886c49a30d5ae0336c62f83a5027af392"
+        );
+        // ecdsa-with-SHA384 -> SHA-384.
+        let b = der("MIIBqTCCATCgAwIBAgIUYelXWMQUqMwiqzv3ZF/1OX35xpMwCgYIKoZIzj0EAwMwDDEKMAgGA1UEAwwBYjAeFw0yNjExMjIxNDMyMzNaFw0zNjExMTkxNDMyMzNaMAwxCjAIBgNVBAMMAWIwdjAQBgcqhkjOPQIBBgUrgQQAIgNiAARFG37OXqWCN/wB6F4XDv12o2XLcLwWlMbWKk8yiSm6q+Kvmrr2ggNZR9ui+YF2Ll/mMe4tVI71EplYb7+eiPTv60js7FuqMl139QkDj858qpBGbyHLIc2CLM0QZxFykJ6jUzBRMB0GA1UdDgQWBBQYOTNkvl/gnvw2tJfpd86lHjle4jAfBgNVHSMEGDAWgBQYOTNkvl/gnvw2tJfpd86lHjle4jAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMDA2cAMGQCMCD5wxjbxglKjoLfrigiS552paB2LG3ieVyE/uIBmFepSUy1/aSj6oua75jmtCP7DgIwA3/tN1TIYr2Kes4UyU9mMTGJZ0GvEPq8BMnTAHAzMa4j70b2B6OiEiIZZg8ZfyXc");
+        assert_eq!(
+            hex(&tls_server_end_point(&b).unwrap()),
+            "d609de36447621f402a2103d8c3055d00444ffd523669076adc2115aa81410d225f964ec09a142e015c29c0651aa26dd"
+        );
+        // Ed25519 has no separate hash: no binding.
+        let c = der("MIIBLDCB36ADAgECAhRH7uSqpvKBsV5Ma3LTBWaYD16N2zAFBgMrZXAwDDEKMAgGA1UEAwwBYzAeFw0yNjExMjIxNDMyMzNaFw0zNjExMTkxNDMyMzNaMAwxCjAIBgNVBAMMAWMwKjAFBgMrZXADIQAyIBE1ow7Tq9fSCpw0XTaAmq6yykfb2c2iYt83jM8eMqNTMFEwHQYDVR0OBBYEFPAikcQIPuZaBztT4TZv2u97K5XyMB8GA1UdIwQYMBaAFPAikcQIPuZaBztT4TZv2u97K5XyMA8GA1UdEwEB/wQFMAMBAf8wBQYDK2VwA0EAU8dFC0ZOx8rmSq++jUA7iZ4g4sZMGeO/iL5fCsb42V+d/DkuTrDsv3uWZpc8cywB8xV89B+miXECAloF+QJ9Aw==");
+        assert!(tls_server_end_point(&c).is_none());
+        // Not a certificate.
+        assert!(tls_server_end_point(b"junk").is_none());
+    }
+}

@@ -1,0 +1,398 @@
+//! Provider tests: literal, env, file, and http against a tiny in-process HTTP server.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use super::*;
+use crate::config::{HttpProviderConfig, ProviderConfig};
+
+const TOKEN: &str = "tok-Very-Secret-123";
+const BODY_SECRET: &str = "body-Very-Secret-456";
+
+fn text(s: &Secret) -> &str {
+    s.expose_str().unwrap()
+}
+
+#[tokio::test]
+async fn literal_returns_the_id() {
+    let p = LiteralProvider::new("literal");
+    assert_eq!(p.name(), "literal");
+    assert_eq!(text(&p.get("p@ss word").await.unwrap()), "p@ss word");
+}
+
+#[tokio::test]
+async fn env_reads_variables() {
+    let p = EnvProvider::new("env");
+    // PATH is set for any test run; reading it needs no `set_var`.
+    let path = std::env::var_os("PATH").expect("PATH is set");
+    assert_eq!(
+        p.get("PATH").await.unwrap().expose(),
+        path.as_encoded_bytes()
+    );
+    for id in ["BROKER_TEST_SURELY_UNSET_5D04_7A1C", "", "A=B", "NUL\0"] {
+        let e = p.get(id).await.unwrap_err();
+        assert!(matches!(e, ProviderError::NotFound { .. }), "{id:?}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn file_reads_bytes_and_trims_one_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = FileProvider::new("file");
+    for (contents, want) in [
+        (&b"secret\n"[..], &b"secret"[..]),
+        (b"secret\r\n", b"secret"),
+        (b"secret\n\n", b"secret\n"),
+        (b"secret", b"secret"),
+        (b"\n", b""),
+        (b"bin\x00\xff\n", b"bin\x00\xff"),
+    ] {
+        let f = dir.path().join("s");
+        std::fs::write(&f, contents).unwrap();
+        let got = p.get(f.to_str().unwrap()).await.unwrap();
+        assert_eq!(got.expose(), want, "{contents:?}");
+    }
+    let missing = dir.path().join("missing");
+    let e = p.get(missing.to_str().unwrap()).await.unwrap_err();
+    assert!(matches!(e, ProviderError::NotFound { .. }), "{e}");
+    // A directory: an OS error, reported as a fetch failure.
+    let e = p.get(dir.path().to_str().unwrap()).await.unwrap_err();
+    assert!(matches!(e, ProviderError::Fetch { .. }), "{e}");
+    assert!(e.to_string().contains("directory"), "{e}");
+}
+
+// ---- http ----------------------------------------------------------------------------
+
+/// A tiny HTTP/1.1 server: one response per connection, chosen by the request path.
+/// Records the `Authorization` header of every request.
+struct TestServer {
+    base: String,
+    auth_seen: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+async fn serve() -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let auth_seen = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&auth_seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&req).into_owned();
+                let path = req.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let auth = req
+                    .lines()
+                    .find_map(|l| {
+                        l.split_once(':')
+                            .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+                    })
+                    .map(|(_, v)| v.trim().to_owned());
+                seen.lock().unwrap().push(auth.clone());
+                let json = format!(
+                    r#"{{"data":{{"password":"{BODY_SECRET}","n":5,"ok":true,"list":["a","b"],"obj":{{"k":"v"}}}},"nil":null}}"#
+                );
+                let (status, body, length): (&str, Vec<u8>, bool) = match path.as_str() {
+                    "/raw" => ("200 OK", format!("{BODY_SECRET}\n").into_bytes(), true),
+                    "/v1/secrets/db/password" => ("200 OK", b"from-base\r\n".to_vec(), true),
+                    "/json" => ("200 OK", json.into_bytes(), true),
+                    "/notjson" => ("200 OK", BODY_SECRET.as_bytes().to_vec(), true),
+                    "/missing" => (
+                        "404 Not Found",
+                        format!("no {BODY_SECRET}").into_bytes(),
+                        true,
+                    ),
+                    "/boom" => (
+                        "500 Internal Server Error",
+                        format!("stack trace {BODY_SECRET}").into_bytes(),
+                        true,
+                    ),
+                    "/big" => ("200 OK", vec![b'x'; 2 * 1024 * 1024], true),
+                    // No Content-Length: the body ends when the connection closes.
+                    "/big-stream" => ("200 OK", vec![b'y'; 1024 * 1024 + 1], false),
+                    "/exact" => ("200 OK", vec![b'z'; 1024 * 1024], false),
+                    "/auth" if auth.as_deref() == Some(&format!("Bearer {TOKEN}")) => {
+                        ("200 OK", b"authorized".to_vec(), true)
+                    }
+                    "/auth" => ("401 Unauthorized", b"who are you".to_vec(), true),
+                    "/slow" => {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        ("200 OK", b"late".to_vec(), true)
+                    }
+                    _ => ("404 Not Found", Vec::new(), true),
+                };
+                let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+                if length {
+                    head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+                }
+                head.push_str("\r\n");
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    TestServer { base, auth_seen }
+}
+
+fn http(base_url: Option<&str>, token: Option<&str>) -> HttpProvider {
+    HttpProvider::new(
+        "uts",
+        &HttpProviderConfig {
+            base_url: base_url.map(str::to_owned),
+            token: token.map(Secret::from_str_value),
+            timeout: Duration::from_secs(5),
+            ..HttpProviderConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+#[track_caller]
+fn assert_clean(e: &ProviderError) {
+    let s = format!("{e} {e:?}");
+    assert!(!s.contains(TOKEN), "token leaked: {s}");
+    assert!(!s.contains(BODY_SECRET), "body leaked: {s}");
+}
+
+#[tokio::test]
+async fn http_raw_body_and_json_fields() {
+    let srv = serve().await;
+    let p = http(Some(&srv.base), Some(TOKEN));
+
+    // Relative to baseUrl; raw body with one trailing newline trimmed.
+    assert_eq!(text(&p.get("raw").await.unwrap()), BODY_SECRET);
+    // Absolute URL.
+    assert_eq!(
+        text(&p.get(&format!("{}/raw", srv.base)).await.unwrap()),
+        BODY_SECRET
+    );
+    // JSON fields, dotted paths, array indexes, non-strings as text.
+    assert_eq!(
+        text(&p.get("json#data.password").await.unwrap()),
+        BODY_SECRET
+    );
+    assert_eq!(text(&p.get("/json#data.n").await.unwrap()), "5");
+    assert_eq!(text(&p.get("json#data.ok").await.unwrap()), "true");
+    assert_eq!(text(&p.get("json#data.list.1").await.unwrap()), "b");
+    assert_eq!(text(&p.get("json#data.obj").await.unwrap()), r#"{"k":"v"}"#);
+    // An empty `#` is the raw body.
+    assert_eq!(text(&p.get("raw#").await.unwrap()), BODY_SECRET);
+
+    for (id, needle) in [
+        ("json#data.nope", "field `data.nope` is not in the reply"),
+        ("json#data.list.7", "field `data.list.7`"),
+        ("json#nil", "field `nil` is null"),
+        ("notjson#password", "not JSON"),
+    ] {
+        let e = p.get(id).await.unwrap_err();
+        assert!(matches!(e, ProviderError::BadReply { .. }), "{id}: {e}");
+        assert!(e.to_string().contains(needle), "{id}: {e}");
+        assert_clean(&e);
+    }
+
+    // Every request carried the bearer token.
+    let seen = srv.auth_seen.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter()
+            .all(|a| a.as_deref() == Some(&format!("Bearer {TOKEN}"))),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn http_base_url_joining() {
+    let srv = serve().await;
+    for base in [format!("{}/v1/", srv.base), format!("{}/v1", srv.base)] {
+        let p = http(Some(&base), None);
+        assert_eq!(
+            text(&p.get("secrets/db/password").await.unwrap()),
+            "from-base"
+        );
+        assert_eq!(
+            text(&p.get("/secrets/db/password").await.unwrap()),
+            "from-base"
+        );
+    }
+    let p = http(None, None);
+    let e = p.get("secrets/db/password").await.unwrap_err();
+    assert!(matches!(e, ProviderError::Fetch { .. }), "{e}");
+    assert!(e.to_string().contains("baseUrl"), "{e}");
+}
+
+#[tokio::test]
+async fn http_status_codes() {
+    let srv = serve().await;
+    let p = http(Some(&srv.base), Some(TOKEN));
+
+    let e = p.get("missing").await.unwrap_err();
+    assert!(matches!(e, ProviderError::NotFound { .. }), "{e}");
+    assert_clean(&e);
+
+    let e = p.get("boom").await.unwrap_err();
+    assert!(matches!(e, ProviderError::Fetch { .. }), "{e}");
+    assert!(e.to_string().contains("500"), "{e}");
+    assert_clean(&e);
+
+    // Bearer token checked by the server.
+    assert_eq!(text(&p.get("auth").await.unwrap()), "authorized");
+    let anonymous = http(Some(&srv.base), None);
+    let e = anonymous.get("auth").await.unwrap_err();
+    assert!(e.to_string().contains("401"), "{e}");
+    assert_eq!(srv.auth_seen.lock().unwrap().last().unwrap(), &None);
+}
+
+#[tokio::test]
+async fn http_oversized_bodies() {
+    let srv = serve().await;
+    let p = http(Some(&srv.base), None);
+    for id in ["big", "big-stream"] {
+        let e = p.get(id).await.unwrap_err();
+        assert!(matches!(e, ProviderError::BadReply { .. }), "{id}: {e}");
+        assert!(e.to_string().contains("larger than"), "{id}: {e}");
+    }
+    // Exactly the limit is fine.
+    assert_eq!(p.get("exact").await.unwrap().len(), http::MAX_BODY);
+}
+
+#[tokio::test]
+async fn http_timeout_and_connection_errors() {
+    let srv = serve().await;
+    let p = HttpProvider::new(
+        "uts",
+        &HttpProviderConfig {
+            base_url: Some(srv.base.clone()),
+            timeout: Duration::from_millis(300),
+            ..HttpProviderConfig::default()
+        },
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let e = p.get("slow").await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(matches!(e, ProviderError::Fetch { .. }), "{e}");
+    assert!(e.to_string().contains("timed out"), "{e}");
+
+    // Nothing listens on this port any more.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    let e = p.get(&format!("http://{addr}/x")).await.unwrap_err();
+    assert!(matches!(e, ProviderError::Fetch { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn build_all_creates_every_built_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let srv = serve().await;
+
+    let mut configs = BTreeMap::new();
+    configs.insert("literal".to_owned(), ProviderConfig::Literal);
+    configs.insert("env".to_owned(), ProviderConfig::Env);
+    configs.insert("file".to_owned(), ProviderConfig::File);
+    configs.insert(
+        "uts".to_owned(),
+        ProviderConfig::Http(HttpProviderConfig {
+            base_url: Some(srv.base.clone()),
+            token_file: Some(token_file.clone()),
+            ..HttpProviderConfig::default()
+        }),
+    );
+    configs.insert(
+        "vault".to_owned(),
+        ProviderConfig::NotBuilt {
+            kind: "vault".to_owned(),
+        },
+    );
+    let all = build_all(&configs).unwrap();
+    let mut names: Vec<&str> = all.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["env", "file", "literal", "uts"]);
+    for (name, p) in &all {
+        assert_eq!(p.name(), name);
+    }
+    // The token read from tokenFile (newline trimmed) is sent.
+    assert_eq!(text(&all["uts"].get("auth").await.unwrap()), "authorized");
+
+    // Unreadable files fail the build, naming the instance and the file.
+    let bad = |cfg: HttpProviderConfig| {
+        let mut c = BTreeMap::new();
+        c.insert("uts".to_owned(), ProviderConfig::Http(cfg));
+        match build_all(&c) {
+            Ok(_) => panic!("built"),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let e = bad(HttpProviderConfig {
+        token_file: Some(dir.path().join("nope")),
+        ..HttpProviderConfig::default()
+    });
+    assert!(
+        e.contains("uts") && e.contains("tokenFile") && e.contains("nope"),
+        "{e}"
+    );
+    let e = bad(HttpProviderConfig {
+        ca_file: Some(dir.path().join("ca.pem")),
+        ..HttpProviderConfig::default()
+    });
+    assert!(e.contains("caFile") && e.contains("ca.pem"), "{e}");
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let e = bad(HttpProviderConfig {
+        ca_file: Some(not_pem),
+        ..HttpProviderConfig::default()
+    });
+    assert!(e.contains("not.pem"), "{e}");
+    let e = bad(HttpProviderConfig {
+        token: Some(Secret::from_str_value("bad\ntoken")),
+        ..HttpProviderConfig::default()
+    });
+    assert!(e.contains("header") && !e.contains("bad\ntoken"), "{e}");
+}
+
+#[tokio::test]
+async fn build_all_from_a_loaded_config() {
+    let cfg = crate::config::load_str_with_env(
+        "
+version: 2
+providers:
+  http: {token: abc}
+services:
+  db:
+    connector: pg
+    listenOn: tcp://127.0.0.1:5432
+    credentials:
+      host: h
+      username: {from: env, get: U}
+      password: {from: vault, get: kv/db#password}
+",
+        &|_| None,
+    )
+    .unwrap();
+    let all = build_all(&cfg.providers).unwrap();
+    let mut names: Vec<&str> = all.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["env", "file", "http", "literal"]);
+}

@@ -1,0 +1,262 @@
+//! PostgreSQL through eBPF interception, with real servers and real clients: `psql`
+//! under `broker exec` against scram-sha-256, md5 and TLS-only servers in every sslmode,
+//! pgbench (init, persistent, new connection per transaction), cancel, wrong password,
+//! rotation without a restart. Every output is grepped for the passwords.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use broker_tests::{
+    Daemon, assert_no_secret, broker_bin, free_port,
+    net::{TestCgroup, with_hosts},
+    output_text,
+    pg::{CANCEL_SCRIPT, PgAuth, PgOptions, PgServer, PgTls, python_with_psycopg2},
+    privileged,
+};
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write file");
+    p
+}
+
+/// A `pg` service intercepting `target`, with the password read from `pw_file`.
+fn pg_service(name: &str, target: &str, pg: &PgServer, pw_file: &Path, extra: &str) -> String {
+    format!(
+        "  {name}:\n    connector: pg\n    intercept: [\"{target}\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      username: app_user\n      password: {{from: file, get: {}}}\n{extra}",
+        pg.addr().port(),
+        pw_file.display()
+    )
+}
+
+/// Run `sh -c script` under `broker exec` with `db.example.test` -> 127.0.0.2.
+fn exec_sh(dir: &Path, cfg: &Path, script: &str) -> (bool, String) {
+    let bin = broker_bin();
+    let argv = [
+        bin.to_str().unwrap(),
+        "exec",
+        "-f",
+        cfg.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        script,
+    ];
+    let out = with_hosts(dir, &[("db.example.test", "127.0.0.2")], &argv)
+        .env_remove("PGPASSWORD")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run broker exec");
+    (out.status.success(), output_text(&out))
+}
+
+fn psql_line(port: u16, extra: &str) -> String {
+    format!(
+        "psql -X -w -A -t \"host=db.example.test port={port} user=anything password=dummy dbname=app {extra}\" -c \"select 'ROLE=' || current_user\""
+    )
+}
+
+#[test]
+fn psql_under_exec_scram_md5_and_tls_in_every_sslmode() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw_scram = "scram-pw-7d1f0a9c3b";
+    let pw_md5 = "md5-pw-2e8b4c6a1f";
+    let pw_tls = "tls-pw-9a3c5e7b0d";
+    let scram = PgServer::start(PgOptions::new(PgAuth::Scram, pw_scram));
+    let md5 = PgServer::start(PgOptions::new(PgAuth::Md5, pw_md5));
+    let tls = PgServer::start(PgOptions::new(PgAuth::Scram, pw_tls).tls(PgTls::Required));
+    let ca = tls.ca_cert.clone().expect("TLS server has a CA");
+    let f_scram = write(dir.path(), "pw-scram", pw_scram);
+    let f_md5 = write(dir.path(), "pw-md5", pw_md5);
+    let f_tls = write(dir.path(), "pw-tls", pw_tls);
+    let ca_s = ca.display().to_string();
+    let mut services = String::new();
+    services += &pg_service("scram", "db.example.test:5432", &scram, &f_scram, "      sslmode: prefer\n");
+    services += &pg_service("md5", "db.example.test:5433", &md5, &f_md5, "      sslmode: disable\n");
+    services += &pg_service("tls-require", "db.example.test:5434", &tls, &f_tls, "      sslmode: require\n");
+    services += &pg_service(
+        "tls-verify-ca",
+        "db.example.test:5435",
+        &tls,
+        &f_tls,
+        &format!("      sslmode: verify-ca\n      sslrootcert: {ca_s}\n"),
+    );
+    services += &pg_service(
+        "tls-verify-full",
+        "db.example.test:5436",
+        &tls,
+        &f_tls,
+        &format!("      sslmode: verify-full\n      sslrootcert: {ca_s}\n      sslhost: db.example.test\n"),
+    );
+    services += &pg_service(
+        "tls-wrong-host",
+        "db.example.test:5437",
+        &tls,
+        &f_tls,
+        &format!("      sslmode: verify-full\n      sslrootcert: {ca_s}\n      sslhost: wrong.example.test\n"),
+    );
+    let cfg = write(dir.path(), "broker.yaml", &format!("version: 2\nservices:\n{services}"));
+    let script = [
+        psql_line(5432, "sslmode=disable"),
+        psql_line(5432, "sslmode=prefer"),
+        psql_line(5433, ""),
+        psql_line(5434, ""),
+        psql_line(5435, ""),
+        psql_line(5436, ""),
+        format!("{}; echo WRONG_HOST_EXIT=$?", psql_line(5437, "")),
+    ]
+    .join("; ");
+    let (_, text) = exec_sh(dir.path(), &cfg, &script);
+    assert_eq!(
+        text.matches("ROLE=app_user").count(),
+        6,
+        "six brokered sessions as app_user:\n{text}"
+    );
+    // verify-full against the wrong name fails, with an error naming the service.
+    assert!(text.contains("WRONG_HOST_EXIT=2") || text.contains("WRONG_HOST_EXIT=1"), "{text}");
+    assert!(text.contains("tls-wrong-host"), "the error names the service:\n{text}");
+    assert_no_secret(&text, &[pw_scram, pw_md5, pw_tls], "exec output");
+}
+
+/// Fields drop in order: the daemon stops, then the cgroup goes, then the files.
+struct RunBroker {
+    daemon: Daemon,
+    cg: TestCgroup,
+    dir: tempfile::TempDir,
+}
+
+fn run_broker(tag: &str, services: &str) -> RunBroker {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cg = TestCgroup::new(tag);
+    let health = free_port();
+    let cfg = write(
+        dir.path(),
+        "broker.yaml",
+        &format!("version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n{services}"),
+    );
+    let daemon = Daemon::start(
+        &cfg,
+        &["--cgroup", cg.path.to_str().unwrap(), "--log-format", "json"],
+        format!("127.0.0.1:{health}").parse().unwrap(),
+        &dir.path().join("broker.log"),
+    );
+    RunBroker {
+        daemon,
+        cg,
+        dir,
+    }
+}
+
+fn in_cgroup(cg: &TestCgroup, program: &str, args: &[&str]) -> (bool, String) {
+    let mut c = Command::new("timeout");
+    c.args(["--kill-after=5", "120", program])
+        .args(args)
+        .env_remove("PGPASSWORD")
+        .env("PGSSLMODE", "disable")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::null());
+    cg.enter(&mut c);
+    let out = c.output().expect("spawn client");
+    (out.status.success(), output_text(&out))
+}
+
+#[test]
+fn pgbench_init_persistent_and_new_connection_per_transaction() {
+    if !privileged() {
+        return;
+    }
+    let pw = "bench-pw-5b7d9f1e3a";
+    let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let f = write(tmp.path(), "pw", pw);
+    let b = run_broker("pgbench", &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"));
+    let conn = ["-h", "127.0.0.2", "-p", "5432", "-U", "anything", "app"];
+    let run = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend_from_slice(&conn);
+        let (ok, text) = in_cgroup(&b.cg, "pgbench", &all);
+        assert!(ok, "pgbench {args:?} failed:\n{text}\n{}", b.daemon.log_text());
+        if let Some(failed) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("number of failed transactions: "))
+        {
+            assert!(failed.starts_with('0'), "{text}");
+        }
+        text
+    };
+    run(&["-i", "-q", "-s", "1"]);
+    let t = run(&["-n", "-c", "8", "-j", "2", "-T", "5"]);
+    assert!(t.contains("tps = "), "{t}");
+    let t = run(&["-n", "-C", "-c", "4", "-j", "2", "-T", "5"]);
+    assert!(t.contains("tps = "), "{t}");
+    assert_no_secret(&b.daemon.log_text(), &[pw], "broker log");
+    let _ = &b.dir;
+}
+
+#[test]
+fn cancel_reaches_the_right_backend_within_two_seconds() {
+    if !privileged() {
+        return;
+    }
+    let Some(python) = python_with_psycopg2() else {
+        panic!("python3 with psycopg2 is required (cargo xtask setup installs python3-psycopg2)");
+    };
+    let pw = "cancel-pw-3c5e7a9b1d";
+    let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let f = write(tmp.path(), "pw", pw);
+    let b = run_broker("cancel", &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"));
+    let dsn = "host=127.0.0.2 port=5432 user=anything dbname=app sslmode=disable";
+    let started = Instant::now();
+    let (ok, text) = in_cgroup(&b.cg, python.to_str().unwrap(), &["-c", CANCEL_SCRIPT, dsn, "1000"]);
+    assert!(ok, "{text}\n{}", b.daemon.log_text());
+    let line = text.lines().find(|l| l.starts_with("SQLSTATE ")).unwrap_or_default();
+    let mut w = line.split_whitespace();
+    assert_eq!(w.nth(1), Some("57014"), "query_canceled expected:\n{text}\n{}", b.daemon.log_text());
+    let elapsed: f64 = w.nth(1).and_then(|s| s.parse().ok()).unwrap_or(f64::MAX);
+    assert!(elapsed < 2.0, "cancel took {elapsed:.3}s:\n{text}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn wrong_password_then_rotation_without_restart() {
+    if !privileged() {
+        return;
+    }
+    let right = "rotate-pw-one-4d6f8a0c2e";
+    let wrong = "not-the-password-1a2b3c";
+    let rotated = "rotate-pw-two-9e7c5a3b1d";
+    let mut pg = PgServer::start(PgOptions::new(PgAuth::Scram, right));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let f = write(tmp.path(), "pw", wrong);
+    let b = run_broker("rotate", &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"));
+    let psql = |what: &str| {
+        in_cgroup(
+            &b.cg,
+            "psql",
+            &["-X", "-w", "-A", "-t", "host=127.0.0.2 port=5432 user=anything dbname=app", "-c", what],
+        )
+    };
+    // Wrong password in the store: the client prints the server's 28P01 error.
+    let (ok, text) = psql("select current_user");
+    assert!(!ok, "{text}");
+    assert!(text.contains("password authentication failed"), "{text}");
+    // Rotate: the server and the store change; the next connection works, no restart.
+    pg.set_password(rotated);
+    std::fs::write(&f, rotated).expect("rotate store");
+    let (ok, text) = psql("select 'ROLE=' || current_user");
+    assert!(ok && text.contains("ROLE=app_user"), "{text}\n{}", b.daemon.log_text());
+    // And once more with the value now cached.
+    let (ok, text2) = psql("select 'ROLE=' || current_user");
+    assert!(ok && text2.contains("ROLE=app_user"), "{text2}");
+    let log = b.daemon.log_text();
+    assert!(log.contains("auth_rejected") || log.contains("28P01"), "{log}");
+    assert_no_secret(&format!("{text}{text2}{log}"), &[right, wrong, rotated], "outputs");
+}
