@@ -14,8 +14,9 @@
 //!
 //! Sockets carrying the bypass mark (the broker's upstream sockets) and sockets of the
 //! broker's own process are never redirected, so there are no loops even at the root cgroup.
-#![no_std]
-#![no_main]
+// Host builds (`cargo clippy --workspace`) type-check the programs against std.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     EbpfContext,
@@ -97,7 +98,7 @@ fn lookup_target(addr: [u8; 16], port: u16) -> Option<TargetValue> {
         _pad: 0,
     };
     // SAFETY: the value is copied out immediately; TARGETS is only written by the daemon.
-    if let Some(v) = unsafe { TARGETS.get(&key) } {
+    if let Some(v) = unsafe { TARGETS.get(key) } {
         return Some(*v);
     }
     let cidr = Key::new(
@@ -150,7 +151,7 @@ fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16, target:
     };
     // SAFETY: ctx.as_ptr() is the program's context, valid for the cookie helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = BY_COOKIE.insert(&cookie, &rec, 0);
+    let _ = BY_COOKIE.insert(cookie, rec, 0);
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -232,7 +233,7 @@ pub fn broker_getpeername4(ctx: SockAddrContext) -> i32 {
     // SAFETY: ctx.as_ptr() is the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the record is copied out immediately.
-    let Some(rec) = (unsafe { BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(rec) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
         return 1;
     };
     let a = rec.orig_addr;
@@ -249,7 +250,7 @@ pub fn broker_getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: ctx.as_ptr() is the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the record is copied out immediately.
-    let Some(rec) = (unsafe { BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(rec) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
         return 1;
     };
     let w = words_from_addr(rec.orig_addr);
@@ -269,13 +270,12 @@ pub fn broker_getpeername6(ctx: SockAddrContext) -> i32 {
 pub fn broker_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
-        SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == TCP_CLOSE {
+        SOCK_OPS_STATE_CB
+            if ctx.arg(1) == TCP_CLOSE => {
                 // SAFETY: ctx.as_ptr() is the program's context.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-                let _ = BY_COOKIE.remove(&cookie);
+                let _ = BY_COOKIE.remove(cookie);
             }
-        }
         _ => {}
     }
     1
@@ -286,7 +286,7 @@ fn on_established(ctx: &SockOpsContext) {
     // SAFETY: ctx.as_ptr() is the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the record is copied out immediately.
-    let Some(rec) = (unsafe { BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(rec) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
     let addr = if ctx.family() == u32::from(FAMILY_INET) {
@@ -311,12 +311,15 @@ fn on_established(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         _pad: 0,
     };
-    let _ = BY_PEER.insert(&key, &rec, 0);
+    let _ = BY_PEER.insert(key, rec, 0);
     // Delete the cookie entry when this socket closes (getpeername needs it until then).
     let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | SOCK_OPS_STATE_CB_FLAG);
 }
 
-#[cfg(not(test))]
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
