@@ -270,12 +270,11 @@ pub fn broker_getpeername6(ctx: SockAddrContext) -> i32 {
 pub fn broker_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
-        SOCK_OPS_STATE_CB
-            if ctx.arg(1) == TCP_CLOSE => {
-                // SAFETY: ctx.as_ptr() is the program's context.
-                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-                let _ = BY_COOKIE.remove(cookie);
-            }
+        SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            // SAFETY: ctx.as_ptr() is the program's context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = BY_COOKIE.remove(cookie);
+        }
         _ => {}
     }
     1

@@ -45,12 +45,19 @@ pub struct BadConfig(pub String);
 /// # Errors
 /// [`BadConfig`] listing every problem, including connectors/providers not built yet.
 pub fn load_config(path: &Path) -> Result<Config, BadConfig> {
-    let shown = path.display();
+    let shown = path.display().to_string();
     let cfg = config::load_file(path).map_err(|errs| {
         BadConfig(
             errs.0
                 .iter()
-                .map(|e| format!("{shown}: {e}"))
+                .map(|e| {
+                    // Whole-file errors (unreadable file) already name it.
+                    if e.path.is_empty() && e.message.contains(&shown) {
+                        e.to_string()
+                    } else {
+                        format!("{shown}: {e}")
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join("\n"),
         )
@@ -128,13 +135,18 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// Bind the transparent listener on 127.0.0.1:port and [::1]:port (same port).
 async fn bind_transparent(port: u16) -> anyhow::Result<(TcpListener, Option<TcpListener>)> {
     for _ in 0..20 {
-        let v4 = bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port), "transparent listener").await?;
+        let v4 = bind(
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            "transparent listener",
+        )
+        .await?;
         let p = v4.local_addr()?.port();
         match TcpListener::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), p)).await {
             Ok(v6) => return Ok((v4, Some(v6))),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && port == 0 => {}
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                return Err(e).with_context(|| format!("binding transparent listener on [::1]:{p}"));
+                return Err(e)
+                    .with_context(|| format!("binding transparent listener on [::1]:{p}"));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "no IPv6 loopback: IPv6 destinations cannot be intercepted");
@@ -240,7 +252,12 @@ impl Daemon {
         }
         for (id, l) in explicit {
             tracing::info!(service = %shared.services[id].name, addr = %l.local_addr()?, "listenOn bound");
-            tasks.spawn(proxy::serve_explicit(l, shared.clone(), id, stop_rx.clone()));
+            tasks.spawn(proxy::serve_explicit(
+                l,
+                shared.clone(),
+                id,
+                stop_rx.clone(),
+            ));
         }
         if let Some(h) = health {
             tracing::info!(addr = %h.local_addr()?, "health endpoint bound");
@@ -274,7 +291,10 @@ impl Daemon {
         }
         let left = self.tracker.drain(DRAIN_DEADLINE).await;
         if left > 0 {
-            tracing::warn!(left, "ending connections still open after the drain deadline");
+            tracing::warn!(
+                left,
+                "ending connections still open after the drain deadline"
+            );
             let _ = self.abort_tx.send(true);
             self.tracker.drain(Duration::from_secs(2)).await;
         }
@@ -293,7 +313,9 @@ fn spawn_kernel_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             return;
         };
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else { return };
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
             guard.get_inner_mut().flush();
             guard.clear_ready();
         }

@@ -196,8 +196,12 @@ mod tests {
             parse_mountinfo(hybrid),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        let unified = "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(parse_mountinfo(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        let unified =
+            "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            parse_mountinfo(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         assert_eq!(parse_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
         let escaped = "1 0 0:1 / /mnt/my\\040cg rw - cgroup2 none rw\n";
         assert_eq!(parse_mountinfo(escaped), Some(PathBuf::from("/mnt/my cg")));

@@ -37,7 +37,9 @@ const PROGRAMS: [&str; 5] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error("loading the eBPF object: {0} (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_SYS_ADMIN, kernel >= 5.8)")]
+    #[error(
+        "loading the eBPF object: {0} (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_SYS_ADMIN, kernel >= 5.8)"
+    )]
     Load(#[source] aya::EbpfError),
     #[error("eBPF map {0} missing from the object")]
     MissingMap(&'static str),
@@ -150,7 +152,8 @@ impl Interceptor {
             .set(0, settings, 0)
             .map_err(map_err(MAP_SETTINGS))?;
         let mut t = Targets {
-            exact: HashMap::try_from(take(&mut ebpf, MAP_TARGETS)?).map_err(map_err(MAP_TARGETS))?,
+            exact: HashMap::try_from(take(&mut ebpf, MAP_TARGETS)?)
+                .map_err(map_err(MAP_TARGETS))?,
             cidrs: LpmTrie::try_from(take(&mut ebpf, MAP_TARGET_CIDRS)?)
                 .map_err(map_err(MAP_TARGET_CIDRS))?,
             current: BTreeMap::new(),
@@ -164,12 +167,10 @@ impl Interceptor {
             source,
         })?;
         for name in PROGRAMS {
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or(EbpfError::Program {
-                    name,
-                    source: aya::programs::ProgramError::NotLoaded,
-                })?;
+            let prog = ebpf.program_mut(name).ok_or(EbpfError::Program {
+                name,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?;
             // CgroupAttachMode::Single: aya #1078; links are multi-attach anyway.
             if name == "broker_sock_ops" {
                 let p: &mut SockOps = prog.try_into().map_err(prog_err(name))?;

@@ -26,7 +26,9 @@ pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>, mut stop: watc
         let ready = Arc::clone(&ready);
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf)).await {
+            let n = match tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf))
+                .await
+            {
                 Ok(Ok(n)) => n,
                 _ => return,
             };

@@ -5,7 +5,11 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "broker", version, about = "Transparent credential broker: apps connect to real hostnames with no secrets; the broker authenticates for them")]
+#[command(
+    name = "broker",
+    version,
+    about = "Transparent credential broker: apps connect to real hostnames with no secrets; the broker authenticates for them"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -86,10 +90,19 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Run { file, cgroup, no_ebpf, ebpf_debug } => {
-                broker::app::run(&file, cgroup, no_ebpf, ebpf_debug).await.map(|()| 0)
-            }
-            Cmd::Exec { file, ebpf_debug, cmd } => broker::app::exec(&file, &cmd, ebpf_debug).await,
+            Cmd::Run {
+                file,
+                cgroup,
+                no_ebpf,
+                ebpf_debug,
+            } => broker::app::run(&file, cgroup, no_ebpf, ebpf_debug)
+                .await
+                .map(|()| 0),
+            Cmd::Exec {
+                file,
+                ebpf_debug,
+                cmd,
+            } => broker::app::exec(&file, &cmd, ebpf_debug).await,
             Cmd::Check { .. } => unreachable!("handled above"),
         }
     });

@@ -165,7 +165,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
                 cgroup_id: rec.cgroup_id,
                 comm: comm_text(&rec.comm),
             };
-            (rec.service_id as usize, Some(caller), Some(record_destination(&rec)))
+            (
+                rec.service_id as usize,
+                Some(caller),
+                Some(record_destination(&rec)),
+            )
         }
     };
     let Some(service) = shared.services.get(service_id).cloned() else {

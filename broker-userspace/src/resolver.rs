@@ -142,7 +142,9 @@ impl Targets {
                 tracing::info!(host = %h.host, port = h.port, addrs = ?after, "intercept host resolved");
                 changed = true;
             }
-            let refresh = ttl.unwrap_or(DEFAULT_REFRESH).clamp(MIN_REFRESH, MAX_REFRESH);
+            let refresh = ttl
+                .unwrap_or(DEFAULT_REFRESH)
+                .clamp(MIN_REFRESH, MAX_REFRESH);
             h.next = Instant::now() + refresh;
         }
         changed
@@ -162,7 +164,8 @@ async fn resolve(dns: Option<&TokioResolver>, host: &str) -> (BTreeSet<IpAddr>, 
     }
     let mut ttl = None;
     if let Some(r) = dns
-        && let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(5), r.lookup_ip(host)).await
+        && let Ok(Ok(answer)) =
+            tokio::time::timeout(Duration::from_secs(5), r.lookup_ip(host)).await
     {
         found.extend(answer.iter());
         ttl = Some(
@@ -181,7 +184,9 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let Some(due) = targets.next_due() else { return };
+        let Some(due) = targets.next_due() else {
+            return;
+        };
         tokio::select! {
             () = crate::proxy::stopped(&mut stop) => return,
             () = tokio::time::sleep_until(due) => {}
@@ -189,7 +194,9 @@ pub async fn run(
         if !targets.refresh_due().await {
             continue;
         }
-        let Some(interceptor) = interceptor.upgrade() else { return };
+        let Some(interceptor) = interceptor.upgrade() else {
+            return;
+        };
         if let Err(e) = interceptor.set_targets(&targets.current()) {
             tracing::error!(error = %e, "updating intercept targets failed");
         }

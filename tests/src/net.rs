@@ -117,8 +117,16 @@ impl TestCgroup {
         // SAFETY: only write(2) on an fd opened before fork.
         unsafe {
             cmd.pre_exec(move || {
-                let n = libc::write(std::os::fd::AsRawFd::as_raw_fd(&fd), b"0".as_ptr().cast(), 1);
-                if n == 1 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+                let n = libc::write(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    b"0".as_ptr().cast(),
+                    1,
+                );
+                if n == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
             });
         }
     }

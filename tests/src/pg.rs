@@ -121,7 +121,8 @@ fn run(cmd: &mut Command, what: &str) -> Output {
 
 fn as_postgres(bin: &str) -> Command {
     let mut c = Command::new("runuser");
-    c.args(["-u", PG_OS_USER, "--"]).arg(Path::new(PG_BIN).join(bin));
+    c.args(["-u", PG_OS_USER, "--"])
+        .arg(Path::new(PG_BIN).join(bin));
     c
 }
 
@@ -168,7 +169,16 @@ impl PgServer {
         );
         run(
             as_postgres("initdb")
-                .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "-D"])
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "-D",
+                ])
                 .arg(&data),
             "initdb",
         );
@@ -203,9 +213,7 @@ impl PgServer {
         };
         std::fs::write(
             data.join("pg_hba.conf"),
-            format!(
-                "local all all trust\n{host_kind} all all 127.0.0.1/32 {method}\n"
-            ),
+            format!("local all all trust\n{host_kind} all all 127.0.0.1/32 {method}\n"),
         )
         .expect("write pg_hba.conf");
         let mut server = Self {
@@ -251,7 +259,11 @@ impl PgServer {
         self.stopped = false;
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(self.addr()).is_err() {
-            assert!(Instant::now() < deadline, "server not listening:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "server not listening:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -271,7 +283,17 @@ impl PgServer {
     pub fn admin_sql(&self, sql: &str) -> String {
         let out = run(
             Command::new("psql")
-                .args(["-X", "-w", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
+                .args([
+                    "-X",
+                    "-w",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-U",
+                    "postgres",
+                    "-h",
+                ])
                 .arg(self.dir.path())
                 .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql]),
             "admin psql",
@@ -332,7 +354,9 @@ fn make_certs(dir: &Path) -> PathBuf {
     let p = |f: &str| dir.join(f);
     run(
         Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2",
+            ])
             .args(["-subj", "/CN=broker test CA"])
             .args(["-addext", "basicConstraints=critical,CA:TRUE"])
             .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
@@ -400,13 +424,23 @@ pub fn psql(conninfo: &str, sql: &str) -> Output {
 #[must_use]
 pub fn psql_env(conninfo: &str, sql: &str, env: &[(&str, &str)]) -> Output {
     let mut c = Command::new("timeout");
-    c.args(["--kill-after=5", "30", "psql", "-X", "-w", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-        .arg(conninfo)
-        .args(["-c", sql])
-        .env_remove("PGPASSWORD")
-        .env_remove("PGSERVICE")
-        .env("PGCONNECT_TIMEOUT", "10")
-        .stdin(Stdio::null());
+    c.args([
+        "--kill-after=5",
+        "30",
+        "psql",
+        "-X",
+        "-w",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+    ])
+    .arg(conninfo)
+    .args(["-c", sql])
+    .env_remove("PGPASSWORD")
+    .env_remove("PGSERVICE")
+    .env("PGCONNECT_TIMEOUT", "10")
+    .stdin(Stdio::null());
     for (k, v) in env {
         c.env(k, v);
     }
@@ -471,6 +505,9 @@ pub fn cancel_sleep(python: &Path, dsn: &str, after_ms: u64) -> (String, f64, St
         .unwrap_or_default();
     let mut words = line.split_whitespace();
     let code = words.nth(1).unwrap_or("missing").to_owned();
-    let elapsed = words.nth(1).and_then(|s| s.parse().ok()).unwrap_or(f64::MAX);
+    let elapsed = words
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(f64::MAX);
     (code, elapsed, text)
 }

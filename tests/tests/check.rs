@@ -80,7 +80,13 @@ fn missing_credential_is_named() {
 fn every_error_in_one_run_and_no_secret_echoed() {
     let out = assert_reports(
         "version: 2\nservices:\n  a:\n    connector: tcp\n    intercept: [\"10.0.0.0/40:1\"]\n    credentials:\n      password: hunter2-literal-secret\n      token: {from: nope, get: x}\n  b:\n    connector: warp\n    listenOn: tcp://127.0.0.1:1\n    extra: 1\n",
-        &["services.a.intercept[0]", "services.a.credentials.token", "services.b.connector", "services.b", "extra"],
+        &[
+            "services.a.intercept[0]",
+            "services.a.credentials.token",
+            "services.b.connector",
+            "services.b",
+            "extra",
+        ],
     );
     assert_no_secret(&out, &["hunter2-literal-secret"], "check output");
 }
@@ -101,23 +107,39 @@ fn seed_and_secretless_files_load_and_name_what_is_not_built() {
     let out = broker_check(&example("seed-003-uts.yaml"), &env);
     let text = output_text(&out);
     assert!(!text.contains("unknown key"), "{text}");
-    assert!(text.contains("novu-api") && text.contains("\"http\""), "{text}");
+    assert!(
+        text.contains("novu-api") && text.contains("\"http\""),
+        "{text}"
+    );
     assert!(text.contains("not built yet"), "{text}");
     // Seed 000: services list, generic_http + oauth2 with ${ENV} values.
     let out = broker_check(&example("seed-000-oauth2.yaml"), &env);
     let text = output_text(&out);
     assert!(!text.contains("unknown key"), "{text}");
-    assert!(text.contains("generic_http") && text.contains("not built yet"), "{text}");
-    assert_no_secret(&text, &["client-secret-value-xyz", "uts-token-value-xyz"], "check output");
+    assert!(
+        text.contains("generic_http") && text.contains("not built yet"),
+        "{text}"
+    );
+    assert_no_secret(
+        &text,
+        &["client-secret-value-xyz", "uts-token-value-xyz"],
+        "check output",
+    );
     // Without the environment, the unset variables are named with their key paths.
     let out = broker_check(&example("seed-000-oauth2.yaml"), &[]);
     let text = output_text(&out);
-    assert!(text.contains("ACI_TOKEN_URL") && text.contains("token_url"), "{text}");
+    assert!(
+        text.contains("ACI_TOKEN_URL") && text.contains("token_url"),
+        "{text}"
+    );
     // A Secretless v2 file: the vault provider is named.
     let out = broker_check(&example("secretless-v2.yaml"), &[("DB_PASSWORD", "x")]);
     let text = output_text(&out);
     assert!(!text.contains("unknown key"), "{text}");
-    assert!(text.contains("vault") && text.contains("not built yet"), "{text}");
+    assert!(
+        text.contains("vault") && text.contains("not built yet"),
+        "{text}"
+    );
     // Our own example passes.
     let out = broker_check(&example("example.yaml"), &env);
     assert!(out.status.success(), "{}", output_text(&out));

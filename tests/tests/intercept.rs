@@ -119,13 +119,19 @@ fn exec_redirects_hostname_ipv6_and_mapped_and_leaves_the_rest_alone() {
     // broker, and the client saw the real peer, never the broker.
     let l = result_line(&text, "web.example.test", web.addr.port());
     assert!(l.contains("body='hello from web'"), "{l}");
-    assert!(l.contains(&format!("peer=127.0.0.2:{}", web.addr.port())), "{l}");
+    assert!(
+        l.contains(&format!("peer=127.0.0.2:{}", web.addr.port())),
+        "{l}"
+    );
     let l = result_line(&text, "::1", v6.addr.port());
     assert!(l.contains("body='hello from web6'"), "{l}");
     assert!(l.contains(&format!("peer=::1:{}", v6.addr.port())), "{l}");
     let l = result_line(&text, "::ffff:127.0.0.2", web.addr.port());
     assert!(l.contains("body='hello from web'"), "{l}");
-    assert!(l.contains(&format!("peer=::ffff:127.0.0.2:{}", web.addr.port())), "{l}");
+    assert!(
+        l.contains(&format!("peer=::ffff:127.0.0.2:{}", web.addr.port())),
+        "{l}"
+    );
     // A destination that is not configured goes direct.
     let l = result_line(&text, "127.0.0.3", other.addr.port());
     assert!(l.contains("body='hello from other'"), "{l}");
@@ -147,11 +153,24 @@ fn exec_redirects_hostname_ipv6_and_mapped_and_leaves_the_rest_alone() {
         assert!(a["bytes_down"].as_u64().unwrap_or(0) > 0, "{a}");
     }
     let dsts: Vec<&str> = access.iter().filter_map(|a| a["dst"].as_str()).collect();
-    assert!(dsts.contains(&format!("127.0.0.2:{}", web.addr.port()).as_str()), "{dsts:?}");
-    assert!(dsts.contains(&format!("[::1]:{}", v6.addr.port()).as_str()), "{dsts:?}");
-    assert!(!text.contains(&format!("127.0.0.3:{}", other.addr.port()).replace(':', "\":")), "not brokered");
+    assert!(
+        dsts.contains(&format!("127.0.0.2:{}", web.addr.port()).as_str()),
+        "{dsts:?}"
+    );
+    assert!(
+        dsts.contains(&format!("[::1]:{}", v6.addr.port()).as_str()),
+        "{dsts:?}"
+    );
+    assert!(
+        !text.contains(&format!("127.0.0.3:{}", other.addr.port()).replace(':', "\":")),
+        "not brokered"
+    );
     // The exec cgroup is gone.
-    assert!(!exec_cgroup.exists(), "{} left behind", exec_cgroup.display());
+    assert!(
+        !exec_cgroup.exists(),
+        "{} left behind",
+        exec_cgroup.display()
+    );
 }
 
 #[test]
@@ -196,7 +215,15 @@ fn exec_with_curl_and_exit_status() {
 
     // exec returns the command's own exit status.
     let out = Command::new(broker_bin())
-        .args(["exec", "-f", cfg.to_str().unwrap(), "--", "sh", "-c", "exit 7"])
+        .args([
+            "exec",
+            "-f",
+            cfg.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+        ])
         .output()
         .expect("run broker exec sh");
     assert_eq!(out.status.code(), Some(7), "{}", output_text(&out));
@@ -231,12 +258,17 @@ fn run_refuses_direct_connections_and_detaches_on_sigterm_and_sigkill() {
     let cfg = run_config(
         dir.path(),
         health,
-        &format!("  web:\n    connector: tcp\n    intercept: [\"127.0.0.2:{}\"]\n", web.addr.port()),
+        &format!(
+            "  web:\n    connector: tcp\n    intercept: [\"127.0.0.2:{}\"]\n",
+            web.addr.port()
+        ),
     );
     let script = write(dir.path(), "client.py", CLIENT);
     let client = |cg: &TestCgroup| {
         let mut c = Command::new("python3");
-        c.arg(&script).arg("127.0.0.2").arg(web.addr.port().to_string());
+        c.arg(&script)
+            .arg("127.0.0.2")
+            .arg(web.addr.port().to_string());
         cg.enter(&mut c);
         output_text(&c.output().expect("run client"))
     };
@@ -253,7 +285,13 @@ fn run_refuses_direct_connections_and_detaches_on_sigterm_and_sigkill() {
         Some(200)
     );
     let attached = cg.attached();
-    for prog in ["connect4", "connect6", "getpeername4", "getpeername6", "sock_ops"] {
+    for prog in [
+        "connect4",
+        "connect6",
+        "getpeername4",
+        "getpeername6",
+        "sock_ops",
+    ] {
         assert!(attached.contains(prog), "{prog} not attached:\n{attached}");
     }
 
@@ -273,13 +311,29 @@ fn run_refuses_direct_connections_and_detaches_on_sigterm_and_sigkill() {
     while !d.log_text().contains("no redirect record") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(d.log_text().contains("no redirect record"), "{}", d.log_text());
-    assert_eq!(web.hits(), 1, "the refused connection never reached the upstream");
+    assert!(
+        d.log_text().contains("no redirect record"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(
+        web.hits(),
+        1,
+        "the refused connection never reached the upstream"
+    );
 
     // SIGTERM: clean exit, nothing attached, connections go direct again.
     let st = d.stop();
     assert!(st.success(), "exit status {st}:\n{}", d.log_text());
-    assert_eq!(cg.attached().lines().filter(|l| l.contains("connect")).count(), 0, "{}", cg.attached());
+    assert_eq!(
+        cg.attached()
+            .lines()
+            .filter(|l| l.contains("connect"))
+            .count(),
+        0,
+        "{}",
+        cg.attached()
+    );
     let out = client(&cg);
     assert!(out.contains("body='hello from run-web'"), "{out}");
     assert_eq!(web.hits(), 2, "direct connection reached the server");
@@ -289,7 +343,10 @@ fn run_refuses_direct_connections_and_detaches_on_sigterm_and_sigkill() {
     let cfg2 = run_config(
         dir.path(),
         health2,
-        &format!("  web:\n    connector: tcp\n    intercept: [\"127.0.0.2:{}\"]\n", web.addr.port()),
+        &format!(
+            "  web:\n    connector: tcp\n    intercept: [\"127.0.0.2:{}\"]\n",
+            web.addr.port()
+        ),
     );
     let mut d2 = Daemon::start(
         &cfg2,
@@ -325,16 +382,32 @@ fn run_fails_cleanly_on_start_errors() {
         ),
     );
     let out = Command::new(broker_bin())
-        .args(["run", "-f", cfg.to_str().unwrap(), "--cgroup", cg.path.to_str().unwrap()])
+        .args([
+            "run",
+            "-f",
+            cfg.to_str().unwrap(),
+            "--cgroup",
+            cg.path.to_str().unwrap(),
+        ])
         .output()
         .expect("run broker");
     let text = output_text(&out);
     assert!(!out.status.success());
     assert!(text.contains(&format!("127.0.0.1:{taken_port}")), "{text}");
-    assert!(cg.attached().trim().lines().count() <= 1, "{}", cg.attached());
+    assert!(
+        cg.attached().trim().lines().count() <= 1,
+        "{}",
+        cg.attached()
+    );
     // A cgroup that does not exist: clear error naming it.
     let out = Command::new(broker_bin())
-        .args(["run", "-f", cfg.to_str().unwrap(), "--cgroup", "/sys/fs/cgroup/does-not-exist-xyz"])
+        .args([
+            "run",
+            "-f",
+            cfg.to_str().unwrap(),
+            "--cgroup",
+            "/sys/fs/cgroup/does-not-exist-xyz",
+        ])
         .output()
         .expect("run broker");
     assert!(!out.status.success());
@@ -370,7 +443,12 @@ fn failing_secret_store_closes_cleanly_and_other_services_keep_working() {
     // The token comes from the environment, through ${...} interpolation.
     let d = Daemon::start_with_env(
         &cfg,
-        &["--cgroup", cg.path.to_str().unwrap(), "--log-format", "json"],
+        &[
+            "--cgroup",
+            cg.path.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
         &[("UTS_TOKEN_FOR_TEST", token)],
         format!("127.0.0.1:{health}").parse().unwrap(),
         &log,
@@ -408,8 +486,23 @@ fn failing_secret_store_closes_cleanly_and_other_services_keep_working() {
         .find(|v| v["result"] == "credentials_error")
         .unwrap_or_else(|| panic!("no credentials_error access line:\n{text}"));
     assert_eq!(failed["service"], "web");
-    assert!(failed["error"].as_str().unwrap_or("").contains("uts"), "{failed}");
-    assert!(lines.iter().any(|v| v["service"] == "other" && v["result"] == "ok"));
-    assert!(lines.iter().any(|v| v["service"] == "web" && v["result"] == "ok"));
-    assert_no_secret(&text, &["s3cr3t-value-should-never-print", token], "broker log");
+    assert!(
+        failed["error"].as_str().unwrap_or("").contains("uts"),
+        "{failed}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["service"] == "other" && v["result"] == "ok")
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["service"] == "web" && v["result"] == "ok")
+    );
+    assert_no_secret(
+        &text,
+        &["s3cr3t-value-should-never-print", token],
+        "broker log",
+    );
 }

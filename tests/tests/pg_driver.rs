@@ -44,7 +44,9 @@ async fn tokio_postgres_prepared_copy_100mb_listen_notify() {
     let dsn = format!("host=127.0.0.1 port={listen} user=anything dbname=app");
 
     // Connection 1: its notifications go to a channel.
-    let (client, mut connection) = tokio_postgres::connect(&dsn, NoTls).await.expect("connect 1");
+    let (client, mut connection) = tokio_postgres::connect(&dsn, NoTls)
+        .await
+        .expect("connect 1");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -56,9 +58,15 @@ async fn tokio_postgres_prepared_copy_100mb_listen_notify() {
     });
 
     // Prepared statements, reused.
-    let stmt = client.prepare("select $1::int4 + $2::int4, current_user::text").await.expect("prepare");
+    let stmt = client
+        .prepare("select $1::int4 + $2::int4, current_user::text")
+        .await
+        .expect("prepare");
     for i in 0..50i32 {
-        let row = client.query_one(&stmt, &[&i, &2i32]).await.expect("execute prepared");
+        let row = client
+            .query_one(&stmt, &[&i, &2i32])
+            .await
+            .expect("execute prepared");
         assert_eq!(row.get::<_, i32>(0), i + 2);
         assert_eq!(row.get::<_, String>(1), "app_user");
     }
@@ -71,7 +79,10 @@ async fn tokio_postgres_prepared_copy_100mb_listen_notify() {
     let payload = "x".repeat(1000);
     let rows_per_chunk = 1000;
     let chunks = 100 * MB / (rows_per_chunk * 1000) + 1;
-    let sink = client.copy_in("copy big from stdin").await.expect("copy in");
+    let sink = client
+        .copy_in("copy big from stdin")
+        .await
+        .expect("copy in");
     futures_util::pin_mut!(sink);
     let mut sent = 0usize;
     for c in 0..chunks {
@@ -80,12 +91,17 @@ async fn tokio_postgres_prepared_copy_100mb_listen_notify() {
             buf.push_str(&format!("{}\t{payload}\n", c * rows_per_chunk + r));
         }
         sent += buf.len();
-        sink.send(bytes::Bytes::from(buf)).await.expect("copy chunk");
+        sink.send(bytes::Bytes::from(buf))
+            .await
+            .expect("copy chunk");
     }
     let rows = sink.finish().await.expect("finish copy in");
     assert_eq!(rows as usize, chunks * rows_per_chunk);
     assert!(sent >= 100 * MB, "sent {sent} bytes");
-    let stream = client.copy_out("copy big to stdout").await.expect("copy out");
+    let stream = client
+        .copy_out("copy big to stdout")
+        .await
+        .expect("copy out");
     futures_util::pin_mut!(stream);
     let mut got = 0usize;
     while let Some(chunk) = stream.next().await {
@@ -94,8 +110,13 @@ async fn tokio_postgres_prepared_copy_100mb_listen_notify() {
     assert_eq!(got, sent, "COPY out returns every byte");
 
     // LISTEN on connection 1, NOTIFY from connection 2.
-    client.batch_execute("listen broker_test").await.expect("listen");
-    let (client2, connection2) = tokio_postgres::connect(&dsn, NoTls).await.expect("connect 2");
+    client
+        .batch_execute("listen broker_test")
+        .await
+        .expect("listen");
+    let (client2, connection2) = tokio_postgres::connect(&dsn, NoTls)
+        .await
+        .expect("connect 2");
     tokio::spawn(connection2);
     client2
         .batch_execute("notify broker_test, 'hello through the broker'")

@@ -78,9 +78,27 @@ fn psql_under_exec_scram_md5_and_tls_in_every_sslmode() {
     let f_tls = write(dir.path(), "pw-tls", pw_tls);
     let ca_s = ca.display().to_string();
     let mut services = String::new();
-    services += &pg_service("scram", "db.example.test:5432", &scram, &f_scram, "      sslmode: prefer\n");
-    services += &pg_service("md5", "db.example.test:5433", &md5, &f_md5, "      sslmode: disable\n");
-    services += &pg_service("tls-require", "db.example.test:5434", &tls, &f_tls, "      sslmode: require\n");
+    services += &pg_service(
+        "scram",
+        "db.example.test:5432",
+        &scram,
+        &f_scram,
+        "      sslmode: prefer\n",
+    );
+    services += &pg_service(
+        "md5",
+        "db.example.test:5433",
+        &md5,
+        &f_md5,
+        "      sslmode: disable\n",
+    );
+    services += &pg_service(
+        "tls-require",
+        "db.example.test:5434",
+        &tls,
+        &f_tls,
+        "      sslmode: require\n",
+    );
     services += &pg_service(
         "tls-verify-ca",
         "db.example.test:5435",
@@ -93,16 +111,24 @@ fn psql_under_exec_scram_md5_and_tls_in_every_sslmode() {
         "db.example.test:5436",
         &tls,
         &f_tls,
-        &format!("      sslmode: verify-full\n      sslrootcert: {ca_s}\n      sslhost: db.example.test\n"),
+        &format!(
+            "      sslmode: verify-full\n      sslrootcert: {ca_s}\n      sslhost: db.example.test\n"
+        ),
     );
     services += &pg_service(
         "tls-wrong-host",
         "db.example.test:5437",
         &tls,
         &f_tls,
-        &format!("      sslmode: verify-full\n      sslrootcert: {ca_s}\n      sslhost: wrong.example.test\n"),
+        &format!(
+            "      sslmode: verify-full\n      sslrootcert: {ca_s}\n      sslhost: wrong.example.test\n"
+        ),
     );
-    let cfg = write(dir.path(), "broker.yaml", &format!("version: 2\nservices:\n{services}"));
+    let cfg = write(
+        dir.path(),
+        "broker.yaml",
+        &format!("version: 2\nservices:\n{services}"),
+    );
     let script = [
         psql_line(5432, "sslmode=disable"),
         psql_line(5432, "sslmode=prefer"),
@@ -120,8 +146,14 @@ fn psql_under_exec_scram_md5_and_tls_in_every_sslmode() {
         "six brokered sessions as app_user:\n{text}"
     );
     // verify-full against the wrong name fails, with an error naming the service.
-    assert!(text.contains("WRONG_HOST_EXIT=2") || text.contains("WRONG_HOST_EXIT=1"), "{text}");
-    assert!(text.contains("tls-wrong-host"), "the error names the service:\n{text}");
+    assert!(
+        text.contains("WRONG_HOST_EXIT=2") || text.contains("WRONG_HOST_EXIT=1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tls-wrong-host"),
+        "the error names the service:\n{text}"
+    );
     assert_no_secret(&text, &[pw_scram, pw_md5, pw_tls], "exec output");
 }
 
@@ -143,15 +175,16 @@ fn run_broker(tag: &str, services: &str) -> RunBroker {
     );
     let daemon = Daemon::start(
         &cfg,
-        &["--cgroup", cg.path.to_str().unwrap(), "--log-format", "json"],
+        &[
+            "--cgroup",
+            cg.path.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
         format!("127.0.0.1:{health}").parse().unwrap(),
         &dir.path().join("broker.log"),
     );
-    RunBroker {
-        daemon,
-        cg,
-        dir,
-    }
+    RunBroker { daemon, cg, dir }
 }
 
 fn in_cgroup(cg: &TestCgroup, program: &str, args: &[&str]) -> (bool, String) {
@@ -176,13 +209,20 @@ fn pgbench_init_persistent_and_new_connection_per_transaction() {
     let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
     let tmp = tempfile::tempdir().expect("tempdir");
     let f = write(tmp.path(), "pw", pw);
-    let b = run_broker("pgbench", &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"));
+    let b = run_broker(
+        "pgbench",
+        &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"),
+    );
     let conn = ["-h", "127.0.0.2", "-p", "5432", "-U", "anything", "app"];
     let run = |args: &[&str]| {
         let mut all: Vec<&str> = args.to_vec();
         all.extend_from_slice(&conn);
         let (ok, text) = in_cgroup(&b.cg, "pgbench", &all);
-        assert!(ok, "pgbench {args:?} failed:\n{text}\n{}", b.daemon.log_text());
+        assert!(
+            ok,
+            "pgbench {args:?} failed:\n{text}\n{}",
+            b.daemon.log_text()
+        );
         if let Some(failed) = text
             .lines()
             .find_map(|l| l.strip_prefix("number of failed transactions: "))
@@ -212,14 +252,29 @@ fn cancel_reaches_the_right_backend_within_two_seconds() {
     let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
     let tmp = tempfile::tempdir().expect("tempdir");
     let f = write(tmp.path(), "pw", pw);
-    let b = run_broker("cancel", &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"));
+    let b = run_broker(
+        "cancel",
+        &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"),
+    );
     let dsn = "host=127.0.0.2 port=5432 user=anything dbname=app sslmode=disable";
     let started = Instant::now();
-    let (ok, text) = in_cgroup(&b.cg, python.to_str().unwrap(), &["-c", CANCEL_SCRIPT, dsn, "1000"]);
+    let (ok, text) = in_cgroup(
+        &b.cg,
+        python.to_str().unwrap(),
+        &["-c", CANCEL_SCRIPT, dsn, "1000"],
+    );
     assert!(ok, "{text}\n{}", b.daemon.log_text());
-    let line = text.lines().find(|l| l.starts_with("SQLSTATE ")).unwrap_or_default();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("SQLSTATE "))
+        .unwrap_or_default();
     let mut w = line.split_whitespace();
-    assert_eq!(w.nth(1), Some("57014"), "query_canceled expected:\n{text}\n{}", b.daemon.log_text());
+    assert_eq!(
+        w.nth(1),
+        Some("57014"),
+        "query_canceled expected:\n{text}\n{}",
+        b.daemon.log_text()
+    );
     let elapsed: f64 = w.nth(1).and_then(|s| s.parse().ok()).unwrap_or(f64::MAX);
     assert!(elapsed < 2.0, "cancel took {elapsed:.3}s:\n{text}");
     assert!(started.elapsed() < Duration::from_secs(30));
@@ -236,12 +291,23 @@ fn wrong_password_then_rotation_without_restart() {
     let mut pg = PgServer::start(PgOptions::new(PgAuth::Scram, right));
     let tmp = tempfile::tempdir().expect("tempdir");
     let f = write(tmp.path(), "pw", wrong);
-    let b = run_broker("rotate", &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"));
+    let b = run_broker(
+        "rotate",
+        &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"),
+    );
     let psql = |what: &str| {
         in_cgroup(
             &b.cg,
             "psql",
-            &["-X", "-w", "-A", "-t", "host=127.0.0.2 port=5432 user=anything dbname=app", "-c", what],
+            &[
+                "-X",
+                "-w",
+                "-A",
+                "-t",
+                "host=127.0.0.2 port=5432 user=anything dbname=app",
+                "-c",
+                what,
+            ],
         )
     };
     // Wrong password in the store: the client prints the server's 28P01 error.
@@ -252,11 +318,22 @@ fn wrong_password_then_rotation_without_restart() {
     pg.set_password(rotated);
     std::fs::write(&f, rotated).expect("rotate store");
     let (ok, text) = psql("select 'ROLE=' || current_user");
-    assert!(ok && text.contains("ROLE=app_user"), "{text}\n{}", b.daemon.log_text());
+    assert!(
+        ok && text.contains("ROLE=app_user"),
+        "{text}\n{}",
+        b.daemon.log_text()
+    );
     // And once more with the value now cached.
     let (ok, text2) = psql("select 'ROLE=' || current_user");
     assert!(ok && text2.contains("ROLE=app_user"), "{text2}");
     let log = b.daemon.log_text();
-    assert!(log.contains("auth_rejected") || log.contains("28P01"), "{log}");
-    assert_no_secret(&format!("{text}{text2}{log}"), &[right, wrong, rotated], "outputs");
+    assert!(
+        log.contains("auth_rejected") || log.contains("28P01"),
+        "{log}"
+    );
+    assert_no_secret(
+        &format!("{text}{text2}{log}"),
+        &[right, wrong, rotated],
+        "outputs",
+    );
 }

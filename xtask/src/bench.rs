@@ -50,7 +50,8 @@ fn pgbench(
         cg.enter(&mut c);
     }
     let out = c.output().context("running pgbench")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         bail!("pgbench {args:?} via {host}:{port} failed:\n{text}");
     }
@@ -85,7 +86,10 @@ fn idle_connections(n: usize, port: u16, cg: &TestCgroup) -> anyhow::Result<Kill
         "import psycopg2, sys, time\nconns = [psycopg2.connect(host='127.0.0.2', port={port}, user='app_user', dbname='app', sslmode='disable') for _ in range({n})]\nprint('ready', flush=True)\ntime.sleep(60)\n"
     );
     let mut c = Command::new("/usr/bin/python3");
-    c.arg("-c").arg(script).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    c.arg("-c")
+        .arg(script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     cg.enter(&mut c);
     let mut child = c.spawn().context("starting python3")?;
     let mut out = child.stdout.take().context("stdout")?;
@@ -102,11 +106,26 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     let pg = PgServer::start(PgOptions::new(PgAuth::Scram, password));
     let pg_port = pg.addr().port();
     let init = Command::new("pgbench")
-        .args(["-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", &pg_port.to_string(), "-U", "app_user", "app"])
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            "1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg_port.to_string(),
+            "-U",
+            "app_user",
+            "app",
+        ])
         .env("PGPASSWORD", password)
         .output()?;
     if !init.status.success() {
-        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+        bail!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
     }
 
     let dir = tempfile::tempdir()?;
@@ -148,7 +167,11 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
             .arg(&cfg)
             .arg("--cgroup")
             .arg(&cg.path)
-            .envs(std::env::var("BENCH_BROKER_THREADS").ok().map(|t| ("TOKIO_WORKER_THREADS", t)))
+            .envs(
+                std::env::var("BENCH_BROKER_THREADS")
+                    .ok()
+                    .map(|t| ("TOKIO_WORKER_THREADS", t)),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -162,18 +185,33 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    broker_tests::wait_port(format!("127.0.0.1:{ha_port}").parse()?, Duration::from_secs(10));
+    broker_tests::wait_port(
+        format!("127.0.0.1:{ha_port}").parse()?,
+        Duration::from_secs(10),
+    );
     let fresh = rss_kib(broker.0.id())?;
 
     let t = seconds.to_string();
     let modes: [(&str, Vec<&str>); 2] = [
-        ("persistent (-S -c 8)", vec!["-S", "-c", "8", "-j", "2", "-T", &t]),
-        ("new conn/txn (-S -C -c 8)", vec!["-S", "-C", "-c", "8", "-j", "2", "-T", &t]),
+        (
+            "persistent (-S -c 8)",
+            vec!["-S", "-c", "8", "-j", "2", "-T", &t],
+        ),
+        (
+            "new conn/txn (-S -C -c 8)",
+            vec!["-S", "-C", "-c", "8", "-j", "2", "-T", &t],
+        ),
     ];
     println!("\npgbench select-only, scale 1, {seconds}s per run, 2 cores\n");
-    println!("{:<28} {:>12} {:>20} {:>20}", "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)");
+    println!(
+        "{:<28} {:>12} {:>20} {:>20}",
+        "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)"
+    );
     let only = std::env::var("BENCH_ONLY").ok();
-    for (name, args) in modes.iter().filter(|(n, _)| only.as_deref().is_none_or(|o| n.starts_with(o))) {
+    for (name, args) in modes
+        .iter()
+        .filter(|(n, _)| only.as_deref().is_none_or(|o| n.starts_with(o)))
+    {
         let direct = pgbench(args, "127.0.0.1", pg_port, Some(password), None)?;
         let ha = pgbench(args, "127.0.0.1", ha_port, Some(password), None)?;
         let br = pgbench(args, "127.0.0.2", 5432, None, Some(&cg))?;
@@ -192,7 +230,10 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let with = rss_kib(pid)?;
     drop(held);
-    println!("\nbroker RSS: {:.1} MiB idle after start", fresh as f64 / 1024.0);
+    println!(
+        "\nbroker RSS: {:.1} MiB idle after start",
+        fresh as f64 / 1024.0
+    );
     println!(
         "broker RSS: {:.1} MiB after the runs; {:.1} MiB with {n} idle brokered connections: {:.1} KiB per idle connection",
         idle as f64 / 1024.0,

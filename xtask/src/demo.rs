@@ -93,7 +93,10 @@ services:
         bail!("a secret value appeared in the output");
     }
     if !out.status.success() || !stdout.contains("app_user") {
-        bail!("demo failed: psql did not get a brokered session ({})", out.status);
+        bail!(
+            "demo failed: psql did not get a brokered session ({})",
+            out.status
+        );
     }
     eprintln!(
         "\ndemo: OK. psql connected to db.example.com:5432 with a dummy password and got a \

@@ -95,7 +95,8 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 fn build(root: &Path, release: bool) -> anyhow::Result<()> {
     let mut c = Command::new("cargo");
-    c.current_dir(root).args(["build", "-p", "broker-userspace"]);
+    c.current_dir(root)
+        .args(["build", "-p", "broker-userspace"]);
     if release {
         c.arg("--release");
     }
@@ -118,11 +119,20 @@ fn test(root: &Path, no_lint: bool, rest: &[String]) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc_geteuid() };
     if euid != 0 {
-        bail!("the test suite loads eBPF programs and starts servers: run it as root (sudo -E cargo xtask test)");
+        bail!(
+            "the test suite loads eBPF programs and starts servers: run it as root (sudo -E cargo xtask test)"
+        );
     }
     let mut c = Command::new("cargo");
     c.current_dir(root)
-        .args(["test", "--workspace", "--exclude", "broker-ebpf", "--exclude", "xtask"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "broker-ebpf",
+            "--exclude",
+            "xtask",
+        ])
         .args(rest)
         .env("BROKER_REQUIRE_PRIVILEGED", "1")
         .env("BROKER_BIN", root.join("target/debug/broker"));

@@ -40,7 +40,6 @@ pub fn all() -> anyhow::Result<()> {
     Ok(())
 }
 
-
 fn quiet_ok(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -62,7 +61,13 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 fn nightly() -> anyhow::Result<()> {
     if !quiet_ok(Command::new("rustc").args(["+nightly", "--version"])) {
         eprintln!("setup: installing the nightly toolchain");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let installed = output(Command::new("rustup").args([
         "component",
@@ -73,7 +78,13 @@ fn nightly() -> anyhow::Result<()> {
     ]))?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to nightly");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     Ok(())
 }
@@ -91,7 +102,11 @@ fn bpf_linker() -> anyhow::Result<()> {
     let libdir = Path::new(sysroot.trim()).join("lib");
     // bpf-linker links nightly's libLLVM dynamically; rustc runs it with the toolchain's
     // lib dir on the library path, so check it the same way.
-    if quiet_ok(Command::new(&bin).arg("--version").env("LD_LIBRARY_PATH", &libdir)) {
+    if quiet_ok(
+        Command::new(&bin)
+            .arg("--version")
+            .env("LD_LIBRARY_PATH", &libdir),
+    ) {
         return Ok(());
     }
     eprintln!("setup: building bpf-linker against nightly's libLLVM (about 75 s on 2 cores)");
@@ -100,9 +115,9 @@ fn bpf_linker() -> anyhow::Result<()> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so")))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+            })
         })
         .with_context(|| format!("no libLLVM in {}", libdir.display()))?;
     let version = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))?;

@@ -132,7 +132,10 @@ where
 /// # Errors
 /// The first I/O error on either side.
 pub async fn relay_tcp(client: &TcpStream, upstream: &TcpStream) -> Result<(u64, u64), ConnError> {
-    Ok(tokio::try_join!(pump(client, upstream), pump(upstream, client))?)
+    Ok(tokio::try_join!(
+        pump(client, upstream),
+        pump(upstream, client)
+    )?)
 }
 
 async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {

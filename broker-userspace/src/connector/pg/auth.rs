@@ -30,10 +30,12 @@ pub fn md5_password(user: &[u8], password: &[u8], salt: [u8; 4]) -> Zeroizing<St
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// What the broker knows to authenticate with.
@@ -48,7 +50,6 @@ pub struct AuthInput<'a> {
 }
 
 /// A session the server accepted.
-#[derive(Debug)]
 pub struct Ready {
     /// Every message for the client, in order: notices and NegotiateProtocolVersion
     /// seen during authentication, AuthenticationOk, then everything up to and including
@@ -58,6 +59,17 @@ pub struct Ready {
     /// How the broker authenticated: `trust`, `password`, `md5`, `SCRAM-SHA-256`,
     /// `SCRAM-SHA-256-PLUS`.
     pub method: &'static str,
+}
+
+impl std::fmt::Debug for Ready {
+    // The messages hold the cancel key: sizes only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ready")
+            .field("to_client_len", &self.to_client.len())
+            .field("backend_key", &self.backend_key)
+            .field("method", &self.method)
+            .finish()
+    }
 }
 
 /// How authentication ended.
@@ -79,7 +91,10 @@ async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Result<(),
 }
 
 fn protocol(msg: impl Into<String>) -> Failure {
-    Failure::new(sqlstate::PROTOCOL_VIOLATION, ConnError::Protocol(msg.into()))
+    Failure::new(
+        sqlstate::PROTOCOL_VIOLATION,
+        ConnError::Protocol(msg.into()),
+    )
 }
 
 fn need_password<'a>(input: &AuthInput<'a>, method: &str) -> Result<&'a Secret, Failure> {
@@ -271,9 +286,11 @@ where
                 .salted_password(pw.expose(), &params.salt, params.iterations)
                 .await
                 .map_err(ConnError::Io)?;
-            let fin = client
-                .client_final(&salted)
-                .map_err(|e| protocol(format!("upstream SCRAM: {e}")))?;
+            let fin = Zeroizing::new(
+                client
+                    .client_final(&salted)
+                    .map_err(|e| protocol(format!("upstream SCRAM: {e}")))?,
+            );
             send(stream, &messages::sasl_response(&fin)).await?;
         }
         auth::SASL_FINAL => {
@@ -317,18 +334,12 @@ mod tests {
     ) -> (Result<Outcome, Failure>, Vec<u8>, Vec<u8>) {
         let (mut ours, mut theirs) = tokio::io::duplex(64 * 1024);
         theirs.write_all(&server_msgs).await.unwrap();
+        // EOF after the script, so a waiting exchange ends instead of hanging.
+        theirs.shutdown().await.unwrap();
         let mut client = Vec::new();
         let mut buf = BytesMut::new();
         let cache = SaltedPasswordCache::default();
-        let res = authenticate(
-            &mut ours,
-            &mut buf,
-            b"startup",
-            &input,
-            &cache,
-            &mut client,
-        )
-        .await;
+        let res = authenticate(&mut ours, &mut buf, b"startup", &input, &cache, &mut client).await;
         drop(ours);
         let mut sent = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut theirs, &mut sent)
@@ -392,7 +403,11 @@ mod tests {
             tls: false,
             channel_binding: None,
         };
-        let e28 = super::super::errors::error_response("FATAL", "28P01", "password authentication failed");
+        let e28 = super::super::errors::error_response(
+            "FATAL",
+            "28P01",
+            "password authentication failed",
+        );
         let mut server = r(auth::CLEARTEXT_PASSWORD, &[]);
         server.extend_from_slice(&e28);
         let (res, _, client) = run(server, input()).await;
@@ -405,7 +420,8 @@ mod tests {
         }
         assert!(client.is_empty());
         // Another error is forwarded as is.
-        let e3d = super::super::errors::error_response("FATAL", "3D000", "database \"x\" does not exist");
+        let e3d =
+            super::super::errors::error_response("FATAL", "3D000", "database \"x\" does not exist");
         let mut server = r(auth::OK, &[]);
         server.extend_from_slice(&e3d);
         let (res, _, client) = run(server, input()).await;
@@ -440,7 +456,11 @@ mod tests {
             },
         )
         .await;
-        assert!(res.unwrap_err().client_message("s").contains("`password` is not set"));
+        assert!(
+            res.unwrap_err()
+                .client_message("s")
+                .contains("`password` is not set")
+        );
         // SASL with an unknown mechanism only.
         let (res, _, _) = run(
             r(auth::SASL, b"SCRAM-SHA-1\0\0"),
@@ -468,7 +488,11 @@ mod tests {
         let (_, sent, _) = run(offer(), input(Some(vec![1; 32]))).await;
         let initial = &sent[b"startup".len()..];
         assert!(initial.windows(19).any(|w| w == b"SCRAM-SHA-256-PLUS\0"));
-        assert!(initial.windows(24).any(|w| w == b"p=tls-server-end-point,,"));
+        assert!(
+            initial
+                .windows(24)
+                .any(|w| w == b"p=tls-server-end-point,,")
+        );
         // Without binding data (e.g. an Ed25519 certificate): plain SCRAM, `n`.
         let (_, sent, _) = run(offer(), input(None)).await;
         let initial = &sent[b"startup".len()..];

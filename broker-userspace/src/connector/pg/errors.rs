@@ -27,7 +27,12 @@ pub mod sqlstate {
 #[must_use]
 pub fn error_response(severity: &str, code: &str, message: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(message.len() + 32);
-    for (tag, value) in [(b'S', severity), (b'V', severity), (b'C', code), (b'M', message)] {
+    for (tag, value) in [
+        (b'S', severity),
+        (b'V', severity),
+        (b'C', code),
+        (b'M', message),
+    ] {
         body.push(tag);
         // A NUL would end the field early; the message is ours, but be safe.
         body.extend(value.bytes().filter(|&b| b != 0));
@@ -187,7 +192,10 @@ mod tests {
         let e = ServerError::parse(body);
         assert_eq!(e.code, "28P01");
         assert!(e.is_credential_rejection());
-        assert_eq!(e.to_string(), "FATAL 28P01: password authentication failed for user \"u\"");
+        assert_eq!(
+            e.to_string(),
+            "FATAL 28P01: password authentication failed for user \"u\""
+        );
         // Truncated input does not panic.
         let _ = ServerError::parse(&body[..7]);
     }
@@ -199,9 +207,18 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         });
         assert_eq!(f.sqlstate, "08006");
-        assert!(f.client_message("orders").starts_with("service `orders`: cannot reach upstream db:5432"));
-        assert_eq!(Failure::from(ConnError::Credentials("x".into())).sqlstate, "08004");
-        assert_eq!(Failure::from(ConnError::Protocol("x".into())).sqlstate, "08P01");
+        assert!(
+            f.client_message("orders")
+                .starts_with("service `orders`: cannot reach upstream db:5432")
+        );
+        assert_eq!(
+            Failure::from(ConnError::Credentials("x".into())).sqlstate,
+            "08004"
+        );
+        assert_eq!(
+            Failure::from(ConnError::Protocol("x".into())).sqlstate,
+            "08P01"
+        );
         let bytes = Failure::from(ConnError::Protocol("bad".into())).client_error("svc");
         let e = ServerError::parse(&bytes[5..]);
         assert_eq!((e.severity.as_str(), e.code.as_str()), ("FATAL", "08P01"));

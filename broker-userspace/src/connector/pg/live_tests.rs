@@ -27,7 +27,16 @@ fn skip() -> bool {
     if harness::available() {
         return false;
     }
-    eprintln!("SKIPPED: needs root and PostgreSQL 15 under {}", harness::PG_BIN);
+    // CI (and `cargo xtask test`) must not pass these silently.
+    assert!(
+        std::env::var("BROKER_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+        "live PostgreSQL tests need root and PostgreSQL 15 under {}",
+        harness::PG_BIN
+    );
+    eprintln!(
+        "SKIPPED: needs root and PostgreSQL 15 under {}",
+        harness::PG_BIN
+    );
     true
 }
 
@@ -62,10 +71,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
         connector: Connector::Pg(PgConfig::default()),
         listen_on: Some(ListenAddr::Tcp(addr)),
         intercept: vec![],
-        credentials: creds
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect(),
+        credentials: creds.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         authentication: vec![],
     };
     let mut providers = BTreeMap::new();
@@ -99,7 +105,11 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
                     stats: ConnStats::default(),
                 };
                 let r = super::serve(&b, &mut conn, &PgConfig::default(), sock).await;
-                eprintln!("[broker] {peer}: {:?} {:?}", r.as_ref().map_err(|e| e.to_string()), conn.stats);
+                eprintln!(
+                    "[broker] {peer}: {:?} {:?}",
+                    r.as_ref().map_err(|e| e.to_string()),
+                    conn.stats
+                );
             });
         }
     });
@@ -176,7 +186,8 @@ async fn live_tls_modes() {
     let ca = pg.ca_cert.clone().unwrap();
     let ca_text = std::fs::read_to_string(&ca).unwrap();
     let ca_s = ca.display().to_string();
-    let cases: Vec<(&str, Vec<(&str, CredentialSource)>, bool)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, CredentialSource)>, bool);
+    let cases: Vec<Case<'_>> = vec![
         ("default prefer", vec![], true),
         ("require", vec![("sslmode", lit("require"))], true),
         (
@@ -186,7 +197,10 @@ async fn live_tls_modes() {
         ),
         (
             "verify-ca inline PEM",
-            vec![("sslmode", lit("verify-ca")), ("sslrootcert", lit(&ca_text))],
+            vec![
+                ("sslmode", lit("verify-ca")),
+                ("sslrootcert", lit(&ca_text)),
+            ],
             true,
         ),
         (
@@ -227,7 +241,10 @@ async fn live_tls_modes() {
         if want_ok {
             assert_eq!(out.trim(), "app_user true", "{name}");
         } else if name.starts_with("verify-full") {
-            assert!(out.contains(SERVICE) && out.contains("TLS"), "{name}: {out}");
+            assert!(
+                out.contains(SERVICE) && out.contains("TLS"),
+                "{name}: {out}"
+            );
         } else {
             // No hostssl match for a plain connection: the server's own 28000.
             assert!(out.contains("no pg_hba.conf entry"), "{name}: {out}");
@@ -254,7 +271,9 @@ async fn live_tls_modes() {
         params: vec![(b"database".to_vec(), b"app".to_vec())],
     };
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut dummy = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let mut dummy = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
     let attempt = super::attempt(&run.broker, &params, &creds, &startup, &mut dummy)
         .await
         .unwrap();
@@ -271,9 +290,10 @@ async fn live_errors_and_rotation() {
         return;
     }
     let pw = "old-Live-pw";
-    let mut pg = tokio::task::spawn_blocking(move || PgServer::start(PgOptions::new(PgAuth::Scram, pw)))
-        .await
-        .unwrap();
+    let mut pg =
+        tokio::task::spawn_blocking(move || PgServer::start(PgOptions::new(PgAuth::Scram, pw)))
+            .await
+            .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pw_file = dir.path().join("pw");
     std::fs::write(&pw_file, "wrong-pw\n").unwrap();
@@ -308,7 +328,12 @@ async fn live_errors_and_rotation() {
     .await;
     let (ok, out) = psql(conninfo(run2.addr), "select 1").await;
     assert!(!ok);
-    assert!(out.contains(&format!("service `{SERVICE}`: cannot reach upstream 127.0.0.1:1")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "service `{SERVICE}`: cannot reach upstream 127.0.0.1:1"
+        )),
+        "{out}"
+    );
     // Missing credential file: 08004 naming the credential, not a value.
     let run3 = start_broker(vec![
         ("host", lit("127.0.0.1")),
@@ -331,9 +356,10 @@ async fn live_cancel() {
         return;
     };
     let pw = "cancel-Live-pw";
-    let pg = tokio::task::spawn_blocking(move || PgServer::start(PgOptions::new(PgAuth::Scram, pw)))
-        .await
-        .unwrap();
+    let pg =
+        tokio::task::spawn_blocking(move || PgServer::start(PgOptions::new(PgAuth::Scram, pw)))
+            .await
+            .unwrap();
     let run = start_broker(base_creds(&pg)).await;
     let dsn = format!(
         "host=127.0.0.1 port={} user=anything dbname=app sslmode=disable",

@@ -109,7 +109,10 @@ impl BackendMessage {
 ///
 /// # Errors
 /// On I/O errors, an early close, or an invalid/oversized message.
-pub async fn read_backend<S>(stream: &mut S, buf: &mut BytesMut) -> Result<BackendMessage, ConnError>
+pub async fn read_backend<S>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<BackendMessage, ConnError>
 where
     S: AsyncRead + Unpin,
 {

@@ -72,14 +72,13 @@ pub async fn serve(
 ) -> Result<(), ConnError> {
     let service = Arc::clone(&conn.service);
     let mut cbuf = BytesMut::with_capacity(1024);
-    let first = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client, &mut cbuf))
-        .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(Failure::told(ConnError::Protocol(format!(
-            "client sent no startup packet within {STARTUP_TIMEOUT:?}"
-        )))),
-    };
+    let first =
+        match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client, &mut cbuf)).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::told(ConnError::Protocol(format!(
+                "client sent no startup packet within {STARTUP_TIMEOUT:?}"
+            )))),
+        };
     let result = match first {
         Ok(FirstPacket::Startup(s)) => session(broker, conn, &service, &mut client, s, cbuf).await,
         Ok(FirstPacket::Cancel(key)) => return forward_cancel(broker, conn, &key).await,
@@ -153,9 +152,16 @@ fn startup_error(e: StartupError) -> Failure {
 }
 
 /// Forward a CancelRequest to the session's upstream on a fresh connection.
-async fn forward_cancel(broker: &Broker, conn: &mut Conn, key: &CancelKey) -> Result<(), ConnError> {
+async fn forward_cancel(
+    broker: &Broker,
+    conn: &mut Conn,
+    key: &CancelKey,
+) -> Result<(), ConnError> {
     let Some(target) = broker.pg.cancel.lookup(key) else {
-        tracing::info!(pid = key.pid, "CancelRequest for an unknown session: dropped");
+        tracing::info!(
+            pid = key.pid,
+            "CancelRequest for an unknown session: dropped"
+        );
         return Err(ConnError::Protocol(format!(
             "CancelRequest for unknown backend pid {}: dropped",
             key.pid
@@ -257,7 +263,10 @@ async fn session(
             },
         );
         if g.is_none() {
-            tracing::warn!(pid, "cancel map full: this session cannot be cancelled via the broker");
+            tracing::warn!(
+                pid,
+                "cancel map full: this session cannot be cancelled via the broker"
+            );
         }
         g
     });
@@ -294,7 +303,12 @@ async fn session(
         auth = ready.method,
         "session established; relaying"
     );
-    let (a, b) = tcp::relay(client, up).await.map_err(Failure::told)?;
+    // Plain upstreams use the readiness-based relay (no buffer held while idle).
+    let relayed = match up {
+        PgStream::Plain(s) => tcp::relay_tcp(client, &s).await,
+        tls @ PgStream::Tls(_) => tcp::relay(client, tls).await,
+    };
+    let (a, b) = relayed.map_err(Failure::told)?;
     conn.stats.bytes_up = pre_up + a;
     conn.stats.bytes_down = pre_down + b;
     Ok(())
@@ -378,4 +392,79 @@ async fn attempt(
             Attempt::Rejected { error, forward }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connected (broker side, client side) socket pair.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (s, c)
+    }
+
+    fn startup_bytes() -> Vec<u8> {
+        Startup {
+            version: messages::PROTOCOL_3_0,
+            params: vec![(b"user".to_vec(), b"someone".to_vec())],
+        }
+        .encode()
+    }
+
+    #[tokio::test]
+    async fn answers_n_to_ssl_and_gssenc_then_reads_startup() {
+        let (mut broker_side, mut client) = pair().await;
+        let task = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            read_startup(&mut broker_side, &mut buf)
+                .await
+                .map(|p| (p, buf.len()))
+        });
+        let mut answer = [0u8; 1];
+        client
+            .write_all(&[0, 0, 0, 8, 4, 210, 22, 48])
+            .await
+            .unwrap();
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"N");
+        client.write_all(&messages::ssl_request()).await.unwrap();
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"N");
+        // The startup arrives in two pieces.
+        let s = startup_bytes();
+        client.write_all(&s[..5]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client.write_all(&s[5..]).await.unwrap();
+        let (packet, rest) = task.await.unwrap().unwrap();
+        let FirstPacket::Startup(st) = packet else {
+            panic!("not a startup")
+        };
+        assert_eq!(st.get("user"), Some(&b"someone"[..]));
+        assert_eq!(rest, 0);
+    }
+
+    #[tokio::test]
+    async fn refuses_tls_hello_oversized_and_early_close() {
+        for (bytes, told, code) in [
+            (vec![0x16, 3, 1, 0, 100], true, ""),
+            (vec![0, 1, 0, 0, 0, 3, 0, 0], false, "08P01"),
+            (vec![0, 0, 0, 12, 0, 2, 0, 0, 0, 0, 0, 0], false, "0A000"),
+            (vec![0, 0], true, ""),
+        ] {
+            let (mut broker_side, mut client) = pair().await;
+            client.write_all(&bytes).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut buf = BytesMut::new();
+            let f = read_startup(&mut broker_side, &mut buf).await.unwrap_err();
+            assert_eq!(f.client_told, told, "{bytes:?}");
+            if !told {
+                assert_eq!(f.sqlstate, code, "{bytes:?}");
+            }
+        }
+    }
 }

@@ -40,7 +40,9 @@ pub enum ScramError {
     MandatoryExtension,
     #[error("SCRAM server error: {0}")]
     Server(String),
-    #[error("server signature did not verify: the upstream does not know the password (impersonation?)")]
+    #[error(
+        "server signature did not verify: the upstream does not know the password (impersonation?)"
+    )]
     BadServerSignature,
 }
 
@@ -212,7 +214,10 @@ impl ScramClient {
         if !nonce.starts_with(&self.client_nonce) || nonce.len() <= self.client_nonce.len() {
             return Err(ScramError::NonceMismatch);
         }
-        if !nonce.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
+        if !nonce
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+        {
             return Err(ScramError::Malformed("nonce has invalid characters"));
         }
         let salt = B64
@@ -256,7 +261,7 @@ impl ScramClient {
             format!("{client_first_bare},{server_first},{without_proof}").into_bytes();
 
         let client_key = Zeroizing::new(hmac(salted, &[b"Client Key"]));
-        let stored_key = Zeroizing::new(<[u8; 32]>::from(Sha256::digest(&*client_key)));
+        let stored_key = Zeroizing::new(<[u8; 32]>::from(Sha256::digest(client_key.as_slice())));
         let client_signature = Zeroizing::new(hmac(&*stored_key, &[&auth_message]));
         let mut proof = Zeroizing::new([0u8; 32]);
         for (i, p) in proof.iter_mut().enumerate() {
@@ -265,7 +270,7 @@ impl ScramClient {
         let server_key = Zeroizing::new(hmac(salted, &[b"Server Key"]));
         let server_signature = Zeroizing::new(hmac(&*server_key, &[&auth_message]));
         self.state = State::Final { server_signature };
-        Ok(format!("{without_proof},p={}", B64.encode(&*proof)).into_bytes())
+        Ok(format!("{without_proof},p={}", B64.encode(proof.as_slice())).into_bytes())
     }
 
     /// Verify the server-final message.
@@ -302,13 +307,9 @@ impl ScramClient {
     }
 }
 
-/// SASLprep (RFC 4013) as PostgreSQL applies it to passwords: when the password is not
-/// valid UTF-8 or prohibited output remains, the raw bytes are used.
-///
-/// Implemented: mapping non-ASCII spaces to SPACE and deleting the "commonly mapped to
-/// nothing" characters, the prohibited-output check for ASCII controls. Not implemented:
-/// NFKC normalization and the full prohibited tables (a password whose NFKC form differs
-/// from itself will be rejected by the server; ASCII passwords are exact).
+/// SASLprep (RFC 4013, via the `stringprep` crate) as PostgreSQL applies it to
+/// passwords: when the password is not valid UTF-8 or SASLprep rejects it (prohibited
+/// output, bidi rules), the raw bytes are used, exactly like the server does.
 #[must_use]
 pub fn saslprep(password: &[u8]) -> Cow<'_, [u8]> {
     let Ok(text) = std::str::from_utf8(password) else {
@@ -319,30 +320,10 @@ pub fn saslprep(password: &[u8]) -> Cow<'_, [u8]> {
         // bytes: the same thing.
         return Cow::Borrowed(password);
     }
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        let cp = c as u32;
-        if matches!(cp, 0x00A0 | 0x1680 | 0x2000..=0x200B | 0x202F | 0x205F | 0x3000) {
-            out.push(' ');
-        } else if matches!(
-            cp,
-            0x00AD | 0x034F | 0x1806 | 0x180B..=0x180D | 0x200C | 0x200D | 0x2060 | 0xFE00..=0xFE0F | 0xFEFF
-        ) {
-        } else if c.is_control() {
-            // Prohibited output: PostgreSQL falls back to the raw password.
-            out.zeroize();
-            return Cow::Borrowed(password);
-        } else {
-            out.push(c);
-        }
+    match stringprep::saslprep(text) {
+        Ok(Cow::Borrowed(_)) | Err(_) => Cow::Borrowed(password),
+        Ok(Cow::Owned(prepared)) => Cow::Owned(prepared.into_bytes()),
     }
-    if out.as_bytes() == password {
-        out.zeroize();
-        return Cow::Borrowed(password);
-    }
-    let bytes = out.as_bytes().to_vec();
-    out.zeroize();
-    Cow::Owned(bytes)
 }
 
 /// `Hi(SASLprep(password), salt, iterations)` (PBKDF2-HMAC-SHA-256). CPU-bound: call from
@@ -475,9 +456,10 @@ impl SaltedPasswordCache {
         }
         let pw = Zeroizing::new(password.to_vec());
         let s = salt.to_vec();
-        let value = tokio::task::spawn_blocking(move || compute_salted_password(&pw, &s, iterations))
-            .await
-            .map_err(std::io::Error::other)?;
+        let value =
+            tokio::task::spawn_blocking(move || compute_salted_password(&pw, &s, iterations))
+                .await
+                .map_err(std::io::Error::other)?;
         self.insert(password, salt, iterations, &value);
         Ok(value)
     }
@@ -496,7 +478,10 @@ mod tests {
 
     fn rfc_client_at_final() -> ScramClient {
         let mut c = ScramClient::new("user", C_NONCE.into(), ChannelBinding::NotSupported);
-        assert_eq!(c.client_first().unwrap(), b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
+        assert_eq!(
+            c.client_first().unwrap(),
+            b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
+        );
         let p = c.server_first(SERVER_FIRST.as_bytes()).unwrap();
         assert_eq!(p.iterations, 4096);
         let salted = compute_salted_password(b"pencil", &p.salt, p.iterations);
@@ -533,7 +518,10 @@ mod tests {
             Err(ScramError::Server("invalid-proof".into()))
         );
         let mut c = rfc_client_at_final();
-        assert!(matches!(c.server_final(b"x=1"), Err(ScramError::Malformed(_))));
+        assert!(matches!(
+            c.server_final(b"x=1"),
+            Err(ScramError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -553,10 +541,26 @@ mod tests {
             fresh().server_first(b"m=ext,r=rOprNGfwEbeRWgbNEkqOa,s=AA==,i=1"),
             Err(ScramError::MandatoryExtension)
         );
-        assert!(fresh().server_first(b"r=rOprNGfwEbeRWgbNEkqOa,s=AA==,i=0").is_err());
-        assert!(fresh().server_first(b"r=rOprNGfwEbeRWgbNEkqOa,s=!!,i=4096").is_err());
-        assert!(fresh().server_first(b"r=rOprNGfwEbeRWgbNEkqOa,s=AA==").is_err());
-        assert!(fresh().server_first(b"s=AA==,r=rOprNGfwEbeRWgbNEkqOa,i=1").is_err());
+        assert!(
+            fresh()
+                .server_first(b"r=rOprNGfwEbeRWgbNEkqOa,s=AA==,i=0")
+                .is_err()
+        );
+        assert!(
+            fresh()
+                .server_first(b"r=rOprNGfwEbeRWgbNEkqOa,s=!!,i=4096")
+                .is_err()
+        );
+        assert!(
+            fresh()
+                .server_first(b"r=rOprNGfwEbeRWgbNEkqOa,s=AA==")
+                .is_err()
+        );
+        assert!(
+            fresh()
+                .server_first(b"s=AA==,r=rOprNGfwEbeRWgbNEkqOa,i=1")
+                .is_err()
+        );
         // A low count is what the server says: accepted. Extensions after i are ignored.
         let p = fresh()
             .server_first(b"r=rOprNGfwEbeRWgbNEkqOa,s=AA==,i=1,x=y")
@@ -577,11 +581,17 @@ mod tests {
             ChannelBinding::TlsServerEndPoint(vec![1, 2, 3]),
         );
         assert_eq!(c.mechanism(), SCRAM_SHA_256_PLUS);
-        assert_eq!(c.client_first().unwrap(), b"p=tls-server-end-point,,n=,r=abc");
+        assert_eq!(
+            c.client_first().unwrap(),
+            b"p=tls-server-end-point,,n=,r=abc"
+        );
         c.server_first(b"r=abcdef,s=AA==,i=4096").unwrap();
         let fin = String::from_utf8(c.client_final(&[7; 32]).unwrap()).unwrap();
         let cb = fin.strip_prefix("c=").unwrap().split(',').next().unwrap();
-        assert_eq!(B64.decode(cb).unwrap(), b"p=tls-server-end-point,,\x01\x02\x03");
+        assert_eq!(
+            B64.decode(cb).unwrap(),
+            b"p=tls-server-end-point,,\x01\x02\x03"
+        );
         assert!(fin.contains(",r=abcdef,p="));
         assert_eq!(escape_saslname("a=b,c"), "a=3Db=2Cc");
         assert_eq!(new_nonce().len(), 24);
@@ -616,7 +626,10 @@ mod tests {
         cache.insert(b"pw3", b"salt", 4096, &v(4));
         assert_eq!(cache.len(), 2);
         assert_eq!(*cache.get(b"pw3", b"salt", 4096).unwrap(), [4; 32]);
-        assert_eq!(format!("{cache:?}"), "SaltedPasswordCache { len: 2, cap: 2 }");
+        assert_eq!(
+            format!("{cache:?}"),
+            "SaltedPasswordCache { len: 2, cap: 2 }"
+        );
     }
 
     #[tokio::test]

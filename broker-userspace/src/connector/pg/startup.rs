@@ -64,16 +64,24 @@ impl CancelKey {
 impl fmt::Debug for CancelKey {
     // The key bytes authorize a cancel: keep them out of logs.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CancelKey(pid {}, {}-byte key)", self.pid, self.key.len())
+        write!(
+            f,
+            "CancelKey(pid {}, {}-byte key)",
+            self.pid,
+            self.key.len()
+        )
     }
 }
+
+/// A startup parameter: name and value, as bytes.
+pub type Param = (Vec<u8>, Vec<u8>);
 
 /// A StartupMessage: protocol version and parameters in the client's order. Values are
 /// bytes (PostgreSQL treats them as C strings, not necessarily UTF-8).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Startup {
     pub version: u32,
-    pub params: Vec<(Vec<u8>, Vec<u8>)>,
+    pub params: Vec<Param>,
 }
 
 impl Startup {
@@ -173,14 +181,16 @@ pub fn frame(buf: &[u8]) -> Result<Option<usize>, StartupError> {
 pub fn parse(packet: &[u8]) -> Result<FirstPacket, StartupError> {
     let len = frame(packet)?.ok_or(StartupError::Malformed("truncated packet"))?;
     if len != packet.len() {
-        return Err(StartupError::Malformed("length field does not match the packet"));
+        return Err(StartupError::Malformed(
+            "length field does not match the packet",
+        ));
     }
     let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
     let rest = &packet[8..];
     match code {
-        SSL_REQUEST | GSSENC_REQUEST if !rest.is_empty() => {
-            Err(StartupError::Malformed("negotiation request with a payload"))
-        }
+        SSL_REQUEST | GSSENC_REQUEST if !rest.is_empty() => Err(StartupError::Malformed(
+            "negotiation request with a payload",
+        )),
         SSL_REQUEST => Ok(FirstPacket::SslRequest),
         GSSENC_REQUEST => Ok(FirstPacket::GssEncRequest),
         CANCEL_REQUEST => {
@@ -201,7 +211,7 @@ pub fn parse(packet: &[u8]) -> Result<FirstPacket, StartupError> {
     }
 }
 
-fn parse_params(mut rest: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StartupError> {
+fn parse_params(mut rest: &[u8]) -> Result<Vec<Param>, StartupError> {
     let mut params = Vec::new();
     loop {
         let Some(end) = rest.iter().position(|&b| b == 0) else {
@@ -217,9 +227,11 @@ fn parse_params(mut rest: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StartupError
         let name = rest[..end].to_vec();
         rest = &rest[end + 1..];
         let Some(vend) = rest.iter().position(|&b| b == 0) else {
-            return Err(StartupError::Malformed("parameter value is not NUL-terminated"));
+            return Err(StartupError::Malformed(
+                "parameter value is not NUL-terminated",
+            ));
         };
-        if params.iter().any(|(k, _): &(Vec<u8>, Vec<u8>)| *k == name) {
+        if params.iter().any(|(k, _): &Param| *k == name) {
             return Err(StartupError::Malformed("duplicate startup parameter"));
         }
         params.push((name, rest[..vend].to_vec()));
@@ -278,7 +290,10 @@ mod tests {
         let r = s.rewritten(Some("app_user"), Some("other"));
         assert_eq!(r.get("database"), Some(&b"other"[..]));
         assert_eq!(r.get("application_name"), Some(&b"psql"[..]));
-        assert_eq!(s.param_names(), "user,database,application_name,options,replication");
+        assert_eq!(
+            s.param_names(),
+            "user,database,application_name,options,replication"
+        );
     }
 
     #[test]
@@ -324,7 +339,10 @@ mod tests {
             pid: 7,
             key: vec![9; 32],
         };
-        assert_eq!(parse(&long.cancel_request()).unwrap(), FirstPacket::Cancel(long));
+        assert_eq!(
+            parse(&long.cancel_request()).unwrap(),
+            FirstPacket::Cancel(long)
+        );
         // Too short.
         assert!(parse(&[0, 0, 0, 12, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1]).is_err());
         // BackendKeyData body round trip; Debug hides the key.
@@ -338,7 +356,10 @@ mod tests {
     fn rejects_oversized_truncated_and_malformed() {
         let mut big = vec![0u8; 4];
         big[..4].copy_from_slice(&(MAX_STARTUP_LEN as u32 + 1).to_be_bytes());
-        assert_eq!(frame(&big), Err(StartupError::BadLength(MAX_STARTUP_LEN + 1)));
+        assert_eq!(
+            frame(&big),
+            Err(StartupError::BadLength(MAX_STARTUP_LEN + 1))
+        );
         assert_eq!(frame(&[0, 0, 0, 4]), Err(StartupError::BadLength(4)));
         let wire = startup_bytes(PROTOCOL_3_0, &[("user", "u")]);
         // Truncated: framing asks for more; parsing refuses.
@@ -361,7 +382,10 @@ mod tests {
         assert!(parse(&dup).is_err());
         // Protocol 2.0.
         let old = startup_bytes(0x0002_0000, &[("user", "u")]);
-        assert_eq!(parse(&old), Err(StartupError::UnsupportedVersion(0x0002_0000)));
+        assert_eq!(
+            parse(&old),
+            Err(StartupError::UnsupportedVersion(0x0002_0000))
+        );
         // TLS ClientHello.
         assert_eq!(frame(&[0x16, 3, 1, 0, 200]), Err(StartupError::TlsHello));
     }

@@ -93,7 +93,9 @@ impl Pem {
             return Ok(None);
         }
         let text = v.expose_str().map_err(|_| {
-            ConnError::Config(format!("credential `{name}` is neither a path nor PEM text"))
+            ConnError::Config(format!(
+                "credential `{name}` is neither a path nor PEM text"
+            ))
         })?;
         if text.trim_start().starts_with("-----BEGIN") {
             Ok(Some(Self::Inline(v.clone())))
@@ -134,9 +136,13 @@ impl UpstreamParams {
         creds: &Credentials,
         orig_dst: Option<SocketAddr>,
     ) -> Result<Self, ConnError> {
-        let (addr_host, addr_port, addr_db) = match creds.text("address")? {
+        let Address {
+            host: addr_host,
+            port: addr_port,
+            database: addr_db,
+        } = match creds.text("address")? {
             Some(a) => parse_address(a)?,
-            None => (None, None, None),
+            None => Address::default(),
         };
         let host = match creds.text("host")? {
             Some(h) if !h.trim().is_empty() => h.trim().to_owned(),
@@ -217,8 +223,16 @@ fn parse_port(p: &str) -> Result<u16, ConnError> {
         .ok_or_else(|| ConnError::Config("credential `port` is not a port number".into()))
 }
 
+/// The parts of a Secretless `address` credential.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Address {
+    host: Option<String>,
+    port: Option<u16>,
+    database: Option<String>,
+}
+
 /// Secretless `address`: `host[:port][/dbname]`, host possibly `[v6]`.
-fn parse_address(a: &str) -> Result<(Option<String>, Option<u16>, Option<String>), ConnError> {
+fn parse_address(a: &str) -> Result<Address, ConnError> {
     let a = a.trim();
     let (hostport, db) = match a.split_once('/') {
         Some((hp, d)) => (hp, (!d.is_empty()).then(|| d.to_owned())),
@@ -239,7 +253,11 @@ fn parse_address(a: &str) -> Result<(Option<String>, Option<u16>, Option<String>
             _ => (hostport.to_owned(), None),
         }
     };
-    Ok(((!host.is_empty()).then_some(host), port, db))
+    Ok(Address {
+        host: (!host.is_empty()).then_some(host),
+        port,
+        database: db,
+    })
 }
 
 /// The upstream connection: plain TCP or TLS.
@@ -386,7 +404,11 @@ pub struct TlsConfigCache {
 
 impl fmt::Debug for TlsConfigCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let len = self.inner.lock().unwrap_or_else(PoisonError::into_inner).len();
+        let len = self
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
         f.debug_struct("TlsConfigCache").field("len", &len).finish()
     }
 }
@@ -460,8 +482,16 @@ fn build_tls_config(
         Some(pem) => Some(pem_file("sslrootcert", pem)?),
         None => None,
     };
-    let cert = p.sslcert.as_ref().map(|c| pem_file("sslcert", c)).transpose()?;
-    let key = p.sslkey.as_ref().map(|k| pem_file("sslkey", k)).transpose()?;
+    let cert = p
+        .sslcert
+        .as_ref()
+        .map(|c| pem_file("sslcert", c))
+        .transpose()?;
+    let key = p
+        .sslkey
+        .as_ref()
+        .map(|k| pem_file("sslkey", k))
+        .transpose()?;
     let config = tls::client_config(TlsOptions {
         verify,
         ca_file: root.as_ref().map(|r| r.path.as_path()),
@@ -509,7 +539,9 @@ pub async fn connect(
     // Exactly one byte: anything the server sent after it must not be trusted as part
     // of the TLS stream (CVE-2021-23222).
     let answer = tcp.read_u8().await.map_err(|e| {
-        tls_err(format!("server closed the connection after SSLRequest: {e}"))
+        tls_err(format!(
+            "server closed the connection after SSLRequest: {e}"
+        ))
     })?;
     match answer {
         b'S' => {}
@@ -560,14 +592,21 @@ mod tests {
         let p = UpstreamParams::from_credentials(&creds(&[("host", "db")]), None).unwrap();
         assert_eq!(p.addr(), "db:5432");
         let p = UpstreamParams::from_credentials(
-            &creds(&[("host", "::1"), ("port", "7000"), ("sslmode", "verify-full")]),
+            &creds(&[
+                ("host", "::1"),
+                ("port", "7000"),
+                ("sslmode", "verify-full"),
+            ]),
             None,
         )
         .unwrap();
         assert_eq!(p.addr(), "[::1]:7000");
         assert_eq!(p.verify(), Verify::Full);
         assert!(UpstreamParams::from_credentials(&creds(&[]), None).is_err());
-        assert!(UpstreamParams::from_credentials(&creds(&[("host", "h"), ("port", "x")]), None).is_err());
+        assert!(
+            UpstreamParams::from_credentials(&creds(&[("host", "h"), ("port", "x")]), None)
+                .is_err()
+        );
         assert!(
             UpstreamParams::from_credentials(&creds(&[("host", "h"), ("sslmode", "bogus")]), None)
                 .is_err()
@@ -585,7 +624,9 @@ mod tests {
             if root {
                 v.push(("sslrootcert", "/ca.pem"));
             }
-            UpstreamParams::from_credentials(&creds(&v), None).unwrap().verify()
+            UpstreamParams::from_credentials(&creds(&v), None)
+                .unwrap()
+                .verify()
         };
         assert_eq!(p("require", false), Verify::None);
         assert_eq!(p("prefer", false), Verify::None);
@@ -599,7 +640,10 @@ mod tests {
         let p = UpstreamParams::from_credentials(
             &creds(&[
                 ("address", "pg.internal:6543/orders"),
-                ("sslrootcert", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+                (
+                    "sslrootcert",
+                    "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                ),
             ]),
             None,
         )
@@ -610,16 +654,29 @@ mod tests {
         assert_eq!(format!("{:?}", p.sslrootcert), "Some(Inline(<pem>))");
         assert_eq!(
             parse_address("[::1]:5433").unwrap(),
-            (Some("::1".into()), Some(5433), None)
+            Address {
+                host: Some("::1".into()),
+                port: Some(5433),
+                database: None
+            }
         );
-        assert_eq!(parse_address("db").unwrap(), (Some("db".into()), None, None));
+        assert_eq!(
+            parse_address("db").unwrap(),
+            Address {
+                host: Some("db".into()),
+                ..Address::default()
+            }
+        );
     }
 
     #[test]
     fn inline_pem_is_readable_through_memfd() {
         let pem = Pem::Inline(Secret::from_str_value("-----BEGIN X-----\n"));
         let f = pem_file("sslrootcert", &pem).unwrap();
-        assert_eq!(std::fs::read_to_string(&f.path).unwrap(), "-----BEGIN X-----\n");
+        assert_eq!(
+            std::fs::read_to_string(&f.path).unwrap(),
+            "-----BEGIN X-----\n"
+        );
     }
 
     fn hex(b: &[u8]) -> String {
@@ -633,19 +690,25 @@ mod tests {
         // Self-signed test certificates made with `openssl req -x509`; expected values
         // from `sha256sum`/`sha384sum` of the DER.
         // ecdsa-with-SHA256 -> SHA-256.
-        let a = der("MIIBbDCCAROgAwIBAgIUPwu+hRBOuTcHQHh+EaaG5+uW+KQwCgYIKoZIzj0EAwIwDDEKMAgGA1UEAwwBYTAeFw0yNjExMjIxNDMyMzNaFw0zNjExMTkxNDMyMzNaMAwxCjAIBgNVBAMMAWEwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAARZXtEcg8Jn2VB44uzQUoqeyJ5kLXT3hMWoD5/qVHOIZ8Y0lRe3kxaCo3Ff1AVaS8SqNSp4nvlKyUhu+47afqALo1MwUTAdBgNVHQ4EFgQULRvCo3xRdmuhBvVUuE6FMjRw+Q0wHwYDVR0jBBgwFoAULRvCo3xRdmuhBvVUuE6FMjRw+Q0wDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNHADBEAiAJ2a9uT5veVwf2479LW/g2uGfyafXE5/txiu5d3/3uogIgL+u4X0lKbOiyyWPjioWVbhyHGdm5S29MiO0Ped4JoY4=");
+        let a = der(
+            "MIIBbDCCAROgAwIBAgIUPwu+hRBOuTcHQHh+EaaG5+uW+KQwCgYIKoZIzj0EAwIwDDEKMAgGA1UEAwwBYTAeFw0yNjExMjIxNDMyMzNaFw0zNjExMTkxNDMyMzNaMAwxCjAIBgNVBAMMAWEwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAARZXtEcg8Jn2VB44uzQUoqeyJ5kLXT3hMWoD5/qVHOIZ8Y0lRe3kxaCo3Ff1AVaS8SqNSp4nvlKyUhu+47afqALo1MwUTAdBgNVHQ4EFgQULRvCo3xRdmuhBvVUuE6FMjRw+Q0wHwYDVR0jBBgwFoAULRvCo3xRdmuhBvVUuE6FMjRw+Q0wDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNHADBEAiAJ2a9uT5veVwf2479LW/g2uGfyafXE5/txiu5d3/3uogIgL+u4X0lKbOiyyWPjioWVbhyHGdm5S29MiO0Ped4JoY4=",
+        );
         assert_eq!(
             hex(&tls_server_end_point(&a).unwrap()),
             "aee6e586affe534ec39ee55bb2a2657886c49a30d5ae0336c62f83a5027af392"
         );
         // ecdsa-with-SHA384 -> SHA-384.
-        let b = der("MIIBqTCCATCgAwIBAgIUYelXWMQUqMwiqzv3ZF/1OX35xpMwCgYIKoZIzj0EAwMwDDEKMAgGA1UEAwwBYjAeFw0yNjExMjIxNDMyMzNaFw0zNjExMTkxNDMyMzNaMAwxCjAIBgNVBAMMAWIwdjAQBgcqhkjOPQIBBgUrgQQAIgNiAARFG37OXqWCN/wB6F4XDv12o2XLcLwWlMbWKk8yiSm6q+Kvmrr2ggNZR9ui+YF2Ll/mMe4tVI71EplYb7+eiPTv60js7FuqMl139QkDj858qpBGbyHLIc2CLM0QZxFykJ6jUzBRMB0GA1UdDgQWBBQYOTNkvl/gnvw2tJfpd86lHjle4jAfBgNVHSMEGDAWgBQYOTNkvl/gnvw2tJfpd86lHjle4jAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMDA2cAMGQCMCD5wxjbxglKjoLfrigiS552paB2LG3ieVyE/uIBmFepSUy1/aSj6oua75jmtCP7DgIwA3/tN1TIYr2Kes4UyU9mMTGJZ0GvEPq8BMnTAHAzMa4j70b2B6OiEiIZZg8ZfyXc");
+        let b = der(
+            "MIIBqTCCATCgAwIBAgIUYelXWMQUqMwiqzv3ZF/1OX35xpMwCgYIKoZIzj0EAwMwDDEKMAgGA1UEAwwBYjAeFw0yNjExMjIxNDMyMzNaFw0zNjExMTkxNDMyMzNaMAwxCjAIBgNVBAMMAWIwdjAQBgcqhkjOPQIBBgUrgQQAIgNiAARFG37OXqWCN/wB6F4XDv12o2XLcLwWlMbWKk8yiSm6q+Kvmrr2ggNZR9ui+YF2Ll/mMe4tVI71EplYb7+eiPTv60js7FuqMl139QkDj858qpBGbyHLIc2CLM0QZxFykJ6jUzBRMB0GA1UdDgQWBBQYOTNkvl/gnvw2tJfpd86lHjle4jAfBgNVHSMEGDAWgBQYOTNkvl/gnvw2tJfpd86lHjle4jAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMDA2cAMGQCMCD5wxjbxglKjoLfrigiS552paB2LG3ieVyE/uIBmFepSUy1/aSj6oua75jmtCP7DgIwA3/tN1TIYr2Kes4UyU9mMTGJZ0GvEPq8BMnTAHAzMa4j70b2B6OiEiIZZg8ZfyXc",
+        );
         assert_eq!(
             hex(&tls_server_end_point(&b).unwrap()),
             "d609de36447621f402a2103d8c3055d00444ffd523669076adc2115aa81410d225f964ec09a142e015c29c0651aa26dd"
         );
         // Ed25519 has no separate hash: no binding.
-        let c = der("MIIBLDCB36ADAgECAhRH7uSqpvKBsV5Ma3LTBWaYD16N2zAFBgMrZXAwDDEKMAgGA1UEAwwBYzAeFw0yNjExMjIxNDMyMzNaFw0zNjExMTkxNDMyMzNaMAwxCjAIBgNVBAMMAWMwKjAFBgMrZXADIQAyIBE1ow7Tq9fSCpw0XTaAmq6yykfb2c2iYt83jM8eMqNTMFEwHQYDVR0OBBYEFPAikcQIPuZaBztT4TZv2u97K5XyMB8GA1UdIwQYMBaAFPAikcQIPuZaBztT4TZv2u97K5XyMA8GA1UdEwEB/wQFMAMBAf8wBQYDK2VwA0EAU8dFC0ZOx8rmSq++jUA7iZ4g4sZMGeO/iL5fCsb42V+d/DkuTrDsv3uWZpc8cywB8xV89B+miXECAloF+QJ9Aw==");
+        let c = der(
+            "MIIBLDCB36ADAgECAhRH7uSqpvKBsV5Ma3LTBWaYD16N2zAFBgMrZXAwDDEKMAgGA1UEAwwBYzAeFw0yNjExMjIxNDMyMzNaFw0zNjExMTkxNDMyMzNaMAwxCjAIBgNVBAMMAWMwKjAFBgMrZXADIQAyIBE1ow7Tq9fSCpw0XTaAmq6yykfb2c2iYt83jM8eMqNTMFEwHQYDVR0OBBYEFPAikcQIPuZaBztT4TZv2u97K5XyMB8GA1UdIwQYMBaAFPAikcQIPuZaBztT4TZv2u97K5XyMA8GA1UdEwEB/wQFMAMBAf8wBQYDK2VwA0EAU8dFC0ZOx8rmSq++jUA7iZ4g4sZMGeO/iL5fCsb42V+d/DkuTrDsv3uWZpc8cywB8xV89B+miXECAloF+QJ9Aw==",
+        );
         assert!(tls_server_end_point(&c).is_none());
         // Not a certificate.
         assert!(tls_server_end_point(b"junk").is_none());
