@@ -225,7 +225,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     let pid = broker.0.id();
     std::thread::sleep(Duration::from_secs(1));
     let idle = rss_kib(pid)?;
-    let n = 50;
+    let n = 25;
     let held = idle_connections(n, 5432, &cg)?;
     std::thread::sleep(Duration::from_millis(500));
     let with = rss_kib(pid)?;
