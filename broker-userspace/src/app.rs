@@ -263,6 +263,10 @@ impl Daemon {
             tracing::info!(addr = %h.local_addr()?, "health endpoint bound");
             tasks.spawn(health::serve(h, Arc::clone(&ready), stop_rx.clone()));
         }
+        // Loading the programs parses the kernel's BTF (megabytes) for relocations; give
+        // that memory back to the OS instead of keeping it as free heap forever.
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
         ready.store(true, Ordering::SeqCst);
         tracing::info!(services = shared.services.len(), "broker ready");
         Ok(Self {

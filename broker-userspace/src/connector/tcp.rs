@@ -124,9 +124,10 @@ where
 /// Copy both ways between two plain TCP sockets until both sides are done; returns
 /// (client->upstream, upstream->client).
 ///
-/// An idle connection holds no buffer: a direction allocates its buffer only when its
-/// socket is readable and frees it as soon as the socket would block, so thousands of
-/// idle brokered connections cost little more than their sockets. A half-close on one
+/// An idle connection holds no buffer: a direction takes a buffer (from a small
+/// per-thread pool) only when its socket is readable and gives it back as soon as the
+/// socket would block, so thousands of idle brokered connections cost little more than
+/// their sockets. A half-close on one
 /// side is passed on as `shutdown(SHUT_WR)` on the other.
 ///
 /// # Errors
@@ -142,22 +143,61 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
     let mut total = 0u64;
     loop {
         from.readable().await?;
-        let mut buf: Vec<u8> = Vec::with_capacity(RELAY_BUF);
-        loop {
-            buf.clear();
-            match from.try_read_buf(&mut buf) {
-                Ok(0) => {
-                    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-                    return Ok(total);
-                }
-                Ok(n) => {
-                    write_all(to, &buf[..n]).await?;
-                    total += n as u64;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
+        let mut buf = BufferPool::take();
+        let res = drain(from, to, &mut buf, &mut total).await;
+        BufferPool::give(buf);
+        if res? {
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return Ok(total);
         }
+    }
+}
+
+/// Move everything readable now from `from` to `to`; `Ok(true)` at end of stream.
+async fn drain(
+    from: &TcpStream,
+    to: &TcpStream,
+    buf: &mut Vec<u8>,
+    total: &mut u64,
+) -> std::io::Result<bool> {
+    loop {
+        buf.clear();
+        match from.try_read_buf(buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => {
+                write_all(to, &buf[..n]).await?;
+                *total += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Relay buffers, cached per worker thread so a busy connection does not allocate (and
+/// the allocator does not trim and re-fault) a buffer per message, while an idle
+/// connection holds none. At most [`POOL_MAX`] buffers are kept per thread.
+struct BufferPool;
+
+const POOL_MAX: usize = 16;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl BufferPool {
+    fn take() -> Vec<u8> {
+        POOL.with(|p| p.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(RELAY_BUF))
+    }
+
+    fn give(buf: Vec<u8>) {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(buf);
+            }
+        });
     }
 }
 
