@@ -379,6 +379,13 @@ fn cancel_through_listen_on_within_two_seconds() {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     assert!(buf.is_empty(), "no reply to a cancel");
+    // The access line is written just after the socket closes: wait for it (bounded).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !b.daemon.log_text().contains("unknown backend pid 1")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let log = b.daemon.log_text();
     assert!(log.contains("unknown backend pid 1"), "{log}");
     assert_no_secret(&format!("{text}{log}"), &[pw], "outputs and broker log");
