@@ -86,6 +86,13 @@ pub fn free_port() -> u16 {
     panic!("no free port in 20000..32000");
 }
 
+/// Write `text` to `dir/name` and return the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
+    p
+}
+
 /// Wait until something accepts TCP connections on `addr`.
 pub fn wait_port(addr: SocketAddr, timeout: Duration) {
     let deadline = Instant::now() + timeout;

@@ -2,20 +2,14 @@
 //! user's seed configs and a Secretless v2 file load as written, with not-built
 //! connectors and providers named.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use broker_tests::{assert_no_secret, broker_check, output_text, workspace_root};
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write config");
-    p
-}
+use broker_tests::{assert_no_secret, broker_check, output_text, workspace_root, write_file};
 
 /// Run check on `text`; return (exit code, output).
 fn check(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let p = write(dir.path(), "broker.yaml", text);
+    let p = write_file(dir.path(), "broker.yaml", text);
     let out = broker_check(&p, &[]);
     (out.status.code().unwrap_or(-1), output_text(&out))
 }

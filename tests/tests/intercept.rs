@@ -15,6 +15,7 @@ use broker_tests::{
     net::{TestCgroup, Upstream, with_hosts},
     output_text, privileged,
     secret_server::SecretServer,
+    write_file,
 };
 
 /// A python3 client: connect to each `host port` argument (dual-stack socket for IPv6
@@ -45,12 +46,6 @@ for i in range(0, len(args), 2):
         print(f"RESULT {host} {port} error={type(e).__name__}")
 "#;
 
-fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write file");
-    p
-}
-
 fn result_line<'a>(out: &'a str, host: &str, port: u16) -> &'a str {
     let prefix = format!("RESULT {host} {port} ");
     out.lines()
@@ -67,9 +62,9 @@ fn exec_redirects_hostname_ipv6_and_mapped_and_leaves_the_rest_alone() {
     let web = Upstream::start("127.0.0.2", "web");
     let v6 = Upstream::start("::1", "web6");
     let other = Upstream::start("127.0.0.3", "other");
-    let script = write(dir.path(), "client.py", CLIENT);
+    let script = write_file(dir.path(), "client.py", CLIENT);
     // The service has no host credential: the upstream is the original destination.
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "broker.yaml",
         &format!(
@@ -183,7 +178,7 @@ fn exec_with_curl_and_exit_status() {
     // Intercept an address where nothing listens; credentials.host/port send the
     // connection to the real upstream.
     let port = free_port();
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "broker.yaml",
         &format!(
@@ -230,7 +225,7 @@ fn exec_with_curl_and_exit_status() {
 }
 
 fn run_config(dir: &Path, health: u16, body: &str) -> std::path::PathBuf {
-    write(
+    write_file(
         dir,
         "broker.yaml",
         &format!("version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n{body}"),
@@ -263,7 +258,7 @@ fn run_refuses_direct_connections_and_detaches_on_sigterm_and_sigkill() {
             web.addr.port()
         ),
     );
-    let script = write(dir.path(), "client.py", CLIENT);
+    let script = write_file(dir.path(), "client.py", CLIENT);
     let client = |cg: &TestCgroup| {
         let mut c = Command::new("python3");
         c.arg(&script)
@@ -438,7 +433,7 @@ fn failing_secret_store_closes_cleanly_and_other_services_keep_working() {
             base = store.base_url()
         ),
     );
-    let script = write(dir.path(), "client.py", CLIENT);
+    let script = write_file(dir.path(), "client.py", CLIENT);
     let log = dir.path().join("broker.log");
     // The token comes from the environment, through ${...} interpolation.
     let d = Daemon::start_with_env(

@@ -4,7 +4,7 @@
 //! rotation without a restart. Every output is grepped for the passwords.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -14,14 +14,8 @@ use broker_tests::{
     net::{TestCgroup, with_hosts},
     output_text,
     pg::{CANCEL_SCRIPT, PgAuth, PgOptions, PgServer, PgTls, python_with_psycopg2},
-    privileged,
+    privileged, write_file,
 };
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write file");
-    p
-}
 
 /// A `pg` service intercepting `target`, with the password read from `pw_file`.
 fn pg_service(name: &str, target: &str, pg: &PgServer, pw_file: &Path, extra: &str) -> String {
@@ -73,9 +67,9 @@ fn psql_under_exec_scram_md5_and_tls_in_every_sslmode() {
     let md5 = PgServer::start(PgOptions::new(PgAuth::Md5, pw_md5));
     let tls = PgServer::start(PgOptions::new(PgAuth::Scram, pw_tls).tls(PgTls::Required));
     let ca = tls.ca_cert.clone().expect("TLS server has a CA");
-    let f_scram = write(dir.path(), "pw-scram", pw_scram);
-    let f_md5 = write(dir.path(), "pw-md5", pw_md5);
-    let f_tls = write(dir.path(), "pw-tls", pw_tls);
+    let f_scram = write_file(dir.path(), "pw-scram", pw_scram);
+    let f_md5 = write_file(dir.path(), "pw-md5", pw_md5);
+    let f_tls = write_file(dir.path(), "pw-tls", pw_tls);
     let ca_s = ca.display().to_string();
     let mut services = String::new();
     services += &pg_service(
@@ -124,7 +118,7 @@ fn psql_under_exec_scram_md5_and_tls_in_every_sslmode() {
             "      sslmode: verify-full\n      sslrootcert: {ca_s}\n      sslhost: wrong.example.test\n"
         ),
     );
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "broker.yaml",
         &format!("version: 2\nservices:\n{services}"),
@@ -168,7 +162,7 @@ fn run_broker(tag: &str, services: &str) -> RunBroker {
     let dir = tempfile::tempdir().expect("tempdir");
     let cg = TestCgroup::new(tag);
     let health = free_port();
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "broker.yaml",
         &format!("version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n{services}"),
@@ -208,7 +202,7 @@ fn pgbench_init_persistent_and_new_connection_per_transaction() {
     let pw = "bench-pw-5b7d9f1e3a";
     let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
     let tmp = tempfile::tempdir().expect("tempdir");
-    let f = write(tmp.path(), "pw", pw);
+    let f = write_file(tmp.path(), "pw", pw);
     let b = run_broker(
         "pgbench",
         &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"),
@@ -251,7 +245,7 @@ fn cancel_reaches_the_right_backend_within_two_seconds() {
     let pw = "cancel-pw-3c5e7a9b1d";
     let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
     let tmp = tempfile::tempdir().expect("tempdir");
-    let f = write(tmp.path(), "pw", pw);
+    let f = write_file(tmp.path(), "pw", pw);
     let b = run_broker(
         "cancel",
         &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"),
@@ -290,7 +284,7 @@ fn wrong_password_then_rotation_without_restart() {
     let rotated = "rotate-pw-two-9e7c5a3b1d";
     let mut pg = PgServer::start(PgOptions::new(PgAuth::Scram, right));
     let tmp = tempfile::tempdir().expect("tempdir");
-    let f = write(tmp.path(), "pw", wrong);
+    let f = write_file(tmp.path(), "pw", wrong);
     let b = run_broker(
         "rotate",
         &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"),

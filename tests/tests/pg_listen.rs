@@ -4,23 +4,13 @@
 //! pass-through, the server's own errors, broker errors with SQLSTATEs, rotation and
 //! cancel. Every output and the daemon log are grepped for the passwords.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Output,
-};
+use std::{net::SocketAddr, path::Path, process::Output};
 
 use broker_tests::{
     Daemon, assert_no_secret, free_port, output_text,
     pg::{PgAuth, PgOptions, PgServer, PgTls, cancel_sleep, psql, python_with_psycopg2},
-    privileged,
+    privileged, write_file,
 };
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write file");
-    p
-}
 
 /// A `pg` service on `listenOn: tcp://127.0.0.1:<port>` for `pg`, the password read from
 /// `pw_file`; `extra` adds credential lines (6-space indent).
@@ -40,7 +30,7 @@ struct Running {
 fn start(services: &str) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let health = free_port();
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "broker.yaml",
         &format!("version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n{services}"),
@@ -79,10 +69,10 @@ fn psql_through_listen_on_scram_md5_password_and_every_sslmode() {
     let ca = tls.ca_cert.clone().expect("TLS server has a CA");
     let ca_s = ca.display().to_string();
     let files = tempfile::tempdir().expect("tempdir");
-    let f_scram = write(files.path(), "scram", pw_scram);
-    let f_md5 = write(files.path(), "md5", &format!("{pw_md5}\n"));
-    let f_clear = write(files.path(), "clear", pw_clear);
-    let f_tls = write(files.path(), "tls", pw_tls);
+    let f_scram = write_file(files.path(), "scram", pw_scram);
+    let f_md5 = write_file(files.path(), "md5", &format!("{pw_md5}\n"));
+    let f_clear = write_file(files.path(), "clear", pw_clear);
+    let f_tls = write_file(files.path(), "tls", pw_tls);
 
     // (service, port, server, password file, extra credentials, expect success)
     let cases: Vec<(&str, &PgServer, &Path, String, bool)> = vec![
@@ -233,7 +223,7 @@ fn wrong_password_then_rotation_through_listen_on() {
     let rotated = "listen-rot-two-2b4d6f";
     let mut pg = PgServer::start(PgOptions::new(PgAuth::Scram, right));
     let files = tempfile::tempdir().expect("tempdir");
-    let f = write(files.path(), "pw", wrong);
+    let f = write_file(files.path(), "pw", wrong);
     let port = free_port();
     let b = start(&service("db", port, pg.port, &f, ""));
 
@@ -307,7 +297,7 @@ fn broker_errors_carry_sqlstates_and_name_the_service() {
     let (p1, p2) = (free_port(), free_port());
     let mut services = String::new();
     // Nothing listens on `dead`.
-    let pw = write(files.path(), "pw", "unused-pw-5d3c1b");
+    let pw = write_file(files.path(), "pw", "unused-pw-5d3c1b");
     services += &service("unreachable", p1, dead, &pw, "      sslmode: disable\n");
     services += &service("no-secret", p2, dead, &missing, "");
     let b = start(&services);
@@ -354,7 +344,7 @@ fn cancel_through_listen_on_within_two_seconds() {
     let pw = "listen-cancel-pw-7e9a1c";
     let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
     let files = tempfile::tempdir().expect("tempdir");
-    let f = write(files.path(), "pw", pw);
+    let f = write_file(files.path(), "pw", pw);
     let port = free_port();
     let b = start(&service(
         "db",
