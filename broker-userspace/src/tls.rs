@@ -69,17 +69,22 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
+/// The system trust store, read and parsed once per process (the bundle is hundreds of
+/// certificates; connections must not re-read it). Falls back to the bundled webpki
+/// roots when the system has none.
 fn system_roots(store: &mut RootCertStore) {
-    let native = rustls_native_certs::load_native_certs();
-    let mut added = 0usize;
-    for cert in native.certs {
-        if store.add(cert).is_ok() {
-            added += 1;
+    static ROOTS: std::sync::OnceLock<RootCertStore> = std::sync::OnceLock::new();
+    let roots = ROOTS.get_or_init(|| {
+        let mut roots = RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
         }
-    }
-    if added == 0 {
-        store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    }
+        if roots.is_empty() {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+        roots
+    });
+    store.roots.extend(roots.roots.iter().cloned());
 }
 
 /// Build a client configuration.
