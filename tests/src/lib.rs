@@ -11,7 +11,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Output},
     time::{Duration, Instant},
 };
 
@@ -221,24 +221,27 @@ impl Drop for Daemon {
     }
 }
 
-/// Run `broker exec -f <config> [flags] -- <cmd...>` with extra environment, bounded by
-/// `timeout`. Returns the output (stdout, stderr: the client's and the broker's).
+/// `broker [flags...] exec -f <config> -- <cmd...>`, in a private mount namespace whose
+/// /etc/hosts also maps `names` (see [`net::with_hosts`]); the caller sets env and stdio.
 #[must_use]
-pub fn broker_exec(config: &Path, cmd: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
-    let mut c = Command::new("timeout");
-    c.arg("--kill-after=5")
-        .arg(format!("{}", timeout.as_secs()))
-        .arg(broker_bin())
-        .arg("exec")
-        .arg("-f")
-        .arg(config)
-        .arg("--")
-        .args(cmd)
-        .stdin(Stdio::null());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("spawn broker exec")
+pub fn broker_exec(
+    dir: &Path,
+    names: &[(&str, &str)],
+    flags: &[&str],
+    config: &Path,
+    cmd: &[&str],
+) -> Command {
+    let bin = broker_bin();
+    let mut argv = vec![bin.to_str().expect("UTF-8 binary path")];
+    argv.extend_from_slice(flags);
+    argv.extend_from_slice(&[
+        "exec",
+        "-f",
+        config.to_str().expect("UTF-8 config path"),
+        "--",
+    ]);
+    argv.extend_from_slice(cmd);
+    net::with_hosts(dir, names, &argv)
 }
 
 /// Run `broker check -f <config>`.

@@ -109,12 +109,6 @@ impl SecretServer {
         self.state.failing.store(failing, Ordering::SeqCst);
     }
 
-    /// Requests served so far.
-    #[must_use]
-    pub fn requests(&self) -> usize {
-        self.state.requests.load(Ordering::SeqCst)
-    }
-
     /// Base URL for the `http` provider: `http://127.0.0.1:P/secrets/`.
     #[must_use]
     pub fn base_url(&self) -> String {

@@ -11,8 +11,8 @@ use std::{
 };
 
 use broker_tests::{
-    Daemon, assert_no_secret, broker_bin, free_port,
-    net::{TestCgroup, Upstream, with_hosts},
+    Daemon, assert_no_secret, broker_bin, broker_exec, free_port,
+    net::{TestCgroup, Upstream},
     output_text, privileged,
     secret_server::SecretServer,
     write_file,
@@ -73,20 +73,12 @@ fn exec_redirects_hostname_ipv6_and_mapped_and_leaves_the_rest_alone() {
             v6.addr.port()
         ),
     );
-    let bin = broker_bin();
     let (wp, v6p, op) = (
         web.addr.port().to_string(),
         v6.addr.port().to_string(),
         other.addr.port().to_string(),
     );
-    let argv = [
-        bin.to_str().unwrap(),
-        "--log-format",
-        "json",
-        "exec",
-        "-f",
-        cfg.to_str().unwrap(),
-        "--",
+    let client = [
         "python3",
         script.to_str().unwrap(),
         "web.example.test",
@@ -98,12 +90,18 @@ fn exec_redirects_hostname_ipv6_and_mapped_and_leaves_the_rest_alone() {
         "127.0.0.3",
         &op,
     ];
-    let child = with_hosts(dir.path(), &[("web.example.test", "127.0.0.2")], &argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run broker exec");
+    let child = broker_exec(
+        dir.path(),
+        &[("web.example.test", "127.0.0.2")],
+        &["--log-format", "json"],
+        &cfg,
+        &client,
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("run broker exec");
     // unshare and sh exec in place: the child's pid is the broker's.
     let exec_cgroup = broker_tests::net::cgroup2_root().join(format!("broker-exec-{}", child.id()));
     let out = child.wait_with_output().expect("wait broker exec");
@@ -186,23 +184,16 @@ fn exec_with_curl_and_exit_status() {
             web.addr.port()
         ),
     );
-    let bin = broker_bin();
     let url = format!("http://api.example.test:{port}/");
-    let argv = [
-        bin.to_str().unwrap(),
-        "exec",
-        "-f",
-        cfg.to_str().unwrap(),
-        "--",
-        "curl",
-        "-sS",
-        "-m",
-        "10",
-        &url,
-    ];
-    let out = with_hosts(dir.path(), &[("api.example.test", "127.0.0.4")], &argv)
-        .output()
-        .expect("run broker exec curl");
+    let out = broker_exec(
+        dir.path(),
+        &[("api.example.test", "127.0.0.4")],
+        &[],
+        &cfg,
+        &["curl", "-sS", "-m", "10", &url],
+    )
+    .output()
+    .expect("run broker exec curl");
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("hello from curl-upstream"), "{text}");

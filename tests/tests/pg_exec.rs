@@ -10,8 +10,8 @@ use std::{
 };
 
 use broker_tests::{
-    Daemon, assert_no_secret, broker_bin, free_port,
-    net::{TestCgroup, with_hosts},
+    Daemon, assert_no_secret, broker_exec, free_port,
+    net::TestCgroup,
     output_text,
     pg::{CANCEL_SCRIPT, PgAuth, PgOptions, PgServer, PgTls, python_with_psycopg2},
     privileged, write_file,
@@ -28,23 +28,18 @@ fn pg_service(name: &str, target: &str, pg: &PgServer, pw_file: &Path, extra: &s
 
 /// Run `sh -c script` under `broker exec` with `db.example.test` -> 127.0.0.2.
 fn exec_sh(dir: &Path, cfg: &Path, script: &str) -> (bool, String) {
-    let bin = broker_bin();
-    let argv = [
-        bin.to_str().unwrap(),
-        "exec",
-        "-f",
-        cfg.to_str().unwrap(),
-        "--",
-        "sh",
-        "-c",
-        script,
-    ];
-    let out = with_hosts(dir, &[("db.example.test", "127.0.0.2")], &argv)
-        .env_remove("PGPASSWORD")
-        .env("PGCONNECT_TIMEOUT", "10")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run broker exec");
+    let out = broker_exec(
+        dir,
+        &[("db.example.test", "127.0.0.2")],
+        &[],
+        cfg,
+        &["sh", "-c", script],
+    )
+    .env_remove("PGPASSWORD")
+    .env("PGCONNECT_TIMEOUT", "10")
+    .stdin(Stdio::null())
+    .output()
+    .expect("run broker exec");
     (out.status.success(), output_text(&out))
 }
 

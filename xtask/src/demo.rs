@@ -5,11 +5,11 @@
 //! loopback address in a private mount namespace, and an unmodified `psql` that connects
 //! to `db.example.com:5432` with a dummy password under `broker exec`.
 
-use std::{io::Read as _, path::Path, process::Stdio};
+use std::{io::Read as _, process::Stdio};
 
 use anyhow::{Context as _, bail};
 use broker_tests::{
-    net::with_hosts,
+    broker_exec,
     pg::{PgAuth, PgOptions, PgServer},
     secret_server::SecretServer,
 };
@@ -20,7 +20,7 @@ fn random_hex(n: usize) -> anyhow::Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-pub fn run(root: &Path) -> anyhow::Result<()> {
+pub fn run() -> anyhow::Result<()> {
     if !broker_tests::pg::available() {
         bail!("the demo needs root (eBPF, and PostgreSQL runs as `postgres`) and PostgreSQL 15");
     }
@@ -62,29 +62,21 @@ services:
     )?;
     eprintln!("demo: config:\n{}", std::fs::read_to_string(&cfg)?);
 
-    let broker = root.join("target/debug/broker");
     let conninfo = "host=db.example.com port=5432 user=anything password=dummy dbname=app";
     let sql = "select current_user as brokered_role, inet_server_port() as real_server_port";
     eprintln!("demo: broker exec -f demo.yaml -- psql \"{conninfo}\" -c \"{sql}\"\n");
-    let argv = [
-        broker.to_str().context("non-UTF-8 path")?,
-        "--log-level",
-        "warn,access=info",
-        "exec",
-        "-f",
-        cfg.to_str().context("non-UTF-8 path")?,
-        "--",
-        "psql",
-        conninfo,
-        "-c",
-        sql,
-    ];
-    let out = with_hosts(dir.path(), &[("db.example.com", "127.0.0.2")], &argv)
-        .env("UTS_AUTH_TOKEN", &token)
-        .env_remove("PGPASSWORD")
-        .stdin(Stdio::null())
-        .output()
-        .context("running broker exec")?;
+    let out = broker_exec(
+        dir.path(),
+        &[("db.example.com", "127.0.0.2")],
+        &["--log-level", "warn,access=info"],
+        &cfg,
+        &["psql", conninfo, "-c", sql],
+    )
+    .env("UTS_AUTH_TOKEN", &token)
+    .env_remove("PGPASSWORD")
+    .stdin(Stdio::null())
+    .output()
+    .context("running broker exec")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     print!("{stdout}");

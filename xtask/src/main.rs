@@ -59,7 +59,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => {
             setup::all()?;
             build(&root, false)?;
-            demo::run(&root)
+            demo::run()
         }
         Cmd::Test { no_lint, rest } => {
             setup::all()?;
