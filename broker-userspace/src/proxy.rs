@@ -7,7 +7,8 @@
 //! * **explicit** `listenOn` listeners (Secretless style), one per service.
 //!
 //! Each connection runs in its own task with one span, and writes exactly one access-log
-//! line (target `access`) when it ends, from a drop guard, whatever the outcome.
+//! line (target `access`) when it ends, whatever the outcome (success, error, refusal,
+//! or the shutdown deadline ending it).
 
 use std::{
     net::SocketAddr,
