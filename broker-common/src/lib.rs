@@ -17,6 +17,15 @@ pub const MAP_SETTINGS: &str = "SETTINGS";
 pub const MAP_BY_COOKIE: &str = "BY_COOKIE";
 /// Name of the LRU map client address ([`AddrKey`]) -> [`ConnRecord`], written by sock_ops.
 pub const MAP_BY_PEER: &str = "BY_PEER";
+/// Name of the sockhash of applications' sockets ([`SockKey`]), filled by sock_ops for
+/// connections to services that may be spliced; the `sk_msg` program is attached to it.
+pub const MAP_SPLICE_APP: &str = "SPLICE_APP";
+/// Name of the sockhash of the broker's upstream sockets ([`SockKey`]), filled by the
+/// daemon when it splices a session; the `sk_skb` stream verdict is attached to it.
+pub const MAP_SPLICE_UP: &str = "SPLICE_UP";
+/// Name of the hash map socket ([`SockKey`]) -> [`SpliceValue`]: where a spliced
+/// socket's data goes, and how many bytes went.
+pub const MAP_SPLICE: &str = "SPLICE";
 
 /// Capacity of the exact target map.
 pub const MAX_TARGETS: u32 = 16_384;
@@ -34,6 +43,16 @@ pub const DEFAULT_BYPASS_MARK: u32 = 0x0000_0539;
 pub const SETTINGS_ENABLED: u32 = 1;
 /// `SETTINGS.flags`: emit aya-log debug lines from the kernel programs.
 pub const SETTINGS_DEBUG: u32 = 2;
+
+/// [`TargetValue::flags`] / [`ConnRecord::flags`]: the service's sessions may be spliced
+/// in the kernel after authentication (sock_ops puts the app's socket in `SPLICE_APP`).
+pub const TARGET_SPLICE: u32 = 1;
+/// [`ConnRecord::flags`]: sock_ops put the app's socket in `SPLICE_APP`.
+pub const REC_IN_SPLICE_APP: u32 = 2;
+
+/// [`SpliceValue::flags`]: deliver to the peer socket's receive queue (`BPF_F_INGRESS`)
+/// instead of sending it out of the peer socket.
+pub const SPLICE_INGRESS: u32 = 1;
 
 /// `AF_INET`, as recorded in [`ConnRecord::family`].
 pub const FAMILY_INET: u16 = 2;
@@ -68,7 +87,8 @@ pub struct CidrKey {
 pub struct TargetValue {
     /// Index of the service in the daemon's configuration.
     pub service_id: u32,
-    pub _pad: u32,
+    /// `TARGET_*` bits.
+    pub flags: u32,
 }
 
 /// Global settings, written by the daemon before it attaches the programs.
@@ -109,7 +129,37 @@ pub struct ConnRecord {
     pub pid: u32,
     pub uid: u32,
     pub gid: u32,
-    pub _pad: u32,
+    /// `TARGET_SPLICE` copied from the target, plus `REC_IN_SPLICE_APP`.
+    pub flags: u32,
+}
+
+/// One TCP socket, as seen from itself: its own address and its peer's. Both the kernel
+/// programs (from their context) and the daemon (from `getsockname`/`getpeername`) can
+/// build it, which is what lets them name the same socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    /// Local address, network byte order (IPv4 as `::ffff:a.b.c.d`).
+    pub local: [u8; 16],
+    /// Remote address, network byte order (IPv4 as `::ffff:a.b.c.d`).
+    pub remote: [u8; 16],
+    /// Local port, host byte order.
+    pub local_port: u16,
+    /// Remote port, host byte order.
+    pub remote_port: u16,
+}
+
+/// Where a spliced socket's data goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SpliceValue {
+    /// The socket that receives this socket's data (in `SPLICE_UP` for an app socket's
+    /// sends, in `SPLICE_APP` for an upstream socket's received data).
+    pub peer: SockKey,
+    /// `SPLICE_*` bits.
+    pub flags: u32,
+    /// Bytes moved by the kernel programs (written by them only).
+    pub bytes: u64,
 }
 
 #[cfg(feature = "user")]
@@ -121,6 +171,8 @@ mod pod {
     unsafe impl aya::Pod for super::TargetValue {}
     unsafe impl aya::Pod for super::BrokerSettings {}
     unsafe impl aya::Pod for super::ConnRecord {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SpliceValue {}
 }
 
 // No hidden padding: every byte is a named field.
@@ -129,6 +181,8 @@ const _: () = assert!(core::mem::size_of::<CidrKey>() == 18);
 const _: () = assert!(core::mem::size_of::<TargetValue>() == 8);
 const _: () = assert!(core::mem::size_of::<BrokerSettings>() == 16);
 const _: () = assert!(core::mem::size_of::<ConnRecord>() == 8 + 8 + 16 + 16 + 2 + 2 + 4 * 5);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 16 + 16 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<SpliceValue>() == 36 + 4 + 8);
 
 /// The IPv4-mapped IPv6 form of an IPv4 address given as network-order bytes.
 #[must_use]

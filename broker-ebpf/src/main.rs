@@ -11,6 +11,12 @@
 //!   It also asks for state callbacks so the cookie entry is deleted when the socket closes.
 //! * `getpeername4` / `getpeername6`: the application sees the original peer, never the
 //!   broker.
+//! * Splice (after the daemon has authenticated a session): sock_ops also puts the app's
+//!   socket in `SPLICE_APP` (for services that allow it). Once the daemon writes the two
+//!   `SPLICE` entries, `broker_splice_msg` (sk_msg on `SPLICE_APP`) sends what the app
+//!   writes straight out of the broker's upstream socket, and `broker_splice_skb`
+//!   (sk_skb stream verdict on `SPLICE_UP`) puts what the upstream sends straight into
+//!   the app socket's receive queue. The daemon's relay is then out of the data path.
 //!
 //! Sockets carrying the bypass mark (the broker's upstream sockets) and sockets of the
 //! broker's own process are never redirected, so there are no loops even at the root cgroup.
@@ -23,16 +29,19 @@ use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt,
+        },
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_msg, sock_ops, stream_verdict},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash, lpm_trie::Key},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnRecord, FAMILY_INET, FAMILY_INET6, MAX_CIDRS, MAX_CONNS,
-    MAX_TARGETS, SETTINGS_DEBUG, SETTINGS_ENABLED, TargetValue, is_mapped_v4, mapped_v4,
+    MAX_TARGETS, REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SPLICE_INGRESS, SockKey,
+    SpliceValue, TARGET_SPLICE, TargetValue, is_mapped_v4, mapped_v4,
 };
 
 #[map]
@@ -50,7 +59,23 @@ static BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entries(MAX
 #[map]
 static BY_PEER: LruHashMap<AddrKey, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
+#[map]
+static SPLICE_APP: SockHash<SockKey> = SockHash::with_max_entries(MAX_CONNS, 0);
+
+#[map]
+static SPLICE_UP: SockHash<SockKey> = SockHash::with_max_entries(MAX_CONNS, 0);
+
+#[map]
+static SPLICE: HashMap<SockKey, SpliceValue> = HashMap::with_max_entries(2 * MAX_CONNS, 0);
+
 const IPPROTO_TCP: u32 = 6;
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+const SOL_SOCKET: i32 = 1;
+const SO_RCVBUF: i32 = 8;
+/// Receive buffer asked for on an app socket that may be spliced (the kernel doubles it).
+const SPLICE_RCVBUF: i32 = 4 << 20;
+const BPF_F_INGRESS: u64 = 1;
 const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
 const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
@@ -147,7 +172,7 @@ fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16, target:
         pid: (pid_tgid >> 32) as u32,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
-        _pad: 0,
+        flags: target.flags & TARGET_SPLICE,
     };
     // SAFETY: ctx.as_ptr() is the program's context, valid for the cookie helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -266,6 +291,47 @@ pub fn broker_getpeername6(ctx: SockAddrContext) -> i32 {
     1
 }
 
+/// Build the [`SockKey`] of the socket behind a context pointer (`bpf_sock_ops`,
+/// `sk_msg_md` and `__sk_buff` name these fields alike). Remote ports are network order;
+/// most kernels hand them shifted into the upper half of the u32, older ones not: both
+/// read right. Each field is one fixed-offset volatile load (see `on_established`).
+macro_rules! sock_key {
+    ($p:expr) => {{
+        let p = $p;
+        // Straight-line loads, all fields, before any branch: LLVM then addresses each
+        // one as ctx+offset instead of keeping a derived pointer the verifier refuses.
+        let family = core::ptr::read_volatile(&raw const (*p).family);
+        let l4 = core::ptr::read_volatile(&raw const (*p).local_ip4);
+        let r4 = core::ptr::read_volatile(&raw const (*p).remote_ip4);
+        let l6 = [
+            core::ptr::read_volatile(&raw const (*p).local_ip6[0]),
+            core::ptr::read_volatile(&raw const (*p).local_ip6[1]),
+            core::ptr::read_volatile(&raw const (*p).local_ip6[2]),
+            core::ptr::read_volatile(&raw const (*p).local_ip6[3]),
+        ];
+        let r6 = [
+            core::ptr::read_volatile(&raw const (*p).remote_ip6[0]),
+            core::ptr::read_volatile(&raw const (*p).remote_ip6[1]),
+            core::ptr::read_volatile(&raw const (*p).remote_ip6[2]),
+            core::ptr::read_volatile(&raw const (*p).remote_ip6[3]),
+        ];
+        let lp = core::ptr::read_volatile(&raw const (*p).local_port);
+        let rp = core::ptr::read_volatile(&raw const (*p).remote_port);
+        let (local, remote) = if family == u32::from(FAMILY_INET) {
+            (mapped_v4(l4.to_ne_bytes()), mapped_v4(r4.to_ne_bytes()))
+        } else {
+            (addr_from_words(l6), addr_from_words(r6))
+        };
+        let rp = if rp > 0xffff { rp >> 16 } else { rp };
+        SockKey {
+            local,
+            remote,
+            local_port: lp as u16,
+            remote_port: u16::from_be(rp as u16),
+        }
+    }};
+}
+
 #[sock_ops]
 pub fn broker_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
@@ -310,9 +376,90 @@ fn on_established(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         _pad: 0,
     };
+    let mut rec = rec;
+    if rec.flags & TARGET_SPLICE != 0 {
+        // SAFETY: the context pointer is valid for the duration of the program.
+        let mut sk = unsafe { sock_key!(ctx.ops) };
+        // SAFETY: ctx.ops is the program's own bpf_sock_ops.
+        if SPLICE_APP
+            .update(&mut sk, unsafe { &mut *ctx.ops }, 0)
+            .is_ok()
+        {
+            rec.flags |= REC_IN_SPLICE_APP;
+            // Spliced data waits in this socket's receive queue, bounded by its receive
+            // buffer; when that is full the kernel retries a jiffy later. TCP's own
+            // autotuning never grows it (no TCP data arrives once spliced), so ask for
+            // a large one up front (the kernel caps it at net.core.rmem_max).
+            let mut val: i32 = SPLICE_RCVBUF;
+            // SAFETY: valid context; val outlives the call.
+            let _ = unsafe {
+                bpf_setsockopt(
+                    ctx.ops.cast(),
+                    SOL_SOCKET,
+                    SO_RCVBUF,
+                    (&raw mut val).cast(),
+                    core::mem::size_of::<i32>() as i32,
+                )
+            };
+        }
+    }
     let _ = BY_PEER.insert(key, rec, 0);
     // Delete the cookie entry when this socket closes (getpeername needs it until then).
     let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | SOCK_OPS_STATE_CB_FLAG);
+}
+
+/// sk_msg on `SPLICE_APP`: an app socket's send goes straight out of its upstream socket
+/// once the session is spliced; before that (and if the upstream socket is gone) it takes
+/// the normal path to the broker's listener.
+#[sk_msg]
+pub fn broker_splice_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let key = unsafe { sock_key!(ctx.msg) };
+    let Some(v) = SPLICE.get_ptr_mut(key) else {
+        return SK_PASS;
+    };
+    // SAFETY: v points into the map value for the duration of the program; only this
+    // socket's sends (serialised by its socket lock) write `bytes`.
+    unsafe {
+        let peer = (*v).peer;
+        let size = ctx.size();
+        if SPLICE_UP.redirect_msg(&ctx, peer, 0) as u32 == SK_PASS {
+            (*v).bytes += u64::from(size);
+        }
+    }
+    SK_PASS
+}
+
+/// sk_skb stream verdict on `SPLICE_UP`: what an upstream socket receives goes straight
+/// into its app socket's receive queue once the session is spliced; otherwise it stays
+/// on the upstream socket for the daemon to read.
+#[stream_verdict]
+pub fn broker_splice_skb(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let key = unsafe { sock_key!(ctx.skb.skb) };
+    let Some(v) = SPLICE.get_ptr_mut(key) else {
+        return SK_PASS;
+    };
+    // SAFETY: as in broker_splice_msg; this socket's receive path is serialised.
+    unsafe {
+        let peer = (*v).peer;
+        let flags = if (*v).flags & SPLICE_INGRESS != 0 {
+            BPF_F_INGRESS
+        } else {
+            0
+        };
+        let len = ctx.len();
+        if len == 0 {
+            // A bare FIN. Redirected, it would become an empty message in the app
+            // socket's queue, which recv() reports as EFAULT; the daemon passes the
+            // end of the stream on itself (connector::splice).
+            return SK_DROP;
+        }
+        if SPLICE_APP.redirect_skb(&ctx, peer, flags) as u32 == SK_PASS {
+            (*v).bytes += u64::from(len);
+        }
+    }
+    SK_PASS
 }
 
 #[cfg(not(target_arch = "bpf"))]

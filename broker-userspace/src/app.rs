@@ -220,7 +220,15 @@ impl Daemon {
                 listen_port: port,
                 _pad: 0,
             };
-            let mut i = Interceptor::attach(cgroup, settings, &t.current())
+            // Sessions of these services may be spliced in the kernel after auth.
+            let splice_services = cfg
+                .services
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| cfg.broker.splice && s.connector.can_splice())
+                .map(|(i, _)| u32::try_from(i).unwrap_or(u32::MAX))
+                .collect();
+            let mut i = Interceptor::attach(cgroup, settings, &t.current(), splice_services)
                 .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
             if opts.ebpf_debug {
                 match i.kernel_logger() {

@@ -8,18 +8,20 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{Array, HashMap, LpmTrie, MapData, SockHash, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SkSkb, SockOps},
 };
 use broker_common::{
-    AddrKey, BrokerSettings, CidrKey, ConnRecord, MAP_BY_PEER, MAP_SETTINGS, MAP_TARGET_CIDRS,
-    MAP_TARGETS, TargetValue, mapped_v4,
+    AddrKey, BrokerSettings, CidrKey, ConnRecord, MAP_BY_PEER, MAP_SETTINGS, MAP_SPLICE,
+    MAP_SPLICE_APP, MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_INGRESS, SockKey,
+    SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
 };
 
 /// The eBPF object built by `build.rs` (aya-build) from `broker-ebpf`.
@@ -55,6 +57,8 @@ pub enum EbpfError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("upstream socket address: {0}")]
+    Socket(#[source] std::io::Error),
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
@@ -77,17 +81,36 @@ fn addr16(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+/// An address as the kernel programs store it: IPv4 (or IPv4-mapped IPv6) as
+/// `::ffff:a.b.c.d`.
+fn norm16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.octets(), |v4| mapped_v4(v4.octets())),
+        IpAddr::V4(v4) => mapped_v4(v4.octets()),
+    }
+}
+
 /// The key under which sock_ops recorded a client with this source address.
 #[must_use]
 pub fn peer_key(peer: SocketAddr) -> AddrKey {
-    let ip = match peer.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
     AddrKey {
-        addr: addr16(ip),
+        addr: norm16(peer.ip()),
         port: peer.port(),
         _pad: 0,
+    }
+}
+
+/// The [`SockKey`] of a socket with this local and remote address, as the kernel
+/// programs build it from their context.
+#[must_use]
+pub fn sock_key(local: SocketAddr, remote: SocketAddr) -> SockKey {
+    SockKey {
+        local: norm16(local.ip()),
+        remote: norm16(remote.ip()),
+        local_port: local.port(),
+        remote_port: remote.port(),
     }
 }
 
@@ -103,12 +126,15 @@ struct Targets {
     exact: HashMap<MapData, AddrKey, TargetValue>,
     cidrs: LpmTrie<MapData, CidrKey, TargetValue>,
     current: BTreeMap<KernelTarget, u32>,
+    /// Services whose sessions may be spliced in the kernel.
+    splice_services: BTreeSet<u32>,
 }
 
 /// The loaded and attached kernel programs and their maps.
 pub struct Interceptor {
     // Field order matters for drop: maps first, then the object (which detaches).
     peers: Mutex<HashMap<MapData, AddrKey, ConnRecord>>,
+    splicer: Arc<Splicer>,
     targets: Mutex<Targets>,
     settings: Mutex<Array<MapData, BrokerSettings>>,
     cgroup: PathBuf,
@@ -141,6 +167,7 @@ impl Interceptor {
         cgroup: &Path,
         settings: BrokerSettings,
         targets: &BTreeMap<KernelTarget, u32>,
+        splice_services: BTreeSet<u32>,
     ) -> Result<Self, EbpfError> {
         let mut ebpf = Ebpf::load(OBJECT).map_err(EbpfError::Load)?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
@@ -157,10 +184,53 @@ impl Interceptor {
             cidrs: LpmTrie::try_from(take(&mut ebpf, MAP_TARGET_CIDRS)?)
                 .map_err(map_err(MAP_TARGET_CIDRS))?,
             current: BTreeMap::new(),
+            splice_services,
         };
         t.update(targets)?;
         let peers =
             HashMap::try_from(take(&mut ebpf, MAP_BY_PEER)?).map_err(map_err(MAP_BY_PEER))?;
+
+        // The splice programs go on their sockhashes before anything can put a socket
+        // there: a socket takes the programs its map has when it is inserted.
+        let splicer = Splicer {
+            app: SockHash::try_from(take(&mut ebpf, MAP_SPLICE_APP)?)
+                .map_err(map_err(MAP_SPLICE_APP))?,
+            up: Mutex::new(
+                SockHash::try_from(take(&mut ebpf, MAP_SPLICE_UP)?)
+                    .map_err(map_err(MAP_SPLICE_UP))?,
+            ),
+            entries: Mutex::new(
+                HashMap::try_from(take(&mut ebpf, MAP_SPLICE)?).map_err(map_err(MAP_SPLICE))?,
+            ),
+        };
+        {
+            let name = "broker_splice_msg";
+            let p: &mut SkMsg = ebpf
+                .program_mut(name)
+                .ok_or(EbpfError::Program {
+                    name,
+                    source: aya::programs::ProgramError::NotLoaded,
+                })?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            p.attach(splicer.app.fd()).map_err(prog_err(name))?;
+            let name = "broker_splice_skb";
+            let p: &mut SkSkb = ebpf
+                .program_mut(name)
+                .ok_or(EbpfError::Program {
+                    name,
+                    source: aya::programs::ProgramError::NotLoaded,
+                })?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            let up = splicer
+                .up
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            p.attach(up.fd()).map_err(prog_err(name))?;
+        }
 
         let cg = std::fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.to_path_buf(),
@@ -187,6 +257,7 @@ impl Interceptor {
         tracing::info!(cgroup = %cgroup.display(), programs = PROGRAMS.len(), "eBPF programs attached");
         Ok(Self {
             peers: Mutex::new(peers),
+            splicer: Arc::new(splicer),
             targets: Mutex::new(t),
             settings: Mutex::new(settings_map),
             cgroup: cgroup.to_path_buf(),
@@ -223,6 +294,13 @@ impl Interceptor {
         Some(rec)
     }
 
+    /// The splice maps; a spliced session keeps them (and so its kernel data path) alive
+    /// after the daemon has detached, until the session ends.
+    #[must_use]
+    pub fn splicer(&self) -> Arc<Splicer> {
+        Arc::clone(&self.splicer)
+    }
+
     /// Stop redirecting new connections (programs stay attached until drop).
     pub fn disable(&self) {
         let mut s = self
@@ -254,7 +332,11 @@ impl Targets {
             }
             let v = TargetValue {
                 service_id: id,
-                _pad: 0,
+                flags: if self.splice_services.contains(&id) {
+                    TARGET_SPLICE
+                } else {
+                    0
+                },
             };
             match *t {
                 KernelTarget::Exact(ip, port) => self
@@ -286,6 +368,132 @@ impl Targets {
             self.current.remove(&t);
         }
         Ok(())
+    }
+}
+
+/// The in-kernel data path of spliced sessions: the app sockets' sockhash (filled by
+/// sock_ops), the upstream sockets' sockhash and the socket -> peer map (filled here).
+pub struct Splicer {
+    app: SockHash<MapData, SockKey>,
+    up: Mutex<SockHash<MapData, SockKey>>,
+    entries: Mutex<HashMap<MapData, SockKey, SpliceValue>>,
+}
+
+impl std::fmt::Debug for Splicer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Splicer").finish_non_exhaustive()
+    }
+}
+
+impl Splicer {
+    /// Splice the app socket `app` (in `SPLICE_APP` since sock_ops saw it connect) with
+    /// the upstream socket `up`: from now on the app's sends leave through `up`, and
+    /// what `up` receives lands in the app socket's receive queue. The returned guard
+    /// undoes the map entries when dropped.
+    ///
+    /// # Errors
+    /// A map update failure (a full map, or `up` not an established TCP socket). Nothing
+    /// is left behind: the caller relays in userspace instead.
+    pub fn start(
+        self: &Arc<Self>,
+        app: SockKey,
+        up: &std::net::TcpStream,
+    ) -> Result<Spliced, EbpfError> {
+        let up_key = sock_key(
+            up.local_addr().map_err(EbpfError::Socket)?,
+            up.peer_addr().map_err(EbpfError::Socket)?,
+        );
+        self.up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(up_key, up.as_raw_fd(), 0)
+            .map_err(map_err(MAP_SPLICE_UP))?;
+        let spliced = Spliced {
+            splicer: Arc::clone(self),
+            app,
+            up: up_key,
+        };
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Upstream -> app first: the server sends nothing before the app's next request,
+        // which only the second entry lets through.
+        entries
+            .insert(
+                up_key,
+                SpliceValue {
+                    peer: app,
+                    flags: SPLICE_INGRESS,
+                    bytes: 0,
+                },
+                0,
+            )
+            .map_err(map_err(MAP_SPLICE))?;
+        entries
+            .insert(
+                app,
+                SpliceValue {
+                    peer: up_key,
+                    flags: 0,
+                    bytes: 0,
+                },
+                0,
+            )
+            .map_err(map_err(MAP_SPLICE))?;
+        drop(entries);
+        Ok(spliced)
+    }
+
+    fn bytes(&self, key: &SockKey) -> u64 {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key, 0)
+            .map_or(0, |v| v.bytes)
+    }
+
+    /// How many app sockets sit in `SPLICE_APP` (tests and diagnostics).
+    #[must_use]
+    pub fn app_sockets(&self) -> usize {
+        self.app.keys().filter(Result::is_ok).count()
+    }
+}
+
+/// A spliced session; dropping it removes its map entries (the sockets leave the
+/// sockhashes by themselves when they close).
+#[derive(Debug)]
+pub struct Spliced {
+    splicer: Arc<Splicer>,
+    app: SockKey,
+    up: SockKey,
+}
+
+impl Spliced {
+    /// Bytes the kernel moved so far: (app -> upstream, upstream -> app).
+    #[must_use]
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.splicer.bytes(&self.app), self.splicer.bytes(&self.up))
+    }
+}
+
+impl Drop for Spliced {
+    fn drop(&mut self) {
+        {
+            let mut entries = self
+                .splicer
+                .entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _ = entries.remove(&self.app);
+            let _ = entries.remove(&self.up);
+        }
+        let _ = self
+            .splicer
+            .up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.up);
     }
 }
 
@@ -348,7 +556,7 @@ mod tests {
             pid: 1,
             uid: 0,
             gid: 0,
-            _pad: 0,
+            flags: 0,
         };
         assert_eq!(record_destination(&rec), "10.1.2.3:80".parse().unwrap());
     }

@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use broker_common::REC_IN_SPLICE_APP;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{Notify, watch},
@@ -28,8 +29,8 @@ use tracing::Instrument as _;
 use crate::{
     broker::Broker,
     config::{Connector, Service},
-    connector::{self, Caller, Conn, ConnError, ConnStats},
-    ebpf::{Interceptor, record_destination},
+    connector::{self, Caller, Conn, ConnError, ConnStats, SpliceTicket},
+    ebpf::{Interceptor, record_destination, sock_key},
 };
 
 /// A redirect record older than this is not trusted (the client would have been
@@ -138,14 +139,14 @@ async fn accept_loop(
 
 async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: Option<usize>) {
     let started = Instant::now();
-    let (service_id, caller, orig_dst) = match explicit {
-        Some(id) => (id, None, None),
+    let (service_id, caller, orig_dst, splice) = match explicit {
+        Some(id) => (id, None, None, None),
         None => {
-            let rec = shared
+            let interceptor = shared
                 .interceptor
                 .as_ref()
-                .and_then(std::sync::Weak::upgrade)
-                .and_then(|i| i.take_record(peer));
+                .and_then(std::sync::Weak::upgrade);
+            let rec = interceptor.as_ref().and_then(|i| i.take_record(peer));
             let Some(rec) = rec.filter(|r| record_is_fresh(r.connect_ns)) else {
                 // Someone connected to the listener directly: no redirect record, no
                 // identity, nothing to broker. Close without a byte.
@@ -166,10 +167,20 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
                 cgroup_id: rec.cgroup_id,
                 comm: comm_text(&rec.comm),
             };
+            // The app's socket, as it sees itself: its address is our peer's, its peer
+            // is our listener.
+            let splice = match (&interceptor, stream.local_addr()) {
+                (Some(i), Ok(local)) if rec.flags & REC_IN_SPLICE_APP != 0 => Some(SpliceTicket {
+                    splicer: i.splicer(),
+                    app: sock_key(peer, local),
+                }),
+                _ => None,
+            };
             (
                 rec.service_id as usize,
                 Some(caller),
                 Some(record_destination(&rec)),
+                splice,
             )
         }
     };
@@ -182,6 +193,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
         client_addr: peer,
         caller,
         orig_dst,
+        splice,
         stats: ConnStats::default(),
     };
     let span = tracing::info_span!("conn", service = %conn.service.name, client = %peer);
@@ -254,6 +266,7 @@ fn access_log(conn: &Conn, result: &Result<(), ConnError>, elapsed: Duration) {
         error = %error,
         bytes_up = conn.stats.bytes_up,
         bytes_down = conn.stats.bytes_down,
+        spliced = conn.stats.spliced,
         duration_ms = elapsed.as_millis() as u64,
         "connection"
     );

@@ -594,6 +594,7 @@ impl Loader<'_> {
             transparent_port: 0,
             cache_ttl: DEFAULT_CACHE_TTL,
             bypass_mark: broker_common::DEFAULT_BYPASS_MARK,
+            splice: true,
         };
         let m = match v {
             None | Some(Value::Null) => return out,
@@ -605,7 +606,13 @@ impl Loader<'_> {
         self.keys(
             "broker",
             m,
-            &["health", "transparentPort", "cacheTTL", "bypassMark"],
+            &[
+                "health",
+                "transparentPort",
+                "cacheTTL",
+                "bypassMark",
+                "splice",
+            ],
         );
         if let Some(v) = m.get("health") {
             let p = "broker.health";
@@ -637,6 +644,11 @@ impl Loader<'_> {
             && let Some(d) = self.duration("broker.cacheTTL", v)
         {
             out.cache_ttl = d;
+        }
+        if let Some(v) = m.get("splice")
+            && let Some(b) = self.boolean("broker.splice", v)
+        {
+            out.splice = b;
         }
         if let Some(v) = m.get("bypassMark")
             && let Some(mark) =

@@ -36,6 +36,9 @@ pub struct BrokerSettings {
     pub cache_ttl: Duration,
     /// Socket mark bit set on the broker's upstream sockets.
     pub bypass_mark: u32,
+    /// Splice authenticated sessions in the kernel (sockmap) instead of relaying them
+    /// in userspace, where the connector allows it.
+    pub splice: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +75,15 @@ impl Connector {
             Self::Pg(_) => "pg",
             Self::NotBuilt { name } => name,
         }
+    }
+
+    /// Whether sessions may be spliced in the kernel after authentication: the
+    /// connector's job ends at auth and the rest is bytes. PostgreSQL only: its client
+    /// sends nothing between the StartupMessage and ReadyForQuery, so there is a point
+    /// where no client byte can be in flight (docs/ARCHITECTURE.md, "Splice").
+    #[must_use]
+    pub fn can_splice(&self) -> bool {
+        matches!(self, Self::Pg(_))
     }
 }
 

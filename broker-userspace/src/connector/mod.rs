@@ -6,6 +6,7 @@
 //! and relays bytes, filling in [`ConnStats`] for the access log as it goes.
 
 pub mod pg;
+pub mod splice;
 pub mod tcp;
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, sync::Arc};
@@ -33,8 +34,18 @@ pub struct Conn {
     pub caller: Option<Caller>,
     /// Where the client meant to connect (transparent connections only).
     pub orig_dst: Option<SocketAddr>,
+    /// The app's socket is in the kernel's splice map: the connector may hand the
+    /// session to the kernel once it is authenticated.
+    pub splice: Option<SpliceTicket>,
     /// Filled in by the connector for the access log.
     pub stats: ConnStats,
+}
+
+/// What a connector needs to splice a session: the splice maps and the app socket's key.
+#[derive(Debug, Clone)]
+pub struct SpliceTicket {
+    pub splicer: Arc<crate::ebpf::Splicer>,
+    pub app: broker_common::SockKey,
 }
 
 /// Per-connection facts for the access-log line.
@@ -45,6 +56,8 @@ pub struct ConnStats {
     /// Bytes client -> upstream and upstream -> client.
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// The session's bytes went through the kernel splice, not the userspace relay.
+    pub spliced: bool,
     /// Credential fetches: `name <- provider:id` (never values).
     pub fetched: Vec<String>,
 }

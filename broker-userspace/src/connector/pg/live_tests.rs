@@ -84,6 +84,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
             transparent_port: 0,
             cache_ttl: DEFAULT_CACHE_TTL,
             bypass_mark: 0,
+            splice: false,
         },
     };
     let broker = Arc::new(Broker::new(Arc::new(config)).unwrap());
@@ -102,6 +103,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
                     client_addr: peer,
                     caller: None,
                     orig_dst: None,
+                    splice: None,
                     stats: ConnStats::default(),
                 };
                 let r = super::serve(&b, &mut conn, &PgConfig::default(), sock).await;

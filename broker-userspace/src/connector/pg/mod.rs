@@ -40,7 +40,7 @@ use self::{
 use crate::{
     broker::Broker,
     config::{PgConfig, Service},
-    connector::{Conn, ConnError, Credentials, tcp},
+    connector::{Conn, ConnError, Credentials, splice, tcp},
 };
 
 /// How long a client may take to send its startup packet (PostgreSQL's
@@ -202,7 +202,7 @@ async fn session(
     );
     let mut creds = broker.credentials(service, false, &mut conn.stats).await?;
     let mut retried = false;
-    let (mut up, up_rest, ready, params, startup_len) = loop {
+    let (up, up_rest, ready, params, startup_len) = loop {
         let params = UpstreamParams::from_credentials(&creds, conn.orig_dst)?;
         conn.stats.upstream = Some(params.addr());
         let attempt = tokio::time::timeout(
@@ -271,6 +271,25 @@ async fn session(
         g
     });
 
+    // Splice in the kernel when the upstream is plain TCP and nothing is pending in
+    // either direction: the client sends nothing between its StartupMessage and our
+    // ReadyForQuery, so once the splice is in place before ReadyForQuery goes out,
+    // every later client byte takes the kernel path, in order.
+    let (mut up, spliced) = match (up, conn.splice.take()) {
+        (PgStream::Plain(s), Some(ticket)) if client_rest.is_empty() && up_rest.is_empty() => {
+            // Out of tokio's reactor first (see connector::splice).
+            let s = s.into_std().map_err(|e| Failure::told(ConnError::Io(e)))?;
+            match ticket.splicer.start(ticket.app, &s) {
+                Ok(sp) => (Upstream::Spliced(s), Some(sp)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace");
+                    let s = TcpStream::from_std(s).map_err(|e| Failure::told(ConnError::Io(e)))?;
+                    (Upstream::Pg(PgStream::Plain(s)), None)
+                }
+            }
+        }
+        (up, _) => (Upstream::Pg(up), None),
+    };
     client
         .write_all(&ready.to_client)
         .await
@@ -285,7 +304,9 @@ async fn session(
         .flush()
         .await
         .map_err(|e| Failure::told(ConnError::Io(e)))?;
-    if !client_rest.is_empty() {
+    if !client_rest.is_empty()
+        && let Upstream::Pg(up) = &mut up
+    {
         up.write_all(&client_rest)
             .await
             .map_err(|e| Failure::told(ConnError::Io(e)))?;
@@ -297,21 +318,31 @@ async fn session(
     let pre_down = (ready.to_client.len() + up_rest.len()) as u64;
     conn.stats.bytes_up = pre_up;
     conn.stats.bytes_down = pre_down;
+    conn.stats.spliced = spliced.is_some();
     tracing::debug!(
         upstream = %params.addr(),
-        tls = up.is_tls(),
+        tls = matches!(&up, Upstream::Pg(s) if s.is_tls()),
         auth = ready.method,
+        spliced = spliced.is_some(),
         "session established; relaying"
     );
     // Plain upstreams use the readiness-based relay (no buffer held while idle).
-    let relayed = match up {
-        PgStream::Plain(s) => tcp::relay_tcp(client, &s).await,
-        tls @ PgStream::Tls(_) => tcp::relay(client, tls).await,
+    let relayed = match (up, &spliced) {
+        (Upstream::Spliced(s), Some(sp)) => splice::run(client, &s, sp).await,
+        (Upstream::Pg(PgStream::Plain(s)), _) => tcp::relay_tcp(client, &s).await,
+        (Upstream::Pg(tls), _) => tcp::relay(client, tls).await,
+        (Upstream::Spliced(_), None) => unreachable!("a spliced upstream always has its guard"),
     };
     let (a, b) = relayed.map_err(Failure::told)?;
     conn.stats.bytes_up = pre_up + a;
     conn.stats.bytes_down = pre_down + b;
     Ok(())
+}
+
+/// The upstream after authentication: still a [`PgStream`], or handed to the kernel.
+enum Upstream {
+    Pg(PgStream),
+    Spliced(std::net::TcpStream),
 }
 
 fn same_credentials(a: &Credentials, b: &Credentials) -> bool {

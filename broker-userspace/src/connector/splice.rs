@@ -1,0 +1,162 @@
+//! Waiting out a session the kernel relays (see `broker_splice_msg` / `broker_splice_skb`
+//! in `broker-ebpf` and docs/ARCHITECTURE.md, "Splice").
+//!
+//! Once spliced, the app's sends leave through the upstream socket and the upstream's
+//! data lands in the app socket's receive queue without passing through this process.
+//! The upstream socket is taken out of tokio's reactor for the splice: registered there,
+//! every packet the kernel redirects would still wake a worker thread (the socket's
+//! "readable" callback fires even though nothing is left to read). What is left here is
+//! the ends of the session:
+//!
+//! * the client-side socket sees the app's FIN (or, defensively, any byte the app sent
+//!   before the splice took effect, which is forwarded); its end is passed on as
+//!   `shutdown(SHUT_WR)` on the upstream socket;
+//! * the upstream socket's hang-up is watched through a private epoll set that asks for
+//!   `EPOLLRDHUP` only: the kernel filters out the per-packet "readable" wake-ups there,
+//!   so a busy spliced session never wakes the daemon. The hang-up is passed on as
+//!   `shutdown(SHUT_WR)` on the client-side socket after a short grace period that lets
+//!   the kernel's redirect worker deliver the upstream's last bytes first.
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::Duration,
+};
+
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    net::TcpStream,
+};
+
+use crate::{connector::ConnError, ebpf::Spliced};
+
+/// How long the upstream's last bytes get to reach the app before its FIN does. The
+/// kernel delivers redirected data from a work queue; a FIN sent by us travels the
+/// loopback TCP path and could otherwise overtake it.
+pub const HANGUP_GRACE: Duration = Duration::from_millis(50);
+
+/// Wait until both directions of a spliced session have ended; returns the bytes moved
+/// (client -> upstream, upstream -> client), kernel and stragglers together.
+///
+/// # Errors
+/// An I/O error on the client-side socket, or when the hang-up watch cannot be set up.
+pub async fn run(
+    client: &TcpStream,
+    up: &std::net::TcpStream,
+    spliced: &Spliced,
+) -> Result<(u64, u64), ConnError> {
+    let hangup = Hangup::watch(up)?;
+    let mut stragglers = 0u64;
+    let mut client_done = false;
+    let mut up_done = false;
+    while !(client_done && up_done) {
+        tokio::select! {
+            r = client.readable(), if !client_done => {
+                r?;
+                // Allocated only when the client side wakes: at its FIN, normally.
+                let mut buf = Vec::with_capacity(16 * 1024);
+                match client.try_read_buf(&mut buf) {
+                    Ok(0) => {
+                        client_done = true;
+                        let _ = socket2::SockRef::from(up).shutdown(std::net::Shutdown::Write);
+                    }
+                    Ok(n) => {
+                        // Sent before the splice took effect: keep the order by sending
+                        // it the way the kernel would have.
+                        write_all(up, &buf[..n]).await?;
+                        stragglers += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            r = hangup.wait(), if !up_done => {
+                r?;
+                up_done = true;
+                if !client_done {
+                    // The app is still there to read the upstream's last bytes.
+                    tokio::time::sleep(HANGUP_GRACE).await;
+                }
+                let _ = socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write);
+            }
+        }
+    }
+    let (up_bytes, down_bytes) = spliced.bytes();
+    Ok((up_bytes + stragglers, down_bytes))
+}
+
+/// Write to the (non-blocking, unregistered) upstream socket; only ever used for the
+/// few bytes a client sent before the splice, so polling on a full buffer is fine.
+async fn write_all(mut to: &std::net::TcpStream, mut data: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    while !data.is_empty() {
+        match to.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A private epoll set holding one socket with `EPOLLRDHUP` interest only; its fd turns
+/// readable when the peer half-closes, resets or the socket fails.
+struct Hangup {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Hangup {
+    fn watch(sock: &impl std::os::fd::AsRawFd) -> io::Result<Self> {
+        // SAFETY: plain syscall; the result is checked.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh fd we own.
+        let ep = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Level-triggered: once the peer has hung up the set stays ready. EPOLLERR and
+        // EPOLLHUP are always reported.
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLRDHUP as u32,
+            u64: 0,
+        };
+        // SAFETY: both fds are open; ev is a valid epoll_event.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                ep.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                sock.as_raw_fd(),
+                &raw mut ev,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the OwnedFd moves into the AsyncFd and stays open until it is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(ep, Interest::READABLE)? };
+        Ok(Self { fd })
+    }
+
+    async fn wait(&self) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
+            // SAFETY: valid epoll fd and a buffer of one event; timeout 0 never blocks.
+            let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), ev.as_mut_ptr(), 1, 0) };
+            if n > 0 {
+                return Ok(());
+            }
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            guard.clear_ready();
+        }
+    }
+}
