@@ -221,13 +221,16 @@ impl Daemon {
                 _pad: 0,
             };
             // Sessions of these services may be spliced in the kernel after auth.
-            let splice_services = cfg
+            let splice_services: std::collections::BTreeSet<u32> = cfg
                 .services
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| cfg.broker.splice && s.connector.can_splice())
                 .map(|(i, _)| u32::try_from(i).unwrap_or(u32::MAX))
                 .collect();
+            if !splice_services.is_empty() {
+                check_splice_rmem();
+            }
             let mut i = Interceptor::attach(cgroup, settings, &t.current(), splice_services)
                 .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
             if opts.ebpf_debug {
@@ -312,6 +315,24 @@ impl Daemon {
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Spliced data waits in the app socket's receive buffer, which the kernel caps at
+/// `net.core.rmem_max`; below 4 MiB a slow reader of a bulk transfer (COPY out, a big
+/// result) gets less than the userspace relay would give it. Say so once at start.
+fn check_splice_rmem() {
+    const WANT: u64 = 4 << 20;
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/core/rmem_max") else {
+        return;
+    };
+    if let Ok(v) = text.trim().parse::<u64>()
+        && v < WANT
+    {
+        tracing::warn!(
+            rmem_max = v,
+            "net.core.rmem_max is below 4194304: spliced sessions move bulk server->client data to slow readers at tens of MB/s; raise it (sysctl -w net.core.rmem_max=4194304) or set broker.splice: false"
+        );
     }
 }
 

@@ -7,14 +7,22 @@
 //! * a server-side termination (`pg_terminate_backend`): the client still reads the
 //!   server's FATAL message before the end of the stream;
 //! * the access log says the session was spliced and counts the kernel's bytes;
-//! * the same script with `broker.splice: false` takes the userspace relay.
+//! * the same script with `broker.splice: false` takes the userspace relay;
+//! * SIGTERM detaches at once while a spliced session keeps working through the drain;
+//!   SIGKILL of the broker ends a spliced session with an error, not a hang.
 //!
 //! No secret in any output.
 
-use std::process::Stdio;
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use broker_tests::{
-    assert_no_secret, broker_exec, output_text,
+    Daemon, assert_no_secret, broker_exec, free_port,
+    net::{TestCgroup, bpftool_cgroup_show},
+    output_text,
     pg::{PgAuth, PgOptions, PgServer, python_with_psycopg2},
     privileged, write_file,
 };
@@ -156,6 +164,9 @@ fn run(splice: bool) {
             .unwrap_or_else(|| panic!("no `OK {what}` line (splice: {splice}):\n{text}"))
             .to_owned()
     };
+    for l in text.lines().filter(|l| l.starts_with("TIME ")) {
+        println!("splice={splice}: {l} s");
+    }
     assert_eq!(ok("user"), "app_user");
     assert_eq!(ok("prepared"), "2450");
     assert_eq!(ok("copy_in"), size, "COPY in stored every byte");
@@ -205,4 +216,146 @@ fn splice_off_takes_the_userspace_relay() {
         return;
     }
     run(false);
+}
+
+/// Holds one spliced session: queries, `ready`, waits for a line on stdin, then 20
+/// queries 50 ms apart, printing `OK after N` or `ERR after N: message`.
+const HOLD_SCRIPT: &str = r#"
+import sys, time, psycopg2
+c = psycopg2.connect(sys.argv[1])
+c.autocommit = True
+cur = c.cursor()
+cur.execute("select 1")
+print("ready", flush=True)
+sys.stdin.readline()
+n = 0
+start = time.monotonic()
+try:
+    for i in range(20):
+        cur.execute("select %s", (i,))
+        assert cur.fetchone()[0] == i
+        n += 1
+        time.sleep(0.05)
+    print("OK after", n, flush=True)
+except psycopg2.Error as e:
+    print("ERR after %d in %.1fs: %s" % (n, time.monotonic() - start, str(e).strip().splitlines()[0]), flush=True)
+"#;
+
+/// Start `broker run --cgroup` for a pg service on 127.0.0.2:5432 and a client holding
+/// one session in the cgroup; returns once the session is spliced and idle.
+fn held_session(
+    tag: &str,
+) -> (
+    PgServer,
+    Daemon,
+    TestCgroup,
+    std::process::Child,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = "hold-pw-3e8d1a6c9f";
+    let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
+    let pw_file = write_file(dir.path(), "pw", pw);
+    let health = free_port();
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n  db:\n    connector: pg\n    intercept: [\"127.0.0.2:5432\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
+            pg.addr().port(),
+            pw_file.display()
+        ),
+    );
+    let cg = TestCgroup::new(tag);
+    let daemon = Daemon::start(
+        &cfg,
+        &[
+            "--cgroup",
+            cg.path.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
+        format!("127.0.0.1:{health}").parse().unwrap(),
+        &dir.path().join("broker.log"),
+    );
+    let python = python_with_psycopg2().expect("python3 with psycopg2");
+    let mut c = Command::new("timeout");
+    c.args(["--kill-after=5", "60"])
+        .arg(python)
+        .args([
+            "-c",
+            HOLD_SCRIPT,
+            "host=127.0.0.2 port=5432 user=anything dbname=app sslmode=disable",
+        ])
+        .env_remove("PGPASSWORD")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    cg.enter(&mut c);
+    let mut child = c.spawn().expect("spawn python");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read ready");
+    assert_eq!(line.trim(), "ready", "{}", daemon.log_text());
+    (pg, daemon, cg, child, dir)
+}
+
+fn finish(mut child: std::process::Child) -> String {
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write go");
+    let out = child.wait_with_output().expect("wait python");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn spliced_session_keeps_working_through_the_drain_after_sigterm() {
+    if !privileged() {
+        return;
+    }
+    let (_pg, mut daemon, cg, child, _dir) = held_session("splice-drain");
+    // SAFETY: kill with a pid we own.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        bpftool_cgroup_show(&cg.path).trim().is_empty(),
+        "cgroup programs detached at SIGTERM"
+    );
+    let out = finish(child);
+    assert_eq!(
+        out.trim(),
+        "OK after 20",
+        "the spliced session outlives the detach:\n{}",
+        daemon.log_text()
+    );
+    let status = daemon.stop();
+    assert!(status.success(), "{status}\n{}", daemon.log_text());
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"target\":\"access\""))
+        .unwrap_or_else(|| panic!("no access line:\n{log}"));
+    assert!(line.contains("\"spliced\":true"), "{line}");
+    assert!(line.contains("\"result\":\"ok\""), "{line}");
+}
+
+#[test]
+fn spliced_session_ends_cleanly_when_the_broker_is_killed() {
+    if !privileged() {
+        return;
+    }
+    let (_pg, mut daemon, _cg, child, _dir) = held_session("splice-kill");
+    daemon.child.kill().expect("SIGKILL the broker");
+    let _ = daemon.child.wait();
+    let started = Instant::now();
+    let out = finish(child);
+    assert!(
+        out.starts_with("ERR after 0"),
+        "the client gets an error, not a hang or a silent success:\n{out}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "{out}");
 }

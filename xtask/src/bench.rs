@@ -1,7 +1,8 @@
 //! `cargo xtask bench pg`: pgbench select-only, persistent connections and a new
 //! connection per transaction (`-C`), each direct, through haproxy (TCP relay) and
-//! through the broker (release build, eBPF-intercepted), in one run; TPS and the ratio
-//! to direct. Then the broker's resident memory idle and per idle brokered connection.
+//! through the broker (release build, eBPF-intercepted; once with sessions spliced in
+//! the kernel after auth, the default, once with `splice: false`), in one run; TPS and
+//! the ratio to direct. Then the broker's resident memory idle and per idle brokered connection.
 //!
 //! Direct and haproxy runs authenticate with the password (SCRAM in the client, as an
 //! application would today); broker runs carry no password at all.
@@ -149,42 +150,23 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
             .context("starting haproxy")?,
     );
 
-    // The broker: release build, intercepting 127.0.0.2:5432 for a child cgroup.
+    // The broker twice, release build, each intercepting its own address for its own
+    // child cgroup: the default (sessions spliced in the kernel after auth) and with
+    // `splice: false` (the userspace relay), so both are measured in the same run.
+    let pw_file = dir.path().join("pw");
+    std::fs::write(&pw_file, password)?;
     let cg = TestCgroup::new("bench");
-    let health = free_port();
-    let cfg = dir.path().join("broker.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n  db:\n    connector: pg\n    intercept: [\"127.0.0.2:5432\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{pg_port}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
-            dir.path().join("pw").display()
-        ),
+    let broker = start_broker(root, dir.path(), "127.0.0.2", true, pg_port, &pw_file, &cg)?;
+    let cg_relay = TestCgroup::new("bench-relay");
+    let relay = start_broker(
+        root,
+        dir.path(),
+        "127.0.0.3",
+        false,
+        pg_port,
+        &pw_file,
+        &cg_relay,
     )?;
-    std::fs::write(dir.path().join("pw"), password)?;
-    let broker = Killed(
-        Command::new(root.join("target/release/broker"))
-            .args(["--log-level", "warn", "run", "-f"])
-            .arg(&cfg)
-            .arg("--cgroup")
-            .arg(&cg.path)
-            .envs(
-                std::env::var("BENCH_BROKER_THREADS")
-                    .ok()
-                    .map(|t| ("TOKIO_WORKER_THREADS", t)),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting broker")?,
-    );
-    let health_addr: SocketAddr = format!("127.0.0.1:{health}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(http_get(health_addr, "/ready"), Some((200, _))) {
-        if Instant::now() > deadline {
-            bail!("broker not ready");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
     broker_tests::wait_port(
         format!("127.0.0.1:{ha_port}").parse()?,
         Duration::from_secs(10),
@@ -204,8 +186,8 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     ];
     println!("\npgbench select-only, scale 1, {seconds}s per run, 2 cores\n");
     println!(
-        "{:<28} {:>12} {:>20} {:>20}",
-        "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)"
+        "{:<28} {:>12} {:>20} {:>20} {:>20}",
+        "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)", "broker, no splice"
     );
     let only = std::env::var("BENCH_ONLY").ok();
     for (name, args) in modes
@@ -215,10 +197,12 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         let direct = pgbench(args, "127.0.0.1", pg_port, Some(password), None)?;
         let ha = pgbench(args, "127.0.0.1", ha_port, Some(password), None)?;
         let br = pgbench(args, "127.0.0.2", 5432, None, Some(&cg))?;
+        let rl = pgbench(args, "127.0.0.3", 5432, None, Some(&cg_relay))?;
         println!(
-            "{name:<28} {direct:>12.0} {:>20} {:>20}",
+            "{name:<28} {direct:>12.0} {:>20} {:>20} {:>20}",
             format!("{ha:.0} ({:.2}x)", ha / direct),
-            format!("{br:.0} ({:.2}x)", br / direct)
+            format!("{br:.0} ({:.2}x)", br / direct),
+            format!("{rl:.0} ({:.2}x)", rl / direct)
         );
     }
 
@@ -241,5 +225,52 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         with.saturating_sub(idle) as f64 / n as f64
     );
     drop(broker);
+    drop(relay);
     Ok(())
+}
+
+/// Start a release broker intercepting `target:5432` for `cg`; waits until ready.
+fn start_broker(
+    root: &Path,
+    dir: &Path,
+    target: &str,
+    splice: bool,
+    pg_port: u16,
+    pw_file: &Path,
+    cg: &TestCgroup,
+) -> anyhow::Result<Killed> {
+    let health = free_port();
+    let cfg = dir.join(format!("broker-{target}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n  splice: {splice}\nservices:\n  db:\n    connector: pg\n    intercept: [\"{target}:5432\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{pg_port}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
+            pw_file.display()
+        ),
+    )?;
+    let broker = Killed(
+        Command::new(root.join("target/release/broker"))
+            .args(["--log-level", "warn", "run", "-f"])
+            .arg(&cfg)
+            .arg("--cgroup")
+            .arg(&cg.path)
+            .envs(
+                std::env::var("BENCH_BROKER_THREADS")
+                    .ok()
+                    .map(|t| ("TOKIO_WORKER_THREADS", t)),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting broker")?,
+    );
+    let health_addr: SocketAddr = format!("127.0.0.1:{health}").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(http_get(health_addr, "/ready"), Some((200, _))) {
+        if Instant::now() > deadline {
+            bail!("broker ({target}) not ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(broker)
 }
