@@ -228,6 +228,11 @@ impl Daemon {
                 .filter(|(_, s)| cfg.broker.splice && s.connector.can_splice())
                 .map(|(i, _)| u32::try_from(i).unwrap_or(u32::MAX))
                 .collect();
+            let splice_services = if splice_services.is_empty() || splice_kernel_ok() {
+                splice_services
+            } else {
+                std::collections::BTreeSet::new()
+            };
             if !splice_services.is_empty() {
                 check_splice_rmem();
             }
@@ -316,6 +321,35 @@ impl Daemon {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// The splice needs a stream verdict without a parser (kernel 5.13) and the sockmap
+/// fixes of the following releases; it is tested on 6.x. Older kernels relay in
+/// userspace.
+fn splice_kernel_ok() -> bool {
+    const MIN: (u32, u32) = (6, 1);
+    // SAFETY: uname fills the zeroed struct; the release is NUL-terminated.
+    let release = unsafe {
+        let mut u: libc::utsname = std::mem::zeroed();
+        if libc::uname(&raw mut u) != 0 {
+            return false;
+        }
+        std::ffi::CStr::from_ptr(u.release.as_ptr())
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    let ok = version >= MIN;
+    if !ok {
+        tracing::info!(
+            kernel = %release,
+            "kernel older than 6.1: sessions are relayed in userspace, not spliced"
+        );
+    }
+    ok
 }
 
 /// Spliced data waits in the app socket's receive buffer, which the kernel caps at

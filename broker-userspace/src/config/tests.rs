@@ -358,6 +358,11 @@ fn broker_block() {
     assert_eq!(e.len(), 5, "{e}");
     let e = errs(&format!("{PG}broker:\n  bypassMark: 0\n"));
     has(&e, "broker.bypassMark", "must not be 0");
+
+    assert!(ok(PG).broker.splice, "splice is on by default");
+    assert!(!ok(&format!("{PG}broker:\n  splice: false\n")).broker.splice);
+    let e = errs(&format!("{PG}broker:\n  splice: sometimes\n"));
+    has(&e, "broker.splice", "true or false");
 }
 
 #[test]
