@@ -359,3 +359,52 @@ fn spliced_session_ends_cleanly_when_the_broker_is_killed() {
     );
     assert!(started.elapsed() < Duration::from_secs(10), "{out}");
 }
+
+#[test]
+fn app_leaving_mid_result_ends_the_spliced_session_and_its_backend() {
+    if !privileged() {
+        return;
+    }
+    // The client holds a session open on stdin; we use the same daemon set-up and run
+    // a second client that streams a large COPY and dies (SIGPIPE) after 100 kB.
+    let (pg, daemon, cg, holder, _dir) = held_session("splice-leave");
+    let mut c = Command::new("timeout");
+    c.args([
+        "--kill-after=5",
+        "60",
+        "sh",
+        "-c",
+        "psql -X -w \"host=127.0.0.2 port=5432 user=anything dbname=app sslmode=disable\" -c \"\\copy (select repeat('x', 1000) from generate_series(1, 5000000)) to stdout\" | head -c 100000 > /dev/null",
+    ])
+    .env_remove("PGPASSWORD")
+    .stdin(Stdio::null());
+    cg.enter(&mut c);
+    let out = c.output().expect("run psql | head");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let left_at = Instant::now();
+    // Its session ends (the broker closes the upstream after the linger period) and the
+    // server's backend goes away; the held session is unaffected.
+    let deadline = left_at + Duration::from_secs(20);
+    let backends = || {
+        pg.admin_sql(
+            "select count(*) from pg_stat_activity where usename = 'app_user' and query like '%generate_series%'",
+        )
+    };
+    while backends() != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "the streaming backend is still there after 20 s:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = daemon.log_text();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("\"target\":\"access\""))
+            .count(),
+        1,
+        "one session ended (the streaming one):\n{log}"
+    );
+    assert_eq!(finish(holder).trim(), "OK after 20");
+}

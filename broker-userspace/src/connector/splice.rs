@@ -35,6 +35,11 @@ use crate::{connector::ConnError, ebpf::Spliced};
 /// loopback TCP path and could otherwise overtake it.
 pub const HANGUP_GRACE: Duration = Duration::from_millis(50);
 
+/// How long the upstream gets to hang up after the app has closed. Once the app socket
+/// is gone the kernel has nowhere to put the upstream's data; a server blocked sending a
+/// large result would never read our FIN, so the session is closed on it after this.
+pub const UPSTREAM_LINGER: Duration = Duration::from_secs(5);
+
 /// Wait until both directions of a spliced session have ended; returns the bytes moved
 /// (client -> upstream, upstream -> client), kernel and stragglers together.
 ///
@@ -49,8 +54,17 @@ pub async fn run(
     let mut stragglers = 0u64;
     let mut client_done = false;
     let mut up_done = false;
+    let linger = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(linger);
     while !(client_done && up_done) {
         tokio::select! {
+            () = &mut linger, if client_done => {
+                // Abort (RST on close): a server blocked on a full window would not
+                // notice a FIN until its next successful send.
+                tracing::debug!("upstream did not hang up after the client left; resetting it");
+                let _ = socket2::SockRef::from(up).set_linger(Some(Duration::ZERO));
+                break;
+            }
             r = client.readable(), if !client_done => {
                 r?;
                 // Allocated only when the client side wakes: at its FIN, normally.
@@ -59,6 +73,9 @@ pub async fn run(
                     Ok(0) => {
                         client_done = true;
                         let _ = socket2::SockRef::from(up).shutdown(std::net::Shutdown::Write);
+                        linger
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + UPSTREAM_LINGER);
                     }
                     Ok(n) => {
                         // Sent before the splice took effect: keep the order by sending
