@@ -2,7 +2,8 @@
 //! connection per transaction (`-C`), each direct, through haproxy (TCP relay) and
 //! through the broker (release build, eBPF-intercepted; once with sessions spliced in
 //! the kernel after auth, the default, once with `splice: false`), in one run; TPS and
-//! the ratio to direct. Then the broker's resident memory idle and per idle brokered connection.
+//! the ratio to direct (median of `BENCH_ROUNDS` interleaved rounds, default 3). Then
+//! the broker's resident memory idle and per idle brokered connection.
 //!
 //! Direct and haproxy runs authenticate with the password (SCRAM in the client, as an
 //! application would today); broker runs carry no password at all.
@@ -68,6 +69,17 @@ fn pgbench(
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no tps in pgbench output:\n{text}"))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        f64::midpoint(s[n / 2 - 1], s[n / 2])
+    }
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
@@ -184,9 +196,19 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
             vec!["-S", "-C", "-c", "8", "-j", "2", "-T", &t],
         ),
     ];
-    println!("\npgbench select-only, scale 1, {seconds}s per run, 2 cores\n");
+    // Each round runs every path once, back to back, so slow drifts of this shared
+    // machine hit all paths alike; the table shows the median of the rounds and the
+    // ratio of medians, with the range of the per-round ratios.
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     println!(
-        "{:<28} {:>12} {:>20} {:>20} {:>20}",
+        "\npgbench select-only, scale 1, {seconds}s per run, {rounds} rounds (median; per-round ratio range), 2 cores\n"
+    );
+    println!(
+        "{:<28} {:>12} {:>26} {:>26} {:>26}",
         "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)", "broker, no splice"
     );
     let only = std::env::var("BENCH_ONLY").ok();
@@ -194,15 +216,26 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         .iter()
         .filter(|(n, _)| only.as_deref().is_none_or(|o| n.starts_with(o)))
     {
-        let direct = pgbench(args, "127.0.0.1", pg_port, Some(password), None)?;
-        let ha = pgbench(args, "127.0.0.1", ha_port, Some(password), None)?;
-        let br = pgbench(args, "127.0.0.2", 5432, None, Some(&cg))?;
-        let rl = pgbench(args, "127.0.0.3", 5432, None, Some(&cg_relay))?;
+        let mut runs: [Vec<f64>; 4] = Default::default();
+        for _ in 0..rounds {
+            runs[0].push(pgbench(args, "127.0.0.1", pg_port, Some(password), None)?);
+            runs[1].push(pgbench(args, "127.0.0.1", ha_port, Some(password), None)?);
+            runs[2].push(pgbench(args, "127.0.0.2", 5432, None, Some(&cg))?);
+            runs[3].push(pgbench(args, "127.0.0.3", 5432, None, Some(&cg_relay))?);
+        }
+        let direct = median(&runs[0]);
+        let cell = |i: usize| {
+            let ratios: Vec<f64> = runs[i].iter().zip(&runs[0]).map(|(r, d)| r / d).collect();
+            let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = ratios.iter().copied().fold(0.0, f64::max);
+            let m = median(&runs[i]);
+            format!("{m:.0} ({:.2}x, {lo:.2}-{hi:.2})", m / direct)
+        };
         println!(
-            "{name:<28} {direct:>12.0} {:>20} {:>20} {:>20}",
-            format!("{ha:.0} ({:.2}x)", ha / direct),
-            format!("{br:.0} ({:.2}x)", br / direct),
-            format!("{rl:.0} ({:.2}x)", rl / direct)
+            "{name:<28} {direct:>12.0} {:>26} {:>26} {:>26}",
+            cell(1),
+            cell(2),
+            cell(3)
         );
     }
 
