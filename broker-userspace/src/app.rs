@@ -279,6 +279,7 @@ impl Daemon {
             tracing::info!(addr = %h.local_addr()?, "health endpoint bound");
             tasks.spawn(health::serve(h, Arc::clone(&ready), stop_rx.clone()));
         }
+        tasks.spawn(trim_when_idle(Arc::clone(&tracker)));
         // Loading the programs parses the kernel's BTF (megabytes) for relocations; give
         // that memory back to the OS instead of keeping it as free heap forever.
         // SAFETY: malloc_trim has no preconditions.
@@ -367,6 +368,26 @@ fn check_splice_rmem() {
             rmem_max = v,
             "net.core.rmem_max is below 4194304: spliced sessions move bulk server->client data to slow readers at tens of MB/s; raise it (sysctl -w net.core.rmem_max=4194304) or set broker.splice: false"
         );
+    }
+}
+
+/// Give the heap a burst of connections left behind back to the OS once the broker is
+/// idle again (glibc keeps freed memory in per-thread arenas otherwise): every
+/// [`TRIM_EVERY`], if no connection is open and some came and went since the last trim.
+pub const TRIM_EVERY: Duration = Duration::from_secs(5);
+
+async fn trim_when_idle(tracker: Arc<Tracker>) {
+    let mut trimmed_at = tracker.total();
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let total = tracker.total();
+        if total != trimmed_at && tracker.active() == 0 {
+            trimmed_at = total;
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+        }
     }
 }
 

@@ -41,13 +41,22 @@ pub const MAX_RECORD_AGE: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct Tracker {
     active: AtomicUsize,
+    /// Connections ever accepted (the memory trimmer's "was there traffic" test).
+    total: AtomicUsize,
     idle: Notify,
 }
 
 impl Tracker {
     fn enter(self: &Arc<Self>) -> TrackerGuard {
         self.active.fetch_add(1, Ordering::SeqCst);
+        self.total.fetch_add(1, Ordering::Relaxed);
         TrackerGuard(Arc::clone(self))
+    }
+
+    /// Connections accepted since start.
+    #[must_use]
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
     }
 
     #[must_use]

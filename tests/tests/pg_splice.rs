@@ -241,17 +241,23 @@ except psycopg2.Error as e:
     print("ERR after %d in %.1fs: %s" % (n, time.monotonic() - start, str(e).strip().splitlines()[0]), flush=True)
 "#;
 
-/// Start `broker run --cgroup` for a pg service on 127.0.0.2:5432 and a client holding
-/// one session in the cgroup; returns once the session is spliced and idle.
-fn held_session(
-    tag: &str,
-) -> (
+/// PostgreSQL, the daemon, its cgroup, the client holding a session, the temp dir.
+type Held = (
     PgServer,
     Daemon,
     TestCgroup,
     std::process::Child,
     tempfile::TempDir,
-) {
+);
+
+/// Start `broker run --cgroup` for a pg service on 127.0.0.2:5432 and a client holding
+/// one session in the cgroup; returns once the session is spliced and idle.
+fn held_session(tag: &str) -> Held {
+    held_session_to(tag, "127.0.0.2:5432", "127.0.0.2")
+}
+
+/// [`held_session`] with the intercepted target and the host the client dials.
+fn held_session_to(tag: &str, target: &str, client_host: &str) -> Held {
     let dir = tempfile::tempdir().expect("tempdir");
     let pw = "hold-pw-3e8d1a6c9f";
     let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
@@ -261,7 +267,7 @@ fn held_session(
         dir.path(),
         "broker.yaml",
         &format!(
-            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n  db:\n    connector: pg\n    intercept: [\"127.0.0.2:5432\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n  db:\n    connector: pg\n    intercept: [\"{target}\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
             pg.addr().port(),
             pw_file.display()
         ),
@@ -285,7 +291,7 @@ fn held_session(
         .args([
             "-c",
             HOLD_SCRIPT,
-            "host=127.0.0.2 port=5432 user=anything dbname=app sslmode=disable",
+            &format!("host={client_host} port=5432 user=anything dbname=app sslmode=disable"),
         ])
         .env_remove("PGPASSWORD")
         .stdin(Stdio::piped())
@@ -407,4 +413,28 @@ fn app_leaving_mid_result_ends_the_spliced_session_and_its_backend() {
         "one session ended (the streaming one):\n{log}"
     );
     assert_eq!(finish(holder).trim(), "OK after 20");
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_sessions_are_spliced_too() {
+    if !privileged() {
+        return;
+    }
+    // Native IPv6 (an AF_INET6 app socket to [::1]) and IPv4-mapped (an AF_INET6 app
+    // socket talking IPv4): the kernel's and the daemon's socket keys must agree.
+    for (tag, target, host) in [
+        ("splice-v6", "[::1]:5432", "::1"),
+        ("splice-mapped", "127.0.0.2:5432", "::ffff:127.0.0.2"),
+    ] {
+        let (_pg, mut daemon, _cg, child, _dir) = held_session_to(tag, target, host);
+        assert_eq!(finish(child).trim(), "OK after 20", "{tag}");
+        daemon.stop();
+        let log = daemon.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("\"target\":\"access\""))
+            .unwrap_or_else(|| panic!("{tag}: no access line:\n{log}"));
+        assert!(line.contains("\"spliced\":true"), "{tag}: {line}");
+        assert!(line.contains("\"result\":\"ok\""), "{tag}: {line}");
+    }
 }
