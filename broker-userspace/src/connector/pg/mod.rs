@@ -275,21 +275,22 @@ async fn session(
     // either direction: the client sends nothing between its StartupMessage and our
     // ReadyForQuery, so once the splice is in place before ReadyForQuery goes out,
     // every later client byte takes the kernel path, in order.
-    let (mut up, spliced) = match (up, conn.splice.take()) {
+    let mut up = match (up, conn.splice.take()) {
         (PgStream::Plain(s), Some(ticket)) if client_rest.is_empty() && up_rest.is_empty() => {
             // Out of tokio's reactor first (see connector::splice).
             let s = s.into_std().map_err(|e| Failure::told(ConnError::Io(e)))?;
             match ticket.splicer.start(ticket.app, &s) {
-                Ok(sp) => (Upstream::Spliced(s), Some(sp)),
+                Ok(sp) => Upstream::Spliced(s, sp),
                 Err(e) => {
                     tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace");
                     let s = TcpStream::from_std(s).map_err(|e| Failure::told(ConnError::Io(e)))?;
-                    (Upstream::Pg(PgStream::Plain(s)), None)
+                    Upstream::Pg(PgStream::Plain(s))
                 }
             }
         }
-        (up, _) => (Upstream::Pg(up), None),
+        (up, _) => Upstream::Pg(up),
     };
+    let spliced = matches!(up, Upstream::Spliced(..));
     client
         .write_all(&ready.to_client)
         .await
@@ -318,20 +319,19 @@ async fn session(
     let pre_down = (ready.to_client.len() + up_rest.len()) as u64;
     conn.stats.bytes_up = pre_up;
     conn.stats.bytes_down = pre_down;
-    conn.stats.spliced = spliced.is_some();
+    conn.stats.spliced = spliced;
     tracing::debug!(
         upstream = %params.addr(),
         tls = matches!(&up, Upstream::Pg(s) if s.is_tls()),
         auth = ready.method,
-        spliced = spliced.is_some(),
+        spliced,
         "session established; relaying"
     );
     // Plain upstreams use the readiness-based relay (no buffer held while idle).
-    let relayed = match (up, &spliced) {
-        (Upstream::Spliced(s), Some(sp)) => splice::run(client, &s, sp).await,
-        (Upstream::Pg(PgStream::Plain(s)), _) => tcp::relay_tcp(client, &s).await,
-        (Upstream::Pg(tls), _) => tcp::relay(client, tls).await,
-        (Upstream::Spliced(_), None) => unreachable!("a spliced upstream always has its guard"),
+    let relayed = match up {
+        Upstream::Spliced(s, sp) => splice::run(client, &s, &sp).await,
+        Upstream::Pg(PgStream::Plain(s)) => tcp::relay_tcp(client, &s).await,
+        Upstream::Pg(tls) => tcp::relay(client, tls).await,
     };
     let (a, b) = relayed.map_err(Failure::told)?;
     conn.stats.bytes_up = pre_up + a;
@@ -339,10 +339,11 @@ async fn session(
     Ok(())
 }
 
-/// The upstream after authentication: still a [`PgStream`], or handed to the kernel.
+/// The upstream after authentication: still a [`PgStream`], or handed to the kernel
+/// (the socket, out of tokio's reactor, and the guard of its splice map entries).
 enum Upstream {
     Pg(PgStream),
-    Spliced(std::net::TcpStream),
+    Spliced(std::net::TcpStream, crate::ebpf::Spliced),
 }
 
 fn same_credentials(a: &Credentials, b: &Credentials) -> bool {
