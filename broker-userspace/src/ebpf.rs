@@ -153,6 +153,20 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError 
     move |source| EbpfError::Map { name, source }
 }
 
+/// The program `name` of the object, as its concrete type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(prog_err(name))
+}
+
 fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
     move |source| EbpfError::Program { name, source }
 }
@@ -205,25 +219,11 @@ impl Interceptor {
         };
         {
             let name = "broker_splice_msg";
-            let p: &mut SkMsg = ebpf
-                .program_mut(name)
-                .ok_or(EbpfError::Program {
-                    name,
-                    source: aya::programs::ProgramError::NotLoaded,
-                })?
-                .try_into()
-                .map_err(prog_err(name))?;
+            let p: &mut SkMsg = program(&mut ebpf, name)?;
             p.load().map_err(prog_err(name))?;
             p.attach(splicer.app.fd()).map_err(prog_err(name))?;
             let name = "broker_splice_skb";
-            let p: &mut SkSkb = ebpf
-                .program_mut(name)
-                .ok_or(EbpfError::Program {
-                    name,
-                    source: aya::programs::ProgramError::NotLoaded,
-                })?
-                .try_into()
-                .map_err(prog_err(name))?;
+            let p: &mut SkSkb = program(&mut ebpf, name)?;
             p.load().map_err(prog_err(name))?;
             let up = splicer
                 .up
@@ -237,18 +237,14 @@ impl Interceptor {
             source,
         })?;
         for name in PROGRAMS {
-            let prog = ebpf.program_mut(name).ok_or(EbpfError::Program {
-                name,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?;
             // CgroupAttachMode::Single: aya #1078; links are multi-attach anyway.
             if name == "broker_sock_ops" {
-                let p: &mut SockOps = prog.try_into().map_err(prog_err(name))?;
+                let p: &mut SockOps = program(&mut ebpf, name)?;
                 p.load().map_err(prog_err(name))?;
                 p.attach(&cg, CgroupAttachMode::Single)
                     .map_err(prog_err(name))?;
             } else {
-                let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err(name))?;
+                let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                 p.load().map_err(prog_err(name))?;
                 p.attach(&cg, CgroupAttachMode::Single)
                     .map_err(prog_err(name))?;

@@ -340,13 +340,17 @@ fn spliced_session_keeps_working_through_the_drain_after_sigterm() {
     );
     let status = daemon.stop();
     assert!(status.success(), "{status}\n{}", daemon.log_text());
-    let log = daemon.log_text();
+    assert_spliced_ok(&daemon.log_text(), "drain");
+}
+
+/// The daemon log's first access line says: spliced, result ok.
+fn assert_spliced_ok(log: &str, what: &str) {
     let line = log
         .lines()
         .find(|l| l.contains("\"target\":\"access\""))
-        .unwrap_or_else(|| panic!("no access line:\n{log}"));
-    assert!(line.contains("\"spliced\":true"), "{line}");
-    assert!(line.contains("\"result\":\"ok\""), "{line}");
+        .unwrap_or_else(|| panic!("{what}: no access line:\n{log}"));
+    assert!(line.contains("\"spliced\":true"), "{what}: {line}");
+    assert!(line.contains("\"result\":\"ok\""), "{what}: {line}");
 }
 
 #[test]
@@ -429,12 +433,6 @@ fn ipv6_and_ipv4_mapped_sessions_are_spliced_too() {
         let (_pg, mut daemon, _cg, child, _dir) = held_session_to(tag, target, host);
         assert_eq!(finish(child).trim(), "OK after 20", "{tag}");
         daemon.stop();
-        let log = daemon.log_text();
-        let line = log
-            .lines()
-            .find(|l| l.contains("\"target\":\"access\""))
-            .unwrap_or_else(|| panic!("{tag}: no access line:\n{log}"));
-        assert!(line.contains("\"spliced\":true"), "{tag}: {line}");
-        assert!(line.contains("\"result\":\"ok\""), "{tag}: {line}");
+        assert_spliced_ok(&daemon.log_text(), tag);
     }
 }
