@@ -466,24 +466,31 @@ pub struct Spliced {
 }
 
 impl Spliced {
-    /// Bytes the kernel moved so far: (app -> upstream, upstream -> app).
+    /// Bytes the kernel moved so far: (app -> upstream, upstream -> app). Read them
+    /// before [`Spliced::unlink`].
     #[must_use]
     pub fn bytes(&self) -> (u64, u64) {
         (self.splicer.bytes(&self.app), self.splicer.bytes(&self.up))
+    }
+
+    /// Stop the kernel path both ways (delete the two `SPLICE` entries); idempotent.
+    /// Called as soon as the app has closed: on loopback the kernel may give the app's
+    /// 4-tuple to a new socket a second later (`tcp_tw_reuse`), and stale entries would
+    /// then send that socket's bytes to this upstream, or this upstream's to it.
+    pub fn unlink(&self) {
+        let mut entries = self
+            .splicer
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = entries.remove(&self.app);
+        let _ = entries.remove(&self.up);
     }
 }
 
 impl Drop for Spliced {
     fn drop(&mut self) {
-        {
-            let mut entries = self
-                .splicer
-                .entries
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let _ = entries.remove(&self.app);
-            let _ = entries.remove(&self.up);
-        }
+        self.unlink();
         let _ = self
             .splicer
             .up

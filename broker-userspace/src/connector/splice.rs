@@ -9,8 +9,11 @@
 //! the ends of the session:
 //!
 //! * the client-side socket sees the app's FIN (or, defensively, any byte the app sent
-//!   before the splice took effect, which is forwarded); its end is passed on as
-//!   `shutdown(SHUT_WR)` on the upstream socket;
+//!   before the splice took effect, which is forwarded). The app's FIN ends the kernel
+//!   path both ways at once (the `SPLICE` entries are deleted: on loopback the app's
+//!   4-tuple can be reused by a new socket a second later) and is passed on as
+//!   `shutdown(SHUT_WR)` on the upstream socket. A half-closed app therefore gets no
+//!   more data; PostgreSQL clients never half-close (they send Terminate and close);
 //! * the upstream socket's hang-up is watched through a private epoll set that asks for
 //!   `EPOLLRDHUP` only: the kernel filters out the per-packet "readable" wake-ups there,
 //!   so a busy spliced session never wakes the daemon. The hang-up is passed on as
@@ -54,6 +57,7 @@ pub async fn run(
     let mut stragglers = 0u64;
     let mut client_done = false;
     let mut up_done = false;
+    let mut counted = None;
     let linger = tokio::time::sleep(Duration::MAX);
     tokio::pin!(linger);
     while !(client_done && up_done) {
@@ -72,6 +76,9 @@ pub async fn run(
                 match client.try_read_buf(&mut buf) {
                     Ok(0) => {
                         client_done = true;
+                        // Count first: unlinking deletes the counters.
+                        counted = Some(spliced.bytes());
+                        spliced.unlink();
                         let _ = socket2::SockRef::from(up).shutdown(std::net::Shutdown::Write);
                         linger
                             .as_mut()
@@ -98,7 +105,7 @@ pub async fn run(
             }
         }
     }
-    let (up_bytes, down_bytes) = spliced.bytes();
+    let (up_bytes, down_bytes) = counted.unwrap_or_else(|| spliced.bytes());
     Ok((up_bytes + stragglers, down_bytes))
 }
 
