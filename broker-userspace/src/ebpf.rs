@@ -206,9 +206,12 @@ impl Interceptor {
 
         // The splice programs go on their sockhashes before anything can put a socket
         // there: a socket takes the programs its map has when it is inserted.
+        let splicing = !t.splice_services.is_empty();
         let splicer = Splicer {
-            app: SockHash::try_from(take(&mut ebpf, MAP_SPLICE_APP)?)
-                .map_err(map_err(MAP_SPLICE_APP))?,
+            app: Mutex::new(
+                SockHash::try_from(take(&mut ebpf, MAP_SPLICE_APP)?)
+                    .map_err(map_err(MAP_SPLICE_APP))?,
+            ),
             up: Mutex::new(
                 SockHash::try_from(take(&mut ebpf, MAP_SPLICE_UP)?)
                     .map_err(map_err(MAP_SPLICE_UP))?,
@@ -217,11 +220,15 @@ impl Interceptor {
                 HashMap::try_from(take(&mut ebpf, MAP_SPLICE)?).map_err(map_err(MAP_SPLICE))?,
             ),
         };
-        {
+        if splicing {
             let name = "broker_splice_msg";
             let p: &mut SkMsg = program(&mut ebpf, name)?;
             p.load().map_err(prog_err(name))?;
-            p.attach(splicer.app.fd()).map_err(prog_err(name))?;
+            let app = splicer
+                .app
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            p.attach(app.fd()).map_err(prog_err(name))?;
             let name = "broker_splice_skb";
             let p: &mut SkSkb = program(&mut ebpf, name)?;
             p.load().map_err(prog_err(name))?;
@@ -370,7 +377,7 @@ impl Targets {
 /// The in-kernel data path of spliced sessions: the app sockets' sockhash (filled by
 /// sock_ops), the upstream sockets' sockhash and the socket -> peer map (filled here).
 pub struct Splicer {
-    app: SockHash<MapData, SockKey>,
+    app: Mutex<SockHash<MapData, SockKey>>,
     up: Mutex<SockHash<MapData, SockKey>>,
     entries: Mutex<HashMap<MapData, SockKey, SpliceValue>>,
 }
@@ -449,10 +456,15 @@ impl Splicer {
             .map_or(0, |v| v.bytes)
     }
 
-    /// How many app sockets sit in `SPLICE_APP` (tests and diagnostics).
-    #[must_use]
-    pub fn app_sockets(&self) -> usize {
-        self.app.keys().filter(Result::is_ok).count()
+    /// Take an app socket that will not be spliced (TLS upstream, auth failure, cancel
+    /// request...) out of `SPLICE_APP`: it goes back to plain TCP, without the sk_msg
+    /// program on every send.
+    pub fn forget(&self, app: &SockKey) {
+        let _ = self
+            .app
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(app);
     }
 }
 

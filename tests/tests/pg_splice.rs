@@ -267,7 +267,7 @@ fn held_session_to(tag: &str, target: &str, client_host: &str) -> Held {
         dir.path(),
         "broker.yaml",
         &format!(
-            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n  db:\n    connector: pg\n    intercept: [\"{target}\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n  splice: true\nservices:\n  db:\n    connector: pg\n    intercept: [\"{target}\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
             pg.addr().port(),
             pw_file.display()
         ),

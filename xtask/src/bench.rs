@@ -1,7 +1,7 @@
 //! `cargo xtask bench pg`: pgbench select-only, persistent connections and a new
 //! connection per transaction (`-C`), each direct, through haproxy (TCP relay) and
-//! through the broker (release build, eBPF-intercepted; once with sessions spliced in
-//! the kernel after auth, the default, once with `splice: false`), in one run; TPS and
+//! through the broker (release build, eBPF-intercepted; once as configured by default,
+//! relaying in userspace, once with the opt-in `splice: true`), in one run; TPS and
 //! the ratio to direct (median of `BENCH_ROUNDS` interleaved rounds, default 3). Then
 //! the broker's resident memory idle and per idle brokered connection.
 //!
@@ -163,21 +163,21 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     );
 
     // The broker twice, release build, each intercepting its own address for its own
-    // child cgroup: the default (sessions spliced in the kernel after auth) and with
-    // `splice: false` (the userspace relay), so both are measured in the same run.
+    // child cgroup: the default (userspace relay) and with the opt-in `splice: true`
+    // (sessions spliced in the kernel after auth), both measured in the same run.
     let pw_file = dir.path().join("pw");
     std::fs::write(&pw_file, password)?;
     let cg = TestCgroup::new("bench");
-    let broker = start_broker(root, dir.path(), "127.0.0.2", true, pg_port, &pw_file, &cg)?;
-    let cg_relay = TestCgroup::new("bench-relay");
-    let relay = start_broker(
+    let broker = start_broker(root, dir.path(), "127.0.0.2", false, pg_port, &pw_file, &cg)?;
+    let cg_splice = TestCgroup::new("bench-splice");
+    let spliced = start_broker(
         root,
         dir.path(),
         "127.0.0.3",
-        false,
+        true,
         pg_port,
         &pw_file,
-        &cg_relay,
+        &cg_splice,
     )?;
     broker_tests::wait_port(
         format!("127.0.0.1:{ha_port}").parse()?,
@@ -209,7 +209,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     );
     println!(
         "{:<28} {:>12} {:>26} {:>26} {:>26}",
-        "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)", "broker, no splice"
+        "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)", "broker, splice: true"
     );
     let only = std::env::var("BENCH_ONLY").ok();
     for (name, args) in modes
@@ -221,7 +221,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
             runs[0].push(pgbench(args, "127.0.0.1", pg_port, Some(password), None)?);
             runs[1].push(pgbench(args, "127.0.0.1", ha_port, Some(password), None)?);
             runs[2].push(pgbench(args, "127.0.0.2", 5432, None, Some(&cg))?);
-            runs[3].push(pgbench(args, "127.0.0.3", 5432, None, Some(&cg_relay))?);
+            runs[3].push(pgbench(args, "127.0.0.3", 5432, None, Some(&cg_splice))?);
         }
         let direct = median(&runs[0]);
         let cell = |i: usize| {
@@ -259,7 +259,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         with.saturating_sub(idle) as f64 / n as f64
     );
     drop(broker);
-    drop(relay);
+    drop(spliced);
     Ok(())
 }
 

@@ -276,19 +276,29 @@ async fn session(
     // ReadyForQuery, so once the splice is in place before ReadyForQuery goes out,
     // every later client byte takes the kernel path, in order.
     let mut up = match (up, conn.splice.take()) {
-        (PgStream::Plain(s), Some(ticket)) if client_rest.is_empty() && up_rest.is_empty() => {
+        (PgStream::Plain(s), Some(ticket))
+            if client_rest.is_empty() && up_rest.is_empty() && nothing_pending(client) =>
+        {
             // Out of tokio's reactor first (see connector::splice).
             let s = s.into_std().map_err(|e| Failure::told(ConnError::Io(e)))?;
             match ticket.splicer.start(ticket.app, &s) {
                 Ok(sp) => Upstream::Spliced(s, sp),
                 Err(e) => {
                     tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace");
+                    ticket.splicer.forget(&ticket.app);
                     let s = TcpStream::from_std(s).map_err(|e| Failure::told(ConnError::Io(e)))?;
                     Upstream::Pg(PgStream::Plain(s))
                 }
             }
         }
-        (up, _) => Upstream::Pg(up),
+        (up, ticket) => {
+            // Not spliced (TLS upstream, or bytes pending): the app's socket goes back
+            // to plain TCP.
+            if let Some(t) = ticket {
+                t.splicer.forget(&t.app);
+            }
+            Upstream::Pg(up)
+        }
     };
     let spliced = matches!(up, Upstream::Spliced(..));
     client
@@ -337,6 +347,17 @@ async fn session(
     conn.stats.bytes_up = pre_up + a;
     conn.stats.bytes_down = pre_down + b;
     Ok(())
+}
+
+/// Whether the client-side socket has no unread byte in the kernel (the client must be
+/// silent until ReadyForQuery; anything it sent early would be overtaken by its spliced
+/// bytes).
+fn nothing_pending(client: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through a valid pointer; the fd is open.
+    let rc = unsafe { libc::ioctl(client.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    rc == 0 && n == 0
 }
 
 /// The upstream after authentication: still a [`PgStream`], or handed to the kernel
