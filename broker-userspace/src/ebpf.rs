@@ -1,9 +1,11 @@
 //! Loading, attaching and feeding the kernel programs (`broker-ebpf`).
 //!
-//! [`Interceptor`] owns the loaded object. Every program is attached with a BPF link
-//! (`bpf_link_create`), so the attachments live exactly as long as this process holds
-//! the link fds: dropping the `Interceptor`, any error path, and even SIGKILL detach
-//! everything. Nothing is pinned.
+//! [`Interceptor`] owns the loaded object. Every cgroup program is attached with a BPF
+//! link (`bpf_link_create`), so the attachments live exactly as long as this process
+//! holds the link fds: dropping the `Interceptor`, any error path, and even SIGKILL
+//! detach everything. The splice programs (only when a service splices) are attached to
+//! their sockhashes, which live in this process and its spliced sessions ([`Splicer`]);
+//! when the last reference goes, the maps release their sockets. Nothing is pinned.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
