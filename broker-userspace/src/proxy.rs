@@ -178,13 +178,16 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
             };
             // The app's socket, as it sees itself: its address is our peer's, its peer
             // is our listener.
-            let splice = match (&interceptor, stream.local_addr()) {
-                (Some(i), Ok(local)) if rec.flags & REC_IN_SPLICE_APP != 0 => Some(SpliceTicket {
-                    splicer: i.splicer(),
-                    app: sock_key(peer, local),
-                }),
-                _ => None,
-            };
+            let splice = interceptor
+                .as_ref()
+                .filter(|_| rec.flags & REC_IN_SPLICE_APP != 0)
+                .and_then(|i| {
+                    let local = stream.local_addr().ok()?;
+                    Some(SpliceTicket {
+                        splicer: i.splicer(),
+                        app: sock_key(peer, local),
+                    })
+                });
             (
                 rec.service_id as usize,
                 Some(caller),

@@ -221,6 +221,45 @@ impl Drop for Daemon {
     }
 }
 
+/// A `broker run --cgroup` daemon for a child cgroup the test created. Fields drop in
+/// order: the daemon stops (detaching), then the cgroup goes, then the files.
+pub struct RunBroker {
+    pub daemon: Daemon,
+    pub cg: net::TestCgroup,
+    pub dir: tempfile::TempDir,
+}
+
+/// Start `broker run --cgroup <new child cgroup> --log-format json` with `services:`
+/// as given (YAML, indented) and `broker_extra` lines added to the `broker:` block
+/// (which sets the health address); waits until ready.
+#[must_use]
+pub fn run_broker(tag: &str, broker_extra: &str, services: &str) -> RunBroker {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cg = net::TestCgroup::new(tag);
+    let health = free_port();
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n{broker_extra}services:\n{services}"
+        ),
+    );
+    let daemon = Daemon::start(
+        &cfg,
+        &[
+            "--cgroup",
+            cg.path.to_str().expect("UTF-8 cgroup path"),
+            "--log-format",
+            "json",
+        ],
+        format!("127.0.0.1:{health}")
+            .parse()
+            .expect("health address"),
+        &dir.path().join("broker.log"),
+    );
+    RunBroker { daemon, cg, dir }
+}
+
 /// `broker [flags...] exec -f <config> -- <cmd...>`, in a private mount namespace whose
 /// /etc/hosts also maps `names` (see [`net::with_hosts`]); the caller sets env and stdio.
 #[must_use]

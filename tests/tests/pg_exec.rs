@@ -10,11 +10,11 @@ use std::{
 };
 
 use broker_tests::{
-    Daemon, assert_no_secret, broker_exec, free_port,
+    assert_no_secret, broker_exec,
     net::TestCgroup,
     output_text,
     pg::{CANCEL_SCRIPT, PgAuth, PgOptions, PgServer, PgTls, python_with_psycopg2},
-    privileged, write_file,
+    privileged, run_broker, write_file,
 };
 
 /// A `pg` service intercepting `target`, with the password read from `pw_file`.
@@ -146,36 +146,6 @@ fn psql_under_exec_scram_md5_and_tls_in_every_sslmode() {
     assert_no_secret(&text, &[pw_scram, pw_md5, pw_tls], "exec output");
 }
 
-/// Fields drop in order: the daemon stops, then the cgroup goes, then the files.
-struct RunBroker {
-    daemon: Daemon,
-    cg: TestCgroup,
-    dir: tempfile::TempDir,
-}
-
-fn run_broker(tag: &str, services: &str) -> RunBroker {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cg = TestCgroup::new(tag);
-    let health = free_port();
-    let cfg = write_file(
-        dir.path(),
-        "broker.yaml",
-        &format!("version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n{services}"),
-    );
-    let daemon = Daemon::start(
-        &cfg,
-        &[
-            "--cgroup",
-            cg.path.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ],
-        format!("127.0.0.1:{health}").parse().unwrap(),
-        &dir.path().join("broker.log"),
-    );
-    RunBroker { daemon, cg, dir }
-}
-
 fn in_cgroup(cg: &TestCgroup, program: &str, args: &[&str]) -> (bool, String) {
     let mut c = Command::new("timeout");
     c.args(["--kill-after=5", "120", program])
@@ -200,6 +170,7 @@ fn pgbench_init_persistent_and_new_connection_per_transaction() {
     let f = write_file(tmp.path(), "pw", pw);
     let b = run_broker(
         "pgbench",
+        "",
         &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"),
     );
     let conn = ["-h", "127.0.0.2", "-p", "5432", "-U", "anything", "app"];
@@ -243,6 +214,7 @@ fn cancel_reaches_the_right_backend_within_two_seconds() {
     let f = write_file(tmp.path(), "pw", pw);
     let b = run_broker(
         "cancel",
+        "",
         &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"),
     );
     let dsn = "host=127.0.0.2 port=5432 user=anything dbname=app sslmode=disable";
@@ -282,6 +254,7 @@ fn wrong_password_then_rotation_without_restart() {
     let f = write_file(tmp.path(), "pw", wrong);
     let b = run_broker(
         "rotate",
+        "",
         &pg_service("db", "127.0.0.2:5432", &pg, &f, "      sslmode: disable\n"),
     );
     let psql = |what: &str| {

@@ -20,11 +20,11 @@ use std::{
 };
 
 use broker_tests::{
-    Daemon, assert_no_secret, broker_exec, free_port,
-    net::{TestCgroup, bpftool_cgroup_show},
+    RunBroker, assert_no_secret, broker_exec,
+    net::bpftool_cgroup_show,
     output_text,
     pg::{PgAuth, PgOptions, PgServer, python_with_psycopg2},
-    privileged, write_file,
+    privileged, run_broker, write_file,
 };
 
 const MB: usize = 1024 * 1024;
@@ -241,14 +241,9 @@ except psycopg2.Error as e:
     print("ERR after %d in %.1fs: %s" % (n, time.monotonic() - start, str(e).strip().splitlines()[0]), flush=True)
 "#;
 
-/// PostgreSQL, the daemon, its cgroup, the client holding a session, the temp dir.
-type Held = (
-    PgServer,
-    Daemon,
-    TestCgroup,
-    std::process::Child,
-    tempfile::TempDir,
-);
+/// PostgreSQL, the daemon with its cgroup, the client holding a session, the password
+/// file's directory.
+type Held = (PgServer, RunBroker, std::process::Child, tempfile::TempDir);
 
 /// Start `broker run --cgroup` for a pg service on 127.0.0.2:5432 and a client holding
 /// one session in the cgroup; returns once the session is spliced and idle.
@@ -262,27 +257,14 @@ fn held_session_to(tag: &str, target: &str, client_host: &str) -> Held {
     let pw = "hold-pw-3e8d1a6c9f";
     let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
     let pw_file = write_file(dir.path(), "pw", pw);
-    let health = free_port();
-    let cfg = write_file(
-        dir.path(),
-        "broker.yaml",
+    let b = run_broker(
+        tag,
+        "  splice: true\n",
         &format!(
-            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n  splice: true\nservices:\n  db:\n    connector: pg\n    intercept: [\"{target}\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
+            "  db:\n    connector: pg\n    intercept: [\"{target}\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
             pg.addr().port(),
             pw_file.display()
         ),
-    );
-    let cg = TestCgroup::new(tag);
-    let daemon = Daemon::start(
-        &cfg,
-        &[
-            "--cgroup",
-            cg.path.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ],
-        format!("127.0.0.1:{health}").parse().unwrap(),
-        &dir.path().join("broker.log"),
     );
     let python = python_with_psycopg2().expect("python3 with psycopg2");
     let mut c = Command::new("timeout");
@@ -297,14 +279,14 @@ fn held_session_to(tag: &str, target: &str, client_host: &str) -> Held {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    cg.enter(&mut c);
+    b.cg.enter(&mut c);
     let mut child = c.spawn().expect("spawn python");
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().expect("stdout"))
         .read_line(&mut line)
         .expect("read ready");
-    assert_eq!(line.trim(), "ready", "{}", daemon.log_text());
-    (pg, daemon, cg, child, dir)
+    assert_eq!(line.trim(), "ready", "{}", b.daemon.log_text());
+    (pg, b, child, dir)
 }
 
 fn finish(mut child: std::process::Child) -> String {
@@ -323,7 +305,8 @@ fn spliced_session_keeps_working_through_the_drain_after_sigterm() {
     if !privileged() {
         return;
     }
-    let (_pg, mut daemon, cg, child, _dir) = held_session("splice-drain");
+    let (_pg, mut b, child, _dir) = held_session("splice-drain");
+    let RunBroker { daemon, cg, .. } = &mut b;
     // SAFETY: kill with a pid we own.
     unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
     std::thread::sleep(Duration::from_millis(300));
@@ -358,7 +341,8 @@ fn spliced_session_ends_cleanly_when_the_broker_is_killed() {
     if !privileged() {
         return;
     }
-    let (_pg, mut daemon, _cg, child, _dir) = held_session("splice-kill");
+    let (_pg, mut b, child, _dir) = held_session("splice-kill");
+    let daemon = &mut b.daemon;
     daemon.child.kill().expect("SIGKILL the broker");
     let _ = daemon.child.wait();
     let started = Instant::now();
@@ -377,7 +361,8 @@ fn app_leaving_mid_result_ends_the_spliced_session_and_its_backend() {
     }
     // The client holds a session open on stdin; we use the same daemon set-up and run
     // a second client that streams a large COPY and dies (SIGPIPE) after 100 kB.
-    let (pg, daemon, cg, holder, _dir) = held_session("splice-leave");
+    let (pg, b, holder, _dir) = held_session("splice-leave");
+    let RunBroker { daemon, cg, .. } = &b;
     let mut c = Command::new("timeout");
     c.args([
         "--kill-after=5",
@@ -430,7 +415,8 @@ fn ipv6_and_ipv4_mapped_sessions_are_spliced_too() {
         ("splice-v6", "[::1]:5432", "::1"),
         ("splice-mapped", "127.0.0.2:5432", "::ffff:127.0.0.2"),
     ] {
-        let (_pg, mut daemon, _cg, child, _dir) = held_session_to(tag, target, host);
+        let (_pg, mut b, child, _dir) = held_session_to(tag, target, host);
+        let daemon = &mut b.daemon;
         assert_eq!(finish(child).trim(), "OK after 20", "{tag}");
         daemon.stop();
         assert_spliced_ok(&daemon.log_text(), tag);
