@@ -26,6 +26,19 @@ pub const MAP_SPLICE_UP: &str = "SPLICE_UP";
 /// Name of the hash map socket ([`SockKey`]) -> [`SpliceValue`]: where a spliced
 /// socket's data goes, and how many bytes went.
 pub const MAP_SPLICE: &str = "SPLICE";
+/// Name of the hash map app socket cookie -> bytes the app has read of what the kernel
+/// redirected to it (counted at the `sock_recv_length` tracepoint).
+pub const MAP_SPLICE_READ: &str = "SPLICE_READ";
+/// Name of the ring buffer of app socket cookies whose server -> app direction has just
+/// fallen back to the daemon (see [`SPLICE_FALLBACK`]).
+pub const MAP_SPLICE_EVENTS: &str = "SPLICE_EVENTS";
+/// Names of the load-time constants (`.rodata`) holding byte offsets in the kernel's
+/// `struct sock`, found in its BTF by the daemon.
+pub const GLOBAL_SK_WMEM_QUEUED: &str = "SK_WMEM_QUEUED_OFF";
+/// See [`GLOBAL_SK_WMEM_QUEUED`].
+pub const GLOBAL_SK_SNDBUF: &str = "SK_SNDBUF_OFF";
+/// See [`GLOBAL_SK_WMEM_QUEUED`].
+pub const GLOBAL_SK_COOKIE: &str = "SK_COOKIE_OFF";
 
 /// Capacity of the exact target map.
 pub const MAX_TARGETS: u32 = 16_384;
@@ -53,6 +66,18 @@ pub const REC_IN_SPLICE_APP: u32 = 2;
 /// [`SpliceValue::flags`]: deliver to the peer socket's receive queue (`BPF_F_INGRESS`)
 /// instead of sending it out of the peer socket.
 pub const SPLICE_INGRESS: u32 = 1;
+/// [`SpliceValue::flags`]: this direction has left the kernel path for good and goes
+/// through the daemon (set by the programs when the receiver falls behind by more than
+/// [`SPLICE_READ_BUDGET`], or the upstream's send buffer is half full).
+pub const SPLICE_FALLBACK: u32 = 2;
+
+/// Bytes the kernel may have redirected to an app that it has not read yet. Past this,
+/// the server -> app direction falls back to the daemon's relay, which reads only what
+/// the app can take, so a stalled reader stalls the server (TCP flow control) instead of
+/// piling the server's output up in kernel memory. Several times the app socket's
+/// receive buffer (see `SPLICE_RCVBUF` in broker-ebpf), so a reader that merely runs
+/// a little behind stays spliced.
+pub const SPLICE_READ_BUDGET: u64 = 16 << 20;
 
 /// `AF_INET`, as recorded in [`ConnRecord::family`].
 pub const FAMILY_INET: u16 = 2;
@@ -115,6 +140,8 @@ pub struct ConnRecord {
     pub cgroup_id: u64,
     /// `bpf_ktime_get_ns()` at connect time.
     pub connect_ns: u64,
+    /// Cookie of the app's socket (`SO_COOKIE`).
+    pub cookie: u64,
     /// Original destination address (network byte order, IPv4-mapped for IPv4).
     pub orig_addr: [u8; 16],
     /// `comm` of the calling thread, NUL padded.
@@ -160,6 +187,13 @@ pub struct SpliceValue {
     pub flags: u32,
     /// Bytes moved by the kernel programs (written by them only).
     pub bytes: u64,
+    /// Upstream entries: cookie of the app socket whose reads (`SPLICE_READ`) bound the
+    /// redirected bytes. 0 in app entries.
+    pub app_cookie: u64,
+    /// Upstream entries: the kernel address of this socket (`struct sock *`), recorded
+    /// by the stream verdict from its first packet, so that the app side's sk_msg
+    /// program can read how full its send buffer is. 0 until then, and in app entries.
+    pub sk: u64,
 }
 
 #[cfg(feature = "user")]
@@ -180,9 +214,9 @@ const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<CidrKey>() == 18);
 const _: () = assert!(core::mem::size_of::<TargetValue>() == 8);
 const _: () = assert!(core::mem::size_of::<BrokerSettings>() == 16);
-const _: () = assert!(core::mem::size_of::<ConnRecord>() == 8 + 8 + 16 + 16 + 2 + 2 + 4 * 5);
+const _: () = assert!(core::mem::size_of::<ConnRecord>() == 8 + 8 + 8 + 16 + 16 + 2 + 2 + 4 * 5);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 16 + 16 + 2 + 2);
-const _: () = assert!(core::mem::size_of::<SpliceValue>() == 36 + 4 + 8);
+const _: () = assert!(core::mem::size_of::<SpliceValue>() == 36 + 4 + 8 + 8 + 8);
 
 /// The IPv4-mapped IPv6 form of an IPv4 address given as network-order bytes.
 #[must_use]

@@ -23,24 +23,49 @@
 // Host builds (`cargo clippy --workspace`) type-check the programs against std.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The BPF target has no atomic read-modify-write in `core::sync::atomic`; the intrinsic
+// lowers to the BPF atomic add.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt,
+            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
+            bpf_setsockopt,
         },
     },
-    macros::{cgroup_sock_addr, map, sk_msg, sock_ops, stream_verdict},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash, lpm_trie::Key},
-    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops, stream_verdict},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, SockHash, lpm_trie::Key},
+    programs::{RawTracePointContext, SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
+
+/// `*p += v`, atomically (BPF `lock xadd`).
+///
+/// # Safety
+/// `p` points to a valid, aligned u64 (a map value).
+#[inline(always)]
+unsafe fn add_atomic(p: *mut u64, v: u64) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: per the function's contract.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, v,
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: per the function's contract (host builds only type-check).
+    unsafe {
+        *p = (*p).wrapping_add(v);
+    }
+}
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnRecord, FAMILY_INET, FAMILY_INET6, MAX_CIDRS, MAX_CONNS,
-    MAX_TARGETS, REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SPLICE_INGRESS, SockKey,
+    MAX_TARGETS, REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_READ_BUDGET, SockKey,
     SpliceValue, TARGET_SPLICE, TargetValue, is_mapped_v4, mapped_v4,
 };
 
@@ -68,6 +93,12 @@ static SPLICE_UP: SockHash<SockKey> = SockHash::with_max_entries(MAX_CONNS, 0);
 #[map]
 static SPLICE: HashMap<SockKey, SpliceValue> = HashMap::with_max_entries(2 * MAX_CONNS, 0);
 
+#[map]
+static SPLICE_READ: HashMap<u64, u64> = HashMap::with_max_entries(MAX_CONNS, 0);
+
+#[map]
+static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
 const IPPROTO_TCP: u32 = 6;
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
@@ -76,6 +107,7 @@ const SO_RCVBUF: i32 = 8;
 /// Receive buffer asked for on an app socket that may be spliced (the kernel doubles it).
 const SPLICE_RCVBUF: i32 = 4 << 20;
 const BPF_F_INGRESS: u64 = 1;
+const MSG_PEEK: i32 = 2;
 const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
 const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
@@ -160,10 +192,13 @@ fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
 fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16, target: TargetValue) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
+    // SAFETY: ctx.as_ptr() is the program's context, valid for the cookie helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rec = ConnRecord {
         // SAFETY: helpers without pointer arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         connect_ns: unsafe { bpf_ktime_get_ns() },
+        cookie,
         orig_addr: addr,
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
         orig_port: port,
@@ -174,8 +209,6 @@ fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16, target:
         gid: (uid_gid >> 32) as u32,
         flags: target.flags & TARGET_SPLICE,
     };
-    // SAFETY: ctx.as_ptr() is the program's context, valid for the cookie helper.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = BY_COOKIE.insert(cookie, rec, 0);
 }
 
@@ -408,9 +441,54 @@ fn on_established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | SOCK_OPS_STATE_CB_FLAG);
 }
 
+/// Byte offset of `sk_wmem_queued` in the kernel's `struct sock`; set by the daemon from
+/// the kernel's BTF before loading (`.rodata`: the verifier sees a constant).
+#[unsafe(no_mangle)]
+static SK_WMEM_QUEUED_OFF: u32 = 0;
+/// Byte offset of `sk_sndbuf` in the kernel's `struct sock` (see above).
+#[unsafe(no_mangle)]
+static SK_SNDBUF_OFF: u32 = 0;
+
+/// Whether the upstream socket of `SPLICE` entry `up` has no room for `size` more bytes
+/// with half of its send buffer to spare. Redirected into a full send buffer, a
+/// non-blocking app's send would fail with EAGAIN while its own socket stays writable:
+/// an edge-triggered app (Go, tokio) would then wait for a wake-up that never comes.
+///
+/// The socket's address comes from its `SPLICE` entry (recorded by the stream verdict:
+/// an sk_msg program may not hold a socket reference, so it cannot look the socket up
+/// itself); until the upstream has sent a first packet it is unknown, and the upstream,
+/// which has not seen anything but the session's first request, has room.
+#[inline(always)]
+fn upstream_pressed(up: &SockKey, size: u32) -> bool {
+    // SAFETY: the value is copied out immediately.
+    let Some(sk) = (unsafe { SPLICE.get(up) }).map(|v| v.sk) else {
+        return true;
+    };
+    if sk == 0 {
+        return false;
+    }
+    // SAFETY: reads of the kernel's own socket through the checked probe helper; the
+    // offsets come from the running kernel's BTF.
+    let (queued, sndbuf) = unsafe {
+        let q = u64::from(core::ptr::read_volatile(&raw const SK_WMEM_QUEUED_OFF));
+        let b = u64::from(core::ptr::read_volatile(&raw const SK_SNDBUF_OFF));
+        (
+            bpf_probe_read_kernel((sk + q) as *const i32),
+            bpf_probe_read_kernel((sk + b) as *const i32),
+        )
+    };
+    let (Ok(queued), Ok(sndbuf)) = (queued, sndbuf) else {
+        return true;
+    };
+    i64::from(queued) + i64::from(size) > i64::from(sndbuf) / 2
+}
+
 /// sk_msg on `SPLICE_APP`: an app socket's send goes straight out of its upstream socket
 /// once the session is spliced; before that (and if the upstream socket is gone) it takes
-/// the normal path to the broker's listener.
+/// the normal path to the broker's listener. So does every send once the upstream's send
+/// buffer has filled up (see [`upstream_pressed`]): the daemon then relays this direction
+/// with ordinary TCP flow control (the bytes the kernel sent are already in the upstream
+/// socket, ahead of anything the daemon writes, so the order holds).
 #[sk_msg]
 pub fn broker_splice_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the context pointer is valid for the duration of the program.
@@ -419,10 +497,17 @@ pub fn broker_splice_msg(ctx: SkMsgContext) -> u32 {
         return SK_PASS;
     };
     // SAFETY: v points into the map value for the duration of the program; only this
-    // socket's sends (serialised by its socket lock) write `bytes`.
+    // socket's sends (serialised by its socket lock) write `bytes` and `flags`.
     unsafe {
+        if (*v).flags & SPLICE_FALLBACK != 0 {
+            return SK_PASS;
+        }
         let peer = (*v).peer;
         let size = ctx.size();
+        if upstream_pressed(&peer, size) {
+            (*v).flags |= SPLICE_FALLBACK;
+            return SK_PASS;
+        }
         if SPLICE_UP.redirect_msg(&ctx, peer, 0) as u32 == SK_PASS {
             (*v).bytes += u64::from(size);
         }
@@ -432,7 +517,10 @@ pub fn broker_splice_msg(ctx: SkMsgContext) -> u32 {
 
 /// sk_skb stream verdict on `SPLICE_UP`: what an upstream socket receives goes straight
 /// into its app socket's receive queue once the session is spliced; otherwise it stays
-/// on the upstream socket for the daemon to read.
+/// on the upstream socket for the daemon to read. It stays there too, for good, once the
+/// app has fallen [`SPLICE_READ_BUDGET`] bytes behind: there it is charged to the
+/// upstream socket, whose TCP window closes, which stops the server. The daemon hears
+/// of it on `SPLICE_EVENTS` and relays this direction from then on.
 #[stream_verdict]
 pub fn broker_splice_skb(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context pointer is valid for the duration of the program.
@@ -442,12 +530,6 @@ pub fn broker_splice_skb(ctx: SkBuffContext) -> u32 {
     };
     // SAFETY: as in broker_splice_msg; this socket's receive path is serialised.
     unsafe {
-        let peer = (*v).peer;
-        let flags = if (*v).flags & SPLICE_INGRESS != 0 {
-            BPF_F_INGRESS
-        } else {
-            0
-        };
         let len = ctx.len();
         if len == 0 {
             // A bare FIN. Redirected, it would become an empty message in the app
@@ -455,11 +537,70 @@ pub fn broker_splice_skb(ctx: SkBuffContext) -> u32 {
             // end of the stream on itself (connector::splice).
             return SK_DROP;
         }
+        if (*v).flags & SPLICE_FALLBACK != 0 {
+            return SK_PASS;
+        }
+        if (*v).sk == 0 {
+            // For the app side's sk_msg program (see upstream_pressed). Storing a
+            // kernel address in a map needs CAP_PERFMON, which the daemon has.
+            (*v).sk = (*ctx.skb.skb).__bindgen_anon_2.sk as u64;
+        }
+        let cookie = (*v).app_cookie;
+        // Wrapping: the read counter starts below zero by the bytes the daemon itself
+        // wrote to the app after the splice began (ReadyForQuery).
+        let read = SPLICE_READ.get(&cookie).copied();
+        let behind = match read {
+            Some(r) => ((*v).bytes.wrapping_sub(r) as i64).max(0) as u64,
+            None => u64::MAX,
+        };
+        // Committed only once the daemon is told (a full ring: try again next packet).
+        if behind.saturating_add(u64::from(len)) > SPLICE_READ_BUDGET
+            && SPLICE_EVENTS.output::<u64>(cookie, 0).is_ok()
+        {
+            (*v).flags |= SPLICE_FALLBACK;
+            return SK_PASS;
+        }
+        let peer = (*v).peer;
+        let flags = if (*v).flags & SPLICE_INGRESS != 0 {
+            BPF_F_INGRESS
+        } else {
+            0
+        };
         if SPLICE_APP.redirect_skb(&ctx, peer, flags) as u32 == SK_PASS {
             (*v).bytes += u64::from(len);
         }
     }
     SK_PASS
+}
+
+/// Byte offset of `__sk_common.skc_cookie` in the kernel's `struct sock` (see above).
+#[unsafe(no_mangle)]
+static SK_COOKIE_OFF: u32 = 0;
+
+/// Raw tracepoint `sock_recv_length` (every `recvmsg`, after it returns): count the bytes
+/// the app sockets in `SPLICE_READ` read, keyed by socket cookie. sock_ops asked for each
+/// app socket's cookie at connect, so the kernel has stored it in the socket.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn broker_splice_read(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct sock *sk, int ret, int flags)
+    let sk: u64 = ctx.arg(0);
+    let ret: u64 = ctx.arg(1);
+    let flags: u64 = ctx.arg(2);
+    let (ret, flags) = (ret as i32, flags as i32);
+    if ret <= 0 || flags & MSG_PEEK != 0 || sk == 0 {
+        return 0;
+    }
+    // SAFETY: a read of the kernel's own socket through the checked probe helper.
+    let cookie = unsafe {
+        let off = u64::from(core::ptr::read_volatile(&raw const SK_COOKIE_OFF));
+        bpf_probe_read_kernel((sk + off) as *const u64)
+    };
+    let Ok(cookie) = cookie else { return 0 };
+    if let Some(read) = SPLICE_READ.get_ptr_mut(&cookie) {
+        // SAFETY: points into the map value; several threads may read one socket.
+        unsafe { add_atomic(read, ret as u64) };
+    }
+    0
 }
 
 #[cfg(not(target_arch = "bpf"))]

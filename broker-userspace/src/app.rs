@@ -244,6 +244,8 @@ impl Daemon {
                     Err(e) => tracing::warn!(error = %e, "kernel debug logs unavailable"),
                 }
             }
+            // Detached: spliced sessions may outlive the serving tasks (a drain).
+            tokio::spawn(i.splicer().watch_fallbacks());
             interceptor = Some(Arc::new(i));
             targets = Some(t);
         }

@@ -16,15 +16,22 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, SockHash, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SkSkb, SockOps},
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, RingBuf, SockHash, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, RawTracePoint, SkMsg, SkSkb, SockOps,
+        raw_trace_point::RawTracePointLink,
+    },
 };
 use broker_common::{
-    AddrKey, BrokerSettings, CidrKey, ConnRecord, MAP_BY_PEER, MAP_SETTINGS, MAP_SPLICE,
-    MAP_SPLICE_APP, MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_INGRESS, SockKey,
-    SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
+    AddrKey, BrokerSettings, CidrKey, ConnRecord, GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF, GLOBAL_SK_WMEM_QUEUED,
+    MAP_BY_PEER, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ,
+    MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_INGRESS, SockKey, SpliceValue,
+    TARGET_SPLICE, TargetValue, mapped_v4,
 };
+use tokio::sync::Notify;
+
+use crate::btf::SockOffsets;
 
 /// The eBPF object built by `build.rs` (aya-build) from `broker-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/broker"));
@@ -185,7 +192,28 @@ impl Interceptor {
         targets: &BTreeMap<KernelTarget, u32>,
         splice_services: BTreeSet<u32>,
     ) -> Result<Self, EbpfError> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(EbpfError::Load)?;
+        // The splice programs read two fields of the kernel's `struct sock`; their
+        // offsets come from the kernel's BTF. Without them nothing is spliced.
+        let offsets = if splice_services.is_empty() {
+            None
+        } else {
+            SockOffsets::from_kernel()
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "no kernel BTF: sessions are relayed in userspace, not spliced");
+                })
+                .ok()
+        };
+        // As `Ebpf::load` does: the kernel's BTF, for relocations.
+        let btf = aya::Btf::from_sys_fs().ok();
+        let mut loader = EbpfLoader::new();
+        loader.btf(btf.as_ref());
+        if let Some(o) = &offsets {
+            loader
+                .override_global(GLOBAL_SK_WMEM_QUEUED, &o.wmem_queued, true)
+                .override_global(GLOBAL_SK_SNDBUF, &o.sndbuf, true)
+                .override_global(GLOBAL_SK_COOKIE, &o.cookie, true);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
         };
@@ -194,22 +222,9 @@ impl Interceptor {
         settings_map
             .set(0, settings, 0)
             .map_err(map_err(MAP_SETTINGS))?;
-        let mut t = Targets {
-            exact: HashMap::try_from(take(&mut ebpf, MAP_TARGETS)?)
-                .map_err(map_err(MAP_TARGETS))?,
-            cidrs: LpmTrie::try_from(take(&mut ebpf, MAP_TARGET_CIDRS)?)
-                .map_err(map_err(MAP_TARGET_CIDRS))?,
-            current: BTreeMap::new(),
-            splice_services,
-        };
-        t.update(targets)?;
         let peers =
             HashMap::try_from(take(&mut ebpf, MAP_BY_PEER)?).map_err(map_err(MAP_BY_PEER))?;
-
-        // The splice programs go on their sockhashes before anything can put a socket
-        // there: a socket takes the programs its map has when it is inserted.
-        let splicing = !t.splice_services.is_empty();
-        let splicer = Splicer {
+        let mut splicer = Splicer {
             app: Mutex::new(
                 SockHash::try_from(take(&mut ebpf, MAP_SPLICE_APP)?)
                     .map_err(map_err(MAP_SPLICE_APP))?,
@@ -221,25 +236,37 @@ impl Interceptor {
             entries: Mutex::new(
                 HashMap::try_from(take(&mut ebpf, MAP_SPLICE)?).map_err(map_err(MAP_SPLICE))?,
             ),
+            read: Mutex::new(
+                HashMap::try_from(take(&mut ebpf, MAP_SPLICE_READ)?)
+                    .map_err(map_err(MAP_SPLICE_READ))?,
+            ),
+            events: Mutex::new(Some(
+                RingBuf::try_from(take(&mut ebpf, MAP_SPLICE_EVENTS)?)
+                    .map_err(map_err(MAP_SPLICE_EVENTS))?,
+            )),
+            fallbacks: Mutex::new(std::collections::HashMap::new()),
+            read_link: None,
         };
-        if splicing {
-            let name = "broker_splice_msg";
-            let p: &mut SkMsg = program(&mut ebpf, name)?;
-            p.load().map_err(prog_err(name))?;
-            let app = splicer
-                .app
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            p.attach(app.fd()).map_err(prog_err(name))?;
-            let name = "broker_splice_skb";
-            let p: &mut SkSkb = program(&mut ebpf, name)?;
-            p.load().map_err(prog_err(name))?;
-            let up = splicer
-                .up
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            p.attach(up.fd()).map_err(prog_err(name))?;
+        // The splice programs go on their sockhashes before anything can put a socket
+        // there: a socket takes the programs its map has when it is inserted.
+        let mut splice_services = splice_services;
+        if offsets.is_some()
+            && let Err(e) = splicer.attach_programs(&mut ebpf)
+        {
+            tracing::warn!(error = %e, "kernel splice unavailable: sessions are relayed in userspace");
+            splice_services.clear();
+        } else if offsets.is_none() {
+            splice_services.clear();
         }
+        let mut t = Targets {
+            exact: HashMap::try_from(take(&mut ebpf, MAP_TARGETS)?)
+                .map_err(map_err(MAP_TARGETS))?,
+            cidrs: LpmTrie::try_from(take(&mut ebpf, MAP_TARGET_CIDRS)?)
+                .map_err(map_err(MAP_TARGET_CIDRS))?,
+            current: BTreeMap::new(),
+            splice_services,
+        };
+        t.update(targets)?;
 
         let cg = std::fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.to_path_buf(),
@@ -382,6 +409,15 @@ pub struct Splicer {
     app: Mutex<SockHash<MapData, SockKey>>,
     up: Mutex<SockHash<MapData, SockKey>>,
     entries: Mutex<HashMap<MapData, SockKey, SpliceValue>>,
+    /// App socket cookie -> bytes it read of what was redirected to it.
+    read: Mutex<HashMap<MapData, u64, u64>>,
+    /// Server -> app fallbacks reported by the kernel; taken by [`Splicer::watch_fallbacks`].
+    events: Mutex<Option<RingBuf<MapData>>>,
+    /// Sessions waiting for their fallback, by app socket cookie.
+    fallbacks: Mutex<std::collections::HashMap<u64, Arc<Notify>>>,
+    /// The read-counting program's link: it must count for as long as any session is
+    /// spliced, which may be after the cgroup programs are gone (a drain).
+    read_link: Option<RawTracePointLink>,
 }
 
 impl std::fmt::Debug for Splicer {
@@ -390,11 +426,73 @@ impl std::fmt::Debug for Splicer {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Splicer {
+    /// Load and attach the three splice programs: the read counter first (nothing can be
+    /// spliced yet), then the programs on their sockhashes.
+    fn attach_programs(&mut self, ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+        let name = "broker_splice_read";
+        let p: &mut RawTracePoint = program(ebpf, name)?;
+        p.load().map_err(prog_err(name))?;
+        let id = p.attach("sock_recv_length").map_err(prog_err(name))?;
+        self.read_link = Some(p.take_link(id).map_err(prog_err(name))?);
+        let name = "broker_splice_msg";
+        let p: &mut SkMsg = program(ebpf, name)?;
+        p.load().map_err(prog_err(name))?;
+        p.attach(lock(&self.app).fd()).map_err(prog_err(name))?;
+        let name = "broker_splice_skb";
+        let p: &mut SkSkb = program(ebpf, name)?;
+        p.load().map_err(prog_err(name))?;
+        p.attach(lock(&self.up).fd()).map_err(prog_err(name))?;
+        Ok(())
+    }
+
+    /// Hand each server -> app fallback the kernel reports (`SPLICE_EVENTS`) to its
+    /// session. Runs for the daemon's lifetime; a no-op after the first call.
+    pub async fn watch_fallbacks(self: Arc<Self>) {
+        let Some(ring) = lock(&self.events).take() else {
+            return;
+        };
+        // SAFETY: the ring buffer's fd stays open as long as the AsyncFd owns it.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+        };
+        let mut fd = match fd {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the splice fallback ring buffer");
+                return;
+            }
+        };
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "splice fallback ring buffer");
+                    return;
+                }
+            };
+            while let Some(item) = guard.get_inner_mut().next() {
+                let Ok(bytes) = <[u8; 8]>::try_from(&item[..item.len().min(8)]) else {
+                    continue;
+                };
+                let cookie = u64::from_ne_bytes(bytes);
+                if let Some(n) = lock(&self.fallbacks).get(&cookie) {
+                    n.notify_one();
+                }
+            }
+            guard.clear_ready();
+        }
+    }
+
     /// Splice the app socket `app` (in `SPLICE_APP` since sock_ops saw it connect) with
     /// the upstream socket `up`: from now on the app's sends leave through `up`, and
     /// what `up` receives lands in the app socket's receive queue. The returned guard
-    /// undoes the map entries when dropped.
+    /// undoes the map entries when dropped. `app_cookie` is the app socket's cookie;
+    /// `sent_after` the bytes the caller writes to the app itself once this returns.
     ///
     /// # Errors
     /// A map update failure (a full map, or `up` not an established TCP socket). Nothing
@@ -402,22 +500,31 @@ impl Splicer {
     pub fn start(
         self: &Arc<Self>,
         app: SockKey,
+        app_cookie: u64,
+        sent_after: u64,
         up: &std::net::TcpStream,
     ) -> Result<Spliced, EbpfError> {
         let up_key = sock_key(
             up.local_addr().map_err(EbpfError::Socket)?,
             up.peer_addr().map_err(EbpfError::Socket)?,
         );
-        self.up
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(up_key, up.as_raw_fd(), 0)
-            .map_err(map_err(MAP_SPLICE_UP))?;
+        let fallback = Arc::new(Notify::new());
+        lock(&self.fallbacks).insert(app_cookie, Arc::clone(&fallback));
         let spliced = Spliced {
             splicer: Arc::clone(self),
             app,
+            app_cookie,
             up: up_key,
+            fallback,
         };
+        // The read counter exists before anything is redirected. It counts every byte
+        // the app reads, so it starts below zero by what reaches the app another way.
+        lock(&self.read)
+            .insert(app_cookie, 0u64.wrapping_sub(sent_after), 0)
+            .map_err(map_err(MAP_SPLICE_READ))?;
+        lock(&self.up)
+            .insert(up_key, up.as_raw_fd(), 0)
+            .map_err(map_err(MAP_SPLICE_UP))?;
         let mut entries = self
             .entries
             .lock()
@@ -431,6 +538,8 @@ impl Splicer {
                     peer: app,
                     flags: SPLICE_INGRESS,
                     bytes: 0,
+                    app_cookie,
+                    sk: 0,
                 },
                 0,
             )
@@ -442,6 +551,8 @@ impl Splicer {
                     peer: up_key,
                     flags: 0,
                     bytes: 0,
+                    app_cookie: 0,
+                    sk: 0,
                 },
                 0,
             )
@@ -476,7 +587,9 @@ impl Splicer {
 pub struct Spliced {
     splicer: Arc<Splicer>,
     app: SockKey,
+    app_cookie: u64,
     up: SockKey,
+    fallback: Arc<Notify>,
 }
 
 impl Spliced {
@@ -500,17 +613,29 @@ impl Spliced {
         let _ = entries.remove(&self.app);
         let _ = entries.remove(&self.up);
     }
+
+    /// Wait until the kernel has given the server -> app direction back to the daemon:
+    /// the app fell [`broker_common::SPLICE_READ_BUDGET`] bytes behind.
+    pub async fn read_fallback(&self) {
+        self.fallback.notified().await;
+    }
+
+    /// Whether the app has read everything the kernel redirected to it, so that bytes
+    /// the daemon now writes to it come after them.
+    #[must_use]
+    pub fn app_caught_up(&self) -> bool {
+        let read = lock(&self.splicer.read).get(&self.app_cookie, 0).ok();
+        // Wrapping: the counter starts below zero (see Splicer::start).
+        read.is_some_and(|r| self.splicer.bytes(&self.up).wrapping_sub(r).cast_signed() <= 0)
+    }
 }
 
 impl Drop for Spliced {
     fn drop(&mut self) {
         self.unlink();
-        let _ = self
-            .splicer
-            .up
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.up);
+        lock(&self.splicer.fallbacks).remove(&self.app_cookie);
+        let _ = lock(&self.splicer.read).remove(&self.app_cookie);
+        let _ = lock(&self.splicer.up).remove(&self.up);
     }
 }
 
@@ -565,6 +690,7 @@ mod tests {
         let rec = ConnRecord {
             cgroup_id: 1,
             connect_ns: 0,
+            cookie: 7,
             orig_addr: mapped_v4([10, 1, 2, 3]),
             comm: [0; 16],
             orig_port: 80,

@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod broker;
+pub mod btf;
 pub mod cgroup;
 pub mod config;
 pub mod connector;

@@ -186,6 +186,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
                     Some(SpliceTicket {
                         splicer: i.splicer(),
                         app: sock_key(peer, local),
+                        app_cookie: rec.cookie,
                     })
                 });
             (

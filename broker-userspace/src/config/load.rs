@@ -594,7 +594,7 @@ impl Loader<'_> {
             transparent_port: 0,
             cache_ttl: DEFAULT_CACHE_TTL,
             bypass_mark: broker_common::DEFAULT_BYPASS_MARK,
-            splice: false,
+            splice: true,
         };
         let m = match v {
             None | Some(Value::Null) => return out,

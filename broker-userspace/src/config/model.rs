@@ -37,8 +37,8 @@ pub struct BrokerSettings {
     /// Socket mark bit set on the broker's upstream sockets.
     pub bypass_mark: u32,
     /// Splice authenticated sessions in the kernel (sockmap) instead of relaying them
-    /// in userspace, where the connector allows it. Opt-in: see docs/ARCHITECTURE.md,
-    /// "Splice", for what the kernel path does not bound.
+    /// in userspace, where the connector and the kernel allow it (default on; see
+    /// docs/ARCHITECTURE.md, "Splice").
     pub splice: bool,
 }
 

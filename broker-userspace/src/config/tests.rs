@@ -359,8 +359,8 @@ fn broker_block() {
     let e = errs(&format!("{PG}broker:\n  bypassMark: 0\n"));
     has(&e, "broker.bypassMark", "must not be 0");
 
-    assert!(!ok(PG).broker.splice, "splice is opt-in");
-    assert!(ok(&format!("{PG}broker:\n  splice: true\n")).broker.splice);
+    assert!(ok(PG).broker.splice, "splice is on by default");
+    assert!(!ok(&format!("{PG}broker:\n  splice: false\n")).broker.splice);
     let e = errs(&format!("{PG}broker:\n  splice: sometimes\n"));
     has(&e, "broker.splice", "true or false");
 }

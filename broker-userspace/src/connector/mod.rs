@@ -46,6 +46,8 @@ pub struct Conn {
 pub struct SpliceTicket {
     pub splicer: Arc<crate::ebpf::Splicer>,
     pub app: broker_common::SockKey,
+    /// The app socket's cookie (its bytes read are counted under it).
+    pub app_cookie: u64,
 }
 
 /// Per-connection facts for the access-log line.

@@ -44,17 +44,27 @@ pub const HANGUP_GRACE: Duration = Duration::from_millis(50);
 pub const UPSTREAM_LINGER: Duration = Duration::from_secs(5);
 
 /// Wait until both directions of a spliced session have ended; returns the bytes moved
-/// (client -> upstream, upstream -> client), kernel and stragglers together.
+/// (client -> upstream, upstream -> client), kernel and daemon together.
+///
+/// Either direction can leave the kernel path for good mid-session (see the `SPLICE_*`
+/// programs in `broker-ebpf`):
+/// * client -> upstream when the upstream's send buffer fills: the app's bytes then
+///   arrive on the client-side socket like stragglers and are forwarded from here, with
+///   ordinary flow control;
+/// * upstream -> client when the app falls too far behind: the kernel reports it, the
+///   app first reads what the kernel gave it, then the session is relayed here both
+///   ways (the splice entries are deleted; the upstream's unread bytes wait, charged to
+///   its receive buffer, which is what stops the server meanwhile).
 ///
 /// # Errors
-/// An I/O error on the client-side socket, or when the hang-up watch cannot be set up.
+/// An I/O error on either socket, or when the hang-up watch cannot be set up.
 pub async fn run(
     client: &TcpStream,
-    up: &std::net::TcpStream,
+    up: std::net::TcpStream,
     spliced: &Spliced,
 ) -> Result<(u64, u64), ConnError> {
-    let hangup = Hangup::watch(up)?;
-    let mut stragglers = 0u64;
+    let watch = UpWatch::new(&up)?;
+    let mut forwarded = 0u64;
     let mut client_done = false;
     let mut up_done = false;
     let mut counted = None;
@@ -66,35 +76,36 @@ pub async fn run(
                 // Abort (RST on close): a server blocked on a full window would not
                 // notice a FIN until its next successful send.
                 tracing::debug!("upstream did not hang up after the client left; resetting it");
-                let _ = socket2::SockRef::from(up).set_linger(Some(Duration::ZERO));
+                let _ = socket2::SockRef::from(&up).set_linger(Some(Duration::ZERO));
                 break;
             }
             r = client.readable(), if !client_done => {
                 r?;
                 // Allocated only when the client side wakes: at its FIN, normally.
-                let mut buf = Vec::with_capacity(16 * 1024);
+                let mut buf = Vec::with_capacity(64 * 1024);
                 match client.try_read_buf(&mut buf) {
                     Ok(0) => {
                         client_done = true;
                         // Count first: unlinking deletes the counters.
                         counted = Some(spliced.bytes());
                         spliced.unlink();
-                        let _ = socket2::SockRef::from(up).shutdown(std::net::Shutdown::Write);
+                        let _ = socket2::SockRef::from(&up).shutdown(std::net::Shutdown::Write);
                         linger
                             .as_mut()
                             .reset(tokio::time::Instant::now() + UPSTREAM_LINGER);
                     }
                     Ok(n) => {
-                        // Sent before the splice took effect: keep the order by sending
-                        // it the way the kernel would have.
-                        write_all(up, &buf[..n]).await?;
-                        stragglers += n as u64;
+                        // Sent before the splice took effect, or after the kernel
+                        // handed this direction back: the kernel's bytes are already in
+                        // the upstream socket, so these go after them, in order.
+                        watch.write_all(&up, &buf[..n]).await?;
+                        forwarded += n as u64;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e.into()),
                 }
             }
-            r = hangup.wait(), if !up_done => {
+            r = watch.hangup(), if !up_done => {
                 r?;
                 up_done = true;
                 if !client_done {
@@ -103,38 +114,69 @@ pub async fn run(
                 }
                 let _ = socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write);
             }
+            () = spliced.read_fallback(), if !client_done && !up_done => {
+                drop(watch);
+                let (a, b) = relay_after_fallback(client, up, spliced).await?;
+                return Ok((a + forwarded, b));
+            }
         }
     }
     let (up_bytes, down_bytes) = counted.unwrap_or_else(|| spliced.bytes());
-    Ok((up_bytes + stragglers, down_bytes))
+    Ok((up_bytes + forwarded, down_bytes))
 }
 
-/// Write to the (non-blocking, unregistered) upstream socket; only ever used for the
-/// few bytes a client sent before the splice, so polling on a full buffer is fine.
-async fn write_all(mut to: &std::net::TcpStream, mut data: &[u8]) -> io::Result<()> {
-    use std::io::Write as _;
-    while !data.is_empty() {
-        match to.write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+/// The longest pause between two looks at whether the app has caught up.
+const CATCH_UP_POLL_MAX: Duration = Duration::from_millis(50);
+
+/// The rest of a session whose upstream -> client direction the kernel handed back:
+/// once the app has read everything the kernel gave it (what the daemon writes to the
+/// client socket lands behind that), end the splice and relay both ways.
+async fn relay_after_fallback(
+    client: &TcpStream,
+    up: std::net::TcpStream,
+    spliced: &Spliced,
+) -> Result<(u64, u64), ConnError> {
+    tracing::debug!("app fell behind; relaying the rest of the session in userspace");
+    let up = TcpStream::from_std(up)?;
+    let mut forwarded = 0u64;
+    let mut pause = Duration::from_millis(1);
+    while !spliced.app_caught_up() {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => pause = (pause * 2).min(CATCH_UP_POLL_MAX),
+            r = client.readable() => {
+                r?;
+                let mut buf = Vec::with_capacity(64 * 1024);
+                match client.try_read_buf(&mut buf) {
+                    // The app is gone: nothing left to keep in order.
+                    Ok(0) => break,
+                    Ok(n) => {
+                        super::tcp::write_all(&up, &buf[..n]).await?;
+                        forwarded += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
         }
     }
-    Ok(())
+    let (k_up, k_down) = spliced.bytes();
+    spliced.unlink();
+    let (a, b) = super::tcp::relay_tcp(client, &up).await?;
+    Ok((k_up + forwarded + a, k_down + b))
 }
 
-/// A private epoll set holding one socket with `EPOLLRDHUP` interest only; its fd turns
-/// readable when the peer half-closes, resets or the socket fails.
-struct Hangup {
+/// A private epoll set holding the upstream socket, with `EPOLLRDHUP` interest (plus
+/// `EPOLLOUT` while a write waits for room); its fd turns readable when the peer
+/// half-closes, resets or the socket fails, or it turns writable. The kernel filters the
+/// per-packet "readable" wake-ups of redirected data out of this set, so a busy spliced
+/// session never wakes the daemon.
+struct UpWatch {
     fd: AsyncFd<OwnedFd>,
+    sock: i32,
 }
 
-impl Hangup {
-    fn watch(sock: &impl std::os::fd::AsRawFd) -> io::Result<Self> {
+impl UpWatch {
+    fn new(sock: &impl std::os::fd::AsRawFd) -> io::Result<Self> {
         // SAFETY: plain syscall; the result is checked.
         let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if raw < 0 {
@@ -142,37 +184,39 @@ impl Hangup {
         }
         // SAFETY: raw is a fresh fd we own.
         let ep = unsafe { OwnedFd::from_raw_fd(raw) };
-        // Level-triggered: once the peer has hung up the set stays ready. EPOLLERR and
-        // EPOLLHUP are always reported.
+        let w = Self {
+            // SAFETY: the OwnedFd moves into the AsyncFd and stays open until dropped.
+            fd: unsafe { AsyncFd::register_with_interest(ep, Interest::READABLE)? },
+            sock: sock.as_raw_fd(),
+        };
+        w.ctl(libc::EPOLL_CTL_ADD, false)?;
+        Ok(w)
+    }
+
+    /// Level-triggered: once the peer has hung up the set stays ready. EPOLLERR and
+    /// EPOLLHUP are always reported.
+    fn ctl(&self, op: i32, out: bool) -> io::Result<()> {
         let mut ev = libc::epoll_event {
-            events: libc::EPOLLRDHUP as u32,
+            events: (libc::EPOLLRDHUP | if out { libc::EPOLLOUT } else { 0 }) as u32,
             u64: 0,
         };
         // SAFETY: both fds are open; ev is a valid epoll_event.
-        let rc = unsafe {
-            libc::epoll_ctl(
-                ep.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                sock.as_raw_fd(),
-                &raw mut ev,
-            )
-        };
+        let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, self.sock, &raw mut ev) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: the OwnedFd moves into the AsyncFd and stays open until it is dropped.
-        let fd = unsafe { AsyncFd::register_with_interest(ep, Interest::READABLE)? };
-        Ok(Self { fd })
+        Ok(())
     }
 
-    async fn wait(&self) -> io::Result<()> {
+    /// The next events of the upstream socket.
+    async fn events(&self) -> io::Result<u32> {
         loop {
             let mut guard = self.fd.readable().await?;
             let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
             // SAFETY: valid epoll fd and a buffer of one event; timeout 0 never blocks.
             let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), ev.as_mut_ptr(), 1, 0) };
             if n > 0 {
-                return Ok(());
+                return Ok(ev[0].events);
             }
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -182,5 +226,39 @@ impl Hangup {
             }
             guard.clear_ready();
         }
+    }
+
+    /// Wait for the upstream's hang-up (or failure).
+    async fn hangup(&self) -> io::Result<()> {
+        self.events().await.map(drop)
+    }
+
+    /// Write to the (non-blocking, unregistered) upstream socket, waiting for room in
+    /// this set.
+    async fn write_all(&self, mut to: &std::net::TcpStream, mut data: &[u8]) -> io::Result<()> {
+        use std::io::Write as _;
+        let mut waiting = false;
+        let res = loop {
+            if data.is_empty() {
+                break Ok(());
+            }
+            match to.write(data) {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !waiting {
+                        self.ctl(libc::EPOLL_CTL_MOD, true)?;
+                        waiting = true;
+                    }
+                    self.events().await?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        if waiting {
+            self.ctl(libc::EPOLL_CTL_MOD, false)?;
+        }
+        res
     }
 }

@@ -201,7 +201,7 @@ impl BufferPool {
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
     while !data.is_empty() {
         match to.try_write(data) {
             Ok(n) => data = &data[n..],

@@ -281,7 +281,9 @@ async fn session(
         {
             // Out of tokio's reactor first (see connector::splice).
             let s = s.into_std().map_err(|e| Failure::told(ConnError::Io(e)))?;
-            match ticket.splicer.start(ticket.app, &s) {
+            // The app reads these through TCP, after the splice has started.
+            let sent_after = (ready.to_client.len() + up_rest.len()) as u64;
+            match ticket.splicer.start(ticket.app, ticket.app_cookie, sent_after, &s) {
                 Ok(sp) => Upstream::Spliced(s, sp),
                 Err(e) => {
                     tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace");
@@ -339,7 +341,7 @@ async fn session(
     );
     // Plain upstreams use the readiness-based relay (no buffer held while idle).
     let relayed = match up {
-        Upstream::Spliced(s, sp) => splice::run(client, &s, &sp).await,
+        Upstream::Spliced(s, sp) => splice::run(client, s, &sp).await,
         Upstream::Pg(PgStream::Plain(s)) => tcp::relay_tcp(client, &s).await,
         Upstream::Pg(tls) => tcp::relay(client, tls).await,
     };
