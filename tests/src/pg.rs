@@ -281,6 +281,11 @@ impl PgServer {
     /// Run SQL as the superuser over the unix socket; returns stdout (unaligned, tuples
     /// only). Panics on failure.
     pub fn admin_sql(&self, sql: &str) -> String {
+        self.admin_sql_in("postgres", sql)
+    }
+
+    /// [`PgServer::admin_sql`] in database `db`.
+    pub fn admin_sql_in(&self, db: &str, sql: &str) -> String {
         let out = run(
             Command::new("psql")
                 .args([
@@ -295,7 +300,7 @@ impl PgServer {
                     "-h",
                 ])
                 .arg(self.dir.path())
-                .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql]),
+                .args(["-p", &self.port.to_string(), "-d", db, "-c", sql]),
             "admin psql",
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
