@@ -73,11 +73,11 @@ pub const SPLICE_FALLBACK: u32 = 2;
 
 /// Bytes the kernel may have redirected to an app that it has not read yet. Past this,
 /// the server -> app direction falls back to the daemon's relay, which reads only what
-/// the app can take, so a stalled reader stalls the server (TCP flow control) instead of
-/// piling the server's output up in kernel memory. Several times the app socket's
-/// receive buffer (see `SPLICE_RCVBUF` in broker-ebpf), so a reader that merely runs
-/// a little behind stays spliced.
-pub const SPLICE_READ_BUDGET: u64 = 16 << 20;
+/// the app can take, so a stalled reader stalls the server (TCP flow control) with a
+/// known bound on what waits in kernel memory, whatever the kernel's own sockmap
+/// queues do. Small results (the latency-bound traffic splicing is for) never come
+/// near it; a bulk result to a slow reader is relayed, which moves bulk data as fast.
+pub const SPLICE_READ_BUDGET: u64 = 4 << 20;
 
 /// `AF_INET`, as recorded in [`ConnRecord::family`].
 pub const FAMILY_INET: u16 = 2;

@@ -32,15 +32,17 @@ use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
     helpers::{
-        bpf_probe_read_kernel, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
-            bpf_setsockopt,
+            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt,
         },
     },
     macros::{cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops, stream_verdict},
     maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, SockHash, lpm_trie::Key},
-    programs::{RawTracePointContext, SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{
+        RawTracePointContext, SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext,
+    },
 };
 use aya_log_ebpf::debug;
 
@@ -65,8 +67,9 @@ unsafe fn add_atomic(p: *mut u64, v: u64) {
 }
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnRecord, FAMILY_INET, FAMILY_INET6, MAX_CIDRS, MAX_CONNS,
-    MAX_TARGETS, REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_READ_BUDGET, SockKey,
-    SpliceValue, TARGET_SPLICE, TargetValue, is_mapped_v4, mapped_v4,
+    MAX_TARGETS, REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SPLICE_FALLBACK,
+    SPLICE_INGRESS, SPLICE_READ_BUDGET, SockKey, SpliceValue, TARGET_SPLICE, TargetValue,
+    is_mapped_v4, mapped_v4,
 };
 
 #[map]

@@ -280,6 +280,7 @@ fn access_log(conn: &Conn, result: &Result<(), ConnError>, elapsed: Duration) {
         bytes_up = conn.stats.bytes_up,
         bytes_down = conn.stats.bytes_down,
         spliced = conn.stats.spliced,
+        splice_fallback = conn.stats.splice_fallback,
         duration_ms = elapsed.as_millis() as u64,
         "connection"
     );

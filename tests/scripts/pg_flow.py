@@ -10,7 +10,8 @@ Usage:
 
 Modes:
   stall-read --rows N --stall SECONDS [--marker-file F]
-      Server -> app flow control. Runs COPY (SELECT generate_series(1,N)) TO STDOUT,
+      Server -> app flow control. Runs COPY (SELECT generate_series(1,N)) TO STDOUT (rows zero-padded
+      to --width characters if given),
       and after CopyOutResponse writes "stalled" to F and sleeps SECONDS without
       reading the socket at all. A correct proxy must stop reading from the server
       (backpressure) instead of buffering without bound or dropping data. Afterwards
@@ -140,7 +141,9 @@ def connect(a):
 
 def stall_read(conn, a):
     n = a.rows
-    conn.sock.sendall(frame(b"Q", f"COPY (SELECT i FROM generate_series(1,{n}) i) TO STDOUT\0".encode()))
+    # --width pads each row with leading zeros (still an integer) to make rows bigger.
+    sel = f"lpad(i::text, {a.width}, '0')" if a.width else "i"
+    conn.sock.sendall(frame(b"Q", f"COPY (SELECT {sel} FROM generate_series(1,{n}) i) TO STDOUT\0".encode()))
     conn.expect("H")
     if a.marker_file:
         with open(a.marker_file, "w") as f:
@@ -260,6 +263,7 @@ def main():
     sub = p.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("stall-read")
     s.add_argument("--rows", type=int, required=True)
+    s.add_argument("--width", type=int, default=0)
     s.add_argument("--stall", type=float, required=True)
     s.add_argument("--marker-file")
     e = sub.add_parser("et-write")

@@ -85,7 +85,10 @@ fn access(b: &RunBroker) -> serde_json::Value {
         if lines.len() == 1 {
             return lines[0].clone();
         }
-        assert!(lines.is_empty() && Instant::now() < deadline, "one session:\n{log}");
+        assert!(
+            lines.is_empty() && Instant::now() < deadline,
+            "one session:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -139,6 +142,29 @@ fn a_stalled_reader_stalls_the_server_and_then_gets_every_row_in_order() {
         "the backend should be blocked sending while the app is stalled\n{}",
         b.daemon.log_text()
     );
+    // What the server got out while the app read nothing (acknowledged by the broker's
+    // upstream socket): the read budget, the app socket's queue and a receive window.
+    let acked = || {
+        let ss = Command::new("ss")
+            .args(["-tniH", "state", "established"])
+            .arg(format!("( sport = :{} )", pg.addr().port()))
+            .output()
+            .expect("run ss");
+        let text = String::from_utf8_lossy(&ss.stdout).into_owned();
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix("bytes_acked:"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no bytes_acked in `ss` output:\n{text}"))
+    };
+    let first = acked();
+    std::thread::sleep(Duration::from_secs(2));
+    let later = acked();
+    println!("server bytes out while the app is stalled: {first} then {later}");
+    assert!(
+        later < 32 << 20,
+        "{later} bytes left the server for a stalled app"
+    );
+    assert!(later - first < 1 << 20, "still flowing: {first} -> {later}");
     let out = child.wait_with_output().expect("wait pg_flow");
     let r = result(&out, &b);
     assert!(out.status.success(), "{r}\n{}", output_text(&out));
@@ -147,6 +173,7 @@ fn a_stalled_reader_stalls_the_server_and_then_gets_every_row_in_order() {
     assert_eq!(r["tag"], format!("COPY {rows}"), "{r}");
     let a = access(&b);
     assert_eq!(a["spliced"], true, "{a}");
+    assert_eq!(a["splice_fallback"], "down", "the relay took over: {a}");
     assert_eq!(a["result"], "ok", "{a}");
     let payload = r["bytes"].as_u64().expect("bytes");
     assert!(
@@ -207,7 +234,10 @@ fn an_edge_triggered_writer_is_woken_when_the_server_reads_again() {
     assert!(out.status.success(), "{r}\n{}", output_text(&out));
     assert_eq!(r["stalled"], false, "{r}");
     assert_eq!(r["tag"], format!("COPY {rows}"), "{r}");
-    assert!(r["eagain"].as_u64().unwrap_or(0) > 0, "the writer did block: {r}");
+    assert!(
+        r["eagain"].as_u64().unwrap_or(0) > 0,
+        "the writer did block: {r}"
+    );
     assert!(
         r["max_wait"].as_f64().unwrap_or(0.0) > 1.0,
         "it waited for the server (which waited for the blocker), then was woken: {r}"
@@ -218,6 +248,7 @@ fn an_edge_triggered_writer_is_woken_when_the_server_reads_again() {
     );
     let a = access(&b);
     assert_eq!(a["spliced"], true, "{a}");
+    assert_eq!(a["splice_fallback"], "up", "the relay took over: {a}");
     assert_eq!(a["result"], "ok", "{a}");
     let payload = r["bytes"].as_u64().expect("bytes");
     assert!(

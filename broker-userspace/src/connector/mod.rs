@@ -60,6 +60,10 @@ pub struct ConnStats {
     pub bytes_down: u64,
     /// The session's bytes went through the kernel splice, not the userspace relay.
     pub spliced: bool,
+    /// Directions of a spliced session that the kernel handed back to the userspace
+    /// relay mid-session: "" (none), "down" (the app fell behind), "up" (the upstream's
+    /// send buffer filled), "both".
+    pub splice_fallback: &'static str,
     /// Credential fetches: `name <- provider:id` (never values).
     pub fetched: Vec<String>,
 }

@@ -62,7 +62,7 @@ pub async fn run(
     client: &TcpStream,
     up: std::net::TcpStream,
     spliced: &Spliced,
-) -> Result<(u64, u64), ConnError> {
+) -> Result<Outcome, ConnError> {
     let watch = UpWatch::new(&up)?;
     let mut forwarded = 0u64;
     let mut client_done = false;
@@ -117,12 +117,31 @@ pub async fn run(
             () = spliced.read_fallback(), if !client_done && !up_done => {
                 drop(watch);
                 let (a, b) = relay_after_fallback(client, up, spliced).await?;
-                return Ok((a + forwarded, b));
+                return Ok(Outcome {
+                    up: a + forwarded,
+                    down: b,
+                    fallback: if forwarded > 0 { "both" } else { "down" },
+                });
             }
         }
     }
     let (up_bytes, down_bytes) = counted.unwrap_or_else(|| spliced.bytes());
-    Ok((up_bytes + forwarded, down_bytes))
+    Ok(Outcome {
+        up: up_bytes + forwarded,
+        down: down_bytes,
+        fallback: if forwarded > 0 { "up" } else { "" },
+    })
+}
+
+/// How a spliced session went.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    /// Bytes client -> upstream, kernel and daemon together.
+    pub up: u64,
+    /// Bytes upstream -> client, kernel and daemon together.
+    pub down: u64,
+    /// Directions handed back to the daemon mid-session (see `ConnStats`).
+    pub fallback: &'static str,
 }
 
 /// The longest pause between two looks at whether the app has caught up.

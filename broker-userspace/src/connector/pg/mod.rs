@@ -283,7 +283,10 @@ async fn session(
             let s = s.into_std().map_err(|e| Failure::told(ConnError::Io(e)))?;
             // The app reads these through TCP, after the splice has started.
             let sent_after = (ready.to_client.len() + up_rest.len()) as u64;
-            match ticket.splicer.start(ticket.app, ticket.app_cookie, sent_after, &s) {
+            match ticket
+                .splicer
+                .start(ticket.app, ticket.app_cookie, sent_after, &s)
+            {
                 Ok(sp) => Upstream::Spliced(s, sp),
                 Err(e) => {
                     tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace");
@@ -341,7 +344,10 @@ async fn session(
     );
     // Plain upstreams use the readiness-based relay (no buffer held while idle).
     let relayed = match up {
-        Upstream::Spliced(s, sp) => splice::run(client, s, &sp).await,
+        Upstream::Spliced(s, sp) => splice::run(client, s, &sp).await.map(|o| {
+            conn.stats.splice_fallback = o.fallback;
+            (o.up, o.down)
+        }),
         Upstream::Pg(PgStream::Plain(s)) => tcp::relay_tcp(client, &s).await,
         Upstream::Pg(tls) => tcp::relay(client, tls).await,
     };
