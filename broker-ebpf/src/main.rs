@@ -551,7 +551,7 @@ pub fn broker_splice_skb(ctx: SkBuffContext) -> u32 {
         let cookie = (*v).app_cookie;
         // Wrapping: the read counter starts below zero by the bytes the daemon itself
         // wrote to the app after the splice began (ReadyForQuery).
-        let read = SPLICE_READ.get(&cookie).copied();
+        let read = SPLICE_READ.get(cookie).copied();
         let behind = match read {
             Some(r) => ((*v).bytes.wrapping_sub(r) as i64).max(0) as u64,
             None => u64::MAX,
@@ -599,7 +599,7 @@ pub fn broker_splice_read(ctx: RawTracePointContext) -> i32 {
         bpf_probe_read_kernel((sk + off) as *const u64)
     };
     let Ok(cookie) = cookie else { return 0 };
-    if let Some(read) = SPLICE_READ.get_ptr_mut(&cookie) {
+    if let Some(read) = SPLICE_READ.get_ptr_mut(cookie) {
         // SAFETY: points into the map value; several threads may read one socket.
         unsafe { add_atomic(read, ret as u64) };
     }

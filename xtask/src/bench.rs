@@ -1,7 +1,8 @@
 //! `cargo xtask bench pg`: pgbench select-only, persistent connections and a new
 //! connection per transaction (`-C`), each direct, through haproxy (TCP relay) and
 //! through the broker (release build, eBPF-intercepted; once as configured by default,
-//! relaying in userspace, once with the opt-in `splice: true`), in one run; TPS and
+//! sessions spliced in the kernel after auth, once with `splice: false`, relaying in
+//! userspace), in one run; TPS and
 //! the ratio to direct (median of `BENCH_ROUNDS` interleaved rounds, default 3). Then
 //! the broker's resident memory idle and per idle brokered connection.
 //!
@@ -163,21 +164,21 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     );
 
     // The broker twice, release build, each intercepting its own address for its own
-    // child cgroup: the default (userspace relay) and with the opt-in `splice: true`
-    // (sessions spliced in the kernel after auth), both measured in the same run.
+    // child cgroup: the default (sessions spliced in the kernel after auth) and with
+    // `splice: false` (userspace relay), both measured in the same run.
     let pw_file = dir.path().join("pw");
     std::fs::write(&pw_file, password)?;
     let cg = TestCgroup::new("bench");
-    let broker = start_broker(root, dir.path(), "127.0.0.2", false, pg_port, &pw_file, &cg)?;
-    let cg_splice = TestCgroup::new("bench-splice");
-    let spliced = start_broker(
+    let broker = start_broker(root, dir.path(), "127.0.0.2", "", pg_port, &pw_file, &cg)?;
+    let cg_relay = TestCgroup::new("bench-relay");
+    let relay = start_broker(
         root,
         dir.path(),
         "127.0.0.3",
-        true,
+        "  splice: false\n",
         pg_port,
         &pw_file,
-        &cg_splice,
+        &cg_relay,
     )?;
     broker_tests::wait_port(
         format!("127.0.0.1:{ha_port}").parse()?,
@@ -209,7 +210,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     );
     println!(
         "{:<28} {:>12} {:>26} {:>26} {:>26}",
-        "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)", "broker, splice: true"
+        "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)", "broker, splice: false"
     );
     let only = std::env::var("BENCH_ONLY").ok();
     for (name, args) in modes
@@ -221,7 +222,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
             runs[0].push(pgbench(args, "127.0.0.1", pg_port, Some(password), None)?);
             runs[1].push(pgbench(args, "127.0.0.1", ha_port, Some(password), None)?);
             runs[2].push(pgbench(args, "127.0.0.2", 5432, None, Some(&cg))?);
-            runs[3].push(pgbench(args, "127.0.0.3", 5432, None, Some(&cg_splice))?);
+            runs[3].push(pgbench(args, "127.0.0.3", 5432, None, Some(&cg_relay))?);
         }
         let direct = median(&runs[0]);
         let cell = |i: usize| {
@@ -259,7 +260,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         with.saturating_sub(idle) as f64 / n as f64
     );
     drop(broker);
-    drop(spliced);
+    drop(relay);
     Ok(())
 }
 
@@ -268,7 +269,7 @@ fn start_broker(
     root: &Path,
     dir: &Path,
     target: &str,
-    splice: bool,
+    broker_extra: &str,
     pg_port: u16,
     pw_file: &Path,
     cg: &TestCgroup,
@@ -278,7 +279,7 @@ fn start_broker(
     std::fs::write(
         &cfg,
         format!(
-            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n  splice: {splice}\nservices:\n  db:\n    connector: pg\n    intercept: [\"{target}:5432\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{pg_port}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n{broker_extra}services:\n  db:\n    connector: pg\n    intercept: [\"{target}:5432\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{pg_port}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
             pw_file.display()
         ),
     )?;
