@@ -326,11 +326,11 @@ impl Daemon {
     }
 }
 
-/// The splice needs a stream verdict without a parser (kernel 5.13) and the sockmap
-/// fixes of the following releases; it is tested on 6.x. Older kernels relay in
-/// userspace.
+/// The splice needs a stream verdict without a parser (kernel 5.13), the sockmap fixes
+/// of the following releases and the `sock_recv_length` tracepoint (6.3); it is tested
+/// on 6.x. Older kernels relay in userspace.
 fn splice_kernel_ok() -> bool {
-    const MIN: (u32, u32) = (6, 1);
+    const MIN: (u32, u32) = (6, 3);
     // SAFETY: uname fills the zeroed struct; the release is NUL-terminated.
     let release = unsafe {
         let mut u: libc::utsname = std::mem::zeroed();
@@ -349,7 +349,7 @@ fn splice_kernel_ok() -> bool {
     if !ok {
         tracing::info!(
             kernel = %release,
-            "kernel older than 6.1: sessions are relayed in userspace, not spliced"
+            "kernel older than 6.3: sessions are relayed in userspace, not spliced"
         );
     }
     ok
