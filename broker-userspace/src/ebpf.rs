@@ -27,7 +27,7 @@ use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnRecord, GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF,
     GLOBAL_SK_WMEM_QUEUED, MAP_BY_PEER, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP,
     MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS,
-    SPLICE_INGRESS, SockKey, SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
+    SPLICE_FALLBACK, SPLICE_INGRESS, SockKey, SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
 };
 use tokio::sync::Notify;
 
@@ -618,6 +618,15 @@ impl Spliced {
     /// the app fell [`broker_common::SPLICE_READ_BUDGET`] bytes behind.
     pub async fn read_fallback(&self) {
         self.fallback.notified().await;
+    }
+
+    /// Whether the kernel has given the server -> app direction back (also true once
+    /// [`Spliced::read_fallback`] has returned).
+    #[must_use]
+    pub fn download_fell_back(&self) -> bool {
+        lock(&self.splicer.entries)
+            .get(&self.up, 0)
+            .is_ok_and(|v| v.flags & SPLICE_FALLBACK != 0)
     }
 
     /// Whether the app has read everything the kernel redirected to it, so that bytes

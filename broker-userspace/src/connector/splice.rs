@@ -107,6 +107,12 @@ pub async fn run(
             }
             r = watch.hangup(), if !up_done => {
                 r?;
+                if !client_done && spliced.download_fell_back() {
+                    // The server's last bytes wait on the upstream socket: relay them
+                    // (then its end of stream) once the app has caught up.
+                    drop(watch);
+                    return relay_after_fallback(client, up, spliced, forwarded).await;
+                }
                 up_done = true;
                 if !client_done {
                     // The app is still there to read the upstream's last bytes.
@@ -116,12 +122,7 @@ pub async fn run(
             }
             () = spliced.read_fallback(), if !client_done && !up_done => {
                 drop(watch);
-                let (a, b) = relay_after_fallback(client, up, spliced).await?;
-                return Ok(Outcome {
-                    up: a + forwarded,
-                    down: b,
-                    fallback: if forwarded > 0 { "both" } else { "down" },
-                });
+                return relay_after_fallback(client, up, spliced, forwarded).await;
             }
         }
     }
@@ -149,15 +150,17 @@ const CATCH_UP_POLL_MAX: Duration = Duration::from_millis(50);
 
 /// The rest of a session whose upstream -> client direction the kernel handed back:
 /// once the app has read everything the kernel gave it (what the daemon writes to the
-/// client socket lands behind that), end the splice and relay both ways.
+/// client socket lands behind that), end the splice and relay both ways. `forwarded`:
+/// upload bytes the daemon already forwarded.
 async fn relay_after_fallback(
     client: &TcpStream,
     up: std::net::TcpStream,
     spliced: &Spliced,
-) -> Result<(u64, u64), ConnError> {
+    mut forwarded: u64,
+) -> Result<Outcome, ConnError> {
+    let uploaded_before = forwarded > 0;
     tracing::debug!("app fell behind; relaying the rest of the session in userspace");
     let up = TcpStream::from_std(up)?;
-    let mut forwarded = 0u64;
     let mut pause = Duration::from_millis(1);
     while !spliced.app_caught_up() {
         tokio::select! {
@@ -181,7 +184,11 @@ async fn relay_after_fallback(
     let (k_up, k_down) = spliced.bytes();
     spliced.unlink();
     let (a, b) = super::tcp::relay_tcp(client, &up).await?;
-    Ok((k_up + forwarded + a, k_down + b))
+    Ok(Outcome {
+        up: k_up + forwarded + a,
+        down: k_down + b,
+        fallback: if uploaded_before { "both" } else { "down" },
+    })
 }
 
 /// A private epoll set holding the upstream socket, with `EPOLLRDHUP` interest (plus
