@@ -100,7 +100,7 @@ static SPLICE: HashMap<SockKey, SpliceValue> = HashMap::with_max_entries(2 * MAX
 static SPLICE_READ: HashMap<u64, u64> = HashMap::with_max_entries(MAX_CONNS, 0);
 
 #[map]
-static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024, 0);
 
 const IPPROTO_TCP: u32 = 6;
 const SK_PASS: u32 = 1;
