@@ -107,6 +107,12 @@ impl Btf {
         Ok(Self { data, strs, types })
     }
 
+    /// The raw blob (for another parser, e.g. aya's relocations).
+    #[must_use]
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
     /// Reads and parses `/sys/kernel/btf/vmlinux`.
     pub fn from_sys_fs() -> Result<Self, BtfError> {
         let data = std::fs::read(SYS_BTF).map_err(|source| BtfError::Read {
@@ -252,11 +258,6 @@ pub struct SockOffsets {
 }
 
 impl SockOffsets {
-    /// Looks the offsets up in the running kernel's BTF.
-    pub fn from_kernel() -> Result<Self, BtfError> {
-        Self::from_btf(&Btf::from_sys_fs()?)
-    }
-
     pub fn from_btf(b: &Btf) -> Result<Self, BtfError> {
         Ok(Self {
             wmem_queued: b.member_offset("sock", "sk_wmem_queued")?,
@@ -361,7 +362,7 @@ mod tests {
         if !std::path::Path::new(SYS_BTF).exists() {
             return;
         }
-        let o = SockOffsets::from_kernel().unwrap();
+        let o = SockOffsets::from_btf(&Btf::from_sys_fs().unwrap()).unwrap();
         assert!(
             o.wmem_queued != 0 && o.sndbuf != 0 && o.wmem_queued != o.sndbuf && o.cookie != 0,
             "{o:?}"

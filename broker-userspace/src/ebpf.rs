@@ -31,7 +31,7 @@ use broker_common::{
 };
 use tokio::sync::Notify;
 
-use crate::btf::SockOffsets;
+use crate::btf::{Btf as KernelBtf, SockOffsets};
 
 /// The eBPF object built by `build.rs` (aya-build) from `broker-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/broker"));
@@ -192,19 +192,24 @@ impl Interceptor {
         targets: &BTreeMap<KernelTarget, u32>,
         splice_services: BTreeSet<u32>,
     ) -> Result<Self, EbpfError> {
-        // The splice programs read two fields of the kernel's `struct sock`; their
-        // offsets come from the kernel's BTF. Without them nothing is spliced.
+        // The kernel's BTF, read once: aya relocates with it (as `Ebpf::load` does), and
+        // the splice programs read fields of `struct sock` at offsets found in it.
+        // Without them nothing is spliced.
+        let kernel_btf = KernelBtf::from_sys_fs();
+        let btf = kernel_btf
+            .as_ref()
+            .ok()
+            .and_then(|b| aya::Btf::parse(b.data(), aya::Endianness::default()).ok());
         let offsets = if splice_services.is_empty() {
             None
         } else {
-            SockOffsets::from_kernel()
+            kernel_btf
+                .and_then(|b| SockOffsets::from_btf(&b))
                 .inspect_err(|e| {
                     tracing::warn!(error = %e, "no kernel BTF: sessions are relayed in userspace, not spliced");
                 })
                 .ok()
         };
-        // As `Ebpf::load` does: the kernel's BTF, for relocations.
-        let btf = aya::Btf::from_sys_fs().ok();
         let mut loader = EbpfLoader::new();
         loader.btf(btf.as_ref());
         if let Some(o) = &offsets {
@@ -250,12 +255,14 @@ impl Interceptor {
         // The splice programs go on their sockhashes before anything can put a socket
         // there: a socket takes the programs its map has when it is inserted.
         let mut splice_services = splice_services;
-        if offsets.is_some()
-            && let Err(e) = splicer.attach_programs(&mut ebpf)
-        {
-            tracing::warn!(error = %e, "kernel splice unavailable: sessions are relayed in userspace");
-            splice_services.clear();
-        } else if offsets.is_none() {
+        let splicing = offsets.is_some()
+            && splicer
+                .attach_programs(&mut ebpf)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "kernel splice unavailable: sessions are relayed in userspace");
+                })
+                .is_ok();
+        if !splicing {
             splice_services.clear();
         }
         let mut t = Targets {
@@ -308,19 +315,13 @@ impl Interceptor {
     /// # Errors
     /// A map update failure (e.g. the map is full).
     pub fn set_targets(&self, targets: &BTreeMap<KernelTarget, u32>) -> Result<(), EbpfError> {
-        self.targets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .update(targets)
+        lock(&self.targets).update(targets)
     }
 
     /// Look up and delete the record of the client connected from `peer`.
     pub fn take_record(&self, peer: SocketAddr) -> Option<ConnRecord> {
         let key = peer_key(peer);
-        let mut peers = self
-            .peers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut peers = lock(&self.peers);
         let rec = peers.get(&key, 0).ok()?;
         let _ = peers.remove(&key);
         Some(rec)
@@ -335,10 +336,7 @@ impl Interceptor {
 
     /// Stop redirecting new connections (programs stay attached until drop).
     pub fn disable(&self) {
-        let mut s = self
-            .settings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = lock(&self.settings);
         if let Ok(mut cur) = s.get(&0, 0) {
             cur.flags = 0;
             let _ = s.set(0, cur, 0);
@@ -525,10 +523,7 @@ impl Splicer {
         lock(&self.up)
             .insert(up_key, up.as_raw_fd(), 0)
             .map_err(map_err(MAP_SPLICE_UP))?;
-        let mut entries = self
-            .entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut entries = lock(&self.entries);
         // Upstream -> app first: the server sends nothing before the app's next request,
         // which only the second entry lets through.
         entries
@@ -562,22 +557,14 @@ impl Splicer {
     }
 
     fn bytes(&self, key: &SockKey) -> u64 {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key, 0)
-            .map_or(0, |v| v.bytes)
+        lock(&self.entries).get(key, 0).map_or(0, |v| v.bytes)
     }
 
     /// Take an app socket that will not be spliced (TLS upstream, auth failure, cancel
     /// request...) out of `SPLICE_APP`: it goes back to plain TCP, without the sk_msg
     /// program on every send.
     pub fn forget(&self, app: &SockKey) {
-        let _ = self
-            .app
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(app);
+        let _ = lock(&self.app).remove(app);
     }
 }
 
@@ -605,11 +592,7 @@ impl Spliced {
     /// 4-tuple to a new socket a second later (`tcp_tw_reuse`), and stale entries would
     /// then send that socket's bytes to this upstream, or this upstream's to it.
     pub fn unlink(&self) {
-        let mut entries = self
-            .splicer
-            .entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut entries = lock(&self.splicer.entries);
         let _ = entries.remove(&self.app);
         let _ = entries.remove(&self.up);
     }

@@ -79,30 +79,23 @@ pub async fn run(
                 let _ = socket2::SockRef::from(&up).set_linger(Some(Duration::ZERO));
                 break;
             }
-            r = client.readable(), if !client_done => {
-                r?;
-                // Allocated only when the client side wakes: at its FIN, normally.
-                let mut buf = Vec::with_capacity(64 * 1024);
-                match client.try_read_buf(&mut buf) {
-                    Ok(0) => {
-                        client_done = true;
-                        // Count first: unlinking deletes the counters.
-                        counted = Some(spliced.bytes());
-                        spliced.unlink();
-                        let _ = socket2::SockRef::from(&up).shutdown(std::net::Shutdown::Write);
-                        linger
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + UPSTREAM_LINGER);
-                    }
-                    Ok(n) => {
-                        // Sent before the splice took effect, or after the kernel
-                        // handed this direction back: the kernel's bytes are already in
-                        // the upstream socket, so these go after them, in order.
-                        watch.write_all(&up, &buf[..n]).await?;
-                        forwarded += n as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e.into()),
+            r = client_bytes(client), if !client_done => {
+                let buf = r?;
+                if buf.is_empty() {
+                    client_done = true;
+                    // Count first: unlinking deletes the counters.
+                    counted = Some(spliced.bytes());
+                    spliced.unlink();
+                    let _ = socket2::SockRef::from(&up).shutdown(std::net::Shutdown::Write);
+                    linger
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + UPSTREAM_LINGER);
+                } else {
+                    // Sent before the splice took effect, or after the kernel handed
+                    // this direction back: the kernel's bytes are already in the
+                    // upstream socket, so these go after them, in order.
+                    watch.write_all(&up, &buf).await?;
+                    forwarded += buf.len() as u64;
                 }
             }
             r = watch.hangup(), if !up_done => {
@@ -132,6 +125,21 @@ pub async fn run(
         down: down_bytes,
         fallback: if forwarded > 0 { "up" } else { "" },
     })
+}
+
+/// The next bytes the app sent to the client-side socket; empty at its FIN. Allocated
+/// only when the socket wakes: at the app's FIN, normally, since the kernel carries the
+/// app's sends. Cancel-safe.
+async fn client_bytes(client: &TcpStream) -> io::Result<Vec<u8>> {
+    loop {
+        client.readable().await?;
+        let mut buf = Vec::with_capacity(64 * 1024);
+        match client.try_read_buf(&mut buf) {
+            Ok(_) => return Ok(buf),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// How a spliced session went.
@@ -165,19 +173,14 @@ async fn relay_after_fallback(
     while !spliced.app_caught_up() {
         tokio::select! {
             () = tokio::time::sleep(pause) => pause = (pause * 2).min(CATCH_UP_POLL_MAX),
-            r = client.readable() => {
-                r?;
-                let mut buf = Vec::with_capacity(64 * 1024);
-                match client.try_read_buf(&mut buf) {
+            r = client_bytes(client) => {
+                let buf = r?;
+                if buf.is_empty() {
                     // The app is gone: nothing left to keep in order.
-                    Ok(0) => break,
-                    Ok(n) => {
-                        super::tcp::write_all(&up, &buf[..n]).await?;
-                        forwarded += n as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e.into()),
+                    break;
                 }
+                super::tcp::write_all(&up, &buf).await?;
+                forwarded += buf.len() as u64;
             }
         }
     }
