@@ -15,16 +15,20 @@ pub const MAP_TARGET_CIDRS: &str = "TARGET_CIDRS";
 pub const MAP_SETTINGS: &str = "SETTINGS";
 /// Name of the LRU map socket cookie -> [`ConnRecord`], written by connect4/6.
 pub const MAP_BY_COOKIE: &str = "BY_COOKIE";
-/// Name of the LRU map client address ([`AddrKey`]) -> [`ConnRecord`], written by sock_ops.
-pub const MAP_BY_PEER: &str = "BY_PEER";
-/// Name of the sockhash of applications' sockets ([`SockKey`]), filled by sock_ops for
-/// connections to services that may be spliced; the `sk_msg` program is attached to it.
+/// Name of the LRU map [`ConnKey`] (the broker's network namespace and the app socket's
+/// own 4-tuple) -> [`ConnRecord`], written by sock_ops when a redirected socket is
+/// established to the broker's listener, deleted when that socket closes.
+pub const MAP_BY_CONN: &str = "BY_CONN";
+/// Name of the sockhash of applications' sockets, keyed by socket cookie, filled by
+/// sock_ops for connections to services that may be spliced; the `sk_msg` program is
+/// attached to it.
 pub const MAP_SPLICE_APP: &str = "SPLICE_APP";
-/// Name of the sockhash of the broker's upstream sockets ([`SockKey`]), filled by the
-/// daemon when it splices a session; the `sk_skb` stream verdict is attached to it.
+/// Name of the sockhash of the broker's upstream sockets, keyed by socket cookie, filled
+/// by the daemon when it splices a session; the `sk_skb` stream verdict is attached to it.
 pub const MAP_SPLICE_UP: &str = "SPLICE_UP";
-/// Name of the hash map socket ([`SockKey`]) -> [`SpliceValue`]: where a spliced
-/// socket's data goes, and how many bytes went.
+/// Name of the hash map socket cookie -> [`SpliceValue`]: where a spliced socket's data
+/// goes, and how many bytes went. Cookies are unique for the kernel's lifetime, so an
+/// entry can only ever name the socket it was written for.
 pub const MAP_SPLICE: &str = "SPLICE";
 /// Name of the hash map app socket cookie -> bytes the app has read of what the kernel
 /// redirected to it (counted at the `sock_recv_length` tracepoint).
@@ -84,7 +88,7 @@ pub const FAMILY_INET: u16 = 2;
 /// `AF_INET6`, as recorded in [`ConnRecord::family`].
 pub const FAMILY_INET6: u16 = 10;
 
-/// An address and port: a target's destination, or a brokered client's source.
+/// An address and port: a target's destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AddrKey {
@@ -130,6 +134,9 @@ pub struct BrokerSettings {
     /// Port of the broker's transparent listener on 127.0.0.1 and ::1, host byte order.
     pub listen_port: u16,
     pub _pad: u16,
+    /// Cookie of the broker's network namespace (`SO_NETNS_COOKIE`). Only sockets in
+    /// this namespace are redirected: the loopback listener they are sent to is there.
+    pub netns_cookie: u64,
 }
 
 /// Everything the broker learns about one intercepted connection.
@@ -142,6 +149,8 @@ pub struct ConnRecord {
     pub connect_ns: u64,
     /// Cookie of the app's socket (`SO_COOKIE`).
     pub cookie: u64,
+    /// Cookie of the app socket's network namespace (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
     /// Original destination address (network byte order, IPv4-mapped for IPv4).
     pub orig_addr: [u8; 16],
     /// `comm` of the calling thread, NUL padded.
@@ -176,15 +185,27 @@ pub struct SockKey {
     pub remote_port: u16,
 }
 
+/// The key of a redirect record: the network namespace the app socket lives in and its
+/// own 4-tuple. Within one namespace a connected 4-tuple names exactly one live socket,
+/// and the record is deleted when that socket closes; another namespace has another
+/// cookie, so it can never reproduce the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    /// Cookie of the app socket's network namespace.
+    pub netns_cookie: u64,
+    /// The app socket as it sees itself.
+    pub sock: SockKey,
+    pub _pad: u32,
+}
+
 /// Where a spliced socket's data goes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SpliceValue {
-    /// The socket that receives this socket's data (in `SPLICE_UP` for an app socket's
-    /// sends, in `SPLICE_APP` for an upstream socket's received data).
-    pub peer: SockKey,
-    /// `SPLICE_*` bits.
-    pub flags: u32,
+    /// Cookie of the socket that receives this socket's data (its key in `SPLICE_UP` for
+    /// an app socket's sends, in `SPLICE_APP` for an upstream socket's received data).
+    pub peer: u64,
     /// Bytes moved by the kernel programs (written by them only).
     pub bytes: u64,
     /// Upstream entries: cookie of the app socket whose reads (`SPLICE_READ`) bound the
@@ -194,6 +215,9 @@ pub struct SpliceValue {
     /// by the stream verdict from its first packet, so that the app side's sk_msg
     /// program can read how full its send buffer is. 0 until then, and in app entries.
     pub sk: u64,
+    /// `SPLICE_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -206,6 +230,7 @@ mod pod {
     unsafe impl aya::Pod for super::BrokerSettings {}
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::SpliceValue {}
 }
 
@@ -213,10 +238,12 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<CidrKey>() == 18);
 const _: () = assert!(core::mem::size_of::<TargetValue>() == 8);
-const _: () = assert!(core::mem::size_of::<BrokerSettings>() == 16);
-const _: () = assert!(core::mem::size_of::<ConnRecord>() == 8 + 8 + 8 + 16 + 16 + 2 + 2 + 4 * 5);
+const _: () = assert!(core::mem::size_of::<BrokerSettings>() == 24);
+const _: () =
+    assert!(core::mem::size_of::<ConnRecord>() == 8 + 8 + 8 + 8 + 16 + 16 + 2 + 2 + 4 * 5);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 16 + 16 + 2 + 2);
-const _: () = assert!(core::mem::size_of::<SpliceValue>() == 36 + 4 + 8 + 8 + 8);
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 8 + 36 + 4);
+const _: () = assert!(core::mem::size_of::<SpliceValue>() == 8 * 4 + 4 + 4);
 
 /// The IPv4-mapped IPv6 form of an IPv4 address given as network-order bytes.
 #[must_use]

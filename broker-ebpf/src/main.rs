@@ -4,16 +4,25 @@
 //!   (exact `ip:port` in `TARGETS`, or `cidr:port` in the `TARGET_CIDRS` LPM trie), record
 //!   the original destination and the caller's identity under the socket cookie
 //!   (`BY_COOKIE`) and rewrite the destination to the broker's loopback listener.
-//! * `sock_ops` (ACTIVE_ESTABLISHED): copy the record to `BY_PEER`, keyed by the client
-//!   socket's local address, which is exactly the peer address the broker's `accept()`
-//!   returns. The callback runs while the client processes the SYN-ACK, before it sends
-//!   the final ACK, so the entry exists before the broker can accept: race-free.
-//!   It also asks for state callbacks so the cookie entry is deleted when the socket closes.
+//! * `sock_ops` (ACTIVE_ESTABLISHED): if the socket really is connected to the broker's
+//!   listener in the broker's network namespace, copy the record to `BY_CONN`, keyed by
+//!   that namespace's cookie and the socket's own 4-tuple (which the broker sees, reversed,
+//!   on the socket it accepts). The callback runs while the client processes the SYN-ACK,
+//!   before it sends the final ACK, so the entry exists before the broker can accept:
+//!   race-free. It also asks for state callbacks so both entries are deleted when the
+//!   socket closes: a record lives exactly as long as the socket that made it.
 //! * `getpeername4` / `getpeername6`: the application sees the original peer, never the
-//!   broker.
+//!   broker (and only a socket that is connected to the broker's listener is rewritten).
+//!
+//! Only sockets in the broker's own network namespace are redirected: the listener they
+//! are sent to is the broker's loopback, and another namespace has its own loopback
+//! (which anyone with a user namespace can listen on). Sockets in other namespaces are
+//! left alone, like any connection to an address that is not a target.
 //! * Splice (after the daemon has authenticated a session): sock_ops also puts the app's
-//!   socket in `SPLICE_APP` (for services that allow it). Once the daemon writes the two
-//!   `SPLICE` entries, `broker_splice_msg` (sk_msg on `SPLICE_APP`) sends what the app
+//!   socket in `SPLICE_APP` under its socket cookie, and writes that cookie in the
+//!   socket's own storage (`APP_SK`, read by the sk_msg program, which cannot ask for a
+//!   cookie). Once the daemon writes the two `SPLICE` entries (keyed by socket cookies,
+//!   which are never reused, so no other socket can ever match them), `broker_splice_msg` (sk_msg on `SPLICE_APP`) sends what the app
 //!   writes straight out of the broker's upstream socket, and `broker_splice_skb`
 //!   (sk_skb stream verdict on `SPLICE_UP`) puts what the upstream sends straight into
 //!   the app socket's receive queue. The daemon's relay is then out of the data path.
@@ -31,14 +40,16 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt,
+            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_storage_get,
         },
     },
-    macros::{cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops, stream_verdict},
+    macros::{btf_map, cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops, stream_verdict},
     maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, SockHash, lpm_trie::Key},
     programs::{
         RawTracePointContext, SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext,
@@ -66,8 +77,8 @@ unsafe fn add_atomic(p: *mut u64, v: u64) {
     }
 }
 use broker_common::{
-    AddrKey, BrokerSettings, CidrKey, ConnRecord, FAMILY_INET, FAMILY_INET6, MAX_CIDRS, MAX_CONNS,
-    MAX_TARGETS, REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SPLICE_FALLBACK,
+    AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, FAMILY_INET, FAMILY_INET6, MAX_CIDRS,
+    MAX_CONNS, MAX_TARGETS, REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SPLICE_FALLBACK,
     SPLICE_INGRESS, SPLICE_READ_BUDGET, SockKey, SpliceValue, TARGET_SPLICE, TargetValue,
     is_mapped_v4, mapped_v4,
 };
@@ -85,16 +96,21 @@ static SETTINGS: Array<BrokerSettings> = Array::with_max_entries(1, 0);
 static BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
 #[map]
-static BY_PEER: LruHashMap<AddrKey, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+static BY_CONN: LruHashMap<ConnKey, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
 #[map]
-static SPLICE_APP: SockHash<SockKey> = SockHash::with_max_entries(MAX_CONNS, 0);
+static SPLICE_APP: SockHash<u64> = SockHash::with_max_entries(MAX_CONNS, 0);
 
 #[map]
-static SPLICE_UP: SockHash<SockKey> = SockHash::with_max_entries(MAX_CONNS, 0);
+static SPLICE_UP: SockHash<u64> = SockHash::with_max_entries(MAX_CONNS, 0);
 
 #[map]
-static SPLICE: HashMap<SockKey, SpliceValue> = HashMap::with_max_entries(2 * MAX_CONNS, 0);
+static SPLICE: HashMap<u64, SpliceValue> = HashMap::with_max_entries(2 * MAX_CONNS, 0);
+
+/// An app socket that may be spliced -> its own socket cookie (written by sock_ops, read
+/// by the sk_msg program, which has no cookie helper). Lives and dies with the socket.
+#[btf_map]
+static APP_SK: SkStorage<u64> = SkStorage::new();
 
 #[map]
 static SPLICE_READ: HashMap<u64, u64> = HashMap::with_max_entries(MAX_CONNS, 0);
@@ -118,6 +134,9 @@ const SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const SOCK_OPS_STATE_CB: u32 = 10;
 const SOCK_OPS_STATE_CB_FLAG: i32 = 1 << 2;
 const TCP_CLOSE: u32 = 7;
+/// Map update flag: fail if the key exists (an entry is never silently overwritten).
+const BPF_NOEXIST: u64 = 1;
+const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
 
 #[inline(always)]
 fn settings() -> Option<BrokerSettings> {
@@ -137,6 +156,28 @@ fn addr_from_words(words: [u32; 4]) -> [u8; 16] {
         i += 1;
     }
     out
+}
+
+/// Whether two addresses are equal (two 8-byte compares: no `memcmp` in BPF).
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let (a0, a1) = (
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    );
+    let (b0, b1) = (
+        u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        u64::from_ne_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+    );
+    a0 == b0 && a1 == b1
+}
+
+/// Whether `addr:port` is the broker's transparent listener (`127.0.0.1:P`, as itself or
+/// IPv4-mapped, or `[::1]:P`): where connect4/6 send what they redirect.
+#[inline(always)]
+fn is_listener(addr: &[u8; 16], port: u16, s: &BrokerSettings) -> bool {
+    port == s.listen_port
+        && (same_addr(addr, &mapped_v4(LOOPBACK_V4)) || same_addr(addr, &LOOPBACK_V6))
 }
 
 #[inline(always)]
@@ -171,10 +212,16 @@ fn lookup_target(addr: [u8; 16], port: u16) -> Option<TargetValue> {
     TARGET_CIDRS.get(&cidr).copied()
 }
 
-/// Whether this connect must be left alone: the broker's own sockets, or not TCP.
+/// Whether this connect must be left alone: the broker's own sockets, sockets of another
+/// network namespace (their loopback is not ours), or not TCP (MPTCP included: its
+/// sockets are `IPPROTO_MPTCP`).
 #[inline(always)]
 fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
     if s.flags & SETTINGS_ENABLED == 0 {
+        return true;
+    }
+    // SAFETY: ctx.as_ptr() is the program's context.
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != s.netns_cookie {
         return true;
     }
     // SAFETY: the kernel hands us a valid bpf_sock_addr; sk is always set for connect.
@@ -190,19 +237,36 @@ fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
     s.bypass_tgid != 0 && tgid == s.bypass_tgid
 }
 
-/// Record the caller and original destination under the socket cookie.
+/// The socket's cookie, after dropping whatever an earlier `connect()` of the same socket
+/// recorded (one that failed, or was undone with `AF_UNSPEC`): a record only ever
+/// describes the socket's current connect.
 #[inline(always)]
-fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16, target: TargetValue) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
+fn forget_earlier_connect(ctx: &SockAddrContext) -> u64 {
     // SAFETY: ctx.as_ptr() is the program's context, valid for the cookie helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = BY_COOKIE.remove(cookie);
+    cookie
+}
+
+/// Record the caller and original destination under the socket cookie. `false` if the
+/// record could not be stored: the connect is then not redirected.
+#[inline(always)]
+fn record(
+    cookie: u64,
+    s: &BrokerSettings,
+    dst: (&[u8; 16], u16, u16),
+    target: TargetValue,
+) -> bool {
+    let (addr, port, family) = dst;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
     let rec = ConnRecord {
         // SAFETY: helpers without pointer arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         connect_ns: unsafe { bpf_ktime_get_ns() },
         cookie,
-        orig_addr: addr,
+        netns_cookie: s.netns_cookie,
+        orig_addr: *addr,
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
         orig_port: port,
         family,
@@ -212,7 +276,7 @@ fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16, target:
         gid: (uid_gid >> 32) as u32,
         flags: target.flags & TARGET_SPLICE,
     };
-    let _ = BY_COOKIE.insert(cookie, rec, 0);
+    BY_COOKIE.insert(cookie, rec, BPF_NOEXIST).is_ok()
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -225,10 +289,13 @@ pub fn broker_connect4(ctx: SockAddrContext) -> i32 {
     let (ip, port_raw) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
     let addr = mapped_v4(ip.to_ne_bytes());
     let port = u16::from_be(port_raw as u16);
+    let cookie = forget_earlier_connect(&ctx);
     let Some(target) = lookup_target(addr, port) else {
         return 1;
     };
-    record(&ctx, addr, port, FAMILY_INET, target);
+    if !record(cookie, &s, (&addr, port, FAMILY_INET), target) {
+        return 1;
+    }
     // SAFETY: 4-byte stores to writable context fields.
     unsafe {
         (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(LOOPBACK_V4);
@@ -262,6 +329,7 @@ pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
     };
     let addr = addr_from_words(words);
     let port = u16::from_be(port_raw as u16);
+    let cookie = forget_earlier_connect(&ctx);
     let Some(target) = lookup_target(addr, port) else {
         return 1;
     };
@@ -272,7 +340,9 @@ pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
     } else {
         (FAMILY_INET6, LOOPBACK_V6)
     };
-    record(&ctx, addr, port, family, target);
+    if !record(cookie, &s, (&addr, port, family), target) {
+        return 1;
+    }
     let w = words_from_addr(to);
     // SAFETY: 4-byte stores to writable context fields.
     unsafe {
@@ -289,12 +359,26 @@ pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
     1
 }
 
-#[cgroup_sock_addr(getpeername4)]
-pub fn broker_getpeername4(ctx: SockAddrContext) -> i32 {
+/// The record of a socket whose real peer (`addr:port`, as the kernel is about to report
+/// it) is the broker's listener: only such a socket has anything to hide.
+#[inline(always)]
+fn redirected_record(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> Option<ConnRecord> {
+    let s = settings()?;
+    if !is_listener(addr, port, &s) {
+        return None;
+    }
     // SAFETY: ctx.as_ptr() is the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the record is copied out immediately.
-    let Some(rec) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
+    unsafe { BY_COOKIE.get(cookie) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn broker_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: valid context pointer for the duration of the program.
+    let (ip, port_raw) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    let peer = mapped_v4(ip.to_ne_bytes());
+    let Some(rec) = redirected_record(&ctx, &peer, u16::from_be(port_raw as u16)) else {
         return 1;
     };
     let a = rec.orig_addr;
@@ -308,10 +392,22 @@ pub fn broker_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn broker_getpeername6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: ctx.as_ptr() is the program's context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the record is copied out immediately.
-    let Some(rec) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
+    // SAFETY: valid context pointer for the duration of the program; one fixed-offset
+    // load per word (see on_established).
+    let (words, port_raw) = unsafe {
+        let sa = ctx.sock_addr;
+        (
+            [
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
+            ],
+            (*sa).user_port,
+        )
+    };
+    let peer = addr_from_words(words);
+    let Some(rec) = redirected_record(&ctx, &peer, u16::from_be(port_raw as u16)) else {
         return 1;
     };
     let w = words_from_addr(rec.orig_addr);
@@ -372,14 +468,23 @@ macro_rules! sock_key {
 pub fn broker_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
-        SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
-            // SAFETY: ctx.as_ptr() is the program's context.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = BY_COOKIE.remove(cookie);
-        }
+        SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
     1
+}
+
+/// The record key of the socket behind a sock_ops context: its network namespace and
+/// its own 4-tuple.
+#[inline(always)]
+fn conn_key(ctx: &SockOpsContext) -> ConnKey {
+    ConnKey {
+        // SAFETY: ctx.as_ptr() is the program's context.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        // SAFETY: the context pointer is valid for the duration of the program.
+        sock: unsafe { sock_key!(ctx.ops) },
+        _pad: 0,
+    }
 }
 
 #[inline(always)]
@@ -387,61 +492,97 @@ fn on_established(ctx: &SockOpsContext) {
     // SAFETY: ctx.as_ptr() is the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the record is copied out immediately.
-    let Some(rec) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
+    let Some(mut rec) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
-    let addr = if ctx.family() == u32::from(FAMILY_INET) {
-        mapped_v4(ctx.local_ip4().to_ne_bytes())
-    } else {
-        // One fixed-offset load per word: the verifier rejects loads through a context
-        // pointer the compiler has offset (which an array copy produces).
-        // SAFETY: valid context pointer; volatile keeps each load separate.
-        let w = unsafe {
-            let ops = ctx.ops;
-            [
-                core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
-                core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
-                core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
-                core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
-            ]
-        };
-        addr_from_words(w)
-    };
-    let key = AddrKey {
-        addr,
-        port: ctx.local_port() as u16,
-        _pad: 0,
-    };
-    let mut rec = rec;
-    if rec.flags & TARGET_SPLICE != 0 {
-        // SAFETY: the context pointer is valid for the duration of the program.
-        let mut sk = unsafe { sock_key!(ctx.ops) };
-        // SAFETY: ctx.ops is the program's own bpf_sock_ops.
-        if SPLICE_APP
-            .update(&mut sk, unsafe { &mut *ctx.ops }, 0)
-            .is_ok()
-        {
-            rec.flags |= REC_IN_SPLICE_APP;
-            // Spliced data waits in this socket's receive queue, bounded by its receive
-            // buffer; when that is full the kernel retries a jiffy later. TCP's own
-            // autotuning never grows it (no TCP data arrives once spliced), so ask for
-            // a large one up front (the kernel caps it at net.core.rmem_max).
-            let mut val: i32 = SPLICE_RCVBUF;
-            // SAFETY: valid context; val outlives the call.
-            let _ = unsafe {
-                bpf_setsockopt(
-                    ctx.ops.cast(),
-                    SOL_SOCKET,
-                    SO_RCVBUF,
-                    (&raw mut val).cast(),
-                    core::mem::size_of::<i32>() as i32,
-                )
-            };
-        }
+    let Some(s) = settings() else { return };
+    let key = conn_key(ctx);
+    // Only a socket the kernel redirected to the broker's listener, in the broker's
+    // namespace, gets a record the broker can find. Anything else (a socket whose
+    // redirected connect failed and which then connected elsewhere without a new
+    // connect4/6 decision) loses its record here, so getpeername does not lie either.
+    if rec.netns_cookie != s.netns_cookie
+        || key.netns_cookie != s.netns_cookie
+        || !is_listener(&key.sock.remote, key.sock.remote_port, &s)
+    {
+        let _ = BY_COOKIE.remove(cookie);
+        return;
     }
-    let _ = BY_PEER.insert(key, rec, 0);
-    // Delete the cookie entry when this socket closes (getpeername needs it until then).
+    if rec.flags & TARGET_SPLICE != 0 && splice_candidate(ctx, cookie) {
+        rec.flags |= REC_IN_SPLICE_APP;
+    }
+    if BY_CONN.insert(key, rec, BPF_NOEXIST).is_err() {
+        // A live record under this socket's key: impossible for two live sockets of one
+        // namespace, so it is stale or forged. Never overwrite; drop it, and let the
+        // broker find nothing for either (it refuses the connection).
+        let _ = BY_CONN.remove(key);
+    }
+    // Delete both records when this socket closes (getpeername needs the cookie entry
+    // until then).
     let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | SOCK_OPS_STATE_CB_FLAG);
+}
+
+/// Put an app socket that may be spliced in `SPLICE_APP` under its cookie, after writing
+/// the cookie in its own storage for the sk_msg program. `false` if it is not there.
+#[inline(always)]
+fn splice_candidate(ctx: &SockOpsContext, cookie: u64) -> bool {
+    // SAFETY: the context pointer is valid; `sk` is the full socket or null.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    let mut init = cookie;
+    // SAFETY: APP_SK is a socket storage map, sk a socket, init outlives the call.
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            (&raw const APP_SK).cast_mut().cast(),
+            sk.cast(),
+            (&raw mut init).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE,
+        )
+    };
+    if stored.is_null() {
+        return false;
+    }
+    // SAFETY: points to this socket's u64 for the duration of the program.
+    unsafe { *stored.cast::<u64>() = cookie };
+    let mut key = cookie;
+    // SAFETY: ctx.ops is the program's own bpf_sock_ops.
+    if SPLICE_APP
+        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST)
+        .is_err()
+    {
+        return false;
+    }
+    // Spliced data waits in this socket's receive queue, bounded by its receive buffer;
+    // when that is full the kernel retries a jiffy later. TCP's own autotuning never
+    // grows it (no TCP data arrives once spliced), so ask for a large one up front (the
+    // kernel caps it at net.core.rmem_max).
+    let mut val: i32 = SPLICE_RCVBUF;
+    // SAFETY: valid context; val outlives the call.
+    let _ = unsafe {
+        bpf_setsockopt(
+            ctx.ops.cast(),
+            SOL_SOCKET,
+            SO_RCVBUF,
+            (&raw mut val).cast(),
+            core::mem::size_of::<i32>() as i32,
+        )
+    };
+    true
+}
+
+/// An app socket closes: its records go with it (the sockhashes drop it by themselves).
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    // SAFETY: ctx.as_ptr() is the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = BY_COOKIE.remove(cookie);
+    let key = conn_key(ctx);
+    // SAFETY: the record is copied out immediately.
+    if unsafe { BY_CONN.get(key) }.is_some_and(|r| r.cookie == cookie) {
+        let _ = BY_CONN.remove(key);
+    }
 }
 
 /// Byte offset of `sk_wmem_queued` in the kernel's `struct sock`; set by the daemon from
@@ -462,7 +603,7 @@ static SK_SNDBUF_OFF: u32 = 0;
 /// itself); until the upstream has sent a first packet it is unknown, and the upstream,
 /// which has not seen anything but the session's first request, has room.
 #[inline(always)]
-fn upstream_pressed(up: &SockKey, size: u32) -> bool {
+fn upstream_pressed(up: u64, size: u32) -> bool {
     // SAFETY: the value is copied out immediately.
     let Some(sk) = (unsafe { SPLICE.get(up) }).map(|v| v.sk) else {
         return true;
@@ -494,9 +635,25 @@ fn upstream_pressed(up: &SockKey, size: u32) -> bool {
 /// socket, ahead of anything the daemon writes, so the order holds).
 #[sk_msg]
 pub fn broker_splice_msg(ctx: SkMsgContext) -> u32 {
-    // SAFETY: the context pointer is valid for the duration of the program.
-    let key = unsafe { sock_key!(ctx.msg) };
-    let Some(v) = SPLICE.get_ptr_mut(key) else {
+    // The sending socket's cookie, from its own storage (sock_ops wrote it there).
+    // SAFETY: the context pointer is valid; `sk` is the sending socket.
+    let cookie = unsafe {
+        let sk = (*ctx.msg).__bindgen_anon_3.sk;
+        if sk.is_null() {
+            return SK_PASS;
+        }
+        let p = bpf_sk_storage_get(
+            (&raw const APP_SK).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        );
+        if p.is_null() {
+            return SK_PASS;
+        }
+        *p.cast::<u64>()
+    };
+    let Some(v) = SPLICE.get_ptr_mut(cookie) else {
         return SK_PASS;
     };
     // SAFETY: v points into the map value for the duration of the program; only this
@@ -507,7 +664,7 @@ pub fn broker_splice_msg(ctx: SkMsgContext) -> u32 {
         }
         let peer = (*v).peer;
         let size = ctx.size();
-        if upstream_pressed(&peer, size) {
+        if upstream_pressed(peer, size) {
             (*v).flags |= SPLICE_FALLBACK;
             return SK_PASS;
         }
@@ -527,8 +684,8 @@ pub fn broker_splice_msg(ctx: SkMsgContext) -> u32 {
 #[stream_verdict]
 pub fn broker_splice_skb(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context pointer is valid for the duration of the program.
-    let key = unsafe { sock_key!(ctx.skb.skb) };
-    let Some(v) = SPLICE.get_ptr_mut(key) else {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(v) = SPLICE.get_ptr_mut(cookie) else {
         return SK_PASS;
     };
     // SAFETY: as in broker_splice_msg; this socket's receive path is serialised.

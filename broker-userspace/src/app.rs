@@ -219,6 +219,7 @@ impl Daemon {
                 bypass_tgid: std::process::id(),
                 listen_port: port,
                 _pad: 0,
+                netns_cookie: 0, // Interceptor::attach: this process's namespace
             };
             // Sessions of these services may be spliced in the kernel after auth.
             let splice_services: std::collections::BTreeSet<u32> = cfg

@@ -24,8 +24,8 @@ use aya::{
     },
 };
 use broker_common::{
-    AddrKey, BrokerSettings, CidrKey, ConnRecord, GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF,
-    GLOBAL_SK_WMEM_QUEUED, MAP_BY_PEER, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP,
+    AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF,
+    GLOBAL_SK_WMEM_QUEUED, MAP_BY_CONN, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP,
     MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS,
     SPLICE_FALLBACK, SPLICE_INGRESS, SockKey, SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
 };
@@ -66,8 +66,12 @@ pub enum EbpfError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("upstream socket address: {0}")]
+    #[error("socket cookie: {0}")]
     Socket(#[source] std::io::Error),
+    #[error(
+        "reading this process's network namespace cookie (SO_NETNS_COOKIE, kernel >= 5.14): {0}"
+    )]
+    Netns(#[source] std::io::Error),
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
@@ -101,14 +105,56 @@ fn norm16(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-/// The key under which sock_ops recorded a client with this source address.
+/// The key under which sock_ops recorded the app socket of a connection the broker
+/// accepted in namespace `netns_cookie` from `peer` on its listener address `local`:
+/// the app socket's own 4-tuple is ours reversed.
 #[must_use]
-pub fn peer_key(peer: SocketAddr) -> AddrKey {
-    AddrKey {
-        addr: norm16(peer.ip()),
-        port: peer.port(),
+pub fn conn_key(netns_cookie: u64, peer: SocketAddr, local: SocketAddr) -> ConnKey {
+    ConnKey {
+        netns_cookie,
+        sock: sock_key(peer, local),
         _pad: 0,
     }
+}
+
+/// A 64-bit socket option (`SO_COOKIE`, `SO_NETNS_COOKIE`).
+fn sockopt_u64(fd: &impl AsRawFd, opt: libc::c_int) -> std::io::Result<u64> {
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd; v and len outlive the call and len is v's size.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&raw mut v).cast(),
+            &raw mut len,
+        )
+    };
+    if r == 0 {
+        Ok(v)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The socket's cookie, the same the kernel programs get from `bpf_get_socket_cookie`.
+///
+/// # Errors
+/// The getsockopt failure.
+pub fn socket_cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {
+    sockopt_u64(fd, libc::SO_COOKIE)
+}
+
+/// The cookie of this process's network namespace (what `bpf_get_netns_cookie` returns
+/// for its sockets).
+///
+/// # Errors
+/// The socket or getsockopt failure (kernels before 5.14 have no `SO_NETNS_COOKIE`).
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    sockopt_u64(&s, SO_NETNS_COOKIE)
 }
 
 /// The [`SockKey`] of a socket with this local and remote address, as the kernel
@@ -142,7 +188,9 @@ struct Targets {
 /// The loaded and attached kernel programs and their maps.
 pub struct Interceptor {
     // Field order matters for drop: maps first, then the object (which detaches).
-    peers: Mutex<HashMap<MapData, AddrKey, ConnRecord>>,
+    records: Mutex<HashMap<MapData, ConnKey, ConnRecord>>,
+    /// The namespace whose sockets are redirected (this process's).
+    netns_cookie: u64,
     splicer: Arc<Splicer>,
     targets: Mutex<Targets>,
     settings: Mutex<Array<MapData, BrokerSettings>>,
@@ -188,7 +236,7 @@ impl Interceptor {
     /// Load, map or attach failures, naming the map or program.
     pub fn attach(
         cgroup: &Path,
-        settings: BrokerSettings,
+        mut settings: BrokerSettings,
         targets: &BTreeMap<KernelTarget, u32>,
         splice_services: BTreeSet<u32>,
     ) -> Result<Self, EbpfError> {
@@ -219,6 +267,8 @@ impl Interceptor {
                 .override_global(GLOBAL_SK_COOKIE, &o.cookie, true);
         }
         let mut ebpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
+        // Only this namespace's sockets are redirected: the listener is its loopback.
+        settings.netns_cookie = own_netns_cookie().map_err(EbpfError::Netns)?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
         };
@@ -227,8 +277,8 @@ impl Interceptor {
         settings_map
             .set(0, settings, 0)
             .map_err(map_err(MAP_SETTINGS))?;
-        let peers =
-            HashMap::try_from(take(&mut ebpf, MAP_BY_PEER)?).map_err(map_err(MAP_BY_PEER))?;
+        let records =
+            HashMap::try_from(take(&mut ebpf, MAP_BY_CONN)?).map_err(map_err(MAP_BY_CONN))?;
         let mut splicer = Splicer {
             app: Mutex::new(
                 SockHash::try_from(take(&mut ebpf, MAP_SPLICE_APP)?)
@@ -295,7 +345,8 @@ impl Interceptor {
         }
         tracing::info!(cgroup = %cgroup.display(), programs = PROGRAMS.len(), "eBPF programs attached");
         Ok(Self {
-            peers: Mutex::new(peers),
+            records: Mutex::new(records),
+            netns_cookie: settings.netns_cookie,
             splicer: Arc::new(splicer),
             targets: Mutex::new(t),
             settings: Mutex::new(settings_map),
@@ -318,13 +369,28 @@ impl Interceptor {
         lock(&self.targets).update(targets)
     }
 
-    /// Look up and delete the record of the client connected from `peer`.
-    pub fn take_record(&self, peer: SocketAddr) -> Option<ConnRecord> {
-        let key = peer_key(peer);
-        let mut peers = lock(&self.peers);
-        let rec = peers.get(&key, 0).ok()?;
-        let _ = peers.remove(&key);
-        Some(rec)
+    /// Look up and delete the record of the connection accepted on the transparent
+    /// listener: sock_ops wrote it when the app socket at the other end, in this
+    /// namespace, was established to our listener, and deletes it when that socket
+    /// closes; so it names the one socket `accepted` is connected to.
+    ///
+    /// # Errors
+    /// The accepted socket's addresses cannot be read (it is already gone).
+    pub fn take_record(
+        &self,
+        accepted: &tokio::net::TcpStream,
+    ) -> std::io::Result<Option<ConnRecord>> {
+        let key = conn_key(
+            self.netns_cookie,
+            accepted.peer_addr()?,
+            accepted.local_addr()?,
+        );
+        let mut records = lock(&self.records);
+        let Ok(rec) = records.get(&key, 0) else {
+            return Ok(None);
+        };
+        let _ = records.remove(&key);
+        Ok((rec.netns_cookie == self.netns_cookie).then_some(rec))
     }
 
     /// The splice maps; a spliced session keeps them (and so its kernel data path) alive
@@ -404,9 +470,9 @@ impl Targets {
 /// The in-kernel data path of spliced sessions: the app sockets' sockhash (filled by
 /// sock_ops), the upstream sockets' sockhash and the socket -> peer map (filled here).
 pub struct Splicer {
-    app: Mutex<SockHash<MapData, SockKey>>,
-    up: Mutex<SockHash<MapData, SockKey>>,
-    entries: Mutex<HashMap<MapData, SockKey, SpliceValue>>,
+    app: Mutex<SockHash<MapData, u64>>,
+    up: Mutex<SockHash<MapData, u64>>,
+    entries: Mutex<HashMap<MapData, u64, SpliceValue>>,
     /// App socket cookie -> bytes it read of what was redirected to it.
     read: Mutex<HashMap<MapData, u64, u64>>,
     /// Server -> app fallbacks reported by the kernel; taken by [`Splicer::watch_fallbacks`].
@@ -486,85 +552,80 @@ impl Splicer {
         }
     }
 
-    /// Splice the app socket `app` (in `SPLICE_APP` since sock_ops saw it connect) with
-    /// the upstream socket `up`: from now on the app's sends leave through `up`, and
-    /// what `up` receives lands in the app socket's receive queue. The returned guard
-    /// undoes the map entries when dropped. `app_cookie` is the app socket's cookie;
-    /// `sent_after` the bytes the caller writes to the app itself once this returns.
+    /// Splice the app socket with cookie `app` (in `SPLICE_APP` since sock_ops saw it
+    /// connect) with the upstream socket `up`: from now on the app's sends leave through
+    /// `up`, and what `up` receives lands in the app socket's receive queue. The returned
+    /// guard undoes the map entries when dropped. `sent_after` is the bytes the caller
+    /// writes to the app itself once this returns.
+    ///
+    /// Every entry is keyed by a socket cookie (never reused while the kernel runs) and
+    /// inserted only if absent: nothing here can ever take over another socket's entry.
     ///
     /// # Errors
-    /// A map update failure (a full map, or `up` not an established TCP socket). Nothing
-    /// is left behind: the caller relays in userspace instead.
+    /// A map update failure (a full map, an existing entry, or `up` not an established
+    /// TCP socket). Nothing is left behind: the caller relays in userspace instead.
     pub fn start(
         self: &Arc<Self>,
-        app: SockKey,
-        app_cookie: u64,
+        app: u64,
         sent_after: u64,
         up: &std::net::TcpStream,
     ) -> Result<Spliced, EbpfError> {
-        let up_key = sock_key(
-            up.local_addr().map_err(EbpfError::Socket)?,
-            up.peer_addr().map_err(EbpfError::Socket)?,
-        );
+        const BPF_NOEXIST: u64 = 1;
+        let up_cookie = socket_cookie(up).map_err(EbpfError::Socket)?;
         let fallback = Arc::new(Notify::new());
-        lock(&self.fallbacks).insert(app_cookie, Arc::clone(&fallback));
+        lock(&self.fallbacks).insert(app, Arc::clone(&fallback));
         let spliced = Spliced {
             splicer: Arc::clone(self),
             app,
-            app_cookie,
-            up: up_key,
+            up: up_cookie,
             fallback,
         };
         // The read counter exists before anything is redirected. It counts every byte
         // the app reads, so it starts below zero by what reaches the app another way.
         lock(&self.read)
-            .insert(app_cookie, 0u64.wrapping_sub(sent_after), 0)
+            .insert(app, 0u64.wrapping_sub(sent_after), BPF_NOEXIST)
             .map_err(map_err(MAP_SPLICE_READ))?;
         lock(&self.up)
-            .insert(up_key, up.as_raw_fd(), 0)
+            .insert(up_cookie, up.as_raw_fd(), BPF_NOEXIST)
             .map_err(map_err(MAP_SPLICE_UP))?;
         let mut entries = lock(&self.entries);
         // Upstream -> app first: the server sends nothing before the app's next request,
         // which only the second entry lets through.
         entries
             .insert(
-                up_key,
+                up_cookie,
                 SpliceValue {
                     peer: app,
                     flags: SPLICE_INGRESS,
-                    bytes: 0,
-                    app_cookie,
-                    sk: 0,
+                    app_cookie: app,
+                    ..SpliceValue::default()
                 },
-                0,
+                BPF_NOEXIST,
             )
             .map_err(map_err(MAP_SPLICE))?;
         entries
             .insert(
                 app,
                 SpliceValue {
-                    peer: up_key,
-                    flags: 0,
-                    bytes: 0,
-                    app_cookie: 0,
-                    sk: 0,
+                    peer: up_cookie,
+                    ..SpliceValue::default()
                 },
-                0,
+                BPF_NOEXIST,
             )
             .map_err(map_err(MAP_SPLICE))?;
         drop(entries);
         Ok(spliced)
     }
 
-    fn bytes(&self, key: &SockKey) -> u64 {
-        lock(&self.entries).get(key, 0).map_or(0, |v| v.bytes)
+    fn bytes(&self, cookie: u64) -> u64 {
+        lock(&self.entries).get(&cookie, 0).map_or(0, |v| v.bytes)
     }
 
-    /// Take an app socket that will not be spliced (TLS upstream, auth failure, cancel
-    /// request...) out of `SPLICE_APP`: it goes back to plain TCP, without the sk_msg
-    /// program on every send.
-    pub fn forget(&self, app: &SockKey) {
-        let _ = lock(&self.app).remove(app);
+    /// Take the app socket with cookie `app`, which will not be spliced (TLS upstream,
+    /// auth failure, cancel request...), out of `SPLICE_APP`: it goes back to plain TCP,
+    /// without the sk_msg program on every send.
+    pub fn forget(&self, app: u64) {
+        let _ = lock(&self.app).remove(&app);
     }
 }
 
@@ -573,9 +634,10 @@ impl Splicer {
 #[derive(Debug)]
 pub struct Spliced {
     splicer: Arc<Splicer>,
-    app: SockKey,
-    app_cookie: u64,
-    up: SockKey,
+    /// The app socket's cookie.
+    app: u64,
+    /// The upstream socket's cookie.
+    up: u64,
     fallback: Arc<Notify>,
 }
 
@@ -584,13 +646,11 @@ impl Spliced {
     /// before [`Spliced::unlink`].
     #[must_use]
     pub fn bytes(&self) -> (u64, u64) {
-        (self.splicer.bytes(&self.app), self.splicer.bytes(&self.up))
+        (self.splicer.bytes(self.app), self.splicer.bytes(self.up))
     }
 
     /// Stop the kernel path both ways (delete the two `SPLICE` entries); idempotent.
-    /// Called as soon as the app has closed: on loopback the kernel may give the app's
-    /// 4-tuple to a new socket a second later (`tcp_tw_reuse`), and stale entries would
-    /// then send that socket's bytes to this upstream, or this upstream's to it.
+    /// Called as soon as the app has closed, so that nothing more is redirected.
     pub fn unlink(&self) {
         let mut entries = lock(&self.splicer.entries);
         let _ = entries.remove(&self.app);
@@ -616,17 +676,17 @@ impl Spliced {
     /// the daemon now writes to it come after them.
     #[must_use]
     pub fn app_caught_up(&self) -> bool {
-        let read = lock(&self.splicer.read).get(&self.app_cookie, 0).ok();
+        let read = lock(&self.splicer.read).get(&self.app, 0).ok();
         // Wrapping: the counter starts below zero (see Splicer::start).
-        read.is_some_and(|r| self.splicer.bytes(&self.up).wrapping_sub(r).cast_signed() <= 0)
+        read.is_some_and(|r| self.splicer.bytes(self.up).wrapping_sub(r).cast_signed() <= 0)
     }
 }
 
 impl Drop for Spliced {
     fn drop(&mut self) {
         self.unlink();
-        lock(&self.splicer.fallbacks).remove(&self.app_cookie);
-        let _ = lock(&self.splicer.read).remove(&self.app_cookie);
+        lock(&self.splicer.fallbacks).remove(&self.app);
+        let _ = lock(&self.splicer.read).remove(&self.app);
         let _ = lock(&self.splicer.up).remove(&self.up);
     }
 }
@@ -659,12 +719,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn peer_keys_normalise_ipv4_mapped() {
-        let a = peer_key("127.0.0.1:4000".parse().unwrap());
-        let b = peer_key("[::ffff:127.0.0.1]:4000".parse().unwrap());
+    fn conn_keys_are_the_app_sockets_view_and_normalise_ipv4_mapped() {
+        let listener: SocketAddr = "127.0.0.1:5999".parse().unwrap();
+        let a = conn_key(7, "127.0.0.1:4000".parse().unwrap(), listener);
+        let b = conn_key(
+            7,
+            "[::ffff:127.0.0.1]:4000".parse().unwrap(),
+            "[::ffff:127.0.0.1]:5999".parse().unwrap(),
+        );
         assert_eq!(a, b);
-        assert_eq!(a.addr[10..], [0xff, 0xff, 127, 0, 0, 1]);
-        assert_eq!(a.port, 4000);
+        assert_eq!(a.netns_cookie, 7);
+        assert_eq!(a.sock.local[10..], [0xff, 0xff, 127, 0, 0, 1]);
+        assert_eq!((a.sock.local_port, a.sock.remote_port), (4000, 5999));
+        assert_ne!(a, conn_key(8, "127.0.0.1:4000".parse().unwrap(), listener));
     }
 
     #[test]
@@ -683,6 +750,7 @@ mod tests {
             cgroup_id: 1,
             connect_ns: 0,
             cookie: 7,
+            netns_cookie: 1,
             orig_addr: mapped_v4([10, 1, 2, 3]),
             comm: [0; 16],
             orig_port: 80,

@@ -30,7 +30,7 @@ use crate::{
     broker::Broker,
     config::{Connector, Service},
     connector::{self, Caller, Conn, ConnError, ConnStats, SpliceTicket},
-    ebpf::{Interceptor, record_destination, sock_key},
+    ebpf::{Interceptor, record_destination},
 };
 
 /// A redirect record older than this is not trusted (the client would have been
@@ -155,7 +155,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
                 .interceptor
                 .as_ref()
                 .and_then(std::sync::Weak::upgrade);
-            let rec = interceptor.as_ref().and_then(|i| i.take_record(peer));
+            let rec = interceptor
+                .as_ref()
+                .and_then(|i| i.take_record(&stream).ok().flatten());
             let Some(rec) = rec.filter(|r| record_is_fresh(r.connect_ns)) else {
                 // Someone connected to the listener directly: no redirect record, no
                 // identity, nothing to broker. Close without a byte.
@@ -176,18 +178,12 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
                 cgroup_id: rec.cgroup_id,
                 comm: comm_text(&rec.comm),
             };
-            // The app's socket, as it sees itself: its address is our peer's, its peer
-            // is our listener.
             let splice = interceptor
                 .as_ref()
                 .filter(|_| rec.flags & REC_IN_SPLICE_APP != 0)
-                .and_then(|i| {
-                    let local = stream.local_addr().ok()?;
-                    Some(SpliceTicket {
-                        splicer: i.splicer(),
-                        app: sock_key(peer, local),
-                        app_cookie: rec.cookie,
-                    })
+                .map(|i| SpliceTicket {
+                    splicer: i.splicer(),
+                    app_cookie: rec.cookie,
                 });
             (
                 rec.service_id as usize,

@@ -41,12 +41,11 @@ pub struct Conn {
     pub stats: ConnStats,
 }
 
-/// What a connector needs to splice a session: the splice maps and the app socket's key.
+/// What a connector needs to splice a session: the splice maps and the app socket's
+/// cookie (its key in every splice map; its bytes read are counted under it).
 #[derive(Debug, Clone)]
 pub struct SpliceTicket {
     pub splicer: Arc<crate::ebpf::Splicer>,
-    pub app: broker_common::SockKey,
-    /// The app socket's cookie (its bytes read are counted under it).
     pub app_cookie: u64,
 }
 

@@ -283,14 +283,11 @@ async fn session(
             let s = s.into_std().map_err(|e| Failure::told(ConnError::Io(e)))?;
             // The app reads these through TCP, after the splice has started.
             let sent_after = (ready.to_client.len() + up_rest.len()) as u64;
-            match ticket
-                .splicer
-                .start(ticket.app, ticket.app_cookie, sent_after, &s)
-            {
+            match ticket.splicer.start(ticket.app_cookie, sent_after, &s) {
                 Ok(sp) => Upstream::Spliced(s, sp),
                 Err(e) => {
                     tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace");
-                    ticket.splicer.forget(&ticket.app);
+                    ticket.splicer.forget(ticket.app_cookie);
                     let s = TcpStream::from_std(s).map_err(|e| Failure::told(ConnError::Io(e)))?;
                     Upstream::Pg(PgStream::Plain(s))
                 }
@@ -300,7 +297,7 @@ async fn session(
             // Not spliced (TLS upstream, or bytes pending): the app's socket goes back
             // to plain TCP.
             if let Some(t) = ticket {
-                t.splicer.forget(&t.app);
+                t.splicer.forget(t.app_cookie);
             }
             Upstream::Pg(up)
         }
