@@ -43,6 +43,9 @@ pub const GLOBAL_SK_WMEM_QUEUED: &str = "SK_WMEM_QUEUED_OFF";
 pub const GLOBAL_SK_SNDBUF: &str = "SK_SNDBUF_OFF";
 /// See [`GLOBAL_SK_WMEM_QUEUED`].
 pub const GLOBAL_SK_COOKIE: &str = "SK_COOKIE_OFF";
+/// Byte offset of `icsk_ulp_ops` in the kernel's `struct inet_connection_sock` (0 when
+/// the kernel has no BTF): connect4/6 recognise an MPTCP subflow by it.
+pub const GLOBAL_SK_ULP_OPS: &str = "SK_ULP_OPS_OFF";
 
 /// Capacity of the exact target map.
 pub const MAX_TARGETS: u32 = 16_384;

@@ -233,6 +233,9 @@ fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
     if protocol != IPPROTO_TCP || mark & s.bypass_mark != 0 {
         return true;
     }
+    if mptcp_subflow(ctx) {
+        return true;
+    }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     s.bypass_tgid != 0 && tgid == s.bypass_tgid
 }
@@ -246,6 +249,37 @@ fn forget_earlier_connect(ctx: &SockAddrContext) -> u64 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = BY_COOKIE.remove(cookie);
     cookie
+}
+
+/// Byte offset of `icsk_ulp_ops` in the kernel's `struct inet_connection_sock`; set by the
+/// daemon from the kernel's BTF (0: unknown, no check).
+#[unsafe(no_mangle)]
+static SK_ULP_OPS_OFF: u32 = 0;
+
+/// Whether the connecting TCP socket is an MPTCP subflow. An MPTCP socket
+/// (`IPPROTO_MPTCP`) never reaches connect4/6 itself: its first subflow, a kernel TCP
+/// socket, does, in the app's context. Redirected, the subflow would reach the broker,
+/// but the app's own socket has another cookie and no record, so its `getpeername`
+/// would show the broker. MPTCP is therefore left alone (it goes direct). A subflow is
+/// the only TCP socket that has an upper-layer protocol (`icsk_ulp_ops`, the "mptcp"
+/// ULP) before it is connected (kTLS is set up after).
+#[inline(always)]
+fn mptcp_subflow(ctx: &SockAddrContext) -> bool {
+    // SAFETY: a read of a load-time constant.
+    let off = u64::from(unsafe { core::ptr::read_volatile(&raw const SK_ULP_OPS_OFF) });
+    if off == 0 {
+        return false;
+    }
+    // SAFETY: sk is the connecting socket; its address is read back through the probe
+    // helper (the verifier allows no arithmetic on a socket pointer), then its
+    // `icsk_ulp_ops` through the same checked helper.
+    unsafe {
+        let sk: u64 = (*ctx.sock_addr).__bindgen_anon_1.sk as u64;
+        let Ok(addr) = bpf_probe_read_kernel(&raw const sk) else {
+            return false;
+        };
+        bpf_probe_read_kernel((addr + off) as *const u64).is_ok_and(|ulp| ulp != 0)
+    }
 }
 
 /// Record the caller and original destination under the socket cookie. `false` if the

@@ -25,9 +25,10 @@ use aya::{
 };
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF,
-    GLOBAL_SK_WMEM_QUEUED, MAP_BY_CONN, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP,
-    MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS,
-    SPLICE_FALLBACK, SPLICE_INGRESS, SockKey, SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
+    GLOBAL_SK_ULP_OPS, GLOBAL_SK_WMEM_QUEUED, MAP_BY_CONN, MAP_SETTINGS, MAP_SPLICE,
+    MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP, MAP_TARGET_CIDRS,
+    MAP_TARGETS, SPLICE_FALLBACK, SPLICE_INGRESS, SockKey, SpliceValue, TARGET_SPLICE, TargetValue,
+    mapped_v4,
 };
 use tokio::sync::Notify;
 
@@ -248,6 +249,13 @@ impl Interceptor {
             .as_ref()
             .ok()
             .and_then(|b| aya::Btf::parse(b.data(), aya::Endianness::default()).ok());
+        // `icsk_ulp_ops`: connect4/6 leave MPTCP subflows alone (see broker-ebpf). Without
+        // BTF they cannot tell them apart (documented).
+        let ulp_ops_off = kernel_btf
+            .as_ref()
+            .ok()
+            .and_then(|b| b.member_offset("inet_connection_sock", "icsk_ulp_ops").ok())
+            .unwrap_or(0);
         let offsets = if splice_services.is_empty() {
             None
         } else {
@@ -260,6 +268,7 @@ impl Interceptor {
         };
         let mut loader = EbpfLoader::new();
         loader.btf(btf.as_ref());
+        loader.override_global(GLOBAL_SK_ULP_OPS, &ulp_ops_off, true);
         if let Some(o) = &offsets {
             loader
                 .override_global(GLOBAL_SK_WMEM_QUEUED, &o.wmem_queued, true)

@@ -71,9 +71,7 @@ fn as_nobody(cgroup: Option<&RunBroker>, own_netns: bool, argv: &[&str]) -> Comm
     if own_netns {
         c.args(["unshare", "-Urn"]);
     }
-    c.args(argv)
-        .env_remove("PGPASSWORD")
-        .stdin(Stdio::null());
+    c.args(argv).env_remove("PGPASSWORD").stdin(Stdio::null());
     if let Some(b) = cgroup {
         b.cg.enter(&mut c);
     }
@@ -214,7 +212,10 @@ fn another_network_namespace_cannot_take_over_a_spliced_session() {
         "a socket in another network namespace was redirected:\n{attack}"
     );
     for leak in ["stolen", "app_user", "victim-row"] {
-        assert!(!attack.contains(leak), "the attacker got `{leak}`:\n{attack}");
+        assert!(
+            !attack.contains(leak),
+            "the attacker got `{leak}`:\n{attack}"
+        );
     }
 
     // The victim's session is intact and still its own.
@@ -234,8 +235,15 @@ fn another_network_namespace_cannot_take_over_a_spliced_session() {
     );
     assert_canary(&b);
     let log = b.daemon.log_text();
-    assert!(log.contains("\"spliced\":true"), "the victim was spliced:\n{log}");
-    assert_no_secret(&format!("{attack}{text}{log}"), &[PASSWORD], "outputs and log");
+    assert!(
+        log.contains("\"spliced\":true"),
+        "the victim was spliced:\n{log}"
+    );
+    assert_no_secret(
+        &format!("{attack}{text}{log}"),
+        &[PASSWORD],
+        "outputs and log",
+    );
     assert_no_secret(&pg.log_text(), &[PASSWORD], "PostgreSQL log");
 }
 
@@ -420,7 +428,10 @@ fn mptcp_sockets_never_see_the_broker_as_their_peer() {
     };
     let (mptcp, tcp) = (line("mptcp"), line("tcp"));
     assert!(tcp.contains(&want_peer), "tcp: {tcp}");
-    assert!(tcp.ends_with("body hello from upstream"), "tcp is brokered: {tcp}");
+    assert!(
+        tcp.ends_with("body hello from upstream"),
+        "tcp is brokered: {tcp}"
+    );
     assert!(
         mptcp.contains(&want_peer),
         "an MPTCP socket sees the real peer: {mptcp}"
