@@ -341,12 +341,9 @@ pub fn broker_connect4(ctx: SockAddrContext) -> i32 {
     1
 }
 
-#[cgroup_sock_addr(connect6)]
-pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
-    let Some(s) = settings() else { return 1 };
-    if exempt(&ctx, &s) {
-        return 1;
-    }
+/// The IPv6 address and port (host order) of a sock_addr context.
+#[inline(always)]
+fn user_addr6(ctx: &SockAddrContext) -> ([u8; 16], u16) {
     // SAFETY: valid context pointer for the duration of the program.
     // One fixed-offset load per word (see on_established).
     let (words, port_raw) = unsafe {
@@ -361,8 +358,16 @@ pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
             (*sa).user_port,
         )
     };
-    let addr = addr_from_words(words);
-    let port = u16::from_be(port_raw as u16);
+    (addr_from_words(words), u16::from_be(port_raw as u16))
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
+    let Some(s) = settings() else { return 1 };
+    if exempt(&ctx, &s) {
+        return 1;
+    }
+    let (addr, port) = user_addr6(&ctx);
     let cookie = forget_earlier_connect(&ctx);
     let Some(target) = lookup_target(addr, port) else {
         return 1;
@@ -426,22 +431,8 @@ pub fn broker_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn broker_getpeername6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: valid context pointer for the duration of the program; one fixed-offset
-    // load per word (see on_established).
-    let (words, port_raw) = unsafe {
-        let sa = ctx.sock_addr;
-        (
-            [
-                core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
-                core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
-                core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
-                core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
-            ],
-            (*sa).user_port,
-        )
-    };
-    let peer = addr_from_words(words);
-    let Some(rec) = redirected_record(&ctx, &peer, u16::from_be(port_raw as u16)) else {
+    let (peer, port) = user_addr6(&ctx);
+    let Some(rec) = redirected_record(&ctx, &peer, port) else {
         return 1;
     };
     let w = words_from_addr(rec.orig_addr);
