@@ -5,7 +5,6 @@
 use std::{
     collections::HashMap,
     fmt,
-    io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
@@ -28,7 +27,7 @@ use crate::{
     broker::Broker,
     connector::{ConnError, Credentials},
     secret::Secret,
-    tls::{self, TlsOptions, Verify},
+    tls::{self, TlsSources, Verify},
 };
 
 /// Default PostgreSQL port.
@@ -50,7 +49,8 @@ impl SslMode {
     /// Parse a credential value.
     ///
     /// # Errors
-    /// On an unknown mode.
+    /// On an unknown mode. The message does not quote the value: a credential read from
+    /// the wrong secret would otherwise be echoed to the client and the logs.
     pub fn parse(s: &str) -> Result<Self, ConnError> {
         Ok(match s.trim() {
             "disable" => Self::Disable,
@@ -58,10 +58,12 @@ impl SslMode {
             "require" => Self::Require,
             "verify-ca" => Self::VerifyCa,
             "verify-full" => Self::VerifyFull,
-            other => {
-                return Err(ConnError::Config(format!(
-                    "credential `sslmode`: unknown mode `{other}` (expected disable, allow, prefer, require, verify-ca or verify-full)"
-                )));
+            _ => {
+                return Err(ConnError::Config(
+                    "credential `sslmode` has an unsupported value (expected disable, allow, \
+                     prefer, require, verify-ca or verify-full)"
+                        .into(),
+                ));
             }
         })
     }
@@ -69,6 +71,10 @@ impl SslMode {
 
 /// A certificate or key given as a file path or, as Secretless does with
 /// `sslrootcert: {from: file, ...}`, as PEM text.
+///
+/// PEM text is recognised by a `-----BEGIN` marker anywhere in the value, not only at
+/// the start: `openssl pkcs12 -nodes` writes `Bag Attributes` lines before the block, and
+/// taking such a key for a path used to put the whole key into error messages.
 #[derive(Clone)]
 pub enum Pem {
     Path(PathBuf),
@@ -76,13 +82,17 @@ pub enum Pem {
 }
 
 impl fmt::Debug for Pem {
+    // Neither form is printed: a path credential is still a credential.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Path(p) => write!(f, "Path({})", p.display()),
+            Self::Path(_) => f.write_str("Path(<path>)"),
             Self::Inline(_) => f.write_str("Inline(<pem>)"),
         }
     }
 }
+
+/// The PEM boundary marker; a value containing it is PEM text, never a path.
+const PEM_MARKER: &[u8] = b"-----BEGIN";
 
 impl Pem {
     fn from_credential(creds: &Credentials, name: &str) -> Result<Option<Self>, ConnError> {
@@ -92,15 +102,35 @@ impl Pem {
         if v.is_empty() {
             return Ok(None);
         }
-        let text = v.expose_str().map_err(|_| {
+        if v.expose()
+            .windows(PEM_MARKER.len())
+            .any(|w| w == PEM_MARKER)
+        {
+            return Ok(Some(Self::Inline(v.clone())));
+        }
+        let not_a_path = || {
             ConnError::Config(format!(
-                "credential `{name}` is neither a path nor PEM text"
+                "credential `{name}` is neither a file path nor PEM text (no `-----BEGIN` line)"
             ))
-        })?;
-        if text.trim_start().starts_with("-----BEGIN") {
-            Ok(Some(Self::Inline(v.clone())))
-        } else {
-            Ok(Some(Self::Path(PathBuf::from(text.trim()))))
+        };
+        let text = v.expose_str().map_err(|_| not_a_path())?;
+        let path = text.trim();
+        // A path is one line; anything else is text that went wrong (e.g. DER or base64
+        // without the PEM armour), not something to open.
+        if path.is_empty() || path.contains(['\n', '\r', '\0']) {
+            return Err(not_a_path());
+        }
+        Ok(Some(Self::Path(PathBuf::from(path))))
+    }
+
+    /// As a source for the TLS configuration: errors name the credential only.
+    fn source<'a>(&'a self, credential: &'a str) -> tls::PemSource<'a> {
+        match self {
+            Self::Path(path) => tls::PemSource::CredentialFile { credential, path },
+            Self::Inline(s) => tls::PemSource::CredentialText {
+                credential,
+                pem: s.expose(),
+            },
         }
     }
 
@@ -441,65 +471,26 @@ impl TlsConfigCache {
     }
 }
 
-/// A PEM source as a path `client_config` can read: the path itself, or an in-memory
-/// file (memfd) holding the inline PEM, so keys never touch the disk.
-struct PemFile {
-    path: PathBuf,
-    _fd: Option<std::fs::File>,
-}
-
-fn pem_file(name: &str, pem: &Pem) -> Result<PemFile, ConnError> {
-    match pem {
-        Pem::Path(p) => Ok(PemFile {
-            path: p.clone(),
-            _fd: None,
-        }),
-        Pem::Inline(s) => {
-            let fd = nix::sys::memfd::memfd_create(
-                "broker-pg-pem",
-                nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-            )
-            .map_err(|e| ConnError::Config(format!("credential `{name}`: memfd: {e}")))?;
-            let mut f = std::fs::File::from(fd);
-            f.write_all(s.expose())
-                .map_err(|e| ConnError::Config(format!("credential `{name}`: memfd: {e}")))?;
-            use std::os::fd::AsRawFd as _;
-            Ok(PemFile {
-                path: PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
-                _fd: Some(f),
-            })
-        }
-    }
-}
-
 fn build_tls_config(
     p: &UpstreamParams,
     verify: Verify,
 ) -> Result<Arc<rustls::ClientConfig>, ConnError> {
-    let root = match &p.sslrootcert {
+    let ca = match &p.sslrootcert {
         // libpq 16: `sslrootcert=system` means the system's trust store.
         Some(Pem::Path(path)) if path == Path::new("system") => None,
-        Some(pem) => Some(pem_file("sslrootcert", pem)?),
+        Some(pem) => Some(pem.source("sslrootcert")),
         None => None,
     };
-    let cert = p
+    let client_cert = p
         .sslcert
         .as_ref()
-        .map(|c| pem_file("sslcert", c))
-        .transpose()?;
-    let key = p
-        .sslkey
-        .as_ref()
-        .map(|k| pem_file("sslkey", k))
-        .transpose()?;
-    let config = tls::client_config(TlsOptions {
+        .zip(p.sslkey.as_ref())
+        .map(|(c, k)| (c.source("sslcert"), k.source("sslkey")));
+    let config = tls::client_config_from(TlsSources {
         verify,
-        ca_file: root.as_ref().map(|r| r.path.as_path()),
+        ca,
         with_system_roots: false,
-        client_cert: cert
-            .as_ref()
-            .zip(key.as_ref())
-            .map(|(c, k)| (c.path.as_path(), k.path.as_path())),
+        client_cert,
     })
     .map_err(|e| ConnError::Config(format!("upstream TLS settings: {e}")))?;
     let mut config = (*config).clone();
@@ -560,8 +551,9 @@ pub async fn connect(
         }
     }
     let name = p.sslhost.clone().unwrap_or_else(|| p.host.clone());
-    let server_name = rustls::pki_types::ServerName::try_from(name.clone())
-        .map_err(|_| ConnError::Config(format!("`{name}` is not a valid TLS server name")))?;
+    let server_name = rustls::pki_types::ServerName::try_from(name).map_err(|_| {
+        ConnError::Config("credential `sslhost` (or `host`) is not a valid TLS server name".into())
+    })?;
     let tls_stream = tokio_rustls::TlsConnector::from(config)
         .connect(server_name, tcp)
         .await
@@ -669,14 +661,57 @@ mod tests {
         );
     }
 
+    /// A PEM value that does not start with the marker (`openssl pkcs12 -nodes` output)
+    /// or spans several lines is never taken for a path, and no error quotes it.
     #[test]
-    fn inline_pem_is_readable_through_memfd() {
-        let pem = Pem::Inline(Secret::from_str_value("-----BEGIN X-----\n"));
-        let f = pem_file("sslrootcert", &pem).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&f.path).unwrap(),
-            "-----BEGIN X-----\n"
+    fn pem_anywhere_is_text_and_errors_never_quote_values() {
+        let key = "Bag Attributes\n    localKeyID: 01 02\nKey Attributes: <No Attributes>\n\
+                   -----BEGIN PRIVATE KEY-----\nU0VDUkVULUtFWS1CWVRFUw==\n-----END PRIVATE KEY-----\n";
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "h"), ("sslcert", key), ("sslkey", key)]),
+            None,
+        )
+        .unwrap();
+        assert!(matches!(p.sslkey, Some(Pem::Inline(_))));
+        let err = build_tls_config(&p, Verify::None).unwrap_err().to_string();
+        assert!(err.contains("credential `sslcert`"), "{err}");
+        assert!(!err.contains("SECRET") && !err.contains("U0VD"), "{err}");
+        // Several lines without a marker: refused, not opened, not quoted.
+        let err = UpstreamParams::from_credentials(
+            &creds(&[
+                ("host", "h"),
+                ("sslrootcert", "MIIB-der-ish\nsecond-line-SECRET"),
+            ]),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("credential `sslrootcert`"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
+        // A missing file: the credential is named, the path is not.
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "h"), ("sslrootcert", "/nonexistent/SECRET-ca.pem")]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(format!("{:?}", p.sslrootcert), "Some(Path(<path>))");
+        let err = build_tls_config(&p, Verify::CaOnly)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("credential `sslrootcert`: file not found"),
+            "{err}"
         );
+        assert!(!err.contains("SECRET"), "{err}");
+        // sslmode: the value is never quoted.
+        let err = UpstreamParams::from_credentials(
+            &creds(&[("host", "h"), ("sslmode", "SECRET-mode")]),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`sslmode` has an unsupported value"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
     }
 
     fn hex(b: &[u8]) -> String {
