@@ -23,8 +23,11 @@ use super::{
     errors::{Failure, sqlstate},
     messages,
 };
+use ipnet::IpNet;
+
 use crate::{
     broker::Broker,
+    config::{InterceptTarget, PgConfig, RequireAuth},
     connector::{ConnError, Credentials},
     secret::Secret,
     tls::{self, TlsSources, Verify},
@@ -153,18 +156,67 @@ pub struct UpstreamParams {
     pub sslcert: Option<Pem>,
     pub sslkey: Option<Pem>,
     pub sslhost: Option<String>,
+    /// Credential `require_auth` (libpq's name); overrides the service's `requireAuth`.
+    pub require_auth: Option<RequireAuth>,
+}
+
+/// Whether the app's own destination may serve as the upstream when no credential names
+/// one.
+#[derive(Debug, Clone, Copy)]
+pub enum Destinations<'a> {
+    /// Any (exact intercept targets: the destination is one the operator listed).
+    Any,
+    /// Only inside these blocks (`upstreamAllow`).
+    Within(&'a [IpNet]),
+    /// Never: a CIDR intercept without `upstreamAllow` (config load requires `host` or
+    /// `address` then; this holds when such a credential turns out empty).
+    Never,
+}
+
+impl<'a> Destinations<'a> {
+    #[must_use]
+    pub fn for_service(cfg: &'a PgConfig, intercept: &[InterceptTarget]) -> Self {
+        if !cfg.upstream_allow.is_empty() {
+            Self::Within(&cfg.upstream_allow)
+        } else if intercept
+            .iter()
+            .any(|t| matches!(t, InterceptTarget::Cidr { .. }))
+        {
+            Self::Never
+        } else {
+            Self::Any
+        }
+    }
+
+    fn check(self, dst: SocketAddr) -> Result<(), ConnError> {
+        let ip = dst.ip().to_canonical();
+        match self {
+            Self::Any => Ok(()),
+            Self::Within(nets) if nets.iter().any(|n| n.contains(&ip)) => Ok(()),
+            Self::Within(_) => Err(ConnError::Config(format!(
+                "the app's destination {dst} is not in `upstreamAllow`: the broker does not \
+                 log in there"
+            ))),
+            Self::Never => Err(ConnError::Config(
+                "no upstream: credential `host` is empty, and a CIDR intercept without \
+                 `upstreamAllow` does not let the app's destination be used"
+                    .into(),
+            )),
+        }
+    }
 }
 
 impl UpstreamParams {
     /// host = credential `host` (or Secretless v1 `address` `host[:port][/db]`), else the
-    /// original destination; port = credential `port`, else the address/original
-    /// destination port, else 5432.
+    /// original destination (when `dests` allows it); port = credential `port`, else the
+    /// address/original destination port, else 5432.
     ///
     /// # Errors
     /// When no upstream can be determined or a credential is malformed.
     pub fn from_credentials(
         creds: &Credentials,
         orig_dst: Option<SocketAddr>,
+        dests: Destinations<'_>,
     ) -> Result<Self, ConnError> {
         let Address {
             host: addr_host,
@@ -178,7 +230,10 @@ impl UpstreamParams {
             Some(h) if !h.trim().is_empty() => h.trim().to_owned(),
             _ => match (addr_host, orig_dst) {
                 (Some(h), _) => h,
-                (None, Some(a)) => a.ip().to_string(),
+                (None, Some(a)) => {
+                    dests.check(a)?;
+                    a.ip().to_canonical().to_string()
+                }
                 (None, None) => {
                     return Err(ConnError::Config(
                         "no upstream host: set credential `host`".into(),
@@ -205,6 +260,14 @@ impl UpstreamParams {
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(str::to_owned);
+        let require_auth = match creds.text("require_auth")? {
+            Some(r) if !r.trim().is_empty() => Some(RequireAuth::parse_text(r).map_err(|why| {
+                ConnError::Config(format!(
+                    "credential `require_auth` has an unsupported value: {why}"
+                ))
+            })?),
+            _ => None,
+        };
         let sslcert = Pem::from_credential(creds, "sslcert")?;
         let sslkey = Pem::from_credential(creds, "sslkey")?;
         if sslcert.is_some() != sslkey.is_some() {
@@ -221,7 +284,15 @@ impl UpstreamParams {
             sslcert,
             sslkey,
             sslhost,
+            require_auth,
         })
+    }
+
+    /// Whether a TLS connection made with these parameters has a verified server
+    /// certificate (what makes sending a cleartext password acceptable by default).
+    #[must_use]
+    pub fn verifies_server(&self) -> bool {
+        self.sslmode != SslMode::Disable && self.verify() != Verify::None
     }
 
     /// `host:port` (`[v6]:port`), for logs and messages.
@@ -576,12 +647,20 @@ mod tests {
     #[test]
     fn upstream_from_credentials_and_orig_dst() {
         let dst: SocketAddr = "10.0.0.5:6432".parse().unwrap();
-        let p = UpstreamParams::from_credentials(&creds(&[]), Some(dst)).unwrap();
+        let p =
+            UpstreamParams::from_credentials(&creds(&[]), Some(dst), Destinations::Any).unwrap();
         assert_eq!((p.host.as_str(), p.port), ("10.0.0.5", 6432));
         assert_eq!(p.sslmode, SslMode::Prefer);
-        let p = UpstreamParams::from_credentials(&creds(&[("host", "db")]), Some(dst)).unwrap();
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "db")]),
+            Some(dst),
+            Destinations::Any,
+        )
+        .unwrap();
         assert_eq!(p.addr(), "db:6432");
-        let p = UpstreamParams::from_credentials(&creds(&[("host", "db")]), None).unwrap();
+        let p =
+            UpstreamParams::from_credentials(&creds(&[("host", "db")]), None, Destinations::Any)
+                .unwrap();
         assert_eq!(p.addr(), "db:5432");
         let p = UpstreamParams::from_credentials(
             &creds(&[
@@ -590,22 +669,35 @@ mod tests {
                 ("sslmode", "verify-full"),
             ]),
             None,
+            Destinations::Any,
         )
         .unwrap();
         assert_eq!(p.addr(), "[::1]:7000");
         assert_eq!(p.verify(), Verify::Full);
-        assert!(UpstreamParams::from_credentials(&creds(&[]), None).is_err());
+        assert!(UpstreamParams::from_credentials(&creds(&[]), None, Destinations::Any).is_err());
         assert!(
-            UpstreamParams::from_credentials(&creds(&[("host", "h"), ("port", "x")]), None)
-                .is_err()
+            UpstreamParams::from_credentials(
+                &creds(&[("host", "h"), ("port", "x")]),
+                None,
+                Destinations::Any
+            )
+            .is_err()
         );
         assert!(
-            UpstreamParams::from_credentials(&creds(&[("host", "h"), ("sslmode", "bogus")]), None)
-                .is_err()
+            UpstreamParams::from_credentials(
+                &creds(&[("host", "h"), ("sslmode", "bogus")]),
+                None,
+                Destinations::Any
+            )
+            .is_err()
         );
         assert!(
-            UpstreamParams::from_credentials(&creds(&[("host", "h"), ("sslcert", "/c")]), None)
-                .is_err()
+            UpstreamParams::from_credentials(
+                &creds(&[("host", "h"), ("sslcert", "/c")]),
+                None,
+                Destinations::Any
+            )
+            .is_err()
         );
     }
 
@@ -616,7 +708,7 @@ mod tests {
             if root {
                 v.push(("sslrootcert", "/ca.pem"));
             }
-            UpstreamParams::from_credentials(&creds(&v), None)
+            UpstreamParams::from_credentials(&creds(&v), None, Destinations::Any)
                 .unwrap()
                 .verify()
         };
@@ -638,6 +730,7 @@ mod tests {
                 ),
             ]),
             None,
+            Destinations::Any,
         )
         .unwrap();
         assert_eq!(p.addr(), "pg.internal:6543");
@@ -670,6 +763,7 @@ mod tests {
         let p = UpstreamParams::from_credentials(
             &creds(&[("host", "h"), ("sslcert", key), ("sslkey", key)]),
             None,
+            Destinations::Any,
         )
         .unwrap();
         assert!(matches!(p.sslkey, Some(Pem::Inline(_))));
@@ -683,6 +777,7 @@ mod tests {
                 ("sslrootcert", "MIIB-der-ish\nsecond-line-SECRET"),
             ]),
             None,
+            Destinations::Any,
         )
         .unwrap_err()
         .to_string();
@@ -692,6 +787,7 @@ mod tests {
         let p = UpstreamParams::from_credentials(
             &creds(&[("host", "h"), ("sslrootcert", "/nonexistent/SECRET-ca.pem")]),
             None,
+            Destinations::Any,
         )
         .unwrap();
         assert_eq!(format!("{:?}", p.sslrootcert), "Some(Path(<path>))");
@@ -707,6 +803,7 @@ mod tests {
         let err = UpstreamParams::from_credentials(
             &creds(&[("host", "h"), ("sslmode", "SECRET-mode")]),
             None,
+            Destinations::Any,
         )
         .unwrap_err()
         .to_string();
