@@ -214,11 +214,19 @@ async fn session(
     let (up, up_rest, ready, params, startup_len) = loop {
         let params = UpstreamParams::from_credentials(&creds, conn.orig_dst, dests)?;
         conn.stats.upstream = Some(params.addr());
-        let attempt = tokio::time::timeout_at(
-            deadline,
-            attempt(broker, cfg, &params, &creds, &startup, client),
-        )
-        .await
+        let (mut client_rd, mut client_wr) = client.split();
+        let attempt = tokio::select! {
+            r = tokio::time::timeout_at(
+                deadline,
+                attempt(broker, cfg, &params, &creds, &startup, &mut client_wr),
+            ) => r,
+            () = client_gone(&mut client_rd) => {
+                // Dropping the attempt stops its work (a SCRAM computation included).
+                return Err(Failure::told(ConnError::Protocol(
+                    "client closed the connection during the upstream handshake".into(),
+                )));
+            }
+        }
         .map_err(|_| {
             Failure::new(
                 sqlstate::CONNECTION_FAILURE,
@@ -366,6 +374,17 @@ async fn session(
     Ok(())
 }
 
+/// Resolves when the client hangs up while the upstream handshake runs. A PostgreSQL
+/// client sends nothing between its StartupMessage and ReadyForQuery; if one sends bytes
+/// anyway, they stay queued (forwarded later) and the watch ends without resolving.
+async fn client_gone(client: &mut tokio::net::tcp::ReadHalf<'_>) {
+    let mut byte = [0u8; 1];
+    match client.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
 /// Whether the client-side socket has no unread byte in the kernel (the client must be
 /// silent until ReadyForQuery; anything it sent early would be overtaken by its spliced
 /// bytes).
@@ -408,7 +427,7 @@ async fn attempt(
     params: &UpstreamParams,
     creds: &Credentials,
     startup: &Startup,
-    client: &mut TcpStream,
+    client: &mut (impl tokio::io::AsyncWrite + Unpin),
 ) -> Result<Attempt, Failure> {
     let username = creds.text("username")?;
     let rewritten = startup.rewritten(username, params.database.as_deref());
