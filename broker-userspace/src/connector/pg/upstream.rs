@@ -701,6 +701,67 @@ mod tests {
         );
     }
 
+    /// The app's destination is the upstream only where the service allows it.
+    #[test]
+    fn destination_rules() {
+        let allow: Vec<IpNet> = vec!["10.1.0.0/16".parse().unwrap()];
+        let inside: SocketAddr = "10.1.2.3:5432".parse().unwrap();
+        let outside: SocketAddr = "10.2.0.1:5432".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:5432".parse().unwrap();
+        let within = Destinations::Within(&allow);
+        let p = UpstreamParams::from_credentials(&creds(&[]), Some(inside), within).unwrap();
+        assert_eq!(p.addr(), "10.1.2.3:5432");
+        let p = UpstreamParams::from_credentials(&creds(&[]), Some(mapped), within).unwrap();
+        assert_eq!(p.addr(), "10.1.2.3:5432");
+        let e = UpstreamParams::from_credentials(&creds(&[]), Some(outside), within)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not in `upstreamAllow`"), "{e}");
+        let e = UpstreamParams::from_credentials(&creds(&[]), Some(inside), Destinations::Never)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CIDR intercept"), "{e}");
+        // An explicit host is not the app's choice: allowed whatever the destination.
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "db.internal")]),
+            Some(outside),
+            Destinations::Never,
+        )
+        .unwrap();
+        assert_eq!(p.addr(), "db.internal:5432");
+        // The service decides the rule.
+        let cidr = [InterceptTarget::Cidr {
+            net: "10.0.0.0/8".parse().unwrap(),
+            port: 5432,
+        }];
+        let exact = [InterceptTarget::Addr(inside)];
+        let mut cfg = PgConfig::default();
+        assert!(matches!(
+            Destinations::for_service(&cfg, &exact),
+            Destinations::Any
+        ));
+        assert!(matches!(
+            Destinations::for_service(&cfg, &cidr),
+            Destinations::Never
+        ));
+        cfg.upstream_allow = allow.clone();
+        assert!(matches!(
+            Destinations::for_service(&cfg, &cidr),
+            Destinations::Within(_)
+        ));
+        // require_auth as a credential.
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "h"), ("require_auth", "scram-sha-256")]),
+            None,
+            Destinations::Any,
+        )
+        .unwrap();
+        assert_eq!(
+            format!("{:?}", p.require_auth),
+            "Some(RequireAuth(scram-sha-256))"
+        );
+    }
+
     #[test]
     fn verification_follows_libpq() {
         let p = |m: &str, root: bool| {
