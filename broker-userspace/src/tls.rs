@@ -37,10 +37,125 @@ pub struct TlsOptions<'a> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A file named in the configuration (not a secret): path and reason are shown.
     #[error("reading {path}: {reason}")]
     File { path: String, reason: String },
+    /// A certificate or key given as a credential: only the credential's name and a
+    /// fixed reason, never the value (a mistaken "path" may be the key itself) nor the
+    /// parser's message (which may quote a line of it).
+    #[error("credential `{credential}`: {reason}")]
+    Credential {
+        credential: String,
+        reason: &'static str,
+    },
     #[error("{0}")]
     Rustls(#[from] rustls::Error),
+}
+
+/// Where a certificate or key comes from.
+#[derive(Clone, Copy)]
+pub enum PemSource<'a> {
+    /// A file named in the configuration: errors show the path.
+    ConfigFile(&'a Path),
+    /// A file path given as a credential: errors name the credential only.
+    CredentialFile { credential: &'a str, path: &'a Path },
+    /// PEM text given as a credential (kept in memory, never written to disk): errors
+    /// name the credential only.
+    CredentialText { credential: &'a str, pem: &'a [u8] },
+}
+
+impl fmt::Debug for PemSource<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ConfigFile(p) => write!(f, "ConfigFile({})", p.display()),
+            Self::CredentialFile { credential, .. } => write!(f, "CredentialFile({credential})"),
+            Self::CredentialText { credential, .. } => write!(f, "CredentialText({credential})"),
+        }
+    }
+}
+
+/// Options for one upstream TLS client configuration, with certificates and keys from
+/// files or credentials.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsSources<'a> {
+    pub verify: Verify,
+    /// CA certificates; when set, the system roots are not used (as libpq).
+    pub ca: Option<PemSource<'a>>,
+    /// Also trust the system roots when `ca` is set.
+    pub with_system_roots: bool,
+    /// Client certificate chain and key.
+    pub client_cert: Option<(PemSource<'a>, PemSource<'a>)>,
+}
+
+/// A fixed description of a PEM parsing failure: the parser's own message may quote a
+/// line of the input.
+fn pem_reason(e: &rustls::pki_types::pem::Error) -> &'static str {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::Io(io) => io_reason(io),
+        E::NoItemsFound => "no PEM item of the expected type",
+        E::SectionTooLarge => "PEM section too large",
+        _ => "not valid PEM",
+    }
+}
+
+fn io_reason(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "file not found",
+        std::io::ErrorKind::PermissionDenied => "file not readable (permission denied)",
+        _ => "file cannot be read",
+    }
+}
+
+impl PemSource<'_> {
+    fn error(&self, e: &rustls::pki_types::pem::Error) -> TlsError {
+        self.failed(pem_reason(e), e)
+    }
+
+    fn failed(&self, reason: &'static str, detail: impl fmt::Display) -> TlsError {
+        match self {
+            Self::ConfigFile(p) => file_err(p, detail),
+            Self::CredentialFile { credential, .. } | Self::CredentialText { credential, .. } => {
+                TlsError::Credential {
+                    credential: (*credential).to_owned(),
+                    reason,
+                }
+            }
+        }
+    }
+
+    fn certs(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let certs = match self {
+            Self::ConfigFile(path) | Self::CredentialFile { path, .. } => {
+                CertificateDer::pem_file_iter(path)
+                    .map_err(|e| self.error(&e))?
+                    .collect::<Result<Vec<_>, _>>()
+            }
+            Self::CredentialText { pem, .. } => {
+                CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>()
+            }
+        }
+        .map_err(|e| self.error(&e))?;
+        if certs.is_empty() {
+            return Err(self.failed("no PEM certificate", "no PEM certificate in file"));
+        }
+        Ok(certs)
+    }
+
+    fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        match self {
+            Self::ConfigFile(path) | Self::CredentialFile { path, .. } => {
+                PrivateKeyDer::from_pem_file(path)
+            }
+            Self::CredentialText { pem, .. } => PrivateKeyDer::from_pem_slice(pem),
+        }
+        .map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => {
+                self.failed("no PEM private key", "no PEM private key")
+            }
+            e => self.error(&e),
+        })
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -59,14 +174,7 @@ fn file_err(path: &Path, reason: impl fmt::Display) -> TlsError {
 /// # Errors
 /// When the file cannot be read or holds no certificate.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err(path, e))?;
-    if certs.is_empty() {
-        return Err(file_err(path, "no PEM certificate in file"));
-    }
-    Ok(certs)
+    PemSource::ConfigFile(path).certs()
 }
 
 /// The system trust store, read and parsed once per process (the bundle is hundreds of
@@ -87,18 +195,35 @@ fn system_roots(store: &mut RootCertStore) {
     store.roots.extend(roots.roots.iter().cloned());
 }
 
-/// Build a client configuration.
+/// Build a client configuration from files named in the configuration.
 ///
 /// # Errors
 /// When a certificate or key file cannot be loaded.
 pub fn client_config(opts: TlsOptions<'_>) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_from(TlsSources {
+        verify: opts.verify,
+        ca: opts.ca_file.map(PemSource::ConfigFile),
+        with_system_roots: opts.with_system_roots,
+        client_cert: opts
+            .client_cert
+            .map(|(c, k)| (PemSource::ConfigFile(c), PemSource::ConfigFile(k))),
+    })
+}
+
+/// Build a client configuration from files or credential values.
+///
+/// # Errors
+/// When a certificate or key cannot be loaded.
+pub fn client_config_from(opts: TlsSources<'_>) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
-    if let Some(ca) = opts.ca_file {
-        for c in load_certs(ca)? {
-            roots.add(c).map_err(|e| file_err(ca, e))?;
+    if let Some(ca) = &opts.ca {
+        for c in ca.certs()? {
+            roots
+                .add(c)
+                .map_err(|e| ca.failed("not a usable CA certificate", e))?;
         }
     }
-    if opts.ca_file.is_none() || opts.with_system_roots {
+    if opts.ca.is_none() || opts.with_system_roots {
         system_roots(&mut roots);
     }
     let provider = provider();
@@ -118,10 +243,10 @@ pub fn client_config(opts: TlsOptions<'_>) -> Result<Arc<ClientConfig>, TlsError
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider))),
     };
-    let config = match opts.client_cert {
+    let config = match &opts.client_cert {
         Some((cert, key)) => {
-            let chain = load_certs(cert)?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e))?;
+            let chain = cert.certs()?;
+            let key = key.key()?;
             builder.with_client_auth_cert(chain, key)?
         }
         None => builder.with_no_client_auth(),

@@ -26,7 +26,7 @@ fn assert_reports(text: &str, needles: &[&str]) -> String {
 #[test]
 fn valid_config_passes() {
     let (code, out) = check(
-        "version: 2\nservices:\n  db:\n    connector: pg\n    intercept: [db.example.com:5432, 10.0.0.0/24:5432, \"[2001:db8::/64]:5432\"]\n    credentials:\n      username: app\n      password: {from: env, get: DB_PASSWORD}\n",
+        "version: 2\nservices:\n  db:\n    connector: pg\n    intercept: [db.example.com:5432, 10.0.0.0/24:5432, \"[2001:db8::/64]:5432\"]\n    credentials:\n      username: app\n      password: {from: env, get: DB_PASSWORD}\n    config:\n      upstreamAllow: [10.0.0.0/24, \"2001:db8::/64\"]\n",
     );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("OK"), "{out}");

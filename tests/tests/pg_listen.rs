@@ -78,7 +78,15 @@ fn psql_through_listen_on_scram_md5_password_and_every_sslmode() {
     let cases: Vec<(&str, &PgServer, &Path, String, bool)> = vec![
         ("scram", &scram, &f_scram, String::new(), true),
         ("md5", &md5, &f_md5, "      sslmode: disable\n".into(), true),
-        ("clear", &clear, &f_clear, String::new(), true),
+        // A cleartext password over plain TCP only when the service says so (the
+        // default refuses: whoever holds the address would receive it).
+        (
+            "clear",
+            &clear,
+            &f_clear,
+            "      require_auth: password\n".into(),
+            true,
+        ),
         ("tls-prefer", &tls, &f_tls, String::new(), true),
         (
             "tls-require",
@@ -128,6 +136,7 @@ fn psql_through_listen_on_scram_md5_password_and_every_sslmode() {
             "      sslmode: disable\n".into(),
             false,
         ),
+        ("clear-default", &clear, &f_clear, String::new(), false),
     ];
     let ports: Vec<u16> = cases.iter().map(|_| free_port()).collect();
     let mut services = String::new();
@@ -169,6 +178,14 @@ fn psql_through_listen_on_scram_md5_password_and_every_sslmode() {
     // A plain connection to a TLS-only server: the server's own 28000 reaches psql.
     let (_, text) = run_psql(ports[9], "", "select 1");
     assert!(text.contains("no pg_hba.conf entry"), "{text}");
+    all += &text;
+    // A cleartext request over plain TCP without `require_auth: password`: refused,
+    // naming the setting.
+    let (_, text) = run_psql(ports[10], "", "select 1");
+    assert!(
+        text.contains("service `clear-default`") && text.contains("requireAuth"),
+        "{text}"
+    );
     all += &text;
 
     // The client may offer TLS (sslmode=prefer): the broker answers N and goes on.

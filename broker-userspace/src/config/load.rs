@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+use ipnet::IpNet;
 use serde_norway::{Mapping, Value};
 use zeroize::Zeroize;
 
@@ -16,7 +17,7 @@ use super::{
     model::{
         AuthMethod, BrokerSettings, Config, Connector, CredentialSource, DEFAULT_CACHE_TTL,
         DEFAULT_HEALTH_ADDR, DEFAULT_HTTP_TIMEOUT, HttpProviderConfig, InterceptTarget, ListenAddr,
-        OAuth2Config, PgConfig, ProviderConfig, Service, TcpConfig, UpstreamTls,
+        OAuth2Config, PgConfig, ProviderConfig, RequireAuth, Service, TcpConfig, UpstreamTls,
     },
     values,
 };
@@ -200,8 +201,8 @@ const LIST_SERVICE_KEYS: &[&str] = &[
     "config",
     "authentication",
 ];
-const PG_CREDENTIALS: &str =
-    "host, port, username, password, database, sslmode, sslrootcert, sslcert, sslkey, sslhost";
+const PG_CREDENTIALS: &str = "host, port, username, password, database, sslmode, sslrootcert, \
+                              sslcert, sslkey, sslhost, require_auth";
 
 struct Loader<'e> {
     env: &'e dyn Fn(&str) -> Option<String>,
@@ -801,12 +802,14 @@ impl Loader<'_> {
                     .as_ref()
                     .is_some_and(|(_, given)| given.contains(k))
             };
-            if matches!(connector, Connector::Pg(_)) {
+            if let Connector::Pg(cfg) = &connector {
                 for k in ["username", "password"] {
                     if !has(k) {
                         self.err(&creds_path, format!("missing \"{k}\""));
                     }
                 }
+                let explicit = has("host") || has("address");
+                self.pg_upstream_rules(path, cfg, &intercept, explicit);
             }
             if !intercept_given && !has("host") {
                 self.err(
@@ -837,29 +840,11 @@ impl Loader<'_> {
         let config = m.get("config").filter(|v| !v.is_null());
         match name.as_str() {
             "tcp" => Some(Connector::Tcp(self.tcp_config(&config_path, config)?)),
-            "pg" | "postgres" | "postgresql" => {
-                if let Some(c) = config {
-                    match c {
-                        Value::Mapping(cm) => {
-                            for k in cm.keys() {
-                                let k = key_text(k).unwrap_or_else(|| "?".to_owned());
-                                self.err(
-                                    &join(&config_path, &k),
-                                    format!(
-                                        "unknown key \"{k}\": connector \"{name}\" takes no \
-                                         config, its settings are credentials ({PG_CREDENTIALS})"
-                                    ),
-                                );
-                            }
-                        }
-                        _ => self.err(
-                            &config_path,
-                            format!("connector \"{name}\" takes no config"),
-                        ),
-                    }
-                }
-                Some(Connector::Pg(PgConfig {}))
-            }
+            "pg" | "postgres" | "postgresql" => Some(Connector::Pg(self.pg_config(
+                &config_path,
+                &name,
+                config,
+            )?)),
             n if NOT_BUILT_CONNECTORS.contains(&n) => Some(Connector::NotBuilt { name }),
             _ => {
                 let known: Vec<&str> = BUILT_CONNECTORS
@@ -874,6 +859,131 @@ impl Loader<'_> {
                 );
                 None
             }
+        }
+    }
+
+    /// The `config:` block of a `pg` service (connection settings are credentials).
+    fn pg_config(&mut self, path: &str, name: &str, v: Option<&Value>) -> Option<PgConfig> {
+        const KEYS: [&str; 3] = ["requireAuth", "upstreamAllow", "scramMaxIterations"];
+        let mut out = PgConfig::default();
+        let Some(v) = v else {
+            return Some(out);
+        };
+        let Value::Mapping(m) = v else {
+            self.err(
+                path,
+                format!(
+                    "connector \"{name}\" takes a map ({}); connection settings are \
+                     credentials ({PG_CREDENTIALS})",
+                    quoted_list(&KEYS)
+                ),
+            );
+            return None;
+        };
+        let before = self.errors.len();
+        for k in m.keys() {
+            let k = key_text(k).unwrap_or_else(|| "?".to_owned());
+            if !KEYS.contains(&k.as_str()) {
+                let hint = suggestion(&k, &KEYS);
+                self.err(
+                    &join(path, &k),
+                    format!(
+                        "unknown key \"{k}\"{hint}; connection settings of connector \
+                         \"{name}\" are credentials ({PG_CREDENTIALS})"
+                    ),
+                );
+            }
+        }
+        if let Some(v) = m.get("requireAuth") {
+            let p = join(path, "requireAuth");
+            let items: Option<Vec<String>> = match v {
+                Value::Sequence(seq) => seq
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| self.non_empty(&index(&p, i), x))
+                    .collect(),
+                v => self
+                    .non_empty(&p, v)
+                    .map(|s| s.split(',').map(str::to_owned).collect()),
+            };
+            if let Some(items) = items {
+                match RequireAuth::parse(items.iter().map(String::as_str)) {
+                    Ok(r) => out.require_auth = Some(r),
+                    Err(reason) => {
+                        let shown = self.shown(&p, &items.join(","));
+                        self.err(&p, format!("invalid requireAuth {shown}: {reason}"));
+                    }
+                }
+            }
+        }
+        if let Some(v) = m.get("upstreamAllow") {
+            let p = join(path, "upstreamAllow");
+            let items: Vec<(String, &Value)> = match v {
+                Value::Sequence(seq) => seq
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| (index(&p, i), x))
+                    .collect(),
+                v => vec![(p.clone(), v)],
+            };
+            if items.is_empty() {
+                self.err(&p, "must list at least one IP address or CIDR block");
+            }
+            for (ip, x) in items {
+                let Some(s) = self.non_empty(&ip, x) else {
+                    continue;
+                };
+                let s = s.trim();
+                let net = s
+                    .parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from));
+                match net {
+                    Ok(n) => out.upstream_allow.push(n.trunc()),
+                    Err(_) => {
+                        let shown = self.shown(&ip, s);
+                        self.err(
+                            &ip,
+                            format!(
+                                "invalid address {shown}: expected an IP address or a CIDR \
+                                 block (10.0.0.0/8, 2001:db8::/64)"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(v) = m.get("scramMaxIterations") {
+            let p = join(path, "scramMaxIterations");
+            match self.uint(&p, v, u64::from(u32::MAX), "an iteration count") {
+                Some(0) => self.err(&p, "must be at least 1"),
+                Some(n) => out.scram_max_iterations = u32::try_from(n).expect("checked range"),
+                None => {}
+            }
+        }
+        (self.errors.len() == before).then_some(out)
+    }
+
+    /// A `pg` service whose intercept includes a CIDR block would otherwise log in to
+    /// whatever address in it the app (or a process squatting on one) names: it needs
+    /// an explicit upstream (`host` or `address`) or `config.upstreamAllow`.
+    fn pg_upstream_rules(
+        &mut self,
+        path: &str,
+        cfg: &PgConfig,
+        intercept: &[InterceptTarget],
+        explicit_upstream: bool,
+    ) {
+        let cidr = intercept
+            .iter()
+            .any(|t| matches!(t, InterceptTarget::Cidr { .. }));
+        if cidr && !explicit_upstream && cfg.upstream_allow.is_empty() {
+            self.err(
+                &join(path, "intercept"),
+                "a CIDR target needs an explicit upstream: set credential \"host\" (or \
+                 \"address\"), or list the addresses the app may reach in \
+                 config.upstreamAllow (otherwise the broker would log in to any address \
+                 of the block the app names)",
+            );
         }
     }
 

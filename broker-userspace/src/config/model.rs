@@ -107,9 +107,171 @@ pub struct UpstreamTls {
 
 /// `connector: pg` (aliases `postgres`, `postgresql`). Connection settings come from the
 /// credentials (`host port username password database sslmode sslrootcert sslcert sslkey
-/// sslhost`), as in Secretless.
-#[derive(Debug, Clone, Default)]
-pub struct PgConfig {}
+/// sslhost require_auth`), as in Secretless; the `config:` block holds what protects the
+/// password from the upstream side.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// `requireAuth`: the authentication requests the broker answers. `None`: the
+    /// default policy (md5 and SCRAM; a cleartext password only over verified TLS; no
+    /// session without a challenge), see [`RequireAuth::default_allows`].
+    pub require_auth: Option<RequireAuth>,
+    /// `upstreamAllow`: addresses the app's own destination may be used as the upstream
+    /// when no `host` credential names one. Empty: any destination the service
+    /// intercepts (a CIDR target then requires an explicit upstream).
+    pub upstream_allow: Vec<IpNet>,
+    /// `scramMaxIterations`: SCRAM iteration counts above this are refused before any
+    /// PBKDF2 runs (a hostile server could ask for 2^31).
+    pub scram_max_iterations: u32,
+}
+
+/// Default `scramMaxIterations`: 25 times PostgreSQL's default of 4096.
+pub const DEFAULT_SCRAM_MAX_ITERATIONS: u32 = 100_000;
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        Self {
+            require_auth: None,
+            upstream_allow: Vec::new(),
+            scram_max_iterations: DEFAULT_SCRAM_MAX_ITERATIONS,
+        }
+    }
+}
+
+/// An authentication method the upstream may ask for, by libpq's `require_auth` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    /// `none`: AuthenticationOk without any challenge (`trust`).
+    None,
+    /// `password`: AuthenticationCleartextPassword.
+    Password,
+    /// `md5`: AuthenticationMD5Password.
+    Md5,
+    /// `scram-sha-256`: SASL SCRAM-SHA-256 (and -PLUS).
+    ScramSha256,
+}
+
+impl AuthKind {
+    const ALL: [Self; 4] = [Self::Password, Self::Md5, Self::ScramSha256, Self::None];
+
+    /// libpq's name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Password => "password",
+            Self::Md5 => "md5",
+            Self::ScramSha256 => "scram-sha-256",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Self::None => 1,
+            Self::Password => 2,
+            Self::Md5 => 4,
+            Self::ScramSha256 => 8,
+        }
+    }
+}
+
+/// libpq's `require_auth`: a comma-separated list (or YAML list) of methods the broker
+/// answers, or of `!`-negated methods it refuses (all negated or none, as libpq).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RequireAuth {
+    allowed: u8,
+}
+
+impl std::fmt::Debug for RequireAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RequireAuth({})", self.names())
+    }
+}
+
+impl RequireAuth {
+    /// Parse the items of a list (`password`, `!md5`, ...).
+    ///
+    /// # Errors
+    /// Unknown, repeated or mixed negated/plain items, or an empty list. The message
+    /// does not quote the value (it may come from a credential).
+    pub fn parse<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut listed = 0u8;
+        let mut negated: Option<bool> = None;
+        for item in items {
+            let item = item.trim();
+            let (neg, name) = match item.strip_prefix('!') {
+                Some(n) => (true, n),
+                None => (false, item),
+            };
+            if *negated.get_or_insert(neg) != neg {
+                return Err(
+                    "negated (`!method`) and plain methods cannot be mixed (as in libpq)".into(),
+                );
+            }
+            let kind = AuthKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .ok_or_else(|| {
+                    "unsupported method (expected password, md5, scram-sha-256 or none, \
+                     each optionally negated with `!`)"
+                        .to_owned()
+                })?;
+            if listed & kind.bit() != 0 {
+                return Err("a method is listed twice".into());
+            }
+            listed |= kind.bit();
+        }
+        match negated {
+            None => Err("lists no method".into()),
+            Some(false) => Ok(Self { allowed: listed }),
+            Some(true) if listed == 0x0f => Err("refuses every method".into()),
+            Some(true) => Ok(Self {
+                allowed: !listed & 0x0f,
+            }),
+        }
+    }
+
+    /// Parse libpq's comma-separated form.
+    ///
+    /// # Errors
+    /// As [`Self::parse`].
+    pub fn parse_text(s: &str) -> Result<Self, String> {
+        Self::parse(s.split(','))
+    }
+
+    #[must_use]
+    pub fn allows(self, kind: AuthKind) -> bool {
+        self.allowed & kind.bit() != 0
+    }
+
+    /// The broker's policy when `requireAuth` is not set: md5 and SCRAM (SCRAM never
+    /// reveals the password; md5 over plain TCP is what many installations use), a
+    /// cleartext password only over TLS whose certificate was verified, and never a
+    /// session the server opens without a challenge (a squatter saying "trust" would
+    /// get the session's queries).
+    #[must_use]
+    pub fn default_allows(kind: AuthKind, verified_tls: bool) -> bool {
+        match kind {
+            AuthKind::Md5 | AuthKind::ScramSha256 => true,
+            AuthKind::Password => verified_tls,
+            AuthKind::None => false,
+        }
+    }
+
+    /// The allowed methods, comma-separated, for messages.
+    #[must_use]
+    pub fn names(self) -> String {
+        let names: Vec<&str> = AuthKind::ALL
+            .into_iter()
+            .filter(|k| self.allows(*k))
+            .map(AuthKind::name)
+            .collect();
+        if names.is_empty() {
+            "(nothing)".into()
+        } else {
+            names.join(", ")
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {

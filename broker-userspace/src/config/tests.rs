@@ -799,12 +799,91 @@ services:
 }
 
 #[test]
-fn pg_takes_no_config() {
+fn pg_config_keys_and_connection_settings_as_credentials() {
     let e = errs(&PG.replace(
         "    credentials:",
         "    config:\n      sslmode: require\n    credentials:",
     ));
-    has(&e, "services.db.config.sslmode", "takes no config");
+    has(&e, "services.db.config.sslmode", "are credentials");
+    let cfg = ok(&PG.replace(
+        "    credentials:",
+        "    config:\n      requireAuth: [scram-sha-256, md5]\n      upstreamAllow: [10.1.2.3, \"10.0.0.0/8\", \"2001:db8::1/64\"]\n      scramMaxIterations: 8192\n    credentials:",
+    ));
+    let Connector::Pg(pg) = &cfg.services[0].connector else {
+        panic!("not pg")
+    };
+    let r = pg.require_auth.expect("requireAuth");
+    assert!(r.allows(AuthKind::ScramSha256) && r.allows(AuthKind::Md5));
+    assert!(!r.allows(AuthKind::Password) && !r.allows(AuthKind::None));
+    assert_eq!(
+        pg.upstream_allow,
+        vec![
+            "10.1.2.3/32".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/64".parse().unwrap()
+        ]
+    );
+    assert_eq!(pg.scram_max_iterations, 8192);
+    // Defaults.
+    let Connector::Pg(pg) = &ok(PG).services[0].connector else {
+        panic!("not pg")
+    };
+    assert!(pg.require_auth.is_none() && pg.upstream_allow.is_empty());
+    assert_eq!(pg.scram_max_iterations, DEFAULT_SCRAM_MAX_ITERATIONS);
+    // libpq's comma form and negation.
+    let cfg = ok(&PG.replace(
+        "    credentials:",
+        "    config:\n      requireAuth: \"!password,!none\"\n    credentials:",
+    ));
+    let Connector::Pg(pg) = &cfg.services[0].connector else {
+        panic!("not pg")
+    };
+    assert_eq!(
+        format!("{:?}", pg.require_auth.unwrap()),
+        "RequireAuth(md5, scram-sha-256)"
+    );
+    let e = errs(&PG.replace(
+        "    credentials:",
+        "    config:\n      requireAuth: [md5, \"!none\"]\n      upstreamAllow: [db.internal]\n      scramMaxIterations: 0\n    credentials:",
+    ));
+    has(&e, "services.db.config.requireAuth", "cannot be mixed");
+    has(&e, "services.db.config.upstreamAllow[0]", "invalid address");
+    has(&e, "services.db.config.scramMaxIterations", "at least 1");
+    let e = errs(&PG.replace(
+        "    credentials:",
+        "    config:\n      requireAuth: kerberos\n    credentials:",
+    ));
+    has(&e, "services.db.config.requireAuth", "unsupported method");
+}
+
+/// A CIDR intercept without an explicit upstream would let the app (or whoever holds an
+/// address of the block) choose where the password goes.
+#[test]
+fn pg_cidr_intercept_needs_an_explicit_upstream_or_an_allow_list() {
+    const CIDR: &str = "
+version: 2
+services:
+  db:
+    connector: pg
+    intercept: [\"10.0.0.0/8:5432\"]
+    credentials:
+      username: app
+      password: pw
+";
+    let e = errs(CIDR);
+    has(&e, "services.db.intercept", "needs an explicit upstream");
+    has(&e, "services.db.intercept", "upstreamAllow");
+    ok(&CIDR.replace("      username", "      host: 10.1.1.1\n      username"));
+    ok(&CIDR.replace(
+        "      username",
+        "      address: 10.1.1.1:5432\n      username",
+    ));
+    ok(&CIDR.replace(
+        "    credentials:",
+        "    config:\n      upstreamAllow: [10.1.0.0/16]\n    credentials:",
+    ));
+    // Exact targets keep working without either.
+    ok(&CIDR.replace("10.0.0.0/8:5432", "10.1.1.1:5432"));
 }
 
 #[test]

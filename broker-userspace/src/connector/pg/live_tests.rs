@@ -158,7 +158,17 @@ async fn live_scram_md5_cleartext() {
         let pg = tokio::task::spawn_blocking(move || PgServer::start(PgOptions::new(auth, pw)))
             .await
             .unwrap();
-        let run = start_broker(base_creds(&pg)).await;
+        let mut creds = base_creds(&pg);
+        if auth == PgAuth::Password {
+            // A cleartext password over plain TCP is refused by default...
+            let run = start_broker(base_creds(&pg)).await;
+            let (ok, out) = psql(conninfo(run.addr), "select current_user").await;
+            assert!(!ok, "{out}");
+            assert!(out.contains("requireAuth") && !out.contains(pw), "{out}");
+            // ...and sent when the service says so.
+            creds.push(("require_auth", lit("password")));
+        }
+        let run = start_broker(creds).await;
         for _ in 0..2 {
             let (ok, out) = psql(conninfo(run.addr), "select current_user").await;
             assert!(ok, "{auth:?}: {out}");
@@ -267,7 +277,8 @@ async fn live_tls_modes() {
     ] {
         creds.0.insert(k.to_owned(), Secret::from_str_value(&v));
     }
-    let params = super::UpstreamParams::from_credentials(&creds, None).unwrap();
+    let params =
+        super::UpstreamParams::from_credentials(&creds, None, super::Destinations::Any).unwrap();
     let startup = super::Startup {
         version: super::messages::PROTOCOL_3_0,
         params: vec![(b"database".to_vec(), b"app".to_vec())],
@@ -276,9 +287,16 @@ async fn live_tls_modes() {
     let mut dummy = tokio::net::TcpStream::connect(l.local_addr().unwrap())
         .await
         .unwrap();
-    let attempt = super::attempt(&run.broker, &params, &creds, &startup, &mut dummy)
-        .await
-        .unwrap();
+    let attempt = super::attempt(
+        &run.broker,
+        &PgConfig::default(),
+        &params,
+        &creds,
+        &startup,
+        &mut dummy,
+    )
+    .await
+    .unwrap();
     let super::Attempt::Ready { ready, stream, .. } = attempt else {
         panic!("rejected")
     };

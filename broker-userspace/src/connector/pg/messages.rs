@@ -116,8 +116,24 @@ pub async fn read_backend<S>(
 where
     S: AsyncRead + Unpin,
 {
+    read_backend_max(stream, buf, MAX_BACKEND_MESSAGE).await
+}
+
+/// [`read_backend`] with a smaller bound on the message length: the length field is
+/// checked before the body is read, so `buf` never grows past `max` plus one read.
+///
+/// # Errors
+/// As [`read_backend`].
+pub async fn read_backend_max<S>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<BackendMessage, ConnError>
+where
+    S: AsyncRead + Unpin,
+{
     loop {
-        if let Some(total) = backend_frame(buf, MAX_BACKEND_MESSAGE)? {
+        if let Some(total) = backend_frame(buf, max)? {
             return Ok(BackendMessage {
                 raw: buf.split_to(total).freeze(),
             });

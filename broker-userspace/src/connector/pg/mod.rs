@@ -30,12 +30,12 @@ use tokio::{
 };
 
 use self::{
-    auth::{AuthInput, Outcome},
+    auth::{AuthInput, AuthPolicy, HandshakeLimits, Outcome},
     cancel::{CancelMap, CancelTarget},
     errors::{Failure, sqlstate},
     scram::SaltedPasswordCache,
     startup::{CancelKey, FirstPacket, Startup, StartupError},
-    upstream::{PgStream, TlsConfigCache, UpstreamParams},
+    upstream::{Destinations, PgStream, TlsConfigCache, UpstreamParams},
 };
 use crate::{
     broker::Broker,
@@ -43,10 +43,13 @@ use crate::{
     connector::{Conn, ConnError, Credentials, splice, tcp},
 };
 
-/// How long a client may take to send its startup packet (PostgreSQL's
-/// `authentication_timeout` default).
-pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long connecting and authenticating upstream may take, TLS included.
+/// How long a client may take to send its startup packet. A client sends it right after
+/// connecting (libpq within one round trip), so a socket that waits longer is idle or
+/// hostile: it costs a task and a buffer until this expires. (PostgreSQL allows 60 s, but
+/// that also covers the client's own password exchange, which the broker never asks for.)
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the whole upstream handshake may take: connecting, TLS, authenticating and
+/// reading up to ReadyForQuery, the retry with fresh credentials included.
 pub const UPSTREAM_AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// State shared between PostgreSQL connections: cancel keys of live sessions, SCRAM
@@ -67,7 +70,7 @@ pub struct PgShared {
 pub async fn serve(
     broker: &Broker,
     conn: &mut Conn,
-    _cfg: &PgConfig,
+    cfg: &PgConfig,
     mut client: TcpStream,
 ) -> Result<(), ConnError> {
     let service = Arc::clone(&conn.service);
@@ -80,7 +83,9 @@ pub async fn serve(
             )))),
         };
     let result = match first {
-        Ok(FirstPacket::Startup(s)) => session(broker, conn, &service, &mut client, s, cbuf).await,
+        Ok(FirstPacket::Startup(s)) => {
+            session(broker, conn, &service, cfg, &mut client, s, cbuf).await
+        }
         Ok(FirstPacket::Cancel(key)) => return forward_cancel(broker, conn, &key).await,
         Ok(_) => Err(Failure::new(
             sqlstate::PROTOCOL_VIOLATION,
@@ -191,6 +196,7 @@ async fn session(
     broker: &Broker,
     conn: &mut Conn,
     service: &Service,
+    cfg: &PgConfig,
     client: &mut TcpStream,
     startup: Startup,
     client_rest: BytesMut,
@@ -202,14 +208,25 @@ async fn session(
     );
     let mut creds = broker.credentials(service, false, &mut conn.stats).await?;
     let mut retried = false;
+    let dests = Destinations::for_service(cfg, &service.intercept);
+    // One deadline for the whole handshake, both attempts included.
+    let deadline = tokio::time::Instant::now() + UPSTREAM_AUTH_TIMEOUT;
     let (up, up_rest, ready, params, startup_len) = loop {
-        let params = UpstreamParams::from_credentials(&creds, conn.orig_dst)?;
+        let params = UpstreamParams::from_credentials(&creds, conn.orig_dst, dests)?;
         conn.stats.upstream = Some(params.addr());
-        let attempt = tokio::time::timeout(
-            UPSTREAM_AUTH_TIMEOUT,
-            attempt(broker, &params, &creds, &startup, client),
-        )
-        .await
+        let (mut client_rd, mut client_wr) = client.split();
+        let attempt = tokio::select! {
+            r = tokio::time::timeout_at(
+                deadline,
+                attempt(broker, cfg, &params, &creds, &startup, &mut client_wr),
+            ) => r,
+            () = client_gone(&mut client_rd) => {
+                // Dropping the attempt stops its work (a SCRAM computation included).
+                return Err(Failure::told(ConnError::Protocol(
+                    "client closed the connection during the upstream handshake".into(),
+                )));
+            }
+        }
         .map_err(|_| {
             Failure::new(
                 sqlstate::CONNECTION_FAILURE,
@@ -354,6 +371,17 @@ async fn session(
     Ok(())
 }
 
+/// Resolves when the client hangs up while the upstream handshake runs. A PostgreSQL
+/// client sends nothing between its StartupMessage and ReadyForQuery; if one sends bytes
+/// anyway, they stay queued (forwarded later) and the watch ends without resolving.
+async fn client_gone(client: &mut tokio::net::tcp::ReadHalf<'_>) {
+    let mut byte = [0u8; 1];
+    match client.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
 /// Whether the client-side socket has no unread byte in the kernel (the client must be
 /// silent until ReadyForQuery; anything it sent early would be overtaken by its spliced
 /// bytes).
@@ -392,10 +420,11 @@ enum Attempt {
 /// One upstream connection attempt with one set of credentials.
 async fn attempt(
     broker: &Broker,
+    cfg: &PgConfig,
     params: &UpstreamParams,
     creds: &Credentials,
     startup: &Startup,
-    client: &mut TcpStream,
+    client: &mut (impl tokio::io::AsyncWrite + Unpin),
 ) -> Result<Attempt, Failure> {
     let username = creds.text("username")?;
     let rewritten = startup.rewritten(username, params.database.as_deref());
@@ -417,6 +446,12 @@ async fn attempt(
         password: creds.get("password"),
         tls: stream.is_tls(),
         channel_binding: stream.channel_binding(),
+        policy: AuthPolicy {
+            require_auth: params.require_auth.or(cfg.require_auth),
+            verified_tls: stream.is_tls() && params.verifies_server(),
+            scram_max_iterations: cfg.scram_max_iterations,
+            limits: HandshakeLimits::DEFAULT,
+        },
     };
     let mut rest = BytesMut::with_capacity(8 * 1024);
     let outcome = auth::authenticate(

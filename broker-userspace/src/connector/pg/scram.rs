@@ -12,7 +12,10 @@ use std::{
     borrow::Cow,
     collections::{HashMap, VecDeque},
     fmt,
-    sync::{Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
@@ -330,13 +333,65 @@ pub fn saslprep(password: &[u8]) -> Cow<'_, [u8]> {
 /// a blocking task.
 #[must_use]
 pub fn compute_salted_password(password: &[u8], salt: &[u8], iterations: u32) -> SaltedPassword {
+    compute_salted_password_until(password, salt, iterations, &AtomicBool::new(false))
+        .expect("never cancelled")
+}
+
+/// Iterations between two looks at the cancellation flag (a few milliseconds).
+const PBKDF2_CHUNK: u32 = 1024;
+
+/// [`compute_salted_password`], giving up (`None`) once `cancel` is set: the flag is
+/// read every [`PBKDF2_CHUNK`] iterations, so a connection that goes away (client gone,
+/// deadline, daemon shutdown) does not leave a blocking thread hashing for minutes.
+///
+/// PBKDF2 with a 32-byte output is one block: `U1 = HMAC(P, salt || 1)`,
+/// `Ui = HMAC(P, U(i-1))`, result `U1 ^ ... ^ Un`; the keyed HMAC state is computed once
+/// and cloned per iteration, as the `pbkdf2` crate does.
+#[must_use]
+pub fn compute_salted_password_until(
+    password: &[u8],
+    salt: &[u8],
+    iterations: u32,
+    cancel: &AtomicBool,
+) -> Option<SaltedPassword> {
     let prepared = saslprep(password);
-    let mut out = Zeroizing::new([0u8; 32]);
-    pbkdf2::pbkdf2_hmac::<Sha256>(&prepared, salt, iterations, &mut *out);
+    let prf = Hmac::<Sha256>::new_from_slice(&prepared).expect("HMAC takes any key length");
     if let Cow::Owned(mut v) = prepared {
         v.zeroize();
     }
-    out
+    let mut u = Zeroizing::new([0u8; 32]);
+    let mut mac = prf.clone();
+    mac.update(salt);
+    mac.update(&1u32.to_be_bytes());
+    u.copy_from_slice(&mac.finalize().into_bytes());
+    let mut out: SaltedPassword = u.clone();
+    let mut left = iterations.saturating_sub(1);
+    while left > 0 {
+        if cancel.load(Ordering::Relaxed) {
+            return None;
+        }
+        let n = left.min(PBKDF2_CHUNK);
+        for _ in 0..n {
+            let mut mac = prf.clone();
+            mac.update(&*u);
+            u.copy_from_slice(&mac.finalize().into_bytes());
+            for (o, x) in out.iter_mut().zip(u.iter()) {
+                *o ^= x;
+            }
+        }
+        left -= n;
+    }
+    Some(out)
+}
+
+/// Sets its flag when dropped: the future waiting for a blocking computation holds it,
+/// so dropping the future (connection gone) stops the computation.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Default capacity of the salted-password cache.
@@ -456,10 +511,15 @@ impl SaltedPasswordCache {
         }
         let pw = Zeroizing::new(password.to_vec());
         let s = salt.to_vec();
-        let value =
-            tokio::task::spawn_blocking(move || compute_salted_password(&pw, &s, iterations))
-                .await
-                .map_err(std::io::Error::other)?;
+        let guard = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+        let cancel = Arc::clone(&guard.0);
+        let value = tokio::task::spawn_blocking(move || {
+            compute_salted_password_until(&pw, &s, iterations, &cancel)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+        .ok_or_else(|| std::io::Error::other("SCRAM computation cancelled"))?;
+        drop(guard);
         self.insert(password, salt, iterations, &value);
         Ok(value)
     }
@@ -630,6 +690,53 @@ mod tests {
             format!("{cache:?}"),
             "SaltedPasswordCache { len: 2, cap: 2 }"
         );
+    }
+
+    #[test]
+    fn chunked_pbkdf2_matches_the_pbkdf2_crate_and_stops_when_cancelled() {
+        for (pw, salt, i) in [
+            (&b"pencil"[..], &b"salt"[..], 1),
+            (b"p", b"s", 1023),
+            (b"p", b"s", 1024),
+            (b"p", b"s", 1025),
+            ("p\u{e4}ss".as_bytes(), b"NaCl", 5000),
+        ] {
+            let mut want = [0u8; 32];
+            pbkdf2::pbkdf2_hmac::<Sha256>(&saslprep(pw), salt, i, &mut want);
+            assert_eq!(*compute_salted_password(pw, salt, i), want, "{i}");
+        }
+        // Cancelled: gives up at the next chunk, long before 2^31 iterations.
+        let cancel = AtomicBool::new(true);
+        let t = std::time::Instant::now();
+        assert!(compute_salted_password_until(b"p", b"s", u32::MAX, &cancel).is_none());
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    /// Dropping the waiting future stops the blocking computation: dropping a runtime
+    /// waits for its blocking threads, which would take hours for 2^32 iterations.
+    #[test]
+    fn dropping_the_wait_cancels_the_computation() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let cache = SaltedPasswordCache::default();
+        let waited = rt.block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_millis(50),
+                cache.salted_password(b"p", b"s", u32::MAX),
+            )
+            .await
+        });
+        assert!(waited.is_err(), "2^32 iterations cannot finish in 50 ms");
+        let t = std::time::Instant::now();
+        drop(rt);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(cache.is_empty());
     }
 
     #[tokio::test]

@@ -5,7 +5,6 @@
 use std::{
     collections::HashMap,
     fmt,
-    io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
@@ -24,11 +23,14 @@ use super::{
     errors::{Failure, sqlstate},
     messages,
 };
+use ipnet::IpNet;
+
 use crate::{
     broker::Broker,
+    config::{InterceptTarget, PgConfig, RequireAuth},
     connector::{ConnError, Credentials},
     secret::Secret,
-    tls::{self, TlsOptions, Verify},
+    tls::{self, TlsSources, Verify},
 };
 
 /// Default PostgreSQL port.
@@ -50,7 +52,8 @@ impl SslMode {
     /// Parse a credential value.
     ///
     /// # Errors
-    /// On an unknown mode.
+    /// On an unknown mode. The message does not quote the value: a credential read from
+    /// the wrong secret would otherwise be echoed to the client and the logs.
     pub fn parse(s: &str) -> Result<Self, ConnError> {
         Ok(match s.trim() {
             "disable" => Self::Disable,
@@ -58,10 +61,12 @@ impl SslMode {
             "require" => Self::Require,
             "verify-ca" => Self::VerifyCa,
             "verify-full" => Self::VerifyFull,
-            other => {
-                return Err(ConnError::Config(format!(
-                    "credential `sslmode`: unknown mode `{other}` (expected disable, allow, prefer, require, verify-ca or verify-full)"
-                )));
+            _ => {
+                return Err(ConnError::Config(
+                    "credential `sslmode` has an unsupported value (expected disable, allow, \
+                     prefer, require, verify-ca or verify-full)"
+                        .into(),
+                ));
             }
         })
     }
@@ -69,6 +74,10 @@ impl SslMode {
 
 /// A certificate or key given as a file path or, as Secretless does with
 /// `sslrootcert: {from: file, ...}`, as PEM text.
+///
+/// PEM text is recognised by a `-----BEGIN` marker anywhere in the value, not only at
+/// the start: `openssl pkcs12 -nodes` writes `Bag Attributes` lines before the block, and
+/// taking such a key for a path used to put the whole key into error messages.
 #[derive(Clone)]
 pub enum Pem {
     Path(PathBuf),
@@ -76,13 +85,17 @@ pub enum Pem {
 }
 
 impl fmt::Debug for Pem {
+    // Neither form is printed: a path credential is still a credential.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Path(p) => write!(f, "Path({})", p.display()),
+            Self::Path(_) => f.write_str("Path(<path>)"),
             Self::Inline(_) => f.write_str("Inline(<pem>)"),
         }
     }
 }
+
+/// The PEM boundary marker; a value containing it is PEM text, never a path.
+const PEM_MARKER: &[u8] = b"-----BEGIN";
 
 impl Pem {
     fn from_credential(creds: &Credentials, name: &str) -> Result<Option<Self>, ConnError> {
@@ -92,15 +105,35 @@ impl Pem {
         if v.is_empty() {
             return Ok(None);
         }
-        let text = v.expose_str().map_err(|_| {
+        if v.expose()
+            .windows(PEM_MARKER.len())
+            .any(|w| w == PEM_MARKER)
+        {
+            return Ok(Some(Self::Inline(v.clone())));
+        }
+        let not_a_path = || {
             ConnError::Config(format!(
-                "credential `{name}` is neither a path nor PEM text"
+                "credential `{name}` is neither a file path nor PEM text (no `-----BEGIN` line)"
             ))
-        })?;
-        if text.trim_start().starts_with("-----BEGIN") {
-            Ok(Some(Self::Inline(v.clone())))
-        } else {
-            Ok(Some(Self::Path(PathBuf::from(text.trim()))))
+        };
+        let text = v.expose_str().map_err(|_| not_a_path())?;
+        let path = text.trim();
+        // A path is one line; anything else is text that went wrong (e.g. DER or base64
+        // without the PEM armour), not something to open.
+        if path.is_empty() || path.contains(['\n', '\r', '\0']) {
+            return Err(not_a_path());
+        }
+        Ok(Some(Self::Path(PathBuf::from(path))))
+    }
+
+    /// As a source for the TLS configuration: errors name the credential only.
+    fn source<'a>(&'a self, credential: &'a str) -> tls::PemSource<'a> {
+        match self {
+            Self::Path(path) => tls::PemSource::CredentialFile { credential, path },
+            Self::Inline(s) => tls::PemSource::CredentialText {
+                credential,
+                pem: s.expose(),
+            },
         }
     }
 
@@ -123,18 +156,67 @@ pub struct UpstreamParams {
     pub sslcert: Option<Pem>,
     pub sslkey: Option<Pem>,
     pub sslhost: Option<String>,
+    /// Credential `require_auth` (libpq's name); overrides the service's `requireAuth`.
+    pub require_auth: Option<RequireAuth>,
+}
+
+/// Whether the app's own destination may serve as the upstream when no credential names
+/// one.
+#[derive(Debug, Clone, Copy)]
+pub enum Destinations<'a> {
+    /// Any (exact intercept targets: the destination is one the operator listed).
+    Any,
+    /// Only inside these blocks (`upstreamAllow`).
+    Within(&'a [IpNet]),
+    /// Never: a CIDR intercept without `upstreamAllow` (config load requires `host` or
+    /// `address` then; this holds when such a credential turns out empty).
+    Never,
+}
+
+impl<'a> Destinations<'a> {
+    #[must_use]
+    pub fn for_service(cfg: &'a PgConfig, intercept: &[InterceptTarget]) -> Self {
+        if !cfg.upstream_allow.is_empty() {
+            Self::Within(&cfg.upstream_allow)
+        } else if intercept
+            .iter()
+            .any(|t| matches!(t, InterceptTarget::Cidr { .. }))
+        {
+            Self::Never
+        } else {
+            Self::Any
+        }
+    }
+
+    fn check(self, dst: SocketAddr) -> Result<(), ConnError> {
+        let ip = dst.ip().to_canonical();
+        match self {
+            Self::Any => Ok(()),
+            Self::Within(nets) if nets.iter().any(|n| n.contains(&ip)) => Ok(()),
+            Self::Within(_) => Err(ConnError::Config(format!(
+                "the app's destination {dst} is not in `upstreamAllow`: the broker does not \
+                 log in there"
+            ))),
+            Self::Never => Err(ConnError::Config(
+                "no upstream: credential `host` is empty, and a CIDR intercept without \
+                 `upstreamAllow` does not let the app's destination be used"
+                    .into(),
+            )),
+        }
+    }
 }
 
 impl UpstreamParams {
     /// host = credential `host` (or Secretless v1 `address` `host[:port][/db]`), else the
-    /// original destination; port = credential `port`, else the address/original
-    /// destination port, else 5432.
+    /// original destination (when `dests` allows it); port = credential `port`, else the
+    /// address/original destination port, else 5432.
     ///
     /// # Errors
     /// When no upstream can be determined or a credential is malformed.
     pub fn from_credentials(
         creds: &Credentials,
         orig_dst: Option<SocketAddr>,
+        dests: Destinations<'_>,
     ) -> Result<Self, ConnError> {
         let Address {
             host: addr_host,
@@ -148,7 +230,10 @@ impl UpstreamParams {
             Some(h) if !h.trim().is_empty() => h.trim().to_owned(),
             _ => match (addr_host, orig_dst) {
                 (Some(h), _) => h,
-                (None, Some(a)) => a.ip().to_string(),
+                (None, Some(a)) => {
+                    dests.check(a)?;
+                    a.ip().to_canonical().to_string()
+                }
                 (None, None) => {
                     return Err(ConnError::Config(
                         "no upstream host: set credential `host`".into(),
@@ -175,6 +260,14 @@ impl UpstreamParams {
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(str::to_owned);
+        let require_auth = match creds.text("require_auth")? {
+            Some(r) if !r.trim().is_empty() => Some(RequireAuth::parse_text(r).map_err(|why| {
+                ConnError::Config(format!(
+                    "credential `require_auth` has an unsupported value: {why}"
+                ))
+            })?),
+            _ => None,
+        };
         let sslcert = Pem::from_credential(creds, "sslcert")?;
         let sslkey = Pem::from_credential(creds, "sslkey")?;
         if sslcert.is_some() != sslkey.is_some() {
@@ -191,7 +284,15 @@ impl UpstreamParams {
             sslcert,
             sslkey,
             sslhost,
+            require_auth,
         })
+    }
+
+    /// Whether a TLS connection made with these parameters has a verified server
+    /// certificate (what makes sending a cleartext password acceptable by default).
+    #[must_use]
+    pub fn verifies_server(&self) -> bool {
+        self.sslmode != SslMode::Disable && self.verify() != Verify::None
     }
 
     /// `host:port` (`[v6]:port`), for logs and messages.
@@ -441,65 +542,26 @@ impl TlsConfigCache {
     }
 }
 
-/// A PEM source as a path `client_config` can read: the path itself, or an in-memory
-/// file (memfd) holding the inline PEM, so keys never touch the disk.
-struct PemFile {
-    path: PathBuf,
-    _fd: Option<std::fs::File>,
-}
-
-fn pem_file(name: &str, pem: &Pem) -> Result<PemFile, ConnError> {
-    match pem {
-        Pem::Path(p) => Ok(PemFile {
-            path: p.clone(),
-            _fd: None,
-        }),
-        Pem::Inline(s) => {
-            let fd = nix::sys::memfd::memfd_create(
-                "broker-pg-pem",
-                nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-            )
-            .map_err(|e| ConnError::Config(format!("credential `{name}`: memfd: {e}")))?;
-            let mut f = std::fs::File::from(fd);
-            f.write_all(s.expose())
-                .map_err(|e| ConnError::Config(format!("credential `{name}`: memfd: {e}")))?;
-            use std::os::fd::AsRawFd as _;
-            Ok(PemFile {
-                path: PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
-                _fd: Some(f),
-            })
-        }
-    }
-}
-
 fn build_tls_config(
     p: &UpstreamParams,
     verify: Verify,
 ) -> Result<Arc<rustls::ClientConfig>, ConnError> {
-    let root = match &p.sslrootcert {
+    let ca = match &p.sslrootcert {
         // libpq 16: `sslrootcert=system` means the system's trust store.
         Some(Pem::Path(path)) if path == Path::new("system") => None,
-        Some(pem) => Some(pem_file("sslrootcert", pem)?),
+        Some(pem) => Some(pem.source("sslrootcert")),
         None => None,
     };
-    let cert = p
+    let client_cert = p
         .sslcert
         .as_ref()
-        .map(|c| pem_file("sslcert", c))
-        .transpose()?;
-    let key = p
-        .sslkey
-        .as_ref()
-        .map(|k| pem_file("sslkey", k))
-        .transpose()?;
-    let config = tls::client_config(TlsOptions {
+        .zip(p.sslkey.as_ref())
+        .map(|(c, k)| (c.source("sslcert"), k.source("sslkey")));
+    let config = tls::client_config_from(TlsSources {
         verify,
-        ca_file: root.as_ref().map(|r| r.path.as_path()),
+        ca,
         with_system_roots: false,
-        client_cert: cert
-            .as_ref()
-            .zip(key.as_ref())
-            .map(|(c, k)| (c.path.as_path(), k.path.as_path())),
+        client_cert,
     })
     .map_err(|e| ConnError::Config(format!("upstream TLS settings: {e}")))?;
     let mut config = (*config).clone();
@@ -560,8 +622,9 @@ pub async fn connect(
         }
     }
     let name = p.sslhost.clone().unwrap_or_else(|| p.host.clone());
-    let server_name = rustls::pki_types::ServerName::try_from(name.clone())
-        .map_err(|_| ConnError::Config(format!("`{name}` is not a valid TLS server name")))?;
+    let server_name = rustls::pki_types::ServerName::try_from(name).map_err(|_| {
+        ConnError::Config("credential `sslhost` (or `host`) is not a valid TLS server name".into())
+    })?;
     let tls_stream = tokio_rustls::TlsConnector::from(config)
         .connect(server_name, tcp)
         .await
@@ -584,12 +647,20 @@ mod tests {
     #[test]
     fn upstream_from_credentials_and_orig_dst() {
         let dst: SocketAddr = "10.0.0.5:6432".parse().unwrap();
-        let p = UpstreamParams::from_credentials(&creds(&[]), Some(dst)).unwrap();
+        let p =
+            UpstreamParams::from_credentials(&creds(&[]), Some(dst), Destinations::Any).unwrap();
         assert_eq!((p.host.as_str(), p.port), ("10.0.0.5", 6432));
         assert_eq!(p.sslmode, SslMode::Prefer);
-        let p = UpstreamParams::from_credentials(&creds(&[("host", "db")]), Some(dst)).unwrap();
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "db")]),
+            Some(dst),
+            Destinations::Any,
+        )
+        .unwrap();
         assert_eq!(p.addr(), "db:6432");
-        let p = UpstreamParams::from_credentials(&creds(&[("host", "db")]), None).unwrap();
+        let p =
+            UpstreamParams::from_credentials(&creds(&[("host", "db")]), None, Destinations::Any)
+                .unwrap();
         assert_eq!(p.addr(), "db:5432");
         let p = UpstreamParams::from_credentials(
             &creds(&[
@@ -598,22 +669,96 @@ mod tests {
                 ("sslmode", "verify-full"),
             ]),
             None,
+            Destinations::Any,
         )
         .unwrap();
         assert_eq!(p.addr(), "[::1]:7000");
         assert_eq!(p.verify(), Verify::Full);
-        assert!(UpstreamParams::from_credentials(&creds(&[]), None).is_err());
+        assert!(UpstreamParams::from_credentials(&creds(&[]), None, Destinations::Any).is_err());
         assert!(
-            UpstreamParams::from_credentials(&creds(&[("host", "h"), ("port", "x")]), None)
-                .is_err()
+            UpstreamParams::from_credentials(
+                &creds(&[("host", "h"), ("port", "x")]),
+                None,
+                Destinations::Any
+            )
+            .is_err()
         );
         assert!(
-            UpstreamParams::from_credentials(&creds(&[("host", "h"), ("sslmode", "bogus")]), None)
-                .is_err()
+            UpstreamParams::from_credentials(
+                &creds(&[("host", "h"), ("sslmode", "bogus")]),
+                None,
+                Destinations::Any
+            )
+            .is_err()
         );
         assert!(
-            UpstreamParams::from_credentials(&creds(&[("host", "h"), ("sslcert", "/c")]), None)
-                .is_err()
+            UpstreamParams::from_credentials(
+                &creds(&[("host", "h"), ("sslcert", "/c")]),
+                None,
+                Destinations::Any
+            )
+            .is_err()
+        );
+    }
+
+    /// The app's destination is the upstream only where the service allows it.
+    #[test]
+    fn destination_rules() {
+        let allow: Vec<IpNet> = vec!["10.1.0.0/16".parse().unwrap()];
+        let inside: SocketAddr = "10.1.2.3:5432".parse().unwrap();
+        let outside: SocketAddr = "10.2.0.1:5432".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:5432".parse().unwrap();
+        let within = Destinations::Within(&allow);
+        let p = UpstreamParams::from_credentials(&creds(&[]), Some(inside), within).unwrap();
+        assert_eq!(p.addr(), "10.1.2.3:5432");
+        let p = UpstreamParams::from_credentials(&creds(&[]), Some(mapped), within).unwrap();
+        assert_eq!(p.addr(), "10.1.2.3:5432");
+        let e = UpstreamParams::from_credentials(&creds(&[]), Some(outside), within)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not in `upstreamAllow`"), "{e}");
+        let e = UpstreamParams::from_credentials(&creds(&[]), Some(inside), Destinations::Never)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CIDR intercept"), "{e}");
+        // An explicit host is not the app's choice: allowed whatever the destination.
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "db.internal")]),
+            Some(outside),
+            Destinations::Never,
+        )
+        .unwrap();
+        assert_eq!(p.addr(), "db.internal:5432");
+        // The service decides the rule.
+        let cidr = [InterceptTarget::Cidr {
+            net: "10.0.0.0/8".parse().unwrap(),
+            port: 5432,
+        }];
+        let exact = [InterceptTarget::Addr(inside)];
+        let mut cfg = PgConfig::default();
+        assert!(matches!(
+            Destinations::for_service(&cfg, &exact),
+            Destinations::Any
+        ));
+        assert!(matches!(
+            Destinations::for_service(&cfg, &cidr),
+            Destinations::Never
+        ));
+        cfg.upstream_allow = allow.clone();
+        assert!(matches!(
+            Destinations::for_service(&cfg, &cidr),
+            Destinations::Within(_)
+        ));
+        // require_auth as a credential.
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "h"), ("require_auth", "scram-sha-256")]),
+            None,
+            Destinations::Any,
+        )
+        .unwrap();
+        assert_eq!(
+            format!("{:?}", p.require_auth),
+            "Some(RequireAuth(scram-sha-256))"
         );
     }
 
@@ -624,7 +769,7 @@ mod tests {
             if root {
                 v.push(("sslrootcert", "/ca.pem"));
             }
-            UpstreamParams::from_credentials(&creds(&v), None)
+            UpstreamParams::from_credentials(&creds(&v), None, Destinations::Any)
                 .unwrap()
                 .verify()
         };
@@ -646,6 +791,7 @@ mod tests {
                 ),
             ]),
             None,
+            Destinations::Any,
         )
         .unwrap();
         assert_eq!(p.addr(), "pg.internal:6543");
@@ -669,14 +815,61 @@ mod tests {
         );
     }
 
+    /// A PEM value that does not start with the marker (`openssl pkcs12 -nodes` output)
+    /// or spans several lines is never taken for a path, and no error quotes it.
     #[test]
-    fn inline_pem_is_readable_through_memfd() {
-        let pem = Pem::Inline(Secret::from_str_value("-----BEGIN X-----\n"));
-        let f = pem_file("sslrootcert", &pem).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&f.path).unwrap(),
-            "-----BEGIN X-----\n"
+    fn pem_anywhere_is_text_and_errors_never_quote_values() {
+        let key = "Bag Attributes\n    localKeyID: 01 02\nKey Attributes: <No Attributes>\n\
+                   -----BEGIN PRIVATE KEY-----\nU0VDUkVULUtFWS1CWVRFUw==\n-----END PRIVATE KEY-----\n";
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "h"), ("sslcert", key), ("sslkey", key)]),
+            None,
+            Destinations::Any,
+        )
+        .unwrap();
+        assert!(matches!(p.sslkey, Some(Pem::Inline(_))));
+        let err = build_tls_config(&p, Verify::None).unwrap_err().to_string();
+        assert!(err.contains("credential `sslcert`"), "{err}");
+        assert!(!err.contains("SECRET") && !err.contains("U0VD"), "{err}");
+        // Several lines without a marker: refused, not opened, not quoted.
+        let err = UpstreamParams::from_credentials(
+            &creds(&[
+                ("host", "h"),
+                ("sslrootcert", "MIIB-der-ish\nsecond-line-SECRET"),
+            ]),
+            None,
+            Destinations::Any,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("credential `sslrootcert`"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
+        // A missing file: the credential is named, the path is not.
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "h"), ("sslrootcert", "/nonexistent/SECRET-ca.pem")]),
+            None,
+            Destinations::Any,
+        )
+        .unwrap();
+        assert_eq!(format!("{:?}", p.sslrootcert), "Some(Path(<path>))");
+        let err = build_tls_config(&p, Verify::CaOnly)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("credential `sslrootcert`: file not found"),
+            "{err}"
         );
+        assert!(!err.contains("SECRET"), "{err}");
+        // sslmode: the value is never quoted.
+        let err = UpstreamParams::from_credentials(
+            &creds(&[("host", "h"), ("sslmode", "SECRET-mode")]),
+            None,
+            Destinations::Any,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`sslmode` has an unsupported value"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
     }
 
     fn hex(b: &[u8]) -> String {
