@@ -229,6 +229,7 @@ fn secretless_v2_example_loads() {
         unsupported_text(&cfg),
         vec![
             "services.pg-tcp.credentials.password: provider \"vault\" is not built yet",
+            "services.pg-socket.listenOn: listenOn unix:///sock/.s.PGSQL.5432 is not supported yet; use tcp://",
             "services.mysql-db.connector: connector \"mysql\" is not built yet",
         ]
     );
