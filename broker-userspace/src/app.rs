@@ -85,11 +85,6 @@ pub fn load_config(path: &Path) -> Result<Config, BadConfig> {
 pub fn check(path: &Path) -> i32 {
     match load_config(path) {
         Ok(cfg) => {
-            // What `run` does next with the providers: read `tokenFile` and `caFile`.
-            if let Err(e) = crate::provider::build_all(&cfg.providers) {
-                eprintln!("{}: {e:#}", path.display());
-                return EXIT_CONFIG;
-            }
             let intercepts: usize = cfg.services.iter().map(|s| s.intercept.len()).sum();
             println!(
                 "{}: OK: {} service(s), {} intercept target(s)",
