@@ -1,18 +1,22 @@
 //! The three commands: `run`, `exec`, `check`.
 //!
 //! [`Daemon::start`] binds every listener and attaches the programs before anything is
-//! served (a conflict fails start-up naming the address); [`Daemon::stop`] stops
-//! accepting, detaches the programs (new connects go direct again), drains live
-//! connections up to a deadline, then ends them.
+//! served (a conflict fails start-up naming the address); [`Daemon::stop`] stops the
+//! `listenOn` listeners, drains live connections up to a deadline while the programs
+//! stay attached and the transparent listener keeps brokering, then detaches, closes the
+//! transparent listener and ends what is left (docs/ARCHITECTURE.md, "Lifecycle").
+//!
+//! Listener tasks are supervised ([`supervise`]): one that ends or panics while it
+//! should serve turns `/ready` to 503 and makes `broker run` stop and exit non-zero, so
+//! the service manager restarts the daemon (rather than restarting the loop in place:
+//! whatever killed it may have left shared state broken).
 
 use std::{
     ffi::OsString,
+    future::Future,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -21,13 +25,14 @@ use broker_common::{BrokerSettings, SETTINGS_DEBUG, SETTINGS_ENABLED};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 use crate::{
-    broker::Broker,
+    broker::{self, Broker},
     cgroup::{self, ChildCgroup},
     config::{self, Config, ListenAddr},
     ebpf::Interceptor,
-    health,
-    proxy::{self, Shared, Tracker},
-    resolver,
+    health::{self, Readiness},
+    proxy::{self, Caps, Shared, Tracker},
+    ratelimit::LogLimiter,
+    resolver, sys,
 };
 
 /// Exit status for a configuration that does not load (sysexits EX_CONFIG).
@@ -117,11 +122,18 @@ pub struct StartOptions {
 /// A started broker.
 pub struct Daemon {
     interceptor: Option<Arc<Interceptor>>,
-    ready: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
+    /// Stops the `listenOn` listeners (start of the drain).
     stop_tx: watch::Sender<bool>,
+    /// Stops the transparent listeners, the resolver and the health endpoint (after the
+    /// drain, once the programs are detached).
+    detach_tx: watch::Sender<bool>,
     abort_tx: watch::Sender<bool>,
     tracker: Arc<Tracker>,
     tasks: JoinSet<()>,
+    /// The transparent listeners' supervised tasks: awaited so that the listening
+    /// sockets are closed before the connections left are ended.
+    transparent_tasks: JoinSet<()>,
     /// Where the transparent listener is bound (None with `--no-ebpf`).
     pub transparent: Option<SocketAddr>,
 }
@@ -168,9 +180,15 @@ impl Daemon {
         let broker = Arc::new(Broker::new(Arc::clone(&cfg)).context("setting up providers")?);
         let services: Arc<Vec<_>> = Arc::new(cfg.services.iter().cloned().map(Arc::new).collect());
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (detach_tx, detach_rx) = watch::channel(false);
         let (abort_tx, abort_rx) = watch::channel(false);
-        let ready = Arc::new(AtomicBool::new(false));
+        let readiness = Arc::new(Readiness::default());
         let tracker = Arc::new(Tracker::default());
+        let caps = Arc::new(Caps::new(
+            &cfg.broker,
+            &services,
+            matches!(opts.attach, Attach::Cgroup(_)),
+        )?);
 
         // 1. Bind everything first.
         let health = match (opts.health, cfg.broker.health_addr) {
@@ -252,68 +270,113 @@ impl Daemon {
         }
 
         // 3. Serve.
+        let refusals = Arc::new(LogLimiter::new(
+            "refusals",
+            proxy::REFUSAL_LOG_PER_SEC,
+            Duration::from_secs(1),
+        ));
         let shared = Shared {
             broker,
             services,
             interceptor: interceptor.as_ref().map(Arc::downgrade),
             tracker: Arc::clone(&tracker),
             abort: abort_rx,
+            caps: Arc::clone(&caps),
+            refusals: Arc::clone(&refusals),
         };
         let mut tasks = JoinSet::new();
+        let mut transparent_tasks = JoinSet::new();
         if let (Some(t), Some(i)) = (targets, &interceptor)
             && t.has_hosts()
         {
-            tasks.spawn(resolver::run(t, Arc::downgrade(i), stop_rx.clone()));
+            tasks.spawn(resolver::run(t, Arc::downgrade(i), detach_rx.clone()));
         }
         for l in transparent_listeners {
-            tracing::info!(addr = %l.local_addr()?, "transparent listener bound");
-            tasks.spawn(proxy::serve_transparent(l, shared.clone(), stop_rx.clone()));
+            let addr = l.local_addr()?;
+            tracing::info!(%addr, "transparent listener bound");
+            supervise(
+                &mut transparent_tasks,
+                format!("transparent listener {addr}"),
+                proxy::serve_transparent(l, shared.clone(), detach_rx.clone()),
+                detach_rx.clone(),
+                Arc::clone(&readiness),
+            );
         }
         for (id, l) in explicit {
-            tracing::info!(service = %shared.services[id].name, addr = %l.local_addr()?, "listenOn bound");
-            tasks.spawn(proxy::serve_explicit(
-                l,
-                shared.clone(),
-                id,
+            let addr = l.local_addr()?;
+            let name = &shared.services[id].name;
+            tracing::info!(service = %name, %addr, "listenOn bound");
+            supervise(
+                &mut tasks,
+                format!("listenOn {addr} of service {name}"),
+                proxy::serve_explicit(l, shared.clone(), id, stop_rx.clone()),
                 stop_rx.clone(),
-            ));
+                Arc::clone(&readiness),
+            );
         }
         if let Some(h) = health {
             tracing::info!(addr = %h.local_addr()?, "health endpoint bound");
-            tasks.spawn(health::serve(h, Arc::clone(&ready), stop_rx.clone()));
+            tasks.spawn(health::serve(h, Arc::clone(&readiness), detach_rx.clone()));
         }
         tasks.spawn(trim_when_idle(Arc::clone(&tracker)));
+        tasks.spawn(broker::sweep_cache(Arc::downgrade(&shared.broker)));
+        tasks.spawn(summarise_suppressed(vec![refusals, caps]));
         // Loading the programs parses the kernel's BTF (megabytes) for relocations; give
         // that memory back to the OS instead of keeping it as free heap forever.
         // SAFETY: malloc_trim has no preconditions.
         unsafe { libc::malloc_trim(0) };
-        ready.store(true, Ordering::SeqCst);
+        readiness.set_started();
         tracing::info!(services = shared.services.len(), "broker ready");
         Ok(Self {
             interceptor,
-            ready,
+            readiness,
             stop_tx,
+            detach_tx,
             abort_tx,
             tracker,
             tasks,
+            transparent_tasks,
             transparent,
         })
     }
 
-    /// Stop accepting, detach, drain live connections (up to [`DRAIN_DEADLINE`]).
+    /// Resolves with the reason once a listener task has died (see [`supervise`]).
+    pub async fn failed(&self) -> String {
+        self.readiness.failed().await
+    }
+
+    /// Shut down: `/ready` turns 503 and the `listenOn` listeners stop accepting; live
+    /// connections drain (up to [`DRAIN_DEADLINE`]) while the programs stay attached and
+    /// the transparent listener keeps brokering new intercepted connections (detached,
+    /// they would go straight to the real servers); then the programs are detached, the
+    /// transparent listener is closed (in that order: the other way round, a connection
+    /// redirected in between would find the port closed, or bound by another local
+    /// process), and the connections still open are ended.
     pub async fn stop(mut self) {
-        self.ready.store(false, Ordering::SeqCst);
+        self.readiness.set_stopping();
+        let _ = self.stop_tx.send(true);
+        let active = self.tracker.active();
+        if active > 0 {
+            tracing::info!(
+                active,
+                "draining connections (intercepted connections are still brokered meanwhile)"
+            );
+        }
+        self.tracker.drain(DRAIN_DEADLINE).await;
         if let Some(i) = self.interceptor.take() {
             i.disable();
             drop(i);
             tracing::info!("eBPF programs detached");
         }
-        let _ = self.stop_tx.send(true);
-        let active = self.tracker.active();
-        if active > 0 {
-            tracing::info!(active, "draining connections");
+        let _ = self.detach_tx.send(true);
+        let closing = async { while self.transparent_tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(2), closing)
+            .await
+            .is_err()
+        {
+            self.transparent_tasks.abort_all();
         }
-        let left = self.tracker.drain(DRAIN_DEADLINE).await;
+        let left = self.tracker.active();
         if left > 0 {
             tracing::warn!(
                 left,
@@ -324,6 +387,108 @@ impl Daemon {
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Aborts the task when dropped (a supervisor aborted at shutdown takes its listener
+/// task with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Run a listener's accept loop as its own task and watch it. An accept loop ends only
+/// when `stop` turns true; if it ends before, or panics, the listener is dead (every
+/// connection to it would be refused by the kernel, or left in its backlog, while the
+/// programs stay attached): [`Readiness::listener_failed`] turns `/ready` to 503 and
+/// `broker run` stops and exits non-zero, so the service manager restarts the daemon.
+pub fn supervise(
+    tasks: &mut JoinSet<()>,
+    what: String,
+    serve: impl Future<Output = ()> + Send + 'static,
+    stop: watch::Receiver<bool>,
+    readiness: Arc<Readiness>,
+) {
+    tasks.spawn(async move {
+        let mut inner = AbortOnDrop(tokio::spawn(serve));
+        let res = (&mut inner.0).await;
+        if res.is_ok() && *stop.borrow() {
+            return;
+        }
+        let why = match res {
+            Ok(()) => format!("{what}: the accept loop ended unexpectedly"),
+            Err(e) if e.is_panic() => {
+                let p = e.into_panic();
+                let text = p
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".to_owned());
+                format!("{what}: the accept loop panicked: {text}")
+            }
+            Err(e) => format!("{what}: the accept loop was cancelled: {e}"),
+        };
+        tracing::error!(error = %why, "listener task died: not ready, shutting down");
+        readiness.listener_failed(why);
+    });
+}
+
+/// Every second, one line per rate-limited kind with what it suppressed.
+async fn summarise_suppressed(limiters: Vec<Arc<dyn Suppressed>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for l in &limiters {
+            let (what, n) = l.take();
+            if n > 0 {
+                tracing::warn!(
+                    target: "access",
+                    suppressed = n,
+                    "suppressed {n} {what} in the last second"
+                );
+            }
+        }
+    }
+}
+
+/// Something holding a [`LogLimiter`] (the refusal limiter, the caps).
+trait Suppressed: Send + Sync {
+    fn take(&self) -> (&'static str, u64);
+}
+
+impl Suppressed for LogLimiter {
+    fn take(&self) -> (&'static str, u64) {
+        (self.what, self.take_summary())
+    }
+}
+
+impl Suppressed for Caps {
+    fn take(&self) -> (&'static str, u64) {
+        (self.log.what, self.log.take_summary())
+    }
+}
+
+/// Process settings for a daemon holding secrets: a file-descriptor limit sized for
+/// the connection caps, and no core dumps (see [`sys`]). Logged, never fatal.
+fn harden_process() {
+    match sys::raise_nofile_limit() {
+        Ok(l) => tracing::info!(
+            soft_before = l.soft_before,
+            soft = l.soft,
+            hard = l.hard,
+            "file descriptor limit (RLIMIT_NOFILE)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
+    if let Err(e) = sys::make_undumpable() {
+        tracing::warn!(
+            error = %e,
+            "cannot disable core dumps (PR_SET_DUMPABLE, RLIMIT_CORE): secrets may reach a dump"
+        );
     }
 }
 
@@ -413,18 +578,40 @@ fn spawn_kernel_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     });
 }
 
-/// Resolve once SIGINT or SIGTERM arrives.
-///
-/// # Errors
-/// When the signal handlers cannot be installed.
-pub async fn terminate_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// The daemon's signal handlers, installed before start-up: SIGHUP's default action
+/// would kill the process (service managers send it to reload).
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Install the handlers.
+    ///
+    /// # Errors
+    /// When a handler cannot be installed.
+    pub fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Resolve once SIGTERM or SIGINT arrives; SIGHUP is logged and ignored.
+    pub async fn terminate(&mut self) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => {
+                    tracing::info!("reload not supported yet; ignoring SIGHUP");
+                }
+            }
+        }
+    }
 }
 
 /// `broker run`.
@@ -437,6 +624,8 @@ pub async fn run(
     no_ebpf: bool,
     ebpf_debug: bool,
 ) -> anyhow::Result<()> {
+    let mut signals = Signals::install()?;
+    harden_process();
     let cfg = load_config(config_path)?;
     let attach = if no_ebpf {
         Attach::None
@@ -455,11 +644,19 @@ pub async fn run(
         },
     )
     .await?;
-    let sig = terminate_signal().await?;
-    tracing::info!(signal = sig, "shutting down");
+    let failure = tokio::select! {
+        sig = signals.terminate() => {
+            tracing::info!(signal = sig, "shutting down");
+            None
+        }
+        why = daemon.failed() => Some(why),
+    };
     daemon.stop().await;
     tracing::info!("stopped");
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(why) => bail!("a listener died: {why}"),
+    }
 }
 
 /// `broker exec -f FILE -- CMD ARGS...`: run CMD in a fresh child cgroup with the
@@ -471,6 +668,9 @@ pub async fn exec(config_path: &Path, cmd: &[OsString], ebpf_debug: bool) -> any
     let (program, args) = cmd
         .split_first()
         .ok_or_else(|| anyhow!("broker exec needs a command after `--`"))?;
+    // Captured before hardening: CMD gets the limits the broker was started with.
+    let child_limits = sys::ChildLimits::capture()?;
+    harden_process();
     let cfg = load_config(config_path)?;
     let root = cgroup::cgroup2_root()?;
     let cg = ChildCgroup::create(&root, &format!("broker-exec-{}", std::process::id()))?;
@@ -486,9 +686,13 @@ pub async fn exec(config_path: &Path, cmd: &[OsString], ebpf_debug: bool) -> any
     let procs = cg.procs_fd()?;
     let mut command = tokio::process::Command::new(program);
     command.args(args);
-    // SAFETY: the closure only calls write(2) on an fd opened before fork.
+    // SAFETY: the closure only calls setrlimit(2) and write(2) (on an fd opened before
+    // fork), both async-signal-safe.
     unsafe {
-        command.pre_exec(move || cgroup::join_from_pre_exec(&procs));
+        command.pre_exec(move || {
+            child_limits.restore();
+            cgroup::join_from_pre_exec(&procs)
+        });
     }
     let mut child = match command.spawn() {
         Ok(c) => c,
@@ -527,5 +731,102 @@ fn forward(child: &tokio::process::Child, sig: i32) {
     if let Some(pid) = child.id() {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(pid as i32, sig) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn wait_failed(r: &Readiness) -> String {
+        tokio::time::timeout(Duration::from_secs(5), r.failed())
+            .await
+            .expect("the supervisor reports the dead listener")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_accept_loop_makes_the_daemon_not_ready() {
+        let readiness = Arc::new(Readiness::default());
+        readiness.set_started();
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        supervise(
+            &mut tasks,
+            "listenOn 127.0.0.1:1 of service db".into(),
+            async { panic!("boom in accept") },
+            stop_rx,
+            Arc::clone(&readiness),
+        );
+        let why = wait_failed(&readiness).await;
+        assert!(
+            why.contains("listenOn 127.0.0.1:1 of service db") && why.contains("boom in accept"),
+            "{why}"
+        );
+        assert!(!readiness.is_ready());
+    }
+
+    #[tokio::test]
+    async fn an_accept_loop_ending_early_is_a_failure_but_not_after_stop() {
+        let readiness = Arc::new(Readiness::default());
+        readiness.set_started();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        // Ends when asked: fine.
+        let mut rx = stop_rx.clone();
+        supervise(
+            &mut tasks,
+            "transparent listener 127.0.0.1:2".into(),
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+            stop_rx.clone(),
+            Arc::clone(&readiness),
+        );
+        stop_tx.send(true).unwrap();
+        while tasks.join_next().await.is_some() {}
+        assert!(readiness.is_ready());
+        // Ends on its own before stop: a failure.
+        let readiness = Arc::new(Readiness::default());
+        readiness.set_started();
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        supervise(
+            &mut tasks,
+            "transparent listener 127.0.0.1:3".into(),
+            async {},
+            stop_rx,
+            Arc::clone(&readiness),
+        );
+        assert!(wait_failed(&readiness).await.contains("ended unexpectedly"));
+        assert!(!readiness.is_ready());
+    }
+
+    #[tokio::test]
+    async fn aborting_the_supervisor_aborts_the_listener_task() {
+        let readiness = Arc::new(Readiness::default());
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let alive = Arc::new(());
+        let held = Arc::clone(&alive);
+        supervise(
+            &mut tasks,
+            "x".into(),
+            async move {
+                let _held = held;
+                std::future::pending::<()>().await;
+            },
+            stop_rx,
+            readiness,
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(Arc::strong_count(&alive), 2);
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        for _ in 0..100 {
+            if Arc::strong_count(&alive) == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the listener task outlived its supervisor");
     }
 }

@@ -4,11 +4,14 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
 };
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::{
+    net::{TcpSocket, TcpStream},
+    time::Instant,
+};
 
 use crate::{
     config::{Config, CredentialSource, Service},
@@ -25,6 +28,9 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct Broker {
     pub config: Arc<Config>,
     providers: HashMap<String, Arc<dyn SecretProvider>>,
+    /// (provider, id) -> value and when it was fetched. Bounded by the configuration:
+    /// ids come from it, never from clients. Expired entries are removed (and their
+    /// values zeroized) by [`sweep_cache`] when they expire, not when next read.
     cache: Mutex<HashMap<(String, String), (Secret, Instant)>>,
     /// State the PostgreSQL connector shares between connections (cancel keys, SCRAM cache).
     pub pg: PgShared,
@@ -61,7 +67,9 @@ impl Broker {
             let value = match source {
                 CredentialSource::Literal(s) => s.clone(),
                 CredentialSource::Provider { provider, id } => {
-                    stats.fetched.push(format!("{name}<-{provider}:{id}"));
+                    stats
+                        .fetched
+                        .push(format!("{name}<-{provider}:{}", provider::redact_id(id)));
                     self.fetch(provider, id, fresh)
                         .await
                         .map_err(|e| ConnError::Credentials(format!("credential `{name}`: {e}")))?
@@ -91,13 +99,24 @@ impl Broker {
             .get(provider)
             .ok_or_else(|| format!("provider `{provider}` is not configured"))?;
         let started = Instant::now();
+        let shown = provider::redact_id(id);
         let value = tokio::time::timeout(FETCH_TIMEOUT, p.get(id))
             .await
-            .map_err(|_| format!("{provider}: fetching `{id}` timed out after {FETCH_TIMEOUT:?}"))?
+            .map_err(|_| {
+                format!("{provider}: fetching `{shown}` timed out after {FETCH_TIMEOUT:?}")
+            })?
             .map_err(|e| e.to_string())?;
+        if value.is_empty() {
+            // An empty file, body or variable is a broken store, not an empty password.
+            return Err(provider::ProviderError::Empty {
+                provider: provider.to_owned(),
+                id: id.to_owned(),
+            }
+            .to_string());
+        }
         tracing::debug!(
             provider,
-            id,
+            id = %shown,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "credential fetched"
         );
@@ -109,6 +128,28 @@ impl Broker {
             cache.insert(key, (value.clone(), Instant::now()));
         }
         Ok(value)
+    }
+
+    /// Remove the expired cache entries (their values are zeroized on drop). Returns when
+    /// the next entry expires, if any.
+    pub fn sweep_expired(&self) -> Option<Instant> {
+        let ttl = self.config.broker.cache_ttl;
+        let now = Instant::now();
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
+        cache.values().map(|(_, at)| *at + ttl).min()
+    }
+
+    /// Entries in the credential cache (expired or not).
+    #[must_use]
+    pub fn cached(&self) -> usize {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     /// Open a TCP connection to the upstream with the bypass mark set, so the eBPF
@@ -161,5 +202,89 @@ impl Broker {
         }
         sock.set_nodelay(true)?;
         sock.connect(addr).await
+    }
+}
+
+/// Evict expired credentials on time, for as long as the broker exists: sleeps until
+/// the next entry expires (every entry has the same TTL, so a new one never expires
+/// before those already there), or one TTL when the cache is empty.
+pub async fn sweep_cache(broker: Weak<Broker>) {
+    /// Floor between two sweeps, so a burst of entries expiring together costs one pass.
+    const MIN_SLEEP: Duration = Duration::from_millis(50);
+    loop {
+        let (next, ttl) = {
+            let Some(b) = broker.upgrade() else { return };
+            let ttl = b.config.broker.cache_ttl;
+            if ttl.is_zero() {
+                return;
+            }
+            (b.sweep_expired(), ttl)
+        };
+        let until = next.unwrap_or_else(|| Instant::now() + ttl);
+        tokio::time::sleep_until(until.max(Instant::now() + MIN_SLEEP)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::{BrokerSettings, ProviderConfig};
+
+    fn broker(ttl: Duration) -> Arc<Broker> {
+        let mut providers = BTreeMap::new();
+        providers.insert("env".to_owned(), ProviderConfig::Env);
+        Arc::new(
+            Broker::new(Arc::new(Config {
+                services: vec![],
+                providers,
+                broker: BrokerSettings {
+                    cache_ttl: ttl,
+                    ..BrokerSettings::default()
+                },
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_evicted_on_time_without_a_read() {
+        let b = broker(Duration::from_secs(10));
+        tokio::spawn(sweep_cache(Arc::downgrade(&b)));
+        // PATH is set in any test run.
+        b.fetch("env", "PATH", false).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        b.fetch("env", "HOME", false).await.unwrap();
+        assert_eq!(b.cached(), 2);
+        tokio::time::sleep(Duration::from_millis(5_100)).await;
+        assert_eq!(b.cached(), 1, "PATH expired at 10 s");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(b.cached(), 0, "HOME expired at 15 s");
+        // The sweeper ends with the broker.
+        let weak = Arc::downgrade(&b);
+        drop(b);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(weak.upgrade().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_empty_value_is_an_error_naming_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut providers = BTreeMap::new();
+        providers.insert("file".to_owned(), ProviderConfig::File);
+        let f = Broker::new(Arc::new(Config {
+            services: vec![],
+            providers,
+            broker: BrokerSettings::default(),
+        }))
+        .unwrap();
+        let path = dir.path().join("empty");
+        std::fs::write(&path, "\n").unwrap();
+        let e = f
+            .fetch("file", path.to_str().unwrap(), false)
+            .await
+            .unwrap_err();
+        assert!(e.ends_with("` is empty"), "{e}");
     }
 }

@@ -1,6 +1,6 @@
 //! `broker`: the eBPF-assisted transparent credential broker.
 
-use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+use std::{ffi::OsString, io::Write as _, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -62,17 +62,29 @@ enum Cmd {
     },
 }
 
-fn init_logging(format: LogFormat, level: &str) {
+/// Log to stderr through [`broker::logging`]: a bounded queue and a writer thread, so a
+/// closed or stalled stderr can neither panic nor block a connection task; the text
+/// format escapes control characters in every field.
+fn init_logging(format: LogFormat, level: &str) -> Option<broker::logging::QueueWriter> {
+    broker::sys::ignore_sigpipe();
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let Ok(writer) = broker::logging::spawn_writer(std::io::stderr(), broker::logging::QUEUE_LINES)
+    else {
+        let _ = writeln!(std::io::stderr(), "broker: cannot start the log writer");
+        return None;
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .log_internal_errors(false)
+        .with_writer(writer.clone());
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(broker::logging::EscapedFields).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    Some(writer)
 }
 
 fn main() -> ExitCode {
@@ -80,11 +92,11 @@ fn main() -> ExitCode {
     if let Cmd::Check { file } = &cli.cmd {
         return ExitCode::from(u8::try_from(broker::app::check(file)).unwrap_or(1));
     }
-    init_logging(cli.log_format, &cli.log_level);
+    let log = init_logging(cli.log_format, &cli.log_level);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("broker: cannot start the runtime: {e}");
+            let _ = writeln!(std::io::stderr(), "broker: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -106,6 +118,13 @@ fn main() -> ExitCode {
             Cmd::Check { .. } => unreachable!("handled above"),
         }
     });
+    // The drain is over: do not wait for blocking tasks still running (a PBKDF2 of a
+    // connection that was ended kept the process alive for minutes past "stopped").
+    rt.shutdown_background();
+    // Queued lines first (bounded: an output nobody reads cannot hold the exit).
+    if let Some(log) = &log {
+        log.flush(std::time::Duration::from_secs(1));
+    }
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
@@ -114,7 +133,8 @@ fn main() -> ExitCode {
             } else {
                 1
             };
-            eprintln!("broker: {e:#}");
+            // Not eprintln!: it panics when stderr is a closed pipe.
+            let _ = writeln!(std::io::stderr(), "broker: {e:#}");
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
     }

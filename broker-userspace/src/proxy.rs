@@ -9,6 +9,12 @@
 //! Each connection runs in its own task with one span, and writes exactly one access-log
 //! line (target `access`) when it ends, whatever the outcome (success, error, refusal,
 //! or the shutdown deadline ending it).
+//!
+//! Connections are capped ([`Caps`], `broker.maxConnections` and
+//! `maxConnectionsPerListener`): over a cap, a connection is closed as soon as it is
+//! accepted, with a rate-limited log line. The transparent listener's share is reserved,
+//! so `listenOn` listeners (which any local process can reach) cannot starve it; the
+//! health endpoint has its own listener and task, outside the caps.
 
 use std::{
     net::SocketAddr,
@@ -22,16 +28,111 @@ use std::{
 use broker_common::REC_IN_SPLICE_APP;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Notify, watch},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, watch},
 };
 use tracing::Instrument as _;
 
 use crate::{
     broker::Broker,
-    config::{Connector, Service},
+    config::{BrokerSettings, Connector, ListenAddr, Service},
     connector::{self, Caller, Conn, ConnError, ConnStats, SpliceTicket},
     ebpf::{Interceptor, record_destination},
+    ratelimit::LogLimiter,
 };
+
+/// Log lines per second for connections refused for want of a redirect record, and for
+/// connections over a cap; the rest are counted and summarised once a second.
+pub const REFUSAL_LOG_PER_SEC: u32 = 10;
+
+/// Connection caps (see the module docs). Each accepted connection holds its
+/// listener's permit, and a `listenOn` one also a permit of the shared `listenOn` pool,
+/// until its task ends.
+#[derive(Debug)]
+pub struct Caps {
+    /// The transparent listener (IPv4 and IPv6 together): `maxConnectionsPerListener`,
+    /// reserved out of `maxConnections`.
+    transparent: Arc<Semaphore>,
+    /// Every `listenOn` listener together: `maxConnections` minus the transparent share.
+    explicit_pool: Arc<Semaphore>,
+    /// One per service (used by those with `listenOn`): `maxConnectionsPerListener`.
+    per_service: Vec<Arc<Semaphore>>,
+    /// Rate limit of the "cap reached" lines.
+    pub log: LogLimiter,
+}
+
+/// Why [`Caps::new`] cannot share out the connections.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "broker.maxConnectionsPerListener ({per}) must be below broker.maxConnections ({max}) when \
+     both the transparent listener and listenOn listeners run: the transparent listener's \
+     share is reserved and nothing would be left for listenOn"
+)]
+pub struct CapsError {
+    per: u32,
+    max: u32,
+}
+
+/// The permits an admitted connection holds until it ends.
+#[derive(Debug)]
+pub struct Admission {
+    _listener: OwnedSemaphorePermit,
+    _pool: Option<OwnedSemaphorePermit>,
+}
+
+impl Caps {
+    /// Share `maxConnections` out between the transparent listener (if it runs) and the
+    /// `listenOn` listeners of `services`.
+    ///
+    /// # Errors
+    /// When both kinds run and nothing would be left for `listenOn`.
+    pub fn new(
+        settings: &BrokerSettings,
+        services: &[Arc<Service>],
+        transparent: bool,
+    ) -> Result<Self, CapsError> {
+        let max = settings.max_connections as usize;
+        let per = (settings.max_connections_per_listener as usize).min(max);
+        let any_explicit = services.iter().any(|s| s.listen_on.is_some());
+        let pool = if transparent { max - per } else { max };
+        if any_explicit && pool == 0 {
+            return Err(CapsError {
+                per: settings.max_connections_per_listener,
+                max: settings.max_connections,
+            });
+        }
+        Ok(Self {
+            transparent: Arc::new(Semaphore::new(if transparent { per } else { 0 })),
+            explicit_pool: Arc::new(Semaphore::new(pool)),
+            per_service: services
+                .iter()
+                .map(|s| Arc::new(Semaphore::new(if s.listen_on.is_some() { per } else { 0 })))
+                .collect(),
+            log: LogLimiter::new("cap refusals", REFUSAL_LOG_PER_SEC, Duration::from_secs(1)),
+        })
+    }
+
+    /// Permits for one more connection on this listener (`None`: transparent), or `None`
+    /// when a cap is reached. Never waits.
+    #[must_use]
+    pub fn admit(&self, explicit: Option<usize>) -> Option<Admission> {
+        match explicit {
+            None => Some(Admission {
+                _listener: Arc::clone(&self.transparent).try_acquire_owned().ok()?,
+                _pool: None,
+            }),
+            Some(id) => {
+                let listener = Arc::clone(self.per_service.get(id)?)
+                    .try_acquire_owned()
+                    .ok()?;
+                let pool = Arc::clone(&self.explicit_pool).try_acquire_owned().ok()?;
+                Some(Admission {
+                    _listener: listener,
+                    _pool: Some(pool),
+                })
+            }
+        }
+    }
+}
 
 /// A redirect record older than this is not trusted (the client would have been
 /// accepted long ago; an old entry can only be stale).
@@ -100,6 +201,10 @@ pub struct Shared {
     pub tracker: Arc<Tracker>,
     /// Connection tasks end when this turns true after the drain deadline.
     pub abort: watch::Receiver<bool>,
+    pub caps: Arc<Caps>,
+    /// Rate limit of the "connection refused" lines (no redirect record): see
+    /// [`LogLimiter::check`].
+    pub refusals: Arc<LogLimiter>,
 }
 
 /// Accept on the transparent listener until `stop` turns true.
@@ -129,10 +234,18 @@ async fn accept_loop(
             () = stopped(&mut stop) => return,
             res = listener.accept() => match res {
                 Ok((stream, peer)) => {
+                    let Some(admission) = shared.caps.admit(explicit) else {
+                        // Closed at once: over a cap, a connection must not cost more
+                        // than the accept (no task, no buffer, no upstream).
+                        drop(stream);
+                        cap_reached(&shared, peer, explicit);
+                        continue;
+                    };
                     let shared = shared.clone();
                     let guard = shared.tracker.enter();
                     tokio::spawn(async move {
                         let _guard = guard;
+                        let _admission = admission;
                         handle(stream, peer, shared, explicit).await;
                     });
                 }
@@ -144,6 +257,29 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// The rate-limited line for a connection closed because a cap was reached.
+fn cap_reached(shared: &Shared, peer: SocketAddr, explicit: Option<usize>) {
+    let Some(suppressed) = shared.caps.log.check() else {
+        return;
+    };
+    let listener = match explicit.and_then(|id| shared.services.get(id)) {
+        Some(s) => match &s.listen_on {
+            Some(ListenAddr::Tcp(a)) => format!("listenOn {a} of service {}", s.name),
+            _ => format!("listenOn of service {}", s.name),
+        },
+        None => "transparent".to_owned(),
+    };
+    tracing::warn!(
+        target: "access",
+        client = %peer,
+        listener = %listener,
+        result = "refused",
+        reason = "connection cap reached (broker.maxConnections / maxConnectionsPerListener)",
+        suppressed_before = suppressed,
+        "connection refused: too many connections"
+    );
 }
 
 async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: Option<usize>) {
@@ -160,15 +296,19 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
                 .and_then(|i| i.take_record(&stream).ok().flatten());
             let Some(rec) = rec.filter(|r| record_is_fresh(r.connect_ns)) else {
                 // Someone connected to the listener directly: no redirect record, no
-                // identity, nothing to broker. Close without a byte.
-                tracing::warn!(
-                    target: "access",
-                    client = %peer,
-                    result = "refused",
-                    reason = "no redirect record (direct connection to the broker's listener)",
-                    "connection refused"
-                );
+                // identity, nothing to broker. Close without a byte. Anyone local can
+                // do this in a loop: the line is rate-limited (summarised once a second).
                 drop(stream);
+                if let Some(suppressed) = shared.refusals.check() {
+                    tracing::warn!(
+                        target: "access",
+                        client = %peer,
+                        result = "refused",
+                        reason = "no redirect record (direct connection to the broker's listener)",
+                        suppressed_before = suppressed,
+                        "connection refused"
+                    );
+                }
                 return;
             };
             let caller = Caller {

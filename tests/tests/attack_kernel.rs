@@ -441,3 +441,53 @@ fn mptcp_sockets_never_see_the_broker_as_their_peer() {
         "MPTCP is left alone (documented): {mptcp}"
     );
 }
+
+/// Connects to the broker's listener directly, as fast as it can, for `seconds`.
+const FLOOD: &str = r#"
+import socket, sys, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+n = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end and n < 200000:
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", port))
+        n += 1
+    except OSError:
+        pass
+    s.close()
+print("connections", n, flush=True)
+"#;
+
+#[test]
+fn direct_connection_floods_are_logged_at_a_bounded_rate() {
+    if !privileged() {
+        return;
+    }
+    let (_pg, b, port, _dir) = setup("flood");
+    let text = run_text(as_nobody(
+        None,
+        false,
+        &["python3", "-c", FLOOD, &port.to_string(), "2"],
+    ));
+    let n: usize = text
+        .trim()
+        .strip_prefix("connections ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("flood: {text}"));
+    // The summary of the last second is written a second later.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let log = b.daemon.log_text();
+    let lines = log.matches("connection refused").count();
+    println!("{n} direct connections in 2 s -> {lines} refusal lines");
+    assert!(n >= 200, "the flood made {n} connections");
+    assert!(
+        lines <= 10 * 4,
+        "{lines} refusal lines for {n} connections in 2 s"
+    );
+    assert!(
+        log.contains("suppressed") && log.contains("refusals in the last second"),
+        "the rest are summarised:\n{log}"
+    );
+    assert_canary(&b);
+}

@@ -15,8 +15,8 @@ use super::{
     BUILT_CONNECTORS, BUILT_PROVIDERS, ConfigError, ConfigErrors, NOT_BUILT_CONNECTORS,
     NOT_BUILT_PROVIDERS, interpolate,
     model::{
-        AuthMethod, BrokerSettings, Config, Connector, CredentialSource, DEFAULT_CACHE_TTL,
-        DEFAULT_HEALTH_ADDR, DEFAULT_HTTP_TIMEOUT, HttpProviderConfig, InterceptTarget, ListenAddr,
+        AuthMethod, BrokerSettings, Config, Connector, CredentialSource, DEFAULT_HTTP_TIMEOUT,
+        DEFAULT_MAX_CONNECTIONS_PER_LISTENER, HttpProviderConfig, InterceptTarget, ListenAddr,
         OAuth2Config, PgConfig, ProviderConfig, RequireAuth, Service, TcpConfig, UpstreamTls,
     },
     values,
@@ -562,6 +562,13 @@ impl Loader<'_> {
             if let Some(t) = self.text(&p, v) {
                 if t.is_empty() {
                     self.err(&p, "is empty");
+                } else if reqwest::header::HeaderValue::from_bytes(t.as_bytes()).is_err() {
+                    // What `broker run` rejects when it builds the provider; `check` too.
+                    self.err(
+                        &p,
+                        "contains characters that cannot be sent in an HTTP header \
+                         (a newline or another control character)",
+                    );
                 } else {
                     cfg.token = Some(Secret::from(t));
                 }
@@ -590,13 +597,7 @@ impl Loader<'_> {
     // ---- broker ----------------------------------------------------------------------
 
     fn broker(&mut self, v: Option<&Value>) -> BrokerSettings {
-        let mut out = BrokerSettings {
-            health_addr: Some(DEFAULT_HEALTH_ADDR.parse().expect("valid default")),
-            transparent_port: 0,
-            cache_ttl: DEFAULT_CACHE_TTL,
-            bypass_mark: broker_common::DEFAULT_BYPASS_MARK,
-            splice: true,
-        };
+        let mut out = BrokerSettings::default();
         let m = match v {
             None | Some(Value::Null) => return out,
             Some(v) => match self.map("broker", v, "a map of broker settings") {
@@ -613,6 +614,8 @@ impl Loader<'_> {
                 "cacheTTL",
                 "bypassMark",
                 "splice",
+                "maxConnections",
+                "maxConnectionsPerListener",
             ],
         );
         if let Some(v) = m.get("health") {
@@ -663,6 +666,35 @@ impl Loader<'_> {
             } else {
                 out.bypass_mark = u32::try_from(mark).expect("checked range");
             }
+        }
+        let limit = |l: &mut Self, key: &str| {
+            let p = format!("broker.{key}");
+            let n = l.uint(&p, m.get(key)?, 1_000_000, "a connection count")?;
+            if n == 0 {
+                l.err(&p, "must be at least 1");
+                return None;
+            }
+            u32::try_from(n).ok()
+        };
+        let max = limit(self, "maxConnections");
+        let per = limit(self, "maxConnectionsPerListener");
+        if let Some(n) = max {
+            out.max_connections = n;
+        }
+        out.max_connections_per_listener = match (per, max) {
+            (Some(p), _) => p,
+            // Half by default, so `listenOn` listeners always have a share left.
+            (None, Some(n)) => (n / 2).max(1),
+            (None, None) => DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
+        };
+        if out.max_connections_per_listener > out.max_connections {
+            self.err(
+                "broker.maxConnectionsPerListener",
+                format!(
+                    "must not be more than broker.maxConnections ({})",
+                    out.max_connections
+                ),
+            );
         }
         out
     }

@@ -189,6 +189,16 @@ pub fn unsupported(cfg: &Config) -> Vec<ConfigError> {
                 message,
             ));
         }
+        if let Some(ListenAddr::Unix(p)) = &s.listen_on {
+            // `broker run` refuses it at start; `check` says so too.
+            out.push(ConfigError::new(
+                format!("{path}.listenOn"),
+                format!(
+                    "listenOn unix://{} is not supported yet; use tcp://",
+                    p.display()
+                ),
+            ));
+        }
         for (i, a) in s.authentication.iter().enumerate() {
             let kind = match a {
                 AuthMethod::OAuth2(_) => "oauth2",

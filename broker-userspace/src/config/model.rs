@@ -12,6 +12,11 @@ use crate::secret::Secret;
 pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:5335";
 /// Default lifetime of a fetched credential in the cache.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Default cap on brokered connections open at once, over all listeners.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Default cap on connections open at once through one listener (the transparent one,
+/// or one `listenOn`).
+pub const DEFAULT_MAX_CONNECTIONS_PER_LISTENER: u32 = 5_000;
 /// Default per-request timeout of an `http` provider.
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,6 +45,27 @@ pub struct BrokerSettings {
     /// in userspace, where the connector and the kernel allow it (default on; see
     /// docs/ARCHITECTURE.md, "Splice").
     pub splice: bool,
+    /// Brokered connections open at once, over all listeners (`maxConnections`). The
+    /// transparent listener's share (`max_connections_per_listener`) is reserved for
+    /// it; the `listenOn` listeners share the rest.
+    pub max_connections: u32,
+    /// Connections open at once through one listener (`maxConnectionsPerListener`).
+    pub max_connections_per_listener: u32,
+}
+
+impl Default for BrokerSettings {
+    /// The settings of a configuration without a `broker:` block.
+    fn default() -> Self {
+        Self {
+            health_addr: DEFAULT_HEALTH_ADDR.parse().ok(),
+            transparent_port: 0,
+            cache_ttl: DEFAULT_CACHE_TTL,
+            bypass_mark: broker_common::DEFAULT_BYPASS_MARK,
+            splice: true,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_listener: DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

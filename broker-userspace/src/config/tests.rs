@@ -229,6 +229,7 @@ fn secretless_v2_example_loads() {
         unsupported_text(&cfg),
         vec![
             "services.pg-tcp.credentials.password: provider \"vault\" is not built yet",
+            "services.pg-socket.listenOn: listenOn unix:///sock/.s.PGSQL.5432 is not supported yet; use tcp://",
             "services.mysql-db.connector: connector \"mysql\" is not built yet",
         ]
     );
@@ -1173,4 +1174,58 @@ fn errors_at_filters_by_prefix() {
     let at: Vec<&str> = e.at("services.db").map(|x| x.message.as_str()).collect();
     assert_eq!(at, ["x", "z", "w"]);
     assert_eq!(e.at("services.db.intercept").count(), 1);
+}
+
+#[test]
+fn connection_caps() {
+    let b = ok(PG).broker;
+    assert_eq!(
+        (b.max_connections, b.max_connections_per_listener),
+        (10_000, 5_000)
+    );
+    let b = ok(&format!(
+        "{PG}broker:\n  maxConnections: 20\n  maxConnectionsPerListener: 5\n"
+    ))
+    .broker;
+    assert_eq!((b.max_connections, b.max_connections_per_listener), (20, 5));
+    // Per listener: half of the global cap by default.
+    let b = ok(&format!("{PG}broker:\n  maxConnections: 101\n")).broker;
+    assert_eq!(
+        (b.max_connections, b.max_connections_per_listener),
+        (101, 50)
+    );
+    let e = errs(&format!(
+        "{PG}broker:\n  maxConnections: 0\n  maxConnectionsPerListener: many\n"
+    ));
+    has(&e, "broker.maxConnections", "at least 1");
+    has(&e, "broker.maxConnectionsPerListener", "connection count");
+    let e = errs(&format!(
+        "{PG}broker:\n  maxConnections: 10\n  maxConnectionsPerListener: 11\n"
+    ));
+    has(
+        &e,
+        "broker.maxConnectionsPerListener",
+        "not be more than broker.maxConnections (10)",
+    );
+}
+
+/// `broker run` refuses a token it cannot put in a header; `check` reports it with its
+/// key path, without echoing it.
+#[test]
+fn http_token_must_fit_in_a_header() {
+    let text = "
+version: 2
+providers:
+  uts: {type: http, baseUrl: 'http://127.0.0.1:1/', token: '${TOK}'}
+services:
+  db: {connector: tcp, intercept: [\"db:1\"]}
+";
+    let e = load_env(text, &[("TOK", "tok-line-one\ntok-line-two")]).unwrap_err();
+    has(
+        &e,
+        "providers.uts.token",
+        "cannot be sent in an HTTP header",
+    );
+    assert!(!e.to_string().contains("tok-line"), "{e}");
+    load_env(text, &[("TOK", "plain-token")]).unwrap();
 }

@@ -7,6 +7,9 @@
 //! `"\r\n"` removed. A string field is used as is; numbers and booleans as their text;
 //! objects and arrays as compact JSON.
 //!
+//! Redirects are not followed: a 3xx is an error naming the status. An empty value is
+//! [`ProviderError::Empty`] (checked for every provider by the broker).
+//!
 //! 404 is [`ProviderError::NotFound`]; any other non-2xx status is
 //! [`ProviderError::Fetch`] with the status code; a reply over [`MAX_BODY`] bytes, a
 //! non-JSON reply when a field was asked, or a missing field is
@@ -69,6 +72,9 @@ impl HttpProvider {
             cfg.timeout
         };
         let mut builder = reqwest::Client::builder()
+            // A redirect is an error: following one to another host made that host's
+            // reply the password (and sent it our request).
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")));
@@ -162,6 +168,12 @@ impl HttpProvider {
                 provider: self.name.clone(),
                 id: id.to_owned(),
             });
+        }
+        if status.is_redirection() {
+            return Err(self.err_fetch(
+                id,
+                format!("HTTP status {status}: redirects are not followed"),
+            ));
         }
         if !status.is_success() {
             return Err(self.err_fetch(id, format!("HTTP status {status}")));

@@ -134,6 +134,8 @@ async fn serve() -> TestServer {
                         ("200 OK", b"authorized".to_vec(), true)
                     }
                     "/auth" => ("401 Unauthorized", b"who are you".to_vec(), true),
+                    // The reply of a redirect names where the value would be.
+                    "/moved" => ("302 Found", format!("see {BODY_SECRET}").into_bytes(), true),
                     "/slow" => {
                         tokio::time::sleep(Duration::from_secs(10)).await;
                         ("200 OK", b"late".to_vec(), true)
@@ -141,6 +143,9 @@ async fn serve() -> TestServer {
                     _ => ("404 Not Found", Vec::new(), true),
                 };
                 let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+                if path == "/moved" {
+                    head.push_str("Location: /raw\r\n");
+                }
                 if length {
                     head.push_str(&format!("Content-Length: {}\r\n", body.len()));
                 }
@@ -395,4 +400,42 @@ services:
     let mut names: Vec<&str> = all.keys().map(String::as_str).collect();
     names.sort_unstable();
     assert_eq!(names, ["env", "file", "http", "literal"]);
+}
+
+#[tokio::test]
+async fn http_redirects_are_errors_not_followed() {
+    let srv = serve().await;
+    let p = http(Some(&srv.base), Some(TOKEN));
+    let e = p.get("moved").await.unwrap_err();
+    assert!(matches!(e, ProviderError::Fetch { .. }), "{e}");
+    assert!(
+        e.to_string().contains("302") && e.to_string().contains("redirects are not followed"),
+        "{e}"
+    );
+    assert_clean(&e);
+    // The target was never asked for.
+    assert_eq!(srv.auth_seen.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn ids_are_redacted_for_printing() {
+    for (id, want) in [
+        ("db/password", "db/password"),
+        ("/run/secrets/pw", "/run/secrets/pw"),
+        (
+            "http://user:pass@host:8080/x/y?token=abc#data.pw",
+            "http://***@host:8080/x/y?***#data.pw",
+        ),
+        ("https://host/x?token=abc", "https://host/x?***"),
+        ("https://u@host", "https://***@host"),
+        ("https://host/a@b", "https://host/a@b"),
+        ("db/pw?version=2", "db/pw?***"),
+    ] {
+        assert_eq!(redact_id(id), want, "{id}");
+    }
+    let e = ProviderError::NotFound {
+        provider: "uts".into(),
+        id: "http://user:hunter2@host/x?token=abc".into(),
+    };
+    assert_eq!(e.to_string(), "uts: `http://***@host/x?***` not found");
 }

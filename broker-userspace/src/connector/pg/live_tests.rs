@@ -85,6 +85,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
             cache_ttl: DEFAULT_CACHE_TTL,
             bypass_mark: 0,
             splice: false,
+            ..BrokerSettings::default()
         },
     };
     let broker = Arc::new(Broker::new(Arc::new(config)).unwrap());
