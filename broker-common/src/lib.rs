@@ -43,9 +43,14 @@ pub const GLOBAL_SK_WMEM_QUEUED: &str = "SK_WMEM_QUEUED_OFF";
 pub const GLOBAL_SK_SNDBUF: &str = "SK_SNDBUF_OFF";
 /// See [`GLOBAL_SK_WMEM_QUEUED`].
 pub const GLOBAL_SK_COOKIE: &str = "SK_COOKIE_OFF";
-/// Byte offset of `icsk_ulp_ops` in the kernel's `struct inet_connection_sock` (0 when
-/// the kernel has no BTF): connect4/6 recognise an MPTCP subflow by it.
-pub const GLOBAL_SK_ULP_OPS: &str = "SK_ULP_OPS_OFF";
+/// Byte offset of `sk_socket` in the kernel's `struct sock` (0 when the kernel has no
+/// BTF): with [`GLOBAL_SOCKET_FILE`], connect4/6 recognise sockets the kernel created
+/// for itself (MPTCP subflows, SMC's TCP socket), which have no file.
+pub const GLOBAL_SK_SOCKET: &str = "SK_SOCKET_OFF";
+/// Byte offset of `file` in the kernel's `struct socket` (see [`GLOBAL_SK_SOCKET`]).
+pub const GLOBAL_SOCKET_FILE: &str = "SOCKET_FILE_OFF";
+/// Byte offset of `sk` in the kernel's `struct socket` (see [`GLOBAL_SK_SOCKET`]).
+pub const GLOBAL_SOCKET_SK: &str = "SOCKET_SK_OFF";
 
 /// Capacity of the exact target map.
 pub const MAX_TARGETS: u32 = 16_384;
@@ -63,6 +68,9 @@ pub const DEFAULT_BYPASS_MARK: u32 = 0x0000_0539;
 pub const SETTINGS_ENABLED: u32 = 1;
 /// `SETTINGS.flags`: emit aya-log debug lines from the kernel programs.
 pub const SETTINGS_DEBUG: u32 = 2;
+/// `SETTINGS.flags`: the broker listens on `[::1]:P`. Without it native IPv6
+/// destinations are not redirected (anyone could bind the free port and receive them).
+pub const SETTINGS_V6: u32 = 4;
 
 /// [`TargetValue::flags`] / [`ConnRecord::flags`]: the service's sessions may be spliced
 /// in the kernel after authentication (sock_ops puts the app's socket in `SPLICE_APP`).

@@ -78,9 +78,9 @@ unsafe fn add_atomic(p: *mut u64, v: u64) {
 }
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, FAMILY_INET, FAMILY_INET6, MAX_CIDRS,
-    MAX_CONNS, MAX_TARGETS, REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SPLICE_FALLBACK,
-    SPLICE_INGRESS, SPLICE_READ_BUDGET, SockKey, SpliceValue, TARGET_SPLICE, TargetValue,
-    is_mapped_v4, mapped_v4,
+    MAX_CONNS, MAX_TARGETS, REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SETTINGS_V6,
+    SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_READ_BUDGET, SockKey, SpliceValue, TARGET_SPLICE,
+    TargetValue, is_mapped_v4, mapped_v4,
 };
 
 #[map]
@@ -128,6 +128,8 @@ const SPLICE_RCVBUF: i32 = 4 << 20;
 const BPF_F_INGRESS: u64 = 1;
 const MSG_PEEK: i32 = 2;
 const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
+/// `lo` is interface 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 const SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -213,8 +215,8 @@ fn lookup_target(addr: [u8; 16], port: u16) -> Option<TargetValue> {
 }
 
 /// Whether this connect must be left alone: the broker's own sockets, sockets of another
-/// network namespace (their loopback is not ours), or not TCP (MPTCP included: its
-/// sockets are `IPPROTO_MPTCP`).
+/// network namespace (their loopback is not ours), sockets bound to another device, the
+/// kernel's own sockets (MPTCP subflows, SMC), or not TCP.
 #[inline(always)]
 fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
     if s.flags & SETTINGS_ENABLED == 0 {
@@ -225,15 +227,20 @@ fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
         return true;
     }
     // SAFETY: the kernel hands us a valid bpf_sock_addr; sk is always set for connect.
-    let (protocol, mark) = unsafe {
+    let (protocol, mark, dev) = unsafe {
         let sa: *const bpf_sock_addr = ctx.sock_addr;
         let sk = (*sa).__bindgen_anon_1.sk;
-        ((*sa).protocol, (*sk).mark)
+        ((*sa).protocol, (*sk).mark, (*sk).bound_dev_if)
     };
     if protocol != IPPROTO_TCP || mark & s.bypass_mark != 0 {
         return true;
     }
-    if mptcp_subflow(ctx) {
+    // A socket bound to a device other than loopback (SO_BINDTODEVICE, IP_UNICAST_IF)
+    // would send the redirected SYN out of that device, not to our listener.
+    if dev != 0 && dev != LOOPBACK_IFINDEX {
+        return true;
+    }
+    if kernel_socket(ctx) {
         return true;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -248,37 +255,60 @@ fn forget_earlier_connect(ctx: &SockAddrContext) -> u64 {
     // SAFETY: ctx.as_ptr() is the program's context, valid for the cookie helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = BY_COOKIE.remove(cookie);
+    // A socket reconnecting after `connect(AF_UNSPEC)` keeps its cookie: its earlier
+    // session's splice entry must not carry the new connection's bytes.
+    let _ = SPLICE.remove(cookie);
     cookie
 }
 
-/// Byte offset of `icsk_ulp_ops` in the kernel's `struct inet_connection_sock`; set by the
-/// daemon from the kernel's BTF (0: unknown, no check).
+/// Byte offsets of `sk_socket` in the kernel's `struct sock` and of `file` and `sk` in
+/// its `struct socket`; set by the daemon from the kernel's BTF (0: unknown, no check).
 #[unsafe(no_mangle)]
-static SK_ULP_OPS_OFF: u32 = 0;
+static SK_SOCKET_OFF: u32 = 0;
+/// See [`SK_SOCKET_OFF`].
+#[unsafe(no_mangle)]
+static SOCKET_FILE_OFF: u32 = 0;
+/// See [`SK_SOCKET_OFF`].
+#[unsafe(no_mangle)]
+static SOCKET_SK_OFF: u32 = 0;
 
-/// Whether the connecting TCP socket is an MPTCP subflow. An MPTCP socket
-/// (`IPPROTO_MPTCP`) never reaches connect4/6 itself: its first subflow, a kernel TCP
-/// socket, does, in the app's context. Redirected, the subflow would reach the broker,
-/// but the app's own socket has another cookie and no record, so its `getpeername`
-/// would show the broker. MPTCP is therefore left alone (it goes direct). A subflow is
-/// the only TCP socket that has an upper-layer protocol (`icsk_ulp_ops`, the "mptcp"
-/// ULP) before it is connected (kTLS is set up after).
+/// Whether the connecting TCP socket is one the kernel made for itself in the app's
+/// context rather than the app's own socket: it has no file of its own (SMC's internal
+/// TCP socket), or it hangs under another socket's `struct socket` (an MPTCP subflow is
+/// grafted onto its MPTCP socket, which never reaches connect4/6 itself). Redirected,
+/// the app's own socket would have another cookie and no record (its `getpeername`
+/// would show the broker), and such a socket must not be in a sockmap (SMC replaces the
+/// callbacks sockmap relies on). They are left alone: they go direct.
 #[inline(always)]
-fn mptcp_subflow(ctx: &SockAddrContext) -> bool {
-    // SAFETY: a read of a load-time constant.
-    let off = u64::from(unsafe { core::ptr::read_volatile(&raw const SK_ULP_OPS_OFF) });
-    if off == 0 {
+fn kernel_socket(ctx: &SockAddrContext) -> bool {
+    // SAFETY: reads of load-time constants.
+    let (sk_socket, file, sock_sk) = unsafe {
+        (
+            u64::from(core::ptr::read_volatile(&raw const SK_SOCKET_OFF)),
+            u64::from(core::ptr::read_volatile(&raw const SOCKET_FILE_OFF)),
+            u64::from(core::ptr::read_volatile(&raw const SOCKET_SK_OFF)),
+        )
+    };
+    if sk_socket == 0 {
         return false;
     }
     // SAFETY: sk is the connecting socket; its address is read back through the probe
     // helper (the verifier allows no arithmetic on a socket pointer), then its
-    // `icsk_ulp_ops` through the same checked helper.
+    // `struct socket` and that socket's fields through the same checked helper.
     unsafe {
         let sk: u64 = (*ctx.sock_addr).__bindgen_anon_1.sk as u64;
         let Ok(addr) = bpf_probe_read_kernel(&raw const sk) else {
             return false;
         };
-        bpf_probe_read_kernel((addr + off) as *const u64).is_ok_and(|ulp| ulp != 0)
+        let Ok(sock) = bpf_probe_read_kernel((addr + sk_socket) as *const u64) else {
+            return false;
+        };
+        if sock == 0 {
+            return true;
+        }
+        let owner = bpf_probe_read_kernel((sock + sock_sk) as *const u64);
+        let f = bpf_probe_read_kernel((sock + file) as *const u64);
+        !matches!((owner, f), (Ok(o), Ok(f)) if o == addr && f != 0)
     }
 }
 
@@ -374,11 +404,15 @@ pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
     };
     // A dual-stack socket connecting to ::ffff:a.b.c.d talks IPv4: send it to the
     // IPv4-mapped loopback listener; a native IPv6 destination goes to ::1.
-    let (family, to) = if is_mapped_v4(&addr) {
-        (FAMILY_INET6, mapped_v4(LOOPBACK_V4))
+    let to = if is_mapped_v4(&addr) {
+        mapped_v4(LOOPBACK_V4)
+    } else if s.flags & SETTINGS_V6 != 0 {
+        LOOPBACK_V6
     } else {
-        (FAMILY_INET6, LOOPBACK_V6)
+        // No [::1] listener of ours: whoever binds that port would get the connection.
+        return 1;
     };
+    let family = FAMILY_INET6;
     if !record(cookie, &s, (&addr, port, family), target) {
         return 1;
     }

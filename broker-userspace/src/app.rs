@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use broker_common::{BrokerSettings, SETTINGS_DEBUG, SETTINGS_ENABLED};
+use broker_common::{BrokerSettings, SETTINGS_DEBUG, SETTINGS_ENABLED, SETTINGS_V6};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 use crate::{
@@ -219,6 +219,9 @@ impl Daemon {
         if let Attach::Cgroup(cgroup) = &opts.attach {
             let (v4, v6) = bind_transparent(cfg.broker.transparent_port).await?;
             let port = v4.local_addr()?.port();
+            // Native IPv6 destinations are redirected to [::1]:P only while we hold it:
+            // otherwise any local user could bind it and receive them.
+            let v6_flag = if v6.is_some() { SETTINGS_V6 } else { 0 };
             transparent = Some(v4.local_addr()?);
             transparent_listeners.push(v4);
             transparent_listeners.extend(v6);
@@ -232,7 +235,9 @@ impl Daemon {
             let mut t = resolver::Targets::new(&per_service);
             t.refresh_due().await;
             let settings = BrokerSettings {
-                flags: SETTINGS_ENABLED | if opts.ebpf_debug { SETTINGS_DEBUG } else { 0 },
+                flags: SETTINGS_ENABLED
+                    | v6_flag
+                    | if opts.ebpf_debug { SETTINGS_DEBUG } else { 0 },
                 bypass_mark: cfg.broker.bypass_mark,
                 bypass_tgid: std::process::id(),
                 listen_port: port,

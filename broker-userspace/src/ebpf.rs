@@ -25,10 +25,10 @@ use aya::{
 };
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF,
-    GLOBAL_SK_ULP_OPS, GLOBAL_SK_WMEM_QUEUED, MAP_BY_CONN, MAP_SETTINGS, MAP_SPLICE,
-    MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP, MAP_TARGET_CIDRS,
-    MAP_TARGETS, SPLICE_FALLBACK, SPLICE_INGRESS, SockKey, SpliceValue, TARGET_SPLICE, TargetValue,
-    mapped_v4,
+    GLOBAL_SK_SOCKET, GLOBAL_SK_WMEM_QUEUED, GLOBAL_SOCKET_FILE, GLOBAL_SOCKET_SK, MAP_BY_CONN, MAP_SETTINGS,
+    MAP_SPLICE, MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP,
+    MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_FALLBACK, SPLICE_INGRESS, SockKey, SpliceValue,
+    TARGET_SPLICE, TargetValue, mapped_v4,
 };
 use tokio::sync::Notify;
 
@@ -249,13 +249,20 @@ impl Interceptor {
             .as_ref()
             .ok()
             .and_then(|b| aya::Btf::parse(b.data(), aya::Endianness::default()).ok());
-        // `icsk_ulp_ops`: connect4/6 leave MPTCP subflows alone (see broker-ebpf). Without
-        // BTF they cannot tell them apart (documented).
-        let ulp_ops_off = kernel_btf
+        // `sock.sk_socket` and `socket.file`: connect4/6 leave the kernel's own sockets
+        // (MPTCP subflows, SMC) alone (see broker-ebpf). Without BTF they cannot tell
+        // them apart (documented).
+        let (sk_socket_off, socket_file_off, socket_sk_off) = kernel_btf
             .as_ref()
             .ok()
-            .and_then(|b| b.member_offset("inet_connection_sock", "icsk_ulp_ops").ok())
-            .unwrap_or(0);
+            .and_then(|b| {
+                Some((
+                    b.member_offset("sock", "sk_socket").ok()?,
+                    b.member_offset("socket", "file").ok()?,
+                    b.member_offset("socket", "sk").ok()?,
+                ))
+            })
+            .unwrap_or((0, 0, 0));
         let offsets = if splice_services.is_empty() {
             None
         } else {
@@ -268,7 +275,10 @@ impl Interceptor {
         };
         let mut loader = EbpfLoader::new();
         loader.btf(btf.as_ref());
-        loader.override_global(GLOBAL_SK_ULP_OPS, &ulp_ops_off, true);
+        loader
+            .override_global(GLOBAL_SK_SOCKET, &sk_socket_off, true)
+            .override_global(GLOBAL_SOCKET_FILE, &socket_file_off, true)
+            .override_global(GLOBAL_SOCKET_SK, &socket_sk_off, true);
         if let Some(o) = &offsets {
             loader
                 .override_global(GLOBAL_SK_WMEM_QUEUED, &o.wmem_queued, true)

@@ -355,6 +355,12 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
     }
     .instrument(span)
     .await;
+    // An app socket the connector did not splice (an error, a cancel request, a client
+    // that never finished its startup) leaves the splice map now, not when the app
+    // closes: a client holding sockets open must not be able to fill it.
+    if let Some(t) = conn.splice.take() {
+        t.splicer.forget(t.app_cookie);
+    }
     access_log(&conn, &result, started.elapsed());
 }
 
