@@ -30,7 +30,8 @@ use crate::{
     config::{self, Config, ListenAddr},
     ebpf::Interceptor,
     health::{self, Readiness},
-    proxy::{self, Caps, Shared, Tracker},
+    connector::{self, Env},
+    proxy::{self, Caps, Shared, Tracker, dial::Dialer},
     ratelimit::LogLimiter,
     resolver, sys,
 };
@@ -179,6 +180,10 @@ impl Daemon {
         let cfg = Arc::new(cfg);
         let broker = Arc::new(Broker::new(Arc::clone(&cfg)).context("setting up providers")?);
         let services: Arc<Vec<_>> = Arc::new(cfg.services.iter().cloned().map(Arc::new).collect());
+        let connectors = services
+            .iter()
+            .map(|s| connector::build(s).with_context(|| format!("service {}", s.name)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (detach_tx, detach_rx) = watch::channel(false);
         let (abort_tx, abort_rx) = watch::channel(false);
@@ -281,8 +286,14 @@ impl Daemon {
             Duration::from_secs(1),
         ));
         let shared = Shared {
-            broker,
+            env: Env {
+                broker,
+                dialer: Dialer {
+                    mark: cfg.broker.bypass_mark,
+                },
+            },
             services,
+            connectors: Arc::new(connectors),
             interceptor: interceptor.as_ref().map(Arc::downgrade),
             tracker: Arc::clone(&tracker),
             abort: abort_rx,
@@ -324,7 +335,7 @@ impl Daemon {
             tasks.spawn(health::serve(h, Arc::clone(&readiness), detach_rx.clone()));
         }
         tasks.spawn(trim_when_idle(Arc::clone(&tracker)));
-        tasks.spawn(broker::sweep_cache(Arc::downgrade(&shared.broker)));
+        tasks.spawn(broker::sweep_cache(Arc::downgrade(&shared.env.broker)));
         tasks.spawn(summarise_suppressed(vec![refusals, caps]));
         // Loading the programs parses the kernel's BTF (megabytes) for relocations; give
         // that memory back to the OS instead of keeping it as free heap forever.

@@ -1,27 +1,21 @@
-//! [`Broker`]: the shared state every connection handler works with: the configuration,
-//! the provider instances, the credential cache, the upstream socket factory.
+//! [`Broker`]: the secret side every connector works with: the provider instances and the
+//! credential cache.
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
-use tokio::{
-    net::{TcpSocket, TcpStream},
-    time::Instant,
-};
+use tokio::time::Instant;
 
 use crate::{
     config::{Config, CredentialSource, Service},
-    connector::{ConnError, ConnStats, Credentials, pg::PgShared},
+    connector::{ConnError, ConnStats, Credentials},
     provider::{self, SecretProvider},
     secret::Secret,
 };
 
-/// How long an upstream TCP connect may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one credential fetch may take before the connection is refused.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -32,8 +26,6 @@ pub struct Broker {
     /// ids come from it, never from clients. Expired entries are removed (and their
     /// values zeroized) by [`sweep_cache`] when they expire, not when next read.
     cache: Mutex<HashMap<(String, String), (Secret, Instant)>>,
-    /// State the PostgreSQL connector shares between connections (cancel keys, SCRAM cache).
-    pub pg: PgShared,
 }
 
 impl Broker {
@@ -47,7 +39,6 @@ impl Broker {
             config,
             providers,
             cache: Mutex::new(HashMap::new()),
-            pg: PgShared::default(),
         })
     }
 
@@ -150,58 +141,6 @@ impl Broker {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .len()
-    }
-
-    /// Open a TCP connection to the upstream with the bypass mark set, so the eBPF
-    /// programs never redirect the broker's own connections.
-    ///
-    /// # Errors
-    /// `ConnError::Upstream` naming `host:port`.
-    pub async fn dial(&self, host: &str, port: u16) -> Result<TcpStream, ConnError> {
-        let addr_text = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        let fail = |source: std::io::Error| ConnError::Upstream {
-            addr: addr_text.clone(),
-            source,
-        };
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(fail)?
-            .collect();
-        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
-        for addr in addrs {
-            match tokio::time::timeout(CONNECT_TIMEOUT, self.dial_addr(addr)).await {
-                Ok(Ok(s)) => return Ok(s),
-                Ok(Err(e)) => last = e,
-                Err(_) => {
-                    last = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
-                }
-            }
-        }
-        Err(fail(last))
-    }
-
-    async fn dial_addr(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
-        let sock = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        let mark = self.config.broker.bypass_mark;
-        if mark != 0 {
-            // SO_MARK needs CAP_NET_ADMIN; without it (--no-ebpf as a user) there is
-            // nothing to bypass anyway.
-            if let Err(e) = socket2::SockRef::from(&sock).set_mark(mark)
-                && e.raw_os_error() != Some(libc::EPERM)
-            {
-                return Err(e);
-            }
-        }
-        sock.set_nodelay(true)?;
-        sock.connect(addr).await
     }
 }
 

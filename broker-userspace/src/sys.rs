@@ -117,3 +117,28 @@ impl ChildLimits {
         }
     }
 }
+
+/// Bytes waiting unread in a socket's receive queue (`FIONREAD`).
+///
+/// # Errors
+/// The ioctl's failure.
+pub fn unread_bytes(sock: &impl std::os::fd::AsRawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through a valid pointer; the fd is open.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &raw mut n) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of `bpf_ktime_get_ns`.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}

@@ -173,11 +173,11 @@ fn a_stalled_reader_stalls_the_server_and_then_gets_every_row_in_order() {
     assert_eq!(r["tag"], format!("COPY {rows}"), "{r}");
     let a = access(&b);
     assert_eq!(a["spliced"], true, "{a}");
-    assert_eq!(a["splice_fallback"], "down", "the relay took over: {a}");
+    assert_eq!(a["splice.fallback"], "down", "the relay took over: {a}");
     assert_eq!(a["result"], "ok", "{a}");
     let payload = r["bytes"].as_u64().expect("bytes");
     assert!(
-        a["bytes_down"].as_u64().unwrap_or(0) > payload,
+        a["bytes.down"].as_u64().unwrap_or(0) > payload,
         "every byte counted once, kernel and relay: {a} vs payload {payload}"
     );
 }
@@ -248,11 +248,11 @@ fn an_edge_triggered_writer_is_woken_when_the_server_reads_again() {
     );
     let a = access(&b);
     assert_eq!(a["spliced"], true, "{a}");
-    assert_eq!(a["splice_fallback"], "up", "the relay took over: {a}");
+    assert_eq!(a["splice.fallback"], "up", "the relay took over: {a}");
     assert_eq!(a["result"], "ok", "{a}");
     let payload = r["bytes"].as_u64().expect("bytes");
     assert!(
-        a["bytes_up"].as_u64().unwrap_or(0) > payload,
+        a["bytes.up"].as_u64().unwrap_or(0) > payload,
         "every byte counted once, kernel and relay: {a} vs payload {payload}"
     );
 }

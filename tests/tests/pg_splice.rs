@@ -193,10 +193,10 @@ fn run(splice: bool) {
     }
     let big = access
         .iter()
-        .find(|a| a["bytes_up"].as_u64().unwrap_or(0) > 100 * MB as u64)
+        .find(|a| a["bytes.up"].as_u64().unwrap_or(0) > 100 * MB as u64)
         .unwrap_or_else(|| panic!("no session counted the COPY in:\n{text}"));
     assert!(
-        big["bytes_down"].as_u64().unwrap_or(0) > 100 * MB as u64,
+        big["bytes.down"].as_u64().unwrap_or(0) > 100 * MB as u64,
         "COPY out counted: {big}"
     );
     assert_no_secret(&text, &[pw], "broker exec output and access log");

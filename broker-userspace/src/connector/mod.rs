@@ -1,17 +1,139 @@
-//! Connectors: what the broker does with one accepted client connection.
+//! Connectors: the protocol-specific part of one brokered connection.
 //!
-//! The proxy layer accepts a connection, works out the service, the caller and the
-//! original destination, and hands a [`Conn`] to the service's connector. A connector
-//! fetches credentials through [`crate::broker::Broker`], authenticates to the upstream
-//! and relays bytes, filling in [`ConnStats`] for the access log as it goes.
+//! The core ([`crate::proxy`]) accepts a connection, works out the service, the caller
+//! and the original destination, and hands the client socket to the service's
+//! [`Connector`] with a [`Conn`] and the shared [`Env`] (credentials, the dialer). The
+//! connector authenticates to the upstream (and, where the protocol has one, does the
+//! client leg) and hands back a [`Handoff`]: either an authenticated [`Session`], whose
+//! bytes the core then moves (relayed in userspace, or spliced in the kernel when the
+//! connector says no client byte can be in flight), or "done" when it ran the whole
+//! exchange itself. Connectors are leaves: they never reach into the core.
+//!
+//! Adding a connector: a module here with a type implementing [`Connector`], and one line
+//! in [`build`] (see docs/ARCHITECTURE.md, "Adding a connector").
 
 pub mod pg;
-pub mod splice;
 pub mod tcp;
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, sync::Arc};
+use std::{any::Any, collections::BTreeMap, fmt, future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
-use crate::{config::Service, secret::Secret};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use crate::{
+    broker::Broker,
+    config::{Connector as ConnectorConfig, Service},
+    proxy::dial::Dialer,
+    secret::Secret,
+};
+
+/// A boxed, sendable future (the connector trait's methods return one, so connectors can
+/// be kept as `dyn Connector`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What every connector may use: the secret side and the upstream socket factory.
+#[derive(Clone)]
+pub struct Env {
+    pub broker: Arc<Broker>,
+    pub dialer: Dialer,
+}
+
+/// One protocol. An instance serves one service and owns that service's shared state
+/// (caches, TLS configurations, cancel keys...).
+pub trait Connector: Send + Sync + fmt::Debug {
+    /// Serve one accepted client connection up to the point where only bytes remain.
+    /// On failure the connector has already told the client what the protocol allows
+    /// (e.g. a PostgreSQL ErrorResponse) and closed it without a reset.
+    fn serve<'a>(
+        &'a self,
+        env: &'a Env,
+        conn: &'a mut Conn,
+        client: TcpStream,
+    ) -> BoxFuture<'a, Result<Handoff, ConnError>>;
+
+    /// What to write to a client refused before [`Connector::serve`] (a connection cap is
+    /// reached), when the protocol has an error the server may send first. Sent with one
+    /// non-blocking write, then the socket is closed.
+    fn refusal(&self, _service: &str, _reason: &str) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// What a connector hands back to the core.
+pub enum Handoff {
+    /// Authenticated: the core delivers the pending bytes, then moves the session's
+    /// bytes until both sides are done.
+    Relay(Session),
+    /// The connector ran the whole exchange (e.g. a PostgreSQL CancelRequest).
+    Done,
+}
+
+/// An authenticated session, ready for the byte phase.
+pub struct Session {
+    pub client: TcpStream,
+    pub upstream: UpstreamStream,
+    /// Bytes the client must still receive, before anything else (e.g. PostgreSQL's
+    /// AuthenticationOk .. ReadyForQuery).
+    pub to_client: Vec<u8>,
+    /// Bytes the upstream must still receive, before anything else (client bytes the
+    /// connector read ahead).
+    pub to_upstream: Vec<u8>,
+    /// The protocol guarantees the client sends nothing until it has received
+    /// `to_client` (PostgreSQL before ReadyForQuery). Only then may the core splice the
+    /// session in the kernel: with nothing in flight, every later client byte takes the
+    /// kernel path, in order.
+    pub client_waits: bool,
+    /// Kept alive until the session ends (e.g. the cancel-key registration).
+    pub keep: Option<Box<dyn Any + Send>>,
+}
+
+/// The upstream side of a [`Session`].
+pub enum UpstreamStream {
+    /// Plain TCP: the readiness-based relay, or the kernel splice.
+    Plain(TcpStream),
+    /// Anything else (TLS): the generic relay.
+    Other(Box<dyn AsyncStream>),
+}
+
+/// A bidirectional byte stream the generic relay can move.
+pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
+
+/// A connector kind that is configured but not built yet: every connection is refused
+/// with an error naming it (`broker check` and `run` report such services at start).
+#[derive(Debug)]
+struct NotBuilt(String);
+
+impl Connector for NotBuilt {
+    fn serve<'a>(
+        &'a self,
+        _env: &'a Env,
+        _conn: &'a mut Conn,
+        _client: TcpStream,
+    ) -> BoxFuture<'a, Result<Handoff, ConnError>> {
+        Box::pin(async move {
+            Err(ConnError::Config(format!(
+                "connector `{}` is not built yet",
+                self.0
+            )))
+        })
+    }
+}
+
+/// The registry: the connector instance for a service. One line per kind.
+///
+/// # Errors
+/// When the instance cannot be built from its configuration (e.g. an unreadable CA
+/// file); the message names the service.
+pub fn build(service: &Service) -> anyhow::Result<Arc<dyn Connector>> {
+    Ok(match &service.connector {
+        ConnectorConfig::Tcp(cfg) => Arc::new(tcp::TcpConnector::new(cfg)?),
+        ConnectorConfig::Pg(cfg) => Arc::new(pg::PgConnector::new(cfg.clone())),
+        ConnectorConfig::NotBuilt { name } => Arc::new(NotBuilt(name.clone())),
+    })
+}
 
 /// Who is on the other end of an intercepted connection, as the kernel recorded it at
 /// `connect()` time.
@@ -34,19 +156,8 @@ pub struct Conn {
     pub caller: Option<Caller>,
     /// Where the client meant to connect (transparent connections only).
     pub orig_dst: Option<SocketAddr>,
-    /// The app's socket is in the kernel's splice map: the connector may hand the
-    /// session to the kernel once it is authenticated.
-    pub splice: Option<SpliceTicket>,
-    /// Filled in by the connector for the access log.
+    /// Filled in by the connector (and the core) for the access log.
     pub stats: ConnStats,
-}
-
-/// What a connector needs to splice a session: the splice maps and the app socket's
-/// cookie (its key in every splice map; its bytes read are counted under it).
-#[derive(Debug, Clone)]
-pub struct SpliceTicket {
-    pub splicer: Arc<crate::ebpf::Splicer>,
-    pub app_cookie: u64,
 }
 
 /// Per-connection facts for the access-log line.
@@ -98,24 +209,6 @@ impl fmt::Debug for Credentials {
     }
 }
 
-/// Close a client connection without a reset: send FIN, then read and discard what the
-/// client already sent (bounded in bytes and time) before the socket is closed. Closing
-/// with unread data would make the kernel answer with RST, which clients report as
-/// "connection reset" instead of a clean end.
-pub async fn close_gracefully(mut client: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let _ = client.shutdown().await;
-    let mut buf = [0u8; 4096];
-    let mut left = 256 * 1024usize;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    while left > 0 {
-        match tokio::time::timeout_at(deadline, client.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
-            _ => break,
-        }
-    }
-}
-
 /// Why a brokered connection failed. Never carries a secret value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -140,6 +233,12 @@ pub enum ConnError {
 }
 
 impl ConnError {
+    /// A finer word for the access log's `error.kind`, where there is one.
+    #[must_use]
+    pub fn detail(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Short result word for the access log.
     #[must_use]
     pub fn kind(&self) -> &'static str {

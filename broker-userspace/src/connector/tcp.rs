@@ -6,208 +6,123 @@
 
 use std::sync::Arc;
 
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::net::TcpStream;
 
 use crate::{
-    broker::Broker,
     config::{ListenAddr, TcpConfig},
-    connector::{Conn, ConnError},
+    connector::{BoxFuture, Conn, ConnError, Connector, Env, Handoff, Session, UpstreamStream},
+    proxy::{dial::HostPort, relay::close_gracefully},
     tls::{self, TlsOptions, Verify},
 };
 
-/// Relay buffer size in each direction.
-pub const RELAY_BUF: usize = 64 * 1024;
-
-/// Serve one client connection.
-///
-/// # Errors
-/// When credentials cannot be fetched or the upstream cannot be reached.
-pub async fn serve(
-    broker: &Broker,
-    conn: &mut Conn,
-    cfg: &TcpConfig,
-    mut client: TcpStream,
-) -> Result<(), ConnError> {
-    let result = serve_inner(broker, conn, cfg, &mut client).await;
-    if result.is_err() && conn.stats.bytes_up == 0 && conn.stats.bytes_down == 0 {
-        super::close_gracefully(client).await;
-    }
-    result
+/// A `tcp` service: its TLS client configuration is built once, here.
+#[derive(Debug)]
+pub struct TcpConnector {
+    tls: Option<TlsUpstream>,
 }
 
-async fn serve_inner(
-    broker: &Broker,
-    conn: &mut Conn,
-    cfg: &TcpConfig,
-    client: &mut TcpStream,
-) -> Result<(), ConnError> {
-    let service = Arc::clone(&conn.service);
-    let creds = broker.credentials(&service, false, &mut conn.stats).await?;
-    let host = match creds.text("host")? {
-        Some(h) => h.to_owned(),
-        None => conn
-            .orig_dst
-            .map(|a| a.ip().to_string())
-            .ok_or_else(|| ConnError::Config("no upstream: set credential `host`".into()))?,
-    };
-    let port = match creds.text("port")? {
-        Some(p) => p
-            .parse::<u16>()
-            .map_err(|_| ConnError::Config("credential `port` is not a port number".into()))?,
-        None => match (conn.orig_dst, &service.listen_on) {
-            (Some(a), _) => a.port(),
-            (None, Some(ListenAddr::Tcp(a))) => a.port(),
-            _ => {
-                return Err(ConnError::Config(
-                    "no upstream port: set credential `port`".into(),
-                ));
+#[derive(Debug)]
+struct TlsUpstream {
+    config: Arc<rustls::ClientConfig>,
+    /// The name to verify instead of the upstream host.
+    server_name: Option<String>,
+}
+
+impl TcpConnector {
+    /// # Errors
+    /// An unreadable or empty CA file.
+    pub fn new(cfg: &TcpConfig) -> anyhow::Result<Self> {
+        let tls = match &cfg.tls {
+            None => None,
+            Some(t) => Some(TlsUpstream {
+                config: tls::client_config(TlsOptions {
+                    verify: if t.insecure_skip_verify {
+                        Verify::None
+                    } else {
+                        Verify::Full
+                    },
+                    ca_file: t.ca_file.as_deref(),
+                    with_system_roots: true,
+                    client_cert: None,
+                })?,
+                server_name: t.server_name.clone(),
+            }),
+        };
+        Ok(Self { tls })
+    }
+}
+
+impl Connector for TcpConnector {
+    fn serve<'a>(
+        &'a self,
+        env: &'a Env,
+        conn: &'a mut Conn,
+        client: TcpStream,
+    ) -> BoxFuture<'a, Result<Handoff, ConnError>> {
+        Box::pin(async move {
+            match self.upstream(env, conn).await {
+                Ok(upstream) => Ok(Handoff::Relay(Session {
+                    client,
+                    upstream,
+                    to_client: Vec::new(),
+                    to_upstream: Vec::new(),
+                    // The client may send at any time: never spliced.
+                    client_waits: false,
+                    keep: None,
+                })),
+                Err(e) => {
+                    close_gracefully(client).await;
+                    Err(e)
+                }
             }
-        },
-    };
-    conn.stats.upstream = Some(format!("{host}:{port}"));
-    let upstream = broker.dial(&host, port).await?;
-    let (up, down) = match &cfg.tls {
-        None => relay_tcp(client, &upstream).await?,
-        Some(t) => {
-            let config = tls::client_config(TlsOptions {
-                verify: if t.insecure_skip_verify {
-                    Verify::None
-                } else {
-                    Verify::Full
-                },
-                ca_file: t.ca_file.as_deref(),
-                with_system_roots: true,
-                client_cert: None,
-            })
-            .map_err(|e| ConnError::Config(e.to_string()))?;
-            let name = t.server_name.clone().unwrap_or_else(|| host.clone());
-            let server_name = rustls::pki_types::ServerName::try_from(name.clone())
-                .map_err(|_| ConnError::Config(format!("invalid TLS server name `{name}`")))?;
-            let tls_stream = tokio_rustls::TlsConnector::from(config)
-                .connect(server_name, upstream)
-                .await
-                .map_err(|e| ConnError::Tls {
-                    addr: format!("{host}:{port}"),
-                    reason: e.to_string(),
-                })?;
-            relay(client, tls_stream).await?
-        }
-    };
-    conn.stats.bytes_up = up;
-    conn.stats.bytes_down = down;
-    Ok(())
-}
-
-/// Buffer size of the generic (TLS) relay, per direction.
-pub const TLS_RELAY_BUF: usize = 16 * 1024;
-
-/// Copy both ways between the client and any upstream stream (e.g. TLS) until both
-/// sides are done; returns (client->upstream, upstream->client).
-///
-/// # Errors
-/// The first I/O error on either side.
-pub async fn relay<U>(client: &mut TcpStream, mut upstream: U) -> Result<(u64, u64), ConnError>
-where
-    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let res = tokio::io::copy_bidirectional_with_sizes(
-        client,
-        &mut upstream,
-        TLS_RELAY_BUF,
-        TLS_RELAY_BUF,
-    )
-    .await;
-    let _ = upstream.shutdown().await;
-    Ok(res?)
-}
-
-/// Copy both ways between two plain TCP sockets until both sides are done; returns
-/// (client->upstream, upstream->client).
-///
-/// An idle connection holds no buffer: a direction takes a buffer (from a small
-/// per-thread pool) only when its socket is readable and gives it back as soon as the
-/// socket would block, so thousands of idle brokered connections cost little more than
-/// their sockets. A half-close on one
-/// side is passed on as `shutdown(SHUT_WR)` on the other.
-///
-/// # Errors
-/// The first I/O error on either side.
-pub async fn relay_tcp(client: &TcpStream, upstream: &TcpStream) -> Result<(u64, u64), ConnError> {
-    Ok(tokio::try_join!(
-        pump(client, upstream),
-        pump(upstream, client)
-    )?)
-}
-
-async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
-    let mut total = 0u64;
-    loop {
-        from.readable().await?;
-        let mut buf = BufferPool::take();
-        let res = drain(from, to, &mut buf, &mut total).await;
-        BufferPool::give(buf);
-        if res? {
-            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-            return Ok(total);
-        }
+        })
     }
 }
 
-/// Move everything readable now from `from` to `to`; `Ok(true)` at end of stream.
-async fn drain(
-    from: &TcpStream,
-    to: &TcpStream,
-    buf: &mut Vec<u8>,
-    total: &mut u64,
-) -> std::io::Result<bool> {
-    loop {
-        buf.clear();
-        match from.try_read_buf(buf) {
-            Ok(0) => return Ok(true),
-            Ok(n) => {
-                write_all(to, &buf[..n]).await?;
-                *total += n as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) => return Err(e),
-        }
+impl TcpConnector {
+    async fn upstream(&self, env: &Env, conn: &mut Conn) -> Result<UpstreamStream, ConnError> {
+        let service = Arc::clone(&conn.service);
+        let creds = env
+            .broker
+            .credentials(&service, false, &mut conn.stats)
+            .await?;
+        let host = match creds.text("host")? {
+            Some(h) => h.to_owned(),
+            None => conn
+                .orig_dst
+                .map(|a| a.ip().to_string())
+                .ok_or_else(|| ConnError::Config("no upstream: set credential `host`".into()))?,
+        };
+        let port = match creds.text("port")? {
+            Some(p) => p.parse::<u16>().map_err(|_| {
+                ConnError::Config("credential `port` is not a port number".into())
+            })?,
+            None => match (conn.orig_dst, &service.listen_on) {
+                (Some(a), _) => a.port(),
+                (None, Some(ListenAddr::Tcp(a))) => a.port(),
+                _ => {
+                    return Err(ConnError::Config(
+                        "no upstream port: set credential `port`".into(),
+                    ));
+                }
+            },
+        };
+        let to = HostPort::new(host, port);
+        conn.stats.upstream = Some(to.to_string());
+        let upstream = env.dialer.dial(&to).await?;
+        let Some(t) = &self.tls else {
+            return Ok(UpstreamStream::Plain(upstream));
+        };
+        let name = t.server_name.clone().unwrap_or_else(|| to.host.clone());
+        let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|_| ConnError::Config(format!("invalid TLS server name `{name}`")))?;
+        let tls_stream = tokio_rustls::TlsConnector::from(Arc::clone(&t.config))
+            .connect(server_name, upstream)
+            .await
+            .map_err(|e| ConnError::Tls {
+                addr: to.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(UpstreamStream::Other(Box::new(tls_stream)))
     }
-}
-
-/// Relay buffers, cached per worker thread so a busy connection does not allocate (and
-/// the allocator does not trim and re-fault) a buffer per message, while an idle
-/// connection holds none. At most [`POOL_MAX`] buffers are kept per thread.
-struct BufferPool;
-
-const POOL_MAX: usize = 16;
-
-thread_local! {
-    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-impl BufferPool {
-    fn take() -> Vec<u8> {
-        POOL.with(|p| p.borrow_mut().pop())
-            .unwrap_or_else(|| Vec::with_capacity(RELAY_BUF))
-    }
-
-    fn give(buf: Vec<u8>) {
-        POOL.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < POOL_MAX {
-                p.push(buf);
-            }
-        });
-    }
-}
-
-pub(crate) async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
-    while !data.is_empty() {
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => to.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

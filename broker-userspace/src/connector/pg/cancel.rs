@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use super::startup::CancelKey;
@@ -67,14 +67,14 @@ impl CancelMap {
     /// Remember a session; the returned guard forgets it when dropped. `None` when the
     /// map is full (that session cannot be cancelled through the broker).
     #[must_use]
-    pub fn register(&self, key: CancelKey, target: CancelTarget) -> Option<CancelGuard<'_>> {
+    pub fn register(self: &Arc<Self>, key: CancelKey, target: CancelTarget) -> Option<CancelGuard> {
         let mut map = self.lock();
         if map.len() >= self.cap && !map.contains_key(&key) {
             return None;
         }
         map.insert(key.clone(), target.clone());
         Some(CancelGuard {
-            map: self,
+            map: Arc::clone(self),
             key,
             target,
         })
@@ -87,19 +87,19 @@ impl CancelMap {
 }
 
 /// Removes a session's cancel key when the brokered connection ends.
-pub struct CancelGuard<'a> {
-    map: &'a CancelMap,
+pub struct CancelGuard {
+    map: Arc<CancelMap>,
     key: CancelKey,
     target: CancelTarget,
 }
 
-impl fmt::Debug for CancelGuard<'_> {
+impl fmt::Debug for CancelGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "CancelGuard({:?})", self.key)
     }
 }
 
-impl Drop for CancelGuard<'_> {
+impl Drop for CancelGuard {
     fn drop(&mut self) {
         let mut map = self.map.lock();
         // Only our own entry: a later session may have reused the key.
@@ -129,7 +129,7 @@ mod tests {
 
     #[test]
     fn registers_and_forgets() {
-        let m = CancelMap::with_capacity(2);
+        let m = Arc::new(CancelMap::with_capacity(2));
         {
             let _g = m.register(key(1), target()).unwrap();
             assert_eq!(m.lookup(&key(1)), Some(target()));
@@ -146,7 +146,7 @@ mod tests {
 
     #[test]
     fn is_bounded() {
-        let m = CancelMap::with_capacity(1);
+        let m = Arc::new(CancelMap::with_capacity(1));
         let g = m.register(key(1), target()).unwrap();
         assert!(m.register(key(2), target()).is_none());
         drop(g);

@@ -20,6 +20,8 @@ pub mod sqlstate {
     pub const INVALID_PASSWORD: &str = "28P01";
     /// `invalid_authorization_specification` (also "no pg_hba.conf entry").
     pub const INVALID_AUTHORIZATION: &str = "28000";
+    /// `too_many_connections`: a broker connection cap is reached.
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
 }
 
 /// Encode an ErrorResponse (`E`) with the fields libpq prints: severity (`S` and the

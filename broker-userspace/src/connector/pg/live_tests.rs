@@ -1,5 +1,6 @@
 //! In-process tests against real PostgreSQL 15 servers and the real `psql`: a listener
-//! in the test hands accepted sockets to [`super::serve`], as the proxy layer does.
+//! in the test hands accepted sockets to a [`super::PgConnector`] through
+//! [`crate::proxy::serve`], as the proxy layer does.
 //! They need root (the server runs as `postgres`) and are skipped, loudly, otherwise.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
@@ -12,7 +13,8 @@ use crate::{
         BrokerSettings, Config, Connector, CredentialSource, DEFAULT_CACHE_TTL, ListenAddr,
         PgConfig, ProviderConfig, Service,
     },
-    connector::{Conn, ConnStats},
+    connector::{Conn, ConnStats, Env},
+    proxy::dial::Dialer,
     secret::Secret,
 };
 
@@ -52,7 +54,8 @@ fn file(path: &Path) -> CredentialSource {
 }
 
 struct Running {
-    broker: Arc<Broker>,
+    env: Env,
+    pg: Arc<super::PgConnector>,
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
@@ -88,15 +91,19 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
             ..BrokerSettings::default()
         },
     };
-    let broker = Arc::new(Broker::new(Arc::new(config)).unwrap());
+    let env = Env {
+        broker: Arc::new(Broker::new(Arc::new(config)).unwrap()),
+        dialer: Dialer { mark: 0 },
+    };
+    let pg = Arc::new(super::PgConnector::new(PgConfig::default()));
     let service = Arc::new(service);
-    let b = Arc::clone(&broker);
+    let (e, p) = (env.clone(), Arc::clone(&pg));
     let task = tokio::spawn(async move {
         loop {
             let Ok((sock, peer)) = listener.accept().await else {
                 return;
             };
-            let b = Arc::clone(&b);
+            let (e, p) = (e.clone(), Arc::clone(&p));
             let service = Arc::clone(&service);
             tokio::spawn(async move {
                 let mut conn = Conn {
@@ -104,10 +111,9 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
                     client_addr: peer,
                     caller: None,
                     orig_dst: None,
-                    splice: None,
                     stats: ConnStats::default(),
                 };
-                let r = super::serve(&b, &mut conn, &PgConfig::default(), sock).await;
+                let r = crate::proxy::serve(p.as_ref(), &e, &mut conn, sock, None).await;
                 eprintln!(
                     "[broker] {peer}: {:?} {:?}",
                     r.as_ref().map_err(|e| e.to_string()),
@@ -116,7 +122,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
             });
         }
     });
-    Running { broker, addr, task }
+    Running { env, pg, addr, task }
 }
 
 fn conninfo(addr: SocketAddr) -> String {
@@ -178,10 +184,10 @@ async fn live_scram_md5_cleartext() {
         }
         // SCRAM computed the salted password once.
         let expected = usize::from(auth == PgAuth::Scram);
-        assert_eq!(run.broker.pg.salted.len(), expected, "{auth:?}");
+        assert_eq!(run.pg.shared.salted.len(), expected, "{auth:?}");
         // Sessions ended: no cancel keys left.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(run.broker.pg.cancel.is_empty());
+        assert!(run.pg.shared.cancel.is_empty());
     }
 }
 
@@ -289,8 +295,8 @@ async fn live_tls_modes() {
         .await
         .unwrap();
     let attempt = super::attempt(
-        &run.broker,
-        &PgConfig::default(),
+        &run.pg,
+        &run.env,
         &params,
         &creds,
         &startup,
@@ -393,5 +399,5 @@ async fn live_cancel() {
     assert_eq!(code, "57014", "{text}");
     assert!(elapsed < 2.0, "cancel took {elapsed}s: {text}");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(run.broker.pg.cancel.is_empty());
+    assert!(run.pg.shared.cancel.is_empty());
 }

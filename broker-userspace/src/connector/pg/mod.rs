@@ -4,8 +4,9 @@
 //! `N` and routing CancelRequest ([`cancel`]). The broker then connects upstream
 //! ([`upstream`]: host/port from the credentials or the original destination, libpq's
 //! `sslmode`), sends the client's startup with `user` (and `database`) rewritten, and
-//! authenticates itself ([`auth`], [`scram`]). The client sees AuthenticationOk and the
-//! session's first messages, then bytes are relayed. When the server rejects the
+//! authenticates itself ([`auth`], [`scram`]). The client is then owed AuthenticationOk
+//! and the session's first messages, which the core delivers before it relays or splices
+//! the session (a PostgreSQL client sends nothing until ReadyForQuery). When the server rejects the
 //! credentials, they are fetched again bypassing the cache and the connection is tried
 //! once more (rotation). Failures reach the client as an ErrorResponse with a real
 //! SQLSTATE ([`errors`]).
@@ -38,9 +39,11 @@ use self::{
     upstream::{Destinations, PgStream, TlsConfigCache, UpstreamParams},
 };
 use crate::{
-    broker::Broker,
     config::{PgConfig, Service},
-    connector::{Conn, ConnError, Credentials, splice, tcp},
+    connector::{
+        BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Session, UpstreamStream,
+    },
+    proxy::dial::HostPort,
 };
 
 /// How long a client may take to send its startup packet. A client sends it right after
@@ -57,22 +60,62 @@ pub const UPSTREAM_AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// only.
 #[derive(Debug, Default)]
 pub struct PgShared {
-    pub cancel: CancelMap,
+    pub cancel: Arc<CancelMap>,
     pub salted: SaltedPasswordCache,
     pub tls: TlsConfigCache,
 }
 
-/// Serve one client connection.
+/// A `pg` service: its configuration and the state its connections share.
+#[derive(Debug)]
+pub struct PgConnector {
+    cfg: PgConfig,
+    pub shared: PgShared,
+}
+
+impl PgConnector {
+    #[must_use]
+    pub fn new(cfg: PgConfig) -> Self {
+        Self {
+            cfg,
+            shared: PgShared::default(),
+        }
+    }
+}
+
+impl Connector for PgConnector {
+    fn serve<'a>(
+        &'a self,
+        env: &'a Env,
+        conn: &'a mut Conn,
+        client: TcpStream,
+    ) -> BoxFuture<'a, Result<Handoff, ConnError>> {
+        Box::pin(serve(self, env, conn, client))
+    }
+
+    /// PostgreSQL's own "too many connections" (53300), which a server may send before
+    /// it has read the client's startup packet; libpq shows it as the connection error.
+    fn refusal(&self, service: &str, reason: &str) -> Option<Vec<u8>> {
+        Some(
+            Failure::new(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                ConnError::Protocol(reason.to_owned()),
+            )
+            .client_error(service),
+        )
+    }
+}
+
+/// Serve one client connection up to the authenticated session.
 ///
 /// # Errors
 /// When the session cannot be set up (the client has been sent an ErrorResponse when the
-/// protocol allows it) or the relay fails.
-pub async fn serve(
-    broker: &Broker,
+/// protocol allows it).
+async fn serve(
+    pg: &PgConnector,
+    env: &Env,
     conn: &mut Conn,
-    cfg: &PgConfig,
     mut client: TcpStream,
-) -> Result<(), ConnError> {
+) -> Result<Handoff, ConnError> {
     let service = Arc::clone(&conn.service);
     let mut cbuf = BytesMut::with_capacity(1024);
     let first =
@@ -83,10 +126,12 @@ pub async fn serve(
             )))),
         };
     let result = match first {
-        Ok(FirstPacket::Startup(s)) => {
-            session(broker, conn, &service, cfg, &mut client, s, cbuf).await
+        Ok(FirstPacket::Startup(s)) => session(pg, env, conn, &service, &mut client, s, cbuf).await,
+        Ok(FirstPacket::Cancel(key)) => {
+            return forward_cancel(pg, env, conn, &key)
+                .await
+                .map(|()| Handoff::Done);
         }
-        Ok(FirstPacket::Cancel(key)) => return forward_cancel(broker, conn, &key).await,
         Ok(_) => Err(Failure::new(
             sqlstate::PROTOCOL_VIOLATION,
             ConnError::Protocol("repeated encryption request".into()),
@@ -94,7 +139,19 @@ pub async fn serve(
         Err(f) => Err(f),
     };
     match result {
-        Ok(()) => Ok(()),
+        Ok(s) => Ok(Handoff::Relay(Session {
+            client,
+            upstream: match s.upstream {
+                PgStream::Plain(s) => UpstreamStream::Plain(s),
+                tls => UpstreamStream::Other(Box::new(tls)),
+            },
+            to_client: s.to_client,
+            to_upstream: s.to_upstream,
+            // A PostgreSQL client sends nothing between its StartupMessage and
+            // ReadyForQuery, which is the last of `to_client`.
+            client_waits: true,
+            keep: s.keep.map(|g| Box::new(g) as Box<dyn std::any::Any + Send>),
+        })),
         Err(f) => {
             if !f.client_told {
                 let _ = client.write_all(&f.client_error(&service.name)).await;
@@ -158,11 +215,12 @@ fn startup_error(e: StartupError) -> Failure {
 
 /// Forward a CancelRequest to the session's upstream on a fresh connection.
 async fn forward_cancel(
-    broker: &Broker,
+    pg: &PgConnector,
+    env: &Env,
     conn: &mut Conn,
     key: &CancelKey,
 ) -> Result<(), ConnError> {
-    let Some(target) = broker.pg.cancel.lookup(key) else {
+    let Some(target) = pg.shared.cancel.lookup(key) else {
         tracing::info!(
             pid = key.pid,
             "CancelRequest for an unknown session: dropped"
@@ -172,13 +230,9 @@ async fn forward_cancel(
             key.pid
         )));
     };
-    let CancelTarget { host, port } = &target;
-    conn.stats.upstream = Some(if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    });
-    let mut up = broker.dial(host, *port).await?;
+    let to = HostPort::new(target.host.clone(), target.port);
+    conn.stats.upstream = Some(to.to_string());
+    let mut up = env.dialer.dial(&to).await?;
     let packet = key.cancel_request();
     up.write_all(&packet).await?;
     up.flush().await?;
@@ -191,16 +245,26 @@ async fn forward_cancel(
     Ok(())
 }
 
-/// Everything after the client's StartupMessage.
+/// An authenticated upstream and what each side is still owed.
+struct Established {
+    upstream: PgStream,
+    to_client: Vec<u8>,
+    to_upstream: Vec<u8>,
+    keep: Option<cancel::CancelGuard>,
+}
+
+/// Everything after the client's StartupMessage, up to the authenticated session.
 async fn session(
-    broker: &Broker,
+    pg: &PgConnector,
+    env: &Env,
     conn: &mut Conn,
     service: &Service,
-    cfg: &PgConfig,
     client: &mut TcpStream,
     startup: Startup,
     client_rest: BytesMut,
-) -> Result<(), Failure> {
+) -> Result<Established, Failure> {
+    let cfg = &pg.cfg;
+    let broker = &env.broker;
     tracing::debug!(
         params = %startup.param_names(),
         version = startup.version,
@@ -218,7 +282,7 @@ async fn session(
         let attempt = tokio::select! {
             r = tokio::time::timeout_at(
                 deadline,
-                attempt(broker, cfg, &params, &creds, &startup, &mut client_wr),
+                attempt(pg, env, &params, &creds, &startup, &mut client_wr),
             ) => r,
             () = client_gone(&mut client_rd) => {
                 // Dropping the attempt stops its work (a SCRAM computation included).
@@ -270,9 +334,9 @@ async fn session(
     };
 
     // Remember the session for CancelRequests until it ends.
-    let _cancel_guard = ready.backend_key.clone().and_then(|key| {
+    let keep = ready.backend_key.clone().and_then(|key| {
         let pid = key.pid;
-        let g = broker.pg.cancel.register(
+        let g = pg.shared.cancel.register(
             key,
             CancelTarget {
                 host: params.host.clone(),
@@ -287,88 +351,24 @@ async fn session(
         }
         g
     });
-
-    // Splice in the kernel when the upstream is plain TCP and nothing is pending in
-    // either direction: the client sends nothing between its StartupMessage and our
-    // ReadyForQuery, so once the splice is in place before ReadyForQuery goes out,
-    // every later client byte takes the kernel path, in order.
-    let mut up = match (up, conn.splice.take()) {
-        (PgStream::Plain(s), Some(ticket))
-            if client_rest.is_empty() && up_rest.is_empty() && nothing_pending(client) =>
-        {
-            // Out of tokio's reactor first (see connector::splice).
-            let s = s.into_std().map_err(|e| Failure::told(ConnError::Io(e)))?;
-            // The app reads these through TCP, after the splice has started.
-            let sent_after = (ready.to_client.len() + up_rest.len()) as u64;
-            match ticket.splicer.start(ticket.app_cookie, sent_after, &s) {
-                Ok(sp) => Upstream::Spliced(s, sp),
-                Err(e) => {
-                    tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace");
-                    ticket.splicer.forget(ticket.app_cookie);
-                    let s = TcpStream::from_std(s).map_err(|e| Failure::told(ConnError::Io(e)))?;
-                    Upstream::Pg(PgStream::Plain(s))
-                }
-            }
-        }
-        (up, ticket) => {
-            // Not spliced (TLS upstream, or bytes pending): the app's socket goes back
-            // to plain TCP.
-            if let Some(t) = ticket {
-                t.splicer.forget(t.app_cookie);
-            }
-            Upstream::Pg(up)
-        }
-    };
-    let spliced = matches!(up, Upstream::Spliced(..));
-    client
-        .write_all(&ready.to_client)
-        .await
-        .map_err(|e| Failure::told(ConnError::Io(e)))?;
-    if !up_rest.is_empty() {
-        client
-            .write_all(&up_rest)
-            .await
-            .map_err(|e| Failure::told(ConnError::Io(e)))?;
-    }
-    client
-        .flush()
-        .await
-        .map_err(|e| Failure::told(ConnError::Io(e)))?;
-    if !client_rest.is_empty()
-        && let Upstream::Pg(up) = &mut up
-    {
-        up.write_all(&client_rest)
-            .await
-            .map_err(|e| Failure::told(ConnError::Io(e)))?;
-        up.flush()
-            .await
-            .map_err(|e| Failure::told(ConnError::Io(e)))?;
-    }
-    let pre_up = (startup_len + client_rest.len()) as u64;
-    let pre_down = (ready.to_client.len() + up_rest.len()) as u64;
-    conn.stats.bytes_up = pre_up;
-    conn.stats.bytes_down = pre_down;
-    conn.stats.spliced = spliced;
+    // The startup went upstream; the client is owed the server's messages up to
+    // ReadyForQuery (and whatever the server sent after it); the server is owed what the
+    // client sent early.
+    conn.stats.bytes_up = startup_len as u64;
+    let mut to_client = ready.to_client;
+    to_client.extend_from_slice(&up_rest);
     tracing::debug!(
         upstream = %params.addr(),
-        tls = matches!(&up, Upstream::Pg(s) if s.is_tls()),
+        tls = up.is_tls(),
         auth = ready.method,
-        spliced,
-        "session established; relaying"
+        "session established"
     );
-    // Plain upstreams use the readiness-based relay (no buffer held while idle).
-    let relayed = match up {
-        Upstream::Spliced(s, sp) => splice::run(client, s, &sp).await.map(|o| {
-            conn.stats.splice_fallback = o.fallback;
-            (o.up, o.down)
-        }),
-        Upstream::Pg(PgStream::Plain(s)) => tcp::relay_tcp(client, &s).await,
-        Upstream::Pg(tls) => tcp::relay(client, tls).await,
-    };
-    let (a, b) = relayed.map_err(Failure::told)?;
-    conn.stats.bytes_up = pre_up + a;
-    conn.stats.bytes_down = pre_down + b;
-    Ok(())
+    Ok(Established {
+        upstream: up,
+        to_client,
+        to_upstream: client_rest.to_vec(),
+        keep,
+    })
 }
 
 /// Resolves when the client hangs up while the upstream handshake runs. A PostgreSQL
@@ -380,24 +380,6 @@ async fn client_gone(client: &mut tokio::net::tcp::ReadHalf<'_>) {
         Ok(0) | Err(_) => {}
         Ok(_) => std::future::pending().await,
     }
-}
-
-/// Whether the client-side socket has no unread byte in the kernel (the client must be
-/// silent until ReadyForQuery; anything it sent early would be overtaken by its spliced
-/// bytes).
-fn nothing_pending(client: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd as _;
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through a valid pointer; the fd is open.
-    let rc = unsafe { libc::ioctl(client.as_raw_fd(), libc::FIONREAD, &raw mut n) };
-    rc == 0 && n == 0
-}
-
-/// The upstream after authentication: still a [`PgStream`], or handed to the kernel
-/// (the socket, out of tokio's reactor, and the guard of its splice map entries).
-enum Upstream {
-    Pg(PgStream),
-    Spliced(std::net::TcpStream, crate::ebpf::Spliced),
 }
 
 fn same_credentials(a: &Credentials, b: &Credentials) -> bool {
@@ -419,8 +401,8 @@ enum Attempt {
 
 /// One upstream connection attempt with one set of credentials.
 async fn attempt(
-    broker: &Broker,
-    cfg: &PgConfig,
+    pg: &PgConnector,
+    env: &Env,
     params: &UpstreamParams,
     creds: &Credentials,
     startup: &Startup,
@@ -440,7 +422,8 @@ async fn attempt(
         }
     };
     let wire = rewritten.encode();
-    let mut stream = upstream::connect(broker, &broker.pg.tls, params).await?;
+    let cfg = &pg.cfg;
+    let mut stream = upstream::connect(&env.dialer, &pg.shared.tls, params).await?;
     let input = AuthInput {
         user: &user,
         password: creds.get("password"),
@@ -459,7 +442,7 @@ async fn attempt(
         &mut rest,
         &wire,
         &input,
-        &broker.pg.salted,
+        &pg.shared.salted,
         client,
     )
     .await

@@ -26,8 +26,8 @@ use super::{
 use ipnet::IpNet;
 
 use crate::{
-    broker::Broker,
     config::{InterceptTarget, PgConfig, RequireAuth},
+    proxy::dial::{Dialer, HostPort},
     connector::{ConnError, Credentials},
     secret::Secret,
     tls::{self, TlsSources, Verify},
@@ -575,11 +575,13 @@ fn build_tls_config(
 /// # Errors
 /// Unreachable upstream (08006), TLS failures (08006), bad TLS settings (08004).
 pub async fn connect(
-    broker: &Broker,
+    dialer: &Dialer,
     tls_cache: &TlsConfigCache,
     p: &UpstreamParams,
 ) -> Result<PgStream, Failure> {
-    let mut tcp = broker.dial(&p.host, p.port).await?;
+    let mut tcp = dialer
+        .dial(&HostPort::new(p.host.clone(), p.port))
+        .await?;
     if p.sslmode == SslMode::Disable {
         return Ok(PgStream::Plain(tcp));
     }

@@ -31,7 +31,108 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{connector::ConnError, ebpf::Spliced};
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt as _;
+
+use super::relay;
+use crate::{
+    connector::{ConnError, ConnStats, Session, UpstreamStream},
+    ebpf::{Spliced, Splicer},
+};
+
+/// What the core needs to splice a session: the splice maps and the app socket's cookie
+/// (its key in every splice map; its bytes read are counted under it).
+#[derive(Debug, Clone)]
+pub struct SpliceTicket {
+    pub splicer: Arc<Splicer>,
+    pub app_cookie: u64,
+}
+
+/// The byte phase of an authenticated session, for any connector: deliver what each
+/// side is owed, then splice the session in the kernel or relay it, until both sides are
+/// done. Spliced only with a ticket (the app socket is in `SPLICE_APP`), a plain
+/// upstream, a client that sends nothing until it has its bytes
+/// ([`Session::client_waits`]) and nothing in flight either way; otherwise the app
+/// socket leaves the splice map and the session is relayed.
+///
+/// # Errors
+/// An I/O error on either side.
+pub async fn run_session(
+    mut s: Session,
+    ticket: Option<SpliceTicket>,
+    stats: &mut ConnStats,
+) -> Result<(), ConnError> {
+    let _keep = s.keep.take();
+    let mut client = s.client;
+    let mut up = match (s.upstream, ticket) {
+        (UpstreamStream::Plain(up), Some(t))
+            if s.client_waits && s.to_upstream.is_empty() && nothing_pending(&client) =>
+        {
+            // Out of tokio's reactor first (see `run`).
+            let up = up.into_std()?;
+            // The app reads `to_client` through TCP, after the splice has started.
+            match t.splicer.start(t.app_cookie, s.to_client.len() as u64, &up) {
+                Ok(sp) => Up::Spliced(up, sp),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace");
+                    t.splicer.forget(t.app_cookie);
+                    Up::Plain(TcpStream::from_std(up)?)
+                }
+            }
+        }
+        (up, t) => {
+            // Not spliced: the app's socket goes back to plain TCP.
+            if let Some(t) = t {
+                t.splicer.forget(t.app_cookie);
+            }
+            match up {
+                UpstreamStream::Plain(up) => Up::Plain(up),
+                UpstreamStream::Other(up) => Up::Other(up),
+            }
+        }
+    };
+    client.write_all(&s.to_client).await?;
+    client.flush().await?;
+    match &mut up {
+        Up::Plain(u) => relay::write_all(u, &s.to_upstream).await?,
+        Up::Other(u) => {
+            u.write_all(&s.to_upstream).await?;
+            u.flush().await?;
+        }
+        Up::Spliced(..) => debug_assert!(s.to_upstream.is_empty()),
+    }
+    stats.bytes_down += s.to_client.len() as u64;
+    stats.bytes_up += s.to_upstream.len() as u64;
+    stats.spliced = matches!(up, Up::Spliced(..));
+    let (a, b) = match up {
+        Up::Spliced(u, sp) => {
+            let o = run(&client, u, &sp).await?;
+            stats.splice_fallback = o.fallback;
+            (o.up, o.down)
+        }
+        // Plain upstreams use the readiness-based relay (no buffer held while idle).
+        Up::Plain(u) => relay::relay_tcp(&client, &u).await?,
+        Up::Other(u) => relay::relay(&mut client, u).await?,
+    };
+    stats.bytes_up += a;
+    stats.bytes_down += b;
+    Ok(())
+}
+
+/// The upstream during the byte phase.
+enum Up {
+    Plain(TcpStream),
+    Other(Box<dyn crate::connector::AsyncStream>),
+    /// Out of tokio's reactor, with the guard of its splice map entries.
+    Spliced(std::net::TcpStream, Spliced),
+}
+
+/// Whether the client-side socket has no unread byte in the kernel (anything the client
+/// sent early would be overtaken by its spliced bytes).
+fn nothing_pending(client: &TcpStream) -> bool {
+    crate::sys::unread_bytes(client).is_ok_and(|n| n == 0)
+}
 
 /// How long the upstream's last bytes get to reach the app before its FIN does. The
 /// kernel delivers redirected data from a work queue; a FIN sent by us travels the
@@ -179,14 +280,14 @@ async fn relay_after_fallback(
                     // The app is gone: nothing left to keep in order.
                     break;
                 }
-                super::tcp::write_all(&up, &buf).await?;
+                relay::write_all(&up, &buf).await?;
                 forwarded += buf.len() as u64;
             }
         }
     }
     let (k_up, k_down) = spliced.bytes();
     spliced.unlink();
-    let (a, b) = super::tcp::relay_tcp(client, &up).await?;
+    let (a, b) = relay::relay_tcp(client, &up).await?;
     Ok(Outcome {
         up: k_up + forwarded + a,
         down: k_down + b,

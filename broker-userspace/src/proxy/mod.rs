@@ -22,7 +22,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use broker_common::REC_IN_SPLICE_APP;
@@ -32,10 +32,15 @@ use tokio::{
 };
 use tracing::Instrument as _;
 
+pub mod dial;
+pub mod relay;
+pub mod result;
+pub mod splice;
+
+use self::{result::ConnResult, splice::SpliceTicket};
 use crate::{
-    broker::Broker,
-    config::{BrokerSettings, Connector, ListenAddr, Service},
-    connector::{self, Caller, Conn, ConnError, ConnStats, SpliceTicket},
+    config::{BrokerSettings, ListenAddr, Service},
+    connector::{Caller, Conn, ConnError, ConnStats, Connector, Env, Handoff},
     ebpf::{Interceptor, record_destination},
     ratelimit::LogLimiter,
 };
@@ -193,8 +198,11 @@ impl Drop for TrackerGuard {
 /// Everything an accept loop needs.
 #[derive(Clone)]
 pub struct Shared {
-    pub broker: Arc<Broker>,
+    /// What connectors use: credentials, the dialer.
+    pub env: Env,
     pub services: Arc<Vec<Arc<Service>>>,
+    /// The connector instance of each service (same index).
+    pub connectors: Arc<Vec<Arc<dyn Connector>>>,
     /// Weak, so that stopping the daemon detaches the programs at once even while
     /// connections are still being drained.
     pub interceptor: Option<std::sync::Weak<Interceptor>>,
@@ -236,7 +244,9 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     let Some(admission) = shared.caps.admit(explicit) else {
                         // Closed at once: over a cap, a connection must not cost more
-                        // than the accept (no task, no buffer, no upstream).
+                        // than the accept and one write (no task, no buffer, no
+                        // upstream).
+                        refuse_over_cap(&shared, &stream, explicit);
                         drop(stream);
                         cap_reached(&shared, peer, explicit);
                         continue;
@@ -259,6 +269,30 @@ async fn accept_loop(
     }
 }
 
+/// Tell a client refused for a cap what its protocol says ("too many connections"), with
+/// one non-blocking write, where the protocol lets a server speak first. A transparent
+/// connection's record is taken (it names the service) so it does not linger.
+fn refuse_over_cap(shared: &Shared, stream: &TcpStream, explicit: Option<usize>) {
+    let id = match explicit {
+        Some(id) => Some(id),
+        None => shared
+            .interceptor
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+            .and_then(|i| i.take_record(stream).ok().flatten())
+            .map(|r| r.service_id as usize),
+    };
+    let Some((service, connector)) =
+        id.and_then(|id| Some((shared.services.get(id)?, shared.connectors.get(id)?)))
+    else {
+        return;
+    };
+    let reason = "too many connections through the broker (broker.maxConnections / maxConnectionsPerListener)";
+    if let Some(bytes) = connector.refusal(&service.name, reason) {
+        let _ = stream.try_write(&bytes);
+    }
+}
+
 /// The rate-limited line for a connection closed because a cap was reached.
 fn cap_reached(shared: &Shared, peer: SocketAddr, explicit: Option<usize>) {
     let Some(suppressed) = shared.caps.log.check() else {
@@ -273,9 +307,9 @@ fn cap_reached(shared: &Shared, peer: SocketAddr, explicit: Option<usize>) {
     };
     tracing::warn!(
         target: "access",
-        client = %peer,
-        listener = %listener,
         result = "refused",
+        src.addr = %peer,
+        listener = %listener,
         reason = "connection cap reached (broker.maxConnections / maxConnectionsPerListener)",
         suppressed_before = suppressed,
         "connection refused: too many connections"
@@ -283,7 +317,6 @@ fn cap_reached(shared: &Shared, peer: SocketAddr, explicit: Option<usize>) {
 }
 
 async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: Option<usize>) {
-    let started = Instant::now();
     let (service_id, caller, orig_dst, splice) = match explicit {
         Some(id) => (id, None, None, None),
         None => {
@@ -302,8 +335,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
                 if let Some(suppressed) = shared.refusals.check() {
                     tracing::warn!(
                         target: "access",
-                        client = %peer,
                         result = "refused",
+                        src.addr = %peer,
                         reason = "no redirect record (direct connection to the broker's listener)",
                         suppressed_before = suppressed,
                         "connection refused"
@@ -333,45 +366,65 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
             )
         }
     };
-    let Some(service) = shared.services.get(service_id).cloned() else {
-        tracing::warn!(target: "access", client = %peer, service_id, result = "refused", "unknown service id");
+    let (Some(service), Some(connector)) = (
+        shared.services.get(service_id).cloned(),
+        shared.connectors.get(service_id).cloned(),
+    ) else {
+        if let Some(t) = splice {
+            t.splicer.forget(t.app_cookie);
+        }
+        tracing::warn!(target: "access", result = "refused", src.addr = %peer, service_id, "unknown service id");
         return;
     };
-    let mut conn = Conn {
+    let mut record = ConnResult::new(Conn {
         service,
         client_addr: peer,
         caller,
         orig_dst,
-        splice,
         stats: ConnStats::default(),
-    };
-    let span = tracing::info_span!("conn", service = %conn.service.name, client = %peer);
+    });
+    let span = tracing::info_span!("conn", service = %record.conn.service.name, client = %peer);
     let mut abort = shared.abort.clone();
+    let conn = &mut record.conn;
     let result = async {
         tokio::select! {
-            r = dispatch(&shared.broker, &mut conn, stream) => r,
+            r = serve(connector.as_ref(), &shared.env, conn, stream, splice) => r,
             () = stopped(&mut abort) => Err(ConnError::Io(std::io::Error::other("broker shutting down"))),
         }
     }
     .instrument(span)
     .await;
-    // An app socket the connector did not splice (an error, a cancel request, a client
-    // that never finished its startup) leaves the splice map now, not when the app
-    // closes: a client holding sockets open must not be able to fill it.
-    if let Some(t) = conn.splice.take() {
-        t.splicer.forget(t.app_cookie);
-    }
-    access_log(&conn, &result, started.elapsed());
+    record.finish(result);
 }
 
-async fn dispatch(broker: &Broker, conn: &mut Conn, stream: TcpStream) -> Result<(), ConnError> {
-    let service = Arc::clone(&conn.service);
-    match &service.connector {
-        Connector::Tcp(cfg) => connector::tcp::serve(broker, conn, cfg, stream).await,
-        Connector::Pg(cfg) => connector::pg::serve(broker, conn, cfg, stream).await,
-        Connector::NotBuilt { name } => Err(ConnError::Config(format!(
-            "connector `{name}` is not built yet"
-        ))),
+/// One connection through its connector, then the byte phase the core owns. An app
+/// socket that is not spliced (an error, a cancel request, a client that never finished
+/// its startup) leaves the splice map when this returns, not when the app closes: a
+/// client holding sockets open must not be able to fill it.
+///
+/// # Errors
+/// The connector's error, or an I/O error while moving the session's bytes.
+pub async fn serve(
+    connector: &dyn Connector,
+    env: &Env,
+    conn: &mut Conn,
+    client: TcpStream,
+    ticket: Option<SpliceTicket>,
+) -> Result<(), ConnError> {
+    let _forget = ticket.clone().map(ForgetOnDrop);
+    match connector.serve(env, conn, client).await? {
+        Handoff::Done => Ok(()),
+        Handoff::Relay(session) => splice::run_session(session, ticket, &mut conn.stats).await,
+    }
+}
+
+/// Takes an app socket out of `SPLICE_APP` when dropped (idempotent: a spliced session
+/// has its own guard, and the socket leaves the sockhash when it closes).
+struct ForgetOnDrop(SpliceTicket);
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        self.0.splicer.forget(self.0.app_cookie);
     }
 }
 
@@ -381,49 +434,10 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 fn record_is_fresh(connect_ns: u64) -> bool {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    let now = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
-        + u64::try_from(ts.tv_nsec).unwrap_or(0);
-    now.saturating_sub(connect_ns) < MAX_RECORD_AGE.as_nanos() as u64
+    crate::sys::monotonic_ns().saturating_sub(connect_ns) < MAX_RECORD_AGE.as_nanos() as u64
 }
 
 fn comm_text(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
-}
-
-/// The one access-log line of a connection. Never contains a credential value.
-fn access_log(conn: &Conn, result: &Result<(), ConnError>, elapsed: Duration) {
-    let (res, error) = match result {
-        Ok(()) => ("ok", String::new()),
-        Err(e) => (e.kind(), e.to_string()),
-    };
-    let c = conn.caller.as_ref();
-    tracing::info!(
-        target: "access",
-        service = %conn.service.name,
-        connector = conn.service.connector.name(),
-        client = %conn.client_addr,
-        caller.pid = c.map(|c| c.pid),
-        caller.uid = c.map(|c| c.uid),
-        caller.gid = c.map(|c| c.gid),
-        caller.cgroup = c.map(|c| c.cgroup_id),
-        caller.comm = c.map(|c| c.comm.as_str()),
-        dst = conn.orig_dst.map(|d| d.to_string()),
-        upstream = conn.stats.upstream.as_deref(),
-        credentials = %conn.stats.fetched.join(","),
-        result = res,
-        error = %error,
-        bytes_up = conn.stats.bytes_up,
-        bytes_down = conn.stats.bytes_down,
-        spliced = conn.stats.spliced,
-        splice_fallback = conn.stats.splice_fallback,
-        duration_ms = elapsed.as_millis() as u64,
-        "connection"
-    );
 }

@@ -1,0 +1,74 @@
+//! One result record per brokered connection: created when the connection is accepted,
+//! filled in by the core and the connector, written as the access-log line when it is
+//! dropped. Written from `Drop`, so a connection that ends in a panic, an abort at the
+//! drain deadline or any early return still has exactly one line (result `aborted` when
+//! it never finished). Metrics and audit will read the same record.
+//!
+//! Field names are dotted and stable: `service`, `connector`, `src.addr`, `dst.addr`,
+//! `upstream.addr`, `caller.{pid,uid,gid,cgroup,comm}`, `credentials`, `result`,
+//! `error`, `error.kind`, `bytes.up`, `bytes.down`, `spliced`, `splice.fallback`,
+//! `duration_ms`. Never a credential value.
+
+use std::time::Instant;
+
+use crate::connector::{Conn, ConnError};
+
+/// A connection's record; its line is written when it drops.
+#[derive(Debug)]
+pub struct ConnResult {
+    started: Instant,
+    pub conn: Conn,
+    /// `None` until the connection finished.
+    outcome: Option<Result<(), ConnError>>,
+}
+
+impl ConnResult {
+    #[must_use]
+    pub fn new(conn: Conn) -> Self {
+        Self {
+            started: Instant::now(),
+            conn,
+            outcome: None,
+        }
+    }
+
+    /// How the connection ended.
+    pub fn finish(&mut self, outcome: Result<(), ConnError>) {
+        self.outcome = Some(outcome);
+    }
+}
+
+impl Drop for ConnResult {
+    fn drop(&mut self) {
+        let (result, error, kind) = match &self.outcome {
+            None => ("aborted", String::new(), None),
+            Some(Ok(())) => ("ok", String::new(), None),
+            Some(Err(e)) => (e.kind(), e.to_string(), e.detail()),
+        };
+        let conn = &self.conn;
+        let c = conn.caller.as_ref();
+        tracing::info!(
+            target: "access",
+            service = %conn.service.name,
+            connector = conn.service.connector.name(),
+            src.addr = %conn.client_addr,
+            dst.addr = conn.orig_dst.map(|d| d.to_string()),
+            upstream.addr = conn.stats.upstream.as_deref(),
+            caller.pid = c.map(|c| c.pid),
+            caller.uid = c.map(|c| c.uid),
+            caller.gid = c.map(|c| c.gid),
+            caller.cgroup = c.map(|c| c.cgroup_id),
+            caller.comm = c.map(|c| c.comm.as_str()),
+            credentials = %conn.stats.fetched.join(","),
+            result,
+            error = %error,
+            error.kind = kind,
+            bytes.up = conn.stats.bytes_up,
+            bytes.down = conn.stats.bytes_down,
+            spliced = conn.stats.spliced,
+            splice.fallback = conn.stats.splice_fallback,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "connection"
+        );
+    }
+}
