@@ -125,10 +125,14 @@ pub struct CidrKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TargetValue {
-    /// Index of the service in the daemon's configuration.
+    /// Stable id of the service (derived from its name, not its position).
     pub service_id: u32,
     /// `TARGET_*` bits.
     pub flags: u32,
+    /// Generation of the daemon's configuration snapshot that wrote the target; copied
+    /// into the record, so a record outliving a reload is recognised as stale.
+    pub generation: u32,
+    pub _pad: u32,
 }
 
 /// Global settings, written by the daemon before it attaches the programs.
@@ -178,6 +182,9 @@ pub struct ConnRecord {
     pub gid: u32,
     /// `TARGET_SPLICE` copied from the target, plus `REC_IN_SPLICE_APP`.
     pub flags: u32,
+    /// The target's configuration generation.
+    pub generation: u32,
+    pub _pad: u32,
 }
 
 /// One TCP socket, as seen from itself: its own address and its peer's. Both the kernel
@@ -248,10 +255,10 @@ mod pod {
 // No hidden padding: every byte is a named field.
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<CidrKey>() == 18);
-const _: () = assert!(core::mem::size_of::<TargetValue>() == 8);
+const _: () = assert!(core::mem::size_of::<TargetValue>() == 16);
 const _: () = assert!(core::mem::size_of::<BrokerSettings>() == 24);
 const _: () =
-    assert!(core::mem::size_of::<ConnRecord>() == 8 + 8 + 8 + 8 + 16 + 16 + 2 + 2 + 4 * 5);
+    assert!(core::mem::size_of::<ConnRecord>() == 8 + 8 + 8 + 8 + 16 + 16 + 2 + 2 + 4 * 7);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 16 + 16 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 8 + 36 + 4);
 const _: () = assert!(core::mem::size_of::<SpliceValue>() == 8 * 4 + 4 + 4);

@@ -339,6 +339,8 @@ fn record(
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
         flags: target.flags & TARGET_SPLICE,
+        generation: target.generation,
+        _pad: 0,
     };
     BY_COOKIE.insert(cookie, rec, BPF_NOEXIST).is_ok()
 }

@@ -28,12 +28,14 @@ use crate::{
     broker::{self, Broker},
     cgroup::{self, ChildCgroup},
     config::{self, Config, ListenAddr},
+    connector::Env,
     ebpf::Interceptor,
     health::{self, Readiness},
-    connector::{self, Env},
     proxy::{self, Caps, Shared, Tracker, dial::Dialer},
     ratelimit::LogLimiter,
-    resolver, sys,
+    resolver,
+    runtime::{self, Runtime},
+    sys,
 };
 
 /// Exit status for a configuration that does not load (sysexits EX_CONFIG).
@@ -179,11 +181,8 @@ impl Daemon {
     pub async fn start(cfg: Config, opts: &StartOptions) -> anyhow::Result<Self> {
         let cfg = Arc::new(cfg);
         let broker = Arc::new(Broker::new(Arc::clone(&cfg)).context("setting up providers")?);
-        let services: Arc<Vec<_>> = Arc::new(cfg.services.iter().cloned().map(Arc::new).collect());
-        let connectors = services
-            .iter()
-            .map(|s| connector::build(s).with_context(|| format!("service {}", s.name)))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        // The first snapshot of this process: generation 1.
+        let runtime = Runtime::build(&cfg, 1)?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (detach_tx, detach_rx) = watch::channel(false);
         let (abort_tx, abort_rx) = watch::channel(false);
@@ -191,7 +190,7 @@ impl Daemon {
         let tracker = Arc::new(Tracker::default());
         let caps = Arc::new(Caps::new(
             &cfg.broker,
-            &services,
+            runtime.services(),
             matches!(opts.attach, Attach::Cgroup(_)),
         )?);
 
@@ -201,11 +200,12 @@ impl Daemon {
             _ => None,
         };
         let mut explicit = Vec::new();
-        for (id, s) in services.iter().enumerate() {
+        for rt in runtime.services() {
+            let s = &rt.service;
             match &s.listen_on {
                 Some(ListenAddr::Tcp(addr)) => {
                     let what = format!("listenOn of service {}", s.name);
-                    explicit.push((id, bind(*addr, &what).await?));
+                    explicit.push((rt.id, bind(*addr, &what).await?));
                 }
                 Some(ListenAddr::Unix(p)) => bail!(
                     "service {}: listenOn unix://{} is not supported yet; use tcp://",
@@ -231,11 +231,10 @@ impl Daemon {
             transparent_listeners.push(v4);
             transparent_listeners.extend(v6);
 
-            let per_service: Vec<(u32, &[config::InterceptTarget])> = cfg
-                .services
+            let per_service: Vec<(u32, &[config::InterceptTarget])> = runtime
+                .services()
                 .iter()
-                .enumerate()
-                .map(|(i, s)| (u32::try_from(i).unwrap_or(u32::MAX), s.intercept.as_slice()))
+                .map(|rt| (rt.id, rt.service.intercept.as_slice()))
                 .collect();
             let mut t = resolver::Targets::new(&per_service);
             t.refresh_due().await;
@@ -250,12 +249,11 @@ impl Daemon {
                 netns_cookie: 0, // Interceptor::attach: this process's namespace
             };
             // Sessions of these services may be spliced in the kernel after auth.
-            let splice_services: std::collections::BTreeSet<u32> = cfg
-                .services
+            let splice_services: std::collections::BTreeSet<u32> = runtime
+                .services()
                 .iter()
-                .enumerate()
-                .filter(|(_, s)| cfg.broker.splice && s.connector.can_splice())
-                .map(|(i, _)| u32::try_from(i).unwrap_or(u32::MAX))
+                .filter(|rt| cfg.broker.splice && rt.connector.splices())
+                .map(|rt| rt.id)
                 .collect();
             let splice_services = if splice_services.is_empty() || splice_kernel_ok() {
                 splice_services
@@ -265,8 +263,14 @@ impl Daemon {
             if !splice_services.is_empty() {
                 check_splice_rmem();
             }
-            let mut i = Interceptor::attach(cgroup, settings, &t.current(), splice_services)
-                .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
+            let mut i = Interceptor::attach(
+                cgroup,
+                settings,
+                &t.current(),
+                splice_services,
+                runtime.generation,
+            )
+            .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
             if opts.ebpf_debug {
                 match i.kernel_logger() {
                     Ok(logger) => spawn_kernel_logger(logger),
@@ -292,8 +296,7 @@ impl Daemon {
                     mark: cfg.broker.bypass_mark,
                 },
             },
-            services,
-            connectors: Arc::new(connectors),
+            runtime: Arc::new(runtime::Current::new(runtime)),
             interceptor: interceptor.as_ref().map(Arc::downgrade),
             tracker: Arc::clone(&tracker),
             abort: abort_rx,
@@ -320,7 +323,12 @@ impl Daemon {
         }
         for (id, l) in explicit {
             let addr = l.local_addr()?;
-            let name = &shared.services[id].name;
+            let name = shared
+                .runtime
+                .load()
+                .service(id)
+                .map(|rt| rt.service.name.clone())
+                .unwrap_or_default();
             tracing::info!(service = %name, %addr, "listenOn bound");
             supervise(
                 &mut tasks,
@@ -342,7 +350,10 @@ impl Daemon {
         // SAFETY: malloc_trim has no preconditions.
         unsafe { libc::malloc_trim(0) };
         readiness.set_started();
-        tracing::info!(services = shared.services.len(), "broker ready");
+        tracing::info!(
+            services = shared.runtime.load().services().len(),
+            "broker ready"
+        );
         Ok(Self {
             interceptor,
             readiness,
@@ -753,6 +764,66 @@ fn forward(child: &tokio::process::Child, sig: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The daemon in-process, without root: `--no-ebpf` with one `listenOn` service.
+    /// A connection in progress when `stop` is called is drained (it completes), new
+    /// connections are refused once the listener stopped, and `stop` returns.
+    #[tokio::test]
+    async fn starts_and_drains_in_process_without_root() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        // An upstream that answers after a delay, so the connection is live at `stop`.
+        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = up.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 5];
+                    let _ = s.read_exact(&mut b).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = s.write_all(b"pong!").await;
+                });
+            }
+        });
+        let listen = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let cfg = config::load_str(&format!(
+            "version: 2\nbroker:\n  health: off\nservices:\n  echo:\n    connector: tcp\n    listenOn: tcp://{listen}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n",
+            up_addr.port()
+        ))
+        .unwrap();
+        let daemon = Daemon::start(
+            cfg,
+            &StartOptions {
+                attach: Attach::None,
+                health: false,
+                ebpf_debug: false,
+            },
+        )
+        .await
+        .unwrap();
+        let mut c = tokio::net::TcpStream::connect(listen).await.unwrap();
+        c.write_all(b"ping!").await.unwrap();
+        // The connection is brokered and waiting for the upstream's answer.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopping = tokio::spawn(daemon.stop());
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got))
+            .await
+            .expect("the live connection completes during the drain")
+            .unwrap();
+        assert_eq!(got, b"pong!");
+        drop(c); // the client's end of the session
+        tokio::time::timeout(Duration::from_secs(5), stopping)
+            .await
+            .expect("stop returns once drained")
+            .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(listen).await.is_err(),
+            "the listener is closed after stop"
+        );
+    }
 
     async fn wait_failed(r: &Readiness) -> String {
         tokio::time::timeout(Duration::from_secs(5), r.failed())

@@ -184,6 +184,8 @@ struct Targets {
     current: BTreeMap<KernelTarget, u32>,
     /// Services whose sessions may be spliced in the kernel.
     splice_services: BTreeSet<u32>,
+    /// The configuration generation every target carries (see `runtime`).
+    generation: u32,
 }
 
 /// The loaded and attached kernel programs and their maps.
@@ -240,6 +242,7 @@ impl Interceptor {
         mut settings: BrokerSettings,
         targets: &BTreeMap<KernelTarget, u32>,
         splice_services: BTreeSet<u32>,
+        generation: u32,
     ) -> Result<Self, EbpfError> {
         // The kernel's BTF, read once: aya relocates with it (as `Ebpf::load` does), and
         // the splice programs read fields of `struct sock` at offsets found in it.
@@ -341,6 +344,7 @@ impl Interceptor {
                 .map_err(map_err(MAP_TARGET_CIDRS))?,
             current: BTreeMap::new(),
             splice_services,
+            generation,
         };
         t.update(targets)?;
 
@@ -452,6 +456,8 @@ impl Targets {
                 } else {
                     0
                 },
+                generation: self.generation,
+                _pad: 0,
             };
             match *t {
                 KernelTarget::Exact(ip, port) => self
@@ -779,6 +785,8 @@ mod tests {
             uid: 0,
             gid: 0,
             flags: 0,
+            generation: 1,
+            _pad: 0,
         };
         assert_eq!(record_destination(&rec), "10.1.2.3:80".parse().unwrap());
     }

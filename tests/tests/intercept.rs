@@ -145,7 +145,10 @@ fn exec_redirects_hostname_ipv6_and_mapped_and_leaves_the_rest_alone() {
         assert!(a["caller.cgroup"].as_u64().unwrap_or(0) > 0, "{a}");
         assert!(a["bytes.down"].as_u64().unwrap_or(0) > 0, "{a}");
     }
-    let dsts: Vec<&str> = access.iter().filter_map(|a| a["dst.addr"].as_str()).collect();
+    let dsts: Vec<&str> = access
+        .iter()
+        .filter_map(|a| a["dst.addr"].as_str())
+        .collect();
     assert!(
         dsts.contains(&format!("127.0.0.2:{}", web.addr.port()).as_str()),
         "{dsts:?}"

@@ -103,15 +103,6 @@ impl Connector {
             Self::NotBuilt { name } => name,
         }
     }
-
-    /// Whether sessions may be spliced in the kernel after authentication: the
-    /// connector's job ends at auth and the rest is bytes. PostgreSQL only: its client
-    /// sends nothing between the StartupMessage and ReadyForQuery, so there is a point
-    /// where no client byte can be in flight (docs/ARCHITECTURE.md, "Splice").
-    #[must_use]
-    pub fn can_splice(&self) -> bool {
-        matches!(self, Self::Pg(_))
-    }
 }
 
 /// `connector: tcp`: relay bytes, optionally originating TLS to the upstream.

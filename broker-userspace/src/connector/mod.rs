@@ -15,7 +15,9 @@
 pub mod pg;
 pub mod tcp;
 
-use std::{any::Any, collections::BTreeMap, fmt, future::Future, net::SocketAddr, pin::Pin, sync::Arc};
+use std::{
+    any::Any, collections::BTreeMap, fmt, future::Future, net::SocketAddr, pin::Pin, sync::Arc,
+};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -58,6 +60,13 @@ pub trait Connector: Send + Sync + fmt::Debug {
     /// non-blocking write, then the socket is closed.
     fn refusal(&self, _service: &str, _reason: &str) -> Option<Vec<u8>> {
         None
+    }
+
+    /// Whether the protocol's sessions may be spliced in the kernel once authenticated
+    /// (its [`Session`]s can have [`Session::client_waits`]). The kernel then puts the
+    /// app sockets of this service's connections in the splice map as they connect.
+    fn splices(&self) -> bool {
+        false
     }
 }
 

@@ -94,9 +94,9 @@ impl TcpConnector {
                 .ok_or_else(|| ConnError::Config("no upstream: set credential `host`".into()))?,
         };
         let port = match creds.text("port")? {
-            Some(p) => p.parse::<u16>().map_err(|_| {
-                ConnError::Config("credential `port` is not a port number".into())
-            })?,
+            Some(p) => p
+                .parse::<u16>()
+                .map_err(|_| ConnError::Config("credential `port` is not a port number".into()))?,
             None => match (conn.orig_dst, &service.listen_on) {
                 (Some(a), _) => a.port(),
                 (None, Some(ListenAddr::Tcp(a))) => a.port(),

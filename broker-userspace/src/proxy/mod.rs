@@ -16,19 +16,12 @@
 //! so `listenOn` listeners (which any local process can reach) cannot starve it; the
 //! health endpoint has its own listener and task, outside the caps.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use broker_common::REC_IN_SPLICE_APP;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Notify, OwnedSemaphorePermit, Semaphore, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
 };
 use tracing::Instrument as _;
 
@@ -37,12 +30,15 @@ pub mod relay;
 pub mod result;
 pub mod splice;
 
+pub use crate::drain::Tracker;
+
 use self::{result::ConnResult, splice::SpliceTicket};
 use crate::{
-    config::{BrokerSettings, ListenAddr, Service},
+    config::{BrokerSettings, ListenAddr},
     connector::{Caller, Conn, ConnError, ConnStats, Connector, Env, Handoff},
     ebpf::{Interceptor, record_destination},
     ratelimit::LogLimiter,
+    runtime::{Current, ServiceRt},
 };
 
 /// Log lines per second for connections refused for want of a redirect record, and for
@@ -59,8 +55,8 @@ pub struct Caps {
     transparent: Arc<Semaphore>,
     /// Every `listenOn` listener together: `maxConnections` minus the transparent share.
     explicit_pool: Arc<Semaphore>,
-    /// One per service (used by those with `listenOn`): `maxConnectionsPerListener`.
-    per_service: Vec<Arc<Semaphore>>,
+    /// One per service with `listenOn`, by service id: `maxConnectionsPerListener`.
+    per_service: std::collections::HashMap<u32, Arc<Semaphore>>,
     /// Rate limit of the "cap reached" lines.
     pub log: LogLimiter,
 }
@@ -92,12 +88,12 @@ impl Caps {
     /// When both kinds run and nothing would be left for `listenOn`.
     pub fn new(
         settings: &BrokerSettings,
-        services: &[Arc<Service>],
+        services: &[Arc<ServiceRt>],
         transparent: bool,
     ) -> Result<Self, CapsError> {
         let max = settings.max_connections as usize;
         let per = (settings.max_connections_per_listener as usize).min(max);
-        let any_explicit = services.iter().any(|s| s.listen_on.is_some());
+        let any_explicit = services.iter().any(|s| s.service.listen_on.is_some());
         let pool = if transparent { max - per } else { max };
         if any_explicit && pool == 0 {
             return Err(CapsError {
@@ -110,7 +106,8 @@ impl Caps {
             explicit_pool: Arc::new(Semaphore::new(pool)),
             per_service: services
                 .iter()
-                .map(|s| Arc::new(Semaphore::new(if s.listen_on.is_some() { per } else { 0 })))
+                .filter(|s| s.service.listen_on.is_some())
+                .map(|s| (s.id, Arc::new(Semaphore::new(per))))
                 .collect(),
             log: LogLimiter::new("cap refusals", REFUSAL_LOG_PER_SEC, Duration::from_secs(1)),
         })
@@ -119,14 +116,14 @@ impl Caps {
     /// Permits for one more connection on this listener (`None`: transparent), or `None`
     /// when a cap is reached. Never waits.
     #[must_use]
-    pub fn admit(&self, explicit: Option<usize>) -> Option<Admission> {
+    pub fn admit(&self, explicit: Option<u32>) -> Option<Admission> {
         match explicit {
             None => Some(Admission {
                 _listener: Arc::clone(&self.transparent).try_acquire_owned().ok()?,
                 _pool: None,
             }),
             Some(id) => {
-                let listener = Arc::clone(self.per_service.get(id)?)
+                let listener = Arc::clone(self.per_service.get(&id)?)
                     .try_acquire_owned()
                     .ok()?;
                 let pool = Arc::clone(&self.explicit_pool).try_acquire_owned().ok()?;
@@ -143,66 +140,13 @@ impl Caps {
 /// accepted long ago; an old entry can only be stale).
 pub const MAX_RECORD_AGE: Duration = Duration::from_secs(60);
 
-/// Counts live connection tasks so shutdown can drain them.
-#[derive(Debug, Default)]
-pub struct Tracker {
-    active: AtomicUsize,
-    /// Connections ever accepted (the memory trimmer's "was there traffic" test).
-    total: AtomicUsize,
-    idle: Notify,
-}
-
-impl Tracker {
-    fn enter(self: &Arc<Self>) -> TrackerGuard {
-        self.active.fetch_add(1, Ordering::SeqCst);
-        self.total.fetch_add(1, Ordering::Relaxed);
-        TrackerGuard(Arc::clone(self))
-    }
-
-    /// Connections accepted since start.
-    #[must_use]
-    pub fn total(&self) -> usize {
-        self.total.load(Ordering::Relaxed)
-    }
-
-    #[must_use]
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::SeqCst)
-    }
-
-    /// Wait until no connection is active, or `deadline` passes. Returns how many remain.
-    pub async fn drain(&self, deadline: Duration) -> usize {
-        let until = tokio::time::Instant::now() + deadline;
-        loop {
-            let notified = self.idle.notified();
-            if self.active() == 0 {
-                return 0;
-            }
-            if tokio::time::timeout_at(until, notified).await.is_err() {
-                return self.active();
-            }
-        }
-    }
-}
-
-struct TrackerGuard(Arc<Tracker>);
-
-impl Drop for TrackerGuard {
-    fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
 /// Everything an accept loop needs.
 #[derive(Clone)]
 pub struct Shared {
     /// What connectors use: credentials, the dialer.
     pub env: Env,
-    pub services: Arc<Vec<Arc<Service>>>,
-    /// The connector instance of each service (same index).
-    pub connectors: Arc<Vec<Arc<dyn Connector>>>,
+    /// The services and their connectors, swapped whole on reload.
+    pub runtime: Arc<Current>,
     /// Weak, so that stopping the daemon detaches the programs at once even while
     /// connections are still being drained.
     pub interceptor: Option<std::sync::Weak<Interceptor>>,
@@ -224,7 +168,7 @@ pub async fn serve_transparent(listener: TcpListener, shared: Shared, stop: watc
 pub async fn serve_explicit(
     listener: TcpListener,
     shared: Shared,
-    service_id: usize,
+    service_id: u32,
     stop: watch::Receiver<bool>,
 ) {
     accept_loop(listener, shared, stop, Some(service_id)).await;
@@ -234,7 +178,7 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Shared,
     mut stop: watch::Receiver<bool>,
-    explicit: Option<usize>,
+    explicit: Option<u32>,
 ) {
     loop {
         tokio::select! {
@@ -272,7 +216,7 @@ async fn accept_loop(
 /// Tell a client refused for a cap what its protocol says ("too many connections"), with
 /// one non-blocking write, where the protocol lets a server speak first. A transparent
 /// connection's record is taken (it names the service) so it does not linger.
-fn refuse_over_cap(shared: &Shared, stream: &TcpStream, explicit: Option<usize>) {
+fn refuse_over_cap(shared: &Shared, stream: &TcpStream, explicit: Option<u32>) {
     let id = match explicit {
         Some(id) => Some(id),
         None => shared
@@ -280,25 +224,28 @@ fn refuse_over_cap(shared: &Shared, stream: &TcpStream, explicit: Option<usize>)
             .as_ref()
             .and_then(std::sync::Weak::upgrade)
             .and_then(|i| i.take_record(stream).ok().flatten())
-            .map(|r| r.service_id as usize),
+            .map(|r| r.service_id),
     };
-    let Some((service, connector)) =
-        id.and_then(|id| Some((shared.services.get(id)?, shared.connectors.get(id)?)))
-    else {
+    let runtime = shared.runtime.load();
+    let Some(rt) = id.and_then(|id| runtime.service(id)) else {
         return;
     };
     let reason = "too many connections through the broker (broker.maxConnections / maxConnectionsPerListener)";
-    if let Some(bytes) = connector.refusal(&service.name, reason) {
+    if let Some(bytes) = rt.connector.refusal(&rt.service.name, reason) {
         let _ = stream.try_write(&bytes);
     }
 }
 
 /// The rate-limited line for a connection closed because a cap was reached.
-fn cap_reached(shared: &Shared, peer: SocketAddr, explicit: Option<usize>) {
+fn cap_reached(shared: &Shared, peer: SocketAddr, explicit: Option<u32>) {
     let Some(suppressed) = shared.caps.log.check() else {
         return;
     };
-    let listener = match explicit.and_then(|id| shared.services.get(id)) {
+    let runtime = shared.runtime.load();
+    let listener = match explicit
+        .and_then(|id| runtime.service(id))
+        .map(|rt| &rt.service)
+    {
         Some(s) => match &s.listen_on {
             Some(ListenAddr::Tcp(a)) => format!("listenOn {a} of service {}", s.name),
             _ => format!("listenOn of service {}", s.name),
@@ -316,9 +263,16 @@ fn cap_reached(shared: &Shared, peer: SocketAddr, explicit: Option<usize>) {
     );
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: Option<usize>) {
-    let (service_id, caller, orig_dst, splice) = match explicit {
-        Some(id) => (id, None, None, None),
+async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: Option<u32>) {
+    // The snapshot this connection runs with, from start to end.
+    let runtime = shared.runtime.load();
+    let (rt, caller, orig_dst, splice) = match explicit {
+        Some(id) => {
+            let Some(rt) = runtime.service(id) else {
+                return;
+            };
+            (Arc::clone(rt), None, None, None)
+        }
         None => {
             let interceptor = shared
                 .interceptor
@@ -358,26 +312,22 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
                     splicer: i.splicer(),
                     app_cookie: rec.cookie,
                 });
-            (
-                rec.service_id as usize,
-                Some(caller),
-                Some(record_destination(&rec)),
-                splice,
-            )
+            let rt = match runtime.for_record(rec.service_id, rec.generation) {
+                Ok(rt) => Arc::clone(rt),
+                Err(e) => {
+                    // Never served with another service's credentials.
+                    if let Some(t) = splice {
+                        t.splicer.forget(t.app_cookie);
+                    }
+                    tracing::warn!(target: "access", result = "refused", src.addr = %peer, reason = %e, "connection refused");
+                    return;
+                }
+            };
+            (rt, Some(caller), Some(record_destination(&rec)), splice)
         }
-    };
-    let (Some(service), Some(connector)) = (
-        shared.services.get(service_id).cloned(),
-        shared.connectors.get(service_id).cloned(),
-    ) else {
-        if let Some(t) = splice {
-            t.splicer.forget(t.app_cookie);
-        }
-        tracing::warn!(target: "access", result = "refused", src.addr = %peer, service_id, "unknown service id");
-        return;
     };
     let mut record = ConnResult::new(Conn {
-        service,
+        service: Arc::clone(&rt.service),
         client_addr: peer,
         caller,
         orig_dst,
@@ -388,7 +338,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
     let conn = &mut record.conn;
     let result = async {
         tokio::select! {
-            r = serve(connector.as_ref(), &shared.env, conn, stream, splice) => r,
+            r = serve(rt.connector.as_ref(), &shared.env, conn, stream, splice) => r,
             () = stopped(&mut abort) => Err(ConnError::Io(std::io::Error::other("broker shutting down"))),
         }
     }

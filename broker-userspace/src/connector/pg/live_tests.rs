@@ -122,7 +122,12 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
             });
         }
     });
-    Running { env, pg, addr, task }
+    Running {
+        env,
+        pg,
+        addr,
+        task,
+    }
 }
 
 fn conninfo(addr: SocketAddr) -> String {
@@ -294,16 +299,9 @@ async fn live_tls_modes() {
     let mut dummy = tokio::net::TcpStream::connect(l.local_addr().unwrap())
         .await
         .unwrap();
-    let attempt = super::attempt(
-        &run.pg,
-        &run.env,
-        &params,
-        &creds,
-        &startup,
-        &mut dummy,
-    )
-    .await
-    .unwrap();
+    let attempt = super::attempt(&run.pg, &run.env, &params, &creds, &startup, &mut dummy)
+        .await
+        .unwrap();
     let super::Attempt::Ready { ready, stream, .. } = attempt else {
         panic!("rejected")
     };

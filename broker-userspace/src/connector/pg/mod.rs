@@ -92,6 +92,10 @@ impl Connector for PgConnector {
         Box::pin(serve(self, env, conn, client))
     }
 
+    fn splices(&self) -> bool {
+        true
+    }
+
     /// PostgreSQL's own "too many connections" (53300), which a server may send before
     /// it has read the client's startup packet; libpq shows it as the connection error.
     fn refusal(&self, service: &str, reason: &str) -> Option<Vec<u8>> {

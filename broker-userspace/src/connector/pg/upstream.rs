@@ -27,8 +27,8 @@ use ipnet::IpNet;
 
 use crate::{
     config::{InterceptTarget, PgConfig, RequireAuth},
-    proxy::dial::{Dialer, HostPort},
     connector::{ConnError, Credentials},
+    proxy::dial::{Dialer, HostPort},
     secret::Secret,
     tls::{self, TlsSources, Verify},
 };
@@ -579,9 +579,7 @@ pub async fn connect(
     tls_cache: &TlsConfigCache,
     p: &UpstreamParams,
 ) -> Result<PgStream, Failure> {
-    let mut tcp = dialer
-        .dial(&HostPort::new(p.host.clone(), p.port))
-        .await?;
+    let mut tcp = dialer.dial(&HostPort::new(p.host.clone(), p.port)).await?;
     if p.sslmode == SslMode::Disable {
         return Ok(PgStream::Plain(tcp));
     }

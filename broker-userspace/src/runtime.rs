@@ -1,0 +1,208 @@
+//! The runtime snapshot: every service with its connector instance, under a stable id,
+//! stamped with a generation. It is immutable; a new configuration becomes a new
+//! snapshot swapped in whole ([`Current::swap`]), so a connection sees one consistent
+//! set of services, connectors and secrets from start to end.
+//!
+//! The id shared with the kernel maps is derived from the service's name, not from its
+//! position in the file, and every target (and so every redirect record) carries the
+//! generation of the snapshot that wrote it: a record whose generation is not the
+//! current one is refused ([`Runtime::for_record`]), so a reload can never hand one
+//! service's credentials to a connection meant for another.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    config::{Config, Service},
+    connector::{self, Connector},
+};
+
+/// One service as it runs: its configuration and its connector instance.
+#[derive(Debug)]
+pub struct ServiceRt {
+    pub id: u32,
+    pub service: Arc<Service>,
+    pub connector: Arc<dyn Connector>,
+}
+
+/// Every service of one configuration.
+#[derive(Debug)]
+pub struct Runtime {
+    pub generation: u32,
+    /// In configuration order.
+    services: Vec<Arc<ServiceRt>>,
+    by_id: BTreeMap<u32, Arc<ServiceRt>>,
+}
+
+/// Why a redirect record cannot be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("no service with id {0:#010x}")]
+    UnknownService(u32),
+    #[error(
+        "stale redirect record: written for configuration generation {record}, the current one is {current}"
+    )]
+    Stale { record: u32, current: u32 },
+}
+
+/// The stable id of a service: FNV-1a of its name (the same name gets the same id in
+/// every configuration and every process).
+#[must_use]
+pub fn service_id(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+impl Runtime {
+    /// Build every service's connector instance.
+    ///
+    /// # Errors
+    /// A connector that cannot be built (naming the service), or two service names with
+    /// the same id.
+    pub fn build(cfg: &Config, generation: u32) -> anyhow::Result<Self> {
+        let mut services = Vec::with_capacity(cfg.services.len());
+        let mut by_id = BTreeMap::new();
+        for s in &cfg.services {
+            let service = Arc::new(s.clone());
+            let connector =
+                connector::build(&service).with_context(|| format!("service {}", s.name))?;
+            let rt = Arc::new(ServiceRt {
+                id: service_id(&s.name),
+                service,
+                connector,
+            });
+            if let Some(other) = by_id.insert(rt.id, Arc::clone(&rt)) {
+                bail!(
+                    "services {} and {} have the same id; rename one",
+                    other.service.name,
+                    s.name
+                );
+            }
+            services.push(rt);
+        }
+        Ok(Self {
+            generation,
+            services,
+            by_id,
+        })
+    }
+
+    /// Every service, in configuration order.
+    #[must_use]
+    pub fn services(&self) -> &[Arc<ServiceRt>] {
+        &self.services
+    }
+
+    #[must_use]
+    pub fn service(&self, id: u32) -> Option<&Arc<ServiceRt>> {
+        self.by_id.get(&id)
+    }
+
+    /// The service a redirect record names, if the record belongs to this snapshot.
+    ///
+    /// # Errors
+    /// A record of another generation, or an id this snapshot does not have.
+    pub fn for_record(&self, id: u32, generation: u32) -> Result<&Arc<ServiceRt>, RecordError> {
+        if generation != self.generation {
+            return Err(RecordError::Stale {
+                record: generation,
+                current: self.generation,
+            });
+        }
+        self.service(id).ok_or(RecordError::UnknownService(id))
+    }
+}
+
+/// The snapshot in force; swapped whole.
+#[derive(Debug)]
+pub struct Current(RwLock<Arc<Runtime>>);
+
+impl Current {
+    #[must_use]
+    pub fn new(rt: Runtime) -> Self {
+        Self(RwLock::new(Arc::new(rt)))
+    }
+
+    /// The snapshot in force now (a connection keeps it until it ends).
+    #[must_use]
+    pub fn load(&self) -> Arc<Runtime> {
+        Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Put `rt` in force; returns the previous snapshot.
+    pub fn swap(&self, rt: Runtime) -> Arc<Runtime> {
+        let mut cur = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *cur, Arc::new(rt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    fn cfg(yaml: &str) -> Config {
+        config::load_str(yaml).expect("config loads")
+    }
+
+    const TWO: &str = "version: 2\nservices:\n  a:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:1\n    credentials:\n      host: 127.0.0.1\n  b:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:2\n    credentials:\n      host: 127.0.0.1\n";
+
+    #[test]
+    fn ids_follow_names_not_positions() {
+        let one = Runtime::build(&cfg(TWO), 1).unwrap();
+        let swapped = TWO
+            .replace("  a:", "  tmp:")
+            .replace("  b:", "  a:")
+            .replace("  tmp:", "  b:");
+        let two = Runtime::build(&cfg(&swapped), 2).unwrap();
+        for name in ["a", "b"] {
+            let id = service_id(name);
+            assert_eq!(one.service(id).unwrap().service.name, name);
+            assert_eq!(two.service(id).unwrap().service.name, name);
+        }
+        assert_ne!(service_id("a"), service_id("b"));
+    }
+
+    #[test]
+    fn a_record_of_another_generation_is_refused_not_served_by_another_service() {
+        let current = Current::new(Runtime::build(&cfg(TWO), 1).unwrap());
+        let a = service_id("a");
+        assert_eq!(current.load().for_record(a, 1).unwrap().service.name, "a");
+        // A reload: the service `a` is gone, another service now sits first in the file.
+        let reloaded = TWO.replace("  a:", "  c:");
+        let old = current.swap(Runtime::build(&cfg(&reloaded), 2).unwrap());
+        assert_eq!(old.generation, 1);
+        let now = current.load();
+        assert_eq!(
+            now.for_record(a, 1).unwrap_err(),
+            RecordError::Stale {
+                record: 1,
+                current: 2
+            }
+        );
+        assert_eq!(
+            now.for_record(a, 2).unwrap_err(),
+            RecordError::UnknownService(a)
+        );
+        assert_eq!(
+            now.for_record(service_id("c"), 2).unwrap().service.name,
+            "c"
+        );
+    }
+}
