@@ -25,7 +25,7 @@ use broker_common::{BrokerSettings, SETTINGS_DEBUG, SETTINGS_ENABLED, SETTINGS_V
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 use crate::{
-    broker::{self, Broker},
+    broker::Broker,
     cgroup::{self, ChildCgroup},
     config::{self, Config, ListenAddr},
     ebpf::Interceptor,
@@ -324,7 +324,7 @@ impl Daemon {
             tasks.spawn(health::serve(h, Arc::clone(&readiness), detach_rx.clone()));
         }
         tasks.spawn(trim_when_idle(Arc::clone(&tracker)));
-        tasks.spawn(broker::sweep_cache(Arc::downgrade(&shared.broker)));
+        tasks.spawn(shared.broker.secrets.sweeper());
         tasks.spawn(summarise_suppressed(vec![refusals, caps]));
         // Loading the programs parses the kernel's BTF (megabytes) for relocations; give
         // that memory back to the OS instead of keeping it as free heap forever.

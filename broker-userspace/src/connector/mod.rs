@@ -9,9 +9,10 @@ pub mod pg;
 pub mod splice;
 pub mod tcp;
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
-use crate::{config::Service, secret::Secret};
+pub use crate::secrets::Credentials;
+use crate::{config::Service, secrets::CredentialError};
 
 /// Who is on the other end of an intercepted connection, as the kernel recorded it at
 /// `connect()` time.
@@ -67,37 +68,6 @@ pub struct ConnStats {
     pub fetched: Vec<String>,
 }
 
-/// Resolved credentials for one connection: name -> value.
-#[derive(Default, Clone)]
-pub struct Credentials(pub BTreeMap<String, Secret>);
-
-impl Credentials {
-    #[must_use]
-    pub fn get(&self, name: &str) -> Option<&Secret> {
-        self.0.get(name)
-    }
-
-    /// A credential that must be UTF-8 text (hosts, user names, modes).
-    ///
-    /// # Errors
-    /// When it is not valid UTF-8; the error names the credential, not its value.
-    pub fn text(&self, name: &str) -> Result<Option<&str>, ConnError> {
-        match self.0.get(name) {
-            None => Ok(None),
-            Some(s) => s
-                .expose_str()
-                .map(Some)
-                .map_err(|_| ConnError::Config(format!("credential `{name}` is not UTF-8"))),
-        }
-    }
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.0.keys()).finish()
-    }
-}
-
 /// Close a client connection without a reset: send FIN, then read and discard what the
 /// client already sent (bounded in bytes and time) before the socket is closed. Closing
 /// with unread data would make the kernel answer with RST, which clients report as
@@ -119,8 +89,9 @@ pub async fn close_gracefully(mut client: tokio::net::TcpStream) {
 /// Why a brokered connection failed. Never carries a secret value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
+    /// Boxed: the connection's error travels in every `Result` of the data path.
     #[error("fetching credentials failed: {0}")]
-    Credentials(String),
+    Credentials(#[source] Box<CredentialError>),
     #[error("upstream {addr} unreachable: {source}")]
     Upstream {
         addr: String,
@@ -139,6 +110,12 @@ pub enum ConnError {
     Io(#[from] std::io::Error),
 }
 
+impl From<CredentialError> for ConnError {
+    fn from(e: CredentialError) -> Self {
+        Self::Credentials(Box::new(e))
+    }
+}
+
 impl ConnError {
     /// Short result word for the access log.
     #[must_use]
@@ -151,6 +128,17 @@ impl ConnError {
             Self::Protocol(_) => "protocol_error",
             Self::Config(_) => "config_error",
             Self::Io(_) => "io_error",
+        }
+    }
+
+    /// A finer word for the access log beside [`Self::kind`], when there is one: for
+    /// `credentials_error`, why the secret store failed ([`crate::secrets::SecretError::kind`]:
+    /// `not_found`, `unreachable`, `denied`, `bad_reply`, `timeout`, ...).
+    #[must_use]
+    pub fn detail(&self) -> Option<&'static str> {
+        match self {
+            Self::Credentials(e) => Some(e.kind()),
+            _ => None,
         }
     }
 }
