@@ -1,18 +1,20 @@
 //! Fetching secrets, against `broker run --no-ebpf` and a real local HTTP secret server:
-//! concurrent first connections share one fetch per secret (single-flight), and a
-//! secret the store does not have is a `credentials_error` naming it. Every output and
-//! the daemon log are grepped for the secret values.
+//! concurrent first connections share one fetch per secret (single-flight), a secret
+//! the store does not have is a `credentials_error` naming it, and an HTTPS store is
+//! trusted through `caFile` (and not without it). Every output and the daemon log are
+//! grepped for the secret values.
 
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
+    process::{Child, Command, Stdio},
     sync::{Arc, Barrier},
     time::Duration,
 };
 
 use broker_tests::{
-    Daemon, assert_no_secret, free_port, net::Upstream, privileged, secret_server::SecretServer,
-    write_file,
+    Daemon, assert_no_secret, free_port, net::Upstream, pg::make_certs, privileged,
+    secret_server::SecretServer, wait_port, write_file,
 };
 
 const TOKEN: &str = "secrets-test-bearer-7c41e9";
@@ -181,6 +183,113 @@ fn a_missing_secret_is_a_credentials_error_naming_it() {
     assert_no_secret(
         &format!("{all}{log}"),
         &[PASSWORD, TOKEN],
+        "client output and broker log",
+    );
+}
+
+/// An HTTPS static file server (python3 `http.server` with `ssl`) on 127.0.0.1:`port`
+/// serving `root`, with the certificate `make_certs` wrote to `certs`. Killed on drop.
+struct HttpsFiles(Child);
+
+impl HttpsFiles {
+    fn start(root: &std::path::Path, certs: &std::path::Path, port: u16) -> Self {
+        let script = "import http.server, ssl, sys\n\
+            h = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=sys.argv[1], **k)\n\
+            s = http.server.HTTPServer(('127.0.0.1', int(sys.argv[2])), h)\n\
+            c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+            c.load_cert_chain(sys.argv[3], sys.argv[4])\n\
+            s.socket = c.wrap_socket(s.socket, server_side=True)\n\
+            s.serve_forever()\n";
+        let child = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(root)
+            .arg(port.to_string())
+            .arg(certs.join("server.crt"))
+            .arg(certs.join("server.key"))
+            // Its request log.
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn python3 https server");
+        wait_port(
+            format!("127.0.0.1:{port}").parse().expect("addr"),
+            Duration::from_secs(10),
+        );
+        Self(child)
+    }
+}
+
+impl Drop for HttpsFiles {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An `https://` secret store with a private CA: trusted with `caFile` (the connection
+/// is served with the fetched port), refused without it (the system roots do not
+/// know the CA): a `credentials_error`, and nothing of the value in the log.
+#[test]
+fn an_https_store_is_trusted_through_ca_file_only() {
+    if !privileged() {
+        return;
+    }
+    let web = Upstream::start("127.0.0.1", "web");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&certs).expect("mkdir");
+    std::fs::create_dir_all(files.join("secrets/db")).expect("mkdir");
+    let ca = make_certs(&certs);
+    std::fs::write(files.join("secrets/db/password"), format!("{PASSWORD}\n")).expect("write");
+    std::fs::write(files.join("secrets/db/port"), web.addr.port().to_string()).expect("write");
+    let https_port = free_port();
+    let _server = HttpsFiles::start(&files, &certs, https_port);
+    let (p_ca, p_no_ca) = (free_port(), free_port());
+    let health = free_port();
+    let service = |name: &str, port: u16, provider: &str| {
+        format!(
+            "  {name}:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: {{from: {provider}, get: db/port}}\n      password: {{from: {provider}, get: db/password}}\n"
+        )
+    };
+    let base = format!("https://localhost:{https_port}/secrets/");
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nproviders:\n  private: {{type: http, baseUrl: \"{base}\", caFile: {}}}\n  public: {{type: http, baseUrl: \"{base}\"}}\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n{}{}",
+            ca.display(),
+            service("with-ca", p_ca, "private"),
+            service("without-ca", p_no_ca, "public"),
+        ),
+    );
+    let mut d = Daemon::start(
+        &cfg,
+        &["--no-ebpf"],
+        format!("127.0.0.1:{health}").parse().expect("addr"),
+        &dir.path().join("broker.log"),
+    );
+    let ok = fetch(p_ca);
+    assert_eq!(ok, "hello from web", "served through the https store");
+    let refused = fetch(p_no_ca);
+    assert_eq!(refused, "", "no session without a trusted store");
+    assert_eq!(web.hits(), 1);
+    assert!(d.stop().success());
+    let log = d.log_text();
+    let line = access_lines(&log, "without-ca").concat();
+    assert!(
+        line.contains("credentials_error") && line.contains("public: fetching `db/"),
+        "{log}"
+    );
+    assert!(
+        access_lines(&log, "with-ca")
+            .concat()
+            .contains("result=\"ok\""),
+        "{log}"
+    );
+    assert_no_secret(
+        &format!("{ok}{refused}{log}"),
+        &[PASSWORD],
         "client output and broker log",
     );
 }
