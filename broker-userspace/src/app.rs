@@ -25,7 +25,6 @@ use broker_common::{BrokerSettings, SETTINGS_DEBUG, SETTINGS_ENABLED, SETTINGS_V
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 use crate::{
-    broker::{self, Broker},
     cgroup::{self, ChildCgroup},
     config::{self, Config, ListenAddr},
     connector::Env,
@@ -35,6 +34,7 @@ use crate::{
     ratelimit::LogLimiter,
     resolver,
     runtime::{self, Runtime},
+    secrets::SecretStore,
     sys,
 };
 
@@ -180,7 +180,7 @@ impl Daemon {
     /// loaded or attached, provider set-up failures. Nothing stays attached on error.
     pub async fn start(cfg: Config, opts: &StartOptions) -> anyhow::Result<Self> {
         let cfg = Arc::new(cfg);
-        let broker = Arc::new(Broker::new(Arc::clone(&cfg)).context("setting up providers")?);
+        let secrets = Arc::new(SecretStore::new(&cfg).context("setting up providers")?);
         // The first snapshot of this process: generation 1.
         let runtime = Runtime::build(&cfg, 1)?;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -291,7 +291,7 @@ impl Daemon {
         ));
         let shared = Shared {
             env: Env {
-                broker,
+                secrets,
                 dialer: Dialer {
                     mark: cfg.broker.bypass_mark,
                 },
@@ -343,7 +343,7 @@ impl Daemon {
             tasks.spawn(health::serve(h, Arc::clone(&readiness), detach_rx.clone()));
         }
         tasks.spawn(trim_when_idle(Arc::clone(&tracker)));
-        tasks.spawn(broker::sweep_cache(Arc::downgrade(&shared.env.broker)));
+        tasks.spawn(shared.env.secrets.sweeper());
         tasks.spawn(summarise_suppressed(vec![refusals, caps]));
         // Loading the programs parses the kernel's BTF (megabytes) for relocations; give
         // that memory back to the OS instead of keeping it as free heap forever.

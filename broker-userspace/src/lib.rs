@@ -3,7 +3,6 @@
 //! See `docs/ARCHITECTURE.md` for how the pieces fit together.
 
 pub mod app;
-pub mod broker;
 pub mod btf;
 pub mod cgroup;
 pub mod config;
@@ -12,11 +11,11 @@ pub mod drain;
 pub mod ebpf;
 pub mod health;
 pub mod logging;
-pub mod provider;
 pub mod proxy;
 pub mod ratelimit;
 pub mod resolver;
 pub mod runtime;
 pub mod secret;
+pub mod secrets;
 pub mod sys;
 pub mod tls;

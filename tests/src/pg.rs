@@ -354,8 +354,9 @@ fn append(path: &Path, text: &str) {
 }
 
 /// Test CA and server certificate (CN `db.example.test`, SANs `db.example.test` and
-/// `localhost`) with the `openssl` CLI. Returns the CA certificate path.
-fn make_certs(dir: &Path) -> PathBuf {
+/// `localhost`) with the `openssl` CLI, as `ca.crt`, `server.crt` and `server.key` in
+/// `dir`. Returns the CA certificate path.
+pub fn make_certs(dir: &Path) -> PathBuf {
     let p = |f: &str| dir.join(f);
     run(
         Command::new("openssl")

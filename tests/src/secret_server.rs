@@ -1,7 +1,7 @@
 //! A local HTTP secret server, like the user's "UTS": `GET /secrets/<path>` with
 //! `Authorization: Bearer <token>` returns the stored value as the raw body. Values can
-//! be changed while it runs (rotation) and it can be told to fail (500) to test a
-//! failing secret store.
+//! be changed while it runs (rotation), it can be told to fail (500) to test a failing
+//! secret store, or to answer slowly. Counts requests, per secret.
 
 use std::{
     collections::HashMap,
@@ -12,6 +12,7 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread,
+    time::Duration,
 };
 
 #[derive(Default)]
@@ -19,6 +20,10 @@ struct State {
     values: Mutex<HashMap<String, String>>,
     failing: AtomicBool,
     requests: AtomicUsize,
+    /// Requests per key (the path after `/secrets/`).
+    per_key: Mutex<HashMap<String, usize>>,
+    /// Milliseconds to wait before answering.
+    delay_ms: AtomicUsize,
 }
 
 /// The running server; it stops when dropped (its thread ends with the process).
@@ -68,6 +73,15 @@ impl SecretServer {
                     }
                     st.requests.fetch_add(1, Ordering::SeqCst);
                     let key = path.trim_start_matches("/secrets/").to_owned();
+                    *st.per_key
+                        .lock()
+                        .expect("lock")
+                        .entry(key.clone())
+                        .or_default() += 1;
+                    let delay = st.delay_ms.load(Ordering::SeqCst);
+                    if delay > 0 {
+                        thread::sleep(Duration::from_millis(delay as u64));
+                    }
                     let value = st.values.lock().expect("lock").get(&key).cloned();
                     let (status, body) = if st.failing.load(Ordering::SeqCst) {
                         ("500 Internal Server Error", "store unavailable".to_owned())
@@ -107,6 +121,30 @@ impl SecretServer {
     /// Make every request fail with 500 (or work again).
     pub fn set_failing(&self, failing: bool) {
         self.state.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Wait this long before answering each request.
+    pub fn set_delay(&self, delay: Duration) {
+        let ms = usize::try_from(delay.as_millis()).unwrap_or(usize::MAX);
+        self.state.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Requests received so far, for any path.
+    #[must_use]
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests received so far for `/secrets/<key>`.
+    #[must_use]
+    pub fn requests_for(&self, key: &str) -> usize {
+        self.state
+            .per_key
+            .lock()
+            .expect("lock")
+            .get(key)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Base URL for the `http` provider: `http://127.0.0.1:P/secrets/`.

@@ -15,31 +15,50 @@
 pub mod pg;
 pub mod tcp;
 
-use std::{
-    any::Any, collections::BTreeMap, fmt, future::Future, net::SocketAddr, pin::Pin, sync::Arc,
-};
+use std::{any::Any, fmt, future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 
+pub use crate::secrets::Credentials;
 use crate::{
-    broker::Broker,
     config::{Connector as ConnectorConfig, Service},
     proxy::dial::Dialer,
-    secret::Secret,
+    secrets::{CredentialError, SecretStore},
 };
 
 /// A boxed, sendable future (the connector trait's methods return one, so connectors can
 /// be kept as `dyn Connector`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// What every connector may use: the secret side and the upstream socket factory.
+/// What every connector may use: the secret store and the upstream socket factory.
 #[derive(Clone)]
 pub struct Env {
-    pub broker: Arc<Broker>,
+    pub secrets: Arc<SecretStore>,
     pub dialer: Dialer,
+}
+
+impl Env {
+    /// Every credential of `service` (from the cache, or fetched once for all the
+    /// connections that want it at the same time). With `fresh`, the cache is bypassed
+    /// and refreshed: after the upstream rejected cached credentials (rotation). The
+    /// fetches (`name<-provider:id`, never values) are noted in `stats`.
+    ///
+    /// # Errors
+    /// `ConnError::Credentials` naming the credential and the provider, never a value.
+    pub async fn credentials(
+        &self,
+        service: &Service,
+        fresh: bool,
+        stats: &mut ConnStats,
+    ) -> Result<Credentials, ConnError> {
+        Ok(self
+            .secrets
+            .credentials(service, fresh, &mut stats.fetched)
+            .await?)
+    }
 }
 
 /// One protocol. An instance serves one service and owns that service's shared state
@@ -187,42 +206,12 @@ pub struct ConnStats {
     pub fetched: Vec<String>,
 }
 
-/// Resolved credentials for one connection: name -> value.
-#[derive(Default, Clone)]
-pub struct Credentials(pub BTreeMap<String, Secret>);
-
-impl Credentials {
-    #[must_use]
-    pub fn get(&self, name: &str) -> Option<&Secret> {
-        self.0.get(name)
-    }
-
-    /// A credential that must be UTF-8 text (hosts, user names, modes).
-    ///
-    /// # Errors
-    /// When it is not valid UTF-8; the error names the credential, not its value.
-    pub fn text(&self, name: &str) -> Result<Option<&str>, ConnError> {
-        match self.0.get(name) {
-            None => Ok(None),
-            Some(s) => s
-                .expose_str()
-                .map(Some)
-                .map_err(|_| ConnError::Config(format!("credential `{name}` is not UTF-8"))),
-        }
-    }
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.0.keys()).finish()
-    }
-}
-
 /// Why a brokered connection failed. Never carries a secret value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
+    /// Boxed: the connection's error travels in every `Result` of the data path.
     #[error("fetching credentials failed: {0}")]
-    Credentials(String),
+    Credentials(#[source] Box<CredentialError>),
     #[error("upstream {addr} unreachable: {source}")]
     Upstream {
         addr: String,
@@ -241,13 +230,13 @@ pub enum ConnError {
     Io(#[from] std::io::Error),
 }
 
-impl ConnError {
-    /// A finer word for the access log's `error.kind`, where there is one.
-    #[must_use]
-    pub fn detail(&self) -> Option<&'static str> {
-        None
+impl From<CredentialError> for ConnError {
+    fn from(e: CredentialError) -> Self {
+        Self::Credentials(Box::new(e))
     }
+}
 
+impl ConnError {
     /// Short result word for the access log.
     #[must_use]
     pub fn kind(&self) -> &'static str {
@@ -259,6 +248,17 @@ impl ConnError {
             Self::Protocol(_) => "protocol_error",
             Self::Config(_) => "config_error",
             Self::Io(_) => "io_error",
+        }
+    }
+
+    /// A finer word for the access log beside [`Self::kind`], when there is one: for
+    /// `credentials_error`, why the secret store failed ([`crate::secrets::SecretError::kind`]:
+    /// `not_found`, `unreachable`, `denied`, `bad_reply`, `timeout`, ...).
+    #[must_use]
+    pub fn detail(&self) -> Option<&'static str> {
+        match self {
+            Self::Credentials(e) => Some(e.kind()),
+            _ => None,
         }
     }
 }

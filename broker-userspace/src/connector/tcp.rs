@@ -82,10 +82,7 @@ impl Connector for TcpConnector {
 impl TcpConnector {
     async fn upstream(&self, env: &Env, conn: &mut Conn) -> Result<UpstreamStream, ConnError> {
         let service = Arc::clone(&conn.service);
-        let creds = env
-            .broker
-            .credentials(&service, false, &mut conn.stats)
-            .await?;
+        let creds = env.credentials(&service, false, &mut conn.stats).await?;
         let host = match creds.text("host")? {
             Some(h) => h.to_owned(),
             None => conn

@@ -214,7 +214,14 @@ mod tests {
                 .starts_with("service `orders`: cannot reach upstream db:5432")
         );
         assert_eq!(
-            Failure::from(ConnError::Credentials("x".into())).sqlstate,
+            Failure::from(ConnError::from(crate::secrets::CredentialError {
+                credential: "password".into(),
+                source: crate::secrets::SecretError::NotFound {
+                    provider: "file".into(),
+                    id: "x".into(),
+                },
+            }))
+            .sqlstate,
             "08004"
         );
         assert_eq!(

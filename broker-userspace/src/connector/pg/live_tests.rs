@@ -8,7 +8,6 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::D
 use tokio::net::TcpListener;
 
 use crate::{
-    broker::Broker,
     config::{
         BrokerSettings, Config, Connector, CredentialSource, DEFAULT_CACHE_TTL, ListenAddr,
         PgConfig, ProviderConfig, Service,
@@ -92,7 +91,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
         },
     };
     let env = Env {
-        broker: Arc::new(Broker::new(Arc::new(config)).unwrap()),
+        secrets: Arc::new(crate::secrets::SecretStore::new(&config).unwrap()),
         dialer: Dialer { mark: 0 },
     };
     let pg = Arc::new(super::PgConnector::new(PgConfig::default()));

@@ -268,13 +268,12 @@ async fn session(
     client_rest: BytesMut,
 ) -> Result<Established, Failure> {
     let cfg = &pg.cfg;
-    let broker = &env.broker;
     tracing::debug!(
         params = %startup.param_names(),
         version = startup.version,
         "client startup"
     );
-    let mut creds = broker.credentials(service, false, &mut conn.stats).await?;
+    let mut creds = env.credentials(service, false, &mut conn.stats).await?;
     let mut retried = false;
     let dests = Destinations::for_service(cfg, &service.intercept);
     // One deadline for the whole handshake, both attempts included.
@@ -321,7 +320,7 @@ async fn session(
                         code = %error.code,
                         "upstream rejected the credentials; fetching them again (rotation)"
                     );
-                    match broker.credentials(service, true, &mut conn.stats).await {
+                    match env.credentials(service, true, &mut conn.stats).await {
                         Ok(fresh) if !same_credentials(&fresh, &creds) => {
                             creds = fresh;
                             continue;

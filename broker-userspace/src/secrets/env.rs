@@ -1,6 +1,6 @@
 //! `env`: the id is an environment variable name, read at each fetch.
 
-use super::{BoxFuture, ProviderError, SecretProvider};
+use super::{BoxFuture, Fetched, SecretError, SecretProvider};
 use crate::secret::Secret;
 
 pub struct EnvProvider {
@@ -21,18 +21,20 @@ impl SecretProvider for EnvProvider {
         &self.name
     }
 
-    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Secret, ProviderError>> {
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Fetched, SecretError>> {
         Box::pin(async move {
             // `var_os` panics on these; they can never name a variable.
             if id.is_empty() || id.contains(['=', '\0']) {
-                return Err(ProviderError::NotFound {
+                return Err(SecretError::NotFound {
                     provider: self.name.clone(),
                     id: id.to_owned(),
                 });
             }
             match std::env::var_os(id) {
-                Some(v) => Ok(Secret::new(std::os::unix::ffi::OsStringExt::into_vec(v))),
-                None => Err(ProviderError::NotFound {
+                Some(v) => Ok(Fetched::new(Secret::new(
+                    std::os::unix::ffi::OsStringExt::into_vec(v),
+                ))),
+                None => Err(SecretError::NotFound {
                     provider: self.name.clone(),
                     id: id.to_owned(),
                 }),

@@ -3,7 +3,7 @@
 //! Relative paths are relative to the broker's working directory. The file is read at
 //! each fetch, so a rotated file is picked up once the cache entry expires.
 
-use super::{BoxFuture, ProviderError, SecretProvider};
+use super::{BoxFuture, Fetched, SecretError, SecretProvider};
 use crate::secret::Secret;
 
 pub struct FileProvider {
@@ -34,22 +34,27 @@ impl SecretProvider for FileProvider {
         &self.name
     }
 
-    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Secret, ProviderError>> {
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Fetched, SecretError>> {
         Box::pin(async move {
             match tokio::fs::read(id).await {
                 Ok(bytes) => {
                     // Wrap first so the bytes are zeroed on drop whatever happens next.
                     let mut bytes = zeroize::Zeroizing::new(bytes);
                     trim_one_newline(&mut bytes);
-                    Ok(Secret::new(std::mem::take(&mut *bytes)))
+                    Ok(Fetched::new(Secret::new(std::mem::take(&mut *bytes))))
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    Err(ProviderError::NotFound {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(SecretError::NotFound {
+                    provider: self.name.clone(),
+                    id: id.to_owned(),
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    Err(SecretError::Denied {
                         provider: self.name.clone(),
                         id: id.to_owned(),
+                        reason: e.to_string(),
                     })
                 }
-                Err(e) => Err(ProviderError::Fetch {
+                Err(e) => Err(SecretError::Unreachable {
                     provider: self.name.clone(),
                     id: id.to_owned(),
                     reason: e.to_string(),

@@ -7,23 +7,31 @@
 //! `"\r\n"` removed. A string field is used as is; numbers and booleans as their text;
 //! objects and arrays as compact JSON.
 //!
-//! Redirects are not followed: a 3xx is an error naming the status. An empty value is
-//! [`ProviderError::Empty`] (checked for every provider by the broker).
+//! Redirects are not followed: a 3xx is [`SecretError::BadReply`] naming the status. An
+//! empty value is [`SecretError::Empty`] (checked for every provider by the store).
 //!
-//! 404 is [`ProviderError::NotFound`]; any other non-2xx status is
-//! [`ProviderError::Fetch`] with the status code; a reply over [`MAX_BODY`] bytes, a
-//! non-JSON reply when a field was asked, or a missing field is
-//! [`ProviderError::BadReply`]. Error messages never contain the body, the token or the
+//! 404 is [`SecretError::NotFound`]; 401 and 403 are [`SecretError::Denied`]; 5xx, 408
+//! and 429, a connection or transfer failure are [`SecretError::Unreachable`]; no reply
+//! within the timeout is [`SecretError::Timeout`]; any other non-2xx status, a reply
+//! over [`MAX_BODY`] bytes, a non-JSON reply when a field was asked, or a missing field
+//! is [`SecretError::BadReply`]. Error messages never contain the body, the token or the
 //! full URL (a `baseUrl` may carry credentials in its user-info part).
+//!
+//! TLS is rustls with the broker's own (ring) crypto provider: the system roots, plus
+//! the instance's `caFile` when set.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{BoxFuture, ProviderError, SecretProvider, file::trim_one_newline};
-use crate::{config::HttpProviderConfig, secret::Secret};
+use super::{BoxFuture, Fetched, SecretError, SecretProvider, file::trim_one_newline};
+use crate::{
+    config::HttpProviderConfig,
+    secret::Secret,
+    tls::{self, TlsOptions, Verify},
+};
 
 /// Largest reply body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -71,25 +79,23 @@ impl HttpProvider {
         } else {
             cfg.timeout
         };
-        let mut builder = reqwest::Client::builder()
+        // Our rustls configuration (ring): reqwest is built without a crypto provider.
+        // The system roots, plus the CA file's certificates when set.
+        let tls = tls::client_config(TlsOptions {
+            verify: Verify::Full,
+            ca_file: cfg.ca_file.as_deref(),
+            with_system_roots: true,
+            client_cert: None,
+        })
+        .map_err(|e| anyhow::anyhow!("provider {name}: caFile: {e}"))?;
+        let builder = reqwest::Client::builder()
+            .tls_backend_preconfigured(Arc::unwrap_or_clone(tls))
             // A redirect is an error: following one to another host made that host's
             // reply the password (and sent it our request).
             .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &cfg.ca_file {
-            let pem = std::fs::read(ca)
-                .with_context(|| format!("provider {name}: cannot read caFile {}", ca.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .with_context(|| format!("provider {name}: caFile {} is not PEM", ca.display()))?;
-            anyhow::ensure!(
-                !certs.is_empty(),
-                "provider {name}: caFile {} holds no certificate",
-                ca.display()
-            );
-            builder = builder.tls_certs_merge(certs);
-        }
         let client = builder
             .build()
             .with_context(|| format!("provider {name}: cannot create the HTTP client"))?;
@@ -102,19 +108,40 @@ impl HttpProvider {
         })
     }
 
-    fn err_fetch(&self, id: &str, reason: impl Into<String>) -> ProviderError {
-        ProviderError::Fetch {
+    fn err_reply(&self, id: &str, reason: impl Into<String>) -> SecretError {
+        SecretError::BadReply {
             provider: self.name.clone(),
             id: id.to_owned(),
             reason: reason.into(),
         }
     }
 
-    fn err_reply(&self, id: &str, reason: impl Into<String>) -> ProviderError {
-        ProviderError::BadReply {
-            provider: self.name.clone(),
-            id: id.to_owned(),
-            reason: reason.into(),
+    /// A non-2xx status as an error.
+    fn err_status(&self, id: &str, status: reqwest::StatusCode) -> SecretError {
+        let (provider, id) = (self.name.clone(), id.to_owned());
+        let reason = format!("HTTP status {status}");
+        match status.as_u16() {
+            404 => SecretError::NotFound { provider, id },
+            401 | 403 => SecretError::Denied {
+                provider,
+                id,
+                reason,
+            },
+            408 | 429 | 500..=599 => SecretError::Unreachable {
+                provider,
+                id,
+                reason,
+            },
+            300..=399 => SecretError::BadReply {
+                provider,
+                id,
+                reason: format!("{reason}: redirects are not followed"),
+            },
+            _ => SecretError::BadReply {
+                provider,
+                id,
+                reason,
+            },
         }
     }
 
@@ -141,13 +168,17 @@ impl HttpProvider {
         reqwest::Url::parse(&text).map_err(|e| format!("invalid URL: {e}"))
     }
 
-    async fn fetch(&self, id: &str) -> Result<Secret, ProviderError> {
+    async fn fetch(&self, id: &str) -> Result<Secret, SecretError> {
         let (target, field) = match id.split_once('#') {
             Some((t, f)) if !f.is_empty() => (t, Some(f)),
             Some((t, _)) => (t, None),
             None => (id, None),
         };
-        let url = self.url(target).map_err(|r| self.err_fetch(id, r))?;
+        let url = self.url(target).map_err(|reason| SecretError::BadId {
+            provider: self.name.clone(),
+            id: id.to_owned(),
+            reason,
+        })?;
         let mut req = self.client.get(url);
         if field.is_some() {
             req = req.header(ACCEPT, "application/json");
@@ -158,25 +189,10 @@ impl HttpProvider {
                 req = req.header(AUTHORIZATION, h);
             }
         }
-        let mut resp = req
-            .send()
-            .await
-            .map_err(|e| self.err_fetch(id, self.describe(e)))?;
+        let mut resp = req.send().await.map_err(|e| self.transport(id, e))?;
         let status = resp.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Err(ProviderError::NotFound {
-                provider: self.name.clone(),
-                id: id.to_owned(),
-            });
-        }
-        if status.is_redirection() {
-            return Err(self.err_fetch(
-                id,
-                format!("HTTP status {status}: redirects are not followed"),
-            ));
-        }
         if !status.is_success() {
-            return Err(self.err_fetch(id, format!("HTTP status {status}")));
+            return Err(self.err_status(id, status));
         }
         let too_big = || format!("reply larger than {MAX_BODY} bytes");
         let hint = resp.content_length().unwrap_or(0);
@@ -186,11 +202,7 @@ impl HttpProvider {
         let mut body = Zeroizing::new(Vec::with_capacity(
             usize::try_from(hint).unwrap_or(0).max(256),
         ));
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| self.err_fetch(id, self.describe(e)))?
-        {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(id, e))? {
             if body.len() + chunk.len() > MAX_BODY {
                 return Err(self.err_reply(id, too_big()));
             }
@@ -211,7 +223,7 @@ impl HttpProvider {
         }
     }
 
-    fn select(&self, id: &str, field: &str, body: &[u8]) -> Result<Secret, ProviderError> {
+    fn select(&self, id: &str, field: &str, body: &[u8]) -> Result<Secret, SecretError> {
         let mut json: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
             self.err_reply(
                 id,
@@ -237,24 +249,38 @@ impl HttpProvider {
         value.map(Secret::new)
     }
 
-    /// A transport error as text: its causes, without the URL.
-    fn describe(&self, e: reqwest::Error) -> String {
+    /// A transport error: a timeout, or the store unreachable with the error's causes
+    /// as the reason (without the URL).
+    fn transport(&self, id: &str, e: reqwest::Error) -> SecretError {
         if e.is_timeout() {
-            return format!("timed out after {:?}", self.timeout);
+            return SecretError::Timeout {
+                provider: self.name.clone(),
+                id: id.to_owned(),
+                after: self.timeout,
+            };
         }
-        let e = e.without_url();
-        let mut out = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !out.contains(&text) {
-                out.push_str(": ");
-                out.push_str(&text);
-            }
-            source = s.source();
+        SecretError::Unreachable {
+            provider: self.name.clone(),
+            id: id.to_owned(),
+            reason: describe(e),
         }
-        out
     }
+}
+
+/// A transport error as text: its causes, without the URL.
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// `Bearer <token>` as a sensitive header value (hidden from reqwest's Debug output).
@@ -291,7 +317,7 @@ impl SecretProvider for HttpProvider {
         &self.name
     }
 
-    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Secret, ProviderError>> {
-        Box::pin(self.fetch(id))
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Fetched, SecretError>> {
+        Box::pin(async move { self.fetch(id).await.map(Fetched::new) })
     }
 }

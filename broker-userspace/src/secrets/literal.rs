@@ -4,7 +4,7 @@
 //! [`CredentialSource::Literal`](crate::config::CredentialSource::Literal); this provider
 //! exists so that every provider name resolves uniformly.
 
-use super::{BoxFuture, ProviderError, SecretProvider};
+use super::{BoxFuture, Fetched, SecretError, SecretProvider};
 use crate::secret::Secret;
 
 pub struct LiteralProvider {
@@ -25,7 +25,7 @@ impl SecretProvider for LiteralProvider {
         &self.name
     }
 
-    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Secret, ProviderError>> {
-        Box::pin(async move { Ok(Secret::from_str_value(id)) })
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Fetched, SecretError>> {
+        Box::pin(async move { Ok(Fetched::new(Secret::from_str_value(id))) })
     }
 }
