@@ -343,7 +343,16 @@ fn broker_errors_carry_sqlstates_and_name_the_service() {
         startup_error_code(p2),
         ("FATAL".to_owned(), "08004".to_owned())
     );
-    let log = b.daemon.log_text();
+    // The access line is written once the connection has ended on the daemon's side,
+    // which can be a moment after the client read its error.
+    let mut log = b.daemon.log_text();
+    for _ in 0..100 {
+        if log.contains("upstream_unreachable") && log.contains("credentials_error") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        log = b.daemon.log_text();
+    }
     assert!(log.contains("upstream_unreachable"), "{log}");
     assert!(log.contains("credentials_error"), "{log}");
     assert_no_secret(&log, &["unused-pw-5d3c1b"], "broker log");
