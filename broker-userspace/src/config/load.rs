@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use ipnet::IpNet;
-use serde_norway::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 use zeroize::Zeroize;
 
 use super::{
@@ -28,7 +28,7 @@ pub(super) fn load(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
-    let mut root: Value = serde_norway::from_str(text)
+    let mut root: Value = yaml_serde::from_str(text)
         .map_err(|e| ConfigErrors(vec![ConfigError::new("", yaml_error(&e))]))?;
     // `<<: *anchor` merge keys, as YAML 1.1 defines them.
     let result = match root.apply_merge() {
@@ -105,7 +105,7 @@ fn v1_marker(map: &Mapping) -> Option<&'static str> {
     }
 }
 
-fn yaml_error(e: &serde_norway::Error) -> String {
+fn yaml_error(e: &yaml_serde::Error) -> String {
     let msg = e.to_string();
     match e.location() {
         Some(loc) if !msg.contains("line ") => format!(
