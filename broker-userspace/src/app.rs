@@ -347,8 +347,7 @@ impl Daemon {
         tasks.spawn(summarise_suppressed(vec![refusals, caps]));
         // Loading the programs parses the kernel's BTF (megabytes) for relocations; give
         // that memory back to the OS instead of keeping it as free heap forever.
-        // SAFETY: malloc_trim has no preconditions.
-        unsafe { libc::malloc_trim(0) };
+        crate::sys::malloc_trim();
         readiness.set_started();
         tracing::info!(
             services = shared.runtime.load().services().len(),
@@ -524,15 +523,8 @@ fn harden_process() {
 /// on 6.x. Older kernels relay in userspace.
 fn splice_kernel_ok() -> bool {
     const MIN: (u32, u32) = (6, 3);
-    // SAFETY: uname fills the zeroed struct; the release is NUL-terminated.
-    let release = unsafe {
-        let mut u: libc::utsname = std::mem::zeroed();
-        if libc::uname(&raw mut u) != 0 {
-            return false;
-        }
-        std::ffi::CStr::from_ptr(u.release.as_ptr())
-            .to_string_lossy()
-            .into_owned()
+    let Some(release) = crate::sys::kernel_release() else {
+        return false;
     };
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
@@ -580,19 +572,14 @@ async fn trim_when_idle(tracker: Arc<Tracker>) {
         let total = tracker.total();
         if total != trimmed_at && tracker.active() == 0 {
             trimmed_at = total;
-            // SAFETY: malloc_trim has no preconditions.
-            unsafe { libc::malloc_trim(0) };
+            crate::sys::malloc_trim();
         }
     }
 }
 
 fn spawn_kernel_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     tokio::spawn(async move {
-        // SAFETY: the logger owns its ring-buffer fd and is moved into the AsyncFd, so
-        // the fd stays open for as long as it is registered.
-        let Ok(mut fd) = (unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-        }) else {
+        let Ok(mut fd) = crate::sys::async_readable(logger) else {
             return;
         };
         loop {
@@ -713,14 +700,7 @@ pub async fn exec(config_path: &Path, cmd: &[OsString], ebpf_debug: bool) -> any
     let procs = cg.procs_fd()?;
     let mut command = tokio::process::Command::new(program);
     command.args(args);
-    // SAFETY: the closure only calls setrlimit(2) and write(2) (on an fd opened before
-    // fork), both async-signal-safe.
-    unsafe {
-        command.pre_exec(move || {
-            child_limits.restore();
-            cgroup::join_from_pre_exec(&procs)
-        });
-    }
+    crate::sys::before_exec(&mut command, child_limits, procs);
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -756,8 +736,7 @@ pub async fn exec(config_path: &Path, cmd: &[OsString], ebpf_debug: bool) -> any
 
 fn forward(child: &tokio::process::Child, sig: i32) {
     if let Some(pid) = child.id() {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(pid as i32, sig) };
+        let _ = crate::sys::kill(pid as i32, sig);
     }
 }
 

@@ -3,7 +3,7 @@
 use std::{
     fs,
     io::{self, Write as _},
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -149,8 +149,7 @@ impl ChildCgroup {
                     // cgroup.kill (5.14+) kills the whole subtree; fall back to SIGKILL.
                     if fs::write(self.path.join("cgroup.kill"), "1").is_err() {
                         for pid in self.pids() {
-                            // SAFETY: plain kill(2).
-                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                            let _ = crate::sys::kill(pid, libc::SIGKILL);
                         }
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -174,13 +173,7 @@ impl Drop for ChildCgroup {
 /// # Errors
 /// The `write(2)` error.
 pub fn join_from_pre_exec(procs: &OwnedFd) -> io::Result<()> {
-    // SAFETY: write(2) on an fd we own, with a valid 1-byte buffer.
-    let n = unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) };
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sys::join_cgroup(procs)
 }
 
 #[cfg(test)]

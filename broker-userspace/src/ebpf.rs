@@ -118,26 +118,7 @@ pub fn conn_key(netns_cookie: u64, peer: SocketAddr, local: SocketAddr) -> ConnK
     }
 }
 
-/// A 64-bit socket option (`SO_COOKIE`, `SO_NETNS_COOKIE`).
-fn sockopt_u64(fd: &impl AsRawFd, opt: libc::c_int) -> std::io::Result<u64> {
-    let mut v: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd; v and len outlive the call and len is v's size.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&raw mut v).cast(),
-            &raw mut len,
-        )
-    };
-    if r == 0 {
-        Ok(v)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
+use crate::sys::sockopt_u64;
 
 /// The socket's cookie, the same the kernel programs get from `bpf_get_socket_cookie`.
 ///
@@ -545,10 +526,7 @@ impl Splicer {
         let Some(ring) = lock(&self.events).take() else {
             return;
         };
-        // SAFETY: the ring buffer's fd stays open as long as the AsyncFd owns it.
-        let fd = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
-        };
+        let fd = crate::sys::async_readable(ring);
         let mut fd = match fd {
             Ok(fd) => fd,
             Err(e) => {

@@ -142,3 +142,173 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
+
+/// Give free heap back to the OS (`malloc_trim(0)`).
+pub fn malloc_trim() {
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+}
+
+/// Send `sig` to process `pid`.
+///
+/// # Errors
+/// The `kill(2)` error.
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain kill(2).
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Write `0` ("this process") to an open `cgroup.procs`. Async-signal-safe (one
+/// `write(2)`): usable between fork and exec.
+///
+/// # Errors
+/// The `write(2)` error.
+pub fn join_cgroup(procs: &std::os::fd::OwnedFd) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: write(2) on an fd we own, with a valid 1-byte buffer.
+    let n = unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) };
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Make `command`'s child, between fork and exec, get back `limits` and join the cgroup
+/// whose `cgroup.procs` is open as `procs` (both async-signal-safe).
+pub fn before_exec(
+    command: &mut tokio::process::Command,
+    limits: ChildLimits,
+    procs: std::os::fd::OwnedFd,
+) {
+    // SAFETY: the closure only calls setrlimit(2) and write(2) (on an fd opened before
+    // fork), both async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            limits.restore();
+            join_cgroup(&procs)
+        });
+    }
+}
+
+/// A 64-bit `SOL_SOCKET` option (`SO_COOKIE`, `SO_NETNS_COOKIE`).
+///
+/// # Errors
+/// The `getsockopt(2)` error.
+pub fn sockopt_u64(fd: &impl std::os::fd::AsRawFd, opt: libc::c_int) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd; v and len outlive the call and len is v's size.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&raw mut v).cast(),
+            &raw mut len,
+        )
+    };
+    if r == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The running kernel's release (`uname -r`).
+#[must_use]
+pub fn kernel_release() -> Option<String> {
+    // SAFETY: uname fills the zeroed struct; the release is NUL-terminated.
+    unsafe {
+        let mut u: libc::utsname = std::mem::zeroed();
+        if libc::uname(&raw mut u) != 0 {
+            return None;
+        }
+        Some(
+            std::ffi::CStr::from_ptr(u.release.as_ptr())
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+}
+
+/// Register an owned fd (a ring buffer, an epoll set) with tokio's reactor for
+/// readability.
+///
+/// # Errors
+/// The registration error.
+pub fn async_readable<T: std::os::fd::AsRawFd>(
+    inner: T,
+) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `inner` owns its fd and moves into the AsyncFd, so the fd stays open for as
+    // long as it is registered.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+}
+
+/// A private epoll set watching one socket (see `proxy::splice`).
+#[derive(Debug)]
+pub struct Epoll(std::os::fd::OwnedFd);
+
+impl Epoll {
+    /// # Errors
+    /// The `epoll_create1(2)` error.
+    pub fn new() -> io::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: plain syscall; the result is checked.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh fd we own.
+        Ok(Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }))
+    }
+
+    /// `epoll_ctl(op, sock, events)`.
+    ///
+    /// # Errors
+    /// The `epoll_ctl(2)` error.
+    pub fn ctl(&self, op: i32, sock: i32, events: u32) -> io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let mut ev = libc::epoll_event { events, u64: 0 };
+        // SAFETY: both fds are open; ev is a valid epoll_event.
+        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, sock, &raw mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The events of one ready socket, without blocking (`None`: nothing ready).
+    ///
+    /// # Errors
+    /// The `epoll_wait(2)` error (not `EINTR`, which reads as nothing ready).
+    pub fn ready(&self) -> io::Result<Option<u32>> {
+        use std::os::fd::AsRawFd as _;
+        let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
+        // SAFETY: valid epoll fd and a buffer of one event; timeout 0 never blocks.
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), ev.as_mut_ptr(), 1, 0) };
+        match n {
+            n if n > 0 => Ok(Some(ev[0].events)),
+            0 => Ok(None),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for Epoll {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}

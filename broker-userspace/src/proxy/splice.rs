@@ -20,22 +20,16 @@
 //!   `shutdown(SHUT_WR)` on the client-side socket after a short grace period that lets
 //!   the kernel's redirect worker deliver the upstream's last bytes first.
 
-use std::{
-    io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    time::Duration,
-};
+use std::{io, time::Duration};
 
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    net::TcpStream,
-};
+use tokio::{io::unix::AsyncFd, net::TcpStream};
 
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt as _;
 
 use super::relay;
+use crate::sys::Epoll;
 use crate::{
     connector::{ConnError, ConnStats, Session, UpstreamStream},
     ebpf::{Spliced, Splicer},
@@ -301,22 +295,14 @@ async fn relay_after_fallback(
 /// per-packet "readable" wake-ups of redirected data out of this set, so a busy spliced
 /// session never wakes the daemon.
 struct UpWatch {
-    fd: AsyncFd<OwnedFd>,
+    fd: AsyncFd<Epoll>,
     sock: i32,
 }
 
 impl UpWatch {
     fn new(sock: &impl std::os::fd::AsRawFd) -> io::Result<Self> {
-        // SAFETY: plain syscall; the result is checked.
-        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: raw is a fresh fd we own.
-        let ep = unsafe { OwnedFd::from_raw_fd(raw) };
         let w = Self {
-            // SAFETY: the OwnedFd moves into the AsyncFd and stays open until dropped.
-            fd: unsafe { AsyncFd::register_with_interest(ep, Interest::READABLE)? },
+            fd: crate::sys::async_readable(Epoll::new()?)?,
             sock: sock.as_raw_fd(),
         };
         w.ctl(libc::EPOLL_CTL_ADD, false)?;
@@ -326,33 +312,16 @@ impl UpWatch {
     /// Level-triggered: once the peer has hung up the set stays ready. EPOLLERR and
     /// EPOLLHUP are always reported.
     fn ctl(&self, op: i32, out: bool) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLRDHUP | if out { libc::EPOLLOUT } else { 0 }) as u32,
-            u64: 0,
-        };
-        // SAFETY: both fds are open; ev is a valid epoll_event.
-        let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, self.sock, &raw mut ev) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        let events = (libc::EPOLLRDHUP | if out { libc::EPOLLOUT } else { 0 }) as u32;
+        self.fd.get_ref().ctl(op, self.sock, events)
     }
 
     /// The next events of the upstream socket.
     async fn events(&self) -> io::Result<u32> {
         loop {
             let mut guard = self.fd.readable().await?;
-            let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
-            // SAFETY: valid epoll fd and a buffer of one event; timeout 0 never blocks.
-            let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), ev.as_mut_ptr(), 1, 0) };
-            if n > 0 {
-                return Ok(ev[0].events);
-            }
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
+            if let Some(events) = self.fd.get_ref().ready()? {
+                return Ok(events);
             }
             guard.clear_ready();
         }

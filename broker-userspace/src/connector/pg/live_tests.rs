@@ -17,6 +17,8 @@ use crate::{
     secret::Secret,
 };
 
+// The integration tests' harness (test-only; it calls `geteuid`).
+#[allow(unsafe_code)]
 #[path = "../../../../tests/src/pg.rs"]
 mod harness;
 
