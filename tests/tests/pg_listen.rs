@@ -28,12 +28,19 @@ struct Running {
 }
 
 fn start(services: &str) -> Running {
+    start_with("", services)
+}
+
+/// [`start`] with extra lines for the `broker:` block.
+fn start_with(broker_extra: &str, services: &str) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let health = free_port();
     let cfg = write_file(
         dir.path(),
         "broker.yaml",
-        &format!("version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n{services}"),
+        &format!(
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n{broker_extra}services:\n{services}"
+        ),
     );
     let health: SocketAddr = format!("127.0.0.1:{health}").parse().expect("addr");
     let daemon = Daemon::start(&cfg, &["--no-ebpf"], health, &dir.path().join("broker.log"));
@@ -406,4 +413,35 @@ fn cancel_through_listen_on_within_two_seconds() {
     assert!(log.contains("unknown backend pid 1"), "{log}");
     assert_no_secret(&format!("{text}{log}"), &[pw], "outputs and broker log");
     let _ = &b.dir;
+}
+
+/// Over a connection cap, a PostgreSQL client is told so in its own protocol (FATAL
+/// 53300, "too many connections", naming the service) instead of being cut off.
+#[test]
+fn over_the_cap_a_client_gets_too_many_connections() {
+    if !privileged() {
+        return;
+    }
+    let files = tempfile::tempdir().expect("tempdir");
+    let pw = write_file(files.path(), "pw", "unused-pw-7a1c9e");
+    let (p, dead) = (free_port(), free_port());
+    let b = start_with(
+        "  maxConnections: 2\n  maxConnectionsPerListener: 1\n",
+        &service("capped", p, dead, &pw, ""),
+    );
+    // Hold the listener's one slot: a client that has not sent its startup packet yet.
+    let hold = std::net::TcpStream::connect(("127.0.0.1", p)).expect("connect");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (out, text) = run_psql(p, "", "select 1");
+    assert!(!out.status.success());
+    assert!(
+        text.contains("service `capped`") && text.contains("too many connections"),
+        "{text}"
+    );
+    assert_eq!(
+        startup_error_code(p),
+        ("FATAL".to_owned(), "53300".to_owned())
+    );
+    drop(hold);
+    assert_no_secret(&b.daemon.log_text(), &["unused-pw-7a1c9e"], "broker log");
 }
