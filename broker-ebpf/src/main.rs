@@ -484,8 +484,8 @@ pub fn broker_getpeername6(ctx: SockAddrContext) -> i32 {
     1
 }
 
-/// Build the [`SockKey`] of the socket behind a context pointer (`bpf_sock_ops`,
-/// `sk_msg_md` and `__sk_buff` name these fields alike). Remote ports are network order;
+/// Build the [`SockKey`] of the socket behind a `bpf_sock_ops` context pointer. Remote
+/// ports are network order;
 /// most kernels hand them shifted into the upper half of the u32, older ones not: both
 /// read right. Each field is one fixed-offset volatile load (see `on_established`).
 macro_rules! sock_key {

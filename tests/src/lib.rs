@@ -107,6 +107,25 @@ pub fn wait_port(addr: SocketAddr, timeout: Duration) {
     panic!("nothing listening on {addr} after {timeout:?}");
 }
 
+/// `GET /` (HTTP/1.0) to `127.0.0.1:port`, for tests whose upstream is a
+/// [`net::Upstream`]: the reply's body, or "" when the connection was refused or closed
+/// without one (the broker refusing it). Bounded: 5 s to connect, 20 s to read.
+#[must_use]
+pub fn fetch(port: u16) -> String {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+        return String::new();
+    };
+    if s.set_read_timeout(Some(Duration::from_secs(20))).is_err() {
+        return String::new();
+    }
+    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()
+}
+
 /// Minimal HTTP GET on loopback; returns (status, body).
 #[must_use]
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {

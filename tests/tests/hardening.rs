@@ -19,7 +19,7 @@ use std::{
 use broker_tests::{
     Daemon, assert_no_secret, broker_bin, broker_check,
     fake::{FakePgError, HoldServer, Reply, ScriptedHttp},
-    free_port, http_get,
+    fetch, free_port, http_get,
     net::Upstream,
     output_text, privileged, run_broker, write_file,
 };
@@ -49,20 +49,6 @@ fn config(dir: &Path, health: u16, broker_extra: &str, services: &str) -> std::p
 
 fn health_addr(port: u16) -> SocketAddr {
     format!("127.0.0.1:{port}").parse().expect("addr")
-}
-
-/// GET / through a listener; the reply's body, or "" when the connection was closed.
-fn fetch(port: u16) -> String {
-    let Ok(mut s) = TcpStream::connect_timeout(&health_addr(port), Duration::from_secs(5)) else {
-        return String::new();
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()
 }
 
 /// Poll `cond` every 20 ms for at most `timeout`.

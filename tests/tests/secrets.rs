@@ -5,36 +5,18 @@
 //! grepped for the secret values.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
     process::{Child, Command, Stdio},
     sync::{Arc, Barrier},
     time::Duration,
 };
 
 use broker_tests::{
-    Daemon, assert_no_secret, free_port, net::Upstream, pg::make_certs, privileged,
+    Daemon, assert_no_secret, fetch, free_port, net::Upstream, pg::make_certs, privileged,
     secret_server::SecretServer, wait_port, write_file,
 };
 
 const TOKEN: &str = "secrets-test-bearer-7c41e9";
 const PASSWORD: &str = "secrets-test-password-2b9f5d";
-
-/// GET / through a listener on 127.0.0.1:`port`; the reply's body, or "" when the
-/// connection was closed without one.
-fn fetch(port: u16) -> String {
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
-        return String::new();
-    };
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()
-}
 
 /// `broker run --no-ebpf` with an `http` provider `uts` on `store` and `services`.
 fn start(dir: &std::path::Path, store: &SecretServer, services: &str) -> Daemon {

@@ -349,8 +349,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
 
 /// One connection through its connector, then the byte phase the core owns. An app
 /// socket that is not spliced (an error, a cancel request, a client that never finished
-/// its startup) leaves the splice map when this returns, not when the app closes: a
-/// client holding sockets open must not be able to fill it.
+/// its startup) leaves the splice map as soon as that is known, not when the app
+/// closes: a client holding sockets open must not be able to fill it.
 ///
 /// # Errors
 /// The connector's error, or an I/O error while moving the session's bytes.
@@ -361,20 +361,24 @@ pub async fn serve(
     client: TcpStream,
     ticket: Option<SpliceTicket>,
 ) -> Result<(), ConnError> {
-    let _forget = ticket.clone().map(ForgetOnDrop);
+    // Forgets the app socket on every way out but one: the byte phase, which decides.
+    let mut guard = ForgetOnDrop(ticket);
     match connector.serve(env, conn, client).await? {
         Handoff::Done => Ok(()),
-        Handoff::Relay(session) => splice::run_session(session, ticket, &mut conn.stats).await,
+        Handoff::Relay(session) => {
+            splice::run_session(session, guard.0.take(), &mut conn.stats).await
+        }
     }
 }
 
-/// Takes an app socket out of `SPLICE_APP` when dropped (idempotent: a spliced session
-/// has its own guard, and the socket leaves the sockhash when it closes).
-struct ForgetOnDrop(SpliceTicket);
+/// Takes an app socket out of `SPLICE_APP` when dropped, unless its ticket was taken.
+struct ForgetOnDrop(Option<SpliceTicket>);
 
 impl Drop for ForgetOnDrop {
     fn drop(&mut self) {
-        self.0.splicer.forget(self.0.app_cookie);
+        if let Some(t) = self.0.take() {
+            t.splicer.forget(t.app_cookie);
+        }
     }
 }
 

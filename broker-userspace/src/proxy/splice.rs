@@ -10,8 +10,8 @@
 //!
 //! * the client-side socket sees the app's FIN (or, defensively, any byte the app sent
 //!   before the splice took effect, which is forwarded). The app's FIN ends the kernel
-//!   path both ways at once (the `SPLICE` entries are deleted: on loopback the app's
-//!   4-tuple can be reused by a new socket a second later) and is passed on as
+//!   path both ways at once (the `SPLICE` entries are deleted, so nothing more is
+//!   redirected) and is passed on as
 //!   `shutdown(SHUT_WR)` on the upstream socket. A half-closed app therefore gets no
 //!   more data; PostgreSQL clients never half-close (they send Terminate and close);
 //! * the upstream socket's hang-up is watched through a private epoll set that asks for
@@ -64,7 +64,9 @@ pub async fn run_session(
             if s.client_waits && s.to_upstream.is_empty() && nothing_pending(&client) =>
         {
             // Out of tokio's reactor first (see `run`).
-            let up = up.into_std()?;
+            let up = up
+                .into_std()
+                .inspect_err(|_| t.splicer.forget(t.app_cookie))?;
             // The app reads `to_client` through TCP, after the splice has started.
             match t.splicer.start(t.app_cookie, s.to_client.len() as u64, &up) {
                 Ok(sp) => Up::Spliced(up, sp),
