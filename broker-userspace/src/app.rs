@@ -28,9 +28,10 @@ use crate::{
     cgroup::{self, ChildCgroup},
     config::{self, Config, ListenAddr},
     connector::Env,
+    connector::dial::Dialer,
     ebpf::Interceptor,
     health::{self, Readiness},
-    proxy::{self, Caps, Shared, Tracker, dial::Dialer},
+    proxy::{self, Caps, Shared, Tracker},
     ratelimit::LogLimiter,
     resolver,
     runtime::{self, Runtime},
@@ -54,7 +55,7 @@ pub struct BadConfig(pub String);
 /// [`BadConfig`] listing every problem, including connectors/providers not built yet.
 pub fn load_config(path: &Path) -> Result<Config, BadConfig> {
     let shown = path.display().to_string();
-    let cfg = config::load_file(path).map_err(|errs| {
+    let cfg = config::load_file(path, &crate::connector::KINDS).map_err(|errs| {
         BadConfig(
             errs.0
                 .iter()
@@ -770,7 +771,7 @@ mod tests {
         let cfg = config::load_str(&format!(
             "version: 2\nbroker:\n  health: off\nservices:\n  echo:\n    connector: tcp\n    listenOn: tcp://{listen}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n",
             up_addr.port()
-        ))
+        ), &crate::connector::KINDS)
         .unwrap();
         let daemon = Daemon::start(
             cfg,

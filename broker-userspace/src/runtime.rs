@@ -158,7 +158,7 @@ mod tests {
     use crate::config;
 
     fn cfg(yaml: &str) -> Config {
-        config::load_str(yaml).expect("config loads")
+        config::load_str(yaml, &crate::connector::KINDS).expect("config loads")
     }
 
     const TWO: &str = "version: 2\nservices:\n  a:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:1\n    credentials:\n      host: 127.0.0.1\n  b:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:2\n    credentials:\n      host: 127.0.0.1\n";

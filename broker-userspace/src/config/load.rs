@@ -7,17 +7,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use ipnet::IpNet;
 use yaml_serde::{Mapping, Value};
 use zeroize::Zeroize;
 
 use super::{
-    BUILT_CONNECTORS, BUILT_PROVIDERS, ConfigError, ConfigErrors, NOT_BUILT_CONNECTORS,
-    NOT_BUILT_PROVIDERS, interpolate,
+    BUILT_PROVIDERS, ConfigError, ConfigErrors, NOT_BUILT_PROVIDERS, interpolate,
+    kinds::{ConnectorBlock, ConnectorSyntax},
     model::{
-        AuthMethod, BrokerSettings, Config, Connector, CredentialSource, DEFAULT_HTTP_TIMEOUT,
+        AuthMethod, BrokerSettings, Config, ConnectorSpec, CredentialSource, DEFAULT_HTTP_TIMEOUT,
         DEFAULT_MAX_CONNECTIONS_PER_LISTENER, HttpProviderConfig, InterceptTarget, ListenAddr,
-        OAuth2Config, PgConfig, ProviderConfig, RequireAuth, Service, TcpConfig, UpstreamTls,
+        OAuth2Config, ProviderConfig, Service,
     },
     values,
 };
@@ -27,12 +26,13 @@ use crate::secret::Secret;
 pub(super) fn load(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
+    kinds: Kinds,
 ) -> Result<Config, ConfigErrors> {
     let mut root: Value = yaml_serde::from_str(text)
         .map_err(|e| ConfigErrors(vec![ConfigError::new("", yaml_error(&e))]))?;
     // `<<: *anchor` merge keys, as YAML 1.1 defines them.
     let result = match root.apply_merge() {
-        Ok(()) => load_value(&mut root, env),
+        Ok(()) => load_value(&mut root, env, kinds),
         Err(e) => Err(ConfigErrors(vec![ConfigError::new(
             "",
             format!("invalid YAML merge key (<<): {e}"),
@@ -43,9 +43,16 @@ pub(super) fn load(
     result
 }
 
+/// The connector kinds a load accepts: the built ones and the names known but not built.
+pub(super) struct Kinds {
+    pub built: Vec<ConnectorSyntax>,
+    pub not_built: &'static [&'static str],
+}
+
 fn load_value(
     root: &mut Value,
     env: &dyn Fn(&str) -> Option<String>,
+    kinds: Kinds,
 ) -> Result<Config, ConfigErrors> {
     let one = |path: &str, msg: &str| Err(ConfigErrors(vec![ConfigError::new(path, msg)]));
     match &*root {
@@ -69,6 +76,7 @@ fn load_value(
     }
     let mut l = Loader {
         env,
+        kinds,
         errors: Vec::new(),
         from_env: HashSet::new(),
         broken: HashSet::new(),
@@ -128,7 +136,7 @@ fn wipe(v: &mut Value) {
     }
 }
 
-fn join(path: &str, key: &str) -> String {
+pub fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_owned()
     } else {
@@ -136,11 +144,11 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-fn index(path: &str, i: usize) -> String {
+pub fn index(path: &str, i: usize) -> String {
     format!("{path}[{i}]")
 }
 
-fn key_text(k: &Value) -> Option<String> {
+pub fn key_text(k: &Value) -> Option<String> {
     match k {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -149,7 +157,7 @@ fn key_text(k: &Value) -> Option<String> {
     }
 }
 
-fn quoted_list(items: &[&str]) -> String {
+pub fn quoted_list(items: &[&str]) -> String {
     items
         .iter()
         .map(|s| format!("\"{s}\""))
@@ -172,7 +180,8 @@ fn distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-fn suggestion(word: &str, known: &[&str]) -> String {
+/// " (did you mean ...?)" or " (expected one of: ...)".
+pub fn suggestion(word: &str, known: &[&str]) -> String {
     let lower = word.to_ascii_lowercase();
     let best = known
         .iter()
@@ -201,11 +210,11 @@ const LIST_SERVICE_KEYS: &[&str] = &[
     "config",
     "authentication",
 ];
-const PG_CREDENTIALS: &str = "host, port, username, password, database, sslmode, sslrootcert, \
-                              sslcert, sslkey, sslhost, require_auth";
-
-struct Loader<'e> {
+/// The walk over one configuration. Connector kinds parse their own `config:` block
+/// with its helpers ([`ConnectorSyntax::parse`]), so their messages read like the rest.
+pub struct Loader<'e> {
     env: &'e dyn Fn(&str) -> Option<String>,
+    kinds: Kinds,
     errors: Vec<ConfigError>,
     /// Paths whose value contains text from the environment: never echoed.
     from_env: HashSet<String>,
@@ -217,6 +226,12 @@ struct Loader<'e> {
     seen_targets: Vec<(InterceptTarget, String)>,
 }
 
+/// A service's `connector:` name, looked up.
+enum Named {
+    Built(ConnectorSyntax, String),
+    NotBuilt(String),
+}
+
 /// What the service walk needs to know about providers.
 struct ProviderNames<'a> {
     configured: &'a BTreeMap<String, ProviderConfig>,
@@ -225,12 +240,20 @@ struct ProviderNames<'a> {
 }
 
 impl Loader<'_> {
-    fn err(&mut self, path: &str, message: impl Into<String>) {
+    /// Record an error at `path`.
+    pub fn err(&mut self, path: &str, message: impl Into<String>) {
         self.errors.push(ConfigError::new(path, message));
     }
 
+    /// How many errors are recorded so far (a parser compares before and after).
+    #[must_use]
+    pub fn error_count(&self) -> usize {
+        self.errors.len()
+    }
+
     /// How a structural value may appear in a message.
-    fn shown(&self, path: &str, value: &str) -> String {
+    #[must_use]
+    pub fn shown(&self, path: &str, value: &str) -> String {
         if self.from_env.contains(path) {
             "(value from the environment)".to_owned()
         } else if value.chars().count() > 80 {
@@ -278,7 +301,7 @@ impl Loader<'_> {
     // ---- generic shape helpers -------------------------------------------------------
 
     /// `v` as a map, or an error saying it must be `what`.
-    fn map<'v>(&mut self, path: &str, v: &'v Value, what: &str) -> Option<&'v Mapping> {
+    pub fn map<'v>(&mut self, path: &str, v: &'v Value, what: &str) -> Option<&'v Mapping> {
         match v {
             Value::Mapping(m) => Some(m),
             Value::Tagged(_) => {
@@ -293,7 +316,7 @@ impl Loader<'_> {
     }
 
     /// Report every key of `m` not in `allowed`.
-    fn keys(&mut self, path: &str, m: &Mapping, allowed: &[&str]) {
+    pub fn keys(&mut self, path: &str, m: &Mapping, allowed: &[&str]) {
         for k in m.keys() {
             match k.as_str() {
                 Some(s) if allowed.contains(&s) => {}
@@ -307,7 +330,7 @@ impl Loader<'_> {
     }
 
     /// A scalar as text (numbers and booleans become their text).
-    fn text(&mut self, path: &str, v: &Value) -> Option<String> {
+    pub fn text(&mut self, path: &str, v: &Value) -> Option<String> {
         if self.broken.contains(path) {
             return None;
         }
@@ -331,7 +354,7 @@ impl Loader<'_> {
     }
 
     /// A non-empty scalar as text.
-    fn non_empty(&mut self, path: &str, v: &Value) -> Option<String> {
+    pub fn non_empty(&mut self, path: &str, v: &Value) -> Option<String> {
         let s = self.text(path, v)?;
         if s.is_empty() {
             self.err(path, "must not be empty");
@@ -342,7 +365,7 @@ impl Loader<'_> {
 
     /// An unsigned integer up to `max` (a YAML integer, or text holding one, decimal or
     /// `0x` hexadecimal).
-    fn uint(&mut self, path: &str, v: &Value, max: u64, what: &str) -> Option<u64> {
+    pub fn uint(&mut self, path: &str, v: &Value, max: u64, what: &str) -> Option<u64> {
         if self.broken.contains(path) {
             return None;
         }
@@ -366,7 +389,7 @@ impl Loader<'_> {
         }
     }
 
-    fn boolean(&mut self, path: &str, v: &Value) -> Option<bool> {
+    pub fn boolean(&mut self, path: &str, v: &Value) -> Option<bool> {
         if self.broken.contains(path) {
             return None;
         }
@@ -381,7 +404,7 @@ impl Loader<'_> {
         }
     }
 
-    fn duration(&mut self, path: &str, v: &Value) -> Option<std::time::Duration> {
+    pub fn duration(&mut self, path: &str, v: &Value) -> Option<std::time::Duration> {
         let s = self.text(path, v)?;
         match values::duration(&s) {
             Ok(d) => Some(d),
@@ -810,47 +833,60 @@ impl Loader<'_> {
         let credentials = self.credentials(path, m.get("credentials"), names);
         let authentication = self.authentication(path, m.get("authentication"));
 
-        let connector = connector?;
-        if matches!(connector, Connector::Tcp(_) | Connector::Pg(_)) {
-            let intercept_given = m.get("intercept").is_some_and(|v| !v.is_null());
-            if !m.contains_key("listenOn") && !intercept_given {
-                self.err(
-                    path,
-                    format!(
-                        "needs \"listenOn\" or \"intercept\" (or both): connector \"{}\" has no \
-                         way to receive connections",
-                        connector.name()
-                    ),
-                );
-            }
-            let creds_path = join(path, "credentials");
-            let creds_given = m.get("credentials").is_some_and(|v| !v.is_null());
-            // Without a readable credentials block, its own errors say enough.
-            if creds_given && credentials.is_none() {
-                return None;
-            }
-            let has = |k: &str| {
-                credentials
+        let connector = match connector? {
+            Named::NotBuilt(name) => ConnectorSpec::NotBuilt { name },
+            Named::Built(kind, written) => {
+                let intercept_given = m.get("intercept").is_some_and(|v| !v.is_null());
+                if !m.contains_key("listenOn") && !intercept_given {
+                    self.err(
+                        path,
+                        format!(
+                            "needs \"listenOn\" or \"intercept\" (or both): connector \"{}\" \
+                             has no way to receive connections",
+                            kind.kind()
+                        ),
+                    );
+                }
+                let creds_path = join(path, "credentials");
+                let creds_given = m.get("credentials").is_some_and(|v| !v.is_null());
+                // Without a readable credentials block, its own errors say enough.
+                if creds_given && credentials.is_none() {
+                    return None;
+                }
+                let given = credentials
                     .as_ref()
-                    .is_some_and(|(_, given)| given.contains(k))
-            };
-            if let Connector::Pg(cfg) = &connector {
-                for k in ["username", "password"] {
-                    if !has(k) {
+                    .map(|(_, given)| given.clone())
+                    .unwrap_or_default();
+                for k in kind.required_credentials {
+                    if !given.contains(*k) {
                         self.err(&creds_path, format!("missing \"{k}\""));
                     }
                 }
-                let explicit = has("host") || has("address");
-                self.pg_upstream_rules(path, cfg, &intercept, explicit);
-            }
-            if !intercept_given && !has("host") {
-                self.err(
-                    &creds_path,
-                    "missing \"host\" (the upstream server; required for a service without \
-                     \"intercept\")",
+                let config_path = join(path, "config");
+                let settings = (kind.parse)(
+                    self,
+                    &ConnectorBlock {
+                        path: &config_path,
+                        service_path: path,
+                        name: &written,
+                        value: m.get("config").filter(|v| !v.is_null()),
+                        intercept: &intercept,
+                        credentials: &given,
+                    },
                 );
+                if kind.host_or_intercept && !intercept_given && !given.contains("host") {
+                    self.err(
+                        &creds_path,
+                        "missing \"host\" (the upstream server; required for a service \
+                         without \"intercept\")",
+                    );
+                }
+                ConnectorSpec::Built {
+                    kind: kind.kind(),
+                    settings: settings?,
+                }
             }
-        }
+        };
         Some(Service {
             name,
             connector,
@@ -861,203 +897,36 @@ impl Loader<'_> {
         })
     }
 
-    fn connector(&mut self, path: &str, m: &Mapping) -> Option<Connector> {
+    /// The service's connector kind: a built one (with its name as written), or a known
+    /// name not built yet.
+    fn connector(&mut self, path: &str, m: &Mapping) -> Option<Named> {
         let Some(v) = m.get("connector") else {
             self.err(path, "missing \"connector\"");
             return None;
         };
         let cpath = join(path, "connector");
         let name = self.non_empty(&cpath, v)?;
-        let config_path = join(path, "config");
-        let config = m.get("config").filter(|v| !v.is_null());
-        match name.as_str() {
-            "tcp" => Some(Connector::Tcp(self.tcp_config(&config_path, config)?)),
-            "pg" | "postgres" | "postgresql" => Some(Connector::Pg(self.pg_config(
-                &config_path,
-                &name,
-                config,
-            )?)),
-            n if NOT_BUILT_CONNECTORS.contains(&n) => Some(Connector::NotBuilt { name }),
-            _ => {
-                let known: Vec<&str> = BUILT_CONNECTORS
-                    .iter()
-                    .chain(NOT_BUILT_CONNECTORS)
-                    .copied()
-                    .collect();
-                let shown = self.shown(&cpath, &name);
-                self.err(
-                    &cpath,
-                    format!("unknown connector {shown} (known: {})", quoted_list(&known)),
-                );
-                None
-            }
-        }
-    }
-
-    /// The `config:` block of a `pg` service (connection settings are credentials).
-    fn pg_config(&mut self, path: &str, name: &str, v: Option<&Value>) -> Option<PgConfig> {
-        const KEYS: [&str; 3] = ["requireAuth", "upstreamAllow", "scramMaxIterations"];
-        let mut out = PgConfig::default();
-        let Some(v) = v else {
-            return Some(out);
-        };
-        let Value::Mapping(m) = v else {
-            self.err(
-                path,
-                format!(
-                    "connector \"{name}\" takes a map ({}); connection settings are \
-                     credentials ({PG_CREDENTIALS})",
-                    quoted_list(&KEYS)
-                ),
-            );
-            return None;
-        };
-        let before = self.errors.len();
-        for k in m.keys() {
-            let k = key_text(k).unwrap_or_else(|| "?".to_owned());
-            if !KEYS.contains(&k.as_str()) {
-                let hint = suggestion(&k, &KEYS);
-                self.err(
-                    &join(path, &k),
-                    format!(
-                        "unknown key \"{k}\"{hint}; connection settings of connector \
-                         \"{name}\" are credentials ({PG_CREDENTIALS})"
-                    ),
-                );
-            }
-        }
-        if let Some(v) = m.get("requireAuth") {
-            let p = join(path, "requireAuth");
-            let items: Option<Vec<String>> = match v {
-                Value::Sequence(seq) => seq
-                    .iter()
-                    .enumerate()
-                    .map(|(i, x)| self.non_empty(&index(&p, i), x))
-                    .collect(),
-                v => self
-                    .non_empty(&p, v)
-                    .map(|s| s.split(',').map(str::to_owned).collect()),
-            };
-            if let Some(items) = items {
-                match RequireAuth::parse(items.iter().map(String::as_str)) {
-                    Ok(r) => out.require_auth = Some(r),
-                    Err(reason) => {
-                        let shown = self.shown(&p, &items.join(","));
-                        self.err(&p, format!("invalid requireAuth {shown}: {reason}"));
-                    }
-                }
-            }
-        }
-        if let Some(v) = m.get("upstreamAllow") {
-            let p = join(path, "upstreamAllow");
-            let items: Vec<(String, &Value)> = match v {
-                Value::Sequence(seq) => seq
-                    .iter()
-                    .enumerate()
-                    .map(|(i, x)| (index(&p, i), x))
-                    .collect(),
-                v => vec![(p.clone(), v)],
-            };
-            if items.is_empty() {
-                self.err(&p, "must list at least one IP address or CIDR block");
-            }
-            for (ip, x) in items {
-                let Some(s) = self.non_empty(&ip, x) else {
-                    continue;
-                };
-                let s = s.trim();
-                let net = s
-                    .parse::<IpNet>()
-                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from));
-                match net {
-                    Ok(n) => out.upstream_allow.push(n.trunc()),
-                    Err(_) => {
-                        let shown = self.shown(&ip, s);
-                        self.err(
-                            &ip,
-                            format!(
-                                "invalid address {shown}: expected an IP address or a CIDR \
-                                 block (10.0.0.0/8, 2001:db8::/64)"
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-        if let Some(v) = m.get("scramMaxIterations") {
-            let p = join(path, "scramMaxIterations");
-            match self.uint(&p, v, u64::from(u32::MAX), "an iteration count") {
-                Some(0) => self.err(&p, "must be at least 1"),
-                Some(n) => out.scram_max_iterations = u32::try_from(n).expect("checked range"),
-                None => {}
-            }
-        }
-        (self.errors.len() == before).then_some(out)
-    }
-
-    /// A `pg` service whose intercept includes a CIDR block would otherwise log in to
-    /// whatever address in it the app (or a process squatting on one) names: it needs
-    /// an explicit upstream (`host` or `address`) or `config.upstreamAllow`.
-    fn pg_upstream_rules(
-        &mut self,
-        path: &str,
-        cfg: &PgConfig,
-        intercept: &[InterceptTarget],
-        explicit_upstream: bool,
-    ) {
-        let cidr = intercept
+        if let Some(k) = self
+            .kinds
+            .built
             .iter()
-            .any(|t| matches!(t, InterceptTarget::Cidr { .. }));
-        if cidr && !explicit_upstream && cfg.upstream_allow.is_empty() {
-            self.err(
-                &join(path, "intercept"),
-                "a CIDR target needs an explicit upstream: set credential \"host\" (or \
-                 \"address\"), or list the addresses the app may reach in \
-                 config.upstreamAllow (otherwise the broker would log in to any address \
-                 of the block the app names)",
-            );
+            .find(|k| k.names.contains(&name.as_str()))
+        {
+            return Some(Named::Built(*k, name));
         }
-    }
-
-    fn tcp_config(&mut self, path: &str, v: Option<&Value>) -> Option<TcpConfig> {
-        let Some(v) = v else {
-            return Some(TcpConfig::default());
-        };
-        let m = self.map(path, v, "a map (`tls:`)")?;
-        self.keys(path, m, &["tls"]);
-        let before = self.errors.len();
-        let tls = match m.get("tls") {
-            None | Some(Value::Null) => None,
-            Some(v @ (Value::Bool(_) | Value::String(_))) => {
-                let tpath = join(path, "tls");
-                self.boolean(&tpath, v)?.then(UpstreamTls::default)
-            }
-            Some(Value::Mapping(tm)) => {
-                let tpath = join(path, "tls");
-                self.keys(&tpath, tm, &["caFile", "serverName", "insecureSkipVerify"]);
-                let mut t = UpstreamTls::default();
-                if let Some(v) = tm.get("caFile") {
-                    t.ca_file = self.non_empty(&join(&tpath, "caFile"), v).map(Into::into);
-                }
-                if let Some(v) = tm.get("serverName") {
-                    t.server_name = self.non_empty(&join(&tpath, "serverName"), v);
-                }
-                if let Some(v) = tm.get("insecureSkipVerify") {
-                    t.insecure_skip_verify = self
-                        .boolean(&join(&tpath, "insecureSkipVerify"), v)
-                        .unwrap_or(false);
-                }
-                Some(t)
-            }
-            Some(_) => {
-                self.err(
-                    &join(path, "tls"),
-                    "must be true, false or a map {caFile, serverName, insecureSkipVerify}",
-                );
-                None
-            }
-        };
-        (self.errors.len() == before).then_some(TcpConfig { tls })
+        if self.kinds.not_built.contains(&name.as_str()) {
+            return Some(Named::NotBuilt(name));
+        }
+        let known: Vec<&str> = (self.kinds.built.iter())
+            .flat_map(|k| k.names.iter().copied())
+            .chain(self.kinds.not_built.iter().copied())
+            .collect();
+        let shown = self.shown(&cpath, &name);
+        self.err(
+            &cpath,
+            format!("unknown connector {shown} (known: {})", quoted_list(&known)),
+        );
+        None
     }
 
     fn intercept(&mut self, path: &str, v: Option<&Value>) -> Vec<InterceptTarget> {

@@ -11,12 +11,15 @@
 //! environment. See `docs/CONFIG.md` for the reference of the format.
 
 mod interpolate;
+mod kinds;
 mod load;
 mod model;
 mod values;
 
 use std::{fmt, path::Path};
 
+pub use kinds::*;
+pub use load::{Loader, index, join, key_text, quoted_list, suggestion};
 pub use model::*;
 
 /// One problem in a configuration, with the dotted key path it concerns.
@@ -94,26 +97,26 @@ impl ConfigErrors {
 }
 
 /// Read and validate a configuration file, expanding `${VAR}` from the process
-/// environment.
+/// environment. `kinds`: the connector kinds (`crate::connector::KINDS`).
 ///
 /// # Errors
 /// Every problem found; an unreadable file is one error naming the file.
-pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+pub fn load_file<B>(path: &Path, kinds: &ConnectorKinds<B>) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError::new(
             "",
             format!("cannot read config file {}: {e}", path.display()),
         )])
     })?;
-    load_str(&text)
+    load_str(&text, kinds)
 }
 
 /// Validate a configuration text, expanding `${VAR}` from the process environment.
 ///
 /// # Errors
 /// Every problem found.
-pub fn load_str(text: &str) -> Result<Config, ConfigErrors> {
-    load_str_with_env(text, &process_env)
+pub fn load_str<B>(text: &str, kinds: &ConnectorKinds<B>) -> Result<Config, ConfigErrors> {
+    load_str_with_env(text, &process_env, kinds)
 }
 
 /// Validate a configuration text, expanding `${VAR}` with `env` (a variable name ->
@@ -122,32 +125,21 @@ pub fn load_str(text: &str) -> Result<Config, ConfigErrors> {
 ///
 /// # Errors
 /// Every problem found.
-pub fn load_str_with_env(
+pub fn load_str_with_env<B>(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
+    kinds: &ConnectorKinds<B>,
 ) -> Result<Config, ConfigErrors> {
-    load::load(text, env)
+    let kinds = load::Kinds {
+        built: kinds.syntaxes(),
+        not_built: kinds.not_built,
+    };
+    load::load(text, env, kinds)
 }
 
 fn process_env(name: &str) -> Option<String> {
     std::env::var_os(name).and_then(|v| v.into_string().ok())
 }
-
-/// Connector names that are recognized but whose implementation is not built yet.
-pub const NOT_BUILT_CONNECTORS: &[&str] = &[
-    "mysql",
-    "mssql",
-    "basic_auth",
-    "conjur",
-    "aws",
-    "generic_http",
-    "http",
-    "ssh",
-    "ssh-agent",
-];
-
-/// Built connectors, with their aliases.
-pub const BUILT_CONNECTORS: &[&str] = &["tcp", "pg", "postgres", "postgresql"];
 
 /// Provider kinds that are built in; each has a default instance of the same name.
 pub const BUILT_PROVIDERS: &[&str] = &["literal", "env", "file", "http"];
@@ -163,7 +155,7 @@ pub fn unsupported(cfg: &Config) -> Vec<ConfigError> {
     let mut out = Vec::new();
     for s in &cfg.services {
         let path = format!("services.{}", s.name);
-        if let Connector::NotBuilt { name } = &s.connector {
+        if let ConnectorSpec::NotBuilt { name } = &s.connector {
             out.push(ConfigError::new(
                 format!("{path}.connector"),
                 format!("connector \"{name}\" is not built yet"),

@@ -2,7 +2,9 @@
 //!
 //! Produced from YAML by [`super::load`]; every field here has already been checked.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    any::Any, collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration,
+};
 
 use ipnet::IpNet;
 
@@ -71,7 +73,7 @@ impl Default for BrokerSettings {
 #[derive(Debug, Clone)]
 pub struct Service {
     pub name: String,
-    pub connector: Connector,
+    pub connector: ConnectorSpec,
     /// Explicit listener (Secretless `listenOn`).
     pub listen_on: Option<ListenAddr>,
     /// Destinations whose connections the eBPF programs redirect to this service.
@@ -82,210 +84,49 @@ pub struct Service {
     pub authentication: Vec<AuthMethod>,
 }
 
-/// A connector and its validated `config:` block.
+/// A service's connector: its kind and its validated `config:` block, parsed by the
+/// kind's own module (see [`super::ConnectorSyntax`]).
 #[derive(Debug, Clone)]
-pub enum Connector {
-    Tcp(TcpConfig),
-    Pg(PgConfig),
+pub enum ConnectorSpec {
+    Built {
+        /// The kind's canonical name (`pg` for `postgres` too).
+        kind: &'static str,
+        settings: Arc<dyn ConnectorSettings>,
+    },
     /// A connector name we know (Secretless or ours) whose implementation is not built
     /// yet. Loading succeeds; `broker check` and `broker run` report it by name.
-    NotBuilt {
-        name: String,
-    },
+    NotBuilt { name: String },
 }
 
-impl Connector {
+/// The parsed `config:` block of one connector kind; the kind downcasts it back with
+/// [`ConnectorSpec::settings`].
+pub trait ConnectorSettings: Any + fmt::Debug + Send + Sync {}
+
+impl ConnectorSpec {
+    /// The kind's canonical name, or the unbuilt name as written.
     #[must_use]
     pub fn name(&self) -> &str {
         match self {
-            Self::Tcp(_) => "tcp",
-            Self::Pg(_) => "pg",
+            Self::Built { kind, .. } => kind,
             Self::NotBuilt { name } => name,
         }
     }
-}
 
-/// `connector: tcp`: relay bytes, optionally originating TLS to the upstream.
-#[derive(Debug, Clone, Default)]
-pub struct TcpConfig {
-    pub tls: Option<UpstreamTls>,
-}
-
-/// TLS toward the upstream.
-#[derive(Debug, Clone, Default)]
-pub struct UpstreamTls {
-    /// Extra CA certificate(s) (PEM) trusted besides the system roots.
-    pub ca_file: Option<PathBuf>,
-    /// Name to verify and send as SNI; defaults to the upstream host.
-    pub server_name: Option<String>,
-    /// Skip certificate verification entirely (never for production).
-    pub insecure_skip_verify: bool,
-}
-
-/// `connector: pg` (aliases `postgres`, `postgresql`). Connection settings come from the
-/// credentials (`host port username password database sslmode sslrootcert sslcert sslkey
-/// sslhost require_auth`), as in Secretless; the `config:` block holds what protects the
-/// password from the upstream side.
-#[derive(Debug, Clone)]
-pub struct PgConfig {
-    /// `requireAuth`: the authentication requests the broker answers. `None`: the
-    /// default policy (md5 and SCRAM; a cleartext password only over verified TLS; no
-    /// session without a challenge), see [`RequireAuth::default_allows`].
-    pub require_auth: Option<RequireAuth>,
-    /// `upstreamAllow`: addresses the app's own destination may be used as the upstream
-    /// when no `host` credential names one. Empty: any destination the service
-    /// intercepts (a CIDR target then requires an explicit upstream).
-    pub upstream_allow: Vec<IpNet>,
-    /// `scramMaxIterations`: SCRAM iteration counts above this are refused before any
-    /// PBKDF2 runs (a hostile server could ask for 2^31).
-    pub scram_max_iterations: u32,
-}
-
-/// Default `scramMaxIterations`: 25 times PostgreSQL's default of 4096.
-pub const DEFAULT_SCRAM_MAX_ITERATIONS: u32 = 100_000;
-
-impl Default for PgConfig {
-    fn default() -> Self {
-        Self {
-            require_auth: None,
-            upstream_allow: Vec::new(),
-            scram_max_iterations: DEFAULT_SCRAM_MAX_ITERATIONS,
-        }
-    }
-}
-
-/// An authentication method the upstream may ask for, by libpq's `require_auth` name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthKind {
-    /// `none`: AuthenticationOk without any challenge (`trust`).
-    None,
-    /// `password`: AuthenticationCleartextPassword.
-    Password,
-    /// `md5`: AuthenticationMD5Password.
-    Md5,
-    /// `scram-sha-256`: SASL SCRAM-SHA-256 (and -PLUS).
-    ScramSha256,
-}
-
-impl AuthKind {
-    const ALL: [Self; 4] = [Self::Password, Self::Md5, Self::ScramSha256, Self::None];
-
-    /// libpq's name.
+    /// The settings, when they are a `T`.
     #[must_use]
-    pub fn name(self) -> &'static str {
+    pub fn settings<T: ConnectorSettings>(&self) -> Option<&T> {
         match self {
-            Self::None => "none",
-            Self::Password => "password",
-            Self::Md5 => "md5",
-            Self::ScramSha256 => "scram-sha-256",
+            Self::Built { settings, .. } => (&**settings as &dyn Any).downcast_ref(),
+            Self::NotBuilt { .. } => None,
         }
     }
 
-    fn bit(self) -> u8 {
-        match self {
-            Self::None => 1,
-            Self::Password => 2,
-            Self::Md5 => 4,
-            Self::ScramSha256 => 8,
-        }
-    }
-}
-
-/// libpq's `require_auth`: a comma-separated list (or YAML list) of methods the broker
-/// answers, or of `!`-negated methods it refuses (all negated or none, as libpq).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct RequireAuth {
-    allowed: u8,
-}
-
-impl std::fmt::Debug for RequireAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RequireAuth({})", self.names())
-    }
-}
-
-impl RequireAuth {
-    /// Parse the items of a list (`password`, `!md5`, ...).
-    ///
-    /// # Errors
-    /// Unknown, repeated or mixed negated/plain items, or an empty list. The message
-    /// does not quote the value (it may come from a credential).
-    pub fn parse<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
-        let mut listed = 0u8;
-        let mut negated: Option<bool> = None;
-        for item in items {
-            let item = item.trim();
-            let (neg, name) = match item.strip_prefix('!') {
-                Some(n) => (true, n),
-                None => (false, item),
-            };
-            if *negated.get_or_insert(neg) != neg {
-                return Err(
-                    "negated (`!method`) and plain methods cannot be mixed (as in libpq)".into(),
-                );
-            }
-            let kind = AuthKind::ALL
-                .into_iter()
-                .find(|k| k.name() == name)
-                .ok_or_else(|| {
-                    "unsupported method (expected password, md5, scram-sha-256 or none, \
-                     each optionally negated with `!`)"
-                        .to_owned()
-                })?;
-            if listed & kind.bit() != 0 {
-                return Err("a method is listed twice".into());
-            }
-            listed |= kind.bit();
-        }
-        match negated {
-            None => Err("lists no method".into()),
-            Some(false) => Ok(Self { allowed: listed }),
-            Some(true) if listed == 0x0f => Err("refuses every method".into()),
-            Some(true) => Ok(Self {
-                allowed: !listed & 0x0f,
-            }),
-        }
-    }
-
-    /// Parse libpq's comma-separated form.
-    ///
-    /// # Errors
-    /// As [`Self::parse`].
-    pub fn parse_text(s: &str) -> Result<Self, String> {
-        Self::parse(s.split(','))
-    }
-
+    /// A built connector of `kind` with `settings` (tests and the registry).
     #[must_use]
-    pub fn allows(self, kind: AuthKind) -> bool {
-        self.allowed & kind.bit() != 0
-    }
-
-    /// The broker's policy when `requireAuth` is not set: md5 and SCRAM (SCRAM never
-    /// reveals the password; md5 over plain TCP is what many installations use), a
-    /// cleartext password only over TLS whose certificate was verified, and never a
-    /// session the server opens without a challenge (a squatter saying "trust" would
-    /// get the session's queries).
-    #[must_use]
-    pub fn default_allows(kind: AuthKind, verified_tls: bool) -> bool {
-        match kind {
-            AuthKind::Md5 | AuthKind::ScramSha256 => true,
-            AuthKind::Password => verified_tls,
-            AuthKind::None => false,
-        }
-    }
-
-    /// The allowed methods, comma-separated, for messages.
-    #[must_use]
-    pub fn names(self) -> String {
-        let names: Vec<&str> = AuthKind::ALL
-            .into_iter()
-            .filter(|k| self.allows(*k))
-            .map(AuthKind::name)
-            .collect();
-        if names.is_empty() {
-            "(nothing)".into()
-        } else {
-            names.join(", ")
+    pub fn built(kind: &'static str, settings: impl ConnectorSettings) -> Self {
+        Self::Built {
+            kind,
+            settings: Arc::new(settings),
         }
     }
 }

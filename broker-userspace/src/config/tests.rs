@@ -4,6 +4,11 @@
 use std::{collections::HashMap, time::Duration};
 
 use super::*;
+use crate::connector::{
+    KINDS,
+    pg::config::{AuthKind, DEFAULT_SCRAM_MAX_ITERATIONS, PgConfig},
+    tcp::TcpConfig,
+};
 
 const SEED_003: &str = include_str!("../../../config/seed-003-uts.yaml");
 const SEED_000: &str = include_str!("../../../config/seed-000-oauth2.yaml");
@@ -19,12 +24,12 @@ fn load_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    load_str_with_env(text, &move |k| vars.get(k).cloned())
+    load_str_with_env(text, &move |k| vars.get(k).cloned(), &KINDS)
 }
 
 #[track_caller]
 fn ok(text: &str) -> Config {
-    match load_str_with_env(text, &no_env) {
+    match load_str_with_env(text, &no_env, &KINDS) {
         Ok(c) => c,
         Err(e) => panic!("expected the config to load, got:\n{e}"),
     }
@@ -32,7 +37,7 @@ fn ok(text: &str) -> Config {
 
 #[track_caller]
 fn errs(text: &str) -> ConfigErrors {
-    match load_str_with_env(text, &no_env) {
+    match load_str_with_env(text, &no_env, &KINDS) {
         Ok(c) => panic!("expected errors, loaded: {c:#?}"),
         Err(e) => e,
     }
@@ -87,10 +92,7 @@ fn seed_003_uts_loads_as_written() {
 
     let db = &cfg.services[0];
     assert_eq!(db.name, "dao-governance-db");
-    assert!(matches!(
-        db.connector,
-        Connector::Tcp(TcpConfig { tls: None })
-    ));
+    assert!(db.connector.settings::<TcpConfig>().unwrap().tls.is_none());
     assert_eq!(
         db.listen_on,
         Some(ListenAddr::Tcp("127.0.0.1:5432".parse().unwrap()))
@@ -109,7 +111,7 @@ fn seed_003_uts_loads_as_written() {
 
     let novu = &cfg.services[1];
     assert_eq!(novu.name, "novu-api");
-    assert!(matches!(&novu.connector, Connector::NotBuilt { name } if name == "http"));
+    assert!(matches!(&novu.connector, ConnectorSpec::NotBuilt { name } if name == "http"));
     assert_eq!(
         from(novu, "api_key"),
         (
@@ -148,7 +150,7 @@ fn seed_000_oauth2_loads_with_its_environment() {
     assert_eq!(cfg.services.len(), 1);
     let s = &cfg.services[0];
     assert_eq!(s.name, "elizaos-agents");
-    assert!(matches!(&s.connector, Connector::NotBuilt { name } if name == "generic_http"));
+    assert!(matches!(&s.connector, ConnectorSpec::NotBuilt { name } if name == "generic_http"));
     assert!(s.listen_on.is_none());
     let [AuthMethod::OAuth2(o)] = s.authentication.as_slice() else {
         panic!("expected one oauth2 entry: {:?}", s.authentication)
@@ -197,7 +199,7 @@ fn secretless_v2_example_loads() {
     assert_eq!(names, ["pg-tcp", "pg-socket", "mysql-db"]);
 
     let pg = &cfg.services[0];
-    assert!(matches!(pg.connector, Connector::Pg(_)));
+    assert!(pg.connector.settings::<PgConfig>().is_some());
     assert_eq!(literal(pg, "host"), "db.internal");
     assert_eq!(literal(pg, "port"), "5432");
     assert_eq!(literal(pg, "sslmode"), "require");
@@ -208,7 +210,7 @@ fn secretless_v2_example_loads() {
     );
 
     let sock = &cfg.services[1];
-    assert!(matches!(sock.connector, Connector::Pg(_)));
+    assert!(sock.connector.settings::<PgConfig>().is_some());
     assert_eq!(
         sock.listen_on,
         Some(ListenAddr::Unix("/sock/.s.PGSQL.5432".into()))
@@ -241,7 +243,7 @@ fn our_example_loads() {
     assert!(unsupported(&cfg).is_empty(), "{:?}", unsupported(&cfg));
     let db = &cfg.services[0];
     assert_eq!(db.name, "orders-db");
-    assert!(matches!(db.connector, Connector::Pg(_)));
+    assert!(db.connector.settings::<PgConfig>().is_some());
     assert_eq!(
         db.intercept,
         vec![
@@ -274,7 +276,7 @@ fn our_example_loads() {
     );
 
     let cache = &cfg.services[1];
-    let Connector::Tcp(TcpConfig { tls: Some(tls) }) = &cache.connector else {
+    let Some(TcpConfig { tls: Some(tls) }) = cache.connector.settings::<TcpConfig>() else {
         panic!("cache: {:?}", cache.connector)
     };
     assert_eq!(tls.server_name.as_deref(), Some("redis.internal"));
@@ -291,9 +293,9 @@ fn our_example_loads() {
 #[test]
 fn example_files_on_disk_load_through_load_file() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
-    let cfg = load_file(&dir.join("seed-003-uts.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = load_file_k(&dir.join("seed-003-uts.yaml")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.services.len(), 2);
-    let e = load_file(&dir.join("no-such-file.yaml")).unwrap_err();
+    let e = load_file_k(&dir.join("no-such-file.yaml")).unwrap_err();
     assert_eq!(e.len(), 1);
     assert_eq!(e.0[0].path, "");
     assert!(e.0[0].message.contains("no-such-file.yaml"), "{e}");
@@ -455,9 +457,9 @@ fn tcp_tls_forms() {
             "version: 2\nservices:\n  t:\n    connector: tcp\n    intercept: [\"x.internal:443\"]\n    config:\n      tls: {tls}\n"
         )
     };
-    let tls_of = |cfg: &Config| match &cfg.services[0].connector {
-        Connector::Tcp(t) => t.tls.clone(),
-        c => panic!("{c:?}"),
+    let tls_of = |cfg: &Config| match cfg.services[0].connector.settings::<TcpConfig>() {
+        Some(t) => t.tls.clone(),
+        None => panic!("{:?}", cfg.services[0].connector),
     };
     assert!(tls_of(&ok(&with("false"))).is_none());
     assert!(tls_of(&ok(&with("true"))).is_some());
@@ -810,7 +812,7 @@ fn pg_config_keys_and_connection_settings_as_credentials() {
         "    credentials:",
         "    config:\n      requireAuth: [scram-sha-256, md5]\n      upstreamAllow: [10.1.2.3, \"10.0.0.0/8\", \"2001:db8::1/64\"]\n      scramMaxIterations: 8192\n    credentials:",
     ));
-    let Connector::Pg(pg) = &cfg.services[0].connector else {
+    let Some(pg) = cfg.services[0].connector.settings::<PgConfig>() else {
         panic!("not pg")
     };
     let r = pg.require_auth.expect("requireAuth");
@@ -826,7 +828,8 @@ fn pg_config_keys_and_connection_settings_as_credentials() {
     );
     assert_eq!(pg.scram_max_iterations, 8192);
     // Defaults.
-    let Connector::Pg(pg) = &ok(PG).services[0].connector else {
+    let cfg = ok(PG);
+    let Some(pg) = cfg.services[0].connector.settings::<PgConfig>() else {
         panic!("not pg")
     };
     assert!(pg.require_auth.is_none() && pg.upstream_allow.is_empty());
@@ -836,7 +839,7 @@ fn pg_config_keys_and_connection_settings_as_credentials() {
         "    credentials:",
         "    config:\n      requireAuth: \"!password,!none\"\n    credentials:",
     ));
-    let Connector::Pg(pg) = &cfg.services[0].connector else {
+    let Some(pg) = cfg.services[0].connector.settings::<PgConfig>() else {
         panic!("not pg")
     };
     assert_eq!(
@@ -1228,4 +1231,8 @@ services:
     );
     assert!(!e.to_string().contains("tok-line"), "{e}");
     load_env(text, &[("TOK", "plain-token")]).unwrap();
+}
+
+fn load_file_k(path: &std::path::Path) -> Result<Config, ConfigErrors> {
+    load_file(path, &KINDS)
 }

@@ -9,10 +9,13 @@
 //! connector says no client byte can be in flight), or "done" when it ran the whole
 //! exchange itself. Connectors are leaves: they never reach into the core.
 //!
-//! Adding a connector: a module here with a type implementing [`Connector`], and one line
-//! in [`build`] (see docs/ARCHITECTURE.md, "Adding a connector").
+//! Adding a connector: a module here declaring its [`Kind`] (names, credentials, how its
+//! `config:` block parses, how it is built) with a type implementing [`Connector`], and
+//! one line in [`KINDS`] (see docs/ARCHITECTURE.md, "Adding a connector").
 
+pub mod dial;
 pub mod pg;
+pub mod target;
 pub mod tcp;
 
 use std::{any::Any, fmt, future::Future, net::SocketAddr, pin::Pin, sync::Arc};
@@ -24,8 +27,8 @@ use tokio::{
 
 pub use crate::secrets::Credentials;
 use crate::{
-    config::{Connector as ConnectorConfig, Service},
-    proxy::dial::Dialer,
+    config::{ConnectorKind, ConnectorKinds, ConnectorSpec, Service},
+    connector::dial::Dialer,
     secrets::{CredentialError, SecretStore},
 };
 
@@ -150,16 +153,75 @@ impl Connector for NotBuilt {
     }
 }
 
-/// The registry: the connector instance for a service. One line per kind.
+/// Close a client connection without a reset: send FIN, then read and discard what the
+/// client already sent (bounded in bytes and time) before the socket is closed. Closing
+/// with unread data would make the kernel answer with RST, which clients report as
+/// "connection reset" instead of a clean end.
+pub async fn close_gracefully(mut client: TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = client.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut left = 256 * 1024usize;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
+    }
+}
+
+/// How a kind builds its instance for one service.
+pub type BuildFn = fn(&Service) -> anyhow::Result<Arc<dyn Connector>>;
+
+/// A connector kind: how the configuration names and parses it, and how it is built.
+pub type Kind = ConnectorKind<BuildFn>;
+
+/// The registry: every connector kind, one line each; and the names that are known
+/// (Secretless' and ours) but not built yet.
+pub static KINDS: ConnectorKinds<BuildFn> = ConnectorKinds {
+    built: &[tcp::KIND, pg::KIND],
+    not_built: &[
+        "mysql",
+        "mssql",
+        "basic_auth",
+        "conjur",
+        "aws",
+        "generic_http",
+        "http",
+        "ssh",
+        "ssh-agent",
+    ],
+};
+
+/// The connector instance for a service.
 ///
 /// # Errors
 /// When the instance cannot be built from its configuration (e.g. an unreadable CA
 /// file); the message names the service.
 pub fn build(service: &Service) -> anyhow::Result<Arc<dyn Connector>> {
-    Ok(match &service.connector {
-        ConnectorConfig::Tcp(cfg) => Arc::new(tcp::TcpConnector::new(cfg)?),
-        ConnectorConfig::Pg(cfg) => Arc::new(pg::PgConnector::new(cfg.clone())),
-        ConnectorConfig::NotBuilt { name } => Arc::new(NotBuilt(name.clone())),
+    match &service.connector {
+        ConnectorSpec::Built { kind, .. } => {
+            let k = KINDS
+                .find(kind)
+                .ok_or_else(|| anyhow::anyhow!("connector kind `{kind}` is not registered"))?;
+            (k.build)(service)
+        }
+        ConnectorSpec::NotBuilt { name } => Ok(Arc::new(NotBuilt(name.clone()))),
+    }
+}
+
+/// The settings of `service`'s connector as a `T` (what its kind's parser produced).
+///
+/// # Errors
+/// When the service is of another kind (a registry mistake).
+pub fn settings<T: crate::config::ConnectorSettings>(service: &Service) -> anyhow::Result<&T> {
+    service.connector.settings::<T>().ok_or_else(|| {
+        anyhow::anyhow!(
+            "service `{}`: connector `{}` has settings of another kind",
+            service.name,
+            service.connector.name()
+        )
     })
 }
 
@@ -228,6 +290,12 @@ pub enum ConnError {
     Config(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<crate::secrets::credentials::NotText> for ConnError {
+    fn from(e: crate::secrets::credentials::NotText) -> Self {
+        Self::Config(e.to_string())
+    }
 }
 
 impl From<CredentialError> for ConnError {

@@ -2,18 +2,94 @@
 //!
 //! The upstream is `credentials.host`/`credentials.port` when set, else the original
 //! destination of an intercepted connection, else (for `listenOn` services) the
-//! listener's port on `credentials.host`.
+//! listener's port on `credentials.host` ([`target::resolve`]).
 
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc};
 
 use tokio::net::TcpStream;
+use yaml_serde::Value;
 
 use crate::{
-    config::{ListenAddr, TcpConfig},
-    connector::{BoxFuture, Conn, ConnError, Connector, Env, Handoff, Session, UpstreamStream},
-    proxy::{dial::HostPort, relay::close_gracefully},
+    config::{ConnectorBlock, ConnectorSettings, ConnectorSyntax, ListenAddr, Loader, join},
+    connector::{
+        BoxFuture, Conn, ConnError, Connector, Env, Handoff, Kind, Session, UpstreamStream,
+        close_gracefully, settings,
+        target::{self, Destinations, Fallbacks},
+    },
     tls::{self, TlsOptions, Verify},
 };
+
+/// The `tcp` kind: relay bytes, optionally originating TLS.
+pub const KIND: Kind = Kind {
+    syntax: ConnectorSyntax {
+        names: &["tcp"],
+        required_credentials: &[],
+        host_or_intercept: true,
+        parse,
+    },
+    build: |service| Ok(Arc::new(TcpConnector::new(settings(service)?)?)),
+};
+
+/// `connector: tcp`: relay bytes, optionally originating TLS to the upstream.
+#[derive(Debug, Clone, Default)]
+pub struct TcpConfig {
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS toward the upstream.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamTls {
+    /// Extra CA certificate(s) (PEM) trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Name to verify and send as SNI; defaults to the upstream host.
+    pub server_name: Option<String>,
+    /// Skip certificate verification entirely (never for production).
+    pub insecure_skip_verify: bool,
+}
+
+impl ConnectorSettings for TcpConfig {}
+
+/// `config: {tls: true | false | {caFile, serverName, insecureSkipVerify}}`.
+fn parse(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn ConnectorSettings>> {
+    let path = b.path;
+    let Some(v) = b.value else {
+        return Some(Arc::new(TcpConfig::default()));
+    };
+    let m = l.map(path, v, "a map (`tls:`)")?;
+    l.keys(path, m, &["tls"]);
+    let before = l.error_count();
+    let tpath = join(path, "tls");
+    let tls = match m.get("tls") {
+        None | Some(Value::Null) => None,
+        Some(v @ (Value::Bool(_) | Value::String(_))) => {
+            l.boolean(&tpath, v)?.then(UpstreamTls::default)
+        }
+        Some(Value::Mapping(tm)) => {
+            l.keys(&tpath, tm, &["caFile", "serverName", "insecureSkipVerify"]);
+            let mut t = UpstreamTls::default();
+            if let Some(v) = tm.get("caFile") {
+                t.ca_file = l.non_empty(&join(&tpath, "caFile"), v).map(Into::into);
+            }
+            if let Some(v) = tm.get("serverName") {
+                t.server_name = l.non_empty(&join(&tpath, "serverName"), v);
+            }
+            if let Some(v) = tm.get("insecureSkipVerify") {
+                t.insecure_skip_verify = l
+                    .boolean(&join(&tpath, "insecureSkipVerify"), v)
+                    .unwrap_or(false);
+            }
+            Some(t)
+        }
+        Some(_) => {
+            l.err(
+                &tpath,
+                "must be true, false or a map {caFile, serverName, insecureSkipVerify}",
+            );
+            None
+        }
+    };
+    (l.error_count() == before).then(|| Arc::new(TcpConfig { tls }) as Arc<dyn ConnectorSettings>)
+}
 
 /// A `tcp` service: its TLS client configuration is built once, here.
 #[derive(Debug)]
@@ -83,28 +159,20 @@ impl TcpConnector {
     async fn upstream(&self, env: &Env, conn: &mut Conn) -> Result<UpstreamStream, ConnError> {
         let service = Arc::clone(&conn.service);
         let creds = env.credentials(&service, false, &mut conn.stats).await?;
-        let host = match creds.text("host")? {
-            Some(h) => h.to_owned(),
-            None => conn
-                .orig_dst
-                .map(|a| a.ip().to_string())
-                .ok_or_else(|| ConnError::Config("no upstream: set credential `host`".into()))?,
+        // A `listenOn` service's listener port stands in for the destination's.
+        let listener_port = match &service.listen_on {
+            Some(ListenAddr::Tcp(a)) => Some(a.port()),
+            _ => None,
         };
-        let port = match creds.text("port")? {
-            Some(p) => p
-                .parse::<u16>()
-                .map_err(|_| ConnError::Config("credential `port` is not a port number".into()))?,
-            None => match (conn.orig_dst, &service.listen_on) {
-                (Some(a), _) => a.port(),
-                (None, Some(ListenAddr::Tcp(a))) => a.port(),
-                _ => {
-                    return Err(ConnError::Config(
-                        "no upstream port: set credential `port`".into(),
-                    ));
-                }
+        let to = target::resolve(
+            &creds,
+            conn.orig_dst,
+            Fallbacks {
+                default_port: listener_port,
+                ..Fallbacks::default()
             },
-        };
-        let to = HostPort::new(host, port);
+            Destinations::Any,
+        )?;
         conn.stats.upstream = Some(to.to_string());
         let upstream = env.dialer.dial(&to).await?;
         let Some(t) = &self.tls else {

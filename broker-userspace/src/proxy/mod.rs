@@ -25,7 +25,6 @@ use tokio::{
 };
 use tracing::Instrument as _;
 
-pub mod dial;
 pub mod relay;
 pub mod result;
 pub mod splice;

@@ -1,6 +1,6 @@
 //! Moving bytes once a session is authenticated: the readiness-based relay between two
 //! plain TCP sockets ([`relay_tcp`]), the generic relay for any other upstream stream
-//! (TLS: [`relay`]), and the clean close of a client that is refused ([`close_gracefully`]).
+//! (TLS: [`relay`]).
 
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
@@ -8,24 +8,6 @@ use crate::connector::ConnError;
 
 /// Relay buffer size in each direction (plain TCP).
 pub const RELAY_BUF: usize = 64 * 1024;
-
-/// Close a client connection without a reset: send FIN, then read and discard what the
-/// client already sent (bounded in bytes and time) before the socket is closed. Closing
-/// with unread data would make the kernel answer with RST, which clients report as
-/// "connection reset" instead of a clean end.
-pub async fn close_gracefully(mut client: TcpStream) {
-    use tokio::io::AsyncReadExt as _;
-    let _ = client.shutdown().await;
-    let mut buf = [0u8; 4096];
-    let mut left = 256 * 1024usize;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    while left > 0 {
-        match tokio::time::timeout_at(deadline, client.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
-            _ => break,
-        }
-    }
-}
 
 /// Buffer size of the generic (TLS) relay, per direction.
 pub const TLS_RELAY_BUF: usize = 16 * 1024;

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, fmt};
 
 use super::SecretError;
-use crate::{connector::ConnError, secret::Secret};
+use crate::secret::Secret;
 
 /// Resolved credentials for one connection: name -> value. `Debug` lists the names only.
 #[derive(Default, Clone)]
@@ -20,15 +20,21 @@ impl Credentials {
     ///
     /// # Errors
     /// When it is not valid UTF-8; the error names the credential, not its value.
-    pub fn text(&self, name: &str) -> Result<Option<&str>, ConnError> {
+    pub fn text(&self, name: &str) -> Result<Option<&str>, NotText> {
         match self.0.get(name) {
             None => Ok(None),
-            Some(s) => s
-                .expose_str()
-                .map(Some)
-                .map_err(|_| ConnError::Config(format!("credential `{name}` is not UTF-8"))),
+            Some(s) => s.expose_str().map(Some).map_err(|_| NotText {
+                credential: name.to_owned(),
+            }),
         }
     }
+}
+
+/// A credential that must be text is not UTF-8 (the value is never quoted).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("credential `{credential}` is not UTF-8")]
+pub struct NotText {
+    pub credential: String,
 }
 
 impl fmt::Debug for Credentials {

@@ -402,6 +402,7 @@ services:
       password: {from: vault, get: kv/db#password}
 ",
         &|_| None,
+        &crate::connector::KINDS,
     )
     .unwrap();
     let all = build_all(&cfg.providers).unwrap();
@@ -602,7 +603,10 @@ fn counted_service() -> Service {
     );
     Service {
         name: "db".into(),
-        connector: crate::config::Connector::Tcp(crate::config::TcpConfig::default()),
+        connector: crate::config::ConnectorSpec::built(
+            "tcp",
+            crate::connector::tcp::TcpConfig::default(),
+        ),
         listen_on: None,
         intercept: vec![],
         credentials,
@@ -841,11 +845,12 @@ services:
             srv.base
         ),
         &|_| None,
+        &crate::connector::KINDS,
     )
     .unwrap();
     let env = crate::connector::Env {
         secrets: Arc::new(super::SecretStore::new(&cfg).unwrap()),
-        dialer: crate::proxy::dial::Dialer { mark: 0 },
+        dialer: crate::connector::dial::Dialer { mark: 0 },
     };
     let mut stats = ConnStats::default();
     let e = env

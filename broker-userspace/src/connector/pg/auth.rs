@@ -8,16 +8,13 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
 use super::{
+    config::{AuthKind, RequireAuth},
     errors::{Failure, ServerError, sqlstate},
     messages::{self, BackendMessage, auth, tag},
     scram::{self, ChannelBinding, SaltedPasswordCache, ScramClient},
     startup::CancelKey,
 };
-use crate::{
-    config::{AuthKind, RequireAuth},
-    connector::ConnError,
-    secret::Secret,
-};
+use crate::{connector::ConnError, secret::Secret};
 
 /// `"md5" + hex(md5(hex(md5(password + user)) + salt))`.
 #[must_use]
@@ -76,7 +73,7 @@ impl Default for AuthPolicy {
         Self {
             require_auth: None,
             verified_tls: false,
-            scram_max_iterations: crate::config::DEFAULT_SCRAM_MAX_ITERATIONS,
+            scram_max_iterations: super::config::DEFAULT_SCRAM_MAX_ITERATIONS,
             limits: HandshakeLimits::DEFAULT,
         }
     }

@@ -9,6 +9,7 @@ use std::{
 };
 
 use super::startup::CancelKey;
+use crate::connector::dial::HostPort;
 
 /// Default bound on remembered sessions (one entry per live brokered connection).
 pub const CANCEL_MAP_CAP: usize = 65_536;
@@ -16,8 +17,7 @@ pub const CANCEL_MAP_CAP: usize = 65_536;
 /// Where a cancel key's session lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub host: String,
-    pub port: u16,
+    pub to: HostPort,
 }
 
 /// Live sessions' cancel keys. `Debug` shows only the size (keys authorize cancels).
@@ -122,8 +122,7 @@ mod tests {
 
     fn target() -> CancelTarget {
         CancelTarget {
-            host: "db".into(),
-            port: 5432,
+            to: HostPort::new("db", 5432),
         }
     }
 

@@ -9,11 +9,11 @@ use tokio::net::TcpListener;
 
 use crate::{
     config::{
-        BrokerSettings, Config, Connector, CredentialSource, DEFAULT_CACHE_TTL, ListenAddr,
-        PgConfig, ProviderConfig, Service,
+        BrokerSettings, Config, ConnectorSpec, CredentialSource, DEFAULT_CACHE_TTL, ListenAddr,
+        ProviderConfig, Service,
     },
+    connector::dial::Dialer,
     connector::{Conn, ConnStats, Env},
-    proxy::dial::Dialer,
     secret::Secret,
 };
 
@@ -72,7 +72,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
     let addr = listener.local_addr().unwrap();
     let service = Service {
         name: SERVICE.into(),
-        connector: Connector::Pg(PgConfig::default()),
+        connector: ConnectorSpec::built("pg", super::PgConfig::default()),
         listen_on: Some(ListenAddr::Tcp(addr)),
         intercept: vec![],
         credentials: creds.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
@@ -96,7 +96,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
         secrets: Arc::new(crate::secrets::SecretStore::new(&config).unwrap()),
         dialer: Dialer { mark: 0 },
     };
-    let pg = Arc::new(super::PgConnector::new(PgConfig::default()));
+    let pg = Arc::new(super::PgConnector::new(super::PgConfig::default()));
     let service = Arc::new(service);
     let (e, p) = (env.clone(), Arc::clone(&pg));
     let task = tokio::spawn(async move {

@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod config;
 pub mod errors;
 pub mod messages;
 pub mod scram;
@@ -33,17 +34,18 @@ use tokio::{
 use self::{
     auth::{AuthInput, AuthPolicy, HandshakeLimits, Outcome},
     cancel::{CancelMap, CancelTarget},
+    config::PgConfig,
     errors::{Failure, sqlstate},
     scram::SaltedPasswordCache,
     startup::{CancelKey, FirstPacket, Startup, StartupError},
-    upstream::{Destinations, PgStream, TlsConfigCache, UpstreamParams},
+    upstream::{PgStream, TlsConfigCache, UpstreamParams},
 };
 use crate::{
-    config::{PgConfig, Service},
+    config::Service,
     connector::{
-        BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Session, UpstreamStream,
+        BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind, Session,
+        UpstreamStream, settings, target::Destinations,
     },
-    proxy::dial::HostPort,
 };
 
 /// How long a client may take to send its startup packet. A client sends it right after
@@ -64,6 +66,16 @@ pub struct PgShared {
     pub salted: SaltedPasswordCache,
     pub tls: TlsConfigCache,
 }
+
+/// The `pg` kind (aliases `postgres`, `postgresql`).
+pub const KIND: Kind = Kind {
+    syntax: config::SYNTAX,
+    build: |service| {
+        Ok(Arc::new(PgConnector::new(
+            settings::<PgConfig>(service)?.clone(),
+        )))
+    },
+};
 
 /// A `pg` service: its configuration and the state its connections share.
 #[derive(Debug)]
@@ -234,7 +246,7 @@ async fn forward_cancel(
             key.pid
         )));
     };
-    let to = HostPort::new(target.host.clone(), target.port);
+    let to = target.to;
     conn.stats.upstream = Some(to.to_string());
     let mut up = env.dialer.dial(&to).await?;
     let packet = key.cancel_request();
@@ -275,12 +287,12 @@ async fn session(
     );
     let mut creds = env.credentials(service, false, &mut conn.stats).await?;
     let mut retried = false;
-    let dests = Destinations::for_service(cfg, &service.intercept);
+    let dests = Destinations::for_service(&cfg.upstream_allow, &service.intercept);
     // One deadline for the whole handshake, both attempts included.
     let deadline = tokio::time::Instant::now() + UPSTREAM_AUTH_TIMEOUT;
     let (up, up_rest, ready, params, startup_len) = loop {
         let params = UpstreamParams::from_credentials(&creds, conn.orig_dst, dests)?;
-        conn.stats.upstream = Some(params.addr());
+        conn.stats.upstream = Some(params.to.to_string());
         let (mut client_rd, mut client_wr) = client.split();
         let attempt = tokio::select! {
             r = tokio::time::timeout_at(
@@ -298,7 +310,7 @@ async fn session(
             Failure::new(
                 sqlstate::CONNECTION_FAILURE,
                 ConnError::Upstream {
-                    addr: params.addr(),
+                    addr: params.to.to_string(),
                     source: std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         format!("no session within {UPSTREAM_AUTH_TIMEOUT:?}"),
@@ -342,8 +354,7 @@ async fn session(
         let g = pg.shared.cancel.register(
             key,
             CancelTarget {
-                host: params.host.clone(),
-                port: params.port,
+                to: params.to.clone(),
             },
         );
         if g.is_none() {
@@ -361,7 +372,7 @@ async fn session(
     let mut to_client = ready.to_client;
     to_client.extend_from_slice(&up_rest);
     tracing::debug!(
-        upstream = %params.addr(),
+        upstream = %params.to.to_string(),
         tls = up.is_tls(),
         auth = ready.method,
         "session established"
@@ -411,7 +422,7 @@ async fn attempt(
     startup: &Startup,
     client: &mut (impl tokio::io::AsyncWrite + Unpin),
 ) -> Result<Attempt, Failure> {
-    let username = creds.text("username")?;
+    let username = creds.text("username").map_err(ConnError::from)?;
     let rewritten = startup.rewritten(username, params.database.as_deref());
     let user = match rewritten.get("user") {
         Some(u) => String::from_utf8_lossy(u).into_owned(),
@@ -453,7 +464,7 @@ async fn attempt(
         // Name the upstream in I/O errors during the exchange.
         if let ConnError::Io(e) = f.err {
             f.err = ConnError::Upstream {
-                addr: params.addr(),
+                addr: params.to.to_string(),
                 source: e,
             };
         }

@@ -19,16 +19,17 @@ use tokio::{
     net::TcpStream,
 };
 
+use super::config::RequireAuth;
 use super::{
     errors::{Failure, sqlstate},
     messages,
 };
-use ipnet::IpNet;
-
 use crate::{
-    config::{InterceptTarget, PgConfig, RequireAuth},
-    connector::{ConnError, Credentials},
-    proxy::dial::{Dialer, HostPort},
+    connector::dial::{Dialer, HostPort},
+    connector::{
+        ConnError, Credentials,
+        target::{self, Destinations, Fallbacks, parse_port},
+    },
     secret::Secret,
     tls::{self, TlsSources, Verify},
 };
@@ -148,8 +149,7 @@ impl Pem {
 /// Where and how to reach the upstream, from one set of credentials.
 #[derive(Debug, Clone)]
 pub struct UpstreamParams {
-    pub host: String,
-    pub port: u16,
+    pub to: HostPort,
     pub database: Option<String>,
     pub sslmode: SslMode,
     pub sslrootcert: Option<Pem>,
@@ -158,52 +158,6 @@ pub struct UpstreamParams {
     pub sslhost: Option<String>,
     /// Credential `require_auth` (libpq's name); overrides the service's `requireAuth`.
     pub require_auth: Option<RequireAuth>,
-}
-
-/// Whether the app's own destination may serve as the upstream when no credential names
-/// one.
-#[derive(Debug, Clone, Copy)]
-pub enum Destinations<'a> {
-    /// Any (exact intercept targets: the destination is one the operator listed).
-    Any,
-    /// Only inside these blocks (`upstreamAllow`).
-    Within(&'a [IpNet]),
-    /// Never: a CIDR intercept without `upstreamAllow` (config load requires `host` or
-    /// `address` then; this holds when such a credential turns out empty).
-    Never,
-}
-
-impl<'a> Destinations<'a> {
-    #[must_use]
-    pub fn for_service(cfg: &'a PgConfig, intercept: &[InterceptTarget]) -> Self {
-        if !cfg.upstream_allow.is_empty() {
-            Self::Within(&cfg.upstream_allow)
-        } else if intercept
-            .iter()
-            .any(|t| matches!(t, InterceptTarget::Cidr { .. }))
-        {
-            Self::Never
-        } else {
-            Self::Any
-        }
-    }
-
-    fn check(self, dst: SocketAddr) -> Result<(), ConnError> {
-        let ip = dst.ip().to_canonical();
-        match self {
-            Self::Any => Ok(()),
-            Self::Within(nets) if nets.iter().any(|n| n.contains(&ip)) => Ok(()),
-            Self::Within(_) => Err(ConnError::Config(format!(
-                "the app's destination {dst} is not in `upstreamAllow`: the broker does not \
-                 log in there"
-            ))),
-            Self::Never => Err(ConnError::Config(
-                "no upstream: credential `host` is empty, and a CIDR intercept without \
-                 `upstreamAllow` does not let the app's destination be used"
-                    .into(),
-            )),
-        }
-    }
 }
 
 impl UpstreamParams {
@@ -218,38 +172,23 @@ impl UpstreamParams {
         orig_dst: Option<SocketAddr>,
         dests: Destinations<'_>,
     ) -> Result<Self, ConnError> {
-        let Address {
-            host: addr_host,
-            port: addr_port,
-            database: addr_db,
-        } = match creds.text("address")? {
+        let address = match creds.text("address")? {
             Some(a) => parse_address(a)?,
             None => Address::default(),
         };
-        let host = match creds.text("host")? {
-            Some(h) if !h.trim().is_empty() => h.trim().to_owned(),
-            _ => match (addr_host, orig_dst) {
-                (Some(h), _) => h,
-                (None, Some(a)) => {
-                    dests.check(a)?;
-                    a.ip().to_canonical().to_string()
-                }
-                (None, None) => {
-                    return Err(ConnError::Config(
-                        "no upstream host: set credential `host`".into(),
-                    ));
-                }
+        let to = target::resolve(
+            creds,
+            orig_dst,
+            Fallbacks {
+                host: address.host.as_deref(),
+                port: address.port,
+                default_port: Some(DEFAULT_PORT),
             },
-        };
-        let port = match creds.text("port")? {
-            Some(p) if !p.trim().is_empty() => parse_port(p.trim())?,
-            _ => addr_port
-                .or(orig_dst.map(|a| a.port()))
-                .unwrap_or(DEFAULT_PORT),
-        };
+            dests,
+        )?;
         let database = match creds.text("database")? {
             Some(d) if !d.is_empty() => Some(d.to_owned()),
-            _ => addr_db,
+            _ => address.database,
         };
         let sslmode = match creds.text("sslmode")? {
             Some(m) => SslMode::parse(m)?,
@@ -276,8 +215,7 @@ impl UpstreamParams {
             ));
         }
         Ok(Self {
-            host,
-            port,
+            to,
             database,
             sslmode,
             sslrootcert: Pem::from_credential(creds, "sslrootcert")?,
@@ -295,16 +233,6 @@ impl UpstreamParams {
         self.sslmode != SslMode::Disable && self.verify() != Verify::None
     }
 
-    /// `host:port` (`[v6]:port`), for logs and messages.
-    #[must_use]
-    pub fn addr(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-
     /// The verification level and CA for this sslmode, as libpq: `require` (and
     /// `prefer`) with a root certificate behave like `verify-ca`.
     fn verify(&self) -> Verify {
@@ -315,13 +243,6 @@ impl UpstreamParams {
             _ => Verify::None,
         }
     }
-}
-
-fn parse_port(p: &str) -> Result<u16, ConnError> {
-    p.parse::<u16>()
-        .ok()
-        .filter(|&p| p != 0)
-        .ok_or_else(|| ConnError::Config("credential `port` is not a port number".into()))
 }
 
 /// The parts of a Secretless `address` credential.
@@ -579,13 +500,13 @@ pub async fn connect(
     tls_cache: &TlsConfigCache,
     p: &UpstreamParams,
 ) -> Result<PgStream, Failure> {
-    let mut tcp = dialer.dial(&HostPort::new(p.host.clone(), p.port)).await?;
+    let mut tcp = dialer.dial(&p.to).await?;
     if p.sslmode == SslMode::Disable {
         return Ok(PgStream::Plain(tcp));
     }
     // Build the TLS configuration first: a bad setting should not cost a round trip.
     let config = tls_cache.get_or_build(p)?;
-    let addr = p.addr();
+    let addr = p.to.to_string();
     let tls_err = |reason: String| {
         Failure::new(
             sqlstate::CONNECTION_FAILURE,
@@ -621,7 +542,7 @@ pub async fn connect(
             )));
         }
     }
-    let name = p.sslhost.clone().unwrap_or_else(|| p.host.clone());
+    let name = p.sslhost.clone().unwrap_or_else(|| p.to.host.clone());
     let server_name = rustls::pki_types::ServerName::try_from(name).map_err(|_| {
         ConnError::Config("credential `sslhost` (or `host`) is not a valid TLS server name".into())
     })?;
@@ -634,7 +555,10 @@ pub async fn connect(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use ipnet::IpNet;
+
+    use super::{super::config::PgConfig, *};
+    use crate::config::InterceptTarget;
 
     fn creds(pairs: &[(&str, &str)]) -> Credentials {
         let mut c = Credentials::default();
@@ -649,7 +573,7 @@ mod tests {
         let dst: SocketAddr = "10.0.0.5:6432".parse().unwrap();
         let p =
             UpstreamParams::from_credentials(&creds(&[]), Some(dst), Destinations::Any).unwrap();
-        assert_eq!((p.host.as_str(), p.port), ("10.0.0.5", 6432));
+        assert_eq!(p.to, HostPort::new("10.0.0.5", 6432));
         assert_eq!(p.sslmode, SslMode::Prefer);
         let p = UpstreamParams::from_credentials(
             &creds(&[("host", "db")]),
@@ -657,11 +581,11 @@ mod tests {
             Destinations::Any,
         )
         .unwrap();
-        assert_eq!(p.addr(), "db:6432");
+        assert_eq!(p.to.to_string(), "db:6432");
         let p =
             UpstreamParams::from_credentials(&creds(&[("host", "db")]), None, Destinations::Any)
                 .unwrap();
-        assert_eq!(p.addr(), "db:5432");
+        assert_eq!(p.to.to_string(), "db:5432");
         let p = UpstreamParams::from_credentials(
             &creds(&[
                 ("host", "::1"),
@@ -672,7 +596,7 @@ mod tests {
             Destinations::Any,
         )
         .unwrap();
-        assert_eq!(p.addr(), "[::1]:7000");
+        assert_eq!(p.to.to_string(), "[::1]:7000");
         assert_eq!(p.verify(), Verify::Full);
         assert!(UpstreamParams::from_credentials(&creds(&[]), None, Destinations::Any).is_err());
         assert!(
@@ -710,9 +634,9 @@ mod tests {
         let mapped: SocketAddr = "[::ffff:10.1.2.3]:5432".parse().unwrap();
         let within = Destinations::Within(&allow);
         let p = UpstreamParams::from_credentials(&creds(&[]), Some(inside), within).unwrap();
-        assert_eq!(p.addr(), "10.1.2.3:5432");
+        assert_eq!(p.to.to_string(), "10.1.2.3:5432");
         let p = UpstreamParams::from_credentials(&creds(&[]), Some(mapped), within).unwrap();
-        assert_eq!(p.addr(), "10.1.2.3:5432");
+        assert_eq!(p.to.to_string(), "10.1.2.3:5432");
         let e = UpstreamParams::from_credentials(&creds(&[]), Some(outside), within)
             .unwrap_err()
             .to_string();
@@ -728,7 +652,7 @@ mod tests {
             Destinations::Never,
         )
         .unwrap();
-        assert_eq!(p.addr(), "db.internal:5432");
+        assert_eq!(p.to.to_string(), "db.internal:5432");
         // The service decides the rule.
         let cidr = [InterceptTarget::Cidr {
             net: "10.0.0.0/8".parse().unwrap(),
@@ -737,16 +661,16 @@ mod tests {
         let exact = [InterceptTarget::Addr(inside)];
         let mut cfg = PgConfig::default();
         assert!(matches!(
-            Destinations::for_service(&cfg, &exact),
+            Destinations::for_service(&cfg.upstream_allow, &exact),
             Destinations::Any
         ));
         assert!(matches!(
-            Destinations::for_service(&cfg, &cidr),
+            Destinations::for_service(&cfg.upstream_allow, &cidr),
             Destinations::Never
         ));
         cfg.upstream_allow = allow.clone();
         assert!(matches!(
-            Destinations::for_service(&cfg, &cidr),
+            Destinations::for_service(&cfg.upstream_allow, &cidr),
             Destinations::Within(_)
         ));
         // require_auth as a credential.
@@ -794,7 +718,7 @@ mod tests {
             Destinations::Any,
         )
         .unwrap();
-        assert_eq!(p.addr(), "pg.internal:6543");
+        assert_eq!(p.to.to_string(), "pg.internal:6543");
         assert_eq!(p.database.as_deref(), Some("orders"));
         assert!(matches!(p.sslrootcert, Some(Pem::Inline(_))));
         assert_eq!(format!("{:?}", p.sslrootcert), "Some(Inline(<pem>))");

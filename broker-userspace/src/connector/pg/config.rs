@@ -1,0 +1,323 @@
+//! The `config:` block of a `pg` service, parsed and validated here (the loader calls
+//! `parse` through `SYNTAX`), and the authentication policy it sets.
+
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use yaml_serde::Value;
+
+use crate::config::{
+    ConnectorBlock, ConnectorSettings, ConnectorSyntax, InterceptTarget, Loader, index, join,
+    key_text, quoted_list, suggestion,
+};
+
+/// How the loader reads a `pg` service.
+pub(super) const SYNTAX: ConnectorSyntax = ConnectorSyntax {
+    names: &["pg", "postgres", "postgresql"],
+    required_credentials: &["username", "password"],
+    host_or_intercept: true,
+    parse,
+};
+
+/// The credentials a `pg` service reads (connection settings), for messages.
+const CREDENTIALS: &str = "host, port, username, password, database, sslmode, sslrootcert, \
+                           sslcert, sslkey, sslhost, require_auth";
+
+/// `connector: pg` (aliases `postgres`, `postgresql`). Connection settings come from the
+/// credentials (`host port username password database sslmode sslrootcert sslcert sslkey
+/// sslhost require_auth`), as in Secretless; the `config:` block holds what protects the
+/// password from the upstream side.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// `requireAuth`: the authentication requests the broker answers. `None`: the
+    /// default policy (md5 and SCRAM; a cleartext password only over verified TLS; no
+    /// session without a challenge), see [`RequireAuth::default_allows`].
+    pub require_auth: Option<RequireAuth>,
+    /// `upstreamAllow`: addresses the app's own destination may be used as the upstream
+    /// when no `host` credential names one. Empty: any destination the service
+    /// intercepts (a CIDR target then requires an explicit upstream).
+    pub upstream_allow: Vec<IpNet>,
+    /// `scramMaxIterations`: SCRAM iteration counts above this are refused before any
+    /// PBKDF2 runs (a hostile server could ask for 2^31).
+    pub scram_max_iterations: u32,
+}
+
+/// Default `scramMaxIterations`: 25 times PostgreSQL's default of 4096.
+pub const DEFAULT_SCRAM_MAX_ITERATIONS: u32 = 100_000;
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        Self {
+            require_auth: None,
+            upstream_allow: Vec::new(),
+            scram_max_iterations: DEFAULT_SCRAM_MAX_ITERATIONS,
+        }
+    }
+}
+
+impl ConnectorSettings for PgConfig {}
+
+/// The `config:` block of a `pg` service (connection settings are credentials).
+fn parse(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn ConnectorSettings>> {
+    const KEYS: [&str; 3] = ["requireAuth", "upstreamAllow", "scramMaxIterations"];
+    let (path, name) = (b.path, b.name);
+    let mut out = PgConfig::default();
+    let before = l.error_count();
+    match b.value {
+        None => {}
+        Some(Value::Mapping(m)) => {
+            for k in m.keys() {
+                let k = key_text(k).unwrap_or_else(|| "?".to_owned());
+                if !KEYS.contains(&k.as_str()) {
+                    let hint = suggestion(&k, &KEYS);
+                    l.err(
+                        &join(path, &k),
+                        format!(
+                            "unknown key \"{k}\"{hint}; connection settings of connector \
+                             \"{name}\" are credentials ({CREDENTIALS})"
+                        ),
+                    );
+                }
+            }
+            if let Some(v) = m.get("requireAuth") {
+                out.require_auth = require_auth(l, &join(path, "requireAuth"), v);
+            }
+            if let Some(v) = m.get("upstreamAllow") {
+                out.upstream_allow = upstream_allow(l, &join(path, "upstreamAllow"), v);
+            }
+            if let Some(v) = m.get("scramMaxIterations") {
+                let p = join(path, "scramMaxIterations");
+                match l.uint(&p, v, u64::from(u32::MAX), "an iteration count") {
+                    Some(0) => l.err(&p, "must be at least 1"),
+                    Some(n) => out.scram_max_iterations = u32::try_from(n).expect("checked range"),
+                    None => {}
+                }
+            }
+        }
+        Some(_) => {
+            l.err(
+                path,
+                format!(
+                    "connector \"{name}\" takes a map ({}); connection settings are \
+                     credentials ({CREDENTIALS})",
+                    quoted_list(&KEYS)
+                ),
+            );
+        }
+    }
+    upstream_rules(l, b, &out);
+    (l.error_count() == before).then(|| Arc::new(out) as Arc<dyn ConnectorSettings>)
+}
+
+fn require_auth(l: &mut Loader<'_>, p: &str, v: &Value) -> Option<RequireAuth> {
+    let items: Vec<String> = match v {
+        Value::Sequence(seq) => seq
+            .iter()
+            .enumerate()
+            .map(|(i, x)| l.non_empty(&index(p, i), x))
+            .collect::<Option<_>>()?,
+        v => l.non_empty(p, v)?.split(',').map(str::to_owned).collect(),
+    };
+    match RequireAuth::parse(items.iter().map(String::as_str)) {
+        Ok(r) => Some(r),
+        Err(reason) => {
+            let shown = l.shown(p, &items.join(","));
+            l.err(p, format!("invalid requireAuth {shown}: {reason}"));
+            None
+        }
+    }
+}
+
+fn upstream_allow(l: &mut Loader<'_>, p: &str, v: &Value) -> Vec<IpNet> {
+    let items: Vec<(String, &Value)> = match v {
+        Value::Sequence(seq) => seq
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (index(p, i), x))
+            .collect(),
+        v => vec![(p.to_owned(), v)],
+    };
+    if items.is_empty() {
+        l.err(p, "must list at least one IP address or CIDR block");
+    }
+    let mut out = Vec::new();
+    for (ip, x) in items {
+        let Some(s) = l.non_empty(&ip, x) else {
+            continue;
+        };
+        let s = s.trim();
+        let net = s
+            .parse::<IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from));
+        match net {
+            Ok(n) => out.push(n.trunc()),
+            Err(_) => {
+                let shown = l.shown(&ip, s);
+                l.err(
+                    &ip,
+                    format!(
+                        "invalid address {shown}: expected an IP address or a CIDR block \
+                         (10.0.0.0/8, 2001:db8::/64)"
+                    ),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// A `pg` service whose intercept includes a CIDR block would otherwise log in to
+/// whatever address in it the app (or a process squatting on one) names: it needs an
+/// explicit upstream (`host` or `address`) or `config.upstreamAllow`.
+fn upstream_rules(l: &mut Loader<'_>, b: &ConnectorBlock<'_>, cfg: &PgConfig) {
+    let cidr = b
+        .intercept
+        .iter()
+        .any(|t| matches!(t, InterceptTarget::Cidr { .. }));
+    let explicit = b.credentials.contains("host") || b.credentials.contains("address");
+    if cidr && !explicit && cfg.upstream_allow.is_empty() {
+        l.err(
+            &join(b.service_path, "intercept"),
+            "a CIDR target needs an explicit upstream: set credential \"host\" (or \
+             \"address\"), or list the addresses the app may reach in \
+             config.upstreamAllow (otherwise the broker would log in to any address of the \
+             block the app names)",
+        );
+    }
+}
+
+/// An authentication method the upstream may ask for, by libpq's `require_auth` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    /// `none`: AuthenticationOk without any challenge (`trust`).
+    None,
+    /// `password`: AuthenticationCleartextPassword.
+    Password,
+    /// `md5`: AuthenticationMD5Password.
+    Md5,
+    /// `scram-sha-256`: SASL SCRAM-SHA-256 (and -PLUS).
+    ScramSha256,
+}
+
+impl AuthKind {
+    const ALL: [Self; 4] = [Self::Password, Self::Md5, Self::ScramSha256, Self::None];
+
+    /// libpq's name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Password => "password",
+            Self::Md5 => "md5",
+            Self::ScramSha256 => "scram-sha-256",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Self::None => 1,
+            Self::Password => 2,
+            Self::Md5 => 4,
+            Self::ScramSha256 => 8,
+        }
+    }
+}
+
+/// libpq's `require_auth`: a comma-separated list (or YAML list) of methods the broker
+/// answers, or of `!`-negated methods it refuses (all negated or none, as libpq).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RequireAuth {
+    allowed: u8,
+}
+
+impl std::fmt::Debug for RequireAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RequireAuth({})", self.names())
+    }
+}
+
+impl RequireAuth {
+    /// Parse the items of a list (`password`, `!md5`, ...).
+    ///
+    /// # Errors
+    /// Unknown, repeated or mixed negated/plain items, or an empty list. The message
+    /// does not quote the value (it may come from a credential).
+    pub fn parse<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut listed = 0u8;
+        let mut negated: Option<bool> = None;
+        for item in items {
+            let item = item.trim();
+            let (neg, name) = match item.strip_prefix('!') {
+                Some(n) => (true, n),
+                None => (false, item),
+            };
+            if *negated.get_or_insert(neg) != neg {
+                return Err(
+                    "negated (`!method`) and plain methods cannot be mixed (as in libpq)".into(),
+                );
+            }
+            let kind = AuthKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .ok_or_else(|| {
+                    "unsupported method (expected password, md5, scram-sha-256 or none, \
+                     each optionally negated with `!`)"
+                        .to_owned()
+                })?;
+            if listed & kind.bit() != 0 {
+                return Err("a method is listed twice".into());
+            }
+            listed |= kind.bit();
+        }
+        match negated {
+            None => Err("lists no method".into()),
+            Some(false) => Ok(Self { allowed: listed }),
+            Some(true) if listed == 0x0f => Err("refuses every method".into()),
+            Some(true) => Ok(Self {
+                allowed: !listed & 0x0f,
+            }),
+        }
+    }
+
+    /// Parse libpq's comma-separated form.
+    ///
+    /// # Errors
+    /// As [`Self::parse`].
+    pub fn parse_text(s: &str) -> Result<Self, String> {
+        Self::parse(s.split(','))
+    }
+
+    #[must_use]
+    pub fn allows(self, kind: AuthKind) -> bool {
+        self.allowed & kind.bit() != 0
+    }
+
+    /// The broker's policy when `requireAuth` is not set: md5 and SCRAM (SCRAM never
+    /// reveals the password; md5 over plain TCP is what many installations use), a
+    /// cleartext password only over TLS whose certificate was verified, and never a
+    /// session the server opens without a challenge (a squatter saying "trust" would
+    /// get the session's queries).
+    #[must_use]
+    pub fn default_allows(kind: AuthKind, verified_tls: bool) -> bool {
+        match kind {
+            AuthKind::Md5 | AuthKind::ScramSha256 => true,
+            AuthKind::Password => verified_tls,
+            AuthKind::None => false,
+        }
+    }
+
+    /// The allowed methods, comma-separated, for messages.
+    #[must_use]
+    pub fn names(self) -> String {
+        let names: Vec<&str> = AuthKind::ALL
+            .into_iter()
+            .filter(|k| self.allows(*k))
+            .map(AuthKind::name)
+            .collect();
+        if names.is_empty() {
+            "(nothing)".into()
+        } else {
+            names.join(", ")
+        }
+    }
+}
