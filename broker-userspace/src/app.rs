@@ -222,6 +222,7 @@ impl Daemon {
         let mut transparent = None;
         let mut transparent_listeners = Vec::new();
         let mut targets = None;
+        let names = Arc::new(resolver::HostNames::default());
         if let Attach::Cgroup(cgroup) = &opts.attach {
             let (v4, v6) = bind_transparent(cfg.broker.transparent_port).await?;
             let port = v4.local_addr()?.port();
@@ -239,6 +240,7 @@ impl Daemon {
                 .collect();
             let mut t = resolver::Targets::new(&per_service);
             t.refresh_due().await;
+            names.publish(&t);
             let settings = BrokerSettings {
                 flags: SETTINGS_ENABLED
                     | v6_flag
@@ -303,13 +305,19 @@ impl Daemon {
             abort: abort_rx,
             caps: Arc::clone(&caps),
             refusals: Arc::clone(&refusals),
+            names: Arc::clone(&names),
         };
         let mut tasks = JoinSet::new();
         let mut transparent_tasks = JoinSet::new();
         if let (Some(t), Some(i)) = (targets, &interceptor)
             && t.has_hosts()
         {
-            tasks.spawn(resolver::run(t, Arc::downgrade(i), detach_rx.clone()));
+            tasks.spawn(resolver::run(
+                t,
+                Arc::downgrade(i),
+                names,
+                detach_rx.clone(),
+            ));
         }
         for l in transparent_listeners {
             let addr = l.local_addr()?;

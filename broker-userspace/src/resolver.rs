@@ -13,7 +13,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, PoisonError, RwLock},
     time::Duration,
 };
 
@@ -36,6 +37,37 @@ struct HostEntry {
     /// Address -> consecutive successful resolutions it was missing from.
     addrs: BTreeMap<IpAddr, u8>,
     next: Instant,
+}
+
+/// Which configured intercept hostname an address stands for, per service: the name an
+/// upstream's TLS certificate is verified against when the app's own destination is
+/// the upstream (the app dialled `db.example.com`, the kernel saw only its address).
+///
+/// When several hostnames of one service resolve to the same address and port, the
+/// first in the configuration wins (the broker cannot see which name the app looked up).
+#[derive(Debug, Default)]
+pub struct HostNames(RwLock<Arc<BTreeMap<(u32, IpAddr, u16), String>>>);
+
+impl HostNames {
+    /// The hostname of `service` that `dst` currently stands for.
+    #[must_use]
+    pub fn lookup(&self, service: u32, dst: SocketAddr) -> Option<String> {
+        let map = Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner));
+        map.get(&(service, dst.ip().to_canonical(), dst.port()))
+            .cloned()
+    }
+
+    /// Publish the names of `targets`' current addresses.
+    pub fn publish(&self, targets: &Targets) {
+        let mut map = BTreeMap::new();
+        for h in &targets.hosts {
+            for ip in h.addrs.keys() {
+                map.entry((h.service_id, ip.to_canonical(), h.port))
+                    .or_insert_with(|| h.host.clone());
+            }
+        }
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(map);
+    }
 }
 
 /// Resolves intercept hostnames and computes the kernel target set.
@@ -181,6 +213,7 @@ async fn resolve(dns: Option<&TokioResolver>, host: &str) -> (BTreeSet<IpAddr>, 
 pub async fn run(
     mut targets: Targets,
     interceptor: std::sync::Weak<crate::ebpf::Interceptor>,
+    names: Arc<HostNames>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -194,6 +227,7 @@ pub async fn run(
         if !targets.refresh_due().await {
             continue;
         }
+        names.publish(&targets);
         let Some(interceptor) = interceptor.upgrade() else {
             return;
         };

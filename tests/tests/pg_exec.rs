@@ -146,6 +146,57 @@ fn psql_under_exec_scram_md5_and_tls_in_every_sslmode() {
     assert_no_secret(&text, &[pw_scram, pw_md5, pw_tls], "exec output");
 }
 
+/// The README's own example: the app dials a hostname, the service has no `host` (or
+/// `sslhost`) credential, the upstream is TLS-only with `sslmode: verify-full`. The
+/// broker connects to the address the app dialled and verifies the certificate against
+/// the hostname the app dialled (the kernel only saw the address).
+#[test]
+fn verify_full_against_the_intercepted_hostname() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = "tls-name-pw-4c8e1a7f3d";
+    let tls = PgServer::start(PgOptions::new(PgAuth::Scram, pw).tls(PgTls::Required));
+    let ca = tls.ca_cert.clone().expect("TLS server has a CA");
+    let f = write_file(dir.path(), "pw", pw);
+    let port = tls.addr().port();
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nservices:\n  by-name:\n    connector: pg\n    intercept: [\"db.example.test:{port}\"]\n    credentials:\n      username: app_user\n      password: {{from: file, get: {}}}\n      sslmode: verify-full\n      sslrootcert: {}\n",
+            f.display(),
+            ca.display()
+        ),
+    );
+    let script = format!(
+        "psql -X -w -A -t \"host=db.example.test port={port} user=anything password=dummy dbname=app sslmode=disable\" -c \"select 'ROLE=' || current_user || ' SSL=' || ssl from pg_stat_ssl where pid = pg_backend_pid()\""
+    );
+    let out = broker_exec(
+        dir.path(),
+        &[("db.example.test", "127.0.0.1")],
+        &[],
+        &cfg,
+        &["sh", "-c", &script],
+    )
+    .env_remove("PGPASSWORD")
+    .env("PGCONNECT_TIMEOUT", "10")
+    .stdin(Stdio::null())
+    .output()
+    .expect("run broker exec");
+    let text = output_text(&out);
+    assert!(
+        text.contains("ROLE=app_user SSL=t"),
+        "a verified TLS session as app_user:\n{text}"
+    );
+    assert!(
+        text.contains("dst.host=\"db.example.test\""),
+        "the access line names the hostname the app dialled:\n{text}"
+    );
+    assert_no_secret(&text, &[pw], "exec output");
+}
+
 fn in_cgroup(cg: &TestCgroup, program: &str, args: &[&str]) -> (bool, String) {
     let mut c = Command::new("timeout");
     c.args(["--kill-after=5", "120", program])

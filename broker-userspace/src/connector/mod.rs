@@ -246,6 +246,9 @@ pub struct Conn {
     pub caller: Option<Caller>,
     /// Where the client meant to connect (transparent connections only).
     pub orig_dst: Option<SocketAddr>,
+    /// The `intercept:` hostname `orig_dst` stands for, when the service intercepts by
+    /// name (what the app dialled; see [`crate::resolver::HostNames`]).
+    pub orig_host: Option<String>,
     /// Filled in by the connector (and the core) for the access log.
     pub stats: ConnStats,
 }

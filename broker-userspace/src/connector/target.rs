@@ -73,6 +73,26 @@ pub struct Fallbacks<'a> {
     pub default_port: Option<u16>,
 }
 
+/// Where the app meant to go, as the core saw it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AppDestination<'a> {
+    /// The original destination (transparent connections).
+    pub addr: Option<SocketAddr>,
+    /// The `intercept:` hostname that address stands for, if any.
+    pub host: Option<&'a str>,
+}
+
+/// The upstream, and the name its TLS certificate must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub to: HostPort,
+    /// The host as named: the credential or fallback host, or, when the app's
+    /// destination is the upstream, the `intercept:` hostname the app dialled (its
+    /// address when it dialled an address). The connection goes to `to`; a certificate
+    /// is checked against this (unless a connector setting names another).
+    pub name: String,
+}
+
 /// The upstream: host = credential `host` (trimmed, when not empty), else
 /// `fallbacks.host`, else the app's original destination (when `dests` allows it);
 /// port = credential `port`, else `fallbacks.port`, else the original destination's,
@@ -83,16 +103,19 @@ pub struct Fallbacks<'a> {
 /// number; never quotes a credential value.
 pub fn resolve(
     creds: &Credentials,
-    orig_dst: Option<SocketAddr>,
+    app: AppDestination<'_>,
     fallbacks: Fallbacks<'_>,
     dests: Destinations<'_>,
-) -> Result<HostPort, ConnError> {
+) -> Result<Target, ConnError> {
+    let orig_dst = app.addr;
+    let mut name = None;
     let host = match creds.text("host")?.map(str::trim) {
         Some(h) if !h.is_empty() => h.to_owned(),
         _ => match (fallbacks.host, orig_dst) {
             (Some(h), _) => h.to_owned(),
             (None, Some(a)) => {
                 dests.check(a)?;
+                name = app.host.map(str::to_owned);
                 a.ip().to_canonical().to_string()
             }
             (None, None) => {
@@ -110,7 +133,10 @@ pub fn resolve(
             .or(fallbacks.default_port)
             .ok_or_else(|| ConnError::Config("no upstream port: set credential `port`".into()))?,
     };
-    Ok(HostPort::new(host, port))
+    Ok(Target {
+        name: name.unwrap_or_else(|| host.clone()),
+        to: HostPort::new(host, port),
+    })
 }
 
 /// A port credential: 1 to 65535.
@@ -142,7 +168,13 @@ mod tests {
         let dst: SocketAddr = "[::ffff:10.0.0.5]:6432".parse().unwrap();
         let any = Destinations::Any;
         let none = Fallbacks::default();
-        let r = |c: &[(&str, &str)], d, f| resolve(&creds(c), d, f, any).map(|h| h.to_string());
+        let r = |c: &[(&str, &str)], d, f| {
+            let app = AppDestination {
+                addr: d,
+                host: None,
+            };
+            resolve(&creds(c), app, f, any).map(|t| t.to.to_string())
+        };
         assert_eq!(r(&[], Some(dst), none).unwrap(), "10.0.0.5:6432");
         assert_eq!(r(&[("host", " db ")], Some(dst), none).unwrap(), "db:6432");
         assert_eq!(
@@ -167,5 +199,31 @@ mod tests {
             let e = r(&[("host", "h"), ("port", bad)], None, none).unwrap_err();
             assert!(!e.to_string().contains(bad), "{e}");
         }
+    }
+
+    /// The certificate name: the host as named, or the hostname the app dialled when
+    /// its destination is the upstream.
+    #[test]
+    fn the_name_to_verify() {
+        let dst: SocketAddr = "10.0.0.5:5432".parse().unwrap();
+        let app = AppDestination {
+            addr: Some(dst),
+            host: Some("db.example.com"),
+        };
+        let fb = Fallbacks::default();
+        let any = Destinations::Any;
+        let t = resolve(&creds(&[]), app, fb, any).unwrap();
+        assert_eq!(
+            (t.to.to_string(), t.name.as_str()),
+            ("10.0.0.5:5432".into(), "db.example.com")
+        );
+        let t = resolve(&creds(&[("host", "pg.internal")]), app, fb, any).unwrap();
+        assert_eq!(
+            (t.to.to_string(), t.name.as_str()),
+            ("pg.internal:5432".into(), "pg.internal")
+        );
+        let by_addr = AppDestination { host: None, ..app };
+        let t = resolve(&creds(&[]), by_addr, fb, any).unwrap();
+        assert_eq!(t.name, "10.0.0.5");
     }
 }

@@ -14,7 +14,7 @@ use crate::{
     connector::{
         BoxFuture, Conn, ConnError, Connector, Env, Handoff, Kind, Session, UpstreamStream,
         close_gracefully, settings,
-        target::{self, Destinations, Fallbacks},
+        target::{self, AppDestination, Destinations, Fallbacks},
     },
     tls::{self, TlsOptions, Verify},
 };
@@ -164,21 +164,25 @@ impl TcpConnector {
             Some(ListenAddr::Tcp(a)) => Some(a.port()),
             _ => None,
         };
-        let to = target::resolve(
+        let target = target::resolve(
             &creds,
-            conn.orig_dst,
+            AppDestination {
+                addr: conn.orig_dst,
+                host: conn.orig_host.as_deref(),
+            },
             Fallbacks {
                 default_port: listener_port,
                 ..Fallbacks::default()
             },
             Destinations::Any,
         )?;
+        let to = &target.to;
         conn.stats.upstream = Some(to.to_string());
-        let upstream = env.dialer.dial(&to).await?;
+        let upstream = env.dialer.dial(to).await?;
         let Some(t) = &self.tls else {
             return Ok(UpstreamStream::Plain(upstream));
         };
-        let name = t.server_name.clone().unwrap_or_else(|| to.host.clone());
+        let name = t.server_name.clone().unwrap_or_else(|| target.name.clone());
         let server_name = rustls::pki_types::ServerName::try_from(name.clone())
             .map_err(|_| ConnError::Config(format!("invalid TLS server name `{name}`")))?;
         let tls_stream = tokio_rustls::TlsConnector::from(Arc::clone(&t.config))

@@ -37,6 +37,7 @@ use crate::{
     connector::{Caller, Conn, ConnError, ConnStats, Connector, Env, Handoff},
     ebpf::{Interceptor, record_destination},
     ratelimit::LogLimiter,
+    resolver::HostNames,
     runtime::{Current, ServiceRt},
 };
 
@@ -156,6 +157,8 @@ pub struct Shared {
     /// Rate limit of the "connection refused" lines (no redirect record): see
     /// [`LogLimiter::check`].
     pub refusals: Arc<LogLimiter>,
+    /// The intercept hostnames the app's destinations stand for.
+    pub names: Arc<HostNames>,
 }
 
 /// Accept on the transparent listener until `stop` turns true.
@@ -325,11 +328,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
             (rt, Some(caller), Some(record_destination(&rec)), splice)
         }
     };
+    let orig_host = orig_dst.and_then(|d| shared.names.lookup(rt.id, d));
     let mut record = ConnResult::new(Conn {
         service: Arc::clone(&rt.service),
         client_addr: peer,
         caller,
         orig_dst,
+        orig_host,
         stats: ConnStats::default(),
     });
     let span = tracing::info_span!("conn", service = %record.conn.service.name, client = %peer);

@@ -53,6 +53,7 @@ impl Drop for ConnResult {
             connector = conn.service.connector.name(),
             src.addr = %conn.client_addr,
             dst.addr = conn.orig_dst.map(|d| d.to_string()),
+            dst.host = conn.orig_host.as_deref(),
             upstream.addr = conn.stats.upstream.as_deref(),
             caller.pid = c.map(|c| c.pid),
             caller.uid = c.map(|c| c.uid),

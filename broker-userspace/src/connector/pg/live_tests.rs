@@ -112,6 +112,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
                     client_addr: peer,
                     caller: None,
                     orig_dst: None,
+                    orig_host: None,
                     stats: ConnStats::default(),
                 };
                 let r = crate::proxy::serve(p.as_ref(), &e, &mut conn, sock, None).await;
@@ -290,8 +291,12 @@ async fn live_tls_modes() {
     ] {
         creds.0.insert(k.to_owned(), Secret::from_str_value(&v));
     }
-    let params =
-        super::UpstreamParams::from_credentials(&creds, None, super::Destinations::Any).unwrap();
+    let params = super::UpstreamParams::from_credentials(
+        &creds,
+        Default::default(),
+        super::Destinations::Any,
+    )
+    .unwrap();
     let startup = super::Startup {
         version: super::messages::PROTOCOL_3_0,
         params: vec![(b"database".to_vec(), b"app".to_vec())],

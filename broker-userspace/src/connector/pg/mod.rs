@@ -44,7 +44,8 @@ use crate::{
     config::Service,
     connector::{
         BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind, Session,
-        UpstreamStream, settings, target::Destinations,
+        UpstreamStream, settings,
+        target::{AppDestination, Destinations},
     },
 };
 
@@ -291,7 +292,14 @@ async fn session(
     // One deadline for the whole handshake, both attempts included.
     let deadline = tokio::time::Instant::now() + UPSTREAM_AUTH_TIMEOUT;
     let (up, up_rest, ready, params, startup_len) = loop {
-        let params = UpstreamParams::from_credentials(&creds, conn.orig_dst, dests)?;
+        let params = UpstreamParams::from_credentials(
+            &creds,
+            AppDestination {
+                addr: conn.orig_dst,
+                host: conn.orig_host.as_deref(),
+            },
+            dests,
+        )?;
         conn.stats.upstream = Some(params.to.to_string());
         let (mut client_rd, mut client_wr) = client.split();
         let attempt = tokio::select! {

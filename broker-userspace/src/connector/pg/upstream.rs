@@ -28,7 +28,7 @@ use crate::{
     connector::dial::{Dialer, HostPort},
     connector::{
         ConnError, Credentials,
-        target::{self, Destinations, Fallbacks, parse_port},
+        target::{self, AppDestination, Destinations, Fallbacks, parse_port},
     },
     secret::Secret,
     tls::{self, TlsSources, Verify},
@@ -150,6 +150,10 @@ impl Pem {
 #[derive(Debug, Clone)]
 pub struct UpstreamParams {
     pub to: HostPort,
+    /// The name the server certificate must carry (`verify-full`) unless `sslhost`
+    /// names another: the `host` credential, or the `intercept:` hostname the app
+    /// dialled ([`target::Target::name`]).
+    pub name: String,
     pub database: Option<String>,
     pub sslmode: SslMode,
     pub sslrootcert: Option<Pem>,
@@ -163,22 +167,22 @@ pub struct UpstreamParams {
 impl UpstreamParams {
     /// host = credential `host` (or Secretless v1 `address` `host[:port][/db]`), else the
     /// original destination (when `dests` allows it); port = credential `port`, else the
-    /// address/original destination port, else 5432.
+    /// address/original destination port, else 5432. See [`target::resolve`].
     ///
     /// # Errors
     /// When no upstream can be determined or a credential is malformed.
     pub fn from_credentials(
         creds: &Credentials,
-        orig_dst: Option<SocketAddr>,
+        app: AppDestination<'_>,
         dests: Destinations<'_>,
     ) -> Result<Self, ConnError> {
         let address = match creds.text("address")? {
             Some(a) => parse_address(a)?,
             None => Address::default(),
         };
-        let to = target::resolve(
+        let target = target::resolve(
             creds,
-            orig_dst,
+            app,
             Fallbacks {
                 host: address.host.as_deref(),
                 port: address.port,
@@ -215,7 +219,8 @@ impl UpstreamParams {
             ));
         }
         Ok(Self {
-            to,
+            to: target.to,
+            name: target.name,
             database,
             sslmode,
             sslrootcert: Pem::from_credential(creds, "sslrootcert")?,
@@ -542,7 +547,7 @@ pub async fn connect(
             )));
         }
     }
-    let name = p.sslhost.clone().unwrap_or_else(|| p.to.host.clone());
+    let name = p.sslhost.clone().unwrap_or_else(|| p.name.clone());
     let server_name = rustls::pki_types::ServerName::try_from(name).map_err(|_| {
         ConnError::Config("credential `sslhost` (or `host`) is not a valid TLS server name".into())
     })?;
@@ -560,6 +565,10 @@ mod tests {
     use super::{super::config::PgConfig, *};
     use crate::config::InterceptTarget;
 
+    fn app(addr: Option<SocketAddr>) -> AppDestination<'static> {
+        AppDestination { addr, host: None }
+    }
+
     fn creds(pairs: &[(&str, &str)]) -> Credentials {
         let mut c = Credentials::default();
         for (k, v) in pairs {
@@ -571,20 +580,23 @@ mod tests {
     #[test]
     fn upstream_from_credentials_and_orig_dst() {
         let dst: SocketAddr = "10.0.0.5:6432".parse().unwrap();
-        let p =
-            UpstreamParams::from_credentials(&creds(&[]), Some(dst), Destinations::Any).unwrap();
+        let p = UpstreamParams::from_credentials(&creds(&[]), app(Some(dst)), Destinations::Any)
+            .unwrap();
         assert_eq!(p.to, HostPort::new("10.0.0.5", 6432));
         assert_eq!(p.sslmode, SslMode::Prefer);
         let p = UpstreamParams::from_credentials(
             &creds(&[("host", "db")]),
-            Some(dst),
+            app(Some(dst)),
             Destinations::Any,
         )
         .unwrap();
         assert_eq!(p.to.to_string(), "db:6432");
-        let p =
-            UpstreamParams::from_credentials(&creds(&[("host", "db")]), None, Destinations::Any)
-                .unwrap();
+        let p = UpstreamParams::from_credentials(
+            &creds(&[("host", "db")]),
+            app(None),
+            Destinations::Any,
+        )
+        .unwrap();
         assert_eq!(p.to.to_string(), "db:5432");
         let p = UpstreamParams::from_credentials(
             &creds(&[
@@ -592,17 +604,19 @@ mod tests {
                 ("port", "7000"),
                 ("sslmode", "verify-full"),
             ]),
-            None,
+            app(None),
             Destinations::Any,
         )
         .unwrap();
         assert_eq!(p.to.to_string(), "[::1]:7000");
         assert_eq!(p.verify(), Verify::Full);
-        assert!(UpstreamParams::from_credentials(&creds(&[]), None, Destinations::Any).is_err());
+        assert!(
+            UpstreamParams::from_credentials(&creds(&[]), app(None), Destinations::Any).is_err()
+        );
         assert!(
             UpstreamParams::from_credentials(
                 &creds(&[("host", "h"), ("port", "x")]),
-                None,
+                app(None),
                 Destinations::Any
             )
             .is_err()
@@ -610,7 +624,7 @@ mod tests {
         assert!(
             UpstreamParams::from_credentials(
                 &creds(&[("host", "h"), ("sslmode", "bogus")]),
-                None,
+                app(None),
                 Destinations::Any
             )
             .is_err()
@@ -618,7 +632,7 @@ mod tests {
         assert!(
             UpstreamParams::from_credentials(
                 &creds(&[("host", "h"), ("sslcert", "/c")]),
-                None,
+                app(None),
                 Destinations::Any
             )
             .is_err()
@@ -633,22 +647,23 @@ mod tests {
         let outside: SocketAddr = "10.2.0.1:5432".parse().unwrap();
         let mapped: SocketAddr = "[::ffff:10.1.2.3]:5432".parse().unwrap();
         let within = Destinations::Within(&allow);
-        let p = UpstreamParams::from_credentials(&creds(&[]), Some(inside), within).unwrap();
+        let p = UpstreamParams::from_credentials(&creds(&[]), app(Some(inside)), within).unwrap();
         assert_eq!(p.to.to_string(), "10.1.2.3:5432");
-        let p = UpstreamParams::from_credentials(&creds(&[]), Some(mapped), within).unwrap();
+        let p = UpstreamParams::from_credentials(&creds(&[]), app(Some(mapped)), within).unwrap();
         assert_eq!(p.to.to_string(), "10.1.2.3:5432");
-        let e = UpstreamParams::from_credentials(&creds(&[]), Some(outside), within)
+        let e = UpstreamParams::from_credentials(&creds(&[]), app(Some(outside)), within)
             .unwrap_err()
             .to_string();
         assert!(e.contains("not in `upstreamAllow`"), "{e}");
-        let e = UpstreamParams::from_credentials(&creds(&[]), Some(inside), Destinations::Never)
-            .unwrap_err()
-            .to_string();
+        let e =
+            UpstreamParams::from_credentials(&creds(&[]), app(Some(inside)), Destinations::Never)
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("CIDR intercept"), "{e}");
         // An explicit host is not the app's choice: allowed whatever the destination.
         let p = UpstreamParams::from_credentials(
             &creds(&[("host", "db.internal")]),
-            Some(outside),
+            app(Some(outside)),
             Destinations::Never,
         )
         .unwrap();
@@ -676,7 +691,7 @@ mod tests {
         // require_auth as a credential.
         let p = UpstreamParams::from_credentials(
             &creds(&[("host", "h"), ("require_auth", "scram-sha-256")]),
-            None,
+            app(None),
             Destinations::Any,
         )
         .unwrap();
@@ -693,7 +708,7 @@ mod tests {
             if root {
                 v.push(("sslrootcert", "/ca.pem"));
             }
-            UpstreamParams::from_credentials(&creds(&v), None, Destinations::Any)
+            UpstreamParams::from_credentials(&creds(&v), app(None), Destinations::Any)
                 .unwrap()
                 .verify()
         };
@@ -714,7 +729,7 @@ mod tests {
                     "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
                 ),
             ]),
-            None,
+            app(None),
             Destinations::Any,
         )
         .unwrap();
@@ -747,7 +762,7 @@ mod tests {
                    -----BEGIN PRIVATE KEY-----\nU0VDUkVULUtFWS1CWVRFUw==\n-----END PRIVATE KEY-----\n";
         let p = UpstreamParams::from_credentials(
             &creds(&[("host", "h"), ("sslcert", key), ("sslkey", key)]),
-            None,
+            app(None),
             Destinations::Any,
         )
         .unwrap();
@@ -761,7 +776,7 @@ mod tests {
                 ("host", "h"),
                 ("sslrootcert", "MIIB-der-ish\nsecond-line-SECRET"),
             ]),
-            None,
+            app(None),
             Destinations::Any,
         )
         .unwrap_err()
@@ -771,7 +786,7 @@ mod tests {
         // A missing file: the credential is named, the path is not.
         let p = UpstreamParams::from_credentials(
             &creds(&[("host", "h"), ("sslrootcert", "/nonexistent/SECRET-ca.pem")]),
-            None,
+            app(None),
             Destinations::Any,
         )
         .unwrap();
@@ -787,7 +802,7 @@ mod tests {
         // sslmode: the value is never quoted.
         let err = UpstreamParams::from_credentials(
             &creds(&[("host", "h"), ("sslmode", "SECRET-mode")]),
-            None,
+            app(None),
             Destinations::Any,
         )
         .unwrap_err()
