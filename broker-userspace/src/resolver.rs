@@ -46,7 +46,10 @@ struct HostEntry {
 /// When several hostnames of one service resolve to the same address and port, the
 /// first in the configuration wins (the broker cannot see which name the app looked up).
 #[derive(Debug, Default)]
-pub struct HostNames(RwLock<Arc<BTreeMap<(u32, IpAddr, u16), String>>>);
+pub struct HostNames(RwLock<Arc<NameMap>>);
+
+/// (service id, address, port) -> hostname.
+type NameMap = BTreeMap<(u32, IpAddr, u16), String>;
 
 impl HostNames {
     /// The hostname of `service` that `dst` currently stands for.

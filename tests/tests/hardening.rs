@@ -452,7 +452,8 @@ fn a_hostile_upstream_cannot_forge_log_lines() {
             && access.contains("forged=1\\r\\u{1b}[2K"),
         "{access}"
     );
-    assert!(access.contains("result=\"auth_rejected\""), "{access}");
+    // Not a credential rejection: the server's own refusal, with its code.
+    assert!(access.contains("result=\"upstream_refused\""), "{access}");
     assert_no_secret(&log, &[PW], "broker log");
 }
 

@@ -21,29 +21,37 @@ use broker_tests::{
 /// A python3 client: connect to each `host port` argument (dual-stack socket for IPv6
 /// addresses), print `getpeername()` and whether the upstream's body came back.
 const CLIENT: &str = r#"
-import socket, sys
+import socket, sys, threading
 args = sys.argv[1:]
-for i in range(0, len(args), 2):
-    host, port = args[i], int(args[i + 1])
-    fam, _, _, _, addr = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    if fam == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.settimeout(10)
-    try:
-        s.connect(addr)
-        peer = s.getpeername()
-        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        data = b""
-        while True:
-            d = s.recv(4096)
-            if not d:
-                break
-            data += d
-        body = data.split(b"\r\n\r\n", 1)[-1].decode()
-        print(f"RESULT {host} {port} peer={peer[0]}:{peer[1]} body={body!r}")
-    except Exception as e:
-        print(f"RESULT {host} {port} error={type(e).__name__}")
+def run():
+    # Name this thread as the kernel sees it: the access line names the process
+    # (python3) and the connecting thread apart.
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+        f.write("conn-worker")
+    for i in range(0, len(args), 2):
+        host, port = args[i], int(args[i + 1])
+        fam, _, _, _, addr = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.settimeout(10)
+        try:
+            s.connect(addr)
+            peer = s.getpeername()
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            data = b""
+            while True:
+                d = s.recv(4096)
+                if not d:
+                    break
+                data += d
+            body = data.split(b"\r\n\r\n", 1)[-1].decode()
+            print(f"RESULT {host} {port} peer={peer[0]}:{peer[1]} body={body!r}", flush=True)
+        except Exception as e:
+            print(f"RESULT {host} {port} error={type(e).__name__}", flush=True)
+t = threading.Thread(target=run)
+t.start()
+t.join()
 "#;
 
 fn result_line<'a>(out: &'a str, host: &str, port: u16) -> &'a str {
@@ -140,6 +148,7 @@ fn exec_redirects_hostname_ipv6_and_mapped_and_leaves_the_rest_alone() {
         assert_eq!(a["service"], "web");
         assert_eq!(a["result"], "ok", "{a}");
         assert_eq!(a["caller.comm"], "python3", "{a}");
+        assert_eq!(a["caller.thread"], "conn-worker", "{a}");
         assert!(a["caller.pid"].as_u64().unwrap_or(0) > 0, "{a}");
         assert_eq!(a["caller.uid"], 0, "{a}");
         assert!(a["caller.cgroup"].as_u64().unwrap_or(0) > 0, "{a}");
@@ -149,6 +158,12 @@ fn exec_redirects_hostname_ipv6_and_mapped_and_leaves_the_rest_alone() {
         .iter()
         .filter_map(|a| a["dst.addr"].as_str())
         .collect();
+    // The hostname the app dialled is named beside its address.
+    assert!(
+        access.iter().any(|a| a["dst.host"] == "web.example.test"
+            && a["dst.addr"] == format!("127.0.0.2:{}", web.addr.port()).as_str()),
+        "{access:?}"
+    );
     assert!(
         dsts.contains(&format!("127.0.0.2:{}", web.addr.port()).as_str()),
         "{dsts:?}"

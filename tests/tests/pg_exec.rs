@@ -290,6 +290,64 @@ fn cancel_reaches_the_right_backend_within_two_seconds() {
     let elapsed: f64 = w.nth(1).and_then(|s| s.parse().ok()).unwrap_or(f64::MAX);
     assert!(elapsed < 2.0, "cancel took {elapsed:.3}s:\n{text}");
     assert!(started.elapsed() < Duration::from_secs(30));
+    // The cancel connection's access line says what it was.
+    let log = b.daemon.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"request\":\"cancel\"") && l.contains("\"result\":\"ok\"")),
+        "{log}"
+    );
+}
+
+/// A client that names no database gets the brokered user's default database (libpq
+/// sent its dummy user's name); the server's refusal after authentication (3D000) is
+/// logged as what it is; a connection that closes before its startup packet (a
+/// driver's probe) is not logged at info.
+#[test]
+fn database_default_server_refusal_and_probes() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = "dbdefault-pw-8e2a4c6f1b";
+    let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
+    let f = write_file(dir.path(), "pw", pw);
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nservices:\n{}",
+            pg_service(
+                "db",
+                "db.example.test:5432",
+                &pg,
+                &f,
+                "      sslmode: disable\n"
+            )
+        ),
+    );
+    let script = "python3 -c 'import socket; socket.create_connection((\"db.example.test\", 5432)).close()'; \
+                  psql -X -w -A -t \"host=db.example.test port=5432 user=dummy password=dummy\" -c \"select 'DB=' || current_database()\"; echo NODB_EXIT=$?";
+    let (_, text) = exec_sh(dir.path(), &cfg, script);
+    assert!(
+        text.contains("database \"app_user\" does not exist"),
+        "the brokered user's default database was asked for:\n{text}"
+    );
+    assert!(text.contains("NODB_EXIT=2"), "{text}");
+    let access: Vec<&str> = text.lines().filter(|l| l.contains(" access: ")).collect();
+    assert_eq!(access.len(), 1, "the probe is not logged at info:\n{text}");
+    assert!(
+        access[0].contains("result=\"upstream_refused\"") && access[0].contains("3D000"),
+        "{text}"
+    );
+    pg.admin_sql("create database app_user owner app_user");
+    let (ok, text2) = exec_sh(
+        dir.path(),
+        &cfg,
+        "psql -X -w -A -t \"host=db.example.test port=5432 user=dummy password=dummy\" -c \"select 'DB=' || current_database()\"",
+    );
+    assert!(ok && text2.contains("DB=app_user"), "{text2}");
+    assert_no_secret(&format!("{text}{text2}"), &[pw], "exec output");
 }
 
 #[test]

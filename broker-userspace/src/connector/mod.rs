@@ -233,7 +233,11 @@ pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub cgroup_id: u64,
+    /// The process's command name (its main thread's, from `/proc/PID/comm` at accept
+    /// time; the connecting thread's when the process is already gone).
     pub comm: String,
+    /// The name of the thread that called `connect()` (the kernel's `comm`).
+    pub thread: String,
 }
 
 /// One brokered client connection.
@@ -267,6 +271,8 @@ pub struct ConnStats {
     /// relay mid-session: "" (none), "down" (the app fell behind), "up" (the upstream's
     /// send buffer filled), "both".
     pub splice_fallback: &'static str,
+    /// What the connection was for, when not an ordinary session (PostgreSQL: `cancel`).
+    pub request: Option<&'static str>,
     /// Credential fetches: `name <- provider:id` (never values).
     pub fetched: Vec<String>,
 }
@@ -287,8 +293,17 @@ pub enum ConnError {
     Tls { addr: String, reason: String },
     #[error("upstream rejected the credentials: {0}")]
     AuthRejected(String),
+    /// The upstream ended the session for another reason than the credentials (e.g.
+    /// PostgreSQL FATAL 3D000: the database does not exist; 53300: too many
+    /// connections). The message carries the server's code and text.
+    #[error("upstream refused the session: {0}")]
+    Refused(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The client closed before asking for anything (a driver's probe; a client that
+    /// wanted something the service does not offer, e.g. TLS): routine, logged at debug.
+    #[error("client closed the connection: {0}")]
+    ClientGone(String),
     #[error("configuration: {0}")]
     Config(String),
     #[error("i/o: {0}")]
@@ -316,6 +331,8 @@ impl ConnError {
             Self::Upstream { .. } => "upstream_unreachable",
             Self::Tls { .. } => "upstream_tls_error",
             Self::AuthRejected(_) => "auth_rejected",
+            Self::Refused(_) => "upstream_refused",
+            Self::ClientGone(_) => "client_closed",
             Self::Protocol(_) => "protocol_error",
             Self::Config(_) => "config_error",
             Self::Io(_) => "io_error",

@@ -305,7 +305,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
                 uid: rec.uid,
                 gid: rec.gid,
                 cgroup_id: rec.cgroup_id,
-                comm: comm_text(&rec.comm),
+                comm: process_comm(rec.pid).unwrap_or_else(|| comm_text(&rec.comm)),
+                thread: comm_text(&rec.comm),
             };
             let splice = interceptor
                 .as_ref()
@@ -393,6 +394,13 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 
 fn record_is_fresh(connect_ns: u64) -> bool {
     crate::sys::monotonic_ns().saturating_sub(connect_ns) < MAX_RECORD_AGE.as_nanos() as u64
+}
+
+/// The command name of process `pid` (its main thread's name). The kernel's record
+/// holds the name of the thread that connected (a pool thread, `tokio-runtime-w`...).
+fn process_comm(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(text.trim_end_matches('\n').to_owned())
 }
 
 fn comm_text(comm: &[u8; 16]) -> String {

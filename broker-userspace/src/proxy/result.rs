@@ -5,9 +5,10 @@
 //! it never finished). Metrics and audit will read the same record.
 //!
 //! Field names are dotted and stable: `service`, `connector`, `src.addr`, `dst.addr`,
-//! `upstream.addr`, `caller.{pid,uid,gid,cgroup,comm}`, `credentials`, `result`,
-//! `error`, `error.kind`, `bytes.up`, `bytes.down`, `spliced`, `splice.fallback`,
-//! `duration_ms`. Never a credential value.
+//! `dst.host`, `upstream.addr`, `caller.{pid,uid,gid,cgroup,comm,thread}`, `request`,
+//! `credentials`, `result`, `error`, `error.kind`, `bytes.up`, `bytes.down`, `spliced`,
+//! `splice.fallback`, `duration_ms`. Never a credential value. A client that closed
+//! before asking for anything (`result=client_closed`) is logged at debug.
 
 use std::time::Instant;
 
@@ -38,6 +39,39 @@ impl ConnResult {
     }
 }
 
+/// The access line at `$level`; one place for the field list.
+macro_rules! access_line {
+    ($level:expr, $conn:expr, $c:expr, $result:expr, $error:expr, $kind:expr, $ms:expr) => {
+        tracing::event!(
+            target: "access",
+            $level,
+            service = %$conn.service.name,
+            connector = $conn.service.connector.name(),
+            request = $conn.stats.request,
+            src.addr = %$conn.client_addr,
+            dst.addr = $conn.orig_dst.map(|d| d.to_string()),
+            dst.host = $conn.orig_host.as_deref(),
+            upstream.addr = $conn.stats.upstream.as_deref(),
+            caller.pid = $c.map(|c| c.pid),
+            caller.uid = $c.map(|c| c.uid),
+            caller.gid = $c.map(|c| c.gid),
+            caller.cgroup = $c.map(|c| c.cgroup_id),
+            caller.comm = $c.map(|c| c.comm.as_str()),
+            caller.thread = $c.map(|c| c.thread.as_str()),
+            credentials = %$conn.stats.fetched.join(","),
+            result = $result,
+            error = %$error,
+            error.kind = $kind,
+            bytes.up = $conn.stats.bytes_up,
+            bytes.down = $conn.stats.bytes_down,
+            spliced = $conn.stats.spliced,
+            splice.fallback = $conn.stats.splice_fallback,
+            duration_ms = $ms,
+            "connection"
+        )
+    };
+}
+
 impl Drop for ConnResult {
     fn drop(&mut self) {
         let (result, error, kind) = match &self.outcome {
@@ -47,29 +81,13 @@ impl Drop for ConnResult {
         };
         let conn = &self.conn;
         let c = conn.caller.as_ref();
-        tracing::info!(
-            target: "access",
-            service = %conn.service.name,
-            connector = conn.service.connector.name(),
-            src.addr = %conn.client_addr,
-            dst.addr = conn.orig_dst.map(|d| d.to_string()),
-            dst.host = conn.orig_host.as_deref(),
-            upstream.addr = conn.stats.upstream.as_deref(),
-            caller.pid = c.map(|c| c.pid),
-            caller.uid = c.map(|c| c.uid),
-            caller.gid = c.map(|c| c.gid),
-            caller.cgroup = c.map(|c| c.cgroup_id),
-            caller.comm = c.map(|c| c.comm.as_str()),
-            credentials = %conn.stats.fetched.join(","),
-            result,
-            error = %error,
-            error.kind = kind,
-            bytes.up = conn.stats.bytes_up,
-            bytes.down = conn.stats.bytes_down,
-            spliced = conn.stats.spliced,
-            splice.fallback = conn.stats.splice_fallback,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            "connection"
-        );
+        let ms = self.started.elapsed().as_millis() as u64;
+        // A client that left before asking for anything (a driver's probe, a client
+        // that wanted TLS the service does not offer) is routine: debug.
+        if matches!(self.outcome, Some(Err(ConnError::ClientGone(_)))) {
+            access_line!(tracing::Level::DEBUG, conn, c, result, error, kind, ms);
+        } else {
+            access_line!(tracing::Level::INFO, conn, c, result, error, kind, ms);
+        }
     }
 }

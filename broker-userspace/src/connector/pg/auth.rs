@@ -289,9 +289,7 @@ where
                 }
                 // Forward the server's own error (real SQLSTATE) as is.
                 let _ = send(client, &to_client).await;
-                return Err(Failure::told(ConnError::AuthRejected(format!(
-                    "upstream refused the session: {error}"
-                ))));
+                return Err(Failure::told(ConnError::Refused(error.to_string())));
             }
             tag::AUTHENTICATION if !authenticated => {
                 let code = msg

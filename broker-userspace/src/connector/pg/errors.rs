@@ -135,7 +135,9 @@ impl Failure {
             ConnError::Tls { addr, reason } => format!("TLS with upstream {addr} failed: {reason}"),
             ConnError::Credentials(m) => format!("fetching credentials failed: {m}"),
             ConnError::AuthRejected(m) => format!("upstream rejected the credentials: {m}"),
+            ConnError::Refused(m) => format!("upstream refused the session: {m}"),
             ConnError::Protocol(m) => format!("protocol error: {m}"),
+            ConnError::ClientGone(m) => format!("client closed the connection: {m}"),
             ConnError::Config(m) => format!("configuration: {m}"),
             ConnError::Io(e) => format!("i/o error: {e}"),
         };
@@ -155,9 +157,11 @@ impl From<ConnError> for Failure {
             ConnError::Upstream { .. } | ConnError::Tls { .. } | ConnError::Io(_) => {
                 sqlstate::CONNECTION_FAILURE
             }
-            ConnError::Credentials(_) | ConnError::Config(_) => sqlstate::REJECTED_ESTABLISHMENT,
+            ConnError::Credentials(_) | ConnError::Config(_) | ConnError::Refused(_) => {
+                sqlstate::REJECTED_ESTABLISHMENT
+            }
             ConnError::AuthRejected(_) => sqlstate::INVALID_AUTHORIZATION,
-            ConnError::Protocol(_) => sqlstate::PROTOCOL_VIOLATION,
+            ConnError::Protocol(_) | ConnError::ClientGone(_) => sqlstate::PROTOCOL_VIOLATION,
         };
         Self::new(sqlstate, err)
     }

@@ -145,6 +145,7 @@ async fn serve(
     let result = match first {
         Ok(FirstPacket::Startup(s)) => session(pg, env, conn, &service, &mut client, s, cbuf).await,
         Ok(FirstPacket::Cancel(key)) => {
+            conn.stats.request = Some("cancel");
             return forward_cancel(pg, env, conn, &key)
                 .await
                 .map(|()| Handoff::Done);
@@ -184,6 +185,7 @@ async fn serve(
 /// requests (once each).
 async fn read_startup(client: &mut TcpStream, buf: &mut BytesMut) -> Result<FirstPacket, Failure> {
     let mut negotiated = 0;
+    let mut declined_tls = false;
     loop {
         let len = loop {
             match startup::frame(buf) {
@@ -200,15 +202,20 @@ async fn read_startup(client: &mut TcpStream, buf: &mut BytesMut) -> Result<Firs
             }
             buf.reserve(startup::MAX_STARTUP_LEN.min(4096));
             if client.read_buf(buf).await.map_err(ConnError::Io)? == 0 {
-                return Err(Failure::told(ConnError::Protocol(
-                    "client closed the connection before its startup packet".into(),
-                )));
+                return Err(Failure::told(ConnError::ClientGone(if declined_tls {
+                    "after the broker declined TLS (a client that requires TLS, e.g. \
+                     sslmode=require, needs `config.clientTLS: on` on the service)"
+                        .into()
+                } else {
+                    "before its startup packet".into()
+                })));
             }
         };
         let packet = buf.split_to(len);
         match startup::parse(&packet).map_err(startup_error)? {
-            FirstPacket::SslRequest | FirstPacket::GssEncRequest if negotiated < 2 => {
+            first @ (FirstPacket::SslRequest | FirstPacket::GssEncRequest) if negotiated < 2 => {
                 negotiated += 1;
+                declined_tls |= matches!(first, FirstPacket::SslRequest);
                 if !buf.is_empty() {
                     // Bytes after SSLRequest before our answer (CVE-2021-23214).
                     return Err(Failure::told(ConnError::Protocol(

@@ -106,16 +106,31 @@ impl Startup {
     /// The startup message sent upstream: `user` replaced by the credential user name and
     /// `database` by the credential database when there is one; everything else
     /// (application_name, options, replication, `_pq_.*`) passes through.
+    ///
+    /// Without a `database` credential, a client that named no database (none sent, or
+    /// the one libpq fills in: its own, dummy, user name) gets the brokered user's
+    /// default database, as libpq would have asked for with the real user name.
     #[must_use]
     pub fn rewritten(&self, user: Option<&str>, database: Option<&str>) -> Self {
         let mut out = self.clone();
         if let Some(u) = user {
             out.set("user", u);
         }
-        if let Some(d) = database {
-            out.set("database", d);
+        match (database, user) {
+            (Some(d), _) => out.set("database", d),
+            (None, Some(u)) if self.database_defaulted() => out.set("database", u),
+            (None, _) => {}
         }
         out
+    }
+
+    /// Whether the client named no database of its own: none, empty, or its user name.
+    #[must_use]
+    pub fn database_defaulted(&self) -> bool {
+        match self.get("database") {
+            None => true,
+            Some(d) => d.is_empty() || Some(d) == self.get("user"),
+        }
     }
 
     #[must_use]
@@ -253,6 +268,34 @@ mod tests {
                 .collect(),
         }
         .encode()
+    }
+
+    /// No dbname: libpq sends the (dummy) user's name, other drivers send nothing; the
+    /// brokered user's default database is asked for instead, unless the service names
+    /// one.
+    #[test]
+    fn a_defaulted_database_follows_the_brokered_user() {
+        let parse = |params: &[(&str, &str)]| {
+            let wire = startup_bytes(PROTOCOL_3_0, params);
+            match parse(&wire[..]).unwrap() {
+                FirstPacket::Startup(s) => s,
+                _ => panic!("not a startup"),
+            }
+        };
+        let libpq = parse(&[("user", "dummy"), ("database", "dummy")]);
+        let r = libpq.rewritten(Some("app_user"), None);
+        assert_eq!(r.get("database"), Some(&b"app_user"[..]));
+        let r = libpq.rewritten(Some("app_user"), Some("orders"));
+        assert_eq!(r.get("database"), Some(&b"orders"[..]));
+        let none = parse(&[("user", "dummy")]);
+        let r = none.rewritten(Some("app_user"), None);
+        assert_eq!(r.get("database"), Some(&b"app_user"[..]));
+        let named = parse(&[("user", "dummy"), ("database", "app")]);
+        let r = named.rewritten(Some("app_user"), None);
+        assert_eq!(r.get("database"), Some(&b"app"[..]));
+        // No brokered user name: nothing to default to.
+        let r = none.rewritten(None, None);
+        assert_eq!(r.get("database"), None);
     }
 
     #[test]

@@ -5,7 +5,6 @@
 use std::{
     collections::HashMap,
     fmt,
-    net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
@@ -560,6 +559,8 @@ pub async fn connect(
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use ipnet::IpNet;
 
     use super::{super::config::PgConfig, *};
