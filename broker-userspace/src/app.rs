@@ -84,6 +84,34 @@ pub fn load_config(path: &Path) -> Result<Config, BadConfig> {
     Ok(cfg)
 }
 
+/// `broker ca [-f FILE | --dir DIR]`: create the local CA if missing; its certificate on
+/// stdout, its path on stderr.
+///
+/// # Errors
+/// An invalid configuration, or a CA that cannot be read or created.
+pub fn ca(file: Option<&Path>, dir: Option<&Path>) -> anyhow::Result<()> {
+    let dir = match (file, dir) {
+        (_, Some(d)) => d.to_path_buf(),
+        (Some(f), None) => {
+            config::load_file(f, &crate::connector::KINDS)
+                .map_err(|e| anyhow::anyhow!("{}:\n{e}", f.display()))?
+                .broker
+                .ca_dir
+        }
+        (None, None) => std::path::PathBuf::from(config::DEFAULT_CA_DIR),
+    };
+    let ca = crate::ca::LocalCa::load_or_create(&dir)?;
+    let pem = std::fs::read_to_string(ca.cert_path())
+        .with_context(|| format!("reading {}", ca.cert_path().display()))?;
+    let mut out = std::io::stdout().lock();
+    std::io::Write::write_all(&mut out, pem.as_bytes())?;
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("{}\n", ca.cert_path().display()).as_bytes(),
+    );
+    Ok(())
+}
+
 /// `broker check -f FILE`: print every error (or a summary) and return the exit status.
 #[must_use]
 pub fn check(path: &Path) -> i32 {
@@ -217,6 +245,17 @@ impl Daemon {
             }
         }
 
+        // The local CA, when a service presents certificates to apps.
+        let ca = if runtime.services().iter().any(|rt| rt.connector.uses_ca()) {
+            let dir = &cfg.broker.ca_dir;
+            let ca = crate::ca::LocalCa::load_or_create(dir)
+                .with_context(|| format!("broker.caDir {}", dir.display()))?;
+            tracing::info!(cert = %ca.cert_path().display(), "local CA loaded (apps verify the broker's certificates with it)");
+            Some(Arc::new(ca))
+        } else {
+            None
+        };
+
         // 2. Attach.
         let mut interceptor = None;
         let mut transparent = None;
@@ -298,6 +337,7 @@ impl Daemon {
                 dialer: Dialer {
                     mark: cfg.broker.bypass_mark,
                 },
+                ca,
             },
             runtime: Arc::new(runtime::Current::new(runtime)),
             interceptor: interceptor.as_ref().map(Arc::downgrade),

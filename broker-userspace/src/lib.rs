@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod btf;
+pub mod ca;
 pub mod cgroup;
 pub mod config;
 pub mod connector;

@@ -60,6 +60,17 @@ enum Cmd {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
+    /// The broker's local CA (what apps trust to verify the certificates the broker
+    /// presents, e.g. PostgreSQL `clientTLS`): create it if missing, print its
+    /// certificate (PEM) on stdout and its path on stderr. The key is never printed.
+    Ca {
+        /// Take `broker.caDir` from this configuration file.
+        #[arg(short = 'f', long = "file", conflicts_with = "dir")]
+        file: Option<PathBuf>,
+        /// The CA directory (default: /var/lib/broker/ca).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Log to stderr through [`broker::logging`]: a bounded queue and a writer thread, so a
@@ -92,6 +103,15 @@ fn main() -> ExitCode {
     if let Cmd::Check { file } = &cli.cmd {
         return ExitCode::from(u8::try_from(broker::app::check(file)).unwrap_or(1));
     }
+    if let Cmd::Ca { file, dir } = &cli.cmd {
+        return match broker::app::ca(file.as_deref(), dir.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "broker: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let log = init_logging(cli.log_format, &cli.log_level);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -115,7 +135,7 @@ fn main() -> ExitCode {
                 ebpf_debug,
                 cmd,
             } => broker::app::exec(&file, &cmd, ebpf_debug).await,
-            Cmd::Check { .. } => unreachable!("handled above"),
+            Cmd::Check { .. } | Cmd::Ca { .. } => unreachable!("handled above"),
         }
     });
     // The drain is over: do not wait for blocking tasks still running (a PBKDF2 of a

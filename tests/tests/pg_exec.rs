@@ -197,6 +197,183 @@ fn verify_full_against_the_intercepted_hostname() {
     assert_no_secret(&text, &[pw], "exec output");
 }
 
+/// `clientTLS: on`: a client that requires TLS (`sslmode=require`) is served, and one
+/// that verifies (`verify-full` with the broker's CA, created by `broker ca`) sees a
+/// certificate for the hostname it dialled; a client negotiating TLS directly
+/// (PostgreSQL 17 `sslnegotiation=direct`, ALPN `postgresql`) gets the same handshake;
+/// without the setting, a client that requires TLS gives up and the access line (debug)
+/// names the setting.
+#[test]
+fn client_tls_require_verify_full_and_direct() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = "clienttls-pw-5f1b3d7a9c";
+    let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
+    let f = write_file(dir.path(), "pw", pw);
+    let ca_dir = dir.path().join("ca");
+    // `broker ca` creates the CA and prints its certificate, never the key.
+    let out = Command::new(broker_tests::broker_bin())
+        .args(["ca", "--dir"])
+        .arg(&ca_dir)
+        .output()
+        .expect("broker ca");
+    let pem = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && pem.contains("BEGIN CERTIFICATE"),
+        "{}",
+        output_text(&out)
+    );
+    assert!(!output_text(&out).contains("PRIVATE KEY"));
+    let ca = ca_dir.join("ca.crt");
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nbroker:\n  caDir: {}\nservices:\n{}    config:\n      clientTLS: on\n{}",
+            ca_dir.display(),
+            pg_service(
+                "tls",
+                "db.example.test:5432",
+                &pg,
+                &f,
+                "      sslmode: disable\n"
+            ),
+            pg_service(
+                "plain",
+                "db.example.test:5433",
+                &pg,
+                &f,
+                "      sslmode: disable\n"
+            ),
+        ),
+    );
+    let q = "-c \"select 'ROLE=' || current_user\"";
+    let script = format!(
+        "psql -X -w -A -t \"host=db.example.test port=5432 user=x password=dummy dbname=app sslmode=require\" {q}; \
+         psql -X -w -A -t \"host=db.example.test port=5432 user=x password=dummy dbname=app sslmode=verify-full sslrootcert={ca}\" {q}; \
+         echo | openssl s_client -connect db.example.test:5432 -alpn postgresql -servername db.example.test -CAfile {ca} -verify_return_error 2>&1 | grep -E 'Verify return code|ALPN protocol'; \
+         psql -X -w -A -t \"host=db.example.test port=5433 user=x password=dummy dbname=app sslmode=require\" {q}; echo PLAIN_REQUIRE_EXIT=$?",
+        ca = ca.display()
+    );
+    let out = broker_exec(
+        dir.path(),
+        &[("db.example.test", "127.0.0.2")],
+        &["--log-level", "debug,hickory=warn,aya=warn"],
+        &cfg,
+        &["sh", "-c", &script],
+    )
+    .env_remove("PGPASSWORD")
+    .env("PGCONNECT_TIMEOUT", "10")
+    .stdin(Stdio::null())
+    .output()
+    .expect("run broker exec");
+    let text = output_text(&out);
+    assert_eq!(
+        text.matches("ROLE=app_user").count(),
+        2,
+        "sslmode=require and verify-full through clientTLS:\n{text}"
+    );
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    assert!(text.contains("ALPN protocol: postgresql"), "{text}");
+    assert!(text.contains("client.tls=true"), "{text}");
+    // Without clientTLS, sslmode=require gives up; the access line names the setting.
+    assert!(!text.contains("PLAIN_REQUIRE_EXIT=0"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("result=\"client_closed\"") && l.contains("clientTLS")),
+        "{text}"
+    );
+    assert_no_secret(&text, &[pw], "exec output");
+}
+
+/// `clientAuth: scram-sha-256`: clients that insist on SCRAM with channel binding
+/// (`channel_binding=require`, over `clientTLS`) authenticate to the broker with the
+/// service's placeholder password (SCRAM is mutual: the app must know it); a wrong one is
+/// refused with PostgreSQL's 28P01 before anything reaches the upstream.
+#[test]
+fn client_scram_with_channel_binding() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = "clientscram-pw-2d4f6b8a0c";
+    let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw));
+    let f = write_file(dir.path(), "pw", pw);
+    let ca_dir = dir.path().join("ca");
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nbroker:\n  caDir: {}\nservices:\n{}    config:\n      clientTLS: on\n      clientAuth: scram-sha-256\n      clientPassword: placeholder\n{}    config:\n      clientAuth: scram-sha-256\n      clientPassword: placeholder\n",
+            ca_dir.display(),
+            pg_service(
+                "bound",
+                "db.example.test:5432",
+                &pg,
+                &f,
+                "      sslmode: disable\n"
+            ),
+            pg_service(
+                "plain",
+                "db.example.test:5433",
+                &pg,
+                &f,
+                "      sslmode: disable\n"
+            ),
+        ),
+    );
+    let q = "-c \"select 'ROLE=' || current_user\"";
+    let dsn = |port: u16, extra: &str| {
+        format!("\"host=db.example.test port={port} user=x dbname=app {extra}\"")
+    };
+    let script = format!(
+        "psql -X -w -A -t {} {q}; \
+         psql -X -w -A -t {} {q}; \
+         psql -X -w -A -t {} {q}; echo WRONG_EXIT=$?; \
+         psql -X -w -A -t {} {q}; echo NOBIND_EXIT=$?",
+        dsn(
+            5432,
+            "password=placeholder sslmode=require channel_binding=require"
+        ),
+        dsn(5433, "password=placeholder sslmode=disable"),
+        dsn(
+            5432,
+            "password=wrong sslmode=require channel_binding=require"
+        ),
+        dsn(
+            5433,
+            "password=placeholder sslmode=disable channel_binding=require"
+        ),
+    );
+    let out = broker_exec(
+        dir.path(),
+        &[("db.example.test", "127.0.0.2")],
+        &[],
+        &cfg,
+        &["sh", "-c", &script],
+    )
+    .env_remove("PGPASSWORD")
+    .env("PGCONNECT_TIMEOUT", "10")
+    .stdin(Stdio::null())
+    .output()
+    .expect("run broker exec");
+    let text = output_text(&out);
+    assert_eq!(
+        text.matches("ROLE=app_user").count(),
+        2,
+        "SCRAM-SHA-256-PLUS over client TLS, and SCRAM-SHA-256 in the clear:\n{text}"
+    );
+    assert!(
+        text.contains("WRONG_EXIT=2") && text.contains("password authentication failed"),
+        "{text}"
+    );
+    // channel_binding=require without TLS: libpq refuses (no -PLUS possible).
+    assert!(!text.contains("NOBIND_EXIT=0"), "{text}");
+    assert_no_secret(&text, &[pw], "exec output");
+}
+
 fn in_cgroup(cg: &TestCgroup, program: &str, args: &[&str]) -> (bool, String) {
     let mut c = Command::new("timeout");
     c.args(["--kill-after=5", "120", program])

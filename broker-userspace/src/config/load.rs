@@ -639,6 +639,7 @@ impl Loader<'_> {
                 "splice",
                 "maxConnections",
                 "maxConnectionsPerListener",
+                "caDir",
             ],
         );
         if let Some(v) = m.get("health") {
@@ -671,6 +672,11 @@ impl Loader<'_> {
             && let Some(d) = self.duration("broker.cacheTTL", v)
         {
             out.cache_ttl = d;
+        }
+        if let Some(v) = m.get("caDir")
+            && let Some(d) = self.non_empty("broker.caDir", v)
+        {
+            out.ca_dir = d.into();
         }
         if let Some(v) = m.get("splice")
             && let Some(b) = self.boolean("broker.splice", v)

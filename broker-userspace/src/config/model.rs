@@ -53,7 +53,14 @@ pub struct BrokerSettings {
     pub max_connections: u32,
     /// Connections open at once through one listener (`maxConnectionsPerListener`).
     pub max_connections_per_listener: u32,
+    /// Where the broker's local CA lives (`caDir`): `ca.crt` and `ca.key`, created on
+    /// first use by a service that presents certificates to apps (PostgreSQL
+    /// `clientTLS`).
+    pub ca_dir: PathBuf,
 }
+
+/// Default `caDir`.
+pub const DEFAULT_CA_DIR: &str = "/var/lib/broker/ca";
 
 impl Default for BrokerSettings {
     /// The settings of a configuration without a `broker:` block.
@@ -66,6 +73,7 @@ impl Default for BrokerSettings {
             splice: true,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_listener: DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
+            ca_dir: PathBuf::from(DEFAULT_CA_DIR),
         }
     }
 }

@@ -41,6 +41,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct Env {
     pub secrets: Arc<SecretStore>,
     pub dialer: Dialer,
+    /// The broker's local CA, when a service presents certificates to apps
+    /// ([`Connector::uses_ca`]).
+    pub ca: Option<Arc<crate::ca::LocalCa>>,
 }
 
 impl Env {
@@ -90,6 +93,12 @@ pub trait Connector: Send + Sync + fmt::Debug {
     fn splices(&self) -> bool {
         false
     }
+
+    /// Whether the connector presents certificates from the broker's local CA to apps
+    /// (e.g. PostgreSQL `clientTLS`): the daemon then loads (or creates) the CA at start.
+    fn uses_ca(&self) -> bool {
+        false
+    }
 }
 
 /// What a connector hands back to the core.
@@ -103,7 +112,7 @@ pub enum Handoff {
 
 /// An authenticated session, ready for the byte phase.
 pub struct Session {
-    pub client: TcpStream,
+    pub client: ClientStream,
     pub upstream: UpstreamStream,
     /// Bytes the client must still receive, before anything else (e.g. PostgreSQL's
     /// AuthenticationOk .. ReadyForQuery).
@@ -118,6 +127,15 @@ pub struct Session {
     pub client_waits: bool,
     /// Kept alive until the session ends (e.g. the cancel-key registration).
     pub keep: Option<Box<dyn Any + Send>>,
+}
+
+/// The client side of a [`Session`].
+pub enum ClientStream {
+    /// The app's TCP socket: the readiness-based relay, or the kernel splice.
+    Plain(TcpStream),
+    /// TLS the broker terminated (PostgreSQL `clientTLS`): the generic relay, never
+    /// spliced.
+    Tls(Box<dyn AsyncStream>),
 }
 
 /// The upstream side of a [`Session`].
@@ -267,6 +285,8 @@ pub struct ConnStats {
     pub bytes_down: u64,
     /// The session's bytes went through the kernel splice, not the userspace relay.
     pub spliced: bool,
+    /// The client leg was TLS the broker terminated.
+    pub client_tls: bool,
     /// Directions of a spliced session that the kernel handed back to the userspace
     /// relay mid-session: "" (none), "down" (the app fell behind), "up" (the upstream's
     /// send buffer filled), "both".

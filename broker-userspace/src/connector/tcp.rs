@@ -12,8 +12,8 @@ use yaml_serde::Value;
 use crate::{
     config::{ConnectorBlock, ConnectorSettings, ConnectorSyntax, ListenAddr, Loader, join},
     connector::{
-        BoxFuture, Conn, ConnError, Connector, Env, Handoff, Kind, Session, UpstreamStream,
-        close_gracefully, settings,
+        BoxFuture, ClientStream, Conn, ConnError, Connector, Env, Handoff, Kind, Session,
+        UpstreamStream, close_gracefully, settings,
         target::{self, AppDestination, Destinations, Fallbacks},
     },
     tls::{self, TlsOptions, Verify},
@@ -138,7 +138,7 @@ impl Connector for TcpConnector {
         Box::pin(async move {
             match self.upstream(env, conn).await {
                 Ok(upstream) => Ok(Handoff::Relay(Session {
-                    client,
+                    client: ClientStream::Plain(client),
                     upstream,
                     to_client: Vec::new(),
                     to_upstream: Vec::new(),

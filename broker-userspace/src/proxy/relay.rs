@@ -4,7 +4,7 @@
 
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
-use crate::connector::ConnError;
+use crate::connector::{AsyncStream, ConnError, ConnStats, UpstreamStream};
 
 /// Relay buffer size in each direction (plain TCP).
 pub const RELAY_BUF: usize = 64 * 1024;
@@ -17,8 +17,9 @@ pub const TLS_RELAY_BUF: usize = 16 * 1024;
 ///
 /// # Errors
 /// The first I/O error on either side.
-pub async fn relay<U>(client: &mut TcpStream, mut upstream: U) -> Result<(u64, u64), ConnError>
+pub async fn relay<C, U>(client: &mut C, mut upstream: U) -> Result<(u64, u64), ConnError>
 where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let res = tokio::io::copy_bidirectional_with_sizes(
@@ -30,6 +31,38 @@ where
     .await;
     let _ = upstream.shutdown().await;
     Ok(res?)
+}
+
+/// The byte phase of a session whose client leg is TLS the broker terminated: deliver
+/// what each side is owed, then the generic relay.
+///
+/// # Errors
+/// An I/O error on either side.
+pub async fn relay_terminated(
+    client: &mut Box<dyn AsyncStream>,
+    upstream: UpstreamStream,
+    to_client: &[u8],
+    to_upstream: &[u8],
+    stats: &mut ConnStats,
+) -> Result<(), ConnError> {
+    client.write_all(to_client).await?;
+    client.flush().await?;
+    stats.bytes_down += to_client.len() as u64;
+    stats.bytes_up += to_upstream.len() as u64;
+    let (a, b) = match upstream {
+        UpstreamStream::Plain(mut u) => {
+            u.write_all(to_upstream).await?;
+            relay(client.as_mut(), u).await?
+        }
+        UpstreamStream::Other(mut u) => {
+            u.write_all(to_upstream).await?;
+            u.flush().await?;
+            relay(client.as_mut(), u).await?
+        }
+    };
+    stats.bytes_up += a;
+    stats.bytes_down += b;
+    Ok(())
 }
 
 /// Copy both ways between two plain TCP sockets until both sides are done; returns

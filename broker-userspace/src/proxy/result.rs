@@ -65,6 +65,7 @@ macro_rules! access_line {
             bytes.up = $conn.stats.bytes_up,
             bytes.down = $conn.stats.bytes_down,
             spliced = $conn.stats.spliced,
+            client.tls = $conn.stats.client_tls,
             splice.fallback = $conn.stats.splice_fallback,
             duration_ms = $ms,
             "connection"

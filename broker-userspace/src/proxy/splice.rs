@@ -31,7 +31,7 @@ use tokio::io::AsyncWriteExt as _;
 use super::relay;
 use crate::sys::Epoll;
 use crate::{
-    connector::{ConnError, ConnStats, Session, UpstreamStream},
+    connector::{ClientStream, ConnError, ConnStats, Session, UpstreamStream},
     ebpf::{Spliced, Splicer},
 };
 
@@ -58,7 +58,24 @@ pub async fn run_session(
     stats: &mut ConnStats,
 ) -> Result<(), ConnError> {
     let _keep = s.keep.take();
-    let mut client = s.client;
+    let mut client = match s.client {
+        ClientStream::Plain(c) => c,
+        ClientStream::Tls(mut c) => {
+            // TLS terminated here: never spliced.
+            if let Some(t) = ticket {
+                t.splicer.forget(t.app_cookie);
+            }
+            stats.client_tls = true;
+            return relay::relay_terminated(
+                &mut c,
+                s.upstream,
+                &s.to_client,
+                &s.to_upstream,
+                stats,
+            )
+            .await;
+        }
+    };
     let mut up = match (s.upstream, ticket) {
         (UpstreamStream::Plain(up), Some(t))
             if s.client_waits && s.to_upstream.is_empty() && nothing_pending(&client) =>

@@ -851,6 +851,7 @@ services:
     let env = crate::connector::Env {
         secrets: Arc::new(super::SecretStore::new(&cfg).unwrap()),
         dialer: crate::connector::dial::Dialer { mark: 0 },
+        ca: None,
     };
     let mut stats = ConnStats::default();
     let e = env

@@ -10,6 +10,7 @@ use crate::config::{
     ConnectorBlock, ConnectorSettings, ConnectorSyntax, InterceptTarget, Loader, index, join,
     key_text, quoted_list, suggestion,
 };
+use crate::secret::Secret;
 
 /// How the loader reads a `pg` service.
 pub(super) const SYNTAX: ConnectorSyntax = ConnectorSyntax {
@@ -40,6 +41,16 @@ pub struct PgConfig {
     /// `scramMaxIterations`: SCRAM iteration counts above this are refused before any
     /// PBKDF2 runs (a hostile server could ask for 2^31).
     pub scram_max_iterations: u32,
+    /// `clientTLS`: answer a client's SSLRequest with `S` (and accept direct TLS) and
+    /// terminate TLS with a certificate from the broker's local CA. Off (the default):
+    /// `N`, as Secretless does, which keeps the kernel splice.
+    pub client_tls: bool,
+    /// `clientAuth: scram-sha-256` with `clientPassword`: the broker authenticates the
+    /// client with SCRAM (SCRAM-SHA-256-PLUS over client TLS) against this placeholder
+    /// before the session, so client settings such as `channel_binding=require` or
+    /// `require_auth=scram-sha-256` work. Not a secret: it grants nothing the caller's
+    /// cgroup does not already grant. `None`: the client is not asked for a password.
+    pub client_password: Option<Secret>,
 }
 
 /// Default `scramMaxIterations`: 25 times PostgreSQL's default of 4096.
@@ -51,6 +62,8 @@ impl Default for PgConfig {
             require_auth: None,
             upstream_allow: Vec::new(),
             scram_max_iterations: DEFAULT_SCRAM_MAX_ITERATIONS,
+            client_tls: false,
+            client_password: None,
         }
     }
 }
@@ -59,7 +72,14 @@ impl ConnectorSettings for PgConfig {}
 
 /// The `config:` block of a `pg` service (connection settings are credentials).
 fn parse(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn ConnectorSettings>> {
-    const KEYS: [&str; 3] = ["requireAuth", "upstreamAllow", "scramMaxIterations"];
+    const KEYS: [&str; 6] = [
+        "requireAuth",
+        "upstreamAllow",
+        "scramMaxIterations",
+        "clientTLS",
+        "clientAuth",
+        "clientPassword",
+    ];
     let (path, name) = (b.path, b.name);
     let mut out = PgConfig::default();
     let before = l.error_count();
@@ -85,6 +105,20 @@ fn parse(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn Connector
             if let Some(v) = m.get("upstreamAllow") {
                 out.upstream_allow = upstream_allow(l, &join(path, "upstreamAllow"), v);
             }
+            if let Some(v) = m.get("clientTLS") {
+                let p = join(path, "clientTLS");
+                match v {
+                    Value::Bool(b) => out.client_tls = *b,
+                    Value::String(s) if matches!(s.as_str(), "on" | "true") => {
+                        out.client_tls = true
+                    }
+                    Value::String(s) if matches!(s.as_str(), "off" | "false") => {
+                        out.client_tls = false;
+                    }
+                    _ => l.err(&p, "must be on or off"),
+                }
+            }
+            client_auth(l, path, m, &mut out);
             if let Some(v) = m.get("scramMaxIterations") {
                 let p = join(path, "scramMaxIterations");
                 match l.uint(&p, v, u64::from(u32::MAX), "an iteration count") {
@@ -107,6 +141,41 @@ fn parse(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn Connector
     }
     upstream_rules(l, b, &out);
     (l.error_count() == before).then(|| Arc::new(out) as Arc<dyn ConnectorSettings>)
+}
+
+/// `clientAuth: scram-sha-256` (or `none`) and its `clientPassword`.
+fn client_auth(l: &mut Loader<'_>, path: &str, m: &yaml_serde::Mapping, out: &mut PgConfig) {
+    let method = match m.get("clientAuth") {
+        None => None,
+        Some(v) => {
+            let p = join(path, "clientAuth");
+            match l.non_empty(&p, v).as_deref() {
+                Some("scram-sha-256") => Some(true),
+                Some("none") => Some(false),
+                Some(_) => {
+                    l.err(&p, "must be scram-sha-256 or none");
+                    None
+                }
+                None => None,
+            }
+        }
+    };
+    let password = m
+        .get("clientPassword")
+        .and_then(|v| l.non_empty(&join(path, "clientPassword"), v));
+    match (method, password) {
+        (Some(true), Some(pw)) => out.client_password = Some(Secret::from(pw)),
+        (Some(true), None) if !m.contains_key("clientPassword") => l.err(
+            path,
+            "clientAuth: scram-sha-256 needs \"clientPassword\" (the placeholder password \
+             the app uses; SCRAM is mutual, so the app must know it)",
+        ),
+        (None | Some(false), Some(_)) => l.err(
+            &join(path, "clientPassword"),
+            "is used only with clientAuth: scram-sha-256",
+        ),
+        _ => {}
+    }
 }
 
 fn require_auth(l: &mut Loader<'_>, p: &str, v: &Value) -> Option<RequireAuth> {

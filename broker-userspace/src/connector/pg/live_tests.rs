@@ -95,6 +95,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
     let env = Env {
         secrets: Arc::new(crate::secrets::SecretStore::new(&config).unwrap()),
         dialer: Dialer { mark: 0 },
+        ca: None,
     };
     let pg = Arc::new(super::PgConnector::new(super::PgConfig::default()));
     let service = Arc::new(service);

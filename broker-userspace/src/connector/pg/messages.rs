@@ -148,7 +148,7 @@ where
     }
 }
 
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+pub(super) fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 5);
     out.push(tag);
     out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());

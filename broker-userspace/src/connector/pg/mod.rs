@@ -13,10 +13,13 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod client;
+pub mod client_auth;
 pub mod config;
 pub mod errors;
 pub mod messages;
 pub mod scram;
+pub mod scram_server;
 pub mod startup;
 pub mod upstream;
 
@@ -34,10 +37,11 @@ use tokio::{
 use self::{
     auth::{AuthInput, AuthPolicy, HandshakeLimits, Outcome},
     cancel::{CancelMap, CancelTarget},
+    client::{ClientIo, ClientTls},
     config::PgConfig,
     errors::{Failure, sqlstate},
     scram::SaltedPasswordCache,
-    startup::{CancelKey, FirstPacket, Startup, StartupError},
+    startup::{CancelKey, FirstPacket, Startup},
     upstream::{PgStream, TlsConfigCache, UpstreamParams},
 };
 use crate::{
@@ -83,14 +87,22 @@ pub const KIND: Kind = Kind {
 pub struct PgConnector {
     cfg: PgConfig,
     pub shared: PgShared,
+    /// The SCRAM verifier of `clientPassword` (`clientAuth: scram-sha-256`), derived
+    /// once.
+    client_keys: Option<scram_server::ScramKeys>,
 }
 
 impl PgConnector {
     #[must_use]
     pub fn new(cfg: PgConfig) -> Self {
+        let client_keys = cfg
+            .client_password
+            .as_ref()
+            .map(|p| scram_server::ScramKeys::generate(p.expose()));
         Self {
             cfg,
             shared: PgShared::default(),
+            client_keys,
         }
     }
 }
@@ -107,6 +119,10 @@ impl Connector for PgConnector {
 
     fn splices(&self) -> bool {
         true
+    }
+
+    fn uses_ca(&self) -> bool {
+        self.cfg.client_tls
     }
 
     /// PostgreSQL's own "too many connections" (53300), which a server may send before
@@ -131,19 +147,55 @@ async fn serve(
     pg: &PgConnector,
     env: &Env,
     conn: &mut Conn,
-    mut client: TcpStream,
+    client: TcpStream,
 ) -> Result<Handoff, ConnError> {
     let service = Arc::clone(&conn.service);
     let mut cbuf = BytesMut::with_capacity(1024);
-    let first =
-        match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client, &mut cbuf)).await {
-            Ok(r) => r,
-            Err(_) => Err(Failure::told(ConnError::Protocol(format!(
+    let tls = match (&env.ca, pg.cfg.client_tls) {
+        (Some(ca), true) => Some(ClientTls {
+            ca,
+            name: conn
+                .orig_host
+                .clone()
+                .or_else(|| conn.orig_dst.map(|d| d.ip().to_canonical().to_string())),
+        }),
+        _ => None,
+    };
+    let (client, first) = match tokio::time::timeout(
+        STARTUP_TIMEOUT,
+        client::read_startup(client, &mut cbuf, tls.as_ref()),
+    )
+    .await
+    {
+        Ok(r) => r,
+        // The client (and its socket) went with the timed-out read.
+        Err(_) => {
+            return Err(ConnError::Protocol(format!(
                 "client sent no startup packet within {STARTUP_TIMEOUT:?}"
-            )))),
-        };
+            )));
+        }
+    };
+    let Some(mut client) = client else {
+        // A failed TLS handshake: nothing can be told.
+        return Err(first.err().map_or_else(
+            || ConnError::Protocol("client TLS failed".into()),
+            |f| f.err,
+        ));
+    };
     let result = match first {
-        Ok(FirstPacket::Startup(s)) => session(pg, env, conn, &service, &mut client, s, cbuf).await,
+        Ok(FirstPacket::Startup(s)) => {
+            let client_authed = match &pg.client_keys {
+                Some(keys) => {
+                    let user = String::from_utf8_lossy(s.get("user").unwrap_or_default()).into_owned();
+                    client_auth::scram(&mut client, &cbuf, keys, &user).await
+                }
+                None => Ok(()),
+            };
+            match client_authed {
+                Ok(()) => session(pg, env, conn, &service, &mut client, s, cbuf).await,
+                Err(f) => Err(f),
+            }
+        }
         Ok(FirstPacket::Cancel(key)) => {
             conn.stats.request = Some("cancel");
             return forward_cancel(pg, env, conn, &key)
@@ -158,7 +210,7 @@ async fn serve(
     };
     match result {
         Ok(s) => Ok(Handoff::Relay(Session {
-            client,
+            client: client.into_session_client(),
             upstream: match s.upstream {
                 PgStream::Plain(s) => UpstreamStream::Plain(s),
                 tls => UpstreamStream::Other(Box::new(tls)),
@@ -179,62 +231,6 @@ async fn serve(
             Err(f.err)
         }
     }
-}
-
-/// Read packets until a StartupMessage or CancelRequest, answering `N` to encryption
-/// requests (once each).
-async fn read_startup(client: &mut TcpStream, buf: &mut BytesMut) -> Result<FirstPacket, Failure> {
-    let mut negotiated = 0;
-    let mut declined_tls = false;
-    loop {
-        let len = loop {
-            match startup::frame(buf) {
-                Ok(Some(len)) => break len,
-                Ok(None) => {}
-                Err(StartupError::TlsHello) => {
-                    // The client expects TLS: no ErrorResponse can reach it.
-                    tracing::warn!("client opened with a TLS ClientHello");
-                    return Err(Failure::told(ConnError::Protocol(
-                        StartupError::TlsHello.to_string(),
-                    )));
-                }
-                Err(e) => return Err(startup_error(e)),
-            }
-            buf.reserve(startup::MAX_STARTUP_LEN.min(4096));
-            if client.read_buf(buf).await.map_err(ConnError::Io)? == 0 {
-                return Err(Failure::told(ConnError::ClientGone(if declined_tls {
-                    "after the broker declined TLS (a client that requires TLS, e.g. \
-                     sslmode=require, needs `config.clientTLS: on` on the service)"
-                        .into()
-                } else {
-                    "before its startup packet".into()
-                })));
-            }
-        };
-        let packet = buf.split_to(len);
-        match startup::parse(&packet).map_err(startup_error)? {
-            first @ (FirstPacket::SslRequest | FirstPacket::GssEncRequest) if negotiated < 2 => {
-                negotiated += 1;
-                declined_tls |= matches!(first, FirstPacket::SslRequest);
-                if !buf.is_empty() {
-                    // Bytes after SSLRequest before our answer (CVE-2021-23214).
-                    return Err(Failure::told(ConnError::Protocol(
-                        "client sent data after an encryption request before the answer".into(),
-                    )));
-                }
-                client.write_all(b"N").await.map_err(ConnError::Io)?;
-            }
-            other => return Ok(other),
-        }
-    }
-}
-
-fn startup_error(e: StartupError) -> Failure {
-    let code = match e {
-        StartupError::UnsupportedVersion(_) => sqlstate::FEATURE_NOT_SUPPORTED,
-        _ => sqlstate::PROTOCOL_VIOLATION,
-    };
-    Failure::new(code, ConnError::Protocol(e.to_string()))
 }
 
 /// Forward a CancelRequest to the session's upstream on a fresh connection.
@@ -283,7 +279,7 @@ async fn session(
     env: &Env,
     conn: &mut Conn,
     service: &Service,
-    client: &mut TcpStream,
+    client: &mut ClientIo,
     startup: Startup,
     client_rest: BytesMut,
 ) -> Result<Established, Failure> {
@@ -308,13 +304,14 @@ async fn session(
             dests,
         )?;
         conn.stats.upstream = Some(params.to.to_string());
-        let (mut client_rd, mut client_wr) = client.split();
+        // What the attempt has for the client (a server error), written after it.
+        let mut for_client = Vec::new();
         let attempt = tokio::select! {
             r = tokio::time::timeout_at(
                 deadline,
-                attempt(pg, env, &params, &creds, &startup, &mut client_wr),
+                attempt(pg, env, &params, &creds, &startup, &mut for_client),
             ) => r,
-            () = client_gone(&mut client_rd) => {
+            () = client_gone(client.tcp()) => {
                 // Dropping the attempt stops its work (a SCRAM computation included).
                 return Err(Failure::told(ConnError::Protocol(
                     "client closed the connection during the upstream handshake".into(),
@@ -332,8 +329,12 @@ async fn session(
                     ),
                 },
             )
-        })??;
-        match attempt {
+        })?;
+        if !for_client.is_empty() {
+            let _ = client.write_all(&for_client).await;
+            let _ = client.flush().await;
+        }
+        match attempt? {
             Attempt::Ready {
                 stream,
                 rest,
@@ -403,7 +404,7 @@ async fn session(
 /// Resolves when the client hangs up while the upstream handshake runs. A PostgreSQL
 /// client sends nothing between its StartupMessage and ReadyForQuery; if one sends bytes
 /// anyway, they stay queued (forwarded later) and the watch ends without resolving.
-async fn client_gone(client: &mut tokio::net::tcp::ReadHalf<'_>) {
+async fn client_gone(client: &TcpStream) {
     let mut byte = [0u8; 1];
     match client.peek(&mut byte).await {
         Ok(0) | Err(_) => {}
@@ -523,11 +524,12 @@ mod tests {
 
     #[tokio::test]
     async fn answers_n_to_ssl_and_gssenc_then_reads_startup() {
-        let (mut broker_side, mut client) = pair().await;
+        let (broker_side, mut client) = pair().await;
         let task = tokio::spawn(async move {
             let mut buf = BytesMut::new();
-            read_startup(&mut broker_side, &mut buf)
+            client::read_startup(broker_side, &mut buf, None)
                 .await
+                .1
                 .map(|p| (p, buf.len()))
         });
         let mut answer = [0u8; 1];
@@ -561,11 +563,14 @@ mod tests {
             (vec![0, 0, 0, 12, 0, 2, 0, 0, 0, 0, 0, 0], false, "0A000"),
             (vec![0, 0], true, ""),
         ] {
-            let (mut broker_side, mut client) = pair().await;
+            let (broker_side, mut client) = pair().await;
             client.write_all(&bytes).await.unwrap();
             client.shutdown().await.unwrap();
             let mut buf = BytesMut::new();
-            let f = read_startup(&mut broker_side, &mut buf).await.unwrap_err();
+            let f = client::read_startup(broker_side, &mut buf, None)
+                .await
+                .1
+                .unwrap_err();
             assert_eq!(f.client_told, told, "{bytes:?}");
             if !told {
                 assert_eq!(f.sqlstate, code, "{bytes:?}");
