@@ -157,8 +157,8 @@ struct Outcome {
     failure: Option<String>,
     /// Its `ok ...`/`skip ...` lines.
     steps: Vec<String>,
-    /// Access lines of its connections: (result, spliced).
-    access: Vec<(String, bool)>,
+    /// Access lines of its connections.
+    access: Vec<Access>,
 }
 
 /// The steps every client prints, in order (`skip cancel` for a client without a
@@ -231,16 +231,26 @@ fn judge(client: Client, ok: bool, text: &str) -> Option<String> {
     (!ok).then(|| "the client exited with an error".into())
 }
 
-/// Access lines (JSON) in `text`: (result, spliced).
-fn access_lines(text: &str) -> Vec<(String, bool)> {
+/// What the table shows of an access line.
+struct Access {
+    result: String,
+    spliced: bool,
+    /// Bytes from the app: 16 for a connection that carried only a CancelRequest.
+    bytes_up: u64,
+}
+
+/// The length of a CancelRequest, all a cancel connection sends.
+const CANCEL_REQUEST_LEN: u64 = 16;
+
+/// Access lines (JSON) in `text`.
+fn access_lines(text: &str) -> Vec<Access> {
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["target"] == "access")
-        .map(|v| {
-            (
-                v["result"].as_str().unwrap_or("?").to_owned(),
-                v["spliced"].as_bool().unwrap_or(false),
-            )
+        .map(|v| Access {
+            result: v["result"].as_str().unwrap_or("?").to_owned(),
+            spliced: v["spliced"].as_bool().unwrap_or(false),
+            bytes_up: v["bytes.up"].as_u64().unwrap_or(0),
         })
         .collect()
 }
@@ -361,10 +371,15 @@ fn run_row(name: &str, row: Row) {
         let text = output_text(&out);
         let mut failure = judge(client, out.status.success(), &text);
         let cancelled = pg.log_text().matches(CANCELLED).count() - cancels_before;
-        if failure.is_none() && client.cancels() && cancelled != 1 {
-            failure = Some(format!(
-                "the server logged {cancelled} cancelled statements, not 1"
-            ));
+        let access = access_lines(&text);
+        if failure.is_none() && client.cancels() {
+            if cancelled != 1 {
+                failure = Some(format!(
+                    "the server logged {cancelled} cancelled statements, not 1"
+                ));
+            } else if !access.iter().any(|a| a.bytes_up == CANCEL_REQUEST_LEN) {
+                failure = Some("no access line for the CancelRequest's connection".into());
+            }
         }
         if let Some(f) = &mut failure {
             let complaints = broker_complaints(&text);
@@ -384,7 +399,7 @@ fn run_row(name: &str, row: Row) {
                 .filter(|l| l.starts_with("ok ") || l.starts_with("skip "))
                 .map(str::to_owned)
                 .collect(),
-            access: access_lines(&text),
+            access,
         });
         all_text.push_str(&format!("===== {}\n{text}\n", client.name()));
     }
@@ -411,8 +426,8 @@ fn run_row(name: &str, row: Row) {
 fn report(name: &str, outcomes: &[Outcome], took: Duration) {
     let mut s = format!("\nrow {name} ({:.1} s)\n", took.as_secs_f64());
     for o in outcomes {
-        let spliced = o.access.iter().filter(|(_, s)| *s).count();
-        let results: Vec<&str> = o.access.iter().map(|(r, _)| r.as_str()).collect();
+        let spliced = o.access.iter().filter(|a| a.spliced).count();
+        let results: Vec<&str> = o.access.iter().map(|a| a.result.as_str()).collect();
         s.push_str(&format!(
             "  {:<14} {:<5} {:>5.1} s",
             o.client.name(),

@@ -167,19 +167,7 @@ fn packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
-    let apt = |args: &[&str]| {
-        let mut c = Command::new("apt-get");
-        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        run(&mut c)
-    };
-    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
-    install.extend(&missing);
-    if apt(&install).is_err() {
-        // Stale package lists (404s) on a fresh machine: refresh once and retry.
-        apt(&["update", "-q"])?;
-        apt(&install)?;
-    }
+    apt_install(&missing)?;
     // Debian starts the packaged services; the tests start their own instances.
     for svc in ["postgresql", "haproxy", "pgbouncer"] {
         let _ = Command::new("service")
@@ -191,29 +179,38 @@ fn packages() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `node` and `npm`: Debian's, unless the machine already has them (NodeSource's
-/// `nodejs` bundles npm and conflicts with Debian's `npm` package).
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    eprintln!("setup: installing Debian packages: {}", packages.join(" "));
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut c)
+    };
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(packages);
+    if apt(&install).is_err() {
+        // Stale package lists (404s) on a fresh machine: refresh once and retry.
+        apt(&["update", "-q"])?;
+        apt(&install)?;
+    }
+    Ok(())
+}
+
+/// `node` and `npm` (node-postgres' client and installer): Debian's `nodejs` and `npm`
+/// when missing. A NodeSource `nodejs` bundles npm (and conflicts with Debian's `npm`).
 fn node() -> anyhow::Result<()> {
     let have = |cmd: &str| quiet_ok(Command::new(cmd).arg("--version"));
     if have("node") && have("npm") {
         return Ok(());
     }
-    if have("node") {
-        bail!(
-            "`node` is installed but `npm` is not: install npm for this node (NodeSource's nodejs bundles it)"
-        );
-    }
-    eprintln!("setup: installing Debian packages: nodejs npm");
-    run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "nodejs",
-            "npm",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    let want: &[&str] = if have("node") {
+        &["npm"]
+    } else {
+        &["nodejs", "npm"]
+    };
+    apt_install(want).context(
+        "installing Debian's npm (a NodeSource nodejs conflicts with it: it bundles its own npm)",
+    )
 }
 
 /// pg8000 (PyPI) and node-postgres with pg-copy-streams (npm), at the pinned versions,
