@@ -3,6 +3,7 @@
 //!
 //! Tests panic (never return `Result`) so failures keep their backtrace.
 
+pub mod clients;
 pub mod fake;
 pub mod hostile_pg;
 pub mod net;

@@ -1,10 +1,10 @@
 //! Real PostgreSQL servers for tests (owned by the PostgreSQL connector work).
 //!
 //! [`PgServer::start`] creates a PostgreSQL 15 cluster in a temporary directory, run as
-//! the `postgres` user (the server refuses root), listening on 127.0.0.1 at a free port
-//! with its unix socket inside the directory. It creates a login role and a database
-//! owned by it. Dropping the server stops it (`pg_ctl stop -m immediate`) and deletes
-//! the directory.
+//! the `postgres` user (the server refuses root), listening on 127.0.0.1 (and `[::1]`
+//! with [`PgOptions::ipv6`]) at a free port with its unix socket inside the directory.
+//! It creates a login role and a database owned by it. Dropping the server stops it
+//! (`pg_ctl stop -m immediate`) and deletes the directory.
 //!
 //! This file uses only `std`, `libc` and `tempfile`, so the broker's in-process tests can
 //! include it too.
@@ -56,6 +56,8 @@ pub struct PgOptions {
     pub database: String,
     /// Port on 127.0.0.1; a free one when `None`.
     pub port: Option<u16>,
+    /// Also listen on `[::1]` (same port, same `pg_hba.conf` method).
+    pub ipv6: bool,
 }
 
 impl PgOptions {
@@ -69,12 +71,20 @@ impl PgOptions {
             password: password.into(),
             database: "app".into(),
             port: None,
+            ipv6: false,
         }
     }
 
     #[must_use]
     pub fn tls(mut self, tls: PgTls) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// Listen on `[::1]` too.
+    #[must_use]
+    pub fn ipv6(mut self) -> Self {
+        self.ipv6 = true;
         self
     }
 }
@@ -192,8 +202,13 @@ impl PgServer {
         } else {
             "scram-sha-256"
         };
+        let listen = if opts.ipv6 {
+            "127.0.0.1,::1"
+        } else {
+            "127.0.0.1"
+        };
         let mut conf = format!(
-            "\n# broker tests\nlisten_addresses = '127.0.0.1'\nport = {port}\n\
+            "\n# broker tests\nlisten_addresses = '{listen}'\nport = {port}\n\
              unix_socket_directories = '{}'\nmax_connections = 40\nshared_buffers = 16MB\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
              password_encryption = '{encryption}'\nlog_connections = on\n",
@@ -211,11 +226,11 @@ impl PgServer {
         } else {
             "host"
         };
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            format!("local all all trust\n{host_kind} all all 127.0.0.1/32 {method}\n"),
-        )
-        .expect("write pg_hba.conf");
+        let mut hba = format!("local all all trust\n{host_kind} all all 127.0.0.1/32 {method}\n");
+        if opts.ipv6 {
+            hba.push_str(&format!("{host_kind} all all ::1/128 {method}\n"));
+        }
+        std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
         let mut server = Self {
             dir,
             data,

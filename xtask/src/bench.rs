@@ -23,7 +23,7 @@ use broker_tests::{
     pg::{PgAuth, PgOptions, PgServer},
 };
 
-struct Killed(Child);
+pub(crate) struct Killed(Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -72,7 +72,7 @@ fn pgbench(
         .with_context(|| format!("no tps in pgbench output:\n{text}"))
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
@@ -265,7 +265,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
 }
 
 /// Start a release broker intercepting `target:5432` for `cg`; waits until ready.
-fn start_broker(
+pub(crate) fn start_broker(
     root: &Path,
     dir: &Path,
     target: &str,

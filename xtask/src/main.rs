@@ -4,8 +4,10 @@
 //! * `cargo xtask demo`   set up, build, and run the PostgreSQL demo (root)
 //! * `cargo xtask test`   set up, build, and run every check and test (root)
 //! * `cargo xtask bench pg`  set up, build (release), and run the pgbench comparison
+//! * `cargo xtask bench clients`  connect and close times of real clients, direct vs broker
 
 mod bench;
+mod bench_clients;
 mod demo;
 mod setup;
 
@@ -42,7 +44,7 @@ enum Cmd {
     },
     /// Benchmarks, side by side with the direct connection and a peer proxy.
     Bench {
-        /// Which benchmark: `pg`.
+        /// Which benchmark: `pg`, `clients`.
         what: String,
         /// pgbench duration per run, seconds.
         #[arg(long, default_value_t = 10)]
@@ -70,7 +72,8 @@ fn main() -> anyhow::Result<()> {
             build(&root, true)?;
             match what.as_str() {
                 "pg" => bench::pg(&root, seconds),
-                other => bail!("unknown benchmark `{other}` (known: pg)"),
+                "clients" => bench_clients::run(&root),
+                other => bail!("unknown benchmark `{other}` (known: pg, clients)"),
             }
         }
     }

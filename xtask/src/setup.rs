@@ -3,7 +3,9 @@
 //! * the nightly toolchain with `rust-src` (the eBPF crate builds core for the BPF target);
 //! * `bpf-linker`, built against the nightly toolchain's own libLLVM (no prebuilt binary
 //!   and no Debian LLVM matches; see REFERENCE.md section 1);
-//! * the Debian packages the tests and benchmarks use.
+//! * the Debian packages the tests and benchmarks use;
+//! * the PostgreSQL clients Debian lacks (pg8000, node-postgres), pinned, into
+//!   `target/clients/` with pip and npm (see `broker_tests::clients`).
 //!
 //! Each step checks first and does nothing when already satisfied.
 
@@ -31,12 +33,19 @@ const PACKAGES: &[&str] = &[
     "procps",
     "python3",
     "python3-psycopg2",
+    // The real-client matrix (tests/tests/pg_clients.rs) and `bench clients`.
+    "python3-asyncpg",
+    "python3-pip",
+    "default-jdk-headless",
+    "libpostgresql-jdbc-java",
 ];
 
 pub fn all() -> anyhow::Result<()> {
     nightly()?;
     bpf_linker()?;
     packages()?;
+    node()?;
+    client_libraries()?;
     Ok(())
 }
 
@@ -158,19 +167,7 @@ fn packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
-    let apt = |args: &[&str]| {
-        let mut c = Command::new("apt-get");
-        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        run(&mut c)
-    };
-    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
-    install.extend(&missing);
-    if apt(&install).is_err() {
-        // Stale package lists (404s) on a fresh machine: refresh once and retry.
-        apt(&["update", "-q"])?;
-        apt(&install)?;
-    }
+    apt_install(&missing)?;
     // Debian starts the packaged services; the tests start their own instances.
     for svc in ["postgresql", "haproxy", "pgbouncer"] {
         let _ = Command::new("service")
@@ -178,6 +175,98 @@ fn packages() -> anyhow::Result<()> {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+    Ok(())
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    eprintln!("setup: installing Debian packages: {}", packages.join(" "));
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut c)
+    };
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(packages);
+    if apt(&install).is_err() {
+        // Stale package lists (404s) on a fresh machine: refresh once and retry.
+        apt(&["update", "-q"])?;
+        apt(&install)?;
+    }
+    Ok(())
+}
+
+/// `node` and `npm` (node-postgres' client and installer): Debian's `nodejs` and `npm`
+/// when missing. A NodeSource `nodejs` bundles npm (and conflicts with Debian's `npm`).
+fn node() -> anyhow::Result<()> {
+    let have = |cmd: &str| quiet_ok(Command::new(cmd).arg("--version"));
+    if have("node") && have("npm") {
+        return Ok(());
+    }
+    let want: &[&str] = if have("node") {
+        &["npm"]
+    } else {
+        &["nodejs", "npm"]
+    };
+    apt_install(want).context(
+        "installing Debian's npm (a NodeSource nodejs conflicts with it: it bundles its own npm)",
+    )
+}
+
+/// pg8000 (PyPI) and node-postgres with pg-copy-streams (npm), at the pinned versions,
+/// into `target/clients/{python,node}`; nothing when those versions are there.
+fn client_libraries() -> anyhow::Result<()> {
+    use broker_tests::clients::{NPM_PACKAGES, PIP_PACKAGES, PYTHON, node_deps, python_deps};
+    let py = python_deps();
+    let py_ok = PIP_PACKAGES.iter().all(|(name, version)| {
+        std::fs::read_dir(&py).is_ok_and(|entries| {
+            let want = format!("{name}-{version}.dist-info");
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_str() == Some(want.as_str()))
+        })
+    });
+    if !py_ok {
+        eprintln!("setup: pip install {PIP_PACKAGES:?} into {}", py.display());
+        let _ = std::fs::remove_dir_all(&py);
+        std::fs::create_dir_all(&py)?;
+        run(Command::new(PYTHON)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+                "--no-warn-script-location",
+                "--target",
+            ])
+            .arg(&py)
+            .args(PIP_PACKAGES.iter().map(|(n, v)| format!("{n}=={v}"))))?;
+    }
+    let node = node_deps();
+    let node_ok = NPM_PACKAGES.iter().all(|(name, version)| {
+        std::fs::read_to_string(node.join("node_modules").join(name).join("package.json"))
+            .is_ok_and(|text| text.contains(&format!("\"version\": \"{version}\"")))
+    });
+    if !node_ok {
+        eprintln!(
+            "setup: npm install {NPM_PACKAGES:?} into {}",
+            node.display()
+        );
+        let _ = std::fs::remove_dir_all(&node);
+        std::fs::create_dir_all(&node)?;
+        run(Command::new("npm")
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--no-save",
+                "--loglevel=error",
+                "--prefix",
+            ])
+            .arg(&node)
+            .args(NPM_PACKAGES.iter().map(|(n, v)| format!("{n}@{v}"))))?;
     }
     Ok(())
 }
