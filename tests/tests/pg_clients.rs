@@ -107,18 +107,10 @@ impl Row {
         }
     }
 
-    #[allow(
-        dead_code,
-        reason = "for the rows issue 10 adds (client TLS, channel binding)"
-    )]
     const fn service(self, service: &'static str) -> Self {
         Self { service, ..self }
     }
 
-    #[allow(
-        dead_code,
-        reason = "for the rows issue 10 adds (client sslmode, channel binding)"
-    )]
     const fn env(self, env: &'static [(&'static str, &'static str)]) -> Self {
         Self { env, ..self }
     }
@@ -135,18 +127,25 @@ macro_rules! matrix {
     )*};
 }
 
-// A row is one line. Rows for what issue 10 is building take the same form, e.g.
-// `client_sslmode_require: Row::plain(Dial::Name).service("clientTLS: on")
-//      .env(&[("PGSSLMODE", "require")]);`
+// A row is one line (or one builder chain). `{brokerca}`: the broker's local CA
+// certificate (what an app trusts to verify the broker's client-leg certificates).
 matrix! {
     hostname: Row::plain(Dial::Name);
     ipv4: Row::plain(Dial::V4);
     ipv6: Row::plain(Dial::V6);
     tls_upstream_verify_full_with_host: Row::tls_only(Dial::Name)
         .credentials("sslmode: verify-full\nsslrootcert: {ca}\nhost: db.example.test");
-    #[ignore = "issue 10: without a host or sslhost credential the upstream TLS name is the destination IP"]
     tls_upstream_verify_full_no_host: Row::tls_only(Dial::Name)
         .credentials("sslmode: verify-full\nsslrootcert: {ca}");
+    client_sslmode_require: Row::plain(Dial::Name)
+        .service("config:\n  clientTLS: on")
+        .env(&[("PGSSLMODE", "require")]);
+    client_verify_full_with_broker_ca: Row::plain(Dial::Name)
+        .service("config:\n  clientTLS: on")
+        .env(&[("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", "{brokerca}")]);
+    client_channel_binding_require: Row::plain(Dial::Name)
+        .service("config:\n  clientTLS: on\n  clientAuth: scram-sha-256\n  clientPassword: dummy")
+        .env(&[("PGSSLMODE", "require"), ("PGCHANNELBINDING", "require")]);
 }
 
 /// What one client run showed.
@@ -235,6 +234,8 @@ fn judge(client: Client, ok: bool, text: &str) -> Option<String> {
 struct Access {
     result: String,
     spliced: bool,
+    /// The client leg was TLS the broker terminated.
+    client_tls: bool,
     /// Bytes from the app: 16 for a connection that carried only a CancelRequest.
     bytes_up: u64,
 }
@@ -250,6 +251,7 @@ fn access_lines(text: &str) -> Vec<Access> {
         .map(|v| Access {
             result: v["result"].as_str().unwrap_or("?").to_owned(),
             spliced: v["spliced"].as_bool().unwrap_or(false),
+            client_tls: v["client.tls"].as_bool().unwrap_or(false),
             bytes_up: v["bytes.up"].as_u64().unwrap_or(0),
         })
         .collect()
@@ -300,6 +302,10 @@ fn client_env(cmd: &mut Command, client: Client, vars: &[(&str, String)]) {
 
 fn expand(s: &str, ca: &str, dir: &Path) -> String {
     s.replace("{ca}", ca)
+        .replace(
+            "{brokerca}",
+            &dir.join("brokerca/ca.crt").display().to_string(),
+        )
         .replace("{dir}", &dir.display().to_string())
 }
 
@@ -331,7 +337,8 @@ fn run_row(name: &str, row: Row) {
         dir.path(),
         "broker.yaml",
         &format!(
-            "version: 2\nservices:\n  db:\n    connector: pg\n    intercept: [\"{}\"]\n    credentials:\n      username: app_user\n      password: {{from: file, get: {}}}\n{}{}",
+            "version: 2\nbroker:\n  caDir: {}\nservices:\n  db:\n    connector: pg\n    intercept: [\"{}\"]\n    credentials:\n      username: app_user\n      password: {{from: file, get: {}}}\n{}{}",
+            dir.path().join("brokerca").display(),
             row.dial.target(port),
             pw_file.display(),
             indent(&expand(row.credentials, &ca, dir.path()), 6),
@@ -380,6 +387,20 @@ fn run_row(name: &str, row: Row) {
             } else if !access.iter().any(|a| a.bytes_up == CANCEL_REQUEST_LEN) {
                 failure = Some("no access line for the CancelRequest's connection".into());
             }
+        }
+        // Every session ended cleanly (a cancel connection aside, which carries no TLS).
+        if failure.is_none()
+            && let Some(a) = access
+                .iter()
+                .find(|a| a.result != "ok" && a.bytes_up != CANCEL_REQUEST_LEN)
+        {
+            failure = Some(format!("a connection ended with result {}", a.result));
+        }
+        if failure.is_none()
+            && row.service.contains("clientTLS: on")
+            && !access.iter().any(|a| a.client_tls)
+        {
+            failure = Some("no session used TLS to the broker (clientTLS)".into());
         }
         if let Some(f) = &mut failure {
             let complaints = broker_complaints(&text);

@@ -38,13 +38,14 @@ fn pgbench(
     port: u16,
     password: Option<&str>,
     cg: Option<&TestCgroup>,
+    sslmode: &str,
 ) -> anyhow::Result<f64> {
     let mut c = Command::new("pgbench");
     c.args(["-h", host, "-p", &port.to_string(), "-U", "app_user", "-n"])
         .args(args)
         .arg("app")
         .env_remove("PGPASSWORD")
-        .env("PGSSLMODE", "disable")
+        .env("PGSSLMODE", sslmode)
         .stdin(Stdio::null());
     if let Some(p) = password {
         c.env("PGPASSWORD", p);
@@ -170,6 +171,21 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     std::fs::write(&pw_file, password)?;
     let cg = TestCgroup::new("bench");
     let broker = start_broker(root, dir.path(), "127.0.0.2", "", pg_port, &pw_file, &cg)?;
+    // And a third with TLS on the app's leg (`clientTLS`, pgbench `sslmode=require`):
+    // what terminating the client's TLS costs.
+    let cg_tls = TestCgroup::new("bench-clienttls");
+    let client_tls = start_broker(
+        root,
+        dir.path(),
+        "127.0.0.4",
+        &format!(
+            "  caDir: {}\n__SERVICE__    config:\n      clientTLS: on\n",
+            dir.path().join("ca").display()
+        ),
+        pg_port,
+        &pw_file,
+        &cg_tls,
+    )?;
     let cg_relay = TestCgroup::new("bench-relay");
     let relay = start_broker(
         root,
@@ -209,20 +225,27 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         "\npgbench select-only, scale 1, {seconds}s per run, {rounds} rounds (median; per-round ratio range), 2 cores\n"
     );
     println!(
-        "{:<28} {:>12} {:>26} {:>26} {:>26}",
-        "mode", "direct tps", "haproxy tps (ratio)", "broker tps (ratio)", "broker, splice: false"
+        "{:<28} {:>12} {:>26} {:>26} {:>26} {:>26}",
+        "mode",
+        "direct tps",
+        "haproxy tps (ratio)",
+        "broker tps (ratio)",
+        "broker, splice: false",
+        "broker, clientTLS"
     );
     let only = std::env::var("BENCH_ONLY").ok();
     for (name, args) in modes
         .iter()
         .filter(|(n, _)| only.as_deref().is_none_or(|o| n.starts_with(o)))
     {
-        let mut runs: [Vec<f64>; 4] = Default::default();
+        let mut runs: [Vec<f64>; 5] = Default::default();
         for _ in 0..rounds {
-            runs[0].push(pgbench(args, "127.0.0.1", pg_port, Some(password), None)?);
-            runs[1].push(pgbench(args, "127.0.0.1", ha_port, Some(password), None)?);
-            runs[2].push(pgbench(args, "127.0.0.2", 5432, None, Some(&cg))?);
-            runs[3].push(pgbench(args, "127.0.0.3", 5432, None, Some(&cg_relay))?);
+            let off = "disable";
+            runs[0].push(pgbench(args, "127.0.0.1", pg_port, Some(password), None, off)?);
+            runs[1].push(pgbench(args, "127.0.0.1", ha_port, Some(password), None, off)?);
+            runs[2].push(pgbench(args, "127.0.0.2", 5432, None, Some(&cg), off)?);
+            runs[3].push(pgbench(args, "127.0.0.3", 5432, None, Some(&cg_relay), off)?);
+            runs[4].push(pgbench(args, "127.0.0.4", 5432, None, Some(&cg_tls), "require")?);
         }
         let direct = median(&runs[0]);
         let cell = |i: usize| {
@@ -233,10 +256,11 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
             format!("{m:.0} ({:.2}x, {lo:.2}-{hi:.2})", m / direct)
         };
         println!(
-            "{name:<28} {direct:>12.0} {:>26} {:>26} {:>26}",
+            "{name:<28} {direct:>12.0} {:>26} {:>26} {:>26} {:>26}",
             cell(1),
             cell(2),
-            cell(3)
+            cell(3),
+            cell(4)
         );
     }
 
@@ -261,10 +285,13 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     );
     drop(broker);
     drop(relay);
+    drop(client_tls);
     Ok(())
 }
 
 /// Start a release broker intercepting `target:5432` for `cg`; waits until ready.
+/// `broker_extra`: lines of the `broker:` block; a `__SERVICE__` line in it ends them,
+/// what follows goes under the service.
 pub(crate) fn start_broker(
     root: &Path,
     dir: &Path,
@@ -275,11 +302,14 @@ pub(crate) fn start_broker(
     cg: &TestCgroup,
 ) -> anyhow::Result<Killed> {
     let health = free_port();
+    let (broker_extra, service_extra) = broker_extra
+        .split_once("__SERVICE__")
+        .unwrap_or((broker_extra, ""));
     let cfg = dir.join(format!("broker-{target}.yaml"));
     std::fs::write(
         &cfg,
         format!(
-            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n{broker_extra}services:\n  db:\n    connector: pg\n    intercept: [\"{target}:5432\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{pg_port}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n",
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n{broker_extra}services:\n  db:\n    connector: pg\n    intercept: [\"{target}:5432\"]\n    credentials:\n      host: 127.0.0.1\n      port: \"{pg_port}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: file, get: {}}}\n{service_extra}",
             pw_file.display()
         ),
     )?;

@@ -1236,3 +1236,50 @@ services:
 fn load_file_k(path: &std::path::Path) -> Result<Config, ConfigErrors> {
     load_file(path, &KINDS)
 }
+
+/// `clientTLS`, `clientAuth`, `clientPassword` and `broker.caDir`.
+#[test]
+fn pg_client_leg_settings() {
+    let with = |config: &str| {
+        PG.replace(
+            "    credentials:",
+            &format!("    config:\n{config}    credentials:"),
+        )
+    };
+    let cfg = ok(&with(
+        "      clientTLS: on\n      clientAuth: scram-sha-256\n      clientPassword: dummy\n",
+    ));
+    let pg = cfg.services[0].connector.settings::<PgConfig>().unwrap();
+    assert!(pg.client_tls);
+    assert_eq!(pg.client_password.as_ref().unwrap().expose(), b"dummy");
+    let pg_default = ok(PG);
+    let pg_default = pg_default.services[0]
+        .connector
+        .settings::<PgConfig>()
+        .unwrap();
+    assert!(!pg_default.client_tls && pg_default.client_password.is_none());
+    assert_eq!(
+        ok(PG).broker.ca_dir,
+        std::path::PathBuf::from(DEFAULT_CA_DIR)
+    );
+
+    let e = errs(&with("      clientTLS: maybe\n"));
+    has(&e, "services.db.config.clientTLS", "on or off");
+    let e = errs(&with("      clientAuth: scram-sha-256\n"));
+    has(&e, "services.db.config", "needs \"clientPassword\"");
+    let e = errs(&with("      clientPassword: dummy\n"));
+    has(
+        &e,
+        "services.db.config.clientPassword",
+        "only with clientAuth",
+    );
+    let e = errs(&with("      clientAuth: md5\n"));
+    has(&e, "services.db.config.clientAuth", "scram-sha-256 or none");
+    // The placeholder never appears in an error.
+    let e = errs(&with(
+        "      clientPassword: s3cr3t-placeholder\n      clientTLS: 7\n",
+    ));
+    assert!(!e.to_string().contains("s3cr3t-placeholder"), "{e}");
+    let cfg = ok(&PG.replace("version: 2\n", "version: 2\nbroker:\n  caDir: /tmp/x/ca\n"));
+    assert_eq!(cfg.broker.ca_dir, std::path::PathBuf::from("/tmp/x/ca"));
+}

@@ -52,17 +52,62 @@ pub async fn relay_terminated(
     let (a, b) = match upstream {
         UpstreamStream::Plain(mut u) => {
             u.write_all(to_upstream).await?;
-            relay(client.as_mut(), u).await?
+            relay(&mut EofIsEnd(client.as_mut()), u).await?
         }
         UpstreamStream::Other(mut u) => {
             u.write_all(to_upstream).await?;
             u.flush().await?;
-            relay(client.as_mut(), u).await?
+            relay(&mut EofIsEnd(client.as_mut()), u).await?
         }
     };
     stats.bytes_up += a;
     stats.bytes_down += b;
     Ok(())
+}
+
+/// A TLS client that closes its connection without `close_notify` (many do, pg8000
+/// among them) has ended its stream all the same: rustls reports it as
+/// `UnexpectedEof`, taken here as the end of the stream. (Truncation cannot hurt the
+/// upstream: a PostgreSQL message cut short is an incomplete message to the server.)
+struct EofIsEnd<'a, S: ?Sized>(&'a mut S);
+
+impl<S: AsyncStream + ?Sized> tokio::io::AsyncRead for EofIsEnd<'_, S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut *self.get_mut().0).poll_read(cx, buf) {
+            std::task::Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                std::task::Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncStream + ?Sized> tokio::io::AsyncWrite for EofIsEnd<'_, S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.get_mut().0).poll_write(cx, b)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().0).poll_shutdown(cx)
+    }
 }
 
 /// Copy both ways between two plain TCP sockets until both sides are done; returns
