@@ -241,11 +241,39 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         let mut runs: [Vec<f64>; 5] = Default::default();
         for _ in 0..rounds {
             let off = "disable";
-            runs[0].push(pgbench(args, "127.0.0.1", pg_port, Some(password), None, off)?);
-            runs[1].push(pgbench(args, "127.0.0.1", ha_port, Some(password), None, off)?);
+            runs[0].push(pgbench(
+                args,
+                "127.0.0.1",
+                pg_port,
+                Some(password),
+                None,
+                off,
+            )?);
+            runs[1].push(pgbench(
+                args,
+                "127.0.0.1",
+                ha_port,
+                Some(password),
+                None,
+                off,
+            )?);
             runs[2].push(pgbench(args, "127.0.0.2", 5432, None, Some(&cg), off)?);
-            runs[3].push(pgbench(args, "127.0.0.3", 5432, None, Some(&cg_relay), off)?);
-            runs[4].push(pgbench(args, "127.0.0.4", 5432, None, Some(&cg_tls), "require")?);
+            runs[3].push(pgbench(
+                args,
+                "127.0.0.3",
+                5432,
+                None,
+                Some(&cg_relay),
+                off,
+            )?);
+            runs[4].push(pgbench(
+                args,
+                "127.0.0.4",
+                5432,
+                None,
+                Some(&cg_tls),
+                "require",
+            )?);
         }
         let direct = median(&runs[0]);
         let cell = |i: usize| {

@@ -186,7 +186,8 @@ async fn serve(
         Ok(FirstPacket::Startup(s)) => {
             let client_authed = match &pg.client_keys {
                 Some(keys) => {
-                    let user = String::from_utf8_lossy(s.get("user").unwrap_or_default()).into_owned();
+                    let user =
+                        String::from_utf8_lossy(s.get("user").unwrap_or_default()).into_owned();
                     client_auth::scram(&mut client, &cbuf, keys, &user).await
                 }
                 None => Ok(()),
