@@ -254,6 +254,7 @@ fn client_tls_require_verify_full_and_direct() {
         "psql -X -w -A -t \"host=db.example.test port=5432 user=x password=dummy dbname=app sslmode=require\" {q}; \
          psql -X -w -A -t \"host=db.example.test port=5432 user=x password=dummy dbname=app sslmode=verify-full sslrootcert={ca}\" {q}; \
          echo | openssl s_client -connect db.example.test:5432 -alpn postgresql -servername db.example.test -CAfile {ca} -verify_return_error 2>&1 | grep -E 'Verify return code|ALPN protocol'; \
+         echo | openssl s_client -connect db.example.test:5432 -alpn postgresql -servername evil.example.test 2>/dev/null | openssl x509 -noout -subject -ext subjectAltName | sed 's/^/EVIL_SNI /'; \
          psql -X -w -A -t \"host=db.example.test port=5433 user=x password=dummy dbname=app sslmode=require\" {q}; echo PLAIN_REQUIRE_EXIT=$?",
         ca = ca.display()
     );
@@ -278,6 +279,17 @@ fn client_tls_require_verify_full_and_direct() {
     assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
     assert!(text.contains("ALPN protocol: postgresql"), "{text}");
     assert!(text.contains("client.tls=true"), "{text}");
+    // The SNI a client sends does not choose the certificate: the broker vouches only
+    // for the name the app dialled.
+    let evil: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("EVIL_SNI "))
+        .collect();
+    assert!(
+        evil.iter().any(|l| l.contains("db.example.test"))
+            && !evil.iter().any(|l| l.contains("evil")),
+        "{text}"
+    );
     // Without clientTLS, sslmode=require gives up; the access line names the setting.
     assert!(!text.contains("PLAIN_REQUIRE_EXIT=0"), "{text}");
     assert!(
