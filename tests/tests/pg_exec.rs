@@ -28,10 +28,15 @@ fn pg_service(name: &str, target: &str, pg: &PgServer, pw_file: &Path, extra: &s
 
 /// Run `sh -c script` under `broker exec` with `db.example.test` -> 127.0.0.2.
 fn exec_sh(dir: &Path, cfg: &Path, script: &str) -> (bool, String) {
+    exec_sh_at(dir, cfg, "127.0.0.2", &[], script)
+}
+
+/// Run `sh -c script` under `broker [flags] exec` with `db.example.test` -> `ip`.
+fn exec_sh_at(dir: &Path, cfg: &Path, ip: &str, flags: &[&str], script: &str) -> (bool, String) {
     let out = broker_exec(
         dir,
-        &[("db.example.test", "127.0.0.2")],
-        &[],
+        &[("db.example.test", ip)],
+        flags,
         cfg,
         &["sh", "-c", script],
     )
@@ -173,19 +178,7 @@ fn verify_full_against_the_intercepted_hostname() {
     let script = format!(
         "psql -X -w -A -t \"host=db.example.test port={port} user=anything password=dummy dbname=app sslmode=disable\" -c \"select 'ROLE=' || current_user || ' SSL=' || ssl from pg_stat_ssl where pid = pg_backend_pid()\""
     );
-    let out = broker_exec(
-        dir.path(),
-        &[("db.example.test", "127.0.0.1")],
-        &[],
-        &cfg,
-        &["sh", "-c", &script],
-    )
-    .env_remove("PGPASSWORD")
-    .env("PGCONNECT_TIMEOUT", "10")
-    .stdin(Stdio::null())
-    .output()
-    .expect("run broker exec");
-    let text = output_text(&out);
+    let (_, text) = exec_sh_at(dir.path(), &cfg, "127.0.0.1", &[], &script);
     assert!(
         text.contains("ROLE=app_user SSL=t"),
         "a verified TLS session as app_user:\n{text}"
@@ -258,19 +251,13 @@ fn client_tls_require_verify_full_and_direct() {
          psql -X -w -A -t \"host=db.example.test port=5433 user=x password=dummy dbname=app sslmode=require\" {q}; echo PLAIN_REQUIRE_EXIT=$?",
         ca = ca.display()
     );
-    let out = broker_exec(
+    let (_, text) = exec_sh_at(
         dir.path(),
-        &[("db.example.test", "127.0.0.2")],
-        &["--log-level", "debug,hickory=warn,aya=warn"],
         &cfg,
-        &["sh", "-c", &script],
-    )
-    .env_remove("PGPASSWORD")
-    .env("PGCONNECT_TIMEOUT", "10")
-    .stdin(Stdio::null())
-    .output()
-    .expect("run broker exec");
-    let text = output_text(&out);
+        "127.0.0.2",
+        &["--log-level", "debug,hickory=warn,aya=warn"],
+        &script,
+    );
     assert_eq!(
         text.matches("ROLE=app_user").count(),
         2,
@@ -359,19 +346,7 @@ fn client_scram_with_channel_binding() {
             "password=placeholder sslmode=disable channel_binding=require"
         ),
     );
-    let out = broker_exec(
-        dir.path(),
-        &[("db.example.test", "127.0.0.2")],
-        &[],
-        &cfg,
-        &["sh", "-c", &script],
-    )
-    .env_remove("PGPASSWORD")
-    .env("PGCONNECT_TIMEOUT", "10")
-    .stdin(Stdio::null())
-    .output()
-    .expect("run broker exec");
-    let text = output_text(&out);
+    let (_, text) = exec_sh_at(dir.path(), &cfg, "127.0.0.2", &[], &script);
     assert_eq!(
         text.matches("ROLE=app_user").count(),
         2,
