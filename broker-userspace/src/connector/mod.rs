@@ -14,6 +14,7 @@
 //! one line in [`KINDS`] (see docs/ARCHITECTURE.md, "Adding a connector").
 
 pub mod dial;
+pub mod http;
 pub mod pg;
 pub mod target;
 pub mod tcp;
