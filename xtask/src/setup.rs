@@ -33,6 +33,8 @@ const PACKAGES: &[&str] = &[
     "procps",
     "python3",
     "python3-psycopg2",
+    // The real SigV4 verifier the signer is checked against.
+    "python3-botocore",
     // The real-client matrix (tests/tests/pg_clients.rs) and `bench clients`.
     "python3-asyncpg",
     "python3-pip",
