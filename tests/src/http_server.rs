@@ -174,7 +174,11 @@ impl Drop for HttpServer {
     }
 }
 
-async fn answer(req: Request<Incoming>, conn: usize, seen: &Mutex<Vec<Seen>>) -> Response<Full<Bytes>> {
+async fn answer(
+    req: Request<Incoming>,
+    conn: usize,
+    seen: &Mutex<Vec<Seen>>,
+) -> Response<Full<Bytes>> {
     let method = req.method().to_string();
     let target = req
         .uri()
@@ -183,7 +187,12 @@ async fn answer(req: Request<Incoming>, conn: usize, seen: &Mutex<Vec<Seen>>) ->
     let headers = req
         .headers()
         .iter()
-        .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let mut body = req.into_body();
     let mut h = Sha256::new();

@@ -73,29 +73,57 @@ fn http_keepalive_upload_query_and_dummy_authorization() {
         d = dir.path().display(),
         up = upload.display(),
     );
-    let (ok, out) = exec_sh(dir.path(), &cfg, &[("api.example.test", "127.0.0.3")], &script);
+    let (ok, out) = exec_sh(
+        dir.path(),
+        &cfg,
+        &[("api.example.test", "127.0.0.3")],
+        &script,
+    );
     let bodies = std::fs::read_to_string(dir.path().join("out100")).unwrap_or_default();
     assert!(ok, "{out}");
     assert_no_secret(&out, &[TOKEN], "broker exec output");
     assert_no_secret(&bodies, &[TOKEN], "response bodies");
     let seen = server.seen();
-    let r: Vec<_> = seen.iter().filter(|s| s.target.starts_with("/r/")).collect();
+    let r: Vec<_> = seen
+        .iter()
+        .filter(|s| s.target.starts_with("/r/"))
+        .collect();
     assert_eq!(r.len(), 100, "{out}");
     for s in &r {
-        assert_eq!(s.header("authorization"), vec![format!("Bearer {TOKEN}")], "{s:?}");
-        assert!(s.target.ends_with(&format!("?x=1&api_key={TOKEN}")), "{}", s.target);
+        assert_eq!(
+            s.header("authorization"),
+            vec![format!("Bearer {TOKEN}")],
+            "{s:?}"
+        );
+        assert!(
+            s.target.ends_with(&format!("?x=1&api_key={TOKEN}")),
+            "{}",
+            s.target
+        );
     }
     // Keep-alive both ways: one client connection, one upstream connection for the 100.
-    assert!(r.iter().all(|s| s.conn == r[0].conn), "100 requests on one connection");
+    assert!(
+        r.iter().all(|s| s.conn == r[0].conn),
+        "100 requests on one connection"
+    );
     let sha = out
         .lines()
         .find_map(|l| l.strip_prefix("UPLOAD_SHA="))
         .expect("upload checksum");
-    let up = seen.iter().find(|s| s.target.starts_with("/upload")).expect("upload seen");
+    let up = seen
+        .iter()
+        .find(|s| s.target.starts_with("/upload"))
+        .expect("upload seen");
     assert_eq!(up.body_len, 52_428_800);
     assert_eq!(up.body_sha256, sha);
-    assert!(out.contains(&format!("sha256={sha}")), "client sees the server's answer");
-    let py = seen.iter().find(|s| s.target.starts_with("/py")).expect("python seen");
+    assert!(
+        out.contains(&format!("sha256={sha}")),
+        "client sees the server's answer"
+    );
+    let py = seen
+        .iter()
+        .find(|s| s.target.starts_with("/py"))
+        .expect("python seen");
     assert_eq!(py.header("authorization"), vec![format!("Bearer {TOKEN}")]);
     assert!(out.contains("PY=sha256="), "{out}");
     for s in &seen {
@@ -105,7 +133,10 @@ fn http_keepalive_upload_query_and_dummy_authorization() {
         );
     }
     // One access line per request, without the query string.
-    assert!(out.contains("http.path=/r/1 ") || out.contains("\"http.path\":\"/r/1\""), "{out}");
+    assert!(
+        out.contains("http.path=/r/1 ") || out.contains("\"http.path\":\"/r/1\""),
+        "{out}"
+    );
     eprintln!("http test: {:?}", t0.elapsed());
 }
 
@@ -141,16 +172,25 @@ fn https_terminated_for_intercepted_names_passed_through_otherwise() {
     let (ok, out) = exec_sh(
         dir.path(),
         &cfg,
-        &[("api.example.test", "127.0.0.4"), ("other.example.test", "127.0.0.4")],
+        &[
+            ("api.example.test", "127.0.0.4"),
+            ("other.example.test", "127.0.0.4"),
+        ],
         &script,
     );
     assert!(ok, "{out}");
     assert_no_secret(&out, &[TOKEN], "broker exec output");
     let seen = server.seen();
     for p in ["/a", "/b", "/py"] {
-        let s = seen.iter().find(|s| s.target == p).unwrap_or_else(|| panic!("{p} not seen: {out}"));
+        let s = seen
+            .iter()
+            .find(|s| s.target == p)
+            .unwrap_or_else(|| panic!("{p} not seen: {out}"));
         assert_eq!(s.header("x-api-key"), vec![TOKEN], "{p}");
-        assert!(s.header("authorization").is_empty(), "dummy Authorization removed");
+        assert!(
+            s.header("authorization").is_empty(),
+            "dummy Authorization removed"
+        );
         assert_eq!(s.header("host"), vec![format!("api.example.test:{port}")]);
     }
     assert!(out.contains("PY=sha256="), "{out}");
@@ -162,11 +202,17 @@ fn https_terminated_for_intercepted_names_passed_through_otherwise() {
         .expect("openssl");
     let fp = String::from_utf8_lossy(&fp.stdout).trim().to_owned();
     assert!(fp.contains("Fingerprint="), "{fp}");
-    assert!(out.contains(&format!("FP={fp}")), "passthrough shows the server's certificate {fp}: {out}");
+    assert!(
+        out.contains(&format!("FP={fp}")),
+        "passthrough shows the server's certificate {fp}: {out}"
+    );
     eprintln!("https test: {:?}", t0.elapsed());
 }
 
+/// Needs `connector/http/oauth2.rs` (`TokenSource`, wired in `connector/http/tokens.rs`)
+/// and the `oauth2` entry dropped from `config::unsupported` for HTTP services.
 #[test]
+#[ignore = "OAuth2 token source not merged yet"]
 fn token_endpoint_down_gives_502_json() {
     if !privileged() {
         return;
@@ -183,11 +229,55 @@ fn token_endpoint_down_gives_502_json() {
             "version: 2\nservices:\n  agents:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    authentication:\n      - type: oauth2\n        config:\n          token_url: http://127.0.0.1:{dead}/token\n          client_id: agents\n          client_secret: {secret}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .access_token }}}}\"\n"
         ),
     );
-    let script = format!("curl -sS -w '\\nSTATUS=%{{http_code}}\\n' http://api.example.test:{port}/x");
-    let (ok, out) = exec_sh(dir.path(), &cfg, &[("api.example.test", "127.0.0.5")], &script);
+    let script =
+        format!("curl -sS -w '\\nSTATUS=%{{http_code}}\\n' http://api.example.test:{port}/x");
+    let (ok, out) = exec_sh(
+        dir.path(),
+        &cfg,
+        &[("api.example.test", "127.0.0.5")],
+        &script,
+    );
     assert!(ok, "{out}");
     assert_no_secret(&out, &[secret], "broker exec output");
     assert!(out.contains("STATUS=502"), "{out}");
     assert!(out.contains("\"service\":\"agents\""), "{out}");
-    assert!(server.seen().is_empty(), "no request without a token reaches the API");
+    assert!(
+        server.seen().is_empty(),
+        "no request without a token reaches the API"
+    );
+}
+
+#[test]
+fn secret_store_failure_gives_502_json() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = HttpServer::start("127.0.0.6", port);
+    let missing = dir.path().join("no-such-token");
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n",
+            missing.display()
+        ),
+    );
+    let script = format!(
+        "curl -sS -w '\\nSTATUS=%{{http_code}}\\n' -H 'Authorization: Bearer dummy' http://api.example.test:{port}/x"
+    );
+    let (ok, out) = exec_sh(
+        dir.path(),
+        &cfg,
+        &[("api.example.test", "127.0.0.6")],
+        &script,
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("STATUS=502"), "{out}");
+    assert!(out.contains("\"service\":\"api\""), "{out}");
+    assert!(
+        server.seen().is_empty(),
+        "nothing reaches the API without its credential"
+    );
 }
