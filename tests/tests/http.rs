@@ -209,10 +209,7 @@ fn https_terminated_for_intercepted_names_passed_through_otherwise() {
     eprintln!("https test: {:?}", t0.elapsed());
 }
 
-/// Needs `connector/http/oauth2.rs` (`TokenSource`, wired in `connector/http/tokens.rs`)
-/// and the `oauth2` entry dropped from `config::unsupported` for HTTP services.
 #[test]
-#[ignore = "OAuth2 token source not merged yet"]
 fn token_endpoint_down_gives_502_json() {
     if !privileged() {
         return;

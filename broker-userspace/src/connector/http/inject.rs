@@ -7,16 +7,8 @@ use std::fmt;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-/// A parsed header or query-parameter template.
-pub struct Tmpl(Inner);
-
-/// Until [`super::template`] lands: literal text with `{{ .name }}` and
-/// `{{ .name | base64 }}` parts.
-enum Part {
-    Text(String),
-    Var { name: String, base64: bool },
-}
-struct Inner(Vec<Part>);
+/// A parsed header or query-parameter template ([`super::template`]).
+pub struct Tmpl(super::template::Template);
 
 impl fmt::Debug for Tmpl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -28,78 +20,26 @@ impl Tmpl {
     /// # Errors
     /// A template that does not parse (the message quotes no credential).
     pub fn parse(src: &str) -> Result<Self, String> {
-        let mut parts = Vec::new();
-        let mut rest = src;
-        while let Some(i) = rest.find("{{") {
-            if i > 0 {
-                parts.push(Part::Text(rest[..i].to_owned()));
-            }
-            let after = &rest[i + 2..];
-            let j = after.find("}}").ok_or("unclosed `{{`")?;
-            let action = after[..j].trim();
-            let mut pipe = action.split('|').map(str::trim);
-            let var = pipe.next().unwrap_or_default();
-            let name = var
-                .strip_prefix('.')
-                .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_alphanumeric() || c == '_'))
-                .ok_or("expected `{{ .name }}`")?;
-            let base64 = match pipe.next() {
-                None => false,
-                Some("base64") => true,
-                Some(_) => return Err("unsupported function".into()),
-            };
-            if pipe.next().is_some() {
-                return Err("unsupported pipeline".into());
-            }
-            parts.push(Part::Var {
-                name: name.to_owned(),
-                base64,
-            });
-            rest = &after[j + 2..];
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Text(rest.to_owned()));
-        }
-        Ok(Self(Inner(parts)))
+        super::template::Template::parse(src)
+            .map(Self)
+            .map_err(|e| e.to_string())
     }
 
     /// The credentials the template reads.
     #[must_use]
     pub fn names(&self) -> Vec<&str> {
-        self.0
-            .0
-            .iter()
-            .filter_map(|p| match p {
-                Part::Var { name, .. } => Some(name.as_str()),
-                Part::Text(_) => None,
-            })
-            .collect()
+        self.0.names()
     }
 
     /// The value, over `get` (credential name -> value).
     ///
     /// # Errors
-    /// A credential the template names is missing (the message names it).
+    /// A credential the template names is missing (the message names it, never a value).
     pub fn render<'v>(
         &self,
         get: &dyn Fn(&str) -> Option<&'v [u8]>,
     ) -> Result<Zeroizing<Vec<u8>>, String> {
-        let mut out = Zeroizing::new(Vec::new());
-        for p in &self.0.0 {
-            match p {
-                Part::Text(t) => out.extend_from_slice(t.as_bytes()),
-                Part::Var { name, base64 } => {
-                    let v = get(name).ok_or_else(|| format!("no credential \"{name}\""))?;
-                    if *base64 {
-                        let e = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(v));
-                        out.extend_from_slice(e.as_bytes());
-                    } else {
-                        out.extend_from_slice(v);
-                    }
-                }
-            }
-        }
-        Ok(out)
+        self.0.render(get).map_err(|e| e.to_string())
     }
 }
 

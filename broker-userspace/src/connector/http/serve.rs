@@ -76,7 +76,9 @@ impl HttpConnector {
         .clone();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let tokens = match service.authentication.first() {
-            Some(crate::config::AuthMethod::OAuth2(o)) => Some(Tokens::new(o)?),
+            Some(crate::config::AuthMethod::OAuth2(o)) => {
+                Some(Tokens::new(o, cfg.ca_file.as_deref())?)
+            }
             None => None,
         };
         let reads_token = cfg
