@@ -6,6 +6,7 @@
 pub mod clients;
 pub mod fake;
 pub mod hostile_pg;
+pub mod http_server;
 pub mod net;
 pub mod pg;
 pub mod secret_server;

@@ -191,7 +191,15 @@ pub fn unsupported(cfg: &Config) -> Vec<ConfigError> {
                 ),
             ));
         }
-        for (i, a) in s.authentication.iter().enumerate() {
+        // The HTTP connectors use OAuth2 tokens; no other connector does.
+        let uses_auth = matches!(
+            &s.connector,
+            ConnectorSpec::Built {
+                kind: "generic_http" | "basic_auth",
+                ..
+            }
+        );
+        for (i, a) in s.authentication.iter().enumerate().filter(|_| !uses_auth) {
             let kind = match a {
                 AuthMethod::OAuth2(_) => "oauth2",
             };

@@ -86,8 +86,23 @@ services:
 // ---- the documents the user brings -------------------------------------------------
 
 #[test]
-fn seed_003_uts_loads_as_written() {
-    let cfg = ok(SEED_003);
+fn seed_003_uts_loads_with_one_line_added() {
+    // As written, the HTTP service says nothing about what to inject: the error names
+    // the credential and gives an example.
+    let e = errs(SEED_003).to_string();
+    assert!(
+        e.contains("services.novu-api.config") && e.contains("api_key") && e.contains("headers"),
+        "{e}"
+    );
+    let listen = "    listenOn: \"tcp://127.0.0.1:8081\" # Local proxy for Novu\n";
+    assert!(SEED_003.contains(listen));
+    let fixed = SEED_003.replace(
+        listen,
+        &format!(
+            "{listen}    config: {{upstream: \"https://api.novu.co\", headers: {{Authorization: \"ApiKey {{{{ .api_key }}}}\"}}}}\n"
+        ),
+    );
+    let cfg = ok(&fixed);
     assert_eq!(cfg.services.len(), 2);
 
     let db = &cfg.services[0];
@@ -111,7 +126,7 @@ fn seed_003_uts_loads_as_written() {
 
     let novu = &cfg.services[1];
     assert_eq!(novu.name, "novu-api");
-    assert!(matches!(&novu.connector, ConnectorSpec::NotBuilt { name } if name == "http"));
+    assert_eq!(novu.connector.name(), "generic_http");
     assert_eq!(
         from(novu, "api_key"),
         (
@@ -130,16 +145,20 @@ fn seed_003_uts_loads_as_written() {
     assert!(h.token.is_none());
     assert_eq!(h.timeout, DEFAULT_HTTP_TIMEOUT);
 
-    assert_eq!(
-        unsupported_text(&cfg),
-        vec!["services.novu-api.connector: connector \"http\" is not built yet"]
-    );
+    assert!(unsupported_text(&cfg).is_empty());
 }
 
 #[test]
 fn seed_000_oauth2_loads_with_its_environment() {
+    // One line added: where the app's requests come from.
+    let e = errs(SEED_000).to_string();
+    assert!(e.contains("needs \"listenOn\" or \"intercept\""), "{e}");
+    let seed = SEED_000.replace(
+        "    connector: generic_http\n",
+        "    connector: generic_http\n    intercept: [api.aci.dev:443]\n",
+    );
     let cfg = load_env(
-        SEED_000,
+        &seed,
         &[
             ("ACI_TOKEN_URL", "https://aci.example/oauth/token"),
             ("ACI_CLIENT_ID", "eliza"),
@@ -150,7 +169,7 @@ fn seed_000_oauth2_loads_with_its_environment() {
     assert_eq!(cfg.services.len(), 1);
     let s = &cfg.services[0];
     assert_eq!(s.name, "elizaos-agents");
-    assert!(matches!(&s.connector, ConnectorSpec::NotBuilt { name } if name == "generic_http"));
+    assert_eq!(s.connector.name(), "generic_http");
     assert!(s.listen_on.is_none());
     let [AuthMethod::OAuth2(o)] = s.authentication.as_slice() else {
         panic!("expected one oauth2 entry: {:?}", s.authentication)
@@ -160,21 +179,14 @@ fn seed_000_oauth2_loads_with_its_environment() {
     assert_eq!(o.client_secret.expose_str().unwrap(), "s3cr3t-client");
     assert_eq!(o.scope.as_deref(), Some("agent:execute blockchain:read"));
 
-    let u = unsupported_text(&cfg);
-    assert_eq!(
-        u,
-        vec![
-            "services.elizaos-agents.connector: connector \"generic_http\" is not built yet",
-            "services.elizaos-agents.authentication[0]: authentication type \"oauth2\" is not \
-             built yet",
-        ]
-    );
+    assert!(unsupported_text(&cfg).is_empty());
 }
 
 #[test]
 fn seed_000_without_its_environment_names_each_variable() {
     let e = errs(SEED_000);
-    assert_eq!(e.len(), 3, "{e}");
+    // The three variables, and no way in (see seed_000_oauth2_loads_with_its_environment).
+    assert_eq!(e.len(), 4, "{e}");
     has(
         &e,
         "services[0].authentication[0].config.token_url",
@@ -293,8 +305,9 @@ fn our_example_loads() {
 #[test]
 fn example_files_on_disk_load_through_load_file() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
-    let cfg = load_file_k(&dir.join("seed-003-uts.yaml")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(cfg.services.len(), 2);
+    // Seed 003's HTTP service names nothing to inject (see seed_003_uts_loads_with_one_line_added).
+    let e = load_file_k(&dir.join("seed-003-uts.yaml")).unwrap_err();
+    assert!(e.to_string().contains("services.novu-api.config"), "{e}");
     let e = load_file_k(&dir.join("no-such-file.yaml")).unwrap_err();
     assert_eq!(e.len(), 1);
     assert_eq!(e.0[0].path, "");

@@ -199,18 +199,8 @@ pub type Kind = ConnectorKind<BuildFn>;
 /// The registry: every connector kind, one line each; and the names that are known
 /// (Secretless' and ours) but not built yet.
 pub static KINDS: ConnectorKinds<BuildFn> = ConnectorKinds {
-    built: &[tcp::KIND, pg::KIND],
-    not_built: &[
-        "mysql",
-        "mssql",
-        "basic_auth",
-        "conjur",
-        "aws",
-        "generic_http",
-        "http",
-        "ssh",
-        "ssh-agent",
-    ],
+    built: &[tcp::KIND, pg::KIND, http::GENERIC_KIND, http::BASIC_KIND],
+    not_built: &["mysql", "mssql", "conjur", "aws", "ssh", "ssh-agent"],
 };
 
 /// The connector instance for a service.

@@ -1,13 +1,49 @@
 //! HTTP and HTTPS: per-request credential injection (Secretless `generic_http`,
 //! `basic_auth`, `conjur`, `aws`; the `authentication: [{type: oauth2}]` block).
 //!
-//! Being built (issue 11). The pieces, each with its own tests:
+//! The pieces:
+//! * [`config`]: the kinds' `config:` blocks (`headers`, `queryParams`,
+//!   `authenticateURLsMatching`, `forceSSL`, `upstream`...);
+//! * [`serve`]: one client connection: hyper on both legs, TLS terminated for
+//!   intercepted names (a local-CA leaf) or passed through untouched ([`sni`]);
+//! * [`inject`]: what an authenticated request gets (templates, basic auth, query);
 //! * [`template`]: the Go-template subset Secretless users write in `headers` and
 //!   `queryParams` (`{{ .token }}`, `{{ printf "%s:%s" .username .password | base64 }}`);
 //! * [`oauth2`]: OAuth2 client-credentials tokens, fetched once for all concurrent
-//!   requests and cached until shortly before they expire;
+//!   requests and cached until shortly before they expire ([`tokens`]: the seam);
 //! * [`sigv4`]: AWS Signature Version 4, re-signing each request with brokered keys.
 
+pub mod config;
+pub mod inject;
 pub mod oauth2;
+pub mod serve;
 pub mod sigv4;
+pub mod sni;
 pub mod template;
+pub mod tokens;
+
+use std::sync::Arc;
+
+use crate::{config::ConnectorSyntax, connector::Kind};
+
+/// `generic_http` (alias `http`): headers and query parameters from templates.
+pub const GENERIC_KIND: Kind = Kind {
+    syntax: ConnectorSyntax {
+        names: &["generic_http", "http"],
+        required_credentials: &[],
+        host_or_intercept: false,
+        parse: config::parse_generic,
+    },
+    build: |service| Ok(Arc::new(serve::HttpConnector::new(service)?)),
+};
+
+/// `basic_auth`: `Authorization: Basic base64(username:password)`.
+pub const BASIC_KIND: Kind = Kind {
+    syntax: ConnectorSyntax {
+        names: &["basic_auth"],
+        required_credentials: &["username", "password"],
+        host_or_intercept: false,
+        parse: config::parse_basic,
+    },
+    build: |service| Ok(Arc::new(serve::HttpConnector::new(service)?)),
+};

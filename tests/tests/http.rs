@@ -1,0 +1,280 @@
+//! HTTP and HTTPS through eBPF interception, with a real test server
+//! ([`broker_tests::http_server`]) and real clients (`curl`, Python `urllib`) under
+//! `broker exec`: the injected header on each of 100 keep-alive requests, a 50 MB chunked
+//! upload intact, query-parameter injection, the client's dummy `Authorization` replaced;
+//! HTTPS terminated with the broker's CA (trusted by the client only through
+//! `--cacert`/`SSL_CERT_FILE`), a server name no service configures passed through
+//! untouched (the real server's certificate); a token endpoint down gives 502 JSON.
+//! Every output, response body and log is grepped for the secrets.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use broker_tests::{
+    assert_no_secret, broker_exec, free_port, http_server::HttpServer, output_text, privileged,
+    write_file,
+};
+
+const TOKEN: &str = "api-token-3f9c1e7a5b2d";
+
+/// Run `sh -c script` under `broker exec` with the given names mapped.
+fn exec_sh(dir: &Path, cfg: &Path, names: &[(&str, &str)], script: &str) -> (bool, String) {
+    let out = broker_exec(dir, names, &[], cfg, &["sh", "-c", script])
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run broker exec");
+    (out.status.success(), output_text(&out))
+}
+
+fn broker_ca(dir: &Path) -> std::path::PathBuf {
+    let ca_dir = dir.join("ca");
+    let out = Command::new(broker_tests::broker_bin())
+        .args(["ca", "--dir"])
+        .arg(&ca_dir)
+        .output()
+        .expect("broker ca");
+    assert!(out.status.success(), "{}", output_text(&out));
+    ca_dir
+}
+
+#[test]
+fn http_keepalive_upload_query_and_dummy_authorization() {
+    if !privileged() {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = HttpServer::start("127.0.0.3", port);
+    let tok = write_file(dir.path(), "token", TOKEN);
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n      queryParams:\n        api_key: \"{{{{ .token }}}}\"\n",
+            tok.display()
+        ),
+    );
+    let upload = dir.path().join("upload.bin");
+    let script = format!(
+        "set -e\n\
+         curl -sS -H 'Authorization: Bearer dummy' 'http://api.example.test:{port}/r/[1-100]?x=1' > {d}/out100\n\
+         head -c 52428800 /dev/urandom > {up}\n\
+         echo UPLOAD_SHA=$(sha256sum {up} | cut -d' ' -f1)\n\
+         curl -sS -T {up} -H 'Transfer-Encoding: chunked' -H 'Expect: 100-continue' -H 'Authorization: Bearer dummy' http://api.example.test:{port}/upload\n\
+         python3 -c 'import urllib.request as u; print(\"PY=\" + u.urlopen(u.Request(\"http://api.example.test:{port}/py\", headers={{\"Authorization\": \"Bearer dummy\"}})).read().decode())'\n",
+        d = dir.path().display(),
+        up = upload.display(),
+    );
+    let (ok, out) = exec_sh(
+        dir.path(),
+        &cfg,
+        &[("api.example.test", "127.0.0.3")],
+        &script,
+    );
+    let bodies = std::fs::read_to_string(dir.path().join("out100")).unwrap_or_default();
+    assert!(ok, "{out}");
+    assert_no_secret(&out, &[TOKEN], "broker exec output");
+    assert_no_secret(&bodies, &[TOKEN], "response bodies");
+    let seen = server.seen();
+    let r: Vec<_> = seen
+        .iter()
+        .filter(|s| s.target.starts_with("/r/"))
+        .collect();
+    assert_eq!(r.len(), 100, "{out}");
+    for s in &r {
+        assert_eq!(
+            s.header("authorization"),
+            vec![format!("Bearer {TOKEN}")],
+            "{s:?}"
+        );
+        assert!(
+            s.target.ends_with(&format!("?x=1&api_key={TOKEN}")),
+            "{}",
+            s.target
+        );
+    }
+    // Keep-alive both ways: one client connection, one upstream connection for the 100.
+    assert!(
+        r.iter().all(|s| s.conn == r[0].conn),
+        "100 requests on one connection"
+    );
+    let sha = out
+        .lines()
+        .find_map(|l| l.strip_prefix("UPLOAD_SHA="))
+        .expect("upload checksum");
+    let up = seen
+        .iter()
+        .find(|s| s.target.starts_with("/upload"))
+        .expect("upload seen");
+    assert_eq!(up.body_len, 52_428_800);
+    assert_eq!(up.body_sha256, sha);
+    assert!(
+        out.contains(&format!("sha256={sha}")),
+        "client sees the server's answer"
+    );
+    let py = seen
+        .iter()
+        .find(|s| s.target.starts_with("/py"))
+        .expect("python seen");
+    assert_eq!(py.header("authorization"), vec![format!("Bearer {TOKEN}")]);
+    assert!(out.contains("PY=sha256="), "{out}");
+    for s in &seen {
+        assert!(
+            s.headers.iter().all(|(_, v)| !v.contains("dummy")),
+            "the dummy Authorization reached the server: {s:?}"
+        );
+    }
+    // One access line per request, without the query string.
+    assert!(
+        out.contains("http.path=/r/1 ") || out.contains("\"http.path\":\"/r/1\""),
+        "{out}"
+    );
+    eprintln!("http test: {:?}", t0.elapsed());
+}
+
+#[test]
+fn https_terminated_for_intercepted_names_passed_through_otherwise() {
+    if !privileged() {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = HttpServer::start_tls("127.0.0.4", port, "api.example.test", dir.path());
+    let test_ca = server.ca_cert.clone().expect("test CA");
+    let ca_dir = broker_ca(dir.path());
+    let broker_ca = ca_dir.join("ca.crt");
+    let tok = write_file(dir.path(), "token", TOKEN);
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nbroker:\n  caDir: {}\nservices:\n  api:\n    connector: http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      caFile: {}\n      headers:\n        X-Api-Key: \"{{{{ .token }}}}\"\n",
+            ca_dir.display(),
+            tok.display(),
+            test_ca.display()
+        ),
+    );
+    let script = format!(
+        "curl -sS --cacert {bca} -H 'Authorization: Bearer dummy' https://api.example.test:{port}/a https://api.example.test:{port}/b\n\
+         SSL_CERT_FILE={bca} python3 -c 'import urllib.request as u; print(\"PY=\" + u.urlopen(\"https://api.example.test:{port}/py\").read().decode())'\n\
+         echo FP=$(openssl s_client -connect other.example.test:{port} -servername other.example.test </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256)\n",
+        bca = broker_ca.display(),
+    );
+    let (ok, out) = exec_sh(
+        dir.path(),
+        &cfg,
+        &[
+            ("api.example.test", "127.0.0.4"),
+            ("other.example.test", "127.0.0.4"),
+        ],
+        &script,
+    );
+    assert!(ok, "{out}");
+    assert_no_secret(&out, &[TOKEN], "broker exec output");
+    let seen = server.seen();
+    for p in ["/a", "/b", "/py"] {
+        let s = seen
+            .iter()
+            .find(|s| s.target == p)
+            .unwrap_or_else(|| panic!("{p} not seen: {out}"));
+        assert_eq!(s.header("x-api-key"), vec![TOKEN], "{p}");
+        assert!(
+            s.header("authorization").is_empty(),
+            "dummy Authorization removed"
+        );
+        assert_eq!(s.header("host"), vec![format!("api.example.test:{port}")]);
+    }
+    assert!(out.contains("PY=sha256="), "{out}");
+    // The server name no service configures: the real server's own certificate.
+    let fp = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(server.cert.as_ref().expect("cert"))
+        .output()
+        .expect("openssl");
+    let fp = String::from_utf8_lossy(&fp.stdout).trim().to_owned();
+    assert!(fp.contains("Fingerprint="), "{fp}");
+    assert!(
+        out.contains(&format!("FP={fp}")),
+        "passthrough shows the server's certificate {fp}: {out}"
+    );
+    eprintln!("https test: {:?}", t0.elapsed());
+}
+
+#[test]
+fn token_endpoint_down_gives_502_json() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = HttpServer::start("127.0.0.5", port);
+    let secret = "client-secret-8e2a4c6f1d";
+    let dead = free_port();
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nservices:\n  agents:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    authentication:\n      - type: oauth2\n        config:\n          token_url: http://127.0.0.1:{dead}/token\n          client_id: agents\n          client_secret: {secret}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .access_token }}}}\"\n"
+        ),
+    );
+    let script =
+        format!("curl -sS -w '\\nSTATUS=%{{http_code}}\\n' http://api.example.test:{port}/x");
+    let (ok, out) = exec_sh(
+        dir.path(),
+        &cfg,
+        &[("api.example.test", "127.0.0.5")],
+        &script,
+    );
+    assert!(ok, "{out}");
+    assert_no_secret(&out, &[secret], "broker exec output");
+    assert!(out.contains("STATUS=502"), "{out}");
+    assert!(out.contains("\"service\":\"agents\""), "{out}");
+    assert!(
+        server.seen().is_empty(),
+        "no request without a token reaches the API"
+    );
+}
+
+#[test]
+fn secret_store_failure_gives_502_json() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = HttpServer::start("127.0.0.6", port);
+    let missing = dir.path().join("no-such-token");
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n",
+            missing.display()
+        ),
+    );
+    let script = format!(
+        "curl -sS -w '\\nSTATUS=%{{http_code}}\\n' -H 'Authorization: Bearer dummy' http://api.example.test:{port}/x"
+    );
+    let (ok, out) = exec_sh(
+        dir.path(),
+        &cfg,
+        &[("api.example.test", "127.0.0.6")],
+        &script,
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("STATUS=502"), "{out}");
+    assert!(out.contains("\"service\":\"api\""), "{out}");
+    assert!(
+        server.seen().is_empty(),
+        "nothing reaches the API without its credential"
+    );
+}
