@@ -606,11 +606,17 @@ impl Splicer {
                 BPF_NOEXIST,
             )
             .map_err(map_err(MAP_SPLICE))?;
+        // Until the upstream's first packet tells the kernel where its socket is, the
+        // app's sends are bounded by the room its send buffer has now.
+        let blind_budget = socket2::SockRef::from(up)
+            .send_buffer_size()
+            .map_or(0, |b| b as u64 / 2);
         entries
             .insert(
                 app,
                 SpliceValue {
                     peer: up_cookie,
+                    blind_budget,
                     ..SpliceValue::default()
                 },
                 BPF_NOEXIST,
