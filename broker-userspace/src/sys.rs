@@ -518,6 +518,24 @@ mod tests {
     }
 
     #[test]
+    fn sock_diag_finds_a_dual_stack_socket_talking_ipv4() {
+        // An AF_INET6 app socket dialing an IPv4 listener through a mapped address, seen
+        // from the accepted IPv4 socket, as the daemon sees it.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let app = std::net::TcpStream::connect(("::ffff:127.0.0.1", port)).unwrap();
+        assert!(app.local_addr().unwrap().is_ipv6());
+        let (ours, _) = l.accept().unwrap();
+        let cookie = sockopt_u64(&app, libc::SO_COOKIE).unwrap();
+        let found = tcp_sock_mem(
+            ours.peer_addr().unwrap(),
+            ours.local_addr().unwrap(),
+            cookie,
+        );
+        assert!(found.unwrap().is_some());
+    }
+
+    #[test]
     fn sock_diag_answers_that_cannot_be_read_are_errors() {
         assert!(parse_sock_mem(&[]).is_err());
         assert!(parse_sock_mem(&[0u8; 8]).is_err());

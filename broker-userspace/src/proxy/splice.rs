@@ -427,11 +427,11 @@ impl CatchUp {
         let mem = self
             .app
             .map(|(l, r)| crate::sys::tcp_sock_mem(l, r, self.app_cookie));
+        // No socket by that name (it closed: its FIN is on its way to us) or no answer:
+        // no evidence either way.
         let queued = match mem {
             Some(Ok(Some(m))) => Some(m.rmem_alloc),
-            // The app's socket is gone: its FIN is on its way to us.
-            Some(Ok(None)) => return Ok(()),
-            Some(Err(_)) | None => None,
+            Some(Ok(None) | Err(_)) | None => None,
         };
         match queued {
             Some(0) => {}
@@ -582,5 +582,55 @@ impl UpWatch {
             }
             guard.clear_ready();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon's client-side socket and the app's socket at its other end.
+    async fn pair() -> (TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let app = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (TcpStream::from_std(ours).unwrap(), app)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn catch_up_ends_only_when_the_app_has_nothing_left_to_read() {
+        let (ours, mut app) = pair().await;
+        let cookie = crate::sys::sockopt_u64(&app, libc::SO_COOKIE).unwrap();
+        let mut c = CatchUp::new(&ours, cookie);
+        // Progress (the unread count moves) keeps the wait going.
+        assert!(c.check(Some(100)).is_ok());
+        tokio::time::advance(CATCH_UP_STALL).await;
+        assert!(c.check(Some(90)).is_ok());
+        // The app holds bytes it has not read: slow, not stuck, however long.
+        assert_eq!(ours.try_write(&[1u8; 100]).unwrap(), 100);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while crate::sys::unread_bytes(&app).unwrap() < 100 {
+            assert!(std::time::Instant::now() < deadline, "bytes never arrived");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for _ in 0..5 {
+            tokio::time::advance(CATCH_UP_STALL * 2).await;
+            assert!(c.check(Some(90)).is_ok());
+        }
+        // Once it has read everything it has, the counted bytes are not coming.
+        let mut buf = [0u8; 100];
+        std::io::Read::read_exact(&mut app, &mut buf).unwrap();
+        tokio::time::advance(CATCH_UP_STALL).await;
+        let e = c.check(Some(90)).unwrap_err();
+        assert!(e.to_string().contains("90 bytes"), "{e}");
+        // Another socket's cookie is no evidence: only the blind bound ends the wait.
+        let mut c = CatchUp::new(&ours, cookie ^ 1);
+        assert!(c.check(Some(5)).is_ok());
+        tokio::time::advance(CATCH_UP_STALL).await;
+        assert!(c.check(Some(5)).is_ok());
+        tokio::time::advance(CATCH_UP_BLIND).await;
+        assert!(c.check(Some(5)).is_err());
+        drop(app);
     }
 }
