@@ -233,6 +233,10 @@ pub struct SpliceValue {
     /// by the stream verdict from its first packet, so that the app side's sk_msg
     /// program can read how full its send buffer is. 0 until then, and in app entries.
     pub sk: u64,
+    /// App entries: bytes the app may send through the kernel while its upstream's
+    /// address is still unknown (half the upstream's send buffer when the splice began,
+    /// written by the daemon); past it, the upload falls back. 0 in upstream entries.
+    pub blind_budget: u64,
     /// `SPLICE_*` bits.
     pub flags: u32,
     pub _pad: u32,
@@ -261,7 +265,7 @@ const _: () =
     assert!(core::mem::size_of::<ConnRecord>() == 8 + 8 + 8 + 8 + 16 + 16 + 2 + 2 + 4 * 7);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 16 + 16 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 8 + 36 + 4);
-const _: () = assert!(core::mem::size_of::<SpliceValue>() == 8 * 4 + 4 + 4);
+const _: () = assert!(core::mem::size_of::<SpliceValue>() == 8 * 5 + 4 + 4);
 
 /// The IPv4-mapped IPv6 form of an IPv4 address given as network-order bytes.
 #[must_use]

@@ -657,20 +657,24 @@ static SK_SNDBUF_OFF: u32 = 0;
 /// Whether the upstream socket of `SPLICE` entry `up` has no room for `size` more bytes
 /// with half of its send buffer to spare. Redirected into a full send buffer, a
 /// non-blocking app's send would fail with EAGAIN while its own socket stays writable:
-/// an edge-triggered app (Go, tokio) would then wait for a wake-up that never comes.
+/// an edge-triggered app (Go, tokio) would then wait for a wake-up that never comes; and
+/// a send the kernel redirects only in part returns short, so the app sends (and this
+/// program counts) the rest again.
 ///
 /// The socket's address comes from its `SPLICE` entry (recorded by the stream verdict:
 /// an sk_msg program may not hold a socket reference, so it cannot look the socket up
-/// itself); until the upstream has sent a first packet it is unknown, and the upstream,
-/// which has not seen anything but the session's first request, has room.
+/// itself); until the upstream has sent a first packet it is unknown. Meanwhile the app
+/// may send `blind_budget` bytes in all (`sent` so far): half the upstream's send buffer
+/// when the splice began, which the daemon wrote. A client that pipelines (many
+/// requests before the first answer) sends more than one request before that packet.
 #[inline(always)]
-fn upstream_pressed(up: u64, size: u32) -> bool {
+fn upstream_pressed(up: u64, size: u32, sent: u64, blind_budget: u64) -> bool {
     // SAFETY: the value is copied out immediately.
     let Some(sk) = (unsafe { SPLICE.get(up) }).map(|v| v.sk) else {
         return true;
     };
     if sk == 0 {
-        return false;
+        return sent.saturating_add(u64::from(size)) > blind_budget;
     }
     // SAFETY: reads of the kernel's own socket through the checked probe helper; the
     // offsets come from the running kernel's BTF.
@@ -725,7 +729,7 @@ pub fn broker_splice_msg(ctx: SkMsgContext) -> u32 {
         }
         let peer = (*v).peer;
         let size = ctx.size();
-        if upstream_pressed(peer, size) {
+        if upstream_pressed(peer, size, (*v).bytes, (*v).blind_budget) {
             (*v).flags |= SPLICE_FALLBACK;
             return SK_PASS;
         }

@@ -606,11 +606,17 @@ impl Splicer {
                 BPF_NOEXIST,
             )
             .map_err(map_err(MAP_SPLICE))?;
+        // Until the upstream's first packet tells the kernel where its socket is, the
+        // app's sends are bounded by the room its send buffer has now.
+        let blind_budget = socket2::SockRef::from(up)
+            .send_buffer_size()
+            .map_or(0, |b| b as u64 / 2);
         entries
             .insert(
                 app,
                 SpliceValue {
                     peer: up_cookie,
+                    blind_budget,
                     ..SpliceValue::default()
                 },
                 BPF_NOEXIST,
@@ -679,9 +685,17 @@ impl Spliced {
     /// the daemon now writes to it come after them.
     #[must_use]
     pub fn app_caught_up(&self) -> bool {
-        let read = lock(&self.splicer.read).get(&self.app, 0).ok();
+        self.unread().is_some_and(|n| n <= 0)
+    }
+
+    /// Bytes the kernel redirected to the app that it has not read yet (below zero while
+    /// bytes the daemon wrote to it are unread); `None` if the read counter is gone.
+    /// Meaningful before [`Spliced::unlink`].
+    #[must_use]
+    pub fn unread(&self) -> Option<i64> {
+        let read = lock(&self.splicer.read).get(&self.app, 0).ok()?;
         // Wrapping: the counter starts below zero (see Splicer::start).
-        read.is_some_and(|r| self.splicer.bytes(self.up).wrapping_sub(r).cast_signed() <= 0)
+        Some(self.splicer.bytes(self.up).wrapping_sub(read).cast_signed())
     }
 }
 

@@ -312,3 +312,232 @@ impl std::os::fd::AsRawFd for Epoll {
         self.0.as_raw_fd()
     }
 }
+
+/// Receive-side memory of one TCP socket, as `sock_diag` reports it (`SK_MEMINFO_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockMem {
+    /// Bytes of buffers the socket holds for its reader (`sk_rmem_alloc`): its TCP
+    /// receive queue and, for a socket in a sockmap, what the kernel redirected into it.
+    /// 0 when the reader has read everything that reached the socket.
+    pub rmem_alloc: u32,
+    /// Its receive buffer size (`sk_rcvbuf`).
+    pub rcvbuf: u32,
+}
+
+/// The receive-side memory of the TCP socket of this network namespace connected from
+/// `local` to `remote` whose socket cookie is `cookie` (any other socket on that
+/// 4-tuple is not it), read with `sock_diag` (`NETLINK_SOCK_DIAG`, one exact lookup:
+/// the kernel answers within the `send`). `Ok(None)`: no such socket (any more).
+///
+/// # Errors
+/// A netlink failure or an answer that cannot be read.
+pub fn tcp_sock_mem(
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+    cookie: u64,
+) -> io::Result<Option<SockMem>> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const NETLINK_SOCK_DIAG: libc::c_int = 4;
+    const NLM_F_REQUEST: u16 = 1;
+
+    // Both addresses IPv4 (or IPv4-mapped): an AF_INET lookup finds the socket whatever
+    // its own family (a dual-stack socket talking IPv4 is hashed by its IPv4 addresses).
+    let v4 = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(v) => Some(v),
+        std::net::IpAddr::V6(v) => v.to_ipv4_mapped(),
+    };
+    let mut req = [0u8; NLMSG_HDR + 8 + 48];
+    let (family, src, dst) = match (v4(local.ip()), v4(remote.ip())) {
+        (Some(l), Some(r)) => {
+            let mut s = [0u8; 16];
+            let mut d = [0u8; 16];
+            s[..4].copy_from_slice(&l.octets());
+            d[..4].copy_from_slice(&r.octets());
+            (libc::AF_INET as u8, s, d)
+        }
+        _ => {
+            let six = |a: std::net::IpAddr| match a {
+                std::net::IpAddr::V4(v) => v.to_ipv6_mapped().octets(),
+                std::net::IpAddr::V6(v) => v.octets(),
+            };
+            (libc::AF_INET6 as u8, six(local.ip()), six(remote.ip()))
+        }
+    };
+    let len = req.len() as u32;
+    req[0..4].copy_from_slice(&len.to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    // inet_diag_req_v2: family, protocol, ext (bit INET_DIAG_SKMEMINFO - 1), pad, states.
+    let r = &mut req[NLMSG_HDR..];
+    r[0] = family;
+    r[1] = libc::IPPROTO_TCP as u8;
+    r[2] = 1 << (INET_DIAG_SKMEMINFO - 1);
+    r[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+    // inet_diag_sockid: ports and addresses in network order, interface, cookie.
+    let id = &mut r[8..];
+    id[0..2].copy_from_slice(&local.port().to_be_bytes());
+    id[2..4].copy_from_slice(&remote.port().to_be_bytes());
+    id[4..20].copy_from_slice(&src);
+    id[20..36].copy_from_slice(&dst);
+    id[40..44].copy_from_slice(&(cookie as u32).to_ne_bytes());
+    id[44..48].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+
+    // SAFETY: plain socket(2); the result is checked and owned at once.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: send(2) of a buffer we own, to the kernel (no address: a netlink socket
+    // sends to the kernel by default).
+    let n = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 1024];
+    // SAFETY: recv(2) into a buffer we own; never blocks (the answer is already queued).
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    parse_sock_mem(&buf[..n.cast_unsigned()])
+}
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const INET_DIAG_SKMEMINFO: u16 = 7;
+const NLMSG_HDR: usize = 16;
+/// `struct inet_diag_msg`: family, state, timer, retrans, the 48-byte sockid, five u32.
+const DIAG_MSG: usize = 4 + 48 + 20;
+
+/// The `SK_MEMINFO` attribute of a `sock_diag` answer (see [`tcp_sock_mem`]).
+fn parse_sock_mem(msg: &[u8]) -> io::Result<Option<SockMem>> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "short sock_diag answer");
+    let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
+    let u32_at = |b: &[u8], i: usize| {
+        b.get(i..i + 4)
+            .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    let len = u32_at(msg, 0).ok_or_else(bad)? as usize;
+    let kind = u16_at(msg, 4).ok_or_else(bad)?;
+    let msg = msg.get(..len).ok_or_else(bad)?;
+    if kind == NLMSG_ERROR {
+        // struct nlmsgerr: a negative errno, then the request's header.
+        let errno = u32_at(msg, NLMSG_HDR).ok_or_else(bad)?.cast_signed();
+        return match -errno {
+            0 => Err(bad()),
+            libc::ENOENT | libc::ESTALE => Ok(None),
+            e => Err(io::Error::from_raw_os_error(e)),
+        };
+    }
+    if kind != SOCK_DIAG_BY_FAMILY {
+        return Err(bad());
+    }
+    let mut at = NLMSG_HDR + DIAG_MSG;
+    while at + 4 <= msg.len() {
+        let alen = usize::from(u16_at(msg, at).ok_or_else(bad)?);
+        let atype = u16_at(msg, at + 2).ok_or_else(bad)?;
+        if alen < 4 {
+            break;
+        }
+        if atype == INET_DIAG_SKMEMINFO {
+            return Ok(Some(SockMem {
+                rmem_alloc: u32_at(msg, at + 4).ok_or_else(bad)?,
+                rcvbuf: u32_at(msg, at + 8).ok_or_else(bad)?,
+            }));
+        }
+        at += (alen + 3) & !3;
+    }
+    Err(bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read as _, Write as _};
+
+    #[test]
+    fn sock_diag_reads_one_socket_by_its_cookie() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let cookie = sockopt_u64(&c, libc::SO_COOKIE).unwrap();
+        let (local, remote) = (c.local_addr().unwrap(), c.peer_addr().unwrap());
+        let mem = tcp_sock_mem(local, remote, cookie).unwrap().unwrap();
+        assert_eq!(mem.rmem_alloc, 0);
+        assert!(mem.rcvbuf > 0);
+        s.write_all(&[7u8; 1000]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while tcp_sock_mem(local, remote, cookie)
+            .unwrap()
+            .unwrap()
+            .rmem_alloc
+            == 0
+        {
+            assert!(std::time::Instant::now() < deadline, "data never queued");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let mut buf = [0u8; 1000];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(
+            tcp_sock_mem(local, remote, cookie)
+                .unwrap()
+                .unwrap()
+                .rmem_alloc,
+            0
+        );
+        // Another cookie on the same 4-tuple is not this socket; nor is another 4-tuple.
+        assert_eq!(tcp_sock_mem(local, remote, cookie ^ 1).unwrap(), None);
+        assert_eq!(tcp_sock_mem(remote, local, cookie).unwrap(), None);
+        // An IPv4-mapped view of the same addresses finds it too.
+        let mapped = |a: std::net::SocketAddr| match a.ip() {
+            std::net::IpAddr::V4(v) => {
+                std::net::SocketAddr::new(v.to_ipv6_mapped().into(), a.port())
+            }
+            std::net::IpAddr::V6(_) => a,
+        };
+        assert!(
+            tcp_sock_mem(mapped(local), mapped(remote), cookie)
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn sock_diag_finds_a_dual_stack_socket_talking_ipv4() {
+        // An AF_INET6 app socket dialing an IPv4 listener through a mapped address, seen
+        // from the accepted IPv4 socket, as the daemon sees it.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let app = std::net::TcpStream::connect(("::ffff:127.0.0.1", port)).unwrap();
+        assert!(app.local_addr().unwrap().is_ipv6());
+        let (ours, _) = l.accept().unwrap();
+        let cookie = sockopt_u64(&app, libc::SO_COOKIE).unwrap();
+        let found = tcp_sock_mem(
+            ours.peer_addr().unwrap(),
+            ours.local_addr().unwrap(),
+            cookie,
+        );
+        assert!(found.unwrap().is_some());
+    }
+
+    #[test]
+    fn sock_diag_answers_that_cannot_be_read_are_errors() {
+        assert!(parse_sock_mem(&[]).is_err());
+        assert!(parse_sock_mem(&[0u8; 8]).is_err());
+    }
+}

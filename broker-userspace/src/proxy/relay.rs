@@ -128,6 +128,27 @@ pub async fn relay_tcp(client: &TcpStream, upstream: &TcpStream) -> Result<(u64,
     )?)
 }
 
+/// [`relay_tcp`] for a session the daemon takes over midway with `first` (bytes it
+/// already took from the client) still to be written upstream: they go first, while the
+/// other direction already runs (the upstream may take them only once its own output
+/// moves). Returns the bytes relayed from here on, `first` not included.
+///
+/// # Errors
+/// The first I/O error on either side.
+pub async fn relay_tcp_after(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    first: &[u8],
+) -> Result<(u64, u64), ConnError> {
+    Ok(tokio::try_join!(
+        async {
+            write_all(upstream, first).await?;
+            pump(client, upstream).await
+        },
+        pump(upstream, client)
+    )?)
+}
+
 async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
     let mut total = 0u64;
     loop {

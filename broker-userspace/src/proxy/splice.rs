@@ -17,8 +17,13 @@
 //! * the upstream socket's hang-up is watched through a private epoll set that asks for
 //!   `EPOLLRDHUP` only: the kernel filters out the per-packet "readable" wake-ups there,
 //!   so a busy spliced session never wakes the daemon. The hang-up is passed on as
-//!   `shutdown(SHUT_WR)` on the client-side socket after a short grace period that lets
-//!   the kernel's redirect worker deliver the upstream's last bytes first.
+//!   `shutdown(SHUT_WR)` on the client-side socket once the app has read every byte the
+//!   kernel redirected to it (at once when nothing is in flight; at most
+//!   [`HANGUP_DEADLINE`] later), so that the upstream's last bytes reach it first.
+//!
+//! Every wait on the kernel's counters is bounded: the hang-up above, and the app's
+//! catch-up after a download fallback ([`CatchUp`]), which ends the session, logged,
+//! when the bytes it waits for cannot arrive.
 
 use std::{io, time::Duration};
 
@@ -76,6 +81,7 @@ pub async fn run_session(
             .await;
         }
     };
+    let app_cookie = ticket.as_ref().map_or(0, |t| t.app_cookie);
     let mut up = match (s.upstream, ticket) {
         (UpstreamStream::Plain(up), Some(t))
             if s.client_waits && s.to_upstream.is_empty() && nothing_pending(&client) =>
@@ -120,8 +126,13 @@ pub async fn run_session(
     stats.spliced = matches!(up, Up::Spliced(..));
     let (a, b) = match up {
         Up::Spliced(u, sp) => {
-            let o = run(&client, u, &sp).await?;
+            let o = run(&client, u, &sp, app_cookie).await?;
             stats.splice_fallback = o.fallback;
+            if let Some(e) = o.error {
+                stats.bytes_up += o.up;
+                stats.bytes_down += o.down;
+                return Err(e);
+            }
             (o.up, o.down)
         }
         // Plain upstreams use the readiness-based relay (no buffer held while idle).
@@ -147,10 +158,12 @@ fn nothing_pending(client: &TcpStream) -> bool {
     crate::sys::unread_bytes(client).is_ok_and(|n| n == 0)
 }
 
-/// How long the upstream's last bytes get to reach the app before its FIN does. The
-/// kernel delivers redirected data from a work queue; a FIN sent by us travels the
-/// loopback TCP path and could otherwise overtake it.
-pub const HANGUP_GRACE: Duration = Duration::from_millis(50);
+/// The longest the upstream's hang-up is held back from an app that reads nothing while
+/// bytes the kernel redirected to it are unread (see [`last_bytes_delivered`]). A client
+/// that waits for the server to close (Terminate, then read to EOF) has nothing in
+/// flight and gets the end at once; an app still reading is waited for as long as it
+/// makes progress.
+pub const HANGUP_DEADLINE: Duration = Duration::from_secs(1);
 
 /// How long the upstream gets to hang up after the app has closed. Once the app socket
 /// is gone the kernel has nowhere to put the upstream's data; a server blocked sending a
@@ -158,7 +171,8 @@ pub const HANGUP_GRACE: Duration = Duration::from_millis(50);
 pub const UPSTREAM_LINGER: Duration = Duration::from_secs(5);
 
 /// Wait until both directions of a spliced session have ended; returns the bytes moved
-/// (client -> upstream, upstream -> client), kernel and daemon together.
+/// (client -> upstream, upstream -> client), kernel and daemon together. `app_cookie`
+/// names the app's socket (for `sock_diag`, see [`CatchUp`]).
 ///
 /// Either direction can leave the kernel path for good mid-session (see the `SPLICE_*`
 /// programs in `broker-ebpf`):
@@ -170,15 +184,22 @@ pub const UPSTREAM_LINGER: Duration = Duration::from_secs(5);
 ///   ways (the splice entries are deleted; the upstream's unread bytes wait, charged to
 ///   its receive buffer, which is what stops the server meanwhile).
 ///
+/// Forwarding never blocks the rest: bytes waiting for room in the upstream socket are
+/// held ([`Upload`]) while the hang-up and the other direction's fallback are still
+/// watched. (A server stops reading while its own output is held back, which is what the
+/// download fallback does by design: a daemon waiting for that room before anything
+/// else would wait forever.)
+///
 /// # Errors
 /// An I/O error on either socket, or when the hang-up watch cannot be set up.
 pub async fn run(
     client: &TcpStream,
     up: std::net::TcpStream,
     spliced: &Spliced,
+    app_cookie: u64,
 ) -> Result<Outcome, ConnError> {
-    let watch = UpWatch::new(&up)?;
-    let mut forwarded = 0u64;
+    let mut watch = UpWatch::new(&up)?;
+    let mut upload = Upload::default();
     let mut client_done = false;
     let mut up_done = false;
     let mut counted = None;
@@ -193,7 +214,8 @@ pub async fn run(
                 let _ = socket2::SockRef::from(&up).set_linger(Some(Duration::ZERO));
                 break;
             }
-            r = client_bytes(client), if !client_done => {
+            // Read the client only when what it sent before is on its way (flow control).
+            r = client_bytes(client), if !client_done && upload.is_empty() => {
                 let buf = r?;
                 if buf.is_empty() {
                     client_done = true;
@@ -208,37 +230,80 @@ pub async fn run(
                     // Sent before the splice took effect, or after the kernel handed
                     // this direction back: the kernel's bytes are already in the
                     // upstream socket, so these go after them, in order.
-                    watch.write_all(&up, &buf).await?;
-                    forwarded += buf.len() as u64;
+                    upload.push(buf);
+                    upload.flush(&up)?;
+                    watch.set(!up_done, !upload.is_empty())?;
                 }
             }
-            r = watch.hangup(), if !up_done => {
-                r?;
-                if !client_done && spliced.download_fell_back() {
-                    // The server's last bytes wait on the upstream socket: relay them
-                    // (then its end of stream) once the app has caught up.
-                    drop(watch);
-                    return relay_after_fallback(client, up, spliced, forwarded).await;
+            r = watch.events(), if !up_done || !upload.is_empty() => {
+                let ev = r?;
+                if !upload.is_empty() {
+                    upload.flush(&up)?;
                 }
-                up_done = true;
-                if !client_done {
-                    // The app is still there to read the upstream's last bytes.
-                    tokio::time::sleep(HANGUP_GRACE).await;
+                if !up_done && ev & UpWatch::HANGUP != 0 {
+                    if !client_done && spliced.download_fell_back() {
+                        // The server's last bytes wait on the upstream socket: relay
+                        // them (then its end of stream) once the app has caught up.
+                        drop(watch);
+                        return relay_after_fallback(client, up, spliced, app_cookie, upload).await;
+                    }
+                    up_done = true;
+                    if !client_done {
+                        // The upstream's last bytes reach the app before our FIN.
+                        last_bytes_delivered(spliced).await;
+                    }
+                    let _ = socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write);
                 }
-                let _ = socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write);
+                watch.set(!up_done, !upload.is_empty())?;
             }
             () = spliced.read_fallback(), if !client_done && !up_done => {
                 drop(watch);
-                return relay_after_fallback(client, up, spliced, forwarded).await;
+                return relay_after_fallback(client, up, spliced, app_cookie, upload).await;
             }
         }
     }
     let (up_bytes, down_bytes) = counted.unwrap_or_else(|| spliced.bytes());
     Ok(Outcome {
-        up: up_bytes + forwarded,
+        up: up_bytes + upload.forwarded,
         down: down_bytes,
-        fallback: if forwarded > 0 { "up" } else { "" },
+        fallback: if upload.forwarded > 0 { "up" } else { "" },
+        error: None,
     })
+}
+
+/// After the upstream hung up, wait until the app has read every byte the kernel
+/// redirected to it, or has read nothing for [`HANGUP_DEADLINE`]. The kernel delivers
+/// redirected data from a work queue; a FIN sent by us travels the loopback TCP path.
+/// The app reads what is queued in front of the FIN first, but a FIN that arrives while
+/// the server's last bytes (a FATAL message, the end of a result) are still in the
+/// kernel's redirect queue reads as the end of the stream. The first look is immediate:
+/// with nothing in flight (the client sent Terminate and waits for our close) the end
+/// goes out at once.
+async fn last_bytes_delivered(spliced: &Spliced) {
+    let mut deadline = tokio::time::Instant::now() + HANGUP_DEADLINE;
+    let mut last = None;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        let unread = spliced.unread();
+        match unread {
+            Some(n) if n > 0 => {}
+            _ => return,
+        }
+        let now = tokio::time::Instant::now();
+        if unread != last {
+            // Reading: wait on.
+            last = unread;
+            deadline = now + HANGUP_DEADLINE;
+        } else if now >= deadline {
+            tracing::debug!(
+                unread = unread.unwrap_or(0),
+                "upstream hung up; the app stopped reading the server's last bytes; closing anyway"
+            );
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
 }
 
 /// The next bytes the app sent to the client-side socket; empty at its FIN. Allocated
@@ -256,8 +321,65 @@ async fn client_bytes(client: &TcpStream) -> io::Result<Vec<u8>> {
     }
 }
 
+/// Client bytes the daemon forwards upstream (an upload the kernel handed back), at most
+/// one read's worth waiting for room at a time.
+#[derive(Debug, Default)]
+struct Upload {
+    pending: Vec<u8>,
+    /// Of `pending`, already written.
+    done: usize,
+    /// Bytes taken from the client for the upstream, in all.
+    forwarded: u64,
+}
+
+impl Upload {
+    fn is_empty(&self) -> bool {
+        self.done >= self.pending.len()
+    }
+
+    fn push(&mut self, buf: Vec<u8>) {
+        debug_assert!(self.is_empty());
+        self.forwarded += buf.len() as u64;
+        self.pending = buf;
+        self.done = 0;
+    }
+
+    /// What is still to be written.
+    fn rest(&self) -> &[u8] {
+        &self.pending[self.done.min(self.pending.len())..]
+    }
+
+    /// Write what the (non-blocking) upstream socket takes now.
+    fn flush(&mut self, mut to: &std::net::TcpStream) -> io::Result<()> {
+        use std::io::Write as _;
+        while !self.is_empty() {
+            match to.write(self.rest()) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Upload::flush`] for the upstream once it is back in tokio's reactor.
+    fn try_flush(&mut self, to: &TcpStream) -> io::Result<()> {
+        while !self.is_empty() {
+            match to.try_write(self.rest()) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How a spliced session went.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Outcome {
     /// Bytes client -> upstream, kernel and daemon together.
     pub up: u64,
@@ -265,74 +387,207 @@ pub struct Outcome {
     pub down: u64,
     /// Directions handed back to the daemon mid-session (see `ConnStats`).
     pub fallback: &'static str,
+    /// Why the daemon ended the session itself (see [`CatchUp`]).
+    pub error: Option<ConnError>,
 }
 
 /// The longest pause between two looks at whether the app has caught up.
 const CATCH_UP_POLL_MAX: Duration = Duration::from_millis(50);
 
+/// How long the app may go without reading while it has nothing left to read and the
+/// kernel still counts bytes it redirected to it: those bytes are not coming (see
+/// [`CatchUp`]). Far above the kernel's redirect latency (a work queue, microseconds).
+pub const CATCH_UP_STALL: Duration = Duration::from_secs(2);
+
+/// How long the app may go without reading at all when its socket cannot be looked at
+/// (`sock_diag` failed): the same verdict, without the evidence.
+pub const CATCH_UP_BLIND: Duration = Duration::from_secs(60);
+
+/// The wait for the app to read what the kernel redirected to it before the daemon
+/// takes over the server -> app direction. It ends when the app has read it all, or
+/// when the bytes the kernel counted cannot arrive any more: the app has read nothing
+/// for [`CATCH_UP_STALL`] while its socket holds nothing for it to read
+/// (`sock_diag`: no receive memory, so nothing queued, neither in its TCP queue nor
+/// in what the kernel redirected). An app that is merely slow holds unread bytes and
+/// is waited for, like any idle client.
+struct CatchUp {
+    app: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    app_cookie: u64,
+    last_unread: Option<i64>,
+    since: tokio::time::Instant,
+}
+
+impl CatchUp {
+    fn new(client: &TcpStream, app_cookie: u64) -> Self {
+        // The app socket as it sees itself: local = our peer, remote = our address.
+        let app = client.peer_addr().ok().zip(client.local_addr().ok());
+        Self {
+            app,
+            app_cookie,
+            last_unread: None,
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// After a look at the counters: `Err` when the wait is over without the bytes.
+    fn check(&mut self, unread: Option<i64>) -> Result<(), ConnError> {
+        let now = tokio::time::Instant::now();
+        if unread != self.last_unread {
+            self.last_unread = unread;
+            self.since = now;
+            return Ok(());
+        }
+        let idle = now.duration_since(self.since);
+        if idle < CATCH_UP_STALL {
+            return Ok(());
+        }
+        let mem = self
+            .app
+            .map(|(l, r)| crate::sys::tcp_sock_mem(l, r, self.app_cookie));
+        // No socket by that name (it closed: its FIN is on its way to us) or no answer:
+        // no evidence either way.
+        let queued = match mem {
+            Some(Ok(Some(m))) => Some(m.rmem_alloc),
+            Some(Ok(None) | Err(_)) | None => None,
+        };
+        match queued {
+            Some(0) => {}
+            Some(_) => {
+                // Slow, not stuck: it has bytes to read.
+                self.since = now;
+                return Ok(());
+            }
+            None if idle < CATCH_UP_BLIND => return Ok(()),
+            None => {}
+        }
+        let missing = unread.unwrap_or(0);
+        tracing::warn!(
+            missing,
+            idle_ms = idle.as_millis() as u64,
+            "kernel splice: the app is waiting for bytes the kernel counted as redirected to it and never delivered; ending the session"
+        );
+        Err(ConnError::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "kernel splice: {missing} bytes redirected to the app never reached it; session ended"
+            ),
+        )))
+    }
+}
+
 /// The rest of a session whose upstream -> client direction the kernel handed back:
 /// once the app has read everything the kernel gave it (what the daemon writes to the
-/// client socket lands behind that), end the splice and relay both ways. `forwarded`:
-/// upload bytes the daemon already forwarded.
+/// client socket lands behind that), end the splice and relay both ways. `upload`:
+/// what the daemon already took from the client (some of it perhaps still to write).
+///
+/// Meanwhile the client's bytes keep going upstream as the upstream takes them; the
+/// server's output stays unread on the upstream socket (that is what holds the server
+/// back), so a server that stops reading until its output moves may leave some of the
+/// upload waiting: it is written by the relay, which reads the server at the same time.
 async fn relay_after_fallback(
     client: &TcpStream,
     up: std::net::TcpStream,
     spliced: &Spliced,
-    mut forwarded: u64,
+    app_cookie: u64,
+    mut upload: Upload,
 ) -> Result<Outcome, ConnError> {
-    let uploaded_before = forwarded > 0;
+    let uploaded_before = upload.forwarded > 0;
     tracing::debug!("app fell behind; relaying the rest of the session in userspace");
     let up = TcpStream::from_std(up)?;
+    let mut catch_up = CatchUp::new(client, app_cookie);
     let mut pause = Duration::from_millis(1);
+    let look = tokio::time::sleep(pause);
+    tokio::pin!(look);
+    let mut error = None;
+    // Bounded: every turn looks at the counters or moves bytes, and CatchUp ends a wait
+    // that cannot end.
     while !spliced.app_caught_up() {
         tokio::select! {
-            () = tokio::time::sleep(pause) => pause = (pause * 2).min(CATCH_UP_POLL_MAX),
-            r = client_bytes(client) => {
+            () = &mut look => {
+                if let Err(e) = catch_up.check(spliced.unread()) {
+                    error = Some(e);
+                    break;
+                }
+                pause = (pause * 2).min(CATCH_UP_POLL_MAX);
+                look.as_mut().reset(tokio::time::Instant::now() + pause);
+            }
+            r = client_bytes(client), if upload.is_empty() => {
                 let buf = r?;
                 if buf.is_empty() {
                     // The app is gone: nothing left to keep in order.
                     break;
                 }
-                relay::write_all(&up, &buf).await?;
-                forwarded += buf.len() as u64;
+                upload.push(buf);
+                upload.try_flush(&up)?;
+            }
+            r = up.writable(), if !upload.is_empty() => {
+                r?;
+                upload.try_flush(&up)?;
             }
         }
     }
     let (k_up, k_down) = spliced.bytes();
     spliced.unlink();
-    let (a, b) = relay::relay_tcp(client, &up).await?;
+    let fallback = if uploaded_before { "both" } else { "down" };
+    if let Some(e) = error {
+        return Ok(Outcome {
+            up: k_up + upload.forwarded,
+            down: k_down,
+            fallback,
+            error: Some(e),
+        });
+    }
+    // What the client already sent goes first; an app that has left (its FIN read here)
+    // reads as the end of its stream again, which the relay passes on.
+    let (a, b) = relay::relay_tcp_after(client, &up, upload.rest()).await?;
     Ok(Outcome {
-        up: k_up + forwarded + a,
+        up: k_up + upload.forwarded + a,
         down: k_down + b,
-        fallback: if uploaded_before { "both" } else { "down" },
+        fallback,
+        error: None,
     })
 }
 
-/// A private epoll set holding the upstream socket, with `EPOLLRDHUP` interest (plus
-/// `EPOLLOUT` while a write waits for room); its fd turns readable when the peer
-/// half-closes, resets or the socket fails, or it turns writable. The kernel filters the
-/// per-packet "readable" wake-ups of redirected data out of this set, so a busy spliced
-/// session never wakes the daemon.
+/// A private epoll set holding the upstream socket, with `EPOLLRDHUP` interest until the
+/// upstream has hung up, and `EPOLLOUT` while upload bytes wait for room. Its fd turns
+/// readable when the peer half-closes, resets or the socket fails, or (when asked) it
+/// turns writable. The kernel filters the per-packet "readable" wake-ups of redirected
+/// data out of this set, so a busy spliced session never wakes the daemon.
 struct UpWatch {
     fd: AsyncFd<Epoll>,
     sock: i32,
+    /// The interest set now.
+    interest: u32,
 }
 
 impl UpWatch {
+    /// Events that mean the upstream hung up or failed (`EPOLLHUP` and `EPOLLERR` are
+    /// always reported).
+    const HANGUP: u32 = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+
     fn new(sock: &impl std::os::fd::AsRawFd) -> io::Result<Self> {
         let w = Self {
             fd: crate::sys::async_readable(Epoll::new()?)?,
             sock: sock.as_raw_fd(),
+            interest: libc::EPOLLRDHUP as u32,
         };
-        w.ctl(libc::EPOLL_CTL_ADD, false)?;
+        w.fd.get_ref()
+            .ctl(libc::EPOLL_CTL_ADD, w.sock, w.interest)?;
         Ok(w)
     }
 
-    /// Level-triggered: once the peer has hung up the set stays ready. EPOLLERR and
-    /// EPOLLHUP are always reported.
-    fn ctl(&self, op: i32, out: bool) -> io::Result<()> {
-        let events = (libc::EPOLLRDHUP | if out { libc::EPOLLOUT } else { 0 }) as u32;
-        self.fd.get_ref().ctl(op, self.sock, events)
+    /// Level-triggered interest: the hang-up (until seen: once the peer has hung up the
+    /// set would stay ready) and room to write (while something waits for it).
+    fn set(&mut self, hangup: bool, out: bool) -> io::Result<()> {
+        let events = (if hangup { libc::EPOLLRDHUP } else { 0 }
+            | if out { libc::EPOLLOUT } else { 0 }) as u32;
+        if events != self.interest {
+            self.fd
+                .get_ref()
+                .ctl(libc::EPOLL_CTL_MOD, self.sock, events)?;
+            self.interest = events;
+        }
+        Ok(())
     }
 
     /// The next events of the upstream socket.
@@ -345,38 +600,54 @@ impl UpWatch {
             guard.clear_ready();
         }
     }
+}
 
-    /// Wait for the upstream's hang-up (or failure).
-    async fn hangup(&self) -> io::Result<()> {
-        self.events().await.map(drop)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon's client-side socket and the app's socket at its other end.
+    async fn pair() -> (TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let app = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (TcpStream::from_std(ours).unwrap(), app)
     }
 
-    /// Write to the (non-blocking, unregistered) upstream socket, waiting for room in
-    /// this set.
-    async fn write_all(&self, mut to: &std::net::TcpStream, mut data: &[u8]) -> io::Result<()> {
-        use std::io::Write as _;
-        let mut waiting = false;
-        let res = loop {
-            if data.is_empty() {
-                break Ok(());
-            }
-            match to.write(data) {
-                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => data = &data[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !waiting {
-                        self.ctl(libc::EPOLL_CTL_MOD, true)?;
-                        waiting = true;
-                    }
-                    self.events().await?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
-            }
-        };
-        if waiting {
-            self.ctl(libc::EPOLL_CTL_MOD, false)?;
+    #[tokio::test(start_paused = true)]
+    async fn catch_up_ends_only_when_the_app_has_nothing_left_to_read() {
+        let (ours, mut app) = pair().await;
+        let cookie = crate::sys::sockopt_u64(&app, libc::SO_COOKIE).unwrap();
+        let mut c = CatchUp::new(&ours, cookie);
+        // Progress (the unread count moves) keeps the wait going.
+        assert!(c.check(Some(100)).is_ok());
+        tokio::time::advance(CATCH_UP_STALL).await;
+        assert!(c.check(Some(90)).is_ok());
+        // The app holds bytes it has not read: slow, not stuck, however long.
+        assert_eq!(ours.try_write(&[1u8; 100]).unwrap(), 100);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while crate::sys::unread_bytes(&app).unwrap() < 100 {
+            assert!(std::time::Instant::now() < deadline, "bytes never arrived");
+            std::thread::sleep(Duration::from_millis(1));
         }
-        res
+        for _ in 0..5 {
+            tokio::time::advance(CATCH_UP_STALL * 2).await;
+            assert!(c.check(Some(90)).is_ok());
+        }
+        // Once it has read everything it has, the counted bytes are not coming.
+        let mut buf = [0u8; 100];
+        std::io::Read::read_exact(&mut app, &mut buf).unwrap();
+        tokio::time::advance(CATCH_UP_STALL).await;
+        let e = c.check(Some(90)).unwrap_err();
+        assert!(e.to_string().contains("90 bytes"), "{e}");
+        // Another socket's cookie is no evidence: only the blind bound ends the wait.
+        let mut c = CatchUp::new(&ours, cookie ^ 1);
+        assert!(c.check(Some(5)).is_ok());
+        tokio::time::advance(CATCH_UP_STALL).await;
+        assert!(c.check(Some(5)).is_ok());
+        tokio::time::advance(CATCH_UP_BLIND).await;
+        assert!(c.check(Some(5)).is_err());
+        drop(app);
     }
 }
