@@ -278,3 +278,104 @@ fn secret_store_failure_gives_502_json() {
         "nothing reaches the API without its credential"
     );
 }
+
+/// OAuth2 client credentials end to end: 200 concurrent requests (Python threads released
+/// together) cause exactly one token fetch and all carry the token; the API then revokes
+/// that token, and the next request's 401 makes the broker fetch a new one and retry the
+/// request once, which succeeds. The client secret and the tokens appear in no output.
+#[test]
+fn oauth2_one_fetch_for_concurrent_requests_and_401_refetch() {
+    if !privileged() {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let api = HttpServer::start("127.0.0.7", port);
+    let secret = "client-secret-5b7d9f2e4a";
+    let token_port = free_port();
+    let idp = HttpServer::start_token_endpoint("127.0.0.1", token_port, "agents", secret);
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nservices:\n  agents:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    authentication:\n      - type: oauth2\n        config:\n          token_url: http://127.0.0.1:{token_port}/oauth/token\n          client_id: agents\n          client_secret: {secret}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .access_token }}}}\"\n"
+        ),
+    );
+    let py = write_file(
+        dir.path(),
+        "concurrent.py",
+        &format!(
+            r#"import sys, threading, urllib.request as u
+N = 200
+base = "http://api.example.test:{port}"
+barrier = threading.Barrier(N)
+codes = [None] * N
+def one(i):
+    barrier.wait()
+    try:
+        r = u.urlopen(u.Request(base + "/c/%d" % i, headers={{"Authorization": "Bearer dummy"}}), timeout=60)
+        r.read()
+        codes[i] = r.status
+    except Exception as e:
+        codes[i] = repr(e)
+ts = [threading.Thread(target=one, args=(i,)) for i in range(N)]
+for t in ts: t.start()
+for t in ts: t.join()
+print("OK200=%d" % sum(1 for c in codes if c == 200))
+print("OTHER=%r" % sorted(set(str(c) for c in codes if c != 200))[:5])
+for p in ("/revoke", "/after"):
+    try:
+        r = u.urlopen(base + p, timeout=60)
+        print("%s=%d" % (p, r.status))
+    except Exception as e:
+        print("%s=%r" % (p, e))
+"#
+        ),
+    );
+    let (ok, out) = exec_sh(
+        dir.path(),
+        &cfg,
+        &[("api.example.test", "127.0.0.7")],
+        &format!("python3 {}", py.display()),
+    );
+    assert!(ok, "{out}");
+    assert_no_secret(
+        &out,
+        &[secret, "agents-token-1", "agents-token-2"],
+        "broker exec output",
+    );
+    assert!(out.contains("OK200=200"), "{out}");
+    let seen = api.seen();
+    let c: Vec<_> = seen
+        .iter()
+        .filter(|s| s.target.starts_with("/c/"))
+        .collect();
+    assert_eq!(c.len(), 200, "{out}");
+    for s in &c {
+        assert_eq!(
+            s.header("authorization"),
+            vec!["Bearer agents-token-1"],
+            "{s:?}"
+        );
+    }
+    // The revoked token: refused once, then the retry with a new token succeeds.
+    assert!(out.contains("/revoke=200"), "{out}");
+    assert!(out.contains("/after=200"), "{out}");
+    let after: Vec<_> = seen
+        .iter()
+        .filter(|s| s.target == "/after")
+        .map(|s| s.header("authorization").join(","))
+        .collect();
+    assert_eq!(
+        after,
+        vec!["Bearer agents-token-1", "Bearer agents-token-2"],
+        "{out}"
+    );
+    assert_eq!(
+        idp.token_fetches(),
+        2,
+        "one fetch for the 200, one after the 401"
+    );
+    eprintln!("oauth2 test: {:?}", t0.elapsed());
+}
