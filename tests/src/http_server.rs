@@ -4,6 +4,10 @@
 //! a path starting with `/status/NNN` is answered with that status instead. A request to
 //! `/revoke` revokes the bearer token it carries: later requests with that token get 401.
 //!
+//! A WebSocket upgrade request (`Upgrade: websocket` with a `Sec-WebSocket-Key`, RFC 6455
+//! 4.2) is answered 101 and each frame the client sends comes back as an unmasked frame
+//! with the same opcode and payload, until a close frame (echoed too).
+//!
 //! [`HttpServer::start_token_endpoint`] starts an OAuth2 token endpoint instead.
 
 use std::{
@@ -179,11 +183,17 @@ impl HttpServer {
                     match acceptor {
                         Some(a) => {
                             if let Ok(s) = a.accept(sock).await {
-                                let _ = b.serve_connection(TokioIo::new(s), svc).await;
+                                let _ = b
+                                    .serve_connection(TokioIo::new(s), svc)
+                                    .with_upgrades()
+                                    .await;
                             }
                         }
                         None => {
-                            let _ = b.serve_connection(TokioIo::new(sock), svc).await;
+                            let _ = b
+                                .serve_connection(TokioIo::new(sock), svc)
+                                .with_upgrades()
+                                .await;
                         }
                     }
                 });
@@ -222,11 +232,18 @@ impl Drop for HttpServer {
 }
 
 async fn answer(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: usize,
     seen: &Mutex<Vec<Seen>>,
     extra: &Extra,
 ) -> Response<Full<Bytes>> {
+    let ws_key = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .filter(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        .and(req.headers().get("sec-websocket-key"))
+        .map(|k| k.as_bytes().to_vec());
+    let upgrade = ws_key.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let method = req.method().to_string();
     let target = req
         .uri()
@@ -260,6 +277,37 @@ async fn answer(
         return token_reply(&method, &headers, &form, id, secret, &extra.fetches);
     }
     let sha: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if let (Some(key), Some(up)) = (ws_key, upgrade) {
+        seen.lock().expect("lock").push(Seen {
+            method,
+            target,
+            headers,
+            body_len: len,
+            body_sha256: sha,
+            conn,
+        });
+        tokio::spawn(async move {
+            if let Ok(u) = up.await {
+                let _ = ws_echo(TokioIo::new(u)).await;
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(
+            hyper::header::UPGRADE,
+            hyper::header::HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("Upgrade"),
+        );
+        h.insert(
+            "sec-websocket-accept",
+            hyper::header::HeaderValue::from_str(&ws_accept(&key)).expect("accept"),
+        );
+        return r;
+    }
     let mut status = target
         .strip_prefix("/status/")
         .and_then(|s| s.get(..3))
@@ -399,4 +447,127 @@ fn form_decode(s: &[u8]) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `Sec-WebSocket-Accept` for a key (RFC 6455 4.2.2): base64(SHA-1(key + GUID)).
+fn ws_accept(key: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut m = key.to_vec();
+    m.extend_from_slice(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha1(&m))
+}
+
+/// SHA-1 (FIPS 180-4), for the WebSocket handshake only.
+fn sha1(msg: &[u8]) -> [u8; 20] {
+    let mut h: [u32; 5] = [
+        0x6745_2301,
+        0xEFCD_AB89,
+        0x98BA_DCFE,
+        0x1032_5476,
+        0xC3D2_E1F0,
+    ];
+    let mut m = msg.to_vec();
+    let bits = (msg.len() as u64).wrapping_mul(8);
+    m.push(0x80);
+    while m.len() % 64 != 56 {
+        m.push(0);
+    }
+    m.extend_from_slice(&bits.to_be_bytes());
+    for block in m.chunks(64) {
+        let mut w = [0u32; 80];
+        for (i, c) in block.chunks(4).enumerate() {
+            w[i] = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e] = h;
+        for (i, wi) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..=19 => ((b & c) | (!b & d), 0x5A82_7999),
+                20..=39 => (b ^ c ^ d, 0x6ED9_EBA1),
+                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1B_BCDC),
+                _ => (b ^ c ^ d, 0xCA62_C1D6),
+            };
+            let t = a
+                .rotate_left(5)
+                .wrapping_add(f)
+                .wrapping_add(e)
+                .wrapping_add(k)
+                .wrapping_add(*wi);
+            e = d;
+            d = c;
+            c = b.rotate_left(30);
+            b = a;
+            a = t;
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d, e]) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 20];
+    for (o, x) in out.chunks_mut(4).zip(h) {
+        o.copy_from_slice(&x.to_be_bytes());
+    }
+    out
+}
+
+/// Echo WebSocket frames (payloads up to 1 MiB) unmasked until a close frame.
+async fn ws_echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    loop {
+        let mut hdr = [0u8; 2];
+        s.read_exact(&mut hdr).await?;
+        let opcode = hdr[0] & 0x0f;
+        let masked = hdr[1] & 0x80 != 0;
+        let len = match hdr[1] & 0x7f {
+            126 => u64::from(s.read_u16().await?),
+            127 => s.read_u64().await?,
+            n => u64::from(n),
+        };
+        if len > 1 << 20 {
+            return Ok(());
+        }
+        let mut mask = [0u8; 4];
+        if masked {
+            s.read_exact(&mut mask).await?;
+        }
+        let mut payload = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        s.read_exact(&mut payload).await?;
+        if masked {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= mask[i % 4];
+            }
+        }
+        let mut out = vec![0x80 | opcode];
+        if payload.len() < 126 {
+            out.push(u8::try_from(payload.len()).unwrap_or(0));
+        } else {
+            out.push(126);
+            out.extend_from_slice(
+                &u16::try_from(payload.len())
+                    .unwrap_or(u16::MAX)
+                    .to_be_bytes(),
+            );
+        }
+        out.extend_from_slice(&payload);
+        s.write_all(&out).await?;
+        if opcode == 8 {
+            return s.shutdown().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn websocket_accept_known_answer() {
+        // RFC 6455 1.3's example.
+        assert_eq!(
+            super::ws_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
 }

@@ -4,7 +4,9 @@
 //! upload intact, query-parameter injection, the client's dummy `Authorization` replaced;
 //! HTTPS terminated with the broker's CA (trusted by the client only through
 //! `--cacert`/`SSL_CERT_FILE`), a server name no service configures passed through
-//! untouched (the real server's certificate); a token endpoint down gives 502 JSON.
+//! untouched (the real server's certificate); a token endpoint down gives 502 JSON;
+//! OAuth2 client credentials (one token fetch for 200 concurrent requests, a 401 causing
+//! one refetch and a retry); a WebSocket upgrade carrying the injected header, then echoed.
 //! Every output, response body and log is grepped for the secrets.
 
 use std::{
@@ -378,4 +380,97 @@ for p in ("/revoke", "/after"):
         "one fetch for the 200, one after the 401"
     );
     eprintln!("oauth2 test: {:?}", t0.elapsed());
+}
+
+/// A WebSocket upgrade through the broker: the injected header is on the upgrade request,
+/// the app's own handshake completes (101, a correct `Sec-WebSocket-Accept`), and frames
+/// sent after the 101 come back from the server's echo.
+#[test]
+fn websocket_upgrade_injected_and_echoed() {
+    if !privileged() {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = HttpServer::start("127.0.0.8", port);
+    let tok = write_file(dir.path(), "token", TOKEN);
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n",
+            tok.display()
+        ),
+    );
+    let py = write_file(
+        dir.path(),
+        "ws.py",
+        &format!(
+            r#"import base64, hashlib, os, socket
+s = socket.create_connection(("api.example.test", {port}), timeout=20)
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall(("GET /ws HTTP/1.1\r\nHost: api.example.test:{port}\r\nUpgrade: websocket\r\n"
+           "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
+           "Authorization: Bearer dummy\r\n\r\n" % key).encode())
+buf = b""
+while b"\r\n\r\n" not in buf:
+    d = s.recv(4096)
+    if not d: break
+    buf += d
+head, _, rest = buf.partition(b"\r\n\r\n")
+lines = head.decode().split("\r\n")
+print("STATUS_LINE=" + lines[0])
+hdrs = {{l.split(":", 1)[0].strip().lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}}
+want = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+print("ACCEPT_OK=%s" % (hdrs.get("sec-websocket-accept") == want))
+def frame(op, payload):
+    mask = os.urandom(4)
+    n = len(payload)
+    h = bytes([0x80 | op]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big"))
+    return h + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+def read_exact(n):
+    global rest
+    while len(rest) < n:
+        d = s.recv(4096)
+        if not d: raise EOFError
+        rest += d
+    out, rest = rest[:n], rest[n:]
+    return out
+def read_frame():
+    h = read_exact(2)
+    n = h[1] & 0x7f
+    if n == 126: n = int.from_bytes(read_exact(2), "big")
+    return h[0] & 0x0f, read_exact(n)
+for msg in (b"hello through the broker", b"x" * 1000):
+    s.sendall(frame(1, msg))
+    op, p = read_frame()
+    print("ECHO_OK=%s" % (op == 1 and p == msg))
+s.sendall(frame(8, b"\x03\xe8"))
+op, p = read_frame()
+print("CLOSE_OK=%s" % (op == 8))
+"#
+        ),
+    );
+    let (ok, out) = exec_sh(
+        dir.path(),
+        &cfg,
+        &[("api.example.test", "127.0.0.8")],
+        &format!("python3 {}", py.display()),
+    );
+    assert!(ok, "{out}");
+    assert_no_secret(&out, &[TOKEN], "broker exec output");
+    assert!(out.contains("STATUS_LINE=HTTP/1.1 101"), "{out}");
+    assert!(out.contains("ACCEPT_OK=True"), "{out}");
+    assert_eq!(out.matches("ECHO_OK=True").count(), 2, "{out}");
+    assert!(out.contains("CLOSE_OK=True"), "{out}");
+    let seen = server.seen();
+    let ws = seen
+        .iter()
+        .find(|s| s.target == "/ws")
+        .unwrap_or_else(|| panic!("upgrade not seen: {out}"));
+    assert_eq!(ws.header("authorization"), vec![format!("Bearer {TOKEN}")]);
+    assert_eq!(ws.header("upgrade"), vec!["websocket"]);
+    assert_eq!(ws.header("sec-websocket-version"), vec!["13"]);
+    eprintln!("websocket test: {:?}", t0.elapsed());
 }
