@@ -1296,3 +1296,34 @@ fn pg_client_leg_settings() {
     let cfg = ok(&PG.replace("version: 2\n", "version: 2\nbroker:\n  caDir: /tmp/x/ca\n"));
     assert_eq!(cfg.broker.ca_dir, std::path::PathBuf::from("/tmp/x/ca"));
 }
+
+#[test]
+fn aws_connector_keys_and_credentials() {
+    let c = ok("
+version: 2
+services:
+  aws:
+    connector: aws
+    intercept: [sts.amazonaws.com:443]
+    credentials:
+      accessKeyId: {from: literal, get: AKIDEXAMPLE}
+      secretAccessKey: {from: literal, get: s}
+      accessToken: {from: literal, get: t}
+    config: {timeout: 5s, upstream: https://sts.eu-west-3.amazonaws.com}
+");
+    assert_eq!(c.services[0].connector.name(), "aws");
+    let e = errs(
+        "
+version: 2
+services:
+  aws:
+    connector: aws
+    intercept: [sts.amazonaws.com:443]
+    credentials:
+      secretAccessKey: {from: literal, get: s}
+    config: {headers: {X: y}}
+",
+    );
+    has(&e, "services.aws.credentials", "missing \"accessKeyId\"");
+    has(&e, "services.aws.config.headers", "unknown key \"headers\"");
+}

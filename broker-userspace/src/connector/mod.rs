@@ -199,8 +199,14 @@ pub type Kind = ConnectorKind<BuildFn>;
 /// The registry: every connector kind, one line each; and the names that are known
 /// (Secretless' and ours) but not built yet.
 pub static KINDS: ConnectorKinds<BuildFn> = ConnectorKinds {
-    built: &[tcp::KIND, pg::KIND, http::GENERIC_KIND, http::BASIC_KIND],
-    not_built: &["mysql", "mssql", "conjur", "aws", "ssh", "ssh-agent"],
+    built: &[
+        tcp::KIND,
+        pg::KIND,
+        http::GENERIC_KIND,
+        http::BASIC_KIND,
+        http::AWS_KIND,
+    ],
+    not_built: &["mysql", "mssql", "conjur", "ssh", "ssh-agent"],
 };
 
 /// The connector instance for a service.

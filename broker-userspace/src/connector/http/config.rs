@@ -1,4 +1,4 @@
-//! The HTTP kinds' syntax: `generic_http` (alias `http`) and `basic_auth`, with
+//! The HTTP kinds' syntax: `generic_http` (alias `http`), `basic_auth` and `aws`, with
 //! Secretless' `config:` keys (`headers`, `queryParams`, `authenticateURLsMatching`,
 //! `forceSSL`, `credentialValidations`) and ours (`upstream`, `keepClientAuthorization`,
 //! `caFile`, `timeout`).
@@ -17,6 +17,8 @@ pub enum Style {
     Generic,
     /// `basic_auth`: `Authorization: Basic base64(username:password)`.
     Basic,
+    /// `aws`: each request re-signed with AWS Signature Version 4 ([`super::sigv4`]).
+    Aws,
 }
 
 /// Where a reverse-proxy service sends its requests (`upstream: https://api.example.com`).
@@ -86,6 +88,13 @@ const GENERIC_KEYS: &[&str] = &[
     "caFile",
     "timeout",
 ];
+const AWS_KEYS: &[&str] = &[
+    "authenticateURLsMatching",
+    "forceSSL",
+    "upstream",
+    "caFile",
+    "timeout",
+];
 const BASIC_KEYS: &[&str] = &[
     "authenticateURLsMatching",
     "forceSSL",
@@ -109,6 +118,10 @@ pub fn parse_basic(
     parse(l, b, Style::Basic)
 }
 
+pub fn parse_aws(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn ConnectorSettings>> {
+    parse(l, b, Style::Aws)
+}
+
 /// Credentials a template may name besides the service's own.
 const IMPLICIT: &[&str] = &["access_token"];
 
@@ -127,10 +140,10 @@ fn parse(
     l.keys(
         path,
         m,
-        if style == Style::Generic {
-            GENERIC_KEYS
-        } else {
-            BASIC_KEYS
+        match style {
+            Style::Generic => GENERIC_KEYS,
+            Style::Basic => BASIC_KEYS,
+            Style::Aws => AWS_KEYS,
         },
     );
     let mut s = HttpSettings {

@@ -47,3 +47,15 @@ pub const BASIC_KIND: Kind = Kind {
     },
     build: |service| Ok(Arc::new(serve::HttpConnector::new(service)?)),
 };
+
+/// `aws`: each request re-signed with SigV4 from `accessKeyId`, `secretAccessKey` and the
+/// optional `accessToken` (session token).
+pub const AWS_KIND: Kind = Kind {
+    syntax: ConnectorSyntax {
+        names: &["aws"],
+        required_credentials: &["accessKeyId", "secretAccessKey"],
+        host_or_intercept: false,
+        parse: config::parse_aws,
+    },
+    build: |service| Ok(Arc::new(serve::HttpConnector::new(service)?)),
+};

@@ -32,7 +32,7 @@ use tokio::{
 
 use super::{
     config::{HttpSettings, Style},
-    inject, sni,
+    inject, sigv4, sni,
     tokens::Tokens,
 };
 use crate::{
@@ -501,7 +501,17 @@ impl<'a> Handler<'a> {
         }
         parts.version = http::Version::HTTP_11;
         let mut token = None;
+        let mut aws_scope = None;
         if authenticate {
+            if cfg.style == Style::Aws {
+                // Region and service from the app's own signature; none: forwarded
+                // unsigned, as Secretless does.
+                aws_scope = parts
+                    .headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(sigv4::scope_from_authorization);
+            }
             if !cfg.keep_client_authorization {
                 parts.headers.remove(header::AUTHORIZATION);
             }
@@ -513,6 +523,10 @@ impl<'a> Handler<'a> {
             .parse()
             .map_err(|_| bad(ConnError::Protocol("invalid request path".into())))?;
         let replayable = body.is_end_stream();
+        let mut up_body = body.boxed();
+        if let Some(scope) = &aws_scope {
+            up_body = aws_sign(&creds, &mut parts, up_body, scope).await?;
+        }
         let retry_parts = (self.c.tokens.is_some() && replayable).then(|| {
             let mut r = Request::new(());
             *r.method_mut() = parts.method.clone();
@@ -520,7 +534,7 @@ impl<'a> Handler<'a> {
             *r.headers_mut() = parts.headers.clone();
             r
         });
-        let req = Request::from_parts(parts, body.boxed());
+        let req = Request::from_parts(parts, up_body);
         let mut resp = self.send(&to, https, &name, req).await?;
         if resp.status() == StatusCode::UNAUTHORIZED
             && let (Some(tokens), Some(t), Some(r)) = (&self.c.tokens, &token, retry_parts)
@@ -600,6 +614,8 @@ impl<'a> Handler<'a> {
                 })
         };
         match cfg.style {
+            // Signed in `forward`, once the request is final.
+            Style::Aws => {}
             Style::Basic => {
                 let (Some(u), Some(p)) = (get("username"), get("password")) else {
                     return Err((
@@ -730,6 +746,93 @@ fn lookup<'c>(creds: &'c Credentials, token: Option<&'c Secret>, n: &str) -> Opt
 
 /// An error answer: status and a short message (never a secret).
 type Failure = (StatusCode, String);
+
+/// The largest body the `aws` connector buffers to sign it (a request that declares no
+/// `X-Amz-Content-Sha256`, to a service other than S3); larger: 413.
+pub const AWS_MAX_BODY: usize = 10 * 1024 * 1024;
+
+/// Re-sign an `aws` request with the brokered keys (`parts` final but for the signature).
+/// The payload: the app's declared `X-Amz-Content-Sha256`, else `UNSIGNED-PAYLOAD` for
+/// S3, else the body's own hash, buffered up to [`AWS_MAX_BODY`].
+async fn aws_sign(
+    creds: &Credentials,
+    parts: &mut http::request::Parts,
+    body: UpBody,
+    scope: &sigv4::Scope,
+) -> Result<UpBody, Failure> {
+    let missing = |n: &str| {
+        (
+            StatusCode::BAD_GATEWAY,
+            format!("credential `{n}` is missing"),
+        )
+    };
+    let keys = sigv4::AwsKeys {
+        access_key_id: creds
+            .get("accessKeyId")
+            .and_then(|v| std::str::from_utf8(v.expose()).ok())
+            .ok_or_else(|| missing("accessKeyId"))?
+            .trim()
+            .to_owned(),
+        secret_access_key: creds
+            .get("secretAccessKey")
+            .cloned()
+            .ok_or_else(|| missing("secretAccessKey"))?,
+        session_token: creds.get("accessToken").cloned(),
+    };
+    let sign_err = |e: sigv4::SigV4Error| {
+        let status = match e {
+            sigv4::SigV4Error::InvalidAccessKeyId
+            | sigv4::SigV4Error::EmptySecretKey
+            | sigv4::SigV4Error::InvalidSessionToken => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        (status, format!("cannot re-sign the AWS request: {e}"))
+    };
+    let now = std::time::SystemTime::now();
+    let declared = sigv4::declared_payload(&parts.headers).map_err(sign_err)?;
+    let is_s3 = matches!(scope.service.as_str(), "s3" | "s3-object-lambda");
+    match declared {
+        Some(p) => {
+            sigv4::sign(parts, p, &keys, scope, now).map_err(sign_err)?;
+            Ok(body)
+        }
+        None if is_s3 => {
+            sigv4::sign(parts, sigv4::Payload::Unsigned, &keys, scope, now).map_err(sign_err)?;
+            Ok(body)
+        }
+        None => {
+            let too_large = || {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the body is larger than {AWS_MAX_BODY} bytes: an AWS request body is \
+                         buffered to be signed unless the app sends X-Amz-Content-Sha256"
+                    ),
+                )
+            };
+            if body.size_hint().lower() > AWS_MAX_BODY as u64 {
+                return Err(too_large());
+            }
+            let bytes = http_body_util::Limited::new(body, AWS_MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        too_large()
+                    } else {
+                        (
+                            StatusCode::BAD_REQUEST,
+                            "reading the request body failed".to_owned(),
+                        )
+                    }
+                })?
+                .to_bytes();
+            sigv4::sign(parts, sigv4::Payload::Bytes(&bytes), &keys, scope, now)
+                .map_err(sign_err)?;
+            Ok(Full::new(bytes).map_err(|n| match n {}).boxed())
+        }
+    }
+}
 
 fn is_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
