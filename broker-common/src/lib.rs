@@ -43,6 +43,9 @@ pub const GLOBAL_SK_WMEM_QUEUED: &str = "SK_WMEM_QUEUED_OFF";
 pub const GLOBAL_SK_SNDBUF: &str = "SK_SNDBUF_OFF";
 /// See [`GLOBAL_SK_WMEM_QUEUED`].
 pub const GLOBAL_SK_COOKIE: &str = "SK_COOKIE_OFF";
+/// Byte offset of `cb` in the kernel's `struct sk_buff` (where TCP keeps a segment's
+/// sequence numbers, `struct tcp_skb_cb`), for the stream verdict.
+pub const GLOBAL_SKB_CB: &str = "SKB_CB_OFF";
 /// Byte offset of `sk_socket` in the kernel's `struct sock` (0 when the kernel has no
 /// BTF): with [`GLOBAL_SOCKET_FILE`], connect4/6 recognise sockets the kernel created
 /// for itself (MPTCP subflows, SMC's TCP socket), which have no file.
@@ -85,6 +88,8 @@ pub const SPLICE_INGRESS: u32 = 1;
 /// through the daemon (set by the programs when the receiver falls behind by more than
 /// [`SPLICE_READ_BUDGET`], or the upstream's send buffer is half full).
 pub const SPLICE_FALLBACK: u32 = 2;
+/// [`SpliceValue::flags`] of an upstream entry: [`SpliceValue::next_seq`] is known.
+pub const SPLICE_SEQ: u32 = 4;
 
 /// Bytes the kernel may have redirected to an app that it has not read yet. Past this,
 /// the server -> app direction falls back to the daemon's relay, which reads only what
@@ -239,7 +244,11 @@ pub struct SpliceValue {
     pub blind_budget: u64,
     /// `SPLICE_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// Upstream entries: the TCP sequence number just past the last byte the stream
+    /// verdict handed on (valid with [`SPLICE_SEQ`]), so that the bytes of a
+    /// retransmitted segment the socket already had are not handed on twice. 0 in app
+    /// entries.
+    pub next_seq: u32,
 }
 
 #[cfg(feature = "user")]

@@ -46,7 +46,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_storage_get,
+            bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_storage_get, bpf_skb_adjust_room,
         },
     },
     macros::{btf_map, cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops, stream_verdict},
@@ -79,8 +79,8 @@ unsafe fn add_atomic(p: *mut u64, v: u64) {
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, FAMILY_INET, FAMILY_INET6, MAX_CIDRS,
     MAX_CONNS, MAX_TARGETS, REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SETTINGS_V6,
-    SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_READ_BUDGET, SockKey, SpliceValue, TARGET_SPLICE,
-    TargetValue, is_mapped_v4, mapped_v4,
+    SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_READ_BUDGET, SPLICE_SEQ, SockKey, SpliceValue,
+    TARGET_SPLICE, TargetValue, is_mapped_v4, mapped_v4,
 };
 
 #[map]
@@ -740,12 +740,96 @@ pub fn broker_splice_msg(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
+/// Byte offset of `cb` in the kernel's `struct sk_buff` (see above); TCP keeps a
+/// segment's first sequence number at its start (`struct tcp_skb_cb`).
+#[unsafe(no_mangle)]
+static SKB_CB_OFF: u32 = 0;
+
+/// The most `bpf_skb_adjust_room` takes off an sk_skb's head in one call.
+const TRIM_STEP: u32 = 0xfff;
+
+/// What to do with a segment whose head the upstream socket already had.
+enum Seen {
+    /// Nothing of it was seen before (or nothing is known yet).
+    New,
+    /// Its head was, and has been cut off: the rest is new.
+    Trimmed,
+    /// Every byte of it was.
+    Old,
+    /// Its head was, and could not be cut off.
+    Failed,
+}
+
+/// Cut off the head of the segment in `ctx` that the upstream socket already received
+/// (and this program already handed on), and record where the stream now ends.
+///
+/// The stream verdict gets whole segments from the socket's receive queue
+/// (`tcp_read_skb`), where TCP leaves a retransmitted segment that overlaps what it
+/// already had as it came (a plain read skips the overlap by its sequence number; the
+/// verdict path does not). Such a segment arrives when an acknowledgement was late: on
+/// loopback, under load, after the download fell back and the upstream's receive window
+/// closed. Handed on whole, its head reaches the app twice and corrupts the stream
+/// (seen: 65 461 bytes twice in a 100 MB COPY out, which then hung).
+///
+/// # Safety
+/// `v` points to this socket's `SPLICE` value.
+#[inline(always)]
+unsafe fn drop_seen_head(ctx: &SkBuffContext, v: *mut SpliceValue, len: u32) -> Seen {
+    // SAFETY: the context is the kernel's sk_buff; a read through the checked probe
+    // helper at the offset of its `cb` (from the running kernel's BTF).
+    let seq = unsafe {
+        let off = u64::from(core::ptr::read_volatile(&raw const SKB_CB_OFF));
+        bpf_probe_read_kernel((ctx.skb.skb as u64 + off) as *const u32)
+    };
+    let Ok(seq) = seq else {
+        return Seen::New;
+    };
+    // SAFETY: per the function's contract; this socket's receive path is serialised.
+    unsafe {
+        let mut seen = Seen::New;
+        if (*v).flags & SPLICE_SEQ != 0 {
+            // Sequence numbers wrap: compare by difference.
+            let dup = (*v).next_seq.wrapping_sub(seq) as i32;
+            if dup > 0 {
+                let dup = dup as u32;
+                if dup >= len {
+                    return Seen::Old;
+                }
+                let mut left = dup;
+                // Bounded: a segment is at most 64 KiB; 32 steps cut 128 KiB.
+                for _ in 0..32 {
+                    if left == 0 {
+                        break;
+                    }
+                    let n = if left < TRIM_STEP { left } else { TRIM_STEP };
+                    if bpf_skb_adjust_room(ctx.skb.skb, -(n as i32), 0, 0) != 0 {
+                        break;
+                    }
+                    left -= n;
+                }
+                if left != 0 {
+                    return Seen::Failed;
+                }
+                seen = Seen::Trimmed;
+            }
+        }
+        let end = seq.wrapping_add(len);
+        if (*v).flags & SPLICE_SEQ == 0 || (end.wrapping_sub((*v).next_seq) as i32) > 0 {
+            (*v).next_seq = end;
+        }
+        (*v).flags |= SPLICE_SEQ;
+        seen
+    }
+}
+
 /// sk_skb stream verdict on `SPLICE_UP`: what an upstream socket receives goes straight
 /// into its app socket's receive queue once the session is spliced; otherwise it stays
 /// on the upstream socket for the daemon to read. It stays there too, for good, once the
 /// app has fallen [`SPLICE_READ_BUDGET`] bytes behind: there it is charged to the
 /// upstream socket, whose TCP window closes, which stops the server. The daemon hears
-/// of it on `SPLICE_EVENTS` and relays this direction from then on.
+/// of it on `SPLICE_EVENTS` and relays this direction from then on. Either way, the
+/// bytes of a retransmitted segment that were handed on already are cut off first (see
+/// [`drop_seen_head`]).
 #[stream_verdict]
 pub fn broker_splice_skb(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context pointer is valid for the duration of the program.
@@ -755,12 +839,30 @@ pub fn broker_splice_skb(ctx: SkBuffContext) -> u32 {
     };
     // SAFETY: as in broker_splice_msg; this socket's receive path is serialised.
     unsafe {
-        let len = ctx.len();
+        let mut len = ctx.len();
         if len == 0 {
             // A bare FIN. Redirected, it would become an empty message in the app
             // socket's queue, which recv() reports as EFAULT; the daemon passes the
             // end of the stream on itself (connector::splice).
             return SK_DROP;
+        }
+        match drop_seen_head(&ctx, v, len) {
+            Seen::New => {}
+            Seen::Trimmed => len = ctx.len(),
+            Seen::Old => return SK_DROP,
+            Seen::Failed => {
+                // The new tail cannot be handed on alone: it is lost. Counted as
+                // redirected, it is what the app will be found waiting for, so the
+                // daemon ends the session (see proxy::splice::CatchUp) instead of
+                // the app reading a corrupt stream.
+                (*v).bytes += u64::from(len);
+                if (*v).flags & SPLICE_FALLBACK == 0
+                    && SPLICE_EVENTS.output::<u64>((*v).app_cookie, 0).is_ok()
+                {
+                    (*v).flags |= SPLICE_FALLBACK;
+                }
+                return SK_DROP;
+            }
         }
         if (*v).flags & SPLICE_FALLBACK != 0 {
             return SK_PASS;

@@ -255,6 +255,8 @@ pub struct SockOffsets {
     pub sndbuf: u32,
     /// `__sk_common.skc_cookie` (the socket cookie, once something has asked for it).
     pub cookie: u32,
+    /// `cb` in `struct sk_buff` (TCP's per-segment control block: `seq` first).
+    pub skb_cb: u32,
 }
 
 impl SockOffsets {
@@ -264,6 +266,7 @@ impl SockOffsets {
             sndbuf: b.member_offset("sock", "sk_sndbuf")?,
             cookie: b.member_offset("sock", "__sk_common")?
                 + b.member_offset("sock_common", "skc_cookie")?,
+            skb_cb: b.member_offset("sk_buff", "cb")?,
         })
     }
 }
@@ -364,7 +367,11 @@ mod tests {
         }
         let o = SockOffsets::from_btf(&Btf::from_sys_fs().unwrap()).unwrap();
         assert!(
-            o.wmem_queued != 0 && o.sndbuf != 0 && o.wmem_queued != o.sndbuf && o.cookie != 0,
+            o.wmem_queued != 0
+                && o.sndbuf != 0
+                && o.wmem_queued != o.sndbuf
+                && o.cookie != 0
+                && o.skb_cb != 0,
             "{o:?}"
         );
     }

@@ -25,10 +25,10 @@ use aya::{
 };
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF,
-    GLOBAL_SK_SOCKET, GLOBAL_SK_WMEM_QUEUED, GLOBAL_SOCKET_FILE, GLOBAL_SOCKET_SK, MAP_BY_CONN,
-    MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP,
-    MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_FALLBACK, SPLICE_INGRESS, SockKey, SpliceValue,
-    TARGET_SPLICE, TargetValue, mapped_v4,
+    GLOBAL_SK_SOCKET, GLOBAL_SK_WMEM_QUEUED, GLOBAL_SKB_CB, GLOBAL_SOCKET_FILE, GLOBAL_SOCKET_SK,
+    MAP_BY_CONN, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ,
+    MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_FALLBACK, SPLICE_INGRESS, SockKey,
+    SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
 };
 use tokio::sync::Notify;
 
@@ -267,7 +267,8 @@ impl Interceptor {
             loader
                 .override_global(GLOBAL_SK_WMEM_QUEUED, &o.wmem_queued, true)
                 .override_global(GLOBAL_SK_SNDBUF, &o.sndbuf, true)
-                .override_global(GLOBAL_SK_COOKIE, &o.cookie, true);
+                .override_global(GLOBAL_SK_COOKIE, &o.cookie, true)
+                .override_global(GLOBAL_SKB_CB, &o.skb_cb, true);
         }
         let mut ebpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
         // Only this namespace's sockets are redirected: the listener is its loopback.

@@ -180,9 +180,9 @@ pub const UPSTREAM_LINGER: Duration = Duration::from_secs(5);
 ///   arrive on the client-side socket like stragglers and are forwarded from here, with
 ///   ordinary flow control;
 /// * upstream -> client when the app falls too far behind: the kernel reports it, the
-///   app first reads what the kernel gave it, then the session is relayed here both
-///   ways (the splice entries are deleted; the upstream's unread bytes wait, charged to
-///   its receive buffer, which is what stops the server meanwhile).
+///   app first reads what the kernel gave it (the upstream's unread bytes wait, charged
+///   to its receive buffer, which is what stops the server meanwhile), then this
+///   direction is relayed here (an upload that has not fallen back stays in the kernel).
 ///
 /// Forwarding never blocks the rest: bytes waiting for room in the upstream socket are
 /// held ([`Upload`]) while the hang-up and the other direction's fallback are still
@@ -477,8 +477,9 @@ impl CatchUp {
 
 /// The rest of a session whose upstream -> client direction the kernel handed back:
 /// once the app has read everything the kernel gave it (what the daemon writes to the
-/// client socket lands behind that), end the splice and relay both ways. `upload`:
-/// what the daemon already took from the client (some of it perhaps still to write).
+/// client socket lands behind that), relay it (and the upload, as far as it comes to
+/// the client-side socket). `upload`: what the daemon already took from the client
+/// (some of it perhaps still to write).
 ///
 /// Meanwhile the client's bytes keep going upstream as the upstream takes them; the
 /// server's output stays unread on the upstream socket (that is what holds the server
@@ -526,22 +527,27 @@ async fn relay_after_fallback(
             }
         }
     }
-    let (k_up, k_down) = spliced.bytes();
-    spliced.unlink();
+    // The kernel hands on nothing more of the download (the fallback is for good); its
+    // count is final.
+    let k_down = spliced.bytes().1;
     let fallback = if uploaded_before { "both" } else { "down" };
     if let Some(e) = error {
         return Ok(Outcome {
-            up: k_up + upload.forwarded,
+            up: spliced.bytes().0 + upload.forwarded,
             down: k_down,
             fallback,
             error: Some(e),
         });
     }
+    // The entries stay until the session ends: the upstream's is where the verdict keeps
+    // the stream's position, so that a retransmitted segment's head it already handed on
+    // is cut off for the relay too; and an upload that has not fallen back stays in the
+    // kernel (what it redirected is in the upstream's queue ahead of anything relayed).
     // What the client already sent goes first; an app that has left (its FIN read here)
     // reads as the end of its stream again, which the relay passes on.
     let (a, b) = relay::relay_tcp_after(client, &up, upload.rest()).await?;
     Ok(Outcome {
-        up: k_up + upload.forwarded + a,
+        up: spliced.bytes().0 + upload.forwarded + a,
         down: k_down + b,
         fallback,
         error: None,
