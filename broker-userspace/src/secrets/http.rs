@@ -268,7 +268,7 @@ impl HttpProvider {
 }
 
 /// A transport error as text: its causes, without the URL.
-fn describe(e: reqwest::Error) -> String {
+pub(crate) fn describe(e: reqwest::Error) -> String {
     let e = e.without_url();
     let mut out = e.to_string();
     let mut source = std::error::Error::source(&e);

@@ -783,20 +783,9 @@ impl Inner {
                 after: self.cfg.timeout(),
             };
         }
-        let e = e.without_url();
-        let mut reason = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !reason.contains(&text) {
-                reason.push_str(": ");
-                reason.push_str(&text);
-            }
-            source = s.source();
-        }
         TokenError::Unreachable {
             endpoint: self.endpoint.clone(),
-            reason,
+            reason: crate::secrets::http::describe(e),
         }
     }
 }
