@@ -513,8 +513,10 @@ fn scram_iterations_are_capped_and_the_computation_ends_with_its_connection() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
+    // 2 s each way: on a loaded machine (a CI neighbour) one hashing thread may get
+    // well under a core, so the comparison is relative as well as absolute.
     let c0 = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(2));
     let busy = cpu_ticks(pid) - c0;
     drop(hang_up);
     std::thread::sleep(Duration::from_millis(500));
@@ -522,12 +524,12 @@ fn scram_iterations_are_capped_and_the_computation_ends_with_its_connection() {
     std::thread::sleep(Duration::from_secs(2));
     let idle = cpu_ticks(pid) - c1;
     eprintln!(
-        "daemon CPU: {busy} ticks in 1 s while hashing, {idle} ticks in 2 s after the hang-up"
+        "daemon CPU: {busy} ticks in 2 s while hashing, {idle} ticks in 2 s after the hang-up"
     );
-    assert!(busy >= 30, "the computation was not running ({busy} ticks)");
+    assert!(busy >= 20, "the computation was not running ({busy} ticks)");
     assert!(
-        idle < 30,
-        "the computation went on after the hang-up ({idle} ticks)"
+        idle < 30 && idle * 2 < busy,
+        "the computation went on after the hang-up ({idle} ticks, {busy} while hashing)"
     );
 
     all += &b.canary();
