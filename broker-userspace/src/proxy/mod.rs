@@ -287,6 +287,17 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
                 // Someone connected to the listener directly: no redirect record, no
                 // identity, nothing to broker. Close without a byte. Anyone local can
                 // do this in a loop: the line is rate-limited (summarised once a second).
+                // A client that closed before the accept (a driver's probe) took its
+                // record with it when its socket closed: nothing was refused.
+                if peer_gone(&stream) {
+                    tracing::debug!(
+                        target: "access",
+                        result = "client_closed",
+                        src.addr = %peer,
+                        "connection closed by the client before it was accepted"
+                    );
+                    return;
+                }
                 drop(stream);
                 if let Some(suppressed) = shared.refusals.check() {
                     tracing::warn!(
@@ -394,6 +405,17 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 
 fn record_is_fresh(connect_ns: u64) -> bool {
     crate::sys::monotonic_ns().saturating_sub(connect_ns) < MAX_RECORD_AGE.as_nanos() as u64
+}
+
+/// Whether the peer of an accepted socket has already closed it (end of stream or a
+/// reset waiting), without consuming anything.
+fn peer_gone(stream: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(stream).peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
 }
 
 /// The command name of process `pid` (its main thread's name). The kernel's record
