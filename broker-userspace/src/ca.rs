@@ -43,7 +43,13 @@ pub struct Leaf {
     pub chain: Vec<CertificateDer<'static>>,
     key_der: Vec<u8>,
     issued: Instant,
+    /// Server configurations built from this leaf, by ALPN list (one per protocol that
+    /// presents it): built once, not per connection.
+    configs: Mutex<Vec<(Alpn, Arc<ServerConfig>)>>,
 }
+
+/// An ALPN protocol list.
+type Alpn = Vec<Vec<u8>>;
 
 impl Leaf {
     /// A TLS server configuration presenting this leaf, offering `alpn` (empty: none).
@@ -51,6 +57,11 @@ impl Leaf {
     /// # Errors
     /// When rustls refuses the key (not expected for keys issued here).
     pub fn server_config(&self, alpn: &[&[u8]]) -> anyhow::Result<Arc<ServerConfig>> {
+        let alpn: Alpn = alpn.iter().map(|p| p.to_vec()).collect();
+        let mut configs = self.configs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, cfg)) = configs.iter().find(|(a, _)| *a == alpn) {
+            return Ok(Arc::clone(cfg));
+        }
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
         let mut cfg =
             ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -58,8 +69,10 @@ impl Leaf {
                 .with_no_client_auth()
                 .with_single_cert(self.chain.clone(), key)
                 .context("building the TLS server configuration")?;
-        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok(Arc::new(cfg))
+        cfg.alpn_protocols = alpn.clone();
+        let cfg = Arc::new(cfg);
+        configs.push((alpn, Arc::clone(&cfg)));
+        Ok(cfg)
     }
 }
 
@@ -183,6 +196,7 @@ impl LocalCa {
             chain: vec![cert.der().clone(), self.cert_der.clone()],
             key_der: key.serialize_der(),
             issued: Instant::now(),
+            configs: Mutex::new(Vec::new()),
         })
     }
 }
@@ -294,7 +308,11 @@ mod tests {
         verifier
             .verify_server_cert(&ip.chain[0], &ip.chain[1..], &name, &[], now)
             .unwrap();
-        assert!(leaf.server_config(&[b"postgresql"]).is_ok());
+        let cfg = leaf.server_config(&[b"postgresql"]).unwrap();
+        assert!(Arc::ptr_eq(
+            &cfg,
+            &leaf.server_config(&[b"postgresql"]).unwrap()
+        ));
     }
 
     #[test]

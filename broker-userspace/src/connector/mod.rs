@@ -130,6 +130,22 @@ pub struct Session {
     pub keep: Option<Box<dyn Any + Send>>,
 }
 
+impl Session {
+    /// A byte-transparent session: nothing owed either way, and a client that may send
+    /// at any time (so never spliced).
+    #[must_use]
+    pub fn transparent(client: TcpStream, upstream: UpstreamStream) -> Self {
+        Self {
+            client: ClientStream::Plain(client),
+            upstream,
+            to_client: Vec::new(),
+            to_upstream: Vec::new(),
+            client_waits: false,
+            keep: None,
+        }
+    }
+}
+
 /// The client side of a [`Session`].
 pub enum ClientStream {
     /// The app's TCP socket: the readiness-based relay, or the kernel splice.

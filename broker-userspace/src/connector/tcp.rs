@@ -12,8 +12,8 @@ use yaml_serde::Value;
 use crate::{
     config::{ConnectorBlock, ConnectorSettings, ConnectorSyntax, ListenAddr, Loader, join},
     connector::{
-        BoxFuture, ClientStream, Conn, ConnError, Connector, Env, Handoff, Kind, Session,
-        UpstreamStream, close_gracefully, settings,
+        BoxFuture, Conn, ConnError, Connector, Env, Handoff, Kind, Session, UpstreamStream,
+        close_gracefully, settings,
         target::{self, AppDestination, Destinations, Fallbacks},
     },
     tls::{self, TlsOptions, Verify},
@@ -137,15 +137,7 @@ impl Connector for TcpConnector {
     ) -> BoxFuture<'a, Result<Handoff, ConnError>> {
         Box::pin(async move {
             match self.upstream(env, conn).await {
-                Ok(upstream) => Ok(Handoff::Relay(Session {
-                    client: ClientStream::Plain(client),
-                    upstream,
-                    to_client: Vec::new(),
-                    to_upstream: Vec::new(),
-                    // The client may send at any time: never spliced.
-                    client_waits: false,
-                    keep: None,
-                })),
+                Ok(upstream) => Ok(Handoff::Relay(Session::transparent(client, upstream))),
                 Err(e) => {
                     close_gracefully(client).await;
                     Err(e)

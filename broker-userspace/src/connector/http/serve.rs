@@ -38,8 +38,8 @@ use super::{
 use crate::{
     config::{InterceptTarget, ListenAddr, Service},
     connector::{
-        AsyncStream, BoxFuture, Caller, ClientStream, Conn, ConnError, ConnStats, Connector,
-        Credentials, Env, Handoff, Session, UpstreamStream, close_gracefully,
+        AsyncStream, BoxFuture, Caller, Conn, ConnError, ConnStats, Connector, Credentials, Env,
+        Handoff, Session, UpstreamStream, close_gracefully,
         dial::HostPort,
         target::{self, AppDestination, Destinations, Fallbacks},
     },
@@ -213,14 +213,10 @@ impl HttpConnector {
         let to = HostPort::from(dst);
         conn.stats.upstream = Some(to.to_string());
         match env.dialer.dial(&to).await {
-            Ok(up) => Ok(Handoff::Relay(Session {
-                client: ClientStream::Plain(client),
-                upstream: UpstreamStream::Plain(up),
-                to_client: Vec::new(),
-                to_upstream: Vec::new(),
-                client_waits: false,
-                keep: None,
-            })),
+            Ok(up) => Ok(Handoff::Relay(Session::transparent(
+                client,
+                UpstreamStream::Plain(up),
+            ))),
             Err(e) => {
                 close_gracefully(client).await;
                 Err(e)
