@@ -117,6 +117,12 @@ pub fn ca(file: Option<&Path>, dir: Option<&Path>) -> anyhow::Result<()> {
 pub fn check(path: &Path) -> i32 {
     match load_config(path) {
         Ok(cfg) => {
+            // What only building the connectors finds: unreadable CA files, services
+            // that cannot share their listenOn address...
+            if let Err(e) = Runtime::build(&cfg, 1) {
+                eprintln!("{}: error: {e:#}", path.display());
+                return EXIT_CONFIG;
+            }
             let intercepts: usize = cfg.services.iter().map(|s| s.intercept.len()).sum();
             println!(
                 "{}: OK: {} service(s), {} intercept target(s)",
@@ -219,7 +225,7 @@ impl Daemon {
         let tracker = Arc::new(Tracker::default());
         let caps = Arc::new(Caps::new(
             &cfg.broker,
-            runtime.services(),
+            runtime.listeners(),
             matches!(opts.attach, Attach::Cgroup(_)),
         )?);
 
@@ -229,7 +235,7 @@ impl Daemon {
             _ => None,
         };
         let mut explicit = Vec::new();
-        for rt in runtime.services() {
+        for rt in runtime.listeners() {
             let s = &rt.service;
             match &s.listen_on {
                 Some(ListenAddr::Tcp(addr)) => {
@@ -375,7 +381,7 @@ impl Daemon {
             let name = shared
                 .runtime
                 .load()
-                .service(id)
+                .listener(id)
                 .map(|rt| rt.service.name.clone())
                 .unwrap_or_default();
             tracing::info!(service = %name, %addr, "listenOn bound");

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    config::{Config, Service},
+    config::{Config, ListenAddr, Service},
     connector::{self, Connector},
 };
 
@@ -36,6 +36,10 @@ pub struct Runtime {
     /// In configuration order.
     services: Vec<Arc<ServiceRt>>,
     by_id: BTreeMap<u32, Arc<ServiceRt>>,
+    /// One per `listenOn` address, in configuration order: the service's own, or for
+    /// HTTP services sharing one address, the group (a service named after its
+    /// members, `a+b`, whose connector routes each request to one of them).
+    listeners: Vec<Arc<ServiceRt>>,
 }
 
 /// Why a redirect record cannot be served.
@@ -88,11 +92,25 @@ impl Runtime {
             }
             services.push(rt);
         }
+        let listeners = listeners(&services)?;
         Ok(Self {
             generation,
             services,
             by_id,
+            listeners,
         })
+    }
+
+    /// Every `listenOn` listener (see [`Runtime::listeners`](Self)).
+    #[must_use]
+    pub fn listeners(&self) -> &[Arc<ServiceRt>] {
+        &self.listeners
+    }
+
+    /// The listener with this id.
+    #[must_use]
+    pub fn listener(&self, id: u32) -> Option<&Arc<ServiceRt>> {
+        self.listeners.iter().find(|l| l.id == id)
     }
 
     /// Every service, in configuration order.
@@ -119,6 +137,54 @@ impl Runtime {
         }
         self.service(id).ok_or(RecordError::UnknownService(id))
     }
+}
+
+/// Group the services by `listenOn` address: one listener each, a shared one for the
+/// HTTP services that name the same address (the loader allows only those to).
+fn listeners(services: &[Arc<ServiceRt>]) -> anyhow::Result<Vec<Arc<ServiceRt>>> {
+    let mut groups: Vec<(&ListenAddr, Vec<&Arc<ServiceRt>>)> = Vec::new();
+    for rt in services {
+        let Some(addr) = &rt.service.listen_on else {
+            continue;
+        };
+        match groups.iter_mut().find(|(a, _)| *a == addr) {
+            Some((_, members)) => members.push(rt),
+            None => groups.push((addr, vec![rt])),
+        }
+    }
+    let mut out = Vec::with_capacity(groups.len());
+    for (addr, members) in groups {
+        if let [one] = members.as_slice() {
+            out.push(Arc::clone(one));
+            continue;
+        }
+        let name = members
+            .iter()
+            .map(|m| m.service.name.as_str())
+            .collect::<Vec<_>>()
+            .join("+");
+        let lead = &members[0].service;
+        let service = Arc::new(Service {
+            name: name.clone(),
+            intercept: Vec::new(),
+            credentials: BTreeMap::new(),
+            authentication: Vec::new(),
+            ..(**lead).clone()
+        });
+        let shared: Vec<Arc<Service>> = members.iter().map(|m| Arc::clone(&m.service)).collect();
+        let connector = connector::build_shared(&shared)
+            .with_context(|| format!("services sharing listenOn {addr}"))?;
+        let id = service_id(&name);
+        if services.iter().any(|s| s.id == id) {
+            bail!("the listener of services {name} has the id of a service; rename one");
+        }
+        out.push(Arc::new(ServiceRt {
+            id,
+            service,
+            connector,
+        }));
+    }
+    Ok(out)
 }
 
 /// The snapshot in force; swapped whole.

@@ -19,6 +19,10 @@ pub struct ConnectorSyntax {
     /// The upstream is named by the `host` credential unless the service intercepts (the
     /// app's destination is then the default).
     pub host_or_intercept: bool,
+    /// Several services of such kinds may share one `listenOn` address (Secretless'
+    /// HTTP forward proxy: each request goes to the service whose
+    /// `authenticateURLsMatching` matches its URL).
+    pub shares_listener: bool,
     /// Parse and validate the `config:` block (`None` on error, errors recorded with
     /// their key paths in the [`Loader`]).
     pub parse: ParseFn,

@@ -222,7 +222,9 @@ pub struct Loader<'e> {
     broken: HashSet<String>,
     /// Every `listenOn` and `intercept` target seen so far, with its path, to report
     /// the same address used twice.
-    seen_listen: Vec<(ListenAddr, String)>,
+    /// Each `listenOn` address: the first key path that names it, and whether its kind
+    /// shares listeners.
+    seen_listen: Vec<(ListenAddr, String, bool)>,
     seen_targets: Vec<(InterceptTarget, String)>,
 }
 
@@ -815,16 +817,32 @@ impl Loader<'_> {
             },
         );
         let connector = self.connector(path, m);
+        let shares = matches!(&connector, Some(Named::Built(k, _)) if k.shares_listener);
         let listen_on = m.get("listenOn").and_then(|v| {
             let p = join(path, "listenOn");
             let s = self.text(&p, v)?;
             match values::listen_addr(&s) {
                 Ok(a) => {
-                    if let Some((_, other)) = self.seen_listen.iter().find(|(x, _)| *x == a) {
-                        let msg = format!("the same address is also used by {other}");
-                        self.err(&p, msg);
-                    } else {
-                        self.seen_listen.push((a.clone(), p.clone()));
+                    match self.seen_listen.iter().find(|(x, ..)| *x == a) {
+                        // Secretless' HTTP forward proxy: one listener, requests routed
+                        // by URL.
+                        Some((ListenAddr::Tcp(_), _, true)) if shares => {}
+                        Some((_, other, other_shares)) => {
+                            let msg = if shares && *other_shares {
+                                format!(
+                                    "the same address is also used by {other}; HTTP services \
+                                     share a listener only on tcp://"
+                                )
+                            } else {
+                                format!(
+                                    "the same address is also used by {other} (only HTTP \
+                                     services may share a listenOn, routed by \
+                                     authenticateURLsMatching)"
+                                )
+                            };
+                            self.err(&p, msg);
+                        }
+                        None => self.seen_listen.push((a.clone(), p.clone(), shares)),
                     }
                     Some(a)
                 }

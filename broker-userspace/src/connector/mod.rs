@@ -242,6 +242,31 @@ pub fn build(service: &Service) -> anyhow::Result<Arc<dyn Connector>> {
     }
 }
 
+/// The one connector of HTTP services that share a `listenOn` address (each request
+/// goes to the first service whose `authenticateURLsMatching` matches its URL).
+///
+/// # Errors
+/// A member that cannot share (not HTTP, no `authenticateURLsMatching`, a reverse-proxy
+/// `upstream`), or one that cannot be built.
+pub fn build_shared(services: &[Arc<Service>]) -> anyhow::Result<Arc<dyn Connector>> {
+    for s in services {
+        let shares = match &s.connector {
+            ConnectorSpec::Built { kind, .. } => {
+                KINDS.find(kind).is_some_and(|k| k.syntax.shares_listener)
+            }
+            ConnectorSpec::NotBuilt { .. } => false,
+        };
+        if !shares {
+            anyhow::bail!(
+                "service `{}`: connector `{}` cannot share a listenOn address",
+                s.name,
+                s.connector.name()
+            );
+        }
+    }
+    Ok(Arc::new(http::serve::HttpConnector::shared(services)?))
+}
+
 /// The settings of `service`'s connector as a `T` (what its kind's parser produced).
 ///
 /// # Errors

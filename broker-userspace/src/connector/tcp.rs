@@ -25,6 +25,7 @@ pub const KIND: Kind = Kind {
         names: &["tcp"],
         required_credentials: &[],
         host_or_intercept: true,
+        shares_listener: false,
         parse,
     },
     build: |service| Ok(Arc::new(TcpConnector::new(settings(service)?)?)),

@@ -4,7 +4,8 @@
 //! * the **transparent** listener (127.0.0.1:P and [::1]:P) that the eBPF programs
 //!   redirect to. Each accepted connection must have a redirect record (original
 //!   destination + caller identity, see [`crate::ebpf`]); one without is refused.
-//! * **explicit** `listenOn` listeners (Secretless style), one per service.
+//! * **explicit** `listenOn` listeners (Secretless style), one per address: a service's
+//!   own, or one shared by the HTTP services that name the same address.
 //!
 //! Each connection runs in its own task with one span, and writes exactly one access-log
 //! line (target `access`) when it ends, whatever the outcome (success, error, refusal,
@@ -55,7 +56,8 @@ pub struct Caps {
     transparent: Arc<Semaphore>,
     /// Every `listenOn` listener together: `maxConnections` minus the transparent share.
     explicit_pool: Arc<Semaphore>,
-    /// One per service with `listenOn`, by service id: `maxConnectionsPerListener`.
+    /// One per `listenOn` listener, by its id (see `Runtime::listeners`):
+    /// `maxConnectionsPerListener`.
     per_service: std::collections::HashMap<u32, Arc<Semaphore>>,
     /// Rate limit of the "cap reached" lines.
     pub log: LogLimiter,
@@ -82,18 +84,18 @@ pub struct Admission {
 
 impl Caps {
     /// Share `maxConnections` out between the transparent listener (if it runs) and the
-    /// `listenOn` listeners of `services`.
+    /// `listenOn` listeners.
     ///
     /// # Errors
     /// When both kinds run and nothing would be left for `listenOn`.
     pub fn new(
         settings: &BrokerSettings,
-        services: &[Arc<ServiceRt>],
+        listeners: &[Arc<ServiceRt>],
         transparent: bool,
     ) -> Result<Self, CapsError> {
         let max = settings.max_connections as usize;
         let per = (settings.max_connections_per_listener as usize).min(max);
-        let any_explicit = services.iter().any(|s| s.service.listen_on.is_some());
+        let any_explicit = !listeners.is_empty();
         let pool = if transparent { max - per } else { max };
         if any_explicit && pool == 0 {
             return Err(CapsError {
@@ -104,9 +106,8 @@ impl Caps {
         Ok(Self {
             transparent: Arc::new(Semaphore::new(if transparent { per } else { 0 })),
             explicit_pool: Arc::new(Semaphore::new(pool)),
-            per_service: services
+            per_service: listeners
                 .iter()
-                .filter(|s| s.service.listen_on.is_some())
                 .map(|s| (s.id, Arc::new(Semaphore::new(per))))
                 .collect(),
             log: LogLimiter::new("cap refusals", REFUSAL_LOG_PER_SEC, Duration::from_secs(1)),
@@ -166,14 +167,15 @@ pub async fn serve_transparent(listener: TcpListener, shared: Shared, stop: watc
     accept_loop(listener, shared, stop, None).await;
 }
 
-/// Accept on a service's `listenOn` listener until `stop` turns true.
+/// Accept on a `listenOn` listener (`Runtime::listener(listener_id)`) until `stop`
+/// turns true.
 pub async fn serve_explicit(
     listener: TcpListener,
     shared: Shared,
-    service_id: u32,
+    listener_id: u32,
     stop: watch::Receiver<bool>,
 ) {
-    accept_loop(listener, shared, stop, Some(service_id)).await;
+    accept_loop(listener, shared, stop, Some(listener_id)).await;
 }
 
 async fn accept_loop(
@@ -219,17 +221,17 @@ async fn accept_loop(
 /// one non-blocking write, where the protocol lets a server speak first. A transparent
 /// connection's record is taken (it names the service) so it does not linger.
 fn refuse_over_cap(shared: &Shared, stream: &TcpStream, explicit: Option<u32>) {
-    let id = match explicit {
-        Some(id) => Some(id),
+    let runtime = shared.runtime.load();
+    let rt = match explicit {
+        Some(id) => runtime.listener(id),
         None => shared
             .interceptor
             .as_ref()
             .and_then(std::sync::Weak::upgrade)
             .and_then(|i| i.take_record(stream).ok().flatten())
-            .map(|r| r.service_id),
+            .and_then(|r| runtime.service(r.service_id)),
     };
-    let runtime = shared.runtime.load();
-    let Some(rt) = id.and_then(|id| runtime.service(id)) else {
+    let Some(rt) = rt else {
         return;
     };
     let reason = "too many connections through the broker (broker.maxConnections / maxConnectionsPerListener)";
@@ -245,7 +247,7 @@ fn cap_reached(shared: &Shared, peer: SocketAddr, explicit: Option<u32>) {
     };
     let runtime = shared.runtime.load();
     let listener = match explicit
-        .and_then(|id| runtime.service(id))
+        .and_then(|id| runtime.listener(id))
         .map(|rt| &rt.service)
     {
         Some(s) => match &s.listen_on {
@@ -270,7 +272,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
     let runtime = shared.runtime.load();
     let (rt, caller, orig_dst, splice) = match explicit {
         Some(id) => {
-            let Some(rt) = runtime.service(id) else {
+            let Some(rt) = runtime.listener(id) else {
                 return;
             };
             (Arc::clone(rt), None, None, None)

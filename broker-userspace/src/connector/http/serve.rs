@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
@@ -52,29 +52,19 @@ const FIRST_BYTES: Duration = Duration::from_secs(30);
 
 type UpBody = BoxBody<Bytes, hyper::Error>;
 
-/// An HTTP service.
-#[derive(Debug)]
-pub struct HttpConnector {
-    service: Service,
+/// One service's part of an HTTP connector: its settings, upstream TLS and tokens.
+struct Route {
+    service: Arc<Service>,
     upstream_tls: Arc<rustls::ClientConfig>,
     tokens: Option<Tokens>,
-    /// The `intercept:` hostnames (lowercase): the TLS server names terminated.
-    names: Vec<String>,
+    /// `authenticateURLsMatching` as lazy DFAs, to ask whether a URL prefix can still
+    /// lead to a match ([`Route::may_take_origin`]).
+    prefix_dfas: Vec<regex_automata::hybrid::dfa::DFA>,
 }
 
-impl HttpConnector {
-    /// # Errors
-    /// An unreadable CA file; an OAuth2 configuration that cannot be used.
-    pub fn new(service: &Service) -> anyhow::Result<Self> {
+impl Route {
+    fn new(service: &Arc<Service>) -> anyhow::Result<Self> {
         let cfg = crate::connector::settings::<HttpSettings>(service)?;
-        let mut tls = (*tls::client_config(TlsOptions {
-            verify: Verify::Full,
-            ca_file: cfg.ca_file.as_deref(),
-            with_system_roots: true,
-            client_cert: None,
-        })?)
-        .clone();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let tokens = match service.authentication.first() {
             Some(crate::config::AuthMethod::OAuth2(o)) => {
                 Some(Tokens::new(o, cfg.ca_file.as_deref())?)
@@ -94,6 +84,108 @@ impl HttpConnector {
                 service.name
             );
         }
+        let prefix_dfas = cfg
+            .url_patterns
+            .iter()
+            .filter_map(|r| regex_automata::hybrid::dfa::DFA::new(r.as_str()).ok())
+            .collect();
+        Ok(Self {
+            service: Arc::clone(service),
+            upstream_tls: upstream_tls(cfg.ca_file.as_deref())?,
+            tokens,
+            prefix_dfas,
+        })
+    }
+
+    /// Whether this service may authenticate requests to `origin` (`https://host[:port]/`,
+    /// a `CONNECT` tunnel's): a pattern matches the origin itself, or can match a URL
+    /// that begins with it, read from the URL's start (`^https://api\.example\.com/v1/`).
+    /// A pattern that only names paths (`/v1/`, unanchored) does not make every tunnel
+    /// decrypted.
+    fn may_take_origin(&self, origin: &str) -> bool {
+        if self.takes(origin) {
+            return true;
+        }
+        self.prefix_dfas
+            .iter()
+            .any(|dfa| prefix_viable(dfa, origin))
+    }
+
+    fn cfg(&self) -> &HttpSettings {
+        self.service
+            .connector
+            .settings::<HttpSettings>()
+            .expect("built from these settings")
+    }
+
+    /// Whether this service authenticates a request for `url` (no
+    /// `authenticateURLsMatching`: every request).
+    fn takes(&self, url: &str) -> bool {
+        let p = &self.cfg().url_patterns;
+        p.is_empty() || p.iter().any(|r| r.is_match(url))
+    }
+}
+
+/// Whether some string that begins with `prefix` matches `dfa` from its start.
+fn prefix_viable(dfa: &regex_automata::hybrid::dfa::DFA, prefix: &str) -> bool {
+    use regex_automata::{Anchored, Input};
+    let mut cache = dfa.create_cache();
+    let input = Input::new(prefix).anchored(Anchored::Yes);
+    let Ok(mut sid) = dfa.start_state_forward(&mut cache, &input) else {
+        return false;
+    };
+    for &b in prefix.as_bytes() {
+        match dfa.next_state(&mut cache, sid, b) {
+            Ok(next) if next.is_dead() => return false,
+            Ok(next) => sid = next,
+            // The cache gave up (a huge pattern): say yes, decrypting is the safe side
+            // for a service that may need its credentials.
+            Err(_) => return true,
+        }
+    }
+    true
+}
+
+/// Verified TLS to upstreams: the system roots and `ca_file`, ALPN `http/1.1`.
+fn upstream_tls(ca_file: Option<&std::path::Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut tls = (*tls::client_config(TlsOptions {
+        verify: Verify::Full,
+        ca_file,
+        with_system_roots: true,
+        client_cert: None,
+    })?)
+    .clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("service", &self.service.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An HTTP service, or the HTTP services sharing one `listenOn` address (Secretless'
+/// forward proxy: each request goes to the first service whose
+/// `authenticateURLsMatching` matches its URL; one no service takes is forwarded
+/// without credentials).
+#[derive(Debug)]
+pub struct HttpConnector {
+    routes: Vec<Route>,
+    shared: bool,
+    /// The `intercept:` hostnames (lowercase): the TLS server names terminated.
+    names: Vec<String>,
+    /// Upstream TLS for the requests of a shared listener that no service takes.
+    plain_tls: Arc<rustls::ClientConfig>,
+}
+
+impl HttpConnector {
+    /// # Errors
+    /// An unreadable CA file; an OAuth2 configuration that cannot be used.
+    pub fn new(service: &Service) -> anyhow::Result<Self> {
+        let route = Route::new(&Arc::new(service.clone()))?;
         let names = service
             .intercept
             .iter()
@@ -105,18 +197,55 @@ impl HttpConnector {
             })
             .collect();
         Ok(Self {
-            service: service.clone(),
-            upstream_tls: Arc::new(tls),
-            tokens,
+            plain_tls: Arc::clone(&route.upstream_tls),
+            routes: vec![route],
+            shared: false,
             names,
         })
     }
 
-    fn cfg(&self) -> &HttpSettings {
-        self.service
-            .connector
-            .settings::<HttpSettings>()
-            .expect("built from these settings")
+    /// The connector of services sharing one `listenOn` address.
+    ///
+    /// # Errors
+    /// A service without `authenticateURLsMatching` (nothing would route to it, or
+    /// everything would), or with a reverse-proxy `upstream`; one that cannot be built.
+    pub fn shared(services: &[Arc<Service>]) -> anyhow::Result<Self> {
+        let mut routes = Vec::with_capacity(services.len());
+        for s in services {
+            let r = Route::new(s)?;
+            let cfg = r.cfg();
+            if cfg.url_patterns.is_empty() {
+                anyhow::bail!(
+                    "services.{}.config.authenticateURLsMatching: required when services \
+                     share a listenOn address (it routes each request to its service)",
+                    s.name
+                );
+            }
+            if cfg.upstream.is_some() {
+                anyhow::bail!(
+                    "services.{}.config.upstream: a reverse proxy needs a listenOn address \
+                     of its own; services sharing one are forward proxies (http_proxy)",
+                    s.name
+                );
+            }
+            routes.push(r);
+        }
+        Ok(Self {
+            routes,
+            shared: true,
+            names: Vec::new(),
+            plain_tls: upstream_tls(None)?,
+        })
+    }
+
+    /// The service that authenticates a request for `url`, if any.
+    fn route(&self, url: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.takes(url))
+    }
+
+    /// The single service (not shared) and its settings.
+    fn single(&self) -> Option<&Route> {
+        (!self.shared).then(|| &self.routes[0])
     }
 }
 
@@ -147,8 +276,8 @@ impl Connector for HttpConnector {
 
     fn uses_ca(&self) -> bool {
         // Any intercepted port may carry TLS for an intercepted name.
-        !self.service.intercept.is_empty()
-            || matches!(self.service.listen_on, Some(ListenAddr::Tcp(_)))
+        let s = &self.routes[0].service;
+        !s.intercept.is_empty() || matches!(s.listen_on, Some(ListenAddr::Tcp(_)))
     }
 }
 
@@ -256,16 +385,46 @@ async fn first_bytes(client: &TcpStream) -> Result<Option<Option<String>>, ConnE
     }
 }
 
-/// The upstream connection kept for a client connection.
+/// The upstream connection kept for a client connection: where it goes, with TLS or
+/// not, and for which service (its TLS trust).
 struct Upstream {
-    key: (HostPort, bool),
+    key: (HostPort, bool, Option<usize>),
     sender: hyper::client::conn::http1::SendRequest<UpBody>,
+}
+
+/// Where one request goes.
+struct Dest {
+    to: HostPort,
+    https: bool,
+    /// The name the upstream's certificate must carry.
+    name: String,
+    /// The `Host` header to send (`None`: the client's).
+    host: Option<String>,
+}
+
+/// A `CONNECT` tunnel (forward-proxy `listenOn` only), opened once its 200 is sent.
+enum Tunnel {
+    /// Relayed byte for byte to this upstream: no service takes its URLs.
+    Blind(TcpStream),
+    /// Terminated with a local-CA certificate for the host, its requests served like
+    /// any others (`https://{authority}{path}` routed and authenticated).
+    Decrypt(TunnelTarget),
+}
+
+/// The origin a decrypted `CONNECT` tunnel's requests go to.
+#[derive(Clone)]
+struct TunnelTarget {
+    to: HostPort,
+    /// `host` or `host:port` (not 443): the authority of the requests' URLs.
+    authority: String,
 }
 
 /// What one client connection's requests share.
 struct Handler<'a> {
     c: &'a HttpConnector,
     env: &'a Env,
+    /// The listener's service (for a shared listener: named after its members), named
+    /// by the lines of requests no service takes.
     service: Arc<Service>,
     caller: Option<Caller>,
     orig_dst: Option<std::net::SocketAddr>,
@@ -274,10 +433,16 @@ struct Handler<'a> {
     client_tls: bool,
     /// The server name the client sent (TLS terminated here).
     sni: Option<String>,
+    /// Inside a decrypted `CONNECT` tunnel: its origin.
+    tunnel: Option<TunnelTarget>,
     upstream: tokio::sync::Mutex<Option<Upstream>>,
-    /// For the connection line: the last upstream, the credential fetches.
-    upstream_addr: Mutex<Option<String>>,
-    fetched: Mutex<Vec<String>>,
+    /// A `CONNECT` answered with 200: the tunnel to open once hyper hands the
+    /// connection over.
+    pending: Mutex<Option<(hyper::upgrade::OnUpgrade, Tunnel)>>,
+    /// For the connection line: the last upstream, the credential fetches, the bytes
+    /// (shared with a tunnel's inner handler).
+    upstream_addr: Arc<Mutex<Option<String>>>,
+    fetched: Arc<Mutex<Vec<String>>>,
     bytes_up: Arc<AtomicU64>,
     bytes_down: Arc<AtomicU64>,
 }
@@ -303,11 +468,37 @@ impl<'a> Handler<'a> {
             },
             client_tls,
             sni,
+            tunnel: None,
             upstream: tokio::sync::Mutex::new(None),
-            upstream_addr: Mutex::new(None),
-            fetched: Mutex::new(Vec::new()),
+            pending: Mutex::new(None),
+            upstream_addr: Arc::default(),
+            fetched: Arc::default(),
             bytes_up: Arc::default(),
             bytes_down: Arc::default(),
+        }
+    }
+
+    /// The handler of a decrypted tunnel's requests: the same connection, its own
+    /// upstream.
+    fn inner(&self, t: TunnelTarget) -> Self {
+        let host = t.to.host.clone();
+        Self {
+            c: self.c,
+            env: self.env,
+            service: Arc::clone(&self.service),
+            caller: self.caller.clone(),
+            orig_dst: self.orig_dst,
+            orig_host: self.orig_host.clone(),
+            listener_port: self.listener_port,
+            client_tls: true,
+            sni: Some(host),
+            tunnel: Some(t),
+            upstream: tokio::sync::Mutex::new(None),
+            pending: Mutex::new(None),
+            upstream_addr: Arc::clone(&self.upstream_addr),
+            fetched: Arc::clone(&self.fetched),
+            bytes_up: Arc::clone(&self.bytes_up),
+            bytes_down: Arc::clone(&self.bytes_down),
         }
     }
 
@@ -321,9 +512,21 @@ impl<'a> Handler<'a> {
             read: Arc::clone(&self.bytes_up),
             written: Arc::clone(&self.bytes_down),
         };
-        let h = &self;
+        self.serve_io(io).await;
+        conn.stats.upstream = self.upstream_addr.lock().expect("lock").take();
+        conn.stats.fetched = std::mem::take(&mut *self.fetched.lock().expect("lock"));
+        conn.stats.bytes_up = self.bytes_up.load(Ordering::Relaxed);
+        conn.stats.bytes_down = self.bytes_down.load(Ordering::Relaxed);
+        Handoff::Done
+    }
+
+    /// hyper's HTTP/1.1 server on `io`, then the `CONNECT` tunnel it ended with, if any.
+    async fn serve_io<IO>(&self, io: IO)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let svc = hyper::service::service_fn(move |req| async move {
-            Ok::<_, Infallible>(h.handle(req).await)
+            Ok::<_, Infallible>(self.handle(req).await)
         });
         let r = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
@@ -333,11 +536,48 @@ impl<'a> Handler<'a> {
         if let Err(e) = r {
             tracing::debug!(service = %self.service.name, "HTTP client connection: {e}");
         }
-        conn.stats.upstream = self.upstream_addr.lock().expect("lock").take();
-        conn.stats.fetched = std::mem::take(&mut *self.fetched.lock().expect("lock"));
-        conn.stats.bytes_up = self.bytes_up.load(Ordering::Relaxed);
-        conn.stats.bytes_down = self.bytes_down.load(Ordering::Relaxed);
-        Handoff::Done
+        let pending = self.pending.lock().expect("lock").take();
+        if let Some((on_upgrade, tunnel)) = pending {
+            Box::pin(self.open_tunnel(on_upgrade, tunnel)).await;
+        }
+    }
+
+    /// The tunnel of an answered `CONNECT`: relayed blind, or decrypted and served.
+    async fn open_tunnel(&self, on_upgrade: hyper::upgrade::OnUpgrade, tunnel: Tunnel) {
+        let Ok(Ok(client)) = tokio::time::timeout(FIRST_BYTES, on_upgrade).await else {
+            return;
+        };
+        let mut client = TokioIo::new(client);
+        match tunnel {
+            Tunnel::Blind(mut up) => {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+            }
+            Tunnel::Decrypt(t) => {
+                let Some(ca) = self.env.ca.as_ref() else {
+                    return;
+                };
+                let host = t.to.host.clone();
+                let config = match ca.leaf(&host).and_then(|l| l.server_config(&[b"http/1.1"])) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(service = %self.service.name, "CONNECT {host}: no certificate: {e:#}");
+                        return;
+                    }
+                };
+                let accept = tokio_rustls::TlsAcceptor::from(config).accept(client);
+                match tokio::time::timeout(FIRST_BYTES, accept).await {
+                    Ok(Ok(stream)) => self.inner(t).serve_io(stream).await,
+                    Ok(Err(e)) => tracing::debug!(
+                        service = %self.service.name,
+                        "CONNECT {host}: client TLS handshake failed: {e}"
+                    ),
+                    Err(_) => tracing::debug!(
+                        service = %self.service.name,
+                        "CONNECT {host}: client TLS handshake timed out"
+                    ),
+                }
+            }
+        }
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<LoggedBody> {
@@ -355,23 +595,29 @@ impl<'a> Handler<'a> {
             method: req.method().to_string(),
             authority,
             path: req.uri().path().to_owned(),
+            authenticated: false,
             status: 0,
             bytes: 0,
             started,
             error: None,
         };
-        match self.forward(req).await {
+        let r = if req.method() == Method::CONNECT {
+            self.connect(req).await
+        } else {
+            self.forward(req, &mut log).await
+        };
+        match r {
             Ok(resp) => {
                 log.status = resp.status().as_u16();
                 resp.map(|b| LoggedBody {
-                    inner: b.boxed(),
+                    inner: b,
                     log: Some(log),
                 })
             }
             Err((status, msg)) => {
                 log.status = status.as_u16();
                 log.error = Some(msg.clone());
-                let body = serde_json::json!({"error": msg, "service": self.service.name});
+                let body = serde_json::json!({"error": msg, "service": log.service.name});
                 let mut r = Response::new(LoggedBody {
                     inner: Full::new(Bytes::from(body.to_string()))
                         .map_err(|never| match never {})
@@ -388,17 +634,141 @@ impl<'a> Handler<'a> {
         }
     }
 
-    /// Where this request goes: host and port, TLS, the name to verify, and the `Host`
-    /// header to send (`None`: the client's).
-    fn target(
+    /// `CONNECT host:port` on a forward-proxy listener: 200, then the tunnel (decrypted
+    /// when a service takes `https://{authority}/`, else relayed blind).
+    async fn connect(&self, mut req: Request<Incoming>) -> Result<Response<UpBody>, Failure> {
+        let reverse = self.c.single().is_some_and(|r| r.cfg().upstream.is_some());
+        if self.orig_dst.is_some() || self.tunnel.is_some() || reverse {
+            return Err((
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is served only by a forward-proxy listenOn (http_proxy, https_proxy)"
+                    .into(),
+            ));
+        }
+        let bad = || {
+            (
+                StatusCode::BAD_REQUEST,
+                "CONNECT needs host:port".to_owned(),
+            )
+        };
+        let auth = req.uri().authority().ok_or_else(bad)?.clone();
+        let port = auth.port_u16().ok_or_else(bad)?;
+        let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad());
+        }
+        let url_host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_ascii_lowercase()
+        };
+        let authority = if port == 443 {
+            url_host
+        } else {
+            format!("{url_host}:{port}")
+        };
+        let to = HostPort::new(host.to_ascii_lowercase(), port);
+        let origin = format!("https://{authority}/");
+        let decrypt =
+            self.env.ca.is_some() && self.c.routes.iter().any(|r| r.may_take_origin(&origin));
+        let tunnel = if decrypt {
+            Tunnel::Decrypt(TunnelTarget { to, authority })
+        } else {
+            // Dialled now, so that a failure is an answer the client reads.
+            *self.upstream_addr.lock().expect("lock") = Some(to.to_string());
+            let up = self
+                .env
+                .dialer
+                .dial(&to)
+                .await
+                .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
+            Tunnel::Blind(up)
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        *self.pending.lock().expect("lock") = Some((on_upgrade, tunnel));
+        Ok(Response::new(
+            Empty::new().map_err(|never| match never {}).boxed(),
+        ))
+    }
+
+    /// Where a request goes and which service (if any) authenticates it, with that
+    /// service's credentials.
+    async fn destination(
         &self,
-        creds: &Credentials,
         uri: &Uri,
-    ) -> Result<(HostPort, bool, String, Option<String>), ConnError> {
-        let cfg = self.c.cfg();
+    ) -> Result<(Option<&'a Route>, Credentials, Dest, String), Failure> {
+        let bad = |e: ConnError| (StatusCode::BAD_GATEWAY, e.to_string());
+        let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+        let (url, dest) = if let Some(t) = &self.tunnel {
+            let dest = Dest {
+                to: t.to.clone(),
+                https: true,
+                name: t.to.host.clone(),
+                host: None,
+            };
+            (format!("https://{}{pq}", t.authority), dest)
+        } else if let Some(r) = self.c.single() {
+            // One service: its upstream, the absolute URI of a forward-proxy request,
+            // or the app's destination (which the `host` credentials may override).
+            let creds = self.credentials(&r.service).await.map_err(bad)?;
+            let dest = self.single_target(r, &creds, uri).map_err(bad)?;
+            let scheme = if dest.https || self.client_tls {
+                "https"
+            } else {
+                "http"
+            };
+            let authority = dest.host.clone().unwrap_or_else(|| {
+                uri.authority()
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| dest.to.to_string())
+            });
+            let url = format!("{scheme}://{authority}{pq}");
+            let route = r.takes(&url).then_some(r);
+            return Ok((route, creds, dest, url));
+        } else {
+            let (Some(scheme), Some(auth)) = (uri.scheme_str(), uri.authority()) else {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "this listenOn address is a forward proxy (set http_proxy to it): a \
+                     request must name its absolute URL"
+                        .into(),
+                ));
+            };
+            let https = scheme == "https";
+            let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+            let port = auth.port_u16().unwrap_or(if https { 443 } else { 80 });
+            let dest = Dest {
+                to: HostPort::new(host, port),
+                https,
+                name: host.to_owned(),
+                host: Some(auth.to_string()),
+            };
+            (format!("{scheme}://{auth}{pq}"), dest)
+        };
+        let Some(route) = self.c.route(&url) else {
+            return Ok((None, Credentials::default(), dest, url));
+        };
+        let creds = self.credentials(&route.service).await.map_err(bad)?;
+        let mut dest = dest;
+        if route.cfg().force_ssl && !dest.https {
+            dest.https = true;
+            if dest.to.port == 80 {
+                dest.to.port = 443;
+            }
+        }
+        Ok((Some(route), creds, dest, url))
+    }
+
+    /// Where a single service's request goes.
+    fn single_target(&self, r: &Route, creds: &Credentials, uri: &Uri) -> Result<Dest, ConnError> {
+        let cfg = r.cfg();
         if let Some(u) = &cfg.upstream {
-            let to = HostPort::new(u.host.clone(), u.port);
-            return Ok((to, u.https, u.host.clone(), Some(u.authority())));
+            return Ok(Dest {
+                to: HostPort::new(u.host.clone(), u.port),
+                https: u.https,
+                name: u.host.clone(),
+                host: Some(u.authority()),
+            });
         }
         if self.orig_dst.is_none()
             && let (Some(scheme), Some(auth)) = (uri.scheme_str(), uri.authority())
@@ -409,12 +779,12 @@ impl<'a> Handler<'a> {
             let port = auth
                 .port_u16()
                 .unwrap_or(if scheme == "https" || https { 443 } else { 80 });
-            return Ok((
-                HostPort::new(host, port),
+            return Ok(Dest {
+                to: HostPort::new(host, port),
                 https,
-                host.to_owned(),
-                Some(auth.to_string()),
-            ));
+                name: host.to_owned(),
+                host: Some(auth.to_string()),
+            });
         }
         let t = target::resolve(
             creds,
@@ -434,12 +804,17 @@ impl<'a> Handler<'a> {
             to.port = 443;
         }
         let name = self.sni.clone().unwrap_or(t.name);
-        Ok((to, https, name, None))
+        Ok(Dest {
+            to,
+            https,
+            name,
+            host: None,
+        })
     }
 
-    async fn credentials(&self) -> Result<Credentials, ConnError> {
+    async fn credentials(&self, service: &Service) -> Result<Credentials, ConnError> {
         let mut stats = ConnStats::default();
-        let r = self.env.credentials(&self.service, false, &mut stats).await;
+        let r = self.env.credentials(service, false, &mut stats).await;
         if !stats.fetched.is_empty() {
             let mut f = self.fetched.lock().expect("lock");
             if f.is_empty() {
@@ -449,27 +824,17 @@ impl<'a> Handler<'a> {
         r
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, Failure> {
-        let cfg = self.c.cfg();
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        log: &mut RequestLog,
+    ) -> Result<Response<UpBody>, Failure> {
         let bad = |e: ConnError| (StatusCode::BAD_GATEWAY, e.to_string());
-        let creds = self.credentials().await.map_err(bad)?;
-        let (to, https, name, host) = self.target(&creds, req.uri()).map_err(bad)?;
-        let scheme = if https || self.client_tls {
-            "https"
-        } else {
-            "http"
-        };
-        let authority = host.clone().unwrap_or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or_default()
-                .to_owned()
-        });
-        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let url = format!("{scheme}://{authority}{pq}");
-        let authenticate =
-            cfg.url_patterns.is_empty() || cfg.url_patterns.iter().any(|r| r.is_match(&url));
+        let (route, creds, dest, _url) = self.destination(req.uri()).await?;
+        if let Some(r) = route {
+            log.service = Arc::clone(&r.service);
+            log.authenticated = true;
+        }
 
         // The request as the upstream gets it.
         let upgrade = is_upgrade(req.headers());
@@ -477,17 +842,23 @@ impl<'a> Handler<'a> {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
         parts.headers.remove(header::EXPECT);
-        if let Some(h) = &host {
+        if let Some(h) = &dest.host {
             parts.headers.insert(
                 header::HOST,
                 HeaderValue::from_str(h).map_err(|_| bad(ConnError::Config("bad host".into())))?,
             );
         } else if !parts.headers.contains_key(header::HOST) {
-            let h = HeaderValue::from_str(&to.to_string())
-                .map_err(|_| bad(ConnError::Config("bad host".into())))?;
+            let h = self
+                .tunnel
+                .as_ref()
+                .map_or_else(|| dest.to.to_string(), |t| t.authority.clone());
+            let h =
+                HeaderValue::from_str(&h).map_err(|_| bad(ConnError::Config("bad host".into())))?;
             parts.headers.insert(header::HOST, h);
         }
-        let base = cfg.upstream.as_ref().map_or("", |u| u.base_path.as_str());
+        let base = route
+            .and_then(|r| r.cfg().upstream.as_ref())
+            .map_or("", |u| u.base_path.as_str());
         let path = parts.uri.path();
         let query = parts.uri.query().map(str::to_owned);
         let mut origin = format!("{base}{path}");
@@ -498,7 +869,8 @@ impl<'a> Handler<'a> {
         parts.version = http::Version::HTTP_11;
         let mut token = None;
         let mut aws_scope = None;
-        if authenticate {
+        if let Some(r) = route {
+            let cfg = r.cfg();
             if cfg.style == Style::Aws {
                 // Region and service from the app's own signature; none: forwarded
                 // unsigned, as Secretless does.
@@ -511,9 +883,7 @@ impl<'a> Handler<'a> {
             if !cfg.keep_client_authorization {
                 parts.headers.remove(header::AUTHORIZATION);
             }
-            token = self
-                .authenticate(&creds, &mut parts.headers, &mut origin)
-                .await?;
+            token = authenticate(r, &creds, &mut parts.headers, &mut origin).await?;
         }
         parts.uri = origin
             .parse()
@@ -523,7 +893,7 @@ impl<'a> Handler<'a> {
         if let Some(scope) = &aws_scope {
             up_body = aws_sign(&creds, &mut parts, up_body, scope).await?;
         }
-        let retry_parts = (self.c.tokens.is_some() && replayable).then(|| {
+        let retry_parts = (route.is_some_and(|r| r.tokens.is_some()) && replayable).then(|| {
             let mut r = Request::new(());
             *r.method_mut() = parts.method.clone();
             *r.uri_mut() = parts.uri.clone();
@@ -531,20 +901,20 @@ impl<'a> Handler<'a> {
             r
         });
         let req = Request::from_parts(parts, up_body);
-        let mut resp = self.send(&to, https, &name, req).await?;
+        let mut resp = self.send(route, &dest, req).await?;
         if resp.status() == StatusCode::UNAUTHORIZED
-            && let (Some(tokens), Some(t), Some(r)) = (&self.c.tokens, &token, retry_parts)
+            && let (Some(r), Some(t), Some(retry)) = (route, &token, retry_parts)
+            && let Some(tokens) = &r.tokens
         {
             // The token was refused: drop it, take a new one, send the request again once.
             tokens.invalidate(t);
-            let (mut parts, ()) = r.into_parts();
+            let (mut parts, ()) = retry.into_parts();
             let mut origin = parts.uri.to_string();
             parts.headers.remove(header::AUTHORIZATION);
-            self.authenticate(&creds, &mut parts.headers, &mut origin)
-                .await?;
+            authenticate(r, &creds, &mut parts.headers, &mut origin).await?;
             let _ = origin; // query parameters were already added
             let req = Request::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed());
-            resp = self.send(&to, https, &name, req).await?;
+            resp = self.send(route, &dest, req).await?;
         }
         strip_hop_by_hop(resp.headers_mut(), upgrade);
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -559,110 +929,22 @@ impl<'a> Handler<'a> {
                 }
             });
         }
-        Ok(resp)
-    }
-
-    /// Add the service's credentials to a request; returns the OAuth2 token used.
-    async fn authenticate(
-        &self,
-        creds: &Credentials,
-        headers: &mut HeaderMap,
-        origin: &mut String,
-    ) -> Result<Option<Secret>, Failure> {
-        let cfg = self.c.cfg();
-        let svc = &self.service.name;
-        for (name, re) in &cfg.credential_validations {
-            let ok = creds
-                .get(name)
-                .is_some_and(|v| std::str::from_utf8(v.expose()).is_ok_and(|s| re.is_match(s)));
-            if !ok {
-                return Err((
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "credential \"{name}\" does not match its credentialValidations pattern"
-                    ),
-                ));
-            }
-        }
-        let token = match &self.c.tokens {
-            Some(t) => Some(t.token().await.map_err(|e| {
-                tracing::warn!(service = %svc, "OAuth2 token: {e}");
-                (
-                    StatusCode::BAD_GATEWAY,
-                    format!("OAuth2 token unavailable: {e}"),
-                )
-            })?),
-            None => None,
-        };
-        let tok = token.as_ref();
-        let get = move |n: &str| lookup(creds, tok, n);
-        let value = |v: &[u8]| {
-            HeaderValue::from_bytes(v)
-                .map(|mut h| {
-                    h.set_sensitive(true);
-                    h
-                })
-                .map_err(|_| {
-                    (
-                        StatusCode::BAD_GATEWAY,
-                        "a rendered header is not a valid header value".to_owned(),
-                    )
-                })
-        };
-        match cfg.style {
-            // Signed in `forward`, once the request is final.
-            Style::Aws => {}
-            Style::Basic => {
-                let (Some(u), Some(p)) = (get("username"), get("password")) else {
-                    return Err((
-                        StatusCode::BAD_GATEWAY,
-                        "credentials `username` and `password` are required".into(),
-                    ));
-                };
-                headers.insert(header::AUTHORIZATION, value(&inject::basic(u, p))?);
-            }
-            Style::Generic => {
-                for (name, t) in &cfg.headers {
-                    let v = t
-                        .render(&get)
-                        .map_err(|e| (StatusCode::BAD_GATEWAY, format!("header {name}: {e}")))?;
-                    headers.insert(name.clone(), value(&v)?);
-                }
-                if !cfg.query_params.is_empty() {
-                    let mut q = zeroize::Zeroizing::new(Vec::new());
-                    for (name, t) in &cfg.query_params {
-                        let v = t.render(&get).map_err(|e| {
-                            (
-                                StatusCode::BAD_GATEWAY,
-                                format!("query parameter {name}: {e}"),
-                            )
-                        })?;
-                        if !q.is_empty() {
-                            q.push(b'&');
-                        }
-                        inject::encode_component(name.as_bytes(), &mut q);
-                        q.push(b'=');
-                        inject::encode_component(&v, &mut q);
-                    }
-                    origin.push(if origin.contains('?') { '&' } else { '?' });
-                    origin.push_str(std::str::from_utf8(&q).expect("percent-encoded"));
-                }
-            }
-        }
-        Ok(token)
+        Ok(resp.map(|b| b.boxed()))
     }
 
     /// Send on the kept upstream connection (a new one when there is none, it closed, or
     /// this request goes elsewhere).
     async fn send(
         &self,
-        to: &HostPort,
-        https: bool,
-        name: &str,
+        route: Option<&Route>,
+        dest: &Dest,
         req: Request<UpBody>,
     ) -> Result<Response<Incoming>, Failure> {
-        let timeout = self.c.cfg().timeout;
-        let key = (to.clone(), https);
+        let timeout = route.map_or(super::config::DEFAULT_TIMEOUT, |r| r.cfg().timeout);
+        let tls = route.map_or(&self.c.plain_tls, |r| &r.upstream_tls);
+        let idx = route.map(|r| std::ptr::from_ref(r) as usize);
+        let to = &dest.to;
+        let key = (to.clone(), dest.https, idx);
         let mut slot = self.upstream.lock().await;
         let reuse = match slot.as_mut() {
             Some(u) if u.key == key && !u.sender.is_closed() => {
@@ -675,7 +957,7 @@ impl<'a> Handler<'a> {
         if !reuse {
             *slot = None;
             let sender = self
-                .connect(to, https, name)
+                .open_upstream(to, dest.https.then_some((tls, dest.name.as_str())))
                 .await
                 .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
             *slot = Some(Upstream { key, sender });
@@ -700,18 +982,18 @@ impl<'a> Handler<'a> {
         }
     }
 
-    async fn connect(
+    /// A new upstream connection; TLS (verified for `name`) when `tls` is given.
+    async fn open_upstream(
         &self,
         to: &HostPort,
-        https: bool,
-        name: &str,
+        tls: Option<(&Arc<rustls::ClientConfig>, &str)>,
     ) -> Result<hyper::client::conn::http1::SendRequest<UpBody>, ConnError> {
         *self.upstream_addr.lock().expect("lock") = Some(to.to_string());
         let tcp = self.env.dialer.dial(to).await?;
-        let io: Box<dyn AsyncStream> = if https {
+        let io: Box<dyn AsyncStream> = if let Some((config, name)) = tls {
             let server_name = rustls::pki_types::ServerName::try_from(name.to_owned())
                 .map_err(|_| ConnError::Config(format!("invalid TLS server name `{name}`")))?;
-            let s = tokio_rustls::TlsConnector::from(Arc::clone(&self.c.upstream_tls))
+            let s = tokio_rustls::TlsConnector::from(Arc::clone(config))
                 .connect(server_name, tcp)
                 .await
                 .map_err(|e| ConnError::Tls {
@@ -730,6 +1012,94 @@ impl<'a> Handler<'a> {
         });
         Ok(sender)
     }
+}
+
+/// Add a service's credentials to a request; returns the OAuth2 token used.
+async fn authenticate(
+    r: &Route,
+    creds: &Credentials,
+    headers: &mut HeaderMap,
+    origin: &mut String,
+) -> Result<Option<Secret>, Failure> {
+    let cfg = r.cfg();
+    let svc = &r.service.name;
+    for (name, re) in &cfg.credential_validations {
+        let ok = creds
+            .get(name)
+            .is_some_and(|v| std::str::from_utf8(v.expose()).is_ok_and(|s| re.is_match(s)));
+        if !ok {
+            return Err((
+                StatusCode::BAD_GATEWAY,
+                format!("credential \"{name}\" does not match its credentialValidations pattern"),
+            ));
+        }
+    }
+    let token = match &r.tokens {
+        Some(t) => Some(t.token().await.map_err(|e| {
+            tracing::warn!(service = %svc, "OAuth2 token: {e}");
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("OAuth2 token unavailable: {e}"),
+            )
+        })?),
+        None => None,
+    };
+    let tok = token.as_ref();
+    let get = move |n: &str| lookup(creds, tok, n);
+    let value = |v: &[u8]| {
+        HeaderValue::from_bytes(v)
+            .map(|mut h| {
+                h.set_sensitive(true);
+                h
+            })
+            .map_err(|_| {
+                (
+                    StatusCode::BAD_GATEWAY,
+                    "a rendered header is not a valid header value".to_owned(),
+                )
+            })
+    };
+    match cfg.style {
+        // Signed in `forward`, once the request is final.
+        Style::Aws => {}
+        Style::Basic => {
+            let (Some(u), Some(p)) = (get("username"), get("password")) else {
+                return Err((
+                    StatusCode::BAD_GATEWAY,
+                    "credentials `username` and `password` are required".into(),
+                ));
+            };
+            headers.insert(header::AUTHORIZATION, value(&inject::basic(u, p))?);
+        }
+        Style::Generic => {
+            for (name, t) in &cfg.headers {
+                let v = t
+                    .render(&get)
+                    .map_err(|e| (StatusCode::BAD_GATEWAY, format!("header {name}: {e}")))?;
+                headers.insert(name.clone(), value(&v)?);
+            }
+            if !cfg.query_params.is_empty() {
+                let mut q = zeroize::Zeroizing::new(Vec::new());
+                for (name, t) in &cfg.query_params {
+                    let v = t.render(&get).map_err(|e| {
+                        (
+                            StatusCode::BAD_GATEWAY,
+                            format!("query parameter {name}: {e}"),
+                        )
+                    })?;
+                    if !q.is_empty() {
+                        q.push(b'&');
+                    }
+                    inject::encode_component(name.as_bytes(), &mut q);
+                    q.push(b'=');
+                    inject::encode_component(&v, &mut q);
+                }
+                origin.push(if origin.contains('?') { '&' } else { '?' });
+                origin.push_str(std::str::from_utf8(&q).expect("percent-encoded"));
+            }
+        }
+    }
+    Ok(token)
 }
 
 /// A template's value: `access_token` is the OAuth2 token when the service has one.
@@ -879,6 +1249,8 @@ struct RequestLog {
     method: String,
     authority: String,
     path: String,
+    /// The service's credentials were added.
+    authenticated: bool,
     status: u16,
     bytes: u64,
     started: Instant,
@@ -896,6 +1268,7 @@ impl Drop for RequestLog {
             http.authority = %self.authority,
             http.path = %self.path,
             http.status = self.status,
+            authenticated = self.authenticated,
             bytes.down = self.bytes,
             error = self.error.as_deref(),
             caller.pid = c.map(|c| c.pid),
@@ -987,5 +1360,32 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counting<IO> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn viable(pattern: &str, origin: &str) -> bool {
+        let dfa = regex_automata::hybrid::dfa::DFA::new(pattern).expect("pattern");
+        prefix_viable(&dfa, origin)
+    }
+
+    #[test]
+    fn a_tunnel_origin_is_viable_for_patterns_that_can_match_its_urls() {
+        let o = "https://api.example.com/";
+        assert!(viable(r"^https://api\.example\.com/v1/", o));
+        assert!(viable(r"^http[s]?://api\.example\.com", o));
+        assert!(viable(r"^https://.*", o));
+        assert!(viable(r"https://api", o));
+        assert!(!viable(r"^https://other\.example\.com/", o));
+        assert!(!viable(r"^http://api\.example\.com/", o));
+        assert!(!viable(r"/v1/", o));
+        assert!(!viable(r"^https://api\.example\.com:8443/", o));
+        assert!(viable(
+            r"^https://api\.example\.com:8443/",
+            "https://api.example.com:8443/"
+        ));
     }
 }

@@ -17,6 +17,7 @@ pub(super) const SYNTAX: ConnectorSyntax = ConnectorSyntax {
     names: &["pg", "postgres", "postgresql"],
     required_credentials: &["username", "password"],
     host_or_intercept: true,
+    shares_listener: false,
     parse,
 };
 
