@@ -139,3 +139,29 @@ fn seed_and_secretless_files_load_and_name_what_is_not_built() {
     let out = broker_check(&example("example.yaml"), &env);
     assert!(out.status.success(), "{}", output_text(&out));
 }
+
+/// The OAuth2 entry is checked as the token source will use it: a `token_url` that is not
+/// an absolute http(s) URL and an unknown `client_auth` are named with their key paths;
+/// the client secret is never printed.
+#[test]
+fn oauth2_token_url_and_client_auth_are_checked() {
+    let secret = "oauth2-client-secret-check-7c1d";
+    let out = assert_reports(
+        &format!(
+            "version: 2\nservices:\n  agents:\n    connector: generic_http\n    intercept: [\"api.example.test:443\"]\n    authentication:\n      - type: oauth2\n        config:\n          token_url: ftp://auth.example.test/token\n          client_id: agents\n          client_secret: {secret}\n          client_auth: jwt\n          params: {{resource: \"https://api.example.test\"}}\n          default_lifetime: 10m\n"
+        ),
+        &[
+            "services.agents.authentication[0].config.token_url",
+            "not an http:// or https:// URL",
+            "services.agents.authentication[0].config.client_auth",
+            "\"basic\"",
+            "\"body\"",
+        ],
+    );
+    assert_no_secret(&out, &[secret], "check output");
+    let (code, out) = check(&format!(
+        "version: 2\nservices:\n  agents:\n    connector: generic_http\n    intercept: [\"api.example.test:443\"]\n    authentication:\n      - type: oauth2\n        config:\n          token_url: https://auth.example.test/token\n          client_id: agents\n          client_secret: {secret}\n          client_auth: body\n          audience: https://api.example.test\n          timeout: 5s\n"
+    ));
+    assert_eq!(code, 0, "{out}");
+    assert_no_secret(&out, &[secret], "check output");
+}

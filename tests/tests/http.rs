@@ -6,7 +6,10 @@
 //! `--cacert`/`SSL_CERT_FILE`), a server name no service configures passed through
 //! untouched (the real server's certificate); a token endpoint down gives 502 JSON;
 //! OAuth2 client credentials (one token fetch for 200 concurrent requests, a 401 causing
-//! one refetch and a retry); a WebSocket upgrade carrying the injected header, then echoed.
+//! one refetch and a retry); a WebSocket upgrade carrying the injected header, then echoed,
+//! over plain HTTP and over HTTPS terminated by the broker; `aws`: requests re-signed and
+//! checked by botocore, a chunked body over the signing buffer's bound refused with 413
+//! while the broker keeps serving.
 //! Every output, response body and log is grepped for the secrets.
 
 use std::{
@@ -382,33 +385,13 @@ for p in ("/revoke", "/after"):
     eprintln!("oauth2 test: {:?}", t0.elapsed());
 }
 
-/// A WebSocket upgrade through the broker: the injected header is on the upgrade request,
-/// the app's own handshake completes (101, a correct `Sec-WebSocket-Accept`), and frames
-/// sent after the 101 come back from the server's echo.
-#[test]
-fn websocket_upgrade_injected_and_echoed() {
-    if !privileged() {
-        return;
-    }
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let server = HttpServer::start("127.0.0.8", port);
-    let tok = write_file(dir.path(), "token", TOKEN);
-    let cfg = write_file(
-        dir.path(),
-        "broker.yaml",
-        &format!(
-            "version: 2\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n",
-            tok.display()
-        ),
-    );
-    let py = write_file(
-        dir.path(),
-        "ws.py",
-        &format!(
-            r#"import base64, hashlib, os, socket
-s = socket.create_connection(("api.example.test", {port}), timeout=20)
+/// A WebSocket client in Python: `connect` makes the socket `s` (plain or TLS) to
+/// `api.example.test:port`; then the handshake (printing `STATUS_LINE=` and
+/// `ACCEPT_OK=`), two text frames echoed (`ECHO_OK=`) and a close (`CLOSE_OK=`).
+fn ws_client(connect: &str, port: u16) -> String {
+    format!(
+        r#"import base64, hashlib, os, socket, ssl
+{connect}
 key = base64.b64encode(os.urandom(16)).decode()
 s.sendall(("GET /ws HTTP/1.1\r\nHost: api.example.test:{port}\r\nUpgrade: websocket\r\n"
            "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
@@ -450,6 +433,36 @@ s.sendall(frame(8, b"\x03\xe8"))
 op, p = read_frame()
 print("CLOSE_OK=%s" % (op == 8))
 "#
+    )
+}
+
+/// A WebSocket upgrade through the broker: the injected header is on the upgrade request,
+/// the app's own handshake completes (101, a correct `Sec-WebSocket-Accept`), and frames
+/// sent after the 101 come back from the server's echo.
+#[test]
+fn websocket_upgrade_injected_and_echoed() {
+    if !privileged() {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = HttpServer::start("127.0.0.8", port);
+    let tok = write_file(dir.path(), "token", TOKEN);
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n",
+            tok.display()
+        ),
+    );
+    let py = write_file(
+        dir.path(),
+        "ws.py",
+        &ws_client(
+            &format!("s = socket.create_connection((\"api.example.test\", {port}), timeout=20)"),
+            port,
         ),
     );
     let (ok, out) = exec_sh(
@@ -473,6 +486,90 @@ print("CLOSE_OK=%s" % (op == 8))
     assert_eq!(ws.header("upgrade"), vec!["websocket"]);
     assert_eq!(ws.header("sec-websocket-version"), vec!["13"]);
     eprintln!("websocket test: {:?}", t0.elapsed());
+}
+
+/// A WebSocket upgrade over HTTPS: the app connects with TLS to an intercepted name,
+/// trusting only the broker's CA; the broker terminates it, injects the header into the
+/// upgrade request, sends it over verified TLS to the real server (test CA in `caFile`)
+/// and, after the 101, relays the frames both ways through the two TLS legs.
+#[test]
+fn websocket_over_https_injected_and_echoed() {
+    if !privileged() {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = HttpServer::start_tls("127.0.0.11", port, "api.example.test", dir.path());
+    let test_ca = server.ca_cert.clone().expect("test CA");
+    let ca_dir = broker_ca(dir.path());
+    let broker_ca = ca_dir.join("ca.crt");
+    let tok = write_file(dir.path(), "token", TOKEN);
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nbroker:\n  caDir: {}\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      caFile: {}\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n",
+            ca_dir.display(),
+            tok.display(),
+            test_ca.display()
+        ),
+    );
+    // `cafile` alone: the default context then trusts nothing else (not the system
+    // store, not the test server's CA), and checks the name.
+    let connect = format!(
+        "ctx = ssl.create_default_context(cafile=\"{bca}\")\n\
+         s = ctx.wrap_socket(socket.create_connection((\"api.example.test\", {port}), timeout=20), server_hostname=\"api.example.test\")\n\
+         print(\"TLS=%s ISSUER=%s\" % (s.version(), dict(x[0] for x in s.getpeercert()[\"issuer\"]).get(\"commonName\")))",
+        bca = broker_ca.display(),
+    );
+    let py = write_file(dir.path(), "wss.py", &ws_client(&connect, port));
+    let (ok, out) = exec_sh(
+        dir.path(),
+        &cfg,
+        &[("api.example.test", "127.0.0.11")],
+        &format!("python3 {}", py.display()),
+    );
+    assert!(ok, "{out}");
+    assert_no_secret(&out, &[TOKEN], "broker exec output");
+    assert!(out.contains("TLS=TLSv1."), "{out}");
+    // The certificate the app verified is the broker's, not the server's.
+    assert!(out.contains("ISSUER=credential broker local CA"), "{out}");
+    assert!(out.contains("STATUS_LINE=HTTP/1.1 101"), "{out}");
+    assert!(out.contains("ACCEPT_OK=True"), "{out}");
+    assert_eq!(out.matches("ECHO_OK=True").count(), 2, "{out}");
+    assert!(out.contains("CLOSE_OK=True"), "{out}");
+    let seen = server.seen();
+    let ws = seen
+        .iter()
+        .find(|s| s.target == "/ws")
+        .unwrap_or_else(|| panic!("upgrade not seen: {out}"));
+    assert_eq!(ws.header("authorization"), vec![format!("Bearer {TOKEN}")]);
+    assert_eq!(ws.header("upgrade"), vec!["websocket"]);
+    assert_eq!(ws.header("host"), vec![format!("api.example.test:{port}")]);
+    // The connection line: the app's leg was TLS the broker terminated.
+    assert!(
+        out.contains("client.tls=true") || out.contains("\"client.tls\":true"),
+        "{out}"
+    );
+    eprintln!("websocket over https test: {:?}", t0.elapsed());
+}
+
+/// Whether `/usr/bin/python3` has botocore (required when `BROKER_REQUIRE_PRIVILEGED` is
+/// set, as in CI).
+fn have_botocore() -> bool {
+    if Command::new("/usr/bin/python3")
+        .args(["-c", "import botocore"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        return true;
+    }
+    assert!(
+        std::env::var_os("BROKER_REQUIRE_PRIVILEGED").is_none(),
+        "python3-botocore is missing"
+    );
+    false
 }
 
 /// Checks received requests' SigV4 signatures with botocore: for each, rebuilds the
@@ -524,15 +621,7 @@ fn aws_requests_resigned_and_verified_by_botocore() {
     if !privileged() {
         return;
     }
-    if Command::new("/usr/bin/python3")
-        .args(["-c", "import botocore"])
-        .status()
-        .map_or(true, |s| !s.success())
-    {
-        assert!(
-            std::env::var_os("BROKER_REQUIRE_PRIVILEGED").is_none(),
-            "python3-botocore is missing"
-        );
+    if !have_botocore() {
         return;
     }
     let t0 = Instant::now();
@@ -673,4 +762,144 @@ print("BIG=%d %s" % (r.status, r.read().decode()))
     assert!(v.status.success(), "{vout}");
     assert_eq!(vout.matches("SIG_OK").count(), 2, "{vout}");
     eprintln!("aws test: {:?}", t0.elapsed());
+}
+
+/// The `aws` connector's buffering bound with a chunked body (no `Content-Length` to
+/// answer from): an app's SigV4-signed `POST` to a non-S3 service, without
+/// `X-Amz-Content-Sha256`, streaming 11 MiB chunked. The broker buffers up to
+/// `AWS_MAX_BODY` (10 MiB) to sign it, then answers 413 with a JSON error while the app
+/// is still sending; nothing reaches the API; the broker keeps serving: the next signed
+/// request, on a new connection, is re-signed and answered 200.
+#[test]
+fn aws_chunked_body_over_the_bound_gets_413_and_the_broker_keeps_serving() {
+    if !privileged() || !have_botocore() {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = HttpServer::start("127.0.0.12", port);
+    let key_id = "AKIAREALKEY000000002";
+    let secret = "realSecret/Key+chunked0123456789abcdefgh";
+    let token = "FwoGZXIvYXdzECHUNKEDSESSIONTOKEN/xyz+uvw==";
+    let kf = write_file(dir.path(), "akid", key_id);
+    let sf = write_file(dir.path(), "secret", secret);
+    let tf = write_file(dir.path(), "token", token);
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nbroker:\n  caDir: {}\nservices:\n  aws:\n    connector: aws\n    intercept: [\"sts.example.test:{port}\"]\n    credentials:\n      accessKeyId: {{from: file, get: {}}}\n      secretAccessKey: {{from: file, get: {}}}\n      accessToken: {{from: file, get: {}}}\n",
+            dir.path().join("ca").display(),
+            kf.display(),
+            sf.display(),
+            tf.display()
+        ),
+    );
+    let py = write_file(
+        dir.path(),
+        "app.py",
+        &format!(
+            r#"import json, socket, threading, urllib.request as u, urllib.error
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+dummy = Credentials("AKIDAPPDUMMY", "app-dummy-secret", "app-dummy-token")
+def signed(path, body):
+    # Signed over the body as given (the broker keeps only the scope); SigV4Auth adds
+    # no X-Amz-Content-Sha256.
+    r = AWSRequest(method="POST", url="http://sts.example.test:{port}" + path, data=body,
+                   headers={{"Content-Type": "application/x-www-form-urlencoded"}})
+    SigV4Auth(dummy, "sts", "eu-west-3").add_auth(r)
+    assert "X-Amz-Content-Sha256" not in r.headers
+    return dict(r.headers.items())
+TOTAL, CHUNK = 11 * 1024 * 1024, 64 * 1024
+s = socket.create_connection(("sts.example.test", {port}), timeout=30)
+head = "POST /big HTTP/1.1\r\nHost: sts.example.test:{port}\r\nTransfer-Encoding: chunked\r\n"
+for n, v in signed("/big", b"").items():
+    head += "%s: %s\r\n" % (n, v)
+s.sendall((head + "\r\n").encode())
+sent = [0, None]
+def send_body():
+    # The broker answers while this is still sending, then closes: an error here is
+    # expected once the answer is in.
+    piece = b"%x\r\n" % CHUNK + b"x" * CHUNK + b"\r\n"
+    try:
+        while sent[0] < TOTAL:
+            s.sendall(piece)
+            sent[0] += CHUNK
+        s.sendall(b"0\r\n\r\n")
+    except OSError as e:
+        sent[1] = type(e).__name__
+t = threading.Thread(target=send_body)
+t.start()
+buf = b""
+try:
+    while b"\r\n\r\n" not in buf:
+        d = s.recv(65536)
+        if not d: break
+        buf += d
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    hdrs = {{l.split(":", 1)[0].strip().lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}}
+    n = int(hdrs.get("content-length", "0"))
+    while len(body) < n:
+        d = s.recv(65536)
+        if not d: break
+        body += d
+    print("BIG=%s" % lines[0])
+    print("BIG_TYPE=%s" % hdrs.get("content-type"))
+    print("BIG_BODY=%s" % body.decode())
+    doc = json.loads(body)
+    print("BIG_JSON=%s" % sorted(doc))
+except OSError as e:
+    print("BIG_ERROR=%r" % e)
+t.join(60)
+print("SENT_MIB=%d SEND_ERROR=%s" % (sent[0] >> 20, sent[1]))
+s.close()
+body = b"Action=GetCallerIdentity&Version=2011-06-15"
+r = u.Request("http://sts.example.test:{port}/after", data=body, method="POST",
+              headers=signed("/after", body))
+try:
+    print("AFTER=%d %s" % (u.urlopen(r, timeout=30).status, "ok"))
+except urllib.error.HTTPError as e:
+    print("AFTER=%d %s" % (e.code, e.read().decode()))
+"#
+        ),
+    );
+    let (ok, out) = exec_sh(
+        dir.path(),
+        &cfg,
+        &[("sts.example.test", "127.0.0.12")],
+        &format!("/usr/bin/python3 {}", py.display()),
+    );
+    assert!(ok, "{out}");
+    assert_no_secret(&out, &[secret, token], "broker exec output");
+    assert!(out.contains("BIG=HTTP/1.1 413"), "{out}");
+    assert!(out.contains("BIG_TYPE=application/json"), "{out}");
+    assert!(out.contains("BIG_JSON=['error', 'service']"), "{out}");
+    assert!(out.contains("\"service\":\"aws\""), "{out}");
+    assert!(
+        out.contains("X-Amz-Content-Sha256"),
+        "the error says why: {out}"
+    );
+    assert!(out.contains("AFTER=200 ok"), "{out}");
+    let seen = server.seen();
+    assert!(
+        seen.iter().all(|s| s.target != "/big"),
+        "the unsignable request does not reach the API: {seen:?}"
+    );
+    let after = seen
+        .iter()
+        .find(|s| s.target == "/after")
+        .unwrap_or_else(|| panic!("/after not seen: {out}"));
+    let auth = after.header("authorization").join(",");
+    assert!(
+        auth.starts_with(&format!("AWS4-HMAC-SHA256 Credential={key_id}/"))
+            && auth.contains("/eu-west-3/sts/aws4_request"),
+        "{auth}"
+    );
+    assert_eq!(after.header("x-amz-security-token"), vec![token]);
+    assert_eq!(after.body_len, 43);
+    eprintln!("aws chunked 413 test: {:?}", t0.elapsed());
 }

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use yaml_serde::Value;
 
-use super::{ConnectorSettings, InterceptTarget, Loader};
+use super::{AuthMethod, ConnectorSettings, InterceptTarget, Loader};
 
 /// How one connector kind reads its part of a service.
 #[derive(Clone, Copy)]
@@ -80,4 +80,8 @@ pub struct ConnectorBlock<'a> {
     pub intercept: &'a [InterceptTarget],
     /// The names of the credentials the service gives (valid or not).
     pub credentials: &'a BTreeSet<String>,
+    /// The service's valid `authentication:` entries, each with the key path of its
+    /// `config:` block (`services.api.authentication[0].config`), for a kind that checks
+    /// them further.
+    pub authentication: &'a [(String, AuthMethod)],
 }

@@ -16,7 +16,7 @@ use super::{
     model::{
         AuthMethod, BrokerSettings, Config, ConnectorSpec, CredentialSource, DEFAULT_HTTP_TIMEOUT,
         DEFAULT_MAX_CONNECTIONS_PER_LISTENER, HttpProviderConfig, InterceptTarget, ListenAddr,
-        OAuth2Config, ProviderConfig, Service,
+        OAuth2ClientAuth, OAuth2Config, ProviderConfig, Service,
     },
     values,
 };
@@ -263,6 +263,13 @@ impl Loader<'_> {
         } else {
             format!("{value:?}")
         }
+    }
+
+    /// Whether the value at `path` contains text from the environment (then it is never
+    /// echoed; see [`Self::shown`]).
+    #[must_use]
+    pub fn is_from_env(&self, path: &str) -> bool {
+        self.from_env.contains(path)
     }
 
     // ---- ${VAR} expansion ------------------------------------------------------------
@@ -896,6 +903,7 @@ impl Loader<'_> {
                         value: m.get("config").filter(|v| !v.is_null()),
                         intercept: &intercept,
                         credentials: &given,
+                        authentication: &authentication,
                     },
                 );
                 if kind.host_or_intercept && !intercept_given && !given.contains("host") {
@@ -917,7 +925,7 @@ impl Loader<'_> {
             listen_on,
             intercept,
             credentials: credentials.map(|(c, _)| c).unwrap_or_default(),
-            authentication,
+            authentication: authentication.into_iter().map(|(_, a)| a).collect(),
         })
     }
 
@@ -1157,7 +1165,8 @@ impl Loader<'_> {
 
     // ---- authentication --------------------------------------------------------------
 
-    fn authentication(&mut self, path: &str, v: Option<&Value>) -> Vec<AuthMethod> {
+    /// The valid entries, each with the key path of its `config:` block.
+    fn authentication(&mut self, path: &str, v: Option<&Value>) -> Vec<(String, AuthMethod)> {
         let apath = join(path, "authentication");
         let seq = match v {
             None | Some(Value::Null) => return Vec::new(),
@@ -1184,8 +1193,9 @@ impl Loader<'_> {
             };
             match kind.as_str() {
                 "oauth2" => {
-                    if let Some(c) = self.oauth2(&join(&p, "config"), m.get("config")) {
-                        out.push(AuthMethod::OAuth2(c));
+                    let cpath = join(&p, "config");
+                    if let Some(c) = self.oauth2(&cpath, m.get("config")) {
+                        out.push((cpath, AuthMethod::OAuth2(c)));
                     }
                 }
                 _ => {
@@ -1201,6 +1211,17 @@ impl Loader<'_> {
     }
 
     fn oauth2(&mut self, path: &str, v: Option<&Value>) -> Option<OAuth2Config> {
+        const KEYS: &[&str] = &[
+            "token_url",
+            "client_id",
+            "client_secret",
+            "scope",
+            "audience",
+            "client_auth",
+            "params",
+            "default_lifetime",
+            "timeout",
+        ];
         let Some(v) = v else {
             self.err(
                 path,
@@ -1211,13 +1232,9 @@ impl Loader<'_> {
         let m = self.map(
             path,
             v,
-            "a map {token_url, client_id, client_secret, scope}",
+            "a map {token_url, client_id, client_secret, scope, ...}",
         )?;
-        self.keys(
-            path,
-            m,
-            &["token_url", "client_id", "client_secret", "scope"],
-        );
+        self.keys(path, m, KEYS);
         let field = |l: &mut Self, key: &str| match m.get(key) {
             Some(v) => l.non_empty(&join(path, key), v),
             None => {
@@ -1227,16 +1244,80 @@ impl Loader<'_> {
         };
         let token_url = field(self, "token_url");
         let client_id = field(self, "client_id");
+        // Literal or `${VAR}`; `non_empty` never echoes it.
         let client_secret = field(self, "client_secret");
-        let scope = match m.get("scope") {
-            Some(v) => self.text(&join(path, "scope"), v),
+        let optional = |l: &mut Self, key: &str| match m.get(key) {
+            Some(v) => l.text(&join(path, key), v),
             None => None,
         };
+        let scope = optional(self, "scope");
+        let audience = optional(self, "audience");
+        let client_auth = match m.get("client_auth") {
+            None => OAuth2ClientAuth::Basic,
+            Some(v) => {
+                let p = join(path, "client_auth");
+                match self.text(&p, v).as_deref() {
+                    None => OAuth2ClientAuth::Basic,
+                    Some("basic") => OAuth2ClientAuth::Basic,
+                    Some("body") => OAuth2ClientAuth::Body,
+                    Some(other) => {
+                        let shown = self.shown(&p, other);
+                        self.err(
+                            &p,
+                            format!(
+                                "unknown client_auth {shown} (accepted: \"basic\": HTTP Basic, \
+                                 the default; \"body\": client_id and client_secret in the \
+                                 request body; RFC 6749 2.3.1)"
+                            ),
+                        );
+                        OAuth2ClientAuth::Basic
+                    }
+                }
+            }
+        };
+        let mut params = Vec::new();
+        if let Some(v) = m.get("params") {
+            let p = join(path, "params");
+            if let Some(pm) = self.map(&p, v, "a map of parameter name: value") {
+                for (k, pv) in pm {
+                    let Some(name) = k.as_str() else {
+                        self.err(&p, "parameter names must be strings");
+                        continue;
+                    };
+                    if name.is_empty() {
+                        self.err(&p, "a parameter name must not be empty");
+                        continue;
+                    }
+                    if let Some(value) = self.text(&join(&p, name), pv) {
+                        params.push((name.to_owned(), value));
+                    }
+                }
+            }
+        }
+        let positive = |l: &mut Self, key: &str| {
+            let p = join(path, key);
+            let d = l.duration(&p, m.get(key)?)?;
+            if d.is_zero() {
+                l.err(&p, "must be more than 0");
+                return None;
+            }
+            Some(d)
+        };
+        let default_lifetime = positive(self, "default_lifetime");
+        let timeout = positive(self, "timeout");
+        // With the three required values, the entry is kept even when an optional key
+        // was wrong (that error fails the load): the connector's own checks still run,
+        // so one run reports every problem.
         Some(OAuth2Config {
             token_url: token_url?,
             client_id: client_id?,
             client_secret: Secret::from(client_secret?),
             scope,
+            audience,
+            client_auth,
+            params,
+            default_lifetime,
+            timeout,
         })
     }
 }

@@ -191,7 +191,8 @@ pub fn unsupported(cfg: &Config) -> Vec<ConfigError> {
                 ),
             ));
         }
-        // The HTTP connectors use OAuth2 tokens; no other connector does.
+        // `generic_http` and `basic_auth` use OAuth2 tokens; no other connector does
+        // (`conjur` and `aws` inject fixed credentials).
         let uses_auth = matches!(
             &s.connector,
             ConnectorSpec::Built {

@@ -218,10 +218,33 @@ pub enum AuthMethod {
     OAuth2(OAuth2Config),
 }
 
+/// An `authentication: [{type: oauth2, config: {...}}]` entry: OAuth2 client credentials
+/// (RFC 6749 4.4).
 #[derive(Debug, Clone)]
 pub struct OAuth2Config {
     pub token_url: String,
     pub client_id: String,
     pub client_secret: Secret,
     pub scope: Option<String>,
+    /// `audience` (Auth0, Okta and others).
+    pub audience: Option<String>,
+    /// How the client authenticates to the token endpoint (`client_auth`).
+    pub client_auth: OAuth2ClientAuth,
+    /// More token request parameters (`params`), in file order.
+    pub params: Vec<(String, String)>,
+    /// Lifetime of a token whose reply has no `expires_in` (`default_lifetime`; `None`:
+    /// the token source's default).
+    pub default_lifetime: Option<Duration>,
+    /// Bound of one token fetch (`timeout`; `None`: the token source's default).
+    pub timeout: Option<Duration>,
+}
+
+/// `client_auth` (RFC 6749 2.3.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OAuth2ClientAuth {
+    /// `basic`: HTTP Basic over the form-urlencoded id and secret.
+    #[default]
+    Basic,
+    /// `body`: `client_id` and `client_secret` parameters in the request body.
+    Body,
 }

@@ -1327,3 +1327,317 @@ services:
     has(&e, "services.aws.credentials", "missing \"accessKeyId\"");
     has(&e, "services.aws.config.headers", "unknown key \"headers\"");
 }
+
+// ---- HTTP: conjur, OAuth2 ------------------------------------------------------------
+
+fn http_settings(s: &Service) -> &crate::connector::http::config::HttpSettings {
+    s.connector
+        .settings::<crate::connector::http::config::HttpSettings>()
+        .expect("HTTP settings")
+}
+
+/// Secretless' `conjur` connector: `basic_auth`'s keys, the credential `accessToken`, and
+/// the fixed header `Authorization: Token token="base64(accessToken)"`.
+#[test]
+fn conjur_connector_keys_credential_and_header() {
+    use base64::Engine as _;
+    let c = ok("
+version: 2
+services:
+  conjur:
+    connector: conjur
+    intercept: [conjur.example.com:443]
+    credentials:
+      accessToken: {from: file, get: /run/conjur/access-token}
+    config:
+      authenticateURLsMatching: ['^https://conjur\\.example\\.com/secrets']
+      forceSSL: true
+      upstream: https://conjur.internal:8443
+      caFile: /etc/conjur-ca.pem
+      timeout: 5s
+      keepClientAuthorization: false
+");
+    let s = &c.services[0];
+    assert_eq!(s.connector.name(), "conjur");
+    assert!(
+        unsupported_text(&c).is_empty(),
+        "{:?}",
+        unsupported_text(&c)
+    );
+    let h = http_settings(s);
+    assert_eq!(h.style, crate::connector::http::config::Style::Generic);
+    assert!(h.force_ssl);
+    assert_eq!(h.timeout, Duration::from_secs(5));
+    assert_eq!(h.url_patterns.len(), 1);
+    assert_eq!(h.upstream.as_ref().unwrap().port, 8443);
+    assert!(h.query_params.is_empty());
+    let [(name, t)] = h.headers.as_slice() else {
+        panic!("one header: {:?}", h.headers)
+    };
+    assert_eq!(name, http::header::AUTHORIZATION);
+    assert_eq!(t.names(), ["accessToken"]);
+    let token = br#"{"protected":"eyJhbGciOiJjb25qdXIub3JnL3Nsb3NpbG8vdjIifQ==","payload":"x"}"#;
+    let get = |n: &str| (n == "accessToken").then_some(&token[..]);
+    let want = format!(
+        "Token token=\"{}\"",
+        base64::engine::general_purpose::STANDARD.encode(token)
+    );
+    assert_eq!(&t.render(&get).unwrap()[..], want.as_bytes());
+
+    // Without config: the same header.
+    let c = ok("
+version: 2
+services:
+  conjur: {connector: conjur, listenOn: tcp://127.0.0.1:8082, credentials: {accessToken: t}}
+");
+    assert_eq!(http_settings(&c.services[0]).headers.len(), 1);
+
+    let e = errs(
+        "
+version: 2
+services:
+  conjur:
+    connector: conjur
+    intercept: [conjur.example.com:443]
+    credentials: {token: t}
+    config: {headers: {X: y}, queryParams: {a: b}, credentialValidations: {token: x}}
+",
+    );
+    has(&e, "services.conjur.credentials", "missing \"accessToken\"");
+    for k in ["headers", "queryParams", "credentialValidations"] {
+        has(
+            &e,
+            &format!("services.conjur.config.{k}"),
+            &format!("unknown key \"{k}\""),
+        );
+    }
+}
+
+fn oauth2_service(config: &str) -> String {
+    format!(
+        "
+version: 2
+services:
+  api:
+    connector: generic_http
+    intercept: [api.example.com:443]
+    authentication:
+      - type: oauth2
+        config:
+          token_url: https://auth.example.com/oauth/token
+          client_id: agents
+          client_secret: oauth-client-secret-9f8e7d
+{config}"
+    )
+}
+
+fn oauth2_of(c: &Config) -> &OAuth2Config {
+    let [AuthMethod::OAuth2(o)] = c.services[0].authentication.as_slice() else {
+        panic!("one oauth2 entry")
+    };
+    o
+}
+
+const OAUTH2_PATH: &str = "services.api.authentication[0].config";
+
+/// Every `oauth2` key, and what the token source gets from it.
+#[test]
+fn oauth2_keys_reach_the_token_source() {
+    use crate::connector::http::{oauth2::ClientAuth, tokens::token_config};
+    let c = ok(&oauth2_service(
+        "          scope: \"read write\"
+          audience: https://api.example.com/
+          client_auth: body
+          params:
+            resource: https://api.example.com/v2
+            tenant: 42
+          default_lifetime: 2m
+          timeout: 3s
+",
+    ));
+    let o = oauth2_of(&c);
+    assert_eq!(o.audience.as_deref(), Some("https://api.example.com/"));
+    assert_eq!(o.client_auth, OAuth2ClientAuth::Body);
+    assert_eq!(
+        o.params,
+        [
+            (
+                "resource".to_owned(),
+                "https://api.example.com/v2".to_owned()
+            ),
+            ("tenant".to_owned(), "42".to_owned()),
+        ]
+    );
+    assert_eq!(o.default_lifetime, Some(Duration::from_secs(120)));
+    assert_eq!(o.timeout, Some(Duration::from_secs(3)));
+    let t = token_config(o);
+    assert_eq!(t.token_url, "https://auth.example.com/oauth/token");
+    assert_eq!(t.client_id, "agents");
+    assert_eq!(
+        t.client_secret.expose_str().unwrap(),
+        "oauth-client-secret-9f8e7d"
+    );
+    assert_eq!(t.scope.as_deref(), Some("read write"));
+    assert_eq!(t.audience.as_deref(), Some("https://api.example.com/"));
+    assert_eq!(t.auth, ClientAuth::Body);
+    assert_eq!(t.extra, o.params);
+    assert_eq!(t.default_lifetime, Duration::from_secs(120));
+    assert_eq!(t.timeout, Duration::from_secs(3));
+    t.validate().unwrap();
+
+    // The defaults: Basic, no audience, no parameters, the source's own lifetime and
+    // timeout.
+    let c = ok(&oauth2_service(""));
+    let o = oauth2_of(&c);
+    assert_eq!(o.client_auth, OAuth2ClientAuth::Basic);
+    assert!(o.audience.is_none() && o.params.is_empty());
+    assert!(o.default_lifetime.is_none() && o.timeout.is_none());
+    let t = token_config(o);
+    let d = crate::connector::http::oauth2::TokenConfig::new(
+        "x",
+        "y",
+        crate::secret::Secret::from("z".to_owned()),
+    );
+    assert_eq!(t.auth, ClientAuth::Basic);
+    assert_eq!(
+        (t.default_lifetime, t.timeout),
+        (d.default_lifetime, d.timeout)
+    );
+    let c = ok(&oauth2_service("          client_auth: basic\n"));
+    assert_eq!(oauth2_of(&c).client_auth, OAuth2ClientAuth::Basic);
+    // `client_secret` from the environment, as the seed does.
+    let c = load_env(
+        &oauth2_service("").replace("oauth-client-secret-9f8e7d", "${SECRET}"),
+        &[("SECRET", "from-env-secret")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        oauth2_of(&c).client_secret.expose_str().unwrap(),
+        "from-env-secret"
+    );
+}
+
+/// Each `oauth2` key's errors, at its key path, never quoting the client secret.
+#[test]
+fn oauth2_key_errors() {
+    let p = |k: &str| format!("{OAUTH2_PATH}.{k}");
+    let one = |config: &str, key: &str, needle: &str| {
+        let e = errs(&oauth2_service(config));
+        has(&e, &p(key), needle);
+        assert!(!e.to_string().contains("oauth-client-secret"), "{e}");
+    };
+    one(
+        "          client_auth: post\n",
+        "client_auth",
+        "unknown client_auth \"post\" (accepted: \"basic\"",
+    );
+    one("          client_auth: post\n", "client_auth", "\"body\"");
+    one(
+        "          client_auth: [basic]\n",
+        "client_auth",
+        "single value",
+    );
+    one(
+        "          params: resource\n",
+        "params",
+        "a map of parameter name: value",
+    );
+    one(
+        "          params: {resource: [a, b]}\n",
+        "params.resource",
+        "single value",
+    );
+    one(
+        "          params: {resource: }\n",
+        "params.resource",
+        "has no value",
+    );
+    one(
+        "          params: {grant_type: password}\n",
+        "params",
+        "`grant_type` would repeat a standard one",
+    );
+    one(
+        "          params: {client_secret: x}\n",
+        "params",
+        "`client_secret` would repeat a standard one",
+    );
+    one(
+        "          default_lifetime: soon\n",
+        "default_lifetime",
+        "invalid duration",
+    );
+    one(
+        "          default_lifetime: 0s\n",
+        "default_lifetime",
+        "more than 0",
+    );
+    one("          timeout: 0\n", "timeout", "more than 0");
+    one(
+        "          timeout: forever\n",
+        "timeout",
+        "invalid duration",
+    );
+    one("          audience: [a]\n", "audience", "single value");
+    one(
+        "          expires_in: 60\n",
+        "expires_in",
+        "unknown key \"expires_in\"",
+    );
+
+    // token_url: TokenConfig::validate, at its key.
+    let url = |u: &str| oauth2_service("").replace("https://auth.example.com/oauth/token", u);
+    for (u, needle) in [
+        ("auth.example.com/token", "is not a URL"),
+        ("/oauth/token", "is not a URL"),
+        (
+            "ftp://auth.example.com/token",
+            "is not an http:// or https:// URL",
+        ),
+        ("mailto:x@example.com", "is not an http:// or https:// URL"),
+    ] {
+        let e = errs(&url(u));
+        has(&e, &p("token_url"), needle);
+        assert_eq!(e.len(), 1, "{e}");
+    }
+    // A query string or user-info in a bad URL is not echoed.
+    let e = errs(&url("ftp://user:pw-in-url@auth.example.com/t?key=q-secret"));
+    has(&e, &p("token_url"), "not an http:// or https:// URL");
+    let text = e.to_string();
+    assert!(
+        !text.contains("pw-in-url") && !text.contains("q-secret"),
+        "{text}"
+    );
+    // From the environment: never echoed.
+    let e = load_env(
+        &url("${TOKEN_URL}"),
+        &[("TOKEN_URL", "ftp://env-only-host.example/token")],
+    )
+    .unwrap_err();
+    has(&e, &p("token_url"), "(value from the environment)");
+    assert!(!e.to_string().contains("env-only-host"), "{e}");
+    let e = load_env(&url("${TOKEN_URL}"), &[("TOKEN_URL", "envhost")]).unwrap_err();
+    has(&e, &p("token_url"), "token_url");
+    assert!(!e.to_string().contains("envhost"), "{e}");
+
+    // The list shape's path, as in the seed.
+    let e = errs(
+        "
+version: 2
+services:
+  - name: api
+    connector: basic_auth
+    intercept: [api.example.com:443]
+    credentials: {username: u, password: p}
+    authentication:
+      - type: oauth2
+        config: {token_url: 'not a url', client_id: c, client_secret: oauth-client-secret-1}
+",
+    );
+    has(
+        &e,
+        "services[0].authentication[0].config.token_url",
+        "is not a URL",
+    );
+    assert!(!e.to_string().contains("oauth-client-secret"), "{e}");
+}

@@ -221,8 +221,9 @@ pub static KINDS: ConnectorKinds<BuildFn> = ConnectorKinds {
         http::GENERIC_KIND,
         http::BASIC_KIND,
         http::AWS_KIND,
+        http::CONJUR_KIND,
     ],
-    not_built: &["mysql", "mssql", "conjur", "ssh", "ssh-agent"],
+    not_built: &["mysql", "mssql", "ssh", "ssh-agent"],
 };
 
 /// The connector instance for a service.

@@ -1,19 +1,20 @@
-//! The HTTP kinds' syntax: `generic_http` (alias `http`), `basic_auth` and `aws`, with
-//! Secretless' `config:` keys (`headers`, `queryParams`, `authenticateURLsMatching`,
-//! `forceSSL`, `credentialValidations`) and ours (`upstream`, `keepClientAuthorization`,
-//! `caFile`, `timeout`).
+//! The HTTP kinds' syntax: `generic_http` (alias `http`), `basic_auth`, `conjur` and
+//! `aws`, with Secretless' `config:` keys (`headers`, `queryParams`,
+//! `authenticateURLsMatching`, `forceSSL`, `credentialValidations`) and ours (`upstream`,
+//! `keepClientAuthorization`, `caFile`, `timeout`).
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use yaml_serde::Value;
 
 use super::inject::Tmpl;
-use crate::config::{ConnectorBlock, ConnectorSettings, Loader, join};
+use crate::config::{AuthMethod, ConnectorBlock, ConnectorSettings, Loader, join};
 
 /// How a service authenticates its requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Style {
-    /// `generic_http`: the `headers` and `queryParams` templates.
+    /// `generic_http`: the `headers` and `queryParams` templates (`conjur`: one fixed
+    /// header template).
     Generic,
     /// `basic_auth`: `Authorization: Basic base64(username:password)`.
     Basic,
@@ -104,31 +105,52 @@ const BASIC_KEYS: &[&str] = &[
     "timeout",
 ];
 
+/// `conjur` takes `basic_auth`'s keys: its header is fixed.
+const CONJUR_KEYS: &[&str] = BASIC_KEYS;
+
+/// The header Secretless' `conjur` connector sets: the Conjur access token (the JSON
+/// document Conjur's `authenticate` returns), base64-encoded.
+pub const CONJUR_HEADER: &str = r#"Token token="{{ .accessToken | base64 }}""#;
+
 pub fn parse_generic(
     l: &mut Loader<'_>,
     b: &ConnectorBlock<'_>,
 ) -> Option<Arc<dyn ConnectorSettings>> {
-    parse(l, b, Style::Generic)
+    parse(l, b, Style::Generic, GENERIC_KEYS, None)
 }
 
 pub fn parse_basic(
     l: &mut Loader<'_>,
     b: &ConnectorBlock<'_>,
 ) -> Option<Arc<dyn ConnectorSettings>> {
-    parse(l, b, Style::Basic)
+    parse(l, b, Style::Basic, BASIC_KEYS, None)
+}
+
+/// `conjur`: a generic service whose only header is [`CONJUR_HEADER`].
+pub fn parse_conjur(
+    l: &mut Loader<'_>,
+    b: &ConnectorBlock<'_>,
+) -> Option<Arc<dyn ConnectorSettings>> {
+    let preset = (http::header::AUTHORIZATION, CONJUR_HEADER);
+    parse(l, b, Style::Generic, CONJUR_KEYS, Some(preset))
 }
 
 pub fn parse_aws(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn ConnectorSettings>> {
-    parse(l, b, Style::Aws)
+    parse(l, b, Style::Aws, AWS_KEYS, None)
 }
 
 /// Credentials a template may name besides the service's own.
 const IMPLICIT: &[&str] = &["access_token"];
 
+/// The `config:` block of an HTTP kind: `keys` are the ones it accepts; `preset`, a header
+/// the kind always sets (its template's credentials are the kind's required ones, which
+/// the loader checks).
 fn parse(
     l: &mut Loader<'_>,
     b: &ConnectorBlock<'_>,
     style: Style,
+    keys: &[&str],
+    preset: Option<(http::HeaderName, &str)>,
 ) -> Option<Arc<dyn ConnectorSettings>> {
     let path = b.path;
     let before = l.error_count();
@@ -137,15 +159,7 @@ fn parse(
         None => &empty,
         Some(v) => l.map(path, v, "a map")?,
     };
-    l.keys(
-        path,
-        m,
-        match style {
-            Style::Generic => GENERIC_KEYS,
-            Style::Basic => BASIC_KEYS,
-            Style::Aws => AWS_KEYS,
-        },
-    );
+    l.keys(path, m, keys);
     let mut s = HttpSettings {
         style,
         headers: Vec::new(),
@@ -202,6 +216,10 @@ fn parse(
                 "not a valid HTTP header name",
             ),
         }
+    }
+    if let Some((name, src)) = preset {
+        s.headers
+            .push((name, Tmpl::parse(src).expect("fixed template")));
     }
     s.query_params = templates(l, "queryParams");
     if let Some(v) = m.get("authenticateURLsMatching") {
@@ -276,6 +294,11 @@ fn parse(
                     l.err(&p, format!("invalid upstream {shown}: {why}"));
                 }
             }
+        }
+    }
+    for (apath, a) in b.authentication {
+        match a {
+            AuthMethod::OAuth2(o) => super::tokens::check(l, apath, o),
         }
     }
     if style == Style::Generic && s.headers.is_empty() && s.query_params.is_empty() {

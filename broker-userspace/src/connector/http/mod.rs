@@ -50,6 +50,18 @@ pub const BASIC_KIND: Kind = Kind {
     build: |service| Ok(Arc::new(serve::HttpConnector::new(service)?)),
 };
 
+/// `conjur`: Secretless' Conjur connector, `Authorization: Token token="base64(accessToken)"`
+/// (a Conjur access token, fetched by the secret store like any credential).
+pub const CONJUR_KIND: Kind = Kind {
+    syntax: ConnectorSyntax {
+        names: &["conjur"],
+        required_credentials: &["accessToken"],
+        host_or_intercept: false,
+        parse: config::parse_conjur,
+    },
+    build: |service| Ok(Arc::new(serve::HttpConnector::new(service)?)),
+};
+
 /// `aws`: each request re-signed with SigV4 from `accessKeyId`, `secretAccessKey` and the
 /// optional `accessToken` (session token).
 pub const AWS_KIND: Kind = Kind {
