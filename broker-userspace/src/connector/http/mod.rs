@@ -57,6 +57,7 @@ pub const CONJUR_KIND: Kind = Kind {
         names: &["conjur"],
         required_credentials: &["accessToken"],
         host_or_intercept: false,
+        shares_listener: true,
         parse: config::parse_conjur,
     },
     build: |service| Ok(Arc::new(serve::HttpConnector::new(service)?)),
