@@ -63,8 +63,9 @@ fn http_keepalive_upload_query_and_dummy_authorization() {
         dir.path(),
         "broker.yaml",
         &format!(
-            "version: 2\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n      queryParams:\n        api_key: \"{{{{ .token }}}}\"\n",
-            tok.display()
+            "version: 2\nbroker:\n  caDir: {ca_dir}\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n      queryParams:\n        api_key: \"{{{{ .token }}}}\"\n",
+            tok.display(),
+            ca_dir = dir.path().join("ca").display(),
         ),
     );
     let upload = dir.path().join("upload.bin");
@@ -228,7 +229,8 @@ fn token_endpoint_down_gives_502_json() {
         dir.path(),
         "broker.yaml",
         &format!(
-            "version: 2\nservices:\n  agents:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    authentication:\n      - type: oauth2\n        config:\n          token_url: http://127.0.0.1:{dead}/token\n          client_id: agents\n          client_secret: {secret}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .access_token }}}}\"\n"
+            "version: 2\nbroker:\n  caDir: {ca_dir}\nservices:\n  agents:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    authentication:\n      - type: oauth2\n        config:\n          token_url: http://127.0.0.1:{dead}/token\n          client_id: agents\n          client_secret: {secret}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .access_token }}}}\"\n",
+            ca_dir = dir.path().join("ca").display(),
         ),
     );
     let script =
@@ -262,8 +264,9 @@ fn secret_store_failure_gives_502_json() {
         dir.path(),
         "broker.yaml",
         &format!(
-            "version: 2\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n",
-            missing.display()
+            "version: 2\nbroker:\n  caDir: {ca_dir}\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n",
+            missing.display(),
+            ca_dir = dir.path().join("ca").display(),
         ),
     );
     let script = format!(
@@ -304,7 +307,8 @@ fn oauth2_one_fetch_for_concurrent_requests_and_401_refetch() {
         dir.path(),
         "broker.yaml",
         &format!(
-            "version: 2\nservices:\n  agents:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    authentication:\n      - type: oauth2\n        config:\n          token_url: http://127.0.0.1:{token_port}/oauth/token\n          client_id: agents\n          client_secret: {secret}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .access_token }}}}\"\n"
+            "version: 2\nbroker:\n  caDir: {ca_dir}\nservices:\n  agents:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    authentication:\n      - type: oauth2\n        config:\n          token_url: http://127.0.0.1:{token_port}/oauth/token\n          client_id: agents\n          client_secret: {secret}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .access_token }}}}\"\n",
+            ca_dir = dir.path().join("ca").display(),
         ),
     );
     let py = write_file(
@@ -453,8 +457,9 @@ fn websocket_upgrade_injected_and_echoed() {
         dir.path(),
         "broker.yaml",
         &format!(
-            "version: 2\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n",
-            tok.display()
+            "version: 2\nbroker:\n  caDir: {ca_dir}\nservices:\n  api:\n    connector: generic_http\n    intercept: [\"api.example.test:{port}\"]\n    credentials:\n      token: {{from: file, get: {}}}\n    config:\n      headers:\n        Authorization: \"Bearer {{{{ .token }}}}\"\n",
+            tok.display(),
+            ca_dir = dir.path().join("ca").display(),
         ),
     );
     let py = write_file(
@@ -638,10 +643,11 @@ fn aws_requests_resigned_and_verified_by_botocore() {
         dir.path(),
         "broker.yaml",
         &format!(
-            "version: 2\nservices:\n  aws:\n    connector: aws\n    intercept: [\"sts.example.test:{port}\", \"s3.example.test:{port}\"]\n    credentials:\n      accessKeyId: {{from: file, get: {}}}\n      secretAccessKey: {{from: file, get: {}}}\n      accessToken: {{from: file, get: {}}}\n",
+            "version: 2\nbroker:\n  caDir: {ca_dir}\nservices:\n  aws:\n    connector: aws\n    intercept: [\"sts.example.test:{port}\", \"s3.example.test:{port}\"]\n    credentials:\n      accessKeyId: {{from: file, get: {}}}\n      secretAccessKey: {{from: file, get: {}}}\n      accessToken: {{from: file, get: {}}}\n",
             kf.display(),
             sf.display(),
-            tf.display()
+            tf.display(),
+            ca_dir = dir.path().join("ca").display(),
         ),
     );
     let sts_body = "Action=GetCallerIdentity&Version=2011-06-15";
