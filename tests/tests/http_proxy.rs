@@ -4,7 +4,8 @@
 //! request no service takes is forwarded without credentials (as Secretless does).
 //! `CONNECT` (`https_proxy`) is served: a tunnel to an origin some service may take is
 //! decrypted with the broker's CA and its requests authenticated; any other tunnel is
-//! relayed byte for byte (the client sees the real server's certificate). Real test
+//! relayed byte for byte (the client sees the real server's certificate). The reverse-proxy
+//! form (`upstream:`) with its failures: 504 on timeout, 502 refused or hostile. Real test
 //! servers ([`broker_tests::http_server`]), real `curl`, `broker run --no-ebpf`.
 
 use std::process::{Command, Stdio};
@@ -256,4 +257,116 @@ fn sharing_a_listen_on_is_checked() {
 fn base64_encode(b: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// The user's own manifest's way: the app's API base URL is the broker's `listenOn`
+/// (`NOVU_API_ENDPOINT=http://127.0.0.1:8081`); the broker forwards each request to
+/// the service's `upstream` with the upstream's own `Host`, the base path prepended.
+/// An upstream that never answers gives 504 with JSON within `timeout`; one that
+/// refuses connections, or answers with an endless header, gives 502; the broker keeps
+/// serving.
+#[test]
+fn reverse_proxy_upstream_timeout_refusal_and_hostile_upstream() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up_port = free_port();
+    let up = HttpServer::start("127.0.0.9", up_port);
+    // Accepts, reads, never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_port = silent.local_addr().expect("addr").port();
+    let _silent_thread = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().take(4).flatten() {
+            held.push(s);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    });
+    // Answers with a header that never ends.
+    let hostile = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hostile_port = hostile.local_addr().expect("addr").port();
+    let _hostile_thread = std::thread::spawn(move || {
+        if let Some(Ok(mut s)) = hostile.incoming().next() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nX-Long: ");
+            let chunk = vec![b'a'; 64 * 1024];
+            for _ in 0..(8 * 16) {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let refused_port = free_port();
+    let tok = write_file(dir.path(), "token", TOKEN_A);
+    let (p1, p2, p3, p4) = (free_port(), free_port(), free_port(), free_port());
+    let health = free_port();
+    let svc = |name: &str, port: u16, upstream: &str| {
+        format!(
+            "  {name}:\n    connector: http\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      api_key: {{from: file, get: {}}}\n    config:\n      upstream: {upstream}\n      timeout: 2s\n      headers:\n        Authorization: \"ApiKey {{{{ .api_key }}}}\"\n",
+            tok.display()
+        )
+    };
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n  caDir: {}\nservices:\n{}{}{}{}",
+            dir.path().join("ca").display(),
+            svc("novu", p1, &format!("http://127.0.0.9:{up_port}/v1")),
+            svc("silent", p2, &format!("http://127.0.0.1:{silent_port}")),
+            svc("refused", p3, &format!("http://127.0.0.1:{refused_port}")),
+            svc("hostile", p4, &format!("http://127.0.0.1:{hostile_port}")),
+        ),
+    );
+    let mut daemon = Daemon::start(
+        &cfg,
+        &["--no-ebpf"],
+        format!("127.0.0.1:{health}").parse().expect("health"),
+        &dir.path().join("broker.log"),
+    );
+    let get = |port: u16, path: &str| -> (String, String) {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-w", "\nSTATUS=%{http_code}"])
+            .arg(format!("http://127.0.0.1:{port}{path}"))
+            .env_remove("http_proxy")
+            .output()
+            .expect("curl");
+        let text = output_text(&out);
+        let status = text
+            .lines()
+            .find_map(|l| l.strip_prefix("STATUS="))
+            .unwrap_or_default()
+            .to_owned();
+        (status, text)
+    };
+    let (status, out) = get(p1, "/notifications?x=1");
+    assert_eq!(status, "200", "{out}");
+    let seen = up.seen();
+    assert_eq!(seen[0].target, "/v1/notifications?x=1");
+    assert_eq!(seen[0].header("host"), vec![format!("127.0.0.9:{up_port}")]);
+    assert_eq!(
+        seen[0].header("authorization"),
+        vec![format!("ApiKey {TOKEN_A}")]
+    );
+
+    let t = std::time::Instant::now();
+    let (status, out) = get(p2, "/slow");
+    assert_eq!(status, "504", "{out}");
+    assert!(out.contains("\"service\":\"silent\""), "{out}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+    let (status, out) = get(p3, "/x");
+    assert_eq!(status, "502", "{out}");
+    assert!(out.contains("\"error\""), "{out}");
+    let (status, out) = get(p4, "/x");
+    assert_eq!(status, "502", "{out}");
+    // Still serving.
+    let (status, out) = get(p1, "/again");
+    assert_eq!(status, "200", "{out}");
+    daemon.stop();
+    assert_no_secret(&daemon.log_text(), &[TOKEN_A], "broker log");
 }
