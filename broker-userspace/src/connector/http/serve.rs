@@ -50,6 +50,9 @@ use crate::{
 /// How long a client may take to send the first bytes (or its whole ClientHello).
 const FIRST_BYTES: Duration = Duration::from_secs(30);
 
+/// How long a client may take to send a request head once it started it.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 type UpBody = BoxBody<Bytes, hyper::Error>;
 
 /// One service's part of an HTTP connector: its settings, upstream TLS and tokens.
@@ -529,6 +532,10 @@ impl<'a> Handler<'a> {
             Ok::<_, Infallible>(self.handle(req).await)
         });
         let r = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            // A client sending its request head byte by byte does not hold a task
+            // forever (slowloris): the whole head within this, from its first byte.
+            .header_read_timeout(HEAD_TIMEOUT)
             .keep_alive(true)
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades()
