@@ -117,9 +117,8 @@ pub fn ca(file: Option<&Path>, dir: Option<&Path>) -> anyhow::Result<()> {
 pub fn check(path: &Path) -> i32 {
     match load_config(path) {
         Ok(cfg) => {
-            // What only building the connectors finds: unreadable CA files, services
-            // that cannot share their listenOn address...
-            if let Err(e) = Runtime::build(&cfg, 1) {
+            // Services that cannot share their listenOn address.
+            if let Err(e) = crate::runtime::check(&cfg) {
                 eprintln!("{}: error: {e:#}", path.display());
                 return EXIT_CONFIG;
             }

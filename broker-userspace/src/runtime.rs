@@ -139,21 +139,47 @@ impl Runtime {
     }
 }
 
-/// Group the services by `listenOn` address: one listener each, a shared one for the
-/// HTTP services that name the same address (the loader allows only those to).
-fn listeners(services: &[Arc<ServiceRt>]) -> anyhow::Result<Vec<Arc<ServiceRt>>> {
-    let mut groups: Vec<(&ListenAddr, Vec<&Arc<ServiceRt>>)> = Vec::new();
-    for rt in services {
-        let Some(addr) = &rt.service.listen_on else {
+/// The services by `listenOn` address, in configuration order (several only for HTTP
+/// services sharing one: the loader allows only those to).
+fn groups<'a, T>(
+    items: &'a [T],
+    service: impl Fn(&'a T) -> &'a Service,
+) -> Vec<(&'a ListenAddr, Vec<&'a T>)> {
+    let mut groups: Vec<(&ListenAddr, Vec<&T>)> = Vec::new();
+    for item in items {
+        let Some(addr) = &service(item).listen_on else {
             continue;
         };
         match groups.iter_mut().find(|(a, _)| *a == addr) {
-            Some((_, members)) => members.push(rt),
-            None => groups.push((addr, vec![rt])),
+            Some((_, members)) => members.push(item),
+            None => groups.push((addr, vec![item])),
         }
     }
-    let mut out = Vec::with_capacity(groups.len());
-    for (addr, members) in groups {
+    groups
+}
+
+/// What building the listeners would refuse, found without building anything (for
+/// `broker check`): services that share a `listenOn` address but cannot.
+///
+/// # Errors
+/// The first such group, naming the service and key.
+pub fn check(cfg: &Config) -> anyhow::Result<()> {
+    for (addr, members) in groups(&cfg.services, |s| s) {
+        if members.len() > 1 {
+            let shared: Vec<Arc<Service>> =
+                members.into_iter().map(|s| Arc::new(s.clone())).collect();
+            connector::check_shared(&shared)
+                .with_context(|| format!("services sharing listenOn {addr}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// One listener per `listenOn` address: the service's own, or a shared one for the
+/// HTTP services that name the same address.
+fn listeners(services: &[Arc<ServiceRt>]) -> anyhow::Result<Vec<Arc<ServiceRt>>> {
+    let mut out = Vec::new();
+    for (addr, members) in groups(services, |rt| &rt.service) {
         if let [one] = members.as_slice() {
             out.push(Arc::clone(one));
             continue;

@@ -250,6 +250,15 @@ pub fn build(service: &Service) -> anyhow::Result<Arc<dyn Connector>> {
 /// A member that cannot share (not HTTP, no `authenticateURLsMatching`, a reverse-proxy
 /// `upstream`), or one that cannot be built.
 pub fn build_shared(services: &[Arc<Service>]) -> anyhow::Result<Arc<dyn Connector>> {
+    check_shared(services)?;
+    Ok(Arc::new(http::serve::HttpConnector::shared(services)?))
+}
+
+/// What [`build_shared`] checks before building anything (for `broker check`).
+///
+/// # Errors
+/// As [`build_shared`], but for files it does not read.
+pub fn check_shared(services: &[Arc<Service>]) -> anyhow::Result<()> {
     for s in services {
         let shares = match &s.connector {
             ConnectorSpec::Built { kind, .. } => {
@@ -265,7 +274,7 @@ pub fn build_shared(services: &[Arc<Service>]) -> anyhow::Result<Arc<dyn Connect
             );
         }
     }
-    Ok(Arc::new(http::serve::HttpConnector::shared(services)?))
+    http::serve::check_shared(services)
 }
 
 /// The settings of `service`'s connector as a `T` (what its kind's parser produced).

@@ -129,6 +129,32 @@ impl Route {
     }
 }
 
+/// What services sharing one `listenOn` address need, checked without building
+/// anything (`broker check`): each sets `authenticateURLsMatching`, none sets `upstream`.
+///
+/// # Errors
+/// The first service that cannot share, naming its key.
+pub fn check_shared(services: &[Arc<Service>]) -> anyhow::Result<()> {
+    for s in services {
+        let cfg = crate::connector::settings::<HttpSettings>(s)?;
+        if cfg.url_patterns.is_empty() {
+            anyhow::bail!(
+                "services.{}.config.authenticateURLsMatching: required when services share a \
+                 listenOn address (it routes each request to its service)",
+                s.name
+            );
+        }
+        if cfg.upstream.is_some() {
+            anyhow::bail!(
+                "services.{}.config.upstream: a reverse proxy needs a listenOn address of its \
+                 own; services sharing one are forward proxies (http_proxy)",
+                s.name
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Whether some string that begins with `prefix` matches `dfa` from its start.
 fn prefix_viable(dfa: &regex_automata::hybrid::dfa::DFA, prefix: &str) -> bool {
     use regex_automata::{Anchored, Input};
@@ -213,28 +239,12 @@ impl HttpConnector {
     /// A service without `authenticateURLsMatching` (nothing would route to it, or
     /// everything would), or with a reverse-proxy `upstream`; one that cannot be built.
     pub fn shared(services: &[Arc<Service>]) -> anyhow::Result<Self> {
-        let mut routes = Vec::with_capacity(services.len());
-        for s in services {
-            let r = Route::new(s)?;
-            let cfg = r.cfg();
-            if cfg.url_patterns.is_empty() {
-                anyhow::bail!(
-                    "services.{}.config.authenticateURLsMatching: required when services \
-                     share a listenOn address (it routes each request to its service)",
-                    s.name
-                );
-            }
-            if cfg.upstream.is_some() {
-                anyhow::bail!(
-                    "services.{}.config.upstream: a reverse proxy needs a listenOn address \
-                     of its own; services sharing one are forward proxies (http_proxy)",
-                    s.name
-                );
-            }
-            routes.push(r);
-        }
+        check_shared(services)?;
         Ok(Self {
-            routes,
+            routes: services
+                .iter()
+                .map(Route::new)
+                .collect::<anyhow::Result<_>>()?,
             shared: true,
             names: Vec::new(),
             plain_tls: upstream_tls(None)?,
