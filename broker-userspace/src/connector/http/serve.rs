@@ -165,6 +165,8 @@ fn prefix_viable(dfa: &regex_automata::hybrid::dfa::DFA, prefix: &str) -> bool {
     };
     for &b in prefix.as_bytes() {
         match dfa.next_state(&mut cache, sid, b) {
+            // A match ended within the prefix: every URL that begins with it matches.
+            Ok(next) if next.is_match() => return true,
             Ok(next) if next.is_dead() => return false,
             Ok(next) => sid = next,
             // The cache gave up (a huge pattern): say yes, decrypting is the safe side
