@@ -370,3 +370,99 @@ fn reverse_proxy_upstream_timeout_refusal_and_hostile_upstream() {
     daemon.stop();
     assert_no_secret(&daemon.log_text(), &[TOKEN_A], "broker log");
 }
+
+/// Secretless' `oauth1:` block: each request signed with OAuth 1.0a HMAC-SHA1 (query and
+/// form-body parameters included), verified by a real implementation (Python
+/// `oauthlib`'s `verify_hmac_sha1`) from what the server received.
+#[test]
+fn oauth1_signatures_verify_with_oauthlib() {
+    const CONSUMER_SECRET: &str = "consumer-secret-0b7e2c";
+    const TOKEN_SECRET: &str = "token-secret-94d1aa";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up_port = free_port();
+    let up = HttpServer::start("127.0.0.10", up_port);
+    let cs = write_file(dir.path(), "cs", CONSUMER_SECRET);
+    let ts = write_file(dir.path(), "ts", TOKEN_SECRET);
+    let (port, health) = (free_port(), free_port());
+    let cfg = write_file(
+        dir.path(),
+        "broker.yaml",
+        &format!(
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n  caDir: {ca}\nservices:\n  twitter:\n    connector: generic_http\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      consumer_key: xvz1evFS4wEEPTGEFPHBog\n      consumer_secret: {{from: file, get: {cs}}}\n      token: 370773112-GmHxMAgYyLbNEtIKZeRNFsMKPR9EyMZeS9weJAEb\n      token_secret: {{from: file, get: {ts}}}\n    config:\n      upstream: http://127.0.0.10:{up_port}\n      oauth1:\n        consumer_key: \"{{{{ .consumer_key }}}}\"\n        consumer_secret: \"{{{{ .consumer_secret }}}}\"\n        token: \"{{{{ .token }}}}\"\n        token_secret: \"{{{{ .token_secret }}}}\"\n",
+            ca = dir.path().join("ca").display(),
+            cs = cs.display(),
+            ts = ts.display(),
+        ),
+    );
+    let mut daemon = Daemon::start(
+        &cfg,
+        &["--no-ebpf"],
+        format!("127.0.0.1:{health}").parse().expect("health"),
+        &dir.path().join("broker.log"),
+    );
+    let form = "status=Hello+Ladies+%2b+Gentlemen%2c+a+signed+OAuth+request%21&x=%E2%9C%93";
+    let base = format!("http://127.0.0.1:{port}");
+    for args in [
+        vec![
+            "-d".to_owned(),
+            form.to_owned(),
+            format!("{base}/1.1/statuses/update.json?include_entities=true"),
+        ],
+        vec![format!("{base}/1.1/search.json?q=a%20b&q=c&count=2")],
+    ] {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "10"])
+            .args(&args)
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "{}", output_text(&out));
+    }
+    daemon.stop();
+    let seen = up.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let verify = r#"
+import sys
+from urllib.parse import urlparse
+from oauthlib.oauth1.rfc5849 import signature, utils
+uri, method, auth, body, cs, ts = sys.argv[1:7]
+params = signature.collect_parameters(
+    uri_query=urlparse(uri).query, body=body or None, headers={"Authorization": auth})
+base = signature.signature_base_string(
+    method, signature.base_string_uri(uri), signature.normalize_parameters(params))
+want = signature.sign_hmac_sha1(base, cs, ts)
+got = utils.unescape(dict(utils.parse_authorization_header(auth))["oauth_signature"])
+print("VERIFIED" if signature.safe_string_equals(want, got) else "MISMATCH " + base)
+"#;
+    for (s, body) in seen.iter().zip([form, ""]) {
+        let auth = s.header("authorization");
+        assert_eq!(auth.len(), 1, "{s:?}");
+        assert!(auth[0].starts_with("OAuth oauth_consumer_key=\"xvz1evFS4wEEPTGEFPHBog\""));
+        let uri = format!("http://127.0.0.10:{up_port}{}", s.target);
+        let out = Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                verify,
+                &uri,
+                &s.method,
+                auth[0],
+                body,
+                CONSUMER_SECRET,
+                TOKEN_SECRET,
+            ])
+            .output()
+            .expect("python3");
+        let text = output_text(&out);
+        assert!(
+            text.contains("VERIFIED"),
+            "{uri} {} {}: {text}",
+            s.method,
+            auth[0]
+        );
+    }
+    let log = daemon.log_text();
+    assert_no_secret(&log, &[CONSUMER_SECRET, TOKEN_SECRET], "broker log");
+    for s in &seen {
+        let all: String = s.headers.iter().map(|(_, v)| v.as_str()).collect();
+        assert_no_secret(&all, &[CONSUMER_SECRET, TOKEN_SECRET], "request headers");
+    }
+}

@@ -35,6 +35,8 @@ const PACKAGES: &[&str] = &[
     "python3-psycopg2",
     // The real SigV4 verifier the signer is checked against.
     "python3-botocore",
+    // The real OAuth 1.0a verifier (tests/tests/http_proxy.rs).
+    "python3-oauthlib",
     // The real-client matrix (tests/tests/pg_clients.rs) and `bench clients`.
     "python3-asyncpg",
     "python3-pip",

@@ -58,6 +58,9 @@ pub struct HttpSettings {
     pub headers: Vec<(http::HeaderName, Tmpl)>,
     /// Query parameter -> value template, in file order.
     pub query_params: Vec<(String, Tmpl)>,
+    /// Secretless' `oauth1:` block: `consumer_key`, `consumer_secret`, `token`,
+    /// `token_secret` templates; each request is signed (RFC 5849, HMAC-SHA1).
+    pub oauth1: Option<Vec<(String, Tmpl)>>,
     /// Requests whose URL matches one of these are authenticated (empty: all).
     pub url_patterns: Vec<regex::Regex>,
     /// Credential -> regex its value must match (Secretless `credentialValidations`).
@@ -81,6 +84,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 const GENERIC_KEYS: &[&str] = &[
     "headers",
     "queryParams",
+    "oauth1",
     "authenticateURLsMatching",
     "forceSSL",
     "credentialValidations",
@@ -164,6 +168,7 @@ fn parse(
         style,
         headers: Vec::new(),
         query_params: Vec::new(),
+        oauth1: None,
         url_patterns: Vec::new(),
         credential_validations: Vec::new(),
         force_ssl: false,
@@ -222,6 +227,24 @@ fn parse(
             .push((name, Tmpl::parse(src).expect("fixed template")));
     }
     s.query_params = templates(l, "queryParams");
+    if m.contains_key("oauth1") {
+        let o = templates(l, "oauth1");
+        let p = join(path, "oauth1");
+        for (k, _) in &o {
+            if !super::oauth1::KEYS.contains(&k.as_str()) {
+                l.err(
+                    &join(&p, k),
+                    format!("unknown key (known: {})", super::oauth1::KEYS.join(", ")),
+                );
+            }
+        }
+        for k in super::oauth1::KEYS {
+            if !o.iter().any(|(n, _)| n == k) {
+                l.err(&p, format!("missing \"{k}\""));
+            }
+        }
+        s.oauth1 = Some(o);
+    }
     if let Some(v) = m.get("authenticateURLsMatching") {
         let p = join(path, "authenticateURLsMatching");
         let items: Vec<(String, &Value)> = match v {
@@ -301,7 +324,11 @@ fn parse(
             AuthMethod::OAuth2(o) => super::tokens::check(l, apath, o),
         }
     }
-    if style == Style::Generic && s.headers.is_empty() && s.query_params.is_empty() {
+    if style == Style::Generic
+        && s.headers.is_empty()
+        && s.query_params.is_empty()
+        && s.oauth1.is_none()
+    {
         if b.credentials.is_empty() {
             // An `authentication: [{type: oauth2}]` service: the token as a bearer token
             // (the build refuses a service with neither credentials nor OAuth2).

@@ -9,12 +9,14 @@
 //! * [`inject`]: what an authenticated request gets (templates, basic auth, query);
 //! * [`template`]: the Go-template subset Secretless users write in `headers` and
 //!   `queryParams` (`{{ .token }}`, `{{ printf "%s:%s" .username .password | base64 }}`);
+//! * [`oauth1`]: OAuth 1.0a request signing (HMAC-SHA1), Secretless' `oauth1:` block;
 //! * [`oauth2`]: OAuth2 client-credentials tokens, fetched once for all concurrent
 //!   requests and cached until shortly before they expire ([`tokens`]: the seam);
 //! * [`sigv4`]: AWS Signature Version 4, re-signing each request with brokered keys.
 
 pub mod config;
 pub mod inject;
+pub mod oauth1;
 pub mod oauth2;
 pub mod serve;
 pub mod sigv4;

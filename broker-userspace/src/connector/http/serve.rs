@@ -32,7 +32,7 @@ use tokio::{
 
 use super::{
     config::{HttpSettings, Style},
-    inject, sigv4, sni,
+    inject, oauth1, sigv4, sni,
     tokens::Tokens,
 };
 use crate::{
@@ -912,6 +912,10 @@ impl<'a> Handler<'a> {
         if let Some(scope) = &aws_scope {
             up_body = aws_sign(&creds, &mut parts, up_body, scope).await?;
         }
+        if let Some(o) = route.and_then(|r| r.cfg().oauth1.as_deref()) {
+            let keys = oauth1_keys(o, &creds, token.as_ref())?;
+            up_body = oauth1_sign(&keys, &mut parts, up_body, dest.https).await?;
+        }
         let retry_parts = (route.is_some_and(|r| r.tokens.is_some()) && replayable).then(|| {
             let mut r = Request::new(());
             *r.method_mut() = parts.method.clone();
@@ -1136,6 +1140,127 @@ type Failure = (StatusCode, String);
 /// `X-Amz-Content-Sha256`, to a service other than S3); larger: 413.
 pub const AWS_MAX_BODY: usize = 10 * 1024 * 1024;
 
+/// The `oauth1:` block rendered.
+fn oauth1_keys(
+    tmpls: &[(String, super::inject::Tmpl)],
+    creds: &Credentials,
+    token: Option<&Secret>,
+) -> Result<oauth1::OAuth1Keys, Failure> {
+    let get = move |n: &str| lookup(creds, token, n);
+    let render = |k: &str| -> Result<Vec<u8>, Failure> {
+        let t = tmpls
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, t)| t)
+            .ok_or_else(|| (StatusCode::BAD_GATEWAY, format!("oauth1.{k} is missing")))?;
+        t.render(&get)
+            .map(|v| v.to_vec())
+            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("oauth1.{k}: {e}")))
+    };
+    let text = |k: &str| -> Result<String, Failure> {
+        String::from_utf8(render(k)?)
+            .map_err(|_| (StatusCode::BAD_GATEWAY, format!("oauth1.{k} is not UTF-8")))
+    };
+    Ok(oauth1::OAuth1Keys {
+        consumer_key: text("consumer_key")?,
+        consumer_secret: Secret::new(render("consumer_secret")?),
+        token: text("token")?,
+        token_secret: Secret::new(render("token_secret")?),
+    })
+}
+
+/// Sign a request (final but for the signature) with OAuth 1.0a: an
+/// `application/x-www-form-urlencoded` body is part of the signature, so it is buffered
+/// (up to [`AWS_MAX_BODY`], else 413); any other body streams.
+async fn oauth1_sign(
+    keys: &oauth1::OAuth1Keys,
+    parts: &mut http::request::Parts,
+    body: UpBody,
+    https: bool,
+) -> Result<UpBody, Failure> {
+    let form = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';').next().is_some_and(|t| {
+                t.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
+        });
+    let (body, bytes) = if form {
+        let bytes = read_bounded(body, "an OAuth1 form body is buffered to be signed").await?;
+        (
+            Full::new(bytes.clone()).map_err(|n| match n {}).boxed(),
+            Some(bytes),
+        )
+    } else {
+        (body, None)
+    };
+    let host_header = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let auth: http::uri::Authority = host_header
+        .parse()
+        .map_err(|_| (StatusCode::BAD_REQUEST, "invalid Host header".to_owned()))?;
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+    let value = oauth1::authorization(
+        keys,
+        &oauth1::SignInput {
+            method: parts.method.as_str(),
+            scheme: if https { "https" } else { "http" },
+            host,
+            port: auth.port_u16(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            form: bytes.as_deref(),
+            nonce: &oauth1::nonce(),
+            timestamp: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        },
+    );
+    let mut v = HeaderValue::from_str(&value).map_err(|_| {
+        (
+            StatusCode::BAD_GATEWAY,
+            "the OAuth1 header is not a valid header value".to_owned(),
+        )
+    })?;
+    v.set_sensitive(true);
+    parts.headers.insert(header::AUTHORIZATION, v);
+    Ok(body)
+}
+
+/// A request body read whole, up to [`AWS_MAX_BODY`] (over it: 413, saying `why`).
+async fn read_bounded(body: UpBody, why: &str) -> Result<Bytes, Failure> {
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {AWS_MAX_BODY} bytes: {why}"),
+        )
+    };
+    if body.size_hint().lower() > AWS_MAX_BODY as u64 {
+        return Err(too_large());
+    }
+    Ok(http_body_util::Limited::new(body, AWS_MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                (
+                    StatusCode::BAD_REQUEST,
+                    "reading the request body failed".to_owned(),
+                )
+            }
+        })?
+        .to_bytes())
+}
+
 /// Re-sign an `aws` request with the brokered keys (`parts` final but for the signature).
 /// The payload: the app's declared `X-Amz-Content-Sha256`, else `UNSIGNED-PAYLOAD` for
 /// S3, else the body's own hash, buffered up to [`AWS_MAX_BODY`].
@@ -1186,32 +1311,12 @@ async fn aws_sign(
             Ok(body)
         }
         None => {
-            let too_large = || {
-                (
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the body is larger than {AWS_MAX_BODY} bytes: an AWS request body is \
-                         buffered to be signed unless the app sends X-Amz-Content-Sha256"
-                    ),
-                )
-            };
-            if body.size_hint().lower() > AWS_MAX_BODY as u64 {
-                return Err(too_large());
-            }
-            let bytes = http_body_util::Limited::new(body, AWS_MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        too_large()
-                    } else {
-                        (
-                            StatusCode::BAD_REQUEST,
-                            "reading the request body failed".to_owned(),
-                        )
-                    }
-                })?
-                .to_bytes();
+            let bytes = read_bounded(
+                body,
+                "an AWS request body is buffered to be signed unless the app sends \
+                 X-Amz-Content-Sha256",
+            )
+            .await?;
             sigv4::sign(parts, sigv4::Payload::Bytes(&bytes), &keys, scope, now)
                 .map_err(sign_err)?;
             Ok(Full::new(bytes).map_err(|n| match n {}).boxed())
