@@ -434,6 +434,24 @@ struct TunnelTarget {
     authority: String,
 }
 
+/// An upstream connection's future (hyper's `Connection`), driven by the client
+/// connection's task.
+type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Drive the upstream connections `rx` hands over, until the client connection ends
+/// (never returns by itself).
+async fn drive(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Driver>) {
+    use futures_util::StreamExt as _;
+    let mut set = futures_util::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            Some(f) = rx.recv() => set.push(f),
+            Some(()) = set.next(), if !set.is_empty() => {}
+            else => std::future::pending::<()>().await,
+        }
+    }
+}
+
 /// What one client connection's requests share.
 struct Handler<'a> {
     c: &'a HttpConnector,
@@ -451,6 +469,10 @@ struct Handler<'a> {
     /// Inside a decrypted `CONNECT` tunnel: its origin.
     tunnel: Option<TunnelTarget>,
     upstream: tokio::sync::Mutex<Option<Upstream>>,
+    /// Upstream connections are driven in the client connection's own task (no
+    /// cross-task wake-up per request): `open_upstream` hands them to `serve_io`.
+    drivers: tokio::sync::mpsc::UnboundedSender<Driver>,
+    driven: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Driver>>>,
     /// A `CONNECT` answered with 200: the tunnel to open once hyper hands the
     /// connection over.
     pending: Mutex<Option<(hyper::upgrade::OnUpgrade, Tunnel)>>,
@@ -470,6 +492,7 @@ impl<'a> Handler<'a> {
         client_tls: bool,
         sni: Option<String>,
     ) -> Self {
+        let (drivers, driven) = tokio::sync::mpsc::unbounded_channel();
         Self {
             c,
             env,
@@ -485,6 +508,8 @@ impl<'a> Handler<'a> {
             sni,
             tunnel: None,
             upstream: tokio::sync::Mutex::new(None),
+            drivers,
+            driven: Mutex::new(Some(driven)),
             pending: Mutex::new(None),
             upstream_addr: Arc::default(),
             fetched: Arc::default(),
@@ -497,6 +522,7 @@ impl<'a> Handler<'a> {
     /// upstream.
     fn inner(&self, t: TunnelTarget) -> Self {
         let host = t.to.host.clone();
+        let (drivers, driven) = tokio::sync::mpsc::unbounded_channel();
         Self {
             c: self.c,
             env: self.env,
@@ -509,6 +535,8 @@ impl<'a> Handler<'a> {
             sni: Some(host),
             tunnel: Some(t),
             upstream: tokio::sync::Mutex::new(None),
+            drivers,
+            driven: Mutex::new(Some(driven)),
             pending: Mutex::new(None),
             upstream_addr: Arc::clone(&self.upstream_addr),
             fetched: Arc::clone(&self.fetched),
@@ -543,15 +571,24 @@ impl<'a> Handler<'a> {
         let svc = hyper::service::service_fn(move |req| async move {
             Ok::<_, Infallible>(self.handle(req).await)
         });
-        let r = hyper::server::conn::http1::Builder::new()
+        let server = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             // A client sending its request head byte by byte does not hold a task
             // forever (slowloris): the whole head within this, from its first byte.
             .header_read_timeout(HEAD_TIMEOUT)
             .keep_alive(true)
             .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades()
-            .await;
+            .with_upgrades();
+        let mut driven = self.driven.lock().expect("lock").take();
+        let r = match driven.as_mut() {
+            Some(rx) => {
+                tokio::select! {
+                    r = server => r,
+                    () = drive(rx) => unreachable!("drive never returns"),
+                }
+            }
+            None => server.await,
+        };
         if let Err(e) = r {
             tracing::debug!(service = %self.service.name, "HTTP client connection: {e}");
         }
@@ -924,7 +961,7 @@ impl<'a> Handler<'a> {
             r
         });
         let req = Request::from_parts(parts, up_body);
-        let mut resp = self.send(route, &dest, req).await?;
+        let mut resp = self.send(route, &dest, req, upgrade).await?;
         if resp.status() == StatusCode::UNAUTHORIZED
             && let (Some(r), Some(t), Some(retry)) = (route, &token, retry_parts)
             && let Some(tokens) = &r.tokens
@@ -937,7 +974,7 @@ impl<'a> Handler<'a> {
             authenticate(r, &creds, &mut parts.headers, &mut origin).await?;
             let _ = origin; // query parameters were already added
             let req = Request::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed());
-            resp = self.send(route, &dest, req).await?;
+            resp = self.send(route, &dest, req, upgrade).await?;
         }
         strip_hop_by_hop(resp.headers_mut(), upgrade);
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -962,11 +999,32 @@ impl<'a> Handler<'a> {
         route: Option<&Route>,
         dest: &Dest,
         req: Request<UpBody>,
+        upgrade: bool,
     ) -> Result<Response<Incoming>, Failure> {
         let timeout = route.map_or(super::config::DEFAULT_TIMEOUT, |r| r.cfg().timeout);
         let tls = route.map_or(&self.c.plain_tls, |r| &r.upstream_tls);
         let idx = route.map(|r| std::ptr::from_ref(r) as usize);
         let to = &dest.to;
+        let tls = dest.https.then_some((tls, dest.name.as_str()));
+        if upgrade {
+            // A connection of its own, in a task of its own: after the upgrade its
+            // stream is relayed by a task that outlives this request loop.
+            let mut sender = self
+                .open_upstream(to, tls, true)
+                .await
+                .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
+            return match tokio::time::timeout(timeout, sender.send_request(req)).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err((StatusCode::BAD_GATEWAY, format!("upstream {to}: {e}"))),
+                Err(_) => Err((
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "upstream {to} did not answer within {} s",
+                        timeout.as_secs()
+                    ),
+                )),
+            };
+        }
         let key = (to.clone(), dest.https, idx);
         let mut slot = self.upstream.lock().await;
         let reuse = match slot.as_mut() {
@@ -980,7 +1038,7 @@ impl<'a> Handler<'a> {
         if !reuse {
             *slot = None;
             let sender = self
-                .open_upstream(to, dest.https.then_some((tls, dest.name.as_str())))
+                .open_upstream(to, tls, false)
                 .await
                 .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
             *slot = Some(Upstream { key, sender });
@@ -1010,6 +1068,7 @@ impl<'a> Handler<'a> {
         &self,
         to: &HostPort,
         tls: Option<(&Arc<rustls::ClientConfig>, &str)>,
+        upgrade: bool,
     ) -> Result<hyper::client::conn::http1::SendRequest<UpBody>, ConnError> {
         *self.upstream_addr.lock().expect("lock") = Some(to.to_string());
         let tcp = self.env.dialer.dial(to).await?;
@@ -1030,9 +1089,16 @@ impl<'a> Handler<'a> {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| ConnError::Protocol(format!("upstream {to}: {e}")))?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
+        if upgrade {
+            // Its upgraded stream outlives this client connection's request loop.
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+        } else {
+            let _ = self.drivers.send(Box::pin(async move {
+                let _ = conn.await;
+            }));
+        }
         Ok(sender)
     }
 }
