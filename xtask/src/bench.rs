@@ -23,7 +23,7 @@ use broker_tests::{
     pg::{PgAuth, PgOptions, PgServer},
 };
 
-pub(crate) struct Killed(Child);
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -84,7 +84,7 @@ pub(crate) fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

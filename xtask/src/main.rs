@@ -4,10 +4,12 @@
 //! * `cargo xtask demo`   set up, build, and run the PostgreSQL demo (root)
 //! * `cargo xtask test`   set up, build, and run every check and test (root)
 //! * `cargo xtask bench pg`  set up, build (release), and run the pgbench comparison
+//! * `cargo xtask bench http`  wrk over HTTP and HTTPS: direct, nginx, broker
 //! * `cargo xtask bench clients`  connect and close times of real clients, direct vs broker
 
 mod bench;
 mod bench_clients;
+mod bench_http;
 mod demo;
 mod setup;
 
@@ -44,9 +46,9 @@ enum Cmd {
     },
     /// Benchmarks, side by side with the direct connection and a peer proxy.
     Bench {
-        /// Which benchmark: `pg`, `clients`.
+        /// Which benchmark: `pg`, `http`, `clients`.
         what: String,
-        /// pgbench duration per run, seconds.
+        /// Duration of each pgbench or wrk run, seconds.
         #[arg(long, default_value_t = 10)]
         seconds: u32,
     },
@@ -72,8 +74,9 @@ fn main() -> anyhow::Result<()> {
             build(&root, true)?;
             match what.as_str() {
                 "pg" => bench::pg(&root, seconds),
+                "http" => bench_http::run(&root, seconds),
                 "clients" => bench_clients::run(&root),
-                other => bail!("unknown benchmark `{other}` (known: pg, clients)"),
+                other => bail!("unknown benchmark `{other}` (known: pg, http, clients)"),
             }
         }
     }
@@ -96,8 +99,28 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build(root: &Path, release: bool) -> anyhow::Result<()> {
+/// `cargo`, without the package variables `cargo xtask` (`cargo run`) leaves in this
+/// process's environment (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...): ring's build
+/// script reruns when any of them changes, so inheriting them would rebuild ring and
+/// everything above it whenever builds alternate between `cargo xtask` and a plain
+/// `cargo build` sharing one target directory.
+fn cargo() -> Command {
     let mut c = Command::new("cargo");
+    for (k, _) in std::env::vars_os() {
+        let k_str = k.to_string_lossy();
+        if k_str.starts_with("CARGO_PKG_")
+            || k_str.starts_with("CARGO_MANIFEST_")
+            || k_str == "CARGO_CRATE_NAME"
+            || k_str == "CARGO_BIN_NAME"
+        {
+            c.env_remove(&k);
+        }
+    }
+    c
+}
+
+fn build(root: &Path, release: bool) -> anyhow::Result<()> {
+    let mut c = cargo();
     c.current_dir(root)
         .args(["build", "-p", "broker-userspace"]);
     if release {
@@ -108,8 +131,8 @@ fn build(root: &Path, release: bool) -> anyhow::Result<()> {
 
 fn test(root: &Path, no_lint: bool, rest: &[String]) -> anyhow::Result<()> {
     if !no_lint {
-        run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
-        run(Command::new("cargo").args([
+        run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        run(cargo().args([
             "clippy",
             "--workspace",
             "--all-targets",
@@ -126,7 +149,7 @@ fn test(root: &Path, no_lint: bool, rest: &[String]) -> anyhow::Result<()> {
             "the test suite loads eBPF programs and starts servers: run it as root (sudo -E cargo xtask test)"
         );
     }
-    let mut c = Command::new("cargo");
+    let mut c = cargo();
     c.current_dir(root)
         .args([
             "test",
@@ -144,5 +167,5 @@ fn test(root: &Path, no_lint: bool, rest: &[String]) -> anyhow::Result<()> {
 
 unsafe extern "C" {
     #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
+    pub(crate) fn libc_geteuid() -> u32;
 }

@@ -42,6 +42,9 @@ const PACKAGES: &[&str] = &[
     "python3-pip",
     "default-jdk-headless",
     "libpostgresql-jdbc-java",
+    // `bench http`: the load generator, and the origin and peer reverse proxy.
+    "wrk",
+    "nginx",
 ];
 
 pub fn all() -> anyhow::Result<()> {
@@ -173,7 +176,7 @@ fn packages() -> anyhow::Result<()> {
     }
     apt_install(&missing)?;
     // Debian starts the packaged services; the tests start their own instances.
-    for svc in ["postgresql", "haproxy", "pgbouncer"] {
+    for svc in ["postgresql", "haproxy", "pgbouncer", "nginx"] {
         let _ = Command::new("service")
             .args([svc, "stop"])
             .stdout(Stdio::null())
