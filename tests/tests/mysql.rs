@@ -330,7 +330,9 @@ fn cli_client_tls_terminate_and_refuse() {
         "      clientTLS: refuse\n",
     );
     let cfg = config(dir.path(), &services);
-    let sql = "select concat('USER=', current_user()); status";
+    // `\s` is the client's status command: its `SSL:` line is about the client's own
+    // connection (to the broker).
+    let sql = "select concat('USER=', current_user()); \\s";
     let verify = format!(
         "--ssl --ssl-verify-server-cert --ssl-ca={}",
         broker_ca.display()
