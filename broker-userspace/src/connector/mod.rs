@@ -13,6 +13,7 @@
 //! `config:` block parses, how it is built) with a type implementing [`Connector`], and
 //! one line in [`KINDS`] (see docs/ARCHITECTURE.md, "Adding a connector").
 
+pub mod db_tls;
 pub mod dial;
 pub mod http;
 pub mod pg;
