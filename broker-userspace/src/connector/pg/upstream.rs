@@ -5,7 +5,6 @@
 use std::{
     fmt,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -25,7 +24,7 @@ use crate::{
     connector::dial::{Dialer, HostPort},
     connector::{
         ConnError, Credentials,
-        db_tls::{self, TlsFiles},
+        db_tls::TlsFiles,
         target::{self, AppDestination, Destinations, Fallbacks, parse_port},
     },
     tls::Verify,
@@ -333,8 +332,8 @@ pub fn tls_server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
 fn build_tls_config(
     p: &UpstreamParams,
     verify: Verify,
-) -> Result<Arc<rustls::ClientConfig>, ConnError> {
-    db_tls::build(&p.tls_files(verify), &[ALPN])
+) -> Result<std::sync::Arc<rustls::ClientConfig>, ConnError> {
+    crate::connector::db_tls::build(&p.tls_files(verify), &[ALPN])
 }
 
 impl UpstreamParams {
