@@ -142,7 +142,7 @@ impl MariaDb {
             format!(
                 "[mariadbd]\n\
                  datadir={0}/data\nsocket={0}/mysqld.sock\npid-file={0}/mysqld.pid\n\
-                 log-error={0}/server.log\nbind-address={1}\nport={port}\n\
+                 log-error={0}/server.log\ntmpdir={0}/tmp\nbind-address={1}\nport={port}\n\
                  skip-name-resolve\nskip-log-bin\nperformance_schema=OFF\n\
                  innodb_buffer_pool_size=64M\ninnodb_log_file_size=96M\n\
                  innodb_flush_log_at_trx_commit=0\nmax_connections=60\n\
@@ -153,6 +153,9 @@ impl MariaDb {
             ),
         )
         .expect("write my.cnf");
+        // Its own temporary directory: two servers bootstrapping at once in /tmp
+        // have been seen to trip over each other's temporary tables.
+        std::fs::create_dir(root.join("tmp")).expect("create tmpdir");
         run(
             Command::new("chown")
                 .arg("-R")
@@ -160,15 +163,23 @@ impl MariaDb {
                 .arg(&root),
             "chown test dir",
         );
-        run(
-            Command::new("mariadb-install-db")
-                .arg(format!("--defaults-file={}", cnf.display()))
-                .args([
-                    "--user=mysql",
-                    "--skip-test-db",
-                    "--auth-root-authentication-method=socket",
-                ]),
-            "mariadb-install-db",
+        let out = Command::new("mariadb-install-db")
+            .arg(format!("--defaults-file={}", cnf.display()))
+            .args([
+                "--user=mysql",
+                "--skip-test-db",
+                "--auth-root-authentication-method=socket",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mariadb-install-db");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db failed ({}):\n{}{}\nserver log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(root.join("server.log")).unwrap_or_default()
         );
         let child = Command::new("mariadbd")
             .arg(format!("--defaults-file={}", cnf.display()))
