@@ -53,8 +53,41 @@ impl ClientIo {
     pub fn into_session_client(self) -> ClientStream {
         match self {
             Self::Plain(s) => ClientStream::Plain(s),
-            Self::Tls(s) => ClientStream::Tls(s),
+            Self::Tls(s) => ClientStream::Tls(Box::new(QuietClose(s))),
         }
+    }
+}
+
+/// The client's TLS stream in the byte phase: ending it flushes what TLS holds and ends
+/// the TCP stream without a close_notify. A MySQL client closes right after `COM_QUIT`;
+/// a close_notify arriving after that finds its socket closed with the alert unread and
+/// is answered with a reset, which the relay would report as an error of a session that
+/// ended cleanly. (MySQL clients neither wait for one nor send one reliably.)
+struct QuietClose(Box<tokio_rustls::server::TlsStream<TcpStream>>);
+
+impl AsyncRead for QuietClose {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut().0.as_mut()).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for QuietClose {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(self.get_mut().0.as_mut()).poll_write(cx, b)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut().0.as_mut()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let tls = self.get_mut().0.as_mut();
+        std::task::ready!(Pin::new(&mut *tls).poll_flush(cx))?;
+        Pin::new(&mut tls.get_mut().0).poll_shutdown(cx)
     }
 }
 
@@ -150,7 +183,7 @@ pub async fn handshake(
         if packet.seq != expect {
             return fail(Some(io), seq, bad(format!("packet with sequence id {} (expected {expect})", packet.seq)));
         }
-        let parsed = match ClientPacket::parse(&packet.payload) {
+        let parsed = match ClientPacket::parse(&packet.payload, io.is_tls()) {
             Ok(p) => p,
             Err(e) => return fail(Some(io), seq, bad(e.to_string())),
         };

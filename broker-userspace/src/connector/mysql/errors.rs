@@ -13,6 +13,12 @@ use crate::connector::ConnError;
 
 /// The error codes the broker itself reports (MySQL's numbers, so clients show the usual
 /// text and drivers map them to their usual exceptions), with their SQLSTATE.
+///
+/// `CANNOT_REACH` (2003) and `TLS` (2026) are in the range MySQL reserves for errors a
+/// client library raises itself: MariaDB Connector/C (libmariadb 3.3+, the `mariadb`
+/// command line) reports such a code from a server as "2027 Received malformed packet"
+/// and drops the message; other clients (libmysqlclient, PyMySQL, Connector/J, Go) show
+/// it. The broker's other codes are server codes every client shows.
 pub mod code {
     /// `ER_ACCESS_DENIED_ERROR`: the server refused the brokered credentials (after the
     /// retry with fresh ones).
@@ -23,10 +29,9 @@ pub mod code {
     pub const CANNOT_REACH: (u16, &str) = (2003, "HY000");
     /// `CR_SSL_CONNECTION_ERROR`: TLS with the upstream (or the client) failed.
     pub const TLS: (u16, &str) = (2026, "HY000");
-    /// `CR_SERVER_LOST`: the upstream went away during the handshake.
-    pub const SERVER_LOST: (u16, &str) = (2013, "HY000");
-    /// `CR_MALFORMED_PACKET`: the upstream sent something that is not MySQL.
-    pub const MALFORMED: (u16, &str) = (2027, "HY000");
+    /// `ER_CONNECT_TO_FOREIGN_DATA_SOURCE` ("Unable to connect to foreign data source"):
+    /// the upstream went away during the handshake, or sent something that is not MySQL.
+    pub const UPSTREAM_FAILED: (u16, &str) = (1429, "HY000");
     /// `ER_HANDSHAKE_ERROR` ("Bad handshake"): the client's handshake is not usable.
     pub const BAD_HANDSHAKE: (u16, &str) = (1043, "08S01");
     /// `ER_NOT_SUPPORTED_AUTH_MODE`: the upstream asked for an authentication the broker
@@ -193,7 +198,7 @@ impl From<ConnError> for Failure {
         let c = match &err {
             ConnError::Upstream { .. } => code::CANNOT_REACH,
             ConnError::Tls { .. } => code::TLS,
-            ConnError::Io(_) => code::SERVER_LOST,
+            ConnError::Io(_) => code::UPSTREAM_FAILED,
             ConnError::Credentials(_) | ConnError::Config(_) | ConnError::Refused(_) => {
                 code::BROKER
             }

@@ -383,7 +383,7 @@ async fn establish(
                             opened = upstream::open(&env.dialer, &params).await?;
                             if !opened.greeting.caps.contains(negotiated) {
                                 return Err(Failure::new(
-                                    code::MALFORMED,
+                                    code::UPSTREAM_FAILED,
                                     ConnError::Protocol(format!(
                                         "upstream {}: after reconnecting with rotated \
                                          credentials, the server lacks capabilities the \
@@ -429,7 +429,12 @@ async fn attempt(
     let password = creds.get("password").map(|p| p.expose()).unwrap_or_default();
     let g = &opened.greeting;
     let tls = params.sslmode != upstream::SslMode::Disable;
-    let caps = proto::upstream_caps(client, g, tls);
+    let database = params
+        .database
+        .as_deref()
+        .map(str::as_bytes)
+        .or(client.database.as_deref());
+    let caps = proto::upstream_caps(client, g, tls, database.is_some());
     let ext = proto::upstream_ext_caps(client, g);
     let (mut stream, seq) = upstream::secure(
         opened.tcp,
@@ -451,11 +456,6 @@ async fn attempt(
         &transport,
     )
     .map_err(|e| upstream::auth_failure(&params.to, "handshake", e))?;
-    let database = params
-        .database
-        .as_deref()
-        .map(str::as_bytes)
-        .or(client.database.as_deref());
     let response = proto::handshake_response(
         &Login {
             caps,

@@ -275,11 +275,12 @@ pub enum ClientPacket {
 }
 
 impl ClientPacket {
-    /// Parse the client's answer to the greeting.
+    /// Parse the client's answer to the greeting; `tls`: the leg is TLS already (the
+    /// response after TLS carries `CLIENT_SSL` too).
     ///
     /// # Errors
     /// A truncated packet, or a client of the pre-4.1 protocol.
-    pub fn parse(payload: &[u8]) -> Result<Self, ProtoError> {
+    pub fn parse(payload: &[u8], tls: bool) -> Result<Self, ProtoError> {
         let Some(flags) = payload.get(..4) else {
             return Err(ProtoError::Malformed("truncated handshake response"));
         };
@@ -291,7 +292,7 @@ impl ClientPacket {
                 "the client speaks the pre-4.1 protocol (no CLIENT_PROTOCOL_41)",
             ));
         }
-        if caps.contains(Caps::CLIENT_SSL) {
+        if caps.contains(Caps::CLIENT_SSL) && !tls {
             // As the server does: the SSL flag makes it an SSLRequest, whatever follows.
             let _: SslRequest = ParseBuf(payload)
                 .parse(())
@@ -317,15 +318,24 @@ impl ClientPacket {
 /// The capability flags the broker sends upstream: the client's session-shaping flags
 /// the server has (so both legs format the session's packets alike), the 4.1
 /// authentication flags the server offers, connect attributes when the client sent some
-/// and the server takes them, TLS per `sslmode`, never compression. The database flag
-/// follows what the response carries.
+/// and the server takes them, the database flag when the response names one (`has_db`),
+/// TLS per `sslmode`, never compression. The SSLRequest and the response carry the same
+/// flags (MariaDB keeps the SSLRequest's).
 #[must_use]
-pub fn upstream_caps(client: &ClientResponse, server: &ServerGreeting, tls: bool) -> Caps {
+pub fn upstream_caps(
+    client: &ClientResponse,
+    server: &ServerGreeting,
+    tls: bool,
+    has_db: bool,
+) -> Caps {
     let mut c = session_caps(client, server);
     c |= Caps::CLIENT_PROTOCOL_41 | Caps::CLIENT_SECURE_CONNECTION;
     c |= server.caps & (Caps::CLIENT_PLUGIN_AUTH | Caps::CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA);
     if client.attrs.is_some() {
         c |= server.caps & Caps::CLIENT_CONNECT_ATTRS;
+    }
+    if has_db {
+        c |= Caps::CLIENT_CONNECT_WITH_DB;
     }
     if tls {
         c |= Caps::CLIENT_SSL;
@@ -567,7 +577,7 @@ mod tests {
     #[test]
     fn client_packets() {
         let r = client_response(client_caps(), Some(b"shop"));
-        let ClientPacket::Response(c) = ClientPacket::parse(&r).unwrap() else {
+        let ClientPacket::Response(c) = ClientPacket::parse(&r, false).unwrap() else {
             panic!("not a response")
         };
         assert_eq!(c.user, b"app");
@@ -580,15 +590,22 @@ mod tests {
         // SSLRequest: the 32-byte prefix with CLIENT_SSL.
         let ssl = ssl_request(client_caps(), MariadbCapabilities::empty(), &c);
         assert_eq!(ssl.len(), 32);
-        assert_eq!(ClientPacket::parse(&ssl).unwrap(), ClientPacket::SslRequest);
-        assert!(ClientPacket::parse(&ssl[..20]).is_err());
-        assert!(ClientPacket::parse(&r[..40]).is_err());
-        assert!(ClientPacket::parse(b"\x00\x00").is_err());
+        assert_eq!(ClientPacket::parse(&ssl, false).unwrap(), ClientPacket::SslRequest);
+        // After TLS, the response carries CLIENT_SSL too.
+        let after = client_response(client_caps() | Caps::CLIENT_SSL, None);
+        assert_eq!(ClientPacket::parse(&after, false).unwrap(), ClientPacket::SslRequest);
+        let ClientPacket::Response(c2) = ClientPacket::parse(&after, true).unwrap() else {
+            panic!("not a response")
+        };
+        assert_eq!(c2.user, b"app");
+        assert!(ClientPacket::parse(&ssl[..20], false).is_err());
+        assert!(ClientPacket::parse(&r[..40], false).is_err());
+        assert!(ClientPacket::parse(b"\x00\x00", false).is_err());
         // A 3.20-protocol client.
         let mut old = r.clone();
         old[1] &= !0x02;
         assert!(matches!(
-            ClientPacket::parse(&old),
+            ClientPacket::parse(&old, false),
             Err(ProtoError::Unsupported(_))
         ));
     }
@@ -603,12 +620,12 @@ mod tests {
         // A well-behaved client picks from what was offered.
         let chosen = client_caps() & offered;
         let ClientPacket::Response(c) =
-            ClientPacket::parse(&client_response(chosen, None)).unwrap()
+            ClientPacket::parse(&client_response(chosen, None), false).unwrap()
         else {
             panic!()
         };
         for tls in [false, true] {
-            let up = upstream_caps(&c, &g, tls);
+            let up = upstream_caps(&c, &g, tls, false);
             let shaping = Caps::all() - AUTH_PHASE - NEVER;
             assert_eq!(up & shaping, c.caps & shaping, "tls {tls}");
             assert!(!up.contains(Caps::CLIENT_COMPRESS));
@@ -621,11 +638,11 @@ mod tests {
             caps: c.caps | Caps::CLIENT_COMPRESS | Caps::CLIENT_QUERY_ATTRIBUTES,
             ..c.clone()
         };
-        assert!(!upstream_caps(&greedy, &g, false).contains(Caps::CLIENT_COMPRESS));
-        assert!(!upstream_caps(&greedy, &g, false).contains(Caps::CLIENT_QUERY_ATTRIBUTES));
+        assert!(!upstream_caps(&greedy, &g, false, false).contains(Caps::CLIENT_COMPRESS));
+        assert!(!upstream_caps(&greedy, &g, false, false).contains(Caps::CLIENT_QUERY_ATTRIBUTES));
         let ext = upstream_ext_caps(&c, &g);
         assert_eq!(ext.bits(), 0x1c & 0x1d);
-        let caps = upstream_caps(&c, &g, false);
+        let caps = upstream_caps(&c, &g, true, true);
         let auth = [7u8; 20];
         let wire = handshake_response(
             &Login {
@@ -638,9 +655,13 @@ mod tests {
             },
             &c,
         );
-        let ClientPacket::Response(up) = ClientPacket::parse(&wire).unwrap() else {
+        let ClientPacket::Response(up) = ClientPacket::parse(&wire, true).unwrap() else {
             panic!()
         };
+        // The SSLRequest before it carries the very same flags.
+        let ssl = ssl_request(caps, ext, &c);
+        assert_eq!(ssl[..4], wire[..4]);
+        assert_eq!(ssl[..], wire[..32]);
         assert_eq!(up.user, b"svc_user");
         assert_eq!(up.database.as_deref(), Some(&b"orders"[..]));
         assert_eq!(up.collation, 33);
@@ -653,7 +674,7 @@ mod tests {
         // Without a database the flag goes.
         let wire = handshake_response(
             &Login {
-                caps: caps | Caps::CLIENT_CONNECT_WITH_DB,
+                caps: upstream_caps(&c, &g, false, true),
                 ext_caps: ext,
                 user: b"u",
                 database: None,
@@ -662,7 +683,7 @@ mod tests {
             },
             &c,
         );
-        let ClientPacket::Response(up) = ClientPacket::parse(&wire).unwrap() else {
+        let ClientPacket::Response(up) = ClientPacket::parse(&wire, false).unwrap() else {
             panic!()
         };
         assert!(!up.caps.contains(Caps::CLIENT_CONNECT_WITH_DB));

@@ -193,7 +193,15 @@ impl AsyncRead for MyStream {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::Tls(s) => match Pin::new(s.as_mut()).poll_read(cx, buf) {
+                // MySQL and MariaDB servers close without a TLS close_notify (after
+                // COM_QUIT, on KILL, at shutdown): the end of the stream, not an error. A
+                // cut cannot pass for a whole reply: MySQL packets carry their length.
+                Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    Poll::Ready(Ok(()))
+                }
+                other => other,
+            },
         }
     }
 }
@@ -217,10 +225,17 @@ impl AsyncWrite for MyStream {
         }
     }
 
+    /// TLS: what TLS holds is flushed, then the TCP stream ends without a close_notify.
+    /// MySQL servers neither send nor wait for one, and they close at `COM_QUIT`: a
+    /// close_notify arriving after that is answered with a reset, which the relay would
+    /// report as an error of a session that ended cleanly.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::Tls(s) => {
+                std::task::ready!(Pin::new(s.as_mut()).poll_flush(cx))?;
+                Pin::new(&mut s.get_mut().0).poll_shutdown(cx)
+            }
         }
     }
 }
@@ -236,14 +251,14 @@ pub struct Opened {
 fn read_failure(addr: &HostPort, e: ReadError) -> Failure {
     match e {
         ReadError::Io(source) => Failure::new(
-            code::SERVER_LOST,
+            code::UPSTREAM_FAILED,
             ConnError::Upstream {
                 addr: addr.to_string(),
                 source,
             },
         ),
         ReadError::Closed => Failure::new(
-            code::SERVER_LOST,
+            code::UPSTREAM_FAILED,
             ConnError::Upstream {
                 addr: addr.to_string(),
                 source: std::io::Error::new(
@@ -253,7 +268,7 @@ fn read_failure(addr: &HostPort, e: ReadError) -> Failure {
             },
         ),
         e @ ReadError::TooLarge(_) => Failure::new(
-            code::MALFORMED,
+            code::UPSTREAM_FAILED,
             ConnError::Protocol(format!("upstream {addr}: {e}")),
         ),
     }
@@ -261,7 +276,7 @@ fn read_failure(addr: &HostPort, e: ReadError) -> Failure {
 
 fn malformed(addr: &HostPort, what: impl fmt::Display) -> Failure {
     Failure::new(
-        code::MALFORMED,
+        code::UPSTREAM_FAILED,
         ConnError::Protocol(format!("upstream {addr}: {what}")),
     )
 }
@@ -270,7 +285,7 @@ fn malformed(addr: &HostPort, what: impl fmt::Display) -> Failure {
 ///
 /// # Errors
 /// Unreachable (2003), the server's own refusal (its ERR, e.g. 1040), not a MySQL
-/// server (2027), closed (2013).
+/// server or closed (1429).
 pub async fn open(dialer: &Dialer, p: &UpstreamParams) -> Result<Opened, Failure> {
     let mut tcp = dialer.dial(&p.to).await?;
     let mut buf = BytesMut::with_capacity(256);
