@@ -379,8 +379,8 @@ fn cli_client_tls_terminate_and_refuse() {
 }
 
 /// Run `tests/clients/<script>` under `broker exec` against a service for the native
-/// user on a new MariaDB; the script's output.
-fn python_client(tag: &str, script: &str, env: &[(&str, String)]) -> String {
+/// user on a new MariaDB, once per environment in `runs`; each run's output.
+fn python_client(tag: &str, script: &str, runs: &[&[(&str, &str)]]) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     let pw = format!("mysql-{tag}-pw-8d2f6a0c4e");
     let db = MariaDb::start(MariaDbOptions::new(&pw, "unused-ed-pw", "unused-tls-pw"));
@@ -397,30 +397,34 @@ fn python_client(tag: &str, script: &str, env: &[(&str, String)]) -> String {
             "",
         ),
     );
-    let mut vars: Vec<(&str, String)> = vec![
-        ("MYSQL_HOST", "db.example.test".into()),
-        ("MYSQL_PORT", "3306".into()),
-        ("MYSQL_USER", "anything".into()),
-        ("MYSQL_PASSWORD", "dummy-client-pw".into()),
-        ("MYSQL_DATABASE", mariadb::DATABASE.into()),
-        ("PYTHONPATH", python_deps().display().to_string()),
-    ];
-    vars.extend(env.iter().cloned());
-    let started = Instant::now();
     let path = scripts_dir().join(script);
-    let (ok, text) = exec_sh(
-        dir.path(),
-        &cfg,
-        &vars,
-        &format!(
-            "timeout --kill-after=5 150 {PYTHON} {} 2>&1",
-            path.display()
-        ),
-    );
-    eprintln!("{script} took {:?}:\n{text}", started.elapsed());
-    assert!(ok || text.contains("FAIL "), "{text}\n{}", db.log_text());
-    assert_no_secret(&text, &[&pw], "client output");
-    text
+    runs.iter()
+        .map(|env| {
+            let mut vars: Vec<(&str, String)> = vec![
+                ("MYSQL_HOST", "db.example.test".into()),
+                ("MYSQL_PORT", "3306".into()),
+                ("MYSQL_USER", "anything".into()),
+                ("MYSQL_PASSWORD", "dummy-client-pw".into()),
+                ("MYSQL_DATABASE", mariadb::DATABASE.into()),
+                ("PYTHONPATH", python_deps().display().to_string()),
+            ];
+            vars.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+            let started = Instant::now();
+            let (ok, text) = exec_sh(
+                dir.path(),
+                &cfg,
+                &vars,
+                &format!(
+                    "timeout --kill-after=5 150 {PYTHON} {} 2>&1",
+                    path.display()
+                ),
+            );
+            eprintln!("{script} {env:?} took {:?}:\n{text}", started.elapsed());
+            assert!(ok || text.contains("FAIL "), "{text}\n{}", db.log_text());
+            assert_no_secret(&text, &[&pw], "client output");
+            text
+        })
+        .collect()
 }
 
 fn python_has(module: &str, with_deps: bool) -> bool {
@@ -453,7 +457,7 @@ fn pymysql_workload_load_data_select_and_kill_query() {
         python_has("pymysql, cryptography", false),
         "PyMySQL is required (cargo xtask setup installs python3-pymysql)"
     );
-    let text = python_client("pymysql", "mysql_pymysql.py", &[]);
+    let text = python_client("pymysql", "mysql_pymysql.py", &[&[]]).remove(0);
     assert_steps(
         &text,
         &[
@@ -480,14 +484,14 @@ fn mysql_connector_python_server_side_prepared_statements() {
     );
     // The C extension (libmysqlclient answers with caching_sha2_password first), then the
     // pure-Python implementation.
-    for pure in ["0", "1"] {
-        let text = python_client(
-            "connector",
-            "mysql_connector.py",
-            &[("MYSQL_USE_PURE", pure.into())],
-        );
+    let runs = python_client(
+        "connector",
+        "mysql_connector.py",
+        &[&[("MYSQL_USE_PURE", "0")], &[("MYSQL_USE_PURE", "1")]],
+    );
+    for text in &runs {
         assert_steps(
-            &text,
+            text,
             &[
                 "connect user=native_user@%",
                 "prepared server-side",
