@@ -3,7 +3,8 @@
 //! * The `mariadb` CLI under `broker exec` against a real MariaDB 10.11
 //!   (`broker_tests::mariadb`): a `mysql_native_password` user, an `ed25519` user, a
 //!   `REQUIRE SSL` user in sslmodes `require`, `verify-ca`, `verify-full` (and a wrong
-//!   name) and `disable` (refused with 1045); the client's own TLS to the broker with
+//!   name) and `disable` (refused with 1045), the `database` credential; the client's
+//!   own TLS to the broker with
 //!   `clientTLS: terminate` (verified against the broker's CA) and `refuse`.
 //! * PyMySQL and MySQL Connector/Python (`tests/clients/mysql_*.py`): parameterized and
 //!   server-side prepared statements, a transaction rolled back, multi-statement
@@ -225,6 +226,15 @@ fn cli_native_ed25519_and_tls_users_in_every_sslmode() {
         "      sslmode: disable\n",
         "",
     );
+    services += &service(
+        "native-db",
+        &t(3314),
+        up,
+        NATIVE_USER,
+        &f_nat,
+        &format!("      database: {}\n", mariadb::DATABASE),
+        "",
+    );
     let cfg = config(dir.path(), &services);
     let cases = [
         ("native", 3306),
@@ -236,11 +246,19 @@ fn cli_native_ed25519_and_tls_users_in_every_sslmode() {
         ("tls-wrong-host", 3312),
         ("tls-disable", 3313),
     ];
-    let script = cases
+    let mut script = cases
         .iter()
         .map(|(name, port)| cli_case(name, *port, "", WHO))
         .collect::<Vec<_>>()
         .join("; ");
+    // The `database` credential when the client names none.
+    script += "; ";
+    script += &cli_case(
+        "native-db",
+        3314,
+        "",
+        "select concat('DB=', ifnull(database(), 'none'))",
+    );
     let (_, text) = exec_sh(dir.path(), &cfg, &[], &script);
     let tls_on = |c: &str| c.contains(" TLS=TLSv1.");
     let native = case(&text, "native");
@@ -279,6 +297,10 @@ fn cli_native_ed25519_and_tls_users_in_every_sslmode() {
     assert!(
         wrong.contains("tls-wrong-host"),
         "the error names the service:\n{text}"
+    );
+    assert!(
+        case(&text, "native-db").contains("DB=app"),
+        "the database credential:\n{text}"
     );
     let disable = case(&text, "tls-disable");
     assert!(
@@ -580,7 +602,8 @@ fn caching_sha2_fast_full_rsa_and_auth_switch_against_a_fake_mysql8() {
         )
     };
     let script = [
-        twice("sha2-tls", 3306),
+        cli_case("sha2-tls-1", 3306, "-D appdb", who),
+        cli_case("sha2-tls-2", 3306, "", who),
         twice("sha2-rsa", 3307),
         twice("sha2-key", 3308),
         cli_case("switch-to-sha2", 3309, "", who),
@@ -620,6 +643,11 @@ fn caching_sha2_fast_full_rsa_and_auth_switch_against_a_fake_mysql8() {
         "full authentication in clear over TLS, then the fast path"
     );
     assert!(tls.logins().iter().all(|l| l.tls));
+    assert_eq!(
+        tls.logins()[0].database.as_deref(),
+        Some("appdb"),
+        "the client's database reaches the server over TLS"
+    );
     assert_eq!(
         paths(&rsa),
         vec![
