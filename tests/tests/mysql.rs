@@ -4,8 +4,8 @@
 //!   (`broker_tests::mariadb`): a `mysql_native_password` user, an `ed25519` user, a
 //!   `REQUIRE SSL` user in sslmodes `require`, `verify-ca`, `verify-full` (and a wrong
 //!   name) and `disable` (refused with 1045), the `database` credential; the client's
-//!   own TLS to the broker with
-//!   `clientTLS: terminate` (verified against the broker's CA) and `refuse`.
+//!   own TLS to the broker with `clientTLS: terminate` (verified against the broker's
+//!   CA) and `refuse`.
 //! * PyMySQL and MySQL Connector/Python (`tests/clients/mysql_*.py`): parameterized and
 //!   server-side prepared statements, a transaction rolled back, multi-statement
 //!   results, 50 MiB through `LOAD DATA LOCAL INFILE` and back through a `SELECT`,
