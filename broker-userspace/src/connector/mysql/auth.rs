@@ -369,9 +369,9 @@ fn encrypt(password: &[u8], nonce: &[u8], key_pem: &[u8]) -> Result<Zeroizing<Ve
             crypto::Error::Key(_) => {
                 AuthError::Protocol("the server's RSA public key is not a valid PEM key".into())
             }
-            crypto::Error::Padding(_) => AuthError::Protocol(
-                "the password is too long for the server's RSA key".into(),
-            ),
+            crypto::Error::Padding(_) => {
+                AuthError::Protocol("the password is too long for the server's RSA key".into())
+            }
         })
 }
 
@@ -439,7 +439,12 @@ dwIDAQAB
         let mut out = Vec::new();
         let mut c = 0u32;
         while out.len() < len {
-            out.extend_from_slice(&Sha1::new().chain_update(seed).chain_update(c.to_be_bytes()).finalize());
+            out.extend_from_slice(
+                &Sha1::new()
+                    .chain_update(seed)
+                    .chain_update(c.to_be_bytes())
+                    .finalize(),
+            );
             c += 1;
         }
         out.truncate(len);
@@ -510,15 +515,24 @@ dwIDAQAB
         assert_eq!(
             data.as_slice(),
             [
-                0x09, 0xcf, 0xf8, 0x85, 0x5e, 0x9e, 0x70, 0x53, 0x40, 0xff, 0x22, 0x70, 0xd8,
-                0xfb, 0x9f, 0xad, 0xba, 0x90, 0x6b, 0x70,
+                0x09, 0xcf, 0xf8, 0x85, 0x5e, 0x9e, 0x70, 0x53, 0x40, 0xff, 0x22, 0x70, 0xd8, 0xfb,
+                0x9f, 0xad, 0xba, 0x90, 0x6b, 0x70,
             ]
         );
         let (_, data) = ServerAuth::start(None, NONCE, b"password", &PLAIN).unwrap();
         let stored: Vec<u8> = (0..20)
-            .map(|i| u8::from_str_radix(&"2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19"[i * 2..i * 2 + 2], 16).unwrap())
+            .map(|i| {
+                u8::from_str_radix(
+                    &"2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19"[i * 2..i * 2 + 2],
+                    16,
+                )
+                .unwrap()
+            })
             .collect();
-        let mask = Sha1::new().chain_update(NONCE).chain_update(&stored).finalize();
+        let mask = Sha1::new()
+            .chain_update(NONCE)
+            .chain_update(&stored)
+            .finalize();
         let stage1: Vec<u8> = data.iter().zip(mask).map(|(a, b)| a ^ b).collect();
         assert_eq!(Sha1::digest(&stage1).as_slice(), stored);
     }
@@ -532,7 +546,10 @@ dwIDAQAB
             ServerAuth::start(Some(b"caching_sha2_password"), NONCE, pw, &PLAIN).unwrap();
         assert_eq!(auth.method(), Method::CachingSha2);
         let stored = Sha256::digest(Sha256::digest(pw));
-        let mask = Sha256::new().chain_update(stored).chain_update(NONCE).finalize();
+        let mask = Sha256::new()
+            .chain_update(stored)
+            .chain_update(NONCE)
+            .finalize();
         let stage1: Vec<u8> = data.iter().zip(mask).map(|(a, b)| a ^ b).collect();
         assert_eq!(Sha256::digest(&stage1), stored);
         assert!(matches!(auth.next(b"\x01\x03", pw, &PLAIN), Ok(Step::Read)));
@@ -618,7 +635,10 @@ dwIDAQAB
         let new = b"ABCDEFGHIJKLMNOPQRST";
         let mut data = new.to_vec();
         data.push(0);
-        let answer = sent(auth.next(&switch(b"mysql_native_password", &data), pw, &PLAIN).unwrap());
+        let answer = sent(
+            auth.next(&switch(b"mysql_native_password", &data), pw, &PLAIN)
+                .unwrap(),
+        );
         assert_eq!(answer, scramble_native(new, pw).unwrap());
         assert_eq!(auth.method(), Method::Native);
         // Only one switch.
@@ -628,7 +648,10 @@ dwIDAQAB
         ));
         // native greeting, account on caching_sha2, then the fast path.
         let (mut auth, _) = ServerAuth::start(None, NONCE, pw, &PLAIN).unwrap();
-        let answer = sent(auth.next(&switch(b"caching_sha2_password", &data), pw, &PLAIN).unwrap());
+        let answer = sent(
+            auth.next(&switch(b"caching_sha2_password", &data), pw, &PLAIN)
+                .unwrap(),
+        );
         assert_eq!(answer, scramble_sha256(new, pw).unwrap());
         assert!(matches!(auth.next(b"\x01\x03", pw, &PLAIN), Ok(Step::Read)));
         assert!(matches!(auth.next(OK, pw, &PLAIN), Ok(Step::Ok)));
@@ -640,7 +663,10 @@ dwIDAQAB
         ));
         let (mut auth, _) = ServerAuth::start(None, NONCE, pw, &TLS).unwrap();
         assert_eq!(
-            sent(auth.next(&switch(b"mysql_clear_password", b""), pw, &TLS).unwrap()),
+            sent(
+                auth.next(&switch(b"mysql_clear_password", b""), pw, &TLS)
+                    .unwrap()
+            ),
             b"password\0"
         );
         // The old switch and unknown methods are refused, naming the method.
@@ -653,7 +679,10 @@ dwIDAQAB
         let e = auth
             .next(&switch(b"auth_gssapi_client", b"x"), pw, &PLAIN)
             .unwrap_err();
-        assert_eq!(e.to_string(), "the server asked for `auth_gssapi_client` authentication, which the broker does not do");
+        assert_eq!(
+            e.to_string(),
+            "the server asked for `auth_gssapi_client` authentication, which the broker does not do"
+        );
     }
 
     /// MariaDB's ed25519: the signature of the 32-byte scramble with the key derived from
@@ -664,7 +693,10 @@ dwIDAQAB
         let pw = b"0123456789abcdef0123456789abcdef";
         let nonce: Vec<u8> = (0..32).collect();
         let (mut auth, _) = ServerAuth::start(None, NONCE, pw, &PLAIN).unwrap();
-        let sig = sent(auth.next(&switch(b"client_ed25519", &nonce), pw, &PLAIN).unwrap());
+        let sig = sent(
+            auth.next(&switch(b"client_ed25519", &nonce), pw, &PLAIN)
+                .unwrap(),
+        );
         let hex: String = sig.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             hex,
@@ -674,7 +706,10 @@ dwIDAQAB
         assert!(matches!(auth.next(OK, pw, &PLAIN), Ok(Step::Ok)));
         // The scramble must be 32 bytes.
         let (mut auth, _) = ServerAuth::start(None, NONCE, pw, &PLAIN).unwrap();
-        assert!(auth.next(&switch(b"client_ed25519", b"short"), pw, &PLAIN).is_err());
+        assert!(
+            auth.next(&switch(b"client_ed25519", b"short"), pw, &PLAIN)
+                .is_err()
+        );
     }
 
     #[test]
@@ -713,6 +748,8 @@ dwIDAQAB
         let (auth, _) = ServerAuth::start(Some(b"dialog"), NONCE, pw, &PLAIN).unwrap();
         assert_eq!(auth.method(), Method::Native);
         assert!(valid_public_key(TEST_KEY_PEM));
-        assert!(!valid_public_key(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"));
+        assert!(!valid_public_key(
+            b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"
+        ));
     }
 }

@@ -181,7 +181,14 @@ pub async fn handshake(
         };
         let seq = packet.seq.wrapping_add(1);
         if packet.seq != expect {
-            return fail(Some(io), seq, bad(format!("packet with sequence id {} (expected {expect})", packet.seq)));
+            return fail(
+                Some(io),
+                seq,
+                bad(format!(
+                    "packet with sequence id {} (expected {expect})",
+                    packet.seq
+                )),
+            );
         }
         let parsed = match ClientPacket::parse(&packet.payload, io.is_tls()) {
             Ok(p) => p,
@@ -233,7 +240,10 @@ pub async fn handshake(
 }
 
 fn bad(why: String) -> Failure {
-    Failure::new(code::BAD_HANDSHAKE, ConnError::Protocol(format!("client: {why}")))
+    Failure::new(
+        code::BAD_HANDSHAKE,
+        ConnError::Protocol(format!("client: {why}")),
+    )
 }
 
 fn read_failure(e: ReadError, expect: u8) -> Failure {
@@ -266,7 +276,9 @@ async fn accept(tcp: TcpStream, t: &ClientTls<'_>) -> Result<ClientIo, Failure> 
     let leaf =
         t.ca.leaf(&name)
             .map_err(|e| fail(format!("no certificate for {name:?}: {e:#}")))?;
-    let config = leaf.server_config(&[]).map_err(|e| fail(format!("{e:#}")))?;
+    let config = leaf
+        .server_config(&[])
+        .map_err(|e| fail(format!("{e:#}")))?;
     let stream = start
         .into_stream(config)
         .await

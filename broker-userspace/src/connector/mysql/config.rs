@@ -203,7 +203,10 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("are credentials (host, port"), "{e}");
-        assert!(e.contains("services.db.config.connectTimeout: must be more than 0"), "{e}");
+        assert!(
+            e.contains("services.db.config.connectTimeout: must be more than 0"),
+            "{e}"
+        );
         // Credentials are required.
         let e = load(
             "version: 2\nservices:\n  db:\n    connector: tidb\n    listenOn: \
@@ -217,6 +220,9 @@ mod tests {
              [\"10.0.0.0/8:3306\"]\n    credentials: {username: u, password: p}\n",
         )
         .unwrap_err();
-        assert!(e.contains("services.db.intercept: a CIDR target needs"), "{e}");
+        assert!(
+            e.contains("services.db.intercept: a CIDR target needs"),
+            "{e}"
+        );
     }
 }

@@ -79,7 +79,11 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The `mysql` kind (aliases `mariadb`, `tidb`).
 pub const KIND: Kind = Kind {
     syntax: config::SYNTAX,
-    build: |service| Ok(Arc::new(MysqlConnector::new(settings::<MysqlConfig>(service)?)?)),
+    build: |service| {
+        Ok(Arc::new(MysqlConnector::new(settings::<MysqlConfig>(
+            service,
+        )?)?))
+    },
 };
 
 /// A `mysql` service: its configuration and what its connections share.
@@ -426,7 +430,10 @@ async fn attempt(
         .map_err(ConnError::from)?
         .filter(|u| !u.is_empty())
         .ok_or_else(|| ConnError::Config("credential `username` is empty".into()))?;
-    let password = creds.get("password").map(|p| p.expose()).unwrap_or_default();
+    let password = creds
+        .get("password")
+        .map(|p| p.expose())
+        .unwrap_or_default();
     let g = &opened.greeting;
     let tls = params.sslmode != upstream::SslMode::Disable;
     let database = params

@@ -116,7 +116,10 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
 /// On a payload of [`MAX_PAYLOAD`] bytes or more (the connection phase sends none).
 #[must_use]
 pub fn encode(seq: u8, payload: &[u8]) -> Zeroizing<Vec<u8>> {
-    assert!(payload.len() < MAX_PAYLOAD, "connection-phase packet too large");
+    assert!(
+        payload.len() < MAX_PAYLOAD,
+        "connection-phase packet too large"
+    );
     let mut out = Zeroizing::new(Vec::with_capacity(payload.len() + 4));
     let len = u32::try_from(payload.len()).expect("checked").to_le_bytes();
     out.extend_from_slice(&len[..3]);
@@ -284,9 +287,7 @@ impl ClientPacket {
         let Some(flags) = payload.get(..4) else {
             return Err(ProtoError::Malformed("truncated handshake response"));
         };
-        let caps = Caps::from_bits_truncate(u32::from_le_bytes(
-            flags.try_into().expect("4 bytes"),
-        ));
+        let caps = Caps::from_bits_truncate(u32::from_le_bytes(flags.try_into().expect("4 bytes")));
         if !caps.contains(Caps::CLIENT_PROTOCOL_41) {
             return Err(ProtoError::Unsupported(
                 "the client speaks the pre-4.1 protocol (no CLIENT_PROTOCOL_41)",
@@ -360,11 +361,7 @@ pub fn upstream_ext_caps(client: &ClientResponse, server: &ServerGreeting) -> Ma
 /// The SSLRequest the broker sends upstream before TLS (the same flags as the response
 /// that follows it).
 #[must_use]
-pub fn ssl_request(
-    caps: Caps,
-    ext: MariadbCapabilities,
-    client: &ClientResponse,
-) -> Vec<u8> {
+pub fn ssl_request(caps: Caps, ext: MariadbCapabilities, client: &ClientResponse) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
     SslRequest::new(caps | Caps::CLIENT_SSL, client.max_packet, client.collation)
         .with_mariadb_capabilities(ext)
@@ -590,10 +587,16 @@ mod tests {
         // SSLRequest: the 32-byte prefix with CLIENT_SSL.
         let ssl = ssl_request(client_caps(), MariadbCapabilities::empty(), &c);
         assert_eq!(ssl.len(), 32);
-        assert_eq!(ClientPacket::parse(&ssl, false).unwrap(), ClientPacket::SslRequest);
+        assert_eq!(
+            ClientPacket::parse(&ssl, false).unwrap(),
+            ClientPacket::SslRequest
+        );
         // After TLS, the response carries CLIENT_SSL too.
         let after = client_response(client_caps() | Caps::CLIENT_SSL, None);
-        assert_eq!(ClientPacket::parse(&after, false).unwrap(), ClientPacket::SslRequest);
+        assert_eq!(
+            ClientPacket::parse(&after, false).unwrap(),
+            ClientPacket::SslRequest
+        );
         let ClientPacket::Response(c2) = ClientPacket::parse(&after, true).unwrap() else {
             panic!("not a response")
         };
@@ -631,7 +634,10 @@ mod tests {
             assert!(!up.contains(Caps::CLIENT_COMPRESS));
             assert_eq!(up.contains(Caps::CLIENT_SSL), tls);
             assert!(up.contains(Caps::CLIENT_PLUGIN_AUTH | Caps::CLIENT_SECURE_CONNECTION));
-            assert!(g.caps.contains(up - Caps::CLIENT_SSL - Caps::CLIENT_CONNECT_ATTRS));
+            assert!(
+                g.caps
+                    .contains(up - Caps::CLIENT_SSL - Caps::CLIENT_CONNECT_ATTRS)
+            );
         }
         // A client that asks for more than offered does not get it upstream.
         let greedy = ClientResponse {
@@ -668,7 +674,10 @@ mod tests {
         assert_eq!(up.max_packet, c.max_packet);
         assert_eq!(up.attrs, c.attrs);
         assert_eq!(up.ext_caps, ext);
-        assert!(up.caps.contains(Caps::CLIENT_CONNECT_WITH_DB | Caps::CLIENT_CONNECT_ATTRS));
+        assert!(
+            up.caps
+                .contains(Caps::CLIENT_CONNECT_WITH_DB | Caps::CLIENT_CONNECT_ATTRS)
+        );
         let r: HandshakeResponse<'_> = ParseBuf(&wire).parse(()).unwrap();
         assert_eq!(r.scramble_buf(), auth);
         // Without a database the flag goes.

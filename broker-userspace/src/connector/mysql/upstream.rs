@@ -397,7 +397,10 @@ pub async fn login(
     t: &Transport<'_>,
 ) -> Result<Outcome, Failure> {
     let io = |e: std::io::Error| read_failure(addr, ReadError::Io(e));
-    stream.write_all(&proto::encode(seq, response)).await.map_err(io)?;
+    stream
+        .write_all(&proto::encode(seq, response))
+        .await
+        .map_err(io)?;
     stream.flush().await.map_err(io)?;
     let mut buf = BytesMut::with_capacity(1024);
     loop {
@@ -405,7 +408,10 @@ pub async fn login(
             .await
             .map_err(|e| read_failure(addr, e))?;
         if packet.seq != seq.wrapping_add(1) {
-            return Err(malformed(addr, "packets out of order during authentication"));
+            return Err(malformed(
+                addr,
+                "packets out of order during authentication",
+            ));
         }
         seq = packet.seq;
         let step = auth
@@ -414,7 +420,10 @@ pub async fn login(
         match step {
             Step::Send(data) => {
                 seq = seq.wrapping_add(1);
-                stream.write_all(&proto::encode(seq, &data)).await.map_err(io)?;
+                stream
+                    .write_all(&proto::encode(seq, &data))
+                    .await
+                    .map_err(io)?;
                 stream.flush().await.map_err(io)?;
             }
             Step::Read => {}
@@ -456,7 +465,10 @@ mod tests {
         c
     }
 
-    fn params(pairs: &[(&str, &str)], dst: Option<SocketAddr>) -> Result<UpstreamParams, ConnError> {
+    fn params(
+        pairs: &[(&str, &str)],
+        dst: Option<SocketAddr>,
+    ) -> Result<UpstreamParams, ConnError> {
         UpstreamParams::from_credentials(
             &creds(pairs),
             AppDestination {
@@ -496,7 +508,12 @@ mod tests {
             ("disable", SslMode::Disable),
             ("verify-ca", SslMode::VerifyCa),
         ] {
-            assert_eq!(params(&[("host", "h"), ("sslmode", mode)], None).unwrap().sslmode, want);
+            assert_eq!(
+                params(&[("host", "h"), ("sslmode", mode)], None)
+                    .unwrap()
+                    .sslmode,
+                want
+            );
         }
         let p = params(&[("host", "h"), ("sslrootcert", "/ca.pem")], None).unwrap();
         assert_eq!(p.verify(), Verify::CaOnly);
