@@ -310,6 +310,53 @@ fn cli_native_ed25519_and_tls_users_in_every_sslmode() {
     assert_no_secret(&text, &[pw_nat, pw_ed, pw_tls], "exec output");
 }
 
+/// A client that sends its SSLRequest and its TLS ClientHello in one write (the
+/// protocol has no answer to an SSLRequest, so a client need not wait; the real CLI's
+/// two writes arrive together too when the broker is slow to read): argv `port`,
+/// `CA file`. Prints `TLS_OK <version>` once the handshake with the broker's
+/// certificate for `db.example.test` is done.
+const COALESCED_TLS: &str = r#"
+import socket, ssl, struct, sys
+host, port, ca = "db.example.test", int(sys.argv[1]), sys.argv[2]
+s = socket.create_connection((host, port), timeout=10)
+def exact(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c:
+            print("CLOSED"); sys.exit(1)
+        b += c
+    return b
+n = int.from_bytes(exact(4)[:3], "little")
+greeting = exact(n)
+caps = 0x200 | 0x800 | 0x8000 | 0x80000 | 0x200000
+req = struct.pack("<IIB23s", caps, 1 << 24, 45, b"\0" * 23)
+ctx = ssl.create_default_context(cafile=ca)
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inc, out, server_hostname=host)
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+s.sendall(len(req).to_bytes(3, "little") + b"\x01" + req + out.read())
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        data = s.recv(65536)
+        if not data:
+            print("CLOSED"); sys.exit(1)
+        inc.write(data)
+        pending = out.read()
+        if pending:
+            s.sendall(pending)
+pending = out.read()
+if pending:
+    s.sendall(pending)
+print("TLS_OK", tls.version())
+"#;
+
 #[test]
 fn cli_client_tls_terminate_and_refuse() {
     if !ready() {
@@ -369,6 +416,11 @@ fn cli_client_tls_terminate_and_refuse() {
         cli_case("term-plain", 3306, "--skip-ssl", sql),
         cli_case("refuse-verify", 3307, &verify, sql),
         cli_case("refuse-plain", 3307, "--skip-ssl", sql),
+        format!(
+            "echo 'CASE coalesced'; {PYTHON} {} 3306 {} 2>&1; echo \"EXIT coalesced=$?\"",
+            write_file(dir.path(), "coalesced.py", COALESCED_TLS).display(),
+            broker_ca.display()
+        ),
     ]
     .join("; ");
     let (_, text) = exec_sh(dir.path(), &cfg, &[], &script);
@@ -396,6 +448,11 @@ fn cli_client_tls_terminate_and_refuse() {
     assert!(
         c.contains("USER=native_user@%") && c.contains("Not in use"),
         "clientTLS refuse: plain clients are served:\n{text}"
+    );
+    let c = case(&text, "coalesced");
+    assert!(
+        c.contains("TLS_OK TLSv1."),
+        "SSLRequest and ClientHello in one write:\n{text}"
     );
     assert_no_secret(&text, &[pw], "exec output");
 }
