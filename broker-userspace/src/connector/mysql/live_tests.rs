@@ -88,7 +88,11 @@ impl Mariadb {
             .args(["--auth-root-authentication-method=normal", "--user=root"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         write_tls_files(dir.path());
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -102,13 +106,26 @@ impl Mariadb {
             .arg(format!("--socket={}", dir.path().join("s").display()))
             .arg(format!("--port={port}"))
             .args(["--bind-address=127.0.0.1", "--user=root"])
-            .arg(format!("--ssl-cert={}", dir.path().join("server.pem").display()))
-            .arg(format!("--ssl-key={}", dir.path().join("server.key").display()))
-            .arg(format!("--log-error={}", dir.path().join("err.log").display()));
+            .arg(format!(
+                "--ssl-cert={}",
+                dir.path().join("server.pem").display()
+            ))
+            .arg(format!(
+                "--ssl-key={}",
+                dir.path().join("server.key").display()
+            ))
+            .arg(format!(
+                "--log-error={}",
+                dir.path().join("err.log").display()
+            ));
         if ed25519 {
             cmd.arg("--plugin-load-add=auth_ed25519");
         }
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let db = Self {
             dir,
             port,
@@ -133,7 +150,11 @@ impl Mariadb {
             ));
         }
         let out = db.root(&sql);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         db
     }
 }
@@ -210,7 +231,11 @@ async fn live_mariadb() {
     assert_eq!(out.trim(), "svc@%\tshop");
     let (ok, out) = client(
         port,
-        &["--ssl", "--ssl-ca", &local_ca.cert_path().display().to_string()],
+        &[
+            "--ssl",
+            "--ssl-ca",
+            &local_ca.cert_path().display().to_string(),
+        ],
         "select current_user(), @@version",
     )
     .await;
@@ -256,9 +281,19 @@ async fn live_mariadb() {
     let (ok, out) = client(b.addr.port(), &[], "select 1").await;
     assert!(!ok, "{out}");
     assert!(out.contains("ERROR 1045 (28000)"), "{out}");
-    assert!(out.contains("service `orders-db`: upstream rejected the credentials"), "{out}");
+    assert!(
+        out.contains("service `orders-db`: upstream rejected the credentials"),
+        "{out}"
+    );
     assert!(!out.contains("Wrong-pw-9"), "{out}");
-    assert!(b.results.recv().await.unwrap().unwrap_err().starts_with("auth_rejected"));
+    assert!(
+        b.results
+            .recv()
+            .await
+            .unwrap()
+            .unwrap_err()
+            .starts_with("auth_rejected")
+    );
 
     // `sslmode` left at its default (require) works against a server with TLS.
     let mut b = broker_with_ca(
