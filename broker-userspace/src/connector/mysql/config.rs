@@ -46,8 +46,8 @@ pub struct MysqlConfig {
     /// TLS. Without it the broker asks the server for its key (which a server
     /// impersonator could answer with its own).
     pub server_public_key: Option<PathBuf>,
-    /// `connectTimeout`: how long the upstream side may take, from the connect to the
-    /// server's OK (both attempts of a credential rotation included).
+    /// `connectTimeout`: how long the upstream side may take, from fetching the
+    /// credentials to the server's OK (both attempts of a credential rotation included).
     pub connect_timeout: Duration,
 }
 

@@ -45,6 +45,8 @@ pub mod proto;
 pub mod upstream;
 
 #[cfg(test)]
+mod live_tests;
+#[cfg(test)]
 mod tests;
 
 use std::{sync::Arc, time::Duration};

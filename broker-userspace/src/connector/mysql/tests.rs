@@ -37,11 +37,11 @@ const SERVICE: &str = "orders-db";
 const NONCE: &[u8; 20] = b"abcdefghij0123456789";
 const OK: &[u8] = b"\x00\x00\x00\x02\x00\x00\x00";
 
-fn lit(v: &str) -> CredentialSource {
+pub(super) fn lit(v: &str) -> CredentialSource {
     CredentialSource::Literal(Secret::from_str_value(v))
 }
 
-fn file(path: &Path) -> CredentialSource {
+pub(super) fn file(path: &Path) -> CredentialSource {
     CredentialSource::Provider {
         provider: "file".into(),
         id: path.display().to_string(),
@@ -62,9 +62,9 @@ fn creds(
 }
 
 /// The broker on a listener of its own; each connection's result goes to the channel.
-struct Broker {
-    addr: SocketAddr,
-    results: mpsc::UnboundedReceiver<Result<(), String>>,
+pub(super) struct Broker {
+    pub addr: SocketAddr,
+    pub results: mpsc::UnboundedReceiver<Result<(), String>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,6 +75,15 @@ impl Drop for Broker {
 }
 
 async fn broker(cfg: MysqlConfig, creds: Vec<(&str, CredentialSource)>) -> Broker {
+    broker_with_ca(cfg, creds, None).await
+}
+
+/// [`broker`], presenting certificates from `ca` to clients that ask for TLS.
+pub(super) async fn broker_with_ca(
+    cfg: MysqlConfig,
+    creds: Vec<(&str, CredentialSource)>,
+    ca: Option<Arc<crate::ca::LocalCa>>,
+) -> Broker {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let service = Service {
@@ -102,7 +111,7 @@ async fn broker(cfg: MysqlConfig, creds: Vec<(&str, CredentialSource)>) -> Broke
     let env = Env {
         secrets: Arc::new(crate::secrets::SecretStore::new(&config).unwrap()),
         dialer: Dialer { mark: 0 },
-        ca: None,
+        ca,
     };
     let my: Arc<dyn Connector> = Arc::new(super::MysqlConnector::new(&cfg).unwrap());
     let service = Arc::new(service);
