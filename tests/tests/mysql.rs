@@ -586,7 +586,7 @@ fn mysql_connector_python_server_side_prepared_statements() {
 
 #[test]
 fn caching_sha2_fast_full_rsa_and_auth_switch_against_a_fake_mysql8() {
-    if !privileged() {
+    if !ready() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
