@@ -4,8 +4,8 @@
 //! * `bpf-linker`, built against the nightly toolchain's own libLLVM (no prebuilt binary
 //!   and no Debian LLVM matches; see REFERENCE.md section 1);
 //! * the Debian packages the tests and benchmarks use;
-//! * the PostgreSQL clients Debian lacks (pg8000, node-postgres), pinned, into
-//!   `target/clients/` with pip and npm (see `broker_tests::clients`).
+//! * the database clients Debian lacks (pg8000, MySQL Connector/Python, node-postgres),
+//!   pinned, into `target/clients/` with pip and npm (see `broker_tests::clients`).
 //!
 //! Each step checks first and does nothing when already satisfied.
 
@@ -45,6 +45,12 @@ const PACKAGES: &[&str] = &[
     // `bench http`: the load generator, and the origin and peer reverse proxy.
     "wrk",
     "nginx",
+    // The mysql connector's tests (tests/tests/mysql.rs): a real server, its CLI, PyMySQL
+    // (with cryptography for caching_sha2_password's RSA exchange).
+    "mariadb-server",
+    "mariadb-client",
+    "python3-pymysql",
+    "python3-cryptography",
 ];
 
 pub fn all() -> anyhow::Result<()> {
@@ -176,7 +182,7 @@ fn packages() -> anyhow::Result<()> {
     }
     apt_install(&missing)?;
     // Debian starts the packaged services; the tests start their own instances.
-    for svc in ["postgresql", "haproxy", "pgbouncer", "nginx"] {
+    for svc in ["postgresql", "haproxy", "pgbouncer", "nginx", "mariadb"] {
         let _ = Command::new("service")
             .args([svc, "stop"])
             .stdout(Stdio::null())
@@ -220,17 +226,22 @@ fn node() -> anyhow::Result<()> {
     )
 }
 
-/// pg8000 (PyPI) and node-postgres with pg-copy-streams (npm), at the pinned versions,
-/// into `target/clients/{python,node}`; nothing when those versions are there.
+/// pg8000 and MySQL Connector/Python (PyPI), node-postgres with pg-copy-streams (npm), at
+/// the pinned versions, into `target/clients/{python,node}`; nothing when those versions
+/// are there.
 fn client_libraries() -> anyhow::Result<()> {
     use broker_tests::clients::{NPM_PACKAGES, PIP_PACKAGES, PYTHON, node_deps, python_deps};
     let py = python_deps();
     let py_ok = PIP_PACKAGES.iter().all(|(name, version)| {
         std::fs::read_dir(&py).is_ok_and(|entries| {
-            let want = format!("{name}-{version}.dist-info");
-            entries
-                .filter_map(Result::ok)
-                .any(|e| e.file_name().to_str() == Some(want.as_str()))
+            // Wheels name the directory after the normalized project name
+            // (`mysql_connector_python-9.4.0.dist-info`).
+            let want = format!("{}-{version}.dist-info", name.replace('-', "_"));
+            entries.filter_map(Result::ok).any(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(&want))
+            })
         })
     });
     if !py_ok {

@@ -244,9 +244,15 @@ fn secretless_v2_example_loads() {
         vec![
             "services.pg-tcp.credentials.password: provider \"vault\" is not built yet",
             "services.pg-socket.listenOn: listenOn unix:///sock/.s.PGSQL.5432 is not supported yet; use tcp://",
-            "services.mysql-db.connector: connector \"mysql\" is not built yet",
         ]
     );
+    let my = &cfg.services[2];
+    assert!(
+        my.connector
+            .settings::<crate::connector::mysql::MysqlConfig>()
+            .is_some()
+    );
+    assert_eq!(literal(my, "host"), "mysql.internal");
 }
 
 #[test]

@@ -13,8 +13,10 @@
 //! `config:` block parses, how it is built) with a type implementing [`Connector`], and
 //! one line in [`KINDS`] (see docs/ARCHITECTURE.md, "Adding a connector").
 
+pub mod db_tls;
 pub mod dial;
 pub mod http;
+pub mod mysql;
 pub mod pg;
 pub mod target;
 pub mod tcp;
@@ -218,12 +220,13 @@ pub static KINDS: ConnectorKinds<BuildFn> = ConnectorKinds {
     built: &[
         tcp::KIND,
         pg::KIND,
+        mysql::KIND,
         http::GENERIC_KIND,
         http::BASIC_KIND,
         http::AWS_KIND,
         http::CONJUR_KIND,
     ],
-    not_built: &["mysql", "mssql", "ssh", "ssh-agent"],
+    not_built: &["mssql", "ssh", "ssh-agent"],
 };
 
 /// The connector instance for a service.

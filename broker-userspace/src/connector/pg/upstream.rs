@@ -3,13 +3,9 @@
 //! the rest of the connector reads and writes.
 
 use std::{
-    collections::HashMap,
     fmt,
-    path::{Path, PathBuf},
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
-    time::{Duration, Instant},
 };
 
 use sha2::{Digest, Sha256, Sha384, Sha512};
@@ -23,14 +19,15 @@ use super::{
     errors::{Failure, sqlstate},
     messages,
 };
+pub use crate::connector::db_tls::{Pem, TlsConfigCache};
 use crate::{
     connector::dial::{Dialer, HostPort},
     connector::{
         ConnError, Credentials,
+        db_tls::TlsFiles,
         target::{self, AppDestination, Destinations, Fallbacks, parse_port},
     },
-    secret::Secret,
-    tls::{self, TlsSources, Verify},
+    tls::Verify,
 };
 
 /// Default PostgreSQL port.
@@ -69,79 +66,6 @@ impl SslMode {
                 ));
             }
         })
-    }
-}
-
-/// A certificate or key given as a file path or, as Secretless does with
-/// `sslrootcert: {from: file, ...}`, as PEM text.
-///
-/// PEM text is recognised by a `-----BEGIN` marker anywhere in the value, not only at
-/// the start: `openssl pkcs12 -nodes` writes `Bag Attributes` lines before the block, and
-/// taking such a key for a path used to put the whole key into error messages.
-#[derive(Clone)]
-pub enum Pem {
-    Path(PathBuf),
-    Inline(Secret),
-}
-
-impl fmt::Debug for Pem {
-    // Neither form is printed: a path credential is still a credential.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Path(_) => f.write_str("Path(<path>)"),
-            Self::Inline(_) => f.write_str("Inline(<pem>)"),
-        }
-    }
-}
-
-/// The PEM boundary marker; a value containing it is PEM text, never a path.
-const PEM_MARKER: &[u8] = b"-----BEGIN";
-
-impl Pem {
-    fn from_credential(creds: &Credentials, name: &str) -> Result<Option<Self>, ConnError> {
-        let Some(v) = creds.get(name) else {
-            return Ok(None);
-        };
-        if v.is_empty() {
-            return Ok(None);
-        }
-        if v.expose()
-            .windows(PEM_MARKER.len())
-            .any(|w| w == PEM_MARKER)
-        {
-            return Ok(Some(Self::Inline(v.clone())));
-        }
-        let not_a_path = || {
-            ConnError::Config(format!(
-                "credential `{name}` is neither a file path nor PEM text (no `-----BEGIN` line)"
-            ))
-        };
-        let text = v.expose_str().map_err(|_| not_a_path())?;
-        let path = text.trim();
-        // A path is one line; anything else is text that went wrong (e.g. DER or base64
-        // without the PEM armour), not something to open.
-        if path.is_empty() || path.contains(['\n', '\r', '\0']) {
-            return Err(not_a_path());
-        }
-        Ok(Some(Self::Path(PathBuf::from(path))))
-    }
-
-    /// As a source for the TLS configuration: errors name the credential only.
-    fn source<'a>(&'a self, credential: &'a str) -> tls::PemSource<'a> {
-        match self {
-            Self::Path(path) => tls::PemSource::CredentialFile { credential, path },
-            Self::Inline(s) => tls::PemSource::CredentialText {
-                credential,
-                pem: s.expose(),
-            },
-        }
-    }
-
-    fn cache_key(&self) -> PemKey {
-        match self {
-            Self::Path(p) => PemKey::Path(p.clone()),
-            Self::Inline(s) => PemKey::Inline(Sha256::digest(s.expose()).into()),
-        }
     }
 }
 
@@ -403,97 +327,28 @@ pub fn tls_server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum PemKey {
-    Path(PathBuf),
-    Inline([u8; 32]),
-}
-
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct TlsKey {
-    verify: u8,
-    root: Option<PemKey>,
-    cert: Option<PemKey>,
-    key: Option<PemKey>,
-}
-
-/// How long a built TLS client configuration is reused (files may be rotated).
-const TLS_CONFIG_TTL: Duration = Duration::from_secs(60);
-const TLS_CONFIG_CAP: usize = 64;
-
-/// Built rustls client configurations, so `sslmode=prefer` does not load the system
-/// roots for every connection. Bounded; entries expire after a minute.
-#[derive(Default)]
-pub struct TlsConfigCache {
-    inner: Mutex<HashMap<TlsKey, (Arc<rustls::ClientConfig>, Instant)>>,
-}
-
-impl fmt::Debug for TlsConfigCache {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let len = self
-            .inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len();
-        f.debug_struct("TlsConfigCache").field("len", &len).finish()
-    }
-}
-
-impl TlsConfigCache {
-    fn get_or_build(&self, p: &UpstreamParams) -> Result<Arc<rustls::ClientConfig>, ConnError> {
-        let verify = p.verify();
-        let key = TlsKey {
-            verify: verify as u8,
-            root: p.sslrootcert.as_ref().map(Pem::cache_key),
-            cert: p.sslcert.as_ref().map(Pem::cache_key),
-            key: p.sslkey.as_ref().map(Pem::cache_key),
-        };
-        {
-            let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some((c, at)) = map.get(&key)
-                && at.elapsed() < TLS_CONFIG_TTL
-            {
-                return Ok(Arc::clone(c));
-            }
-        }
-        let config = build_tls_config(p, verify)?;
-        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        map.retain(|_, (_, at)| at.elapsed() < TLS_CONFIG_TTL);
-        if map.len() >= TLS_CONFIG_CAP {
-            map.clear();
-        }
-        map.insert(key, (Arc::clone(&config), Instant::now()));
-        Ok(config)
-    }
-}
-
+/// The TLS client configuration for these parameters (ALPN `postgresql`), uncached.
+#[cfg(test)]
 fn build_tls_config(
     p: &UpstreamParams,
     verify: Verify,
-) -> Result<Arc<rustls::ClientConfig>, ConnError> {
-    let ca = match &p.sslrootcert {
-        // libpq 16: `sslrootcert=system` means the system's trust store.
-        Some(Pem::Path(path)) if path == Path::new("system") => None,
-        Some(pem) => Some(pem.source("sslrootcert")),
-        None => None,
-    };
-    let client_cert = p
-        .sslcert
-        .as_ref()
-        .zip(p.sslkey.as_ref())
-        .map(|(c, k)| (c.source("sslcert"), k.source("sslkey")));
-    let config = tls::client_config_from(TlsSources {
-        verify,
-        ca,
-        with_system_roots: false,
-        client_cert,
-    })
-    .map_err(|e| ConnError::Config(format!("upstream TLS settings: {e}")))?;
-    let mut config = (*config).clone();
-    // PostgreSQL 17+ checks ALPN when a client sends it; older servers ignore it.
-    config.alpn_protocols = vec![b"postgresql".to_vec()];
-    Ok(Arc::new(config))
+) -> Result<std::sync::Arc<rustls::ClientConfig>, ConnError> {
+    crate::connector::db_tls::build(&p.tls_files(verify), &[ALPN])
 }
+
+impl UpstreamParams {
+    fn tls_files(&self, verify: Verify) -> TlsFiles<'_> {
+        TlsFiles {
+            verify,
+            root: self.sslrootcert.as_ref(),
+            cert: self.sslcert.as_ref(),
+            key: self.sslkey.as_ref(),
+        }
+    }
+}
+
+/// PostgreSQL 17+ checks ALPN when a client sends it; older servers ignore it.
+const ALPN: &[u8] = b"postgresql";
 
 /// Connect to the upstream and negotiate TLS as `sslmode` says.
 ///
@@ -509,7 +364,7 @@ pub async fn connect(
         return Ok(PgStream::Plain(tcp));
     }
     // Build the TLS configuration first: a bad setting should not cost a round trip.
-    let config = tls_cache.get_or_build(p)?;
+    let config = tls_cache.get_or_build(&p.tls_files(p.verify()), &[ALPN])?;
     let addr = p.to.to_string();
     let tls_err = |reason: String| {
         Failure::new(
@@ -564,7 +419,7 @@ mod tests {
     use ipnet::IpNet;
 
     use super::{super::config::PgConfig, *};
-    use crate::config::InterceptTarget;
+    use crate::{config::InterceptTarget, secret::Secret};
 
     fn app(addr: Option<SocketAddr>) -> AppDestination<'static> {
         AppDestination { addr, host: None }
