@@ -406,7 +406,7 @@ pub fn valid_public_key(key: &[u8]) -> bool {
 mod tests {
     use mysql_common::num_bigint::BigUint;
     use sha1::{Digest as _, Sha1};
-    use sha2::{Digest as _, Sha256};
+    use sha2::Sha256;
 
     use super::*;
 
