@@ -30,7 +30,7 @@ use crate::{
 /// The app's connection.
 pub enum ClientIo {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<Prefixed>>),
 }
 
 impl ClientIo {
@@ -39,7 +39,7 @@ impl ClientIo {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Self::Plain(s) => s,
-            Self::Tls(s) => s.get_ref().0,
+            Self::Tls(s) => &s.get_ref().0.inner,
         }
     }
 
@@ -63,7 +63,7 @@ impl ClientIo {
 /// a close_notify arriving after that finds its socket closed with the alert unread and
 /// is answered with a reset, which the relay would report as an error of a session that
 /// ended cleanly. (MySQL clients neither wait for one nor send one reliably.)
-struct QuietClose(Box<tokio_rustls::server::TlsStream<TcpStream>>);
+struct QuietClose(Box<tokio_rustls::server::TlsStream<Prefixed>>);
 
 impl AsyncRead for QuietClose {
     fn poll_read(
@@ -210,20 +210,19 @@ pub async fn handshake(
                     return fail(
                         Some(io),
                         seq,
-                        Failure::new(code::TLS, ConnError::Protocol(why.into())),
+                        Failure::new(code::CLIENT_TLS_REFUSED, ConnError::Protocol(why.into())),
                     );
                 };
-                if !buf.is_empty() {
-                    // Bytes after the SSLRequest, before TLS: never taken into the TLS
-                    // stream (CVE-2021-23214 in PostgreSQL's terms).
-                    return fail(
-                        Some(io),
-                        seq,
-                        bad("data after the SSLRequest before TLS".into()),
-                    );
-                }
                 let ClientIo::Plain(tcp) = io else {
                     unreachable!("the first SSLRequest arrives on the plain socket")
+                };
+                // The server never answers an SSLRequest, so a client may send its
+                // ClientHello in the same write: bytes read past the SSLRequest are the
+                // start of the TLS stream and go to the TLS handshake (parsed as TLS
+                // records, never as MySQL packets).
+                let tcp = Prefixed {
+                    pre: std::mem::take(&mut buf),
+                    inner: tcp,
                 };
                 io = match accept(tcp, t).await {
                     Ok(s) => s,
@@ -261,8 +260,45 @@ fn read_failure(e: ReadError, expect: u8) -> Failure {
     }
 }
 
+/// The client's socket with bytes already read from it in front (the start of its TLS
+/// stream, read with its SSLRequest).
+pub struct Prefixed {
+    pre: BytesMut,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if !me.pre.is_empty() {
+            let n = me.pre.len().min(out.remaining());
+            out.put_slice(&me.pre.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut me.inner).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, b)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// The TLS handshake with the client, presenting a certificate from the local CA.
-async fn accept(tcp: TcpStream, t: &ClientTls<'_>) -> Result<ClientIo, Failure> {
+async fn accept(tcp: Prefixed, t: &ClientTls<'_>) -> Result<ClientIo, Failure> {
     let fail = |why: String| Failure::told(ConnError::Protocol(format!("client TLS: {why}")));
     let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
         .await

@@ -14,21 +14,26 @@ use crate::connector::ConnError;
 /// The error codes the broker itself reports (MySQL's numbers, so clients show the usual
 /// text and drivers map them to their usual exceptions), with their SQLSTATE.
 ///
-/// `CANNOT_REACH` (2003) and `TLS` (2026) are in the range MySQL reserves for errors a
-/// client library raises itself: MariaDB Connector/C (libmariadb 3.3+, the `mariadb`
-/// command line) reports such a code from a server as "2027 Received malformed packet"
-/// and drops the message; other clients (libmysqlclient, PyMySQL, Connector/J, Go) show
-/// it. The broker's other codes are server codes every client shows.
+/// Every code is a server code (below 2000): MariaDB Connector/C (libmariadb 3.3+, the
+/// `mariadb` command line) reports a code of the client range (2000-2999, e.g. 2003
+/// "can't connect") received from a server as "2027 Received malformed packet" and drops
+/// the message, so an unreachable upstream or a TLS failure is `1429` ("Unable to connect
+/// to foreign data source") with a message naming the service and the cause.
 pub mod code {
     /// `ER_ACCESS_DENIED_ERROR`: the server refused the brokered credentials (after the
     /// retry with fresh ones).
     pub const ACCESS_DENIED: (u16, &str) = (1045, "28000");
     /// `ER_CON_COUNT_ERROR`: a broker connection cap is reached.
     pub const TOO_MANY_CONNECTIONS: (u16, &str) = (1040, "08004");
-    /// `CR_CONN_HOST_ERROR`: the upstream cannot be reached.
-    pub const CANNOT_REACH: (u16, &str) = (2003, "HY000");
-    /// `CR_SSL_CONNECTION_ERROR`: TLS with the upstream (or the client) failed.
-    pub const TLS: (u16, &str) = (2026, "HY000");
+    /// `ER_CONNECT_TO_FOREIGN_DATA_SOURCE`: the upstream cannot be reached (what a client
+    /// library would call 2003).
+    pub const CANNOT_REACH: (u16, &str) = (1429, "HY000");
+    /// `ER_CONNECT_TO_FOREIGN_DATA_SOURCE`: TLS with the upstream failed (2026 for a
+    /// client library).
+    pub const TLS: (u16, &str) = (1429, "HY000");
+    /// `ER_HANDSHAKE_ERROR`: the client asked for TLS, which the service refuses
+    /// (`config.clientTLS: refuse`).
+    pub const CLIENT_TLS_REFUSED: (u16, &str) = (1043, "08S01");
     /// `ER_CONNECT_TO_FOREIGN_DATA_SOURCE` ("Unable to connect to foreign data source"):
     /// the upstream went away during the handshake, or sent something that is not MySQL.
     pub const UPSTREAM_FAILED: (u16, &str) = (1429, "HY000");
@@ -251,7 +256,7 @@ mod tests {
             addr: "db:3306".into(),
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         });
-        assert_eq!((f.code, f.sqlstate.as_str()), (2003, "HY000"));
+        assert_eq!((f.code, f.sqlstate.as_str()), (1429, "HY000"));
         let p = f.client_error("orders");
         let e = ServerError::parse(&p).unwrap();
         assert!(

@@ -22,7 +22,7 @@
 //! When the server rejects the credentials (1045, 1698), they are fetched again bypassing
 //! the cache and the login is tried once more on a new connection (rotation). Every
 //! failure reaches the client as an ERR packet naming the service ([`errors`]): 1045
-//! access denied, 2003 upstream unreachable, 2026 TLS, 1040 over a broker cap; the
+//! access denied, 1429 upstream unreachable or TLS failed, 1040 over a broker cap; the
 //! server's own errors keep its code.
 //!
 //! Limits:

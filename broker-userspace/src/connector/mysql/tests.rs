@@ -461,7 +461,7 @@ async fn unreachable_and_refusing_upstreams() {
     let p = c.read().await;
     assert_eq!(p.seq, 0);
     let e = err_of(&p);
-    assert_eq!((e.code, e.sqlstate.as_str()), (2003, "HY000"));
+    assert_eq!((e.code, e.sqlstate.as_str()), (1429, "HY000"));
     assert!(
         e.message.starts_with(&format!(
             "service `{SERVICE}`: cannot reach upstream 127.0.0.1:{}",
@@ -577,7 +577,7 @@ async fn tls_refusals() {
     let p = c.read().await;
     drop(c);
     let e = err_of(&p);
-    assert_eq!((p.seq, e.code), (2, 2026));
+    assert_eq!((p.seq, e.code), (2, 1043));
     assert!(e.message.contains("clientTLS"), "{}", e.message);
     assert!(b.results.recv().await.unwrap().is_err());
 
@@ -588,7 +588,7 @@ async fn tls_refusals() {
     let (c, _, p) = client(b.addr).await;
     drop(c);
     let e = err_of(&p);
-    assert_eq!((p.seq, e.code, e.sqlstate.as_str()), (2, 2026, "HY000"));
+    assert_eq!((p.seq, e.code, e.sqlstate.as_str()), (2, 1429, "HY000"));
     assert!(e.message.contains("does not offer TLS"), "{}", e.message);
     assert!(
         b.results

@@ -284,7 +284,7 @@ fn malformed(addr: &HostPort, what: impl fmt::Display) -> Failure {
 /// Connect and read the server's greeting.
 ///
 /// # Errors
-/// Unreachable (2003), the server's own refusal (its ERR, e.g. 1040), not a MySQL
+/// Unreachable (1429), the server's own refusal (its ERR, e.g. 1040), not a MySQL
 /// server or closed (1429).
 pub async fn open(dialer: &Dialer, p: &UpstreamParams) -> Result<Opened, Failure> {
     let mut tcp = dialer.dial(&p.to).await?;
@@ -311,7 +311,7 @@ pub async fn open(dialer: &Dialer, p: &UpstreamParams) -> Result<Opened, Failure
 /// Returns the stream and the sequence id of the HandshakeResponse.
 ///
 /// # Errors
-/// A server without TLS when `sslmode` asks for it, TLS failures (2026); bad TLS
+/// A server without TLS when `sslmode` asks for it, TLS failures (1429); bad TLS
 /// settings.
 pub async fn secure(
     mut tcp: TcpStream,
