@@ -5,11 +5,13 @@
 //! * `cargo xtask test`   set up, build, and run every check and test (root)
 //! * `cargo xtask bench pg`  set up, build (release), and run the pgbench comparison
 //! * `cargo xtask bench http`  wrk over HTTP and HTTPS: direct, nginx, broker
+//! * `cargo xtask bench mysql`  mysqlslap point selects: direct, haproxy, broker
 //! * `cargo xtask bench clients`  connect and close times of real clients, direct vs broker
 
 mod bench;
 mod bench_clients;
 mod bench_http;
+mod bench_mysql;
 mod demo;
 mod setup;
 
@@ -75,8 +77,9 @@ fn main() -> anyhow::Result<()> {
             match what.as_str() {
                 "pg" => bench::pg(&root, seconds),
                 "http" => bench_http::run(&root, seconds),
+                "mysql" => bench_mysql::run(&root, seconds),
                 "clients" => bench_clients::run(&root),
-                other => bail!("unknown benchmark `{other}` (known: pg, http, clients)"),
+                other => bail!("unknown benchmark `{other}` (known: pg, http, mysql, clients)"),
             }
         }
     }
