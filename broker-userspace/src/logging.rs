@@ -5,8 +5,8 @@
 //!   closed pipe (EPIPE): the first warning of an accept loop whose stderr reader went
 //!   away killed the loop while the programs stayed attached. Here an event is only
 //!   queued (copied into a bounded buffer under a short lock); one thread writes the
-//!   queue to the real output in batches (every 10 ms or 64 KiB under load, at once
-//!   after a quiet spell, so a line per request costs no wake-up and no system call)
+//!   queue to the real output in batches (at most every 2 ms or 64 KiB under load, at
+//!   once after a quiet spell, so a line per request costs no wake-up and no system call)
 //!   and ignores write errors. A full queue (output blocked or slower than the
 //!   daemon) drops the line and counts it, so logging never blocks a connection task
 //!   either; the writer thread reports the count once it can write again.
@@ -38,10 +38,10 @@ pub const QUEUE_LINES: usize = 4096;
 /// Bytes held for the writer thread at most, whatever the line count.
 const QUEUE_BYTES: usize = 4 << 20;
 
-/// How long the writer thread gathers lines before it writes them (one `write` per
-/// batch instead of one wake-up and one `write` per line: under load the daemon logs a
-/// line per request). A batch this large is written at once.
-const BATCH_WAIT: Duration = Duration::from_millis(10);
+/// After a write, how long the writer thread lets lines gather before the next one (one
+/// `write` per batch instead of one wake-up and one `write` per line: under load the
+/// daemon logs a line per request). A batch this large is written at once.
+const BATCH_WAIT: Duration = Duration::from_millis(2);
 const BATCH_BYTES: usize = 64 << 10;
 
 #[derive(Debug, Default)]
@@ -200,14 +200,6 @@ fn write_queue<W: Write>(mut out: W, q: &Queue, counters: &Counters) {
                 .wait(st)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        // Lines queued: gather for a moment, unless the batch is full or a flush waits.
-        if !st.urgent && st.buf.len() < BATCH_BYTES {
-            st = q
-                .more
-                .wait_timeout(st, BATCH_WAIT)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
-        }
         st.urgent = false;
         std::mem::swap(&mut batch, &mut st.buf);
         let lines = std::mem::take(&mut st.lines);
@@ -232,8 +224,16 @@ fn write_queue<W: Write>(mut out: W, q: &Queue, counters: &Counters) {
         }
         let mut st = lock(&q.state);
         st.done = upto;
-        drop(st);
         q.written.notify_all();
+        // Under load, let the next lines gather for a moment (one write per batch, not
+        // one wake-up per line); a full batch or a waiting flush ends the pause. The
+        // first line after a quiet spell is written at once.
+        let _ = q
+            .more
+            .wait_timeout_while(st, BATCH_WAIT, |st| {
+                !st.urgent && st.buf.len() < BATCH_BYTES
+            })
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
     }
 }
 

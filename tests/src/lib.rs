@@ -210,6 +210,20 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once `done` holds for it, or as it is after `timeout` (the daemon writes
+    /// its lines from a thread of its own, a moment after the event).
+    #[must_use]
+    pub fn log_until(&self, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log_text();
+            if done(&text) || Instant::now() >= deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Send SIGTERM and wait (bounded) for the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill with a pid we own.

@@ -350,7 +350,9 @@ fn a_failed_connect_mints_no_record_and_getpeername_does_not_lie() {
         "a process outside the cgroup got a session:\n{outsider}"
     );
 
-    let log = b.daemon.log_text();
+    let log = b.daemon.log_until(std::time::Duration::from_secs(2), |l| {
+        l.matches("\"result\":\"refused\"").count() >= 2
+    });
     let refused = log.matches("\"result\":\"refused\"").count();
     assert!(refused >= 2, "both were refused and logged:\n{log}");
     assert!(

@@ -1029,9 +1029,11 @@ impl<'a> Handler<'a> {
         let mut slot = self.upstream.lock().await;
         let reuse = match slot.as_mut() {
             Some(u) if u.key == key && !u.sender.is_closed() => {
-                tokio::time::timeout(timeout, u.sender.ready())
-                    .await
-                    .is_ok_and(|r| r.is_ok())
+                // Ready at once in the usual case (the last response is done): no timer.
+                u.sender.is_ready()
+                    || tokio::time::timeout(timeout, u.sender.ready())
+                        .await
+                        .is_ok_and(|r| r.is_ok())
             }
             _ => false,
         };
