@@ -426,7 +426,8 @@ mod tests {
         }
         writer.flush(Duration::from_millis(100));
         assert!(started.elapsed() < Duration::from_secs(2));
-        // The thread holds one line, the queue 16; the rest is dropped and counted.
-        assert!(writer.dropped() >= 1000 - 17, "{}", writer.dropped());
+        // The thread holds one batch (at most the queue's 16 lines), the queue 16 more;
+        // the rest is dropped and counted.
+        assert!(writer.dropped() >= 1000 - 32, "{}", writer.dropped());
     }
 }
