@@ -246,7 +246,9 @@ for i in range(worker, max_iters, WORKERS):
         cur.execute("select %s", (i,))
         assert cur.fetchone()[0] == i
         c.close()
-    print("ITER %d kind=%d port=%d secs=%.2f %s" % (i, kind, local, time.monotonic() - t0, " ".join(res)), flush=True)
+    # One write(2) per line: the workers share the pipe (print may write the newline
+    # separately, and lines of two workers then run together).
+    os.write(1, ("ITER %d kind=%d port=%d secs=%.2f %s\n" % (i, kind, local, time.monotonic() - t0, " ".join(res))).encode())
     done += 1
 faulthandler.cancel_dump_traceback_later()
 if worker:
