@@ -87,8 +87,8 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
         "bench-tls-9d04",
     ));
     db.admin_sql(&format!(
-        "CREATE TABLE {DATABASE}.bench (id INT PRIMARY KEY, v VARCHAR(64)); \
-         INSERT INTO {DATABASE}.bench SELECT seq, CONCAT('row-', seq) FROM seq_1_to_1000;"
+        "USE {DATABASE}; CREATE TABLE bench (id INT PRIMARY KEY, v VARCHAR(64)); \
+         INSERT INTO bench SELECT seq, CONCAT('row-', seq) FROM seq_1_to_1000;"
     ));
     let db_port = db.port;
     let dir = tempfile::tempdir()?;
