@@ -73,6 +73,28 @@ fn pgbench(
         .with_context(|| format!("no tps in pgbench output:\n{text}"))
 }
 
+/// haproxy relaying TCP from 127.0.0.1:`port` to `backend`, its configuration in `dir`;
+/// killed when dropped.
+pub(crate) fn tcp_haproxy(dir: &Path, port: u16, backend: &str) -> anyhow::Result<Killed> {
+    let cfg = dir.join(format!("haproxy-{port}.cfg"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nlisten relay\n  bind 127.0.0.1:{port}\n  server backend {backend}\n"
+        ),
+    )?;
+    Ok(Killed(
+        Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting haproxy")?,
+    ))
+}
+
 pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -146,23 +168,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     // haproxy: a plain TCP relay.
     let ha_port = free_port();
-    let ha_cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &ha_cfg,
-        format!(
-            "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nlisten pg\n  bind 127.0.0.1:{ha_port}\n  server pg 127.0.0.1:{pg_port}\n"
-        ),
-    )?;
-    let _haproxy = Killed(
-        Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&ha_cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting haproxy")?,
-    );
+    let _haproxy = tcp_haproxy(dir.path(), ha_port, &format!("127.0.0.1:{pg_port}"))?;
 
     // The broker twice, release build, each intercepting its own address for its own
     // child cgroup: the default (sessions spliced in the kernel after auth) and with

@@ -23,7 +23,7 @@ use broker_tests::{
     net::TestCgroup,
 };
 
-use crate::bench::{Killed, median, rss_kib};
+use crate::bench::{Killed, median, rss_kib, tcp_haproxy};
 
 /// Queries per second of one `mysqlslap` run.
 fn mysqlslap(
@@ -94,24 +94,7 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
 
     let ha_port = free_port();
-    let ha_cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &ha_cfg,
-        format!(
-            "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nlisten my\n  bind 127.0.0.1:{ha_port}\n  server my {}:{db_port}\n",
-            db.ip
-        ),
-    )?;
-    let _haproxy = Killed(
-        Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&ha_cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting haproxy")?,
-    );
+    let _haproxy = tcp_haproxy(dir.path(), ha_port, &format!("{}:{db_port}", db.ip))?;
 
     let pw_file = dir.path().join("pw");
     std::fs::write(&pw_file, password)?;

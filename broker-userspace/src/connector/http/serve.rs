@@ -790,15 +790,7 @@ impl<'a> Handler<'a> {
                         .into(),
                 ));
             };
-            let https = scheme == "https";
-            let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-            let port = auth.port_u16().unwrap_or(if https { 443 } else { 80 });
-            let dest = Dest {
-                to: HostPort::new(host, port),
-                https,
-                name: host.to_owned(),
-                host: Some(auth.to_string()),
-            };
+            let dest = absolute_dest(auth, scheme == "https");
             (format!("{scheme}://{auth}{pq}"), dest)
         };
         let Some(route) = self.c.route(&url) else {
@@ -830,17 +822,7 @@ impl<'a> Handler<'a> {
             && let (Some(scheme), Some(auth)) = (uri.scheme_str(), uri.authority())
         {
             // Forward-proxy form (`http_proxy`): the absolute URI names the origin.
-            let https = scheme == "https" || cfg.force_ssl;
-            let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-            let port = auth
-                .port_u16()
-                .unwrap_or(if scheme == "https" || https { 443 } else { 80 });
-            return Ok(Dest {
-                to: HostPort::new(host, port),
-                https,
-                name: host.to_owned(),
-                host: Some(auth.to_string()),
-            });
+            return Ok(absolute_dest(auth, scheme == "https" || cfg.force_ssl));
         }
         let t = target::resolve(
             creds,
@@ -1191,6 +1173,19 @@ async fn authenticate(
         }
     }
     Ok(token)
+}
+
+/// Where an absolute-form request goes: its authority, TLS when `https` (then the
+/// default port is 443), its own `Host`.
+fn absolute_dest(auth: &http::uri::Authority, https: bool) -> Dest {
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+    let port = auth.port_u16().unwrap_or(if https { 443 } else { 80 });
+    Dest {
+        to: HostPort::new(host, port),
+        https,
+        name: host.to_owned(),
+        host: Some(auth.to_string()),
+    }
 }
 
 /// A template's value: `access_token` is the OAuth2 token when the service has one.
