@@ -203,6 +203,25 @@ pub trait SecretProvider: Send + Sync {
     fn name(&self) -> &str;
     /// Fetch the value with this id. Must not log the value.
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Fetched, SecretError>>;
+
+    /// Fetch several ids that one service needs together, consistently: values that
+    /// belong together (a Vault dynamic-credential lease's username and password, a
+    /// Conjur batch) come from one store call, never from two calls that could return
+    /// two different leases. Returns one value per id, in order. The default fetches
+    /// each id with [`SecretProvider::get`]; providers with leases or batch APIs
+    /// override it.
+    fn get_many<'a>(
+        &'a self,
+        ids: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<Fetched>, SecretError>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                out.push(self.get(id).await?);
+            }
+            Ok(out)
+        })
+    }
 }
 
 /// Create every provider instance of a configuration, keyed by instance name.
