@@ -573,6 +573,7 @@ impl Splicer {
         app: u64,
         sent_after: u64,
         up: &std::net::TcpStream,
+        upload_here: bool,
     ) -> Result<Spliced, EbpfError> {
         const BPF_NOEXIST: u64 = 1;
         let up_cookie = socket_cookie(up).map_err(EbpfError::Socket)?;
@@ -618,6 +619,8 @@ impl Splicer {
                 SpliceValue {
                     peer: up_cookie,
                     blind_budget,
+                    // The app's sends take the normal path to the daemon from the start.
+                    flags: if upload_here { SPLICE_FALLBACK } else { 0 },
                     ..SpliceValue::default()
                 },
                 BPF_NOEXIST,
@@ -671,6 +674,15 @@ impl Spliced {
     /// the app fell [`broker_common::SPLICE_READ_BUDGET`] bytes behind.
     pub async fn read_fallback(&self) {
         self.fallback.notified().await;
+    }
+
+    /// Bytes of the current protocol message the kernel still owed the upstream when it
+    /// handed the upload back (the daemon's upload filter resumes from there). The
+    /// kernel redirects whole sends, and a filtered session's upload is the daemon's from
+    /// the start: always 0 today.
+    #[must_use]
+    pub fn upload_left(&self) -> u32 {
+        0
     }
 
     /// Whether the kernel has given the server -> app direction back (also true once

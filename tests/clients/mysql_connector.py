@@ -6,7 +6,8 @@ is always `caching_sha2_password`). Prints `ok <step> ...` per step, `FAIL <step
 and a non-zero exit on the first failure.
 
 Steps: connect, a prepared statement (COM_STMT_PREPARE, then COM_STMT_EXECUTE twice
-with binary parameters), a transaction rolled back then committed.
+with binary parameters), a transaction rolled back then committed, COM_CHANGE_USER
+(refused by the broker with 1235; the session goes on as the brokered user).
 """
 
 import os
@@ -63,6 +64,24 @@ def workload():
         assert cur.fetchone()[0] == 1
         cur.execute("drop table tx_connector")
         report(step, "rollback=0 commit=1")
+
+        # COM_CHANGE_USER with the app's credentials: the broker refuses it with an
+        # error naming the service; the session stays the brokered user's.
+        step = "change_user"
+        try:
+            conn.cmd_change_user(
+                username="someone-else",
+                password=os.environ.get("MYSQL_PASSWORD", ""),
+                database=os.environ.get("MYSQL_DATABASE"),
+            )
+            raise AssertionError("COM_CHANGE_USER was not refused")
+        except mysql.connector.Error as e:
+            assert e.errno == 1235, (e.errno, e.msg)
+            assert "COM_CHANGE_USER" in e.msg and "service `" in e.msg, e.msg
+            refused = e.errno
+        cur = conn.cursor()
+        cur.execute("select current_user()")
+        report(step, f"refused={refused} then user={cur.fetchone()[0]}")
         conn.close()
     except Exception as e:  # noqa: BLE001 - report any failure of the step
         print(f"FAIL {step}: {type(e).__name__}: {e}", flush=True)

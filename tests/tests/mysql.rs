@@ -463,7 +463,7 @@ fn cli_client_tls_terminate_and_refuse() {
 
 /// Run `tests/clients/<script>` under `broker exec` against a service for the native
 /// user on a new MariaDB, once per environment in `runs`; each run's output.
-fn python_client(tag: &str, script: &str, runs: &[&[(&str, &str)]]) -> Vec<String> {
+fn python_client(tag: &str, script: &str, creds: &str, runs: &[&[(&str, &str)]]) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     let pw = format!("mysql-{tag}-pw-8d2f6a0c4e");
     let db = MariaDb::start(MariaDbOptions::new(&pw, "unused-ed-pw", "unused-tls-pw"));
@@ -476,7 +476,7 @@ fn python_client(tag: &str, script: &str, runs: &[&[(&str, &str)]]) -> Vec<Strin
             db.addr(),
             NATIVE_USER,
             &f,
-            "",
+            creds,
             "",
         ),
     );
@@ -540,7 +540,7 @@ fn pymysql_workload_load_data_select_and_kill_query() {
         python_has("pymysql, cryptography", false),
         "PyMySQL is required (cargo xtask setup installs python3-pymysql)"
     );
-    let text = python_client("pymysql", "mysql_pymysql.py", &[&[]]).remove(0);
+    let text = python_client("pymysql", "mysql_pymysql.py", "", &[&[]]).remove(0);
     assert_steps(
         &text,
         &[
@@ -567,20 +567,27 @@ fn mysql_connector_python_server_side_prepared_statements() {
     );
     // The C extension (libmysqlclient answers with caching_sha2_password first), then the
     // pure-Python implementation.
-    let runs = python_client(
-        "connector",
-        "mysql_connector.py",
-        &[&[("MYSQL_USE_PURE", "0")], &[("MYSQL_USE_PURE", "1")]],
-    );
-    for text in &runs {
-        assert_steps(
-            text,
-            &[
-                "connect user=native_user@%",
-                "prepared server-side",
-                "transaction",
-            ],
+    // Upstream TLS (the default `require`: the session is relayed), then a plain
+    // upstream (spliced: the kernel carries the download, the daemon the upload, which
+    // it watches for COM_CHANGE_USER).
+    for creds in ["", "      sslmode: disable\n"] {
+        let runs = python_client(
+            "connector",
+            "mysql_connector.py",
+            creds,
+            &[&[("MYSQL_USE_PURE", "0")], &[("MYSQL_USE_PURE", "1")]],
         );
+        for text in &runs {
+            assert_steps(
+                text,
+                &[
+                    "connect user=native_user@%",
+                    "prepared server-side",
+                    "transaction",
+                    "change_user refused=1235 then user=native_user@%",
+                ],
+            );
+        }
     }
 }
 

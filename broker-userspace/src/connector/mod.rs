@@ -130,6 +130,25 @@ pub struct Session {
     pub client_waits: bool,
     /// Kept alive until the session ends (e.g. the cancel-key registration).
     pub keep: Option<Box<dyn Any + Send>>,
+    /// Sees every byte the client sends during the byte phase, for protocols with
+    /// commands the broker must not let through as the app wrote them (MySQL
+    /// `COM_CHANGE_USER`, which carries the app's dummy credentials). `None`: bytes
+    /// pass untouched.
+    pub upload_filter: Option<Box<dyn UploadFilter>>,
+}
+
+/// A watch on the client's bytes of a session's byte phase (see
+/// [`Session::upload_filter`]). It is fed everything the client sends, in order, from
+/// the first byte after the handshake, whichever path carries it (relay, or the daemon
+/// once the kernel hands the upload back).
+pub trait UploadFilter: Send {
+    /// The client sent `data`: append what goes on to the upstream to `up` and what the
+    /// client must receive now (an error in place of a refused command) to `reply`.
+    fn feed(&mut self, data: &[u8], up: &mut Vec<u8>, reply: &mut Vec<u8>);
+
+    /// The kernel carried the client's bytes so far and hands the upload back with
+    /// `left` bytes of the current message still to come (0: at a message boundary).
+    fn resume(&mut self, _left: u32) {}
 }
 
 impl Session {
@@ -144,6 +163,7 @@ impl Session {
             to_upstream: Vec::new(),
             client_waits: false,
             keep: None,
+            upload_filter: None,
         }
     }
 }

@@ -2,9 +2,12 @@
 //! plain TCP sockets ([`relay_tcp`]), the generic relay for any other upstream stream
 //! (TLS: [`relay`]).
 
-use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
 
-use crate::connector::{AsyncStream, ConnError, ConnStats, UpstreamStream};
+use crate::connector::{AsyncStream, ConnError, ConnStats, UploadFilter, UpstreamStream};
 
 /// Relay buffer size in each direction (plain TCP).
 pub const RELAY_BUF: usize = 64 * 1024;
@@ -33,6 +36,68 @@ where
     Ok(res?)
 }
 
+/// [`relay`] with the client's bytes through `filter` (see
+/// [`crate::connector::Session::upload_filter`]); its replies go to the client between
+/// the upstream's writes.
+///
+/// # Errors
+/// The first I/O error on either side.
+pub async fn relay_filtered<C, U>(
+    client: C,
+    upstream: U,
+    filter: &mut (dyn UploadFilter + 'static),
+) -> Result<(u64, u64), ConnError>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut cr, cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    // Both directions write to the client: whole writes, one at a time.
+    let cw = tokio::sync::Mutex::new(cw);
+    let up = async {
+        let mut buf = vec![0u8; TLS_RELAY_BUF];
+        let (mut out, mut reply) = (Vec::new(), Vec::new());
+        let mut total = 0u64;
+        loop {
+            let n = cr.read(&mut buf).await?;
+            if n == 0 {
+                let _ = uw.shutdown().await;
+                return Ok::<_, std::io::Error>(total);
+            }
+            out.clear();
+            reply.clear();
+            filter.feed(&buf[..n], &mut out, &mut reply);
+            if !out.is_empty() {
+                uw.write_all(&out).await?;
+                uw.flush().await?;
+                total += out.len() as u64;
+            }
+            if !reply.is_empty() {
+                let mut w = cw.lock().await;
+                w.write_all(&reply).await?;
+                w.flush().await?;
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; TLS_RELAY_BUF];
+        let mut total = 0u64;
+        loop {
+            let n = ur.read(&mut buf).await?;
+            let mut w = cw.lock().await;
+            if n == 0 {
+                let _ = w.shutdown().await;
+                return Ok::<_, std::io::Error>(total);
+            }
+            w.write_all(&buf[..n]).await?;
+            w.flush().await?;
+            total += n as u64;
+        }
+    };
+    Ok(tokio::try_join!(up, down)?)
+}
+
 /// The byte phase of a session whose client leg is TLS the broker terminated: deliver
 /// what each side is owed, then the generic relay.
 ///
@@ -43,22 +108,23 @@ pub async fn relay_terminated(
     upstream: UpstreamStream,
     to_client: &[u8],
     to_upstream: &[u8],
+    filter: Option<&mut (dyn UploadFilter + 'static)>,
     stats: &mut ConnStats,
 ) -> Result<(), ConnError> {
     client.write_all(to_client).await?;
     client.flush().await?;
     stats.bytes_down += to_client.len() as u64;
     stats.bytes_up += to_upstream.len() as u64;
-    let (a, b) = match upstream {
-        UpstreamStream::Plain(mut u) => {
-            u.write_all(to_upstream).await?;
-            relay(&mut EofIsEnd(client.as_mut()), u).await?
-        }
-        UpstreamStream::Other(mut u) => {
-            u.write_all(to_upstream).await?;
-            u.flush().await?;
-            relay(&mut EofIsEnd(client.as_mut()), u).await?
-        }
+    let mut upstream: Box<dyn AsyncStream> = match upstream {
+        UpstreamStream::Plain(u) => Box::new(u),
+        UpstreamStream::Other(u) => u,
+    };
+    upstream.write_all(to_upstream).await?;
+    upstream.flush().await?;
+    let mut client = EofIsEnd(client.as_mut());
+    let (a, b) = match filter {
+        Some(f) => relay_filtered(&mut client, upstream, f).await?,
+        None => relay(&mut client, upstream).await?,
     };
     stats.bytes_up += a;
     stats.bytes_down += b;
@@ -121,10 +187,14 @@ impl<S: AsyncStream + ?Sized> tokio::io::AsyncWrite for EofIsEnd<'_, S> {
 ///
 /// # Errors
 /// The first I/O error on either side.
-pub async fn relay_tcp(client: &TcpStream, upstream: &TcpStream) -> Result<(u64, u64), ConnError> {
+pub async fn relay_tcp(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    filter: Option<&mut (dyn UploadFilter + 'static)>,
+) -> Result<(u64, u64), ConnError> {
     Ok(tokio::try_join!(
-        pump(client, upstream),
-        pump(upstream, client)
+        pump(client, upstream, filter),
+        pump(upstream, client, None)
     )?)
 }
 
@@ -139,22 +209,29 @@ pub async fn relay_tcp_after(
     client: &TcpStream,
     upstream: &TcpStream,
     first: &[u8],
+    filter: Option<&mut (dyn UploadFilter + 'static)>,
 ) -> Result<(u64, u64), ConnError> {
     Ok(tokio::try_join!(
         async {
             write_all(upstream, first).await?;
-            pump(client, upstream).await
+            pump(client, upstream, filter).await
         },
-        pump(upstream, client)
+        pump(upstream, client, None)
     )?)
 }
 
-async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
+/// One direction of [`relay_tcp`]; with a filter (client to upstream only), its replies
+/// are written back to `from`.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut filter: Option<&mut (dyn UploadFilter + 'static)>,
+) -> std::io::Result<u64> {
     let mut total = 0u64;
     loop {
         from.readable().await?;
         let mut buf = BufferPool::take();
-        let res = drain(from, to, &mut buf, &mut total).await;
+        let res = drain(from, to, &mut buf, &mut total, filter.as_deref_mut()).await;
         BufferPool::give(buf);
         if res? {
             let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
@@ -169,15 +246,29 @@ async fn drain(
     to: &TcpStream,
     buf: &mut Vec<u8>,
     total: &mut u64,
+    mut filter: Option<&mut (dyn UploadFilter + 'static)>,
 ) -> std::io::Result<bool> {
+    let (mut out, mut reply) = (Vec::new(), Vec::new());
     loop {
         buf.clear();
         match from.try_read_buf(buf) {
             Ok(0) => return Ok(true),
-            Ok(n) => {
-                write_all(to, &buf[..n]).await?;
-                *total += n as u64;
-            }
+            Ok(n) => match filter.as_deref_mut() {
+                None => {
+                    write_all(to, &buf[..n]).await?;
+                    *total += n as u64;
+                }
+                Some(f) => {
+                    out.clear();
+                    reply.clear();
+                    f.feed(&buf[..n], &mut out, &mut reply);
+                    write_all(to, &out).await?;
+                    *total += out.len() as u64;
+                    // The client waits for this reply: nothing else is being written
+                    // to it.
+                    write_all(from, &reply).await?;
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) => return Err(e),
         }

@@ -36,7 +36,7 @@ use tokio::io::AsyncWriteExt as _;
 use super::relay;
 use crate::sys::Epoll;
 use crate::{
-    connector::{ClientStream, ConnError, ConnStats, Session, UpstreamStream},
+    connector::{ClientStream, ConnError, ConnStats, Session, UploadFilter, UpstreamStream},
     ebpf::{Spliced, Splicer},
 };
 
@@ -63,6 +63,16 @@ pub async fn run_session(
     stats: &mut ConnStats,
 ) -> Result<(), ConnError> {
     let _keep = s.keep.take();
+    let mut filter = s.upload_filter.take();
+    if let Some(f) = filter.as_deref_mut()
+        && !s.to_upstream.is_empty()
+    {
+        // What the client sent before the byte phase is the start of its stream.
+        let (mut up, mut reply) = (Vec::new(), Vec::new());
+        f.feed(&s.to_upstream, &mut up, &mut reply);
+        s.to_upstream = up;
+        s.to_client.extend_from_slice(&reply);
+    }
     let mut client = match s.client {
         ClientStream::Plain(c) => c,
         ClientStream::Tls(mut c) => {
@@ -76,6 +86,7 @@ pub async fn run_session(
                 s.upstream,
                 &s.to_client,
                 &s.to_upstream,
+                filter.as_deref_mut(),
                 stats,
             )
             .await;
@@ -91,7 +102,13 @@ pub async fn run_session(
                 .into_std()
                 .inspect_err(|_| t.splicer.forget(t.app_cookie))?;
             // The app reads `to_client` through TCP, after the splice has started.
-            match t.splicer.start(t.app_cookie, s.to_client.len() as u64, &up) {
+            // With a filter, the app's sends come through the daemon (the kernel carries
+            // the download only).
+            let upload_here = filter.is_some();
+            match t
+                .splicer
+                .start(t.app_cookie, s.to_client.len() as u64, &up, upload_here)
+            {
                 Ok(sp) => Up::Spliced(up, sp),
                 Err(e) => {
                     tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace");
@@ -126,7 +143,7 @@ pub async fn run_session(
     stats.spliced = matches!(up, Up::Spliced(..));
     let (a, b) = match up {
         Up::Spliced(u, sp) => {
-            let o = run(&client, u, &sp, app_cookie).await?;
+            let o = run(&client, u, &sp, app_cookie, filter).await?;
             stats.splice_fallback = o.fallback;
             if let Some(e) = o.error {
                 stats.bytes_up += o.up;
@@ -136,8 +153,11 @@ pub async fn run_session(
             (o.up, o.down)
         }
         // Plain upstreams use the readiness-based relay (no buffer held while idle).
-        Up::Plain(u) => relay::relay_tcp(&client, &u).await?,
-        Up::Other(u) => relay::relay(&mut client, u).await?,
+        Up::Plain(u) => relay::relay_tcp(&client, &u, filter.as_deref_mut()).await?,
+        Up::Other(u) => match filter.as_deref_mut() {
+            Some(f) => relay::relay_filtered(&mut client, u, f).await?,
+            None => relay::relay(&mut client, u).await?,
+        },
     };
     stats.bytes_up += a;
     stats.bytes_down += b;
@@ -197,9 +217,13 @@ pub async fn run(
     up: std::net::TcpStream,
     spliced: &Spliced,
     app_cookie: u64,
+    filter: Option<Box<dyn UploadFilter>>,
 ) -> Result<Outcome, ConnError> {
     let mut watch = UpWatch::new(&up)?;
-    let mut upload = Upload::default();
+    let mut upload = Upload {
+        filter,
+        ..Upload::default()
+    };
     let mut client_done = false;
     let mut up_done = false;
     let mut counted = None;
@@ -230,7 +254,8 @@ pub async fn run(
                     // Sent before the splice took effect, or after the kernel handed
                     // this direction back: the kernel's bytes are already in the
                     // upstream socket, so these go after them, in order.
-                    upload.push(buf);
+                    upload.push(buf, spliced);
+                    upload.reply_to(client).await?;
                     upload.flush(&up)?;
                     watch.set(!up_done, !upload.is_empty())?;
                 }
@@ -323,13 +348,19 @@ async fn client_bytes(client: &TcpStream) -> io::Result<Vec<u8>> {
 
 /// Client bytes the daemon forwards upstream (an upload the kernel handed back), at most
 /// one read's worth waiting for room at a time.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Upload {
     pending: Vec<u8>,
     /// Of `pending`, already written.
     done: usize,
     /// Bytes taken from the client for the upstream, in all.
     forwarded: u64,
+    /// The session's upload filter: it sees every byte taken here.
+    filter: Option<Box<dyn UploadFilter>>,
+    /// Whether the filter has been told where the kernel left off.
+    resumed: bool,
+    /// The filter's replies, for the client.
+    reply: Vec<u8>,
 }
 
 impl Upload {
@@ -337,11 +368,33 @@ impl Upload {
         self.done >= self.pending.len()
     }
 
-    fn push(&mut self, buf: Vec<u8>) {
+    fn push(&mut self, buf: Vec<u8>, spliced: &Spliced) {
         debug_assert!(self.is_empty());
+        let buf = match self.filter.as_deref_mut() {
+            None => buf,
+            Some(f) => {
+                if !self.resumed {
+                    self.resumed = true;
+                    f.resume(spliced.upload_left());
+                }
+                let mut out = Vec::with_capacity(buf.len());
+                f.feed(&buf, &mut out, &mut self.reply);
+                out
+            }
+        };
         self.forwarded += buf.len() as u64;
         self.pending = buf;
         self.done = 0;
+    }
+
+    /// Write the filter's replies to the client (it waits for them: nothing else is
+    /// being written to it).
+    async fn reply_to(&mut self, client: &TcpStream) -> io::Result<()> {
+        if !self.reply.is_empty() {
+            relay::write_all(client, &self.reply).await?;
+            self.reply.clear();
+        }
+        Ok(())
     }
 
     /// What is still to be written.
@@ -518,7 +571,8 @@ async fn relay_after_fallback(
                     // The app is gone: nothing left to keep in order.
                     break;
                 }
-                upload.push(buf);
+                upload.push(buf, spliced);
+                upload.reply_to(client).await?;
                 upload.try_flush(&up)?;
             }
             r = up.writable(), if !upload.is_empty() => {
@@ -545,7 +599,8 @@ async fn relay_after_fallback(
     // kernel (what it redirected is in the upstream's queue ahead of anything relayed).
     // What the client already sent goes first; an app that has left (its FIN read here)
     // reads as the end of its stream again, which the relay passes on.
-    let (a, b) = relay::relay_tcp_after(client, &up, upload.rest()).await?;
+    let mut filter = upload.filter.take();
+    let (a, b) = relay::relay_tcp_after(client, &up, upload.rest(), filter.as_deref_mut()).await?;
     Ok(Outcome {
         up: spliced.bytes().0 + upload.forwarded + a,
         down: k_down + b,

@@ -41,6 +41,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod errors;
+pub mod guard;
 pub mod proto;
 pub mod upstream;
 
@@ -277,6 +278,8 @@ async fn serve(
         // is `to_client`.
         client_waits: true,
         keep: None,
+        // COM_CHANGE_USER would carry the app's dummy credentials to the server.
+        upload_filter: Some(Box::new(guard::ChangeUserGuard::new(&service.name))),
     }))
 }
 

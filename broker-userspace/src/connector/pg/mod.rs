@@ -222,6 +222,7 @@ async fn serve(
             // ReadyForQuery, which is the last of `to_client`.
             client_waits: true,
             keep: s.keep.map(|g| Box::new(g) as Box<dyn std::any::Any + Send>),
+            upload_filter: None,
         })),
         Err(f) => {
             if !f.client_told {
