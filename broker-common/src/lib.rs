@@ -90,6 +90,12 @@ pub const SPLICE_INGRESS: u32 = 1;
 pub const SPLICE_FALLBACK: u32 = 2;
 /// [`SpliceValue::flags`] of an upstream entry: [`SpliceValue::next_seq`] is known.
 pub const SPLICE_SEQ: u32 = 4;
+/// [`SpliceValue::flags`] of an app entry: the app speaks MySQL's client protocol; the
+/// sk_msg program frames its sends into packets and hands the upload to the daemon at
+/// the first `COM_CHANGE_USER` (which must not reach the server as the app wrote it).
+pub const SPLICE_MYSQL: u32 = 8;
+/// MySQL's `COM_CHANGE_USER` command byte.
+pub const MYSQL_COM_CHANGE_USER: u8 = 0x11;
 
 /// Bytes the kernel may have redirected to an app that it has not read yet. Past this,
 /// the server -> app direction falls back to the daemon's relay, which reads only what
@@ -249,6 +255,12 @@ pub struct SpliceValue {
     /// retransmitted segment the socket already had are not handed on twice. 0 in app
     /// entries.
     pub next_seq: u32,
+    /// App entries with [`SPLICE_MYSQL`]: bytes of the current MySQL packet the app has
+    /// still to send (0: its next send starts a packet). Written by the sk_msg program;
+    /// read by the daemon when the upload falls back mid-packet.
+    pub msg_left: u32,
+    /// Unused; keeps the size a multiple of 8 with every byte named.
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -274,7 +286,7 @@ const _: () =
     assert!(core::mem::size_of::<ConnRecord>() == 8 + 8 + 8 + 8 + 16 + 16 + 2 + 2 + 4 * 7);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 16 + 16 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 8 + 36 + 4);
-const _: () = assert!(core::mem::size_of::<SpliceValue>() == 8 * 5 + 4 + 4);
+const _: () = assert!(core::mem::size_of::<SpliceValue>() == 8 * 5 + 4 * 4);
 
 /// The IPv4-mapped IPv6 form of an IPv4 address given as network-order bytes.
 #[must_use]

@@ -46,7 +46,8 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_storage_get, bpf_skb_adjust_room,
+            bpf_ktime_get_ns, bpf_msg_apply_bytes, bpf_msg_pull_data, bpf_setsockopt,
+            bpf_sk_storage_get, bpf_skb_adjust_room,
         },
     },
     macros::{btf_map, cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops, stream_verdict},
@@ -78,9 +79,10 @@ unsafe fn add_atomic(p: *mut u64, v: u64) {
 }
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, FAMILY_INET, FAMILY_INET6, MAX_CIDRS,
-    MAX_CONNS, MAX_TARGETS, REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SETTINGS_V6,
-    SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_READ_BUDGET, SPLICE_SEQ, SockKey, SpliceValue,
-    TARGET_SPLICE, TargetValue, is_mapped_v4, mapped_v4,
+    MAX_CONNS, MAX_TARGETS, MYSQL_COM_CHANGE_USER, REC_IN_SPLICE_APP, SETTINGS_DEBUG,
+    SETTINGS_ENABLED, SETTINGS_V6, SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_MYSQL,
+    SPLICE_READ_BUDGET, SPLICE_SEQ, SockKey, SpliceValue, TARGET_SPLICE, TargetValue, is_mapped_v4,
+    mapped_v4,
 };
 
 #[map]
@@ -733,11 +735,103 @@ pub fn broker_splice_msg(ctx: SkMsgContext) -> u32 {
             (*v).flags |= SPLICE_FALLBACK;
             return SK_PASS;
         }
+        // The bytes this verdict covers.
+        let mut covered = size;
+        if (*v).flags & SPLICE_MYSQL != 0 {
+            match mysql_frame(&ctx, &mut (*v).msg_left, size) {
+                Frame::All => {}
+                Frame::First(n) => {
+                    // The verdict covers this packet's end; the program runs again for
+                    // the rest of the send, at the next packet's start.
+                    bpf_msg_apply_bytes(ctx.msg, n);
+                    covered = n;
+                }
+                Frame::Daemon => {
+                    (*v).flags |= SPLICE_FALLBACK;
+                    return SK_PASS;
+                }
+            }
+        }
         if SPLICE_UP.redirect_msg(&ctx, peer, 0) as u32 == SK_PASS {
-            (*v).bytes += u64::from(size);
+            (*v).bytes += u64::from(covered);
         }
     }
     SK_PASS
+}
+
+/// What the sk_msg program does with an app's send on a MySQL session.
+enum Frame {
+    /// Redirect all of it (it lies within the current packet, or ends with it).
+    All,
+    /// Redirect its first `n` bytes (the current packet's end); the rest starts a packet.
+    First(u32),
+    /// It starts a `COM_CHANGE_USER`, or starts a command packet without its header and
+    /// command byte whole: hand the upload to the daemon, from here on. (Holding a short send
+    /// back with `bpf_msg_cork_bytes` until the command byte comes, then passing it to
+    /// the daemon, left the bytes queued on 6.18: the app waited for a reply forever.
+    /// Clients write a packet's header and command byte in one send; the few that do
+    /// not are relayed by the daemon, which frames the stream the same way.)
+    Daemon,
+}
+
+/// Frame an app's send into MySQL packets (3-byte length, sequence id; a command is the
+/// first payload byte of a packet with sequence id 0). `left`: bytes of the current
+/// packet still to come, updated. A `COM_CHANGE_USER` goes to the daemon, which refuses
+/// it (`connector/mysql/guard.rs` frames the same way).
+/// No command byte in the send (not a byte value).
+const NO_COMMAND: u32 = 0x100;
+
+#[inline(always)]
+fn mysql_frame(ctx: &SkMsgContext, left: &mut u32, size: u32) -> Frame {
+    if *left >= size {
+        *left -= size;
+        return Frame::All;
+    }
+    if *left > 0 {
+        let n = *left;
+        *left = 0;
+        return Frame::First(n);
+    }
+    if size < 4 {
+        return Frame::Daemon;
+    }
+    let want: u32 = if size < 5 { 4 } else { 5 };
+    // SAFETY: the helper makes [0, want) of the message linear (it is at least that
+    // long); every read below is bounds-checked against data_end for the verifier.
+    let hdr = unsafe {
+        if bpf_msg_pull_data(ctx.msg, 0, want, 0) != 0 {
+            // Cannot look: let the daemon frame it.
+            return Frame::Daemon;
+        }
+        let data = ctx.data();
+        if data + 4 > ctx.data_end() {
+            return Frame::Daemon;
+        }
+        let p = data as *const u8;
+        // NO_COMMAND when the send holds the header only.
+        let cmd = if data + 5 <= ctx.data_end() {
+            u32::from(*p.add(4))
+        } else {
+            NO_COMMAND
+        };
+        (
+            u32::from(*p) | u32::from(*p.add(1)) << 8 | u32::from(*p.add(2)) << 16,
+            *p.add(3),
+            cmd,
+        )
+    };
+    let (payload, seq, cmd) = hdr;
+    // A command without its command byte (a 4-byte send of a header), or COM_CHANGE_USER.
+    if seq == 0 && payload > 0 && (cmd == NO_COMMAND || cmd == u32::from(MYSQL_COM_CHANGE_USER)) {
+        return Frame::Daemon;
+    }
+    let total = 4 + payload;
+    if total >= size {
+        *left = total - size;
+        Frame::All
+    } else {
+        Frame::First(total)
+    }
 }
 
 /// Byte offset of `cb` in the kernel's `struct sk_buff` (see above); TCP keeps a

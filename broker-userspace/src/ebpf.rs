@@ -27,8 +27,8 @@ use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF,
     GLOBAL_SK_SOCKET, GLOBAL_SK_WMEM_QUEUED, GLOBAL_SKB_CB, GLOBAL_SOCKET_FILE, GLOBAL_SOCKET_SK,
     MAP_BY_CONN, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ,
-    MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_FALLBACK, SPLICE_INGRESS, SockKey,
-    SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
+    MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_MYSQL,
+    SockKey, SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
 };
 use tokio::sync::Notify;
 
@@ -573,7 +573,7 @@ impl Splicer {
         app: u64,
         sent_after: u64,
         up: &std::net::TcpStream,
-        upload_here: bool,
+        upload: UploadPath,
     ) -> Result<Spliced, EbpfError> {
         const BPF_NOEXIST: u64 = 1;
         let up_cookie = socket_cookie(up).map_err(EbpfError::Socket)?;
@@ -619,8 +619,12 @@ impl Splicer {
                 SpliceValue {
                     peer: up_cookie,
                     blind_budget,
-                    // The app's sends take the normal path to the daemon from the start.
-                    flags: if upload_here { SPLICE_FALLBACK } else { 0 },
+                    flags: match upload {
+                        UploadPath::Kernel => 0,
+                        UploadPath::KernelMysql => SPLICE_MYSQL,
+                        // The app's sends take the normal path to the daemon from the start.
+                        UploadPath::Daemon => SPLICE_FALLBACK,
+                    },
                     ..SpliceValue::default()
                 },
                 BPF_NOEXIST,
@@ -640,6 +644,17 @@ impl Splicer {
     pub fn forget(&self, app: u64) {
         let _ = lock(&self.app).remove(&app);
     }
+}
+
+/// Who carries a spliced session's upload (app -> upstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadPath {
+    /// The kernel, byte for byte.
+    Kernel,
+    /// The kernel, framing MySQL packets; the daemon from the first `COM_CHANGE_USER`.
+    KernelMysql,
+    /// The daemon (the kernel carries the download only).
+    Daemon,
 }
 
 /// A spliced session; dropping it removes its map entries (the sockets leave the
@@ -676,13 +691,14 @@ impl Spliced {
         self.fallback.notified().await;
     }
 
-    /// Bytes of the current protocol message the kernel still owed the upstream when it
-    /// handed the upload back (the daemon's upload filter resumes from there). The
-    /// kernel redirects whole sends, and a filtered session's upload is the daemon's from
-    /// the start: always 0 today.
+    /// Bytes of the current protocol message the app had still to send when the kernel
+    /// handed the upload back (the daemon's upload filter resumes from there): 0 but
+    /// for [`UploadPath::KernelMysql`].
     #[must_use]
     pub fn upload_left(&self) -> u32 {
-        0
+        lock(&self.splicer.entries)
+            .get(&self.app, 0)
+            .map_or(0, |v| v.msg_left)
     }
 
     /// Whether the kernel has given the server -> app direction back (also true once

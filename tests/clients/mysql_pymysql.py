@@ -9,7 +9,8 @@ server-side prepared statements), a transaction rolled back then committed,
 multi-statement results, 50 MiB in with `LOAD DATA LOCAL INFILE` and back out with a
 `SELECT` (byte for byte), `KILL QUERY` from a second connection ending a running
 `SELECT SLEEP(30)`, and last the connection id the client was told in the handshake
-against the one the server reports (what `KILL QUERY` tools use).
+against the one the server reports (what `KILL QUERY` tools use); then every packet
+written one byte per send, with a COM_CHANGE_USER among them (refused by the broker).
 """
 
 import hashlib
@@ -166,6 +167,45 @@ def workload():
         told = conn.thread_id()
         assert told == server_id, f"handshake said {told}, the server says {server_id}"
         report(step, f"id={told}")
+
+        # Every packet written one byte per send (TCP_NODELAY: one segment each): the
+        # broker frames them all the same, and a COM_CHANGE_USER written so is refused
+        # (ER_NOT_SUPPORTED_YET), never passed to the server.
+        step = "split_writes"
+        # A new session: spliced from its start, the kernel frames the bytes.
+        conn2 = connect()
+        # A reply that does not come fails the step in seconds.
+        conn2._read_timeout = 8
+        cur2 = conn2.cursor()
+        real = conn2._sock
+
+        class Dribble:
+            def __init__(self, sock):
+                self.sock = sock
+
+            def sendall(self, data):
+                for i in range(len(data)):
+                    self.sock.send(data[i : i + 1])
+
+            def __getattr__(self, name):
+                return getattr(self.sock, name)
+
+        conn2._sock = Dribble(real)
+        assert one(cur2, "select 'dribbled', 6 * 7") == ("dribbled", 42)
+        payload = b"\x11someone-else\x00\x00" + os.environ["MYSQL_DATABASE"].encode() + b"\x00"
+        conn2._write_bytes(len(payload).to_bytes(3, "little") + b"\x00" + payload)
+        conn2._next_seq_id = 1
+        try:
+            conn2._read_packet()
+            raise AssertionError("COM_CHANGE_USER was not refused")
+        except pymysql.err.MySQLError as e:
+            assert e.args[0] == 1235, e.args
+            refused = e.args[0]
+        assert one(cur2, "select 'after', 7 * 6") == ("after", 42)
+        conn2._sock = real
+        user = one(cur2, "select current_user()")[0]
+        conn2.close()
+        report(step, f"refused={refused} then user={user}")
 
         cur.execute("drop table big")
         conn.close()

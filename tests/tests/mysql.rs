@@ -540,20 +540,26 @@ fn pymysql_workload_load_data_select_and_kill_query() {
         python_has("pymysql, cryptography", false),
         "PyMySQL is required (cargo xtask setup installs python3-pymysql)"
     );
-    let text = python_client("pymysql", "mysql_pymysql.py", "", &[&[]]).remove(0);
-    assert_steps(
-        &text,
-        &[
-            "connect user=native_user@%",
-            "parameterized",
-            "transaction",
-            "multi_statement",
-            "load_data_local rows=51200",
-            "select_big rows=51200",
-            "kill_query",
-            "thread_id",
-        ],
-    );
+    // Upstream TLS (relayed), then a plain upstream: spliced, the kernel framing the
+    // upload's packets (50 MiB of LOAD DATA in 16 MiB packets, handed to the daemon
+    // mid-packet when the upstream's send buffer fills).
+    for creds in ["", "      sslmode: disable\n"] {
+        let text = python_client("pymysql", "mysql_pymysql.py", creds, &[&[]]).remove(0);
+        assert_steps(
+            &text,
+            &[
+                "connect user=native_user@%",
+                "parameterized",
+                "transaction",
+                "multi_statement",
+                "load_data_local rows=51200",
+                "select_big rows=51200",
+                "kill_query",
+                "thread_id",
+                "split_writes refused=1235 then user=native_user@%",
+            ],
+        );
+    }
 }
 
 #[test]
@@ -587,6 +593,14 @@ fn mysql_connector_python_server_side_prepared_statements() {
                     "change_user refused=1235 then user=native_user@%",
                 ],
             );
+            assert!(text.contains("refused COM_CHANGE_USER"), "{text}");
+            if !creds.is_empty() {
+                // Spliced; the kernel handed the upload over at the COM_CHANGE_USER.
+                assert!(
+                    text.contains("spliced=true") && text.contains("splice.fallback=\"up\""),
+                    "{text}"
+                );
+            }
         }
     }
 }

@@ -149,6 +149,21 @@ pub trait UploadFilter: Send {
     /// The kernel carried the client's bytes so far and hands the upload back with
     /// `left` bytes of the current message still to come (0: at a message boundary).
     fn resume(&mut self, _left: u32) {}
+
+    /// How much of a spliced session's upload the kernel may carry.
+    fn kernel_upload(&self) -> KernelUpload {
+        KernelUpload::None
+    }
+}
+
+/// What the kernel can do for an [`UploadFilter`] when the session is spliced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelUpload {
+    /// Nothing: the daemon takes every client byte (the kernel carries the download).
+    None,
+    /// Frame the client's sends as MySQL packets and hand the upload to the daemon at
+    /// the first `COM_CHANGE_USER`.
+    MysqlCommands,
 }
 
 impl Session {

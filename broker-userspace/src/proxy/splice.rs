@@ -36,8 +36,10 @@ use tokio::io::AsyncWriteExt as _;
 use super::relay;
 use crate::sys::Epoll;
 use crate::{
-    connector::{ClientStream, ConnError, ConnStats, Session, UploadFilter, UpstreamStream},
-    ebpf::{Spliced, Splicer},
+    connector::{
+        ClientStream, ConnError, ConnStats, KernelUpload, Session, UploadFilter, UpstreamStream,
+    },
+    ebpf::{Spliced, Splicer, UploadPath},
 };
 
 /// What the core needs to splice a session: the splice maps and the app socket's cookie
@@ -102,12 +104,15 @@ pub async fn run_session(
                 .into_std()
                 .inspect_err(|_| t.splicer.forget(t.app_cookie))?;
             // The app reads `to_client` through TCP, after the splice has started.
-            // With a filter, the app's sends come through the daemon (the kernel carries
-            // the download only).
-            let upload_here = filter.is_some();
+            // A filter sees every byte the kernel does not carry.
+            let upload = match filter.as_deref().map(UploadFilter::kernel_upload) {
+                None => UploadPath::Kernel,
+                Some(KernelUpload::MysqlCommands) => UploadPath::KernelMysql,
+                Some(KernelUpload::None) => UploadPath::Daemon,
+            };
             match t
                 .splicer
-                .start(t.app_cookie, s.to_client.len() as u64, &up, upload_here)
+                .start(t.app_cookie, s.to_client.len() as u64, &up, upload)
             {
                 Ok(sp) => Up::Spliced(up, sp),
                 Err(e) => {

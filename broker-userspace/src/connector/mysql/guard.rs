@@ -21,7 +21,7 @@
 //! (`max_allowed_packet` is at most 1 GiB).
 
 use super::{errors::err_payload, proto};
-use crate::connector::UploadFilter;
+use crate::connector::{KernelUpload, UploadFilter};
 
 /// `COM_CHANGE_USER`.
 pub const COM_CHANGE_USER: u8 = 0x11;
@@ -160,6 +160,10 @@ impl UploadFilter for ChangeUserGuard {
                 }
             }
         }
+    }
+
+    fn kernel_upload(&self) -> KernelUpload {
+        KernelUpload::MysqlCommands
     }
 
     fn resume(&mut self, left: u32) {
