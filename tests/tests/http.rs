@@ -72,6 +72,7 @@ fn http_keepalive_upload_query_and_dummy_authorization() {
     let script = format!(
         "set -e\n\
          curl -sS -H 'Authorization: Bearer dummy' 'http://api.example.test:{port}/r/[1-100]?x=1' > {d}/out100\n\
+         for i in $(seq 1 20); do curl -sS -H 'Connection: close' -H 'Authorization: Bearer dummy' http://api.example.test:{port}/c/$i > /dev/null; done\n\
          head -c 52428800 /dev/urandom > {up}\n\
          echo UPLOAD_SHA=$(sha256sum {up} | cut -d' ' -f1)\n\
          curl -sS -T {up} -H 'Transfer-Encoding: chunked' -H 'Expect: 100-continue' -H 'Authorization: Bearer dummy' http://api.example.test:{port}/upload\n\
@@ -111,6 +112,25 @@ fn http_keepalive_upload_query_and_dummy_authorization() {
     assert!(
         r.iter().all(|s| s.conn == r[0].conn),
         "100 requests on one connection"
+    );
+    // Twenty client connections of one request each (`Connection: close`): they share
+    // pooled upstream connections instead of dialling one each.
+    let c: Vec<_> = seen
+        .iter()
+        .filter(|s| s.target.starts_with("/c/"))
+        .collect();
+    assert_eq!(c.len(), 20, "{out}");
+    assert!(
+        c.iter()
+            .all(|s| s.header("authorization") == vec![format!("Bearer {TOKEN}")])
+    );
+    let mut conns: Vec<_> = c.iter().map(|s| s.conn).collect();
+    conns.sort_unstable();
+    conns.dedup();
+    assert!(
+        conns.len() <= 3,
+        "20 one-request client connections used {} upstream connections",
+        conns.len()
     );
     let sha = out
         .lines()

@@ -210,6 +210,78 @@ pub struct HttpConnector {
     names: Vec<String>,
     /// Upstream TLS for the requests of a shared listener that no service takes.
     plain_tls: Arc<rustls::ClientConfig>,
+    /// Idle upstream connections shared by client connections that close after one
+    /// request (`Connection: close`).
+    pool: UpstreamPool,
+}
+
+/// Which upstream connections are interchangeable: the address, TLS and the name its
+/// certificate was verified for, and the route (its TLS trust).
+type PoolKey = (HostPort, Option<String>, usize);
+
+/// Upstream connections kept for client connections that send one request each and
+/// close (`Connection: close`): without them each such request would cost a TCP (and
+/// TLS) handshake upstream and a close. A connection goes back to its key's list as
+/// soon as its response head arrived and is taken again only once hyper reports it
+/// ready (its response read to the end). Bounded: [`POOL_PER_KEY`] idle connections
+/// per key, [`POOL_KEYS`] keys, [`POOL_IDLE`] of idleness; only authenticated routes'
+/// connections are kept (their destinations come from the configuration or the
+/// intercepted address, not from arbitrary forward-proxy URLs).
+#[derive(Debug, Default)]
+struct UpstreamPool {
+    idle: Mutex<std::collections::HashMap<PoolKey, Vec<Pooled>>>,
+}
+
+#[derive(Debug)]
+struct Pooled {
+    sender: hyper::client::conn::http1::SendRequest<UpBody>,
+    since: Instant,
+}
+
+/// Idle pooled connections kept per key.
+const POOL_PER_KEY: usize = 64;
+/// Keys (destinations) kept at once.
+const POOL_KEYS: usize = 256;
+/// How long a pooled connection may stay idle.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
+impl UpstreamPool {
+    /// A ready connection for `key`, if one is idle (the most recently returned first).
+    /// Closed and stale ones are dropped; busy ones (a response still being read) stay.
+    fn take(&self, key: &PoolKey) -> Option<hyper::client::conn::http1::SendRequest<UpBody>> {
+        let mut idle = self.idle.lock().expect("lock");
+        let list = idle.get_mut(key)?;
+        list.retain(Pooled::usable);
+        let i = list.iter().rposition(|p| p.sender.is_ready())?;
+        Some(list.swap_remove(i).sender)
+    }
+
+    /// Keep `sender` for `key` (while there is room).
+    fn give(&self, key: PoolKey, sender: hyper::client::conn::http1::SendRequest<UpBody>) {
+        let mut idle = self.idle.lock().expect("lock");
+        if !idle.contains_key(&key) && idle.len() >= POOL_KEYS {
+            idle.retain(|_, l| {
+                l.retain(Pooled::usable);
+                !l.is_empty()
+            });
+            if idle.len() >= POOL_KEYS {
+                return;
+            }
+        }
+        let list = idle.entry(key).or_default();
+        if list.len() < POOL_PER_KEY {
+            list.push(Pooled {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+impl Pooled {
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && self.since.elapsed() <= POOL_IDLE
+    }
 }
 
 impl HttpConnector {
@@ -232,6 +304,7 @@ impl HttpConnector {
             routes: vec![route],
             shared: false,
             names,
+            pool: UpstreamPool::default(),
         })
     }
 
@@ -250,6 +323,7 @@ impl HttpConnector {
             shared: true,
             names: Vec::new(),
             plain_tls: upstream_tls(None)?,
+            pool: UpstreamPool::default(),
         })
     }
 
@@ -876,6 +950,7 @@ impl<'a> Handler<'a> {
 
         // The request as the upstream gets it.
         let upgrade = is_upgrade(req.headers());
+        let one_shot = closes_after(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -943,7 +1018,7 @@ impl<'a> Handler<'a> {
             r
         });
         let req = Request::from_parts(parts, up_body);
-        let mut resp = self.send(route, &dest, req, upgrade).await?;
+        let mut resp = self.send(route, &dest, req, upgrade, one_shot).await?;
         if resp.status() == StatusCode::UNAUTHORIZED
             && let (Some(r), Some(t), Some(retry)) = (route, &token, retry_parts)
             && let Some(tokens) = &r.tokens
@@ -956,7 +1031,7 @@ impl<'a> Handler<'a> {
             authenticate(r, &creds, &mut parts.headers, &mut origin).await?;
             let _ = origin; // query parameters were already added
             let req = Request::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed());
-            resp = self.send(route, &dest, req, upgrade).await?;
+            resp = self.send(route, &dest, req, upgrade, one_shot).await?;
         }
         strip_hop_by_hop(resp.headers_mut(), upgrade);
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -975,36 +1050,61 @@ impl<'a> Handler<'a> {
     }
 
     /// Send on the kept upstream connection (a new one when there is none, it closed, or
-    /// this request goes elsewhere).
+    /// this request goes elsewhere). The last request of a client connection that
+    /// closes after it (`one_shot`) of an authenticated route takes a pooled connection
+    /// and gives it back.
     async fn send(
         &self,
         route: Option<&Route>,
         dest: &Dest,
         req: Request<UpBody>,
         upgrade: bool,
+        one_shot: bool,
     ) -> Result<Response<Incoming>, Failure> {
         let timeout = route.map_or(super::config::DEFAULT_TIMEOUT, |r| r.cfg().timeout);
         let tls = route.map_or(&self.c.plain_tls, |r| &r.upstream_tls);
         let idx = route.map(|r| std::ptr::from_ref(r) as usize);
         let to = &dest.to;
         let tls = dest.https.then_some((tls, dest.name.as_str()));
+        let timed_out = || {
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "upstream {to} did not answer within {} s",
+                    timeout.as_secs()
+                ),
+            )
+        };
         if upgrade {
             // A connection of its own, in a task of its own: after the upgrade its
             // stream is relayed by a task that outlives this request loop.
             let mut sender = self
-                .open_upstream(to, tls, true)
+                .open_upstream(to, tls, Drive::Upgrade)
                 .await
                 .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
             return match tokio::time::timeout(timeout, sender.send_request(req)).await {
                 Ok(Ok(r)) => Ok(r),
                 Ok(Err(e)) => Err((StatusCode::BAD_GATEWAY, format!("upstream {to}: {e}"))),
-                Err(_) => Err((
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "upstream {to} did not answer within {} s",
-                        timeout.as_secs()
-                    ),
-                )),
+                Err(_) => Err(timed_out()),
+            };
+        }
+        if one_shot && let Some(idx) = idx {
+            let key = (to.clone(), tls.map(|(_, n)| n.to_owned()), idx);
+            *self.upstream_addr.lock().expect("lock") = Some(to.to_string());
+            let mut sender = match self.c.pool.take(&key) {
+                Some(s) => s,
+                None => self
+                    .open_upstream(to, tls, Drive::Pooled)
+                    .await
+                    .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?,
+            };
+            return match tokio::time::timeout(timeout, sender.send_request(req)).await {
+                Ok(Ok(r)) => {
+                    self.c.pool.give(key, sender);
+                    Ok(r)
+                }
+                Ok(Err(e)) => Err((StatusCode::BAD_GATEWAY, format!("upstream {to}: {e}"))),
+                Err(_) => Err(timed_out()),
             };
         }
         let key = (to.clone(), dest.https, idx);
@@ -1022,7 +1122,7 @@ impl<'a> Handler<'a> {
         if !reuse {
             *slot = None;
             let sender = self
-                .open_upstream(to, tls, false)
+                .open_upstream(to, tls, Drive::Here)
                 .await
                 .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
             *slot = Some(Upstream { key, sender });
@@ -1036,13 +1136,7 @@ impl<'a> Handler<'a> {
             }
             Err(_) => {
                 *slot = None;
-                Err((
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "upstream {to} did not answer within {} s",
-                        timeout.as_secs()
-                    ),
-                ))
+                Err(timed_out())
             }
         }
     }
@@ -1052,7 +1146,7 @@ impl<'a> Handler<'a> {
         &self,
         to: &HostPort,
         tls: Option<(&Arc<rustls::ClientConfig>, &str)>,
-        upgrade: bool,
+        drive: Drive,
     ) -> Result<hyper::client::conn::http1::SendRequest<UpBody>, ConnError> {
         *self.upstream_addr.lock().expect("lock") = Some(to.to_string());
         let tcp = self.env.dialer.dial(to).await?;
@@ -1073,17 +1167,55 @@ impl<'a> Handler<'a> {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| ConnError::Protocol(format!("upstream {to}: {e}")))?;
-        if upgrade {
+        match drive {
             // Its upgraded stream outlives this client connection's request loop.
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
-        } else {
-            let _ = self.drivers.send(Box::pin(async move {
-                let _ = conn.await;
-            }));
+            Drive::Upgrade => {
+                tokio::spawn(async move {
+                    let _ = conn.with_upgrades().await;
+                });
+            }
+            // It outlives this client connection too (it ends when the pool drops it).
+            Drive::Pooled => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            Drive::Here => {
+                let _ = self.drivers.send(Box::pin(async move {
+                    let _ = conn.await;
+                }));
+            }
         }
         Ok(sender)
+    }
+}
+
+/// Where a new upstream connection is driven.
+#[derive(Debug, Clone, Copy)]
+enum Drive {
+    /// In the client connection's task (no cross-task wake-up per request).
+    Here,
+    /// In a task of its own, with upgrades.
+    Upgrade,
+    /// In a task of its own, for the pool.
+    Pooled,
+}
+
+/// Whether the client connection ends after this request (`Connection: close`, or
+/// HTTP/1.0 without `keep-alive`).
+fn closes_after<B>(req: &Request<B>) -> bool {
+    let has = |token: &str| {
+        req.headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if req.version() == http::Version::HTTP_10 {
+        !has("keep-alive")
+    } else {
+        has("close")
     }
 }
 
