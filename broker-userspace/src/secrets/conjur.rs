@@ -222,10 +222,10 @@ impl ConjurProvider {
         if !status.is_success() {
             return Err(self.err_status(id, status, "fetching the variable"));
         }
-        let body = read_bounded(resp, MAX_BODY)
+        let mut body = read_bounded(resp, MAX_BODY)
             .await
             .map_err(|e| self.err_body(id, e, c.timeout))?;
-        Ok(Fetched::new(Secret::new(body.to_vec())))
+        Ok(Fetched::new(Secret::new(std::mem::take(&mut *body))))
     }
 
     /// Several variables with one batch request (see the module docs).
@@ -273,7 +273,7 @@ impl ConjurProvider {
         let body = read_bounded(resp, MAX_BATCH_BODY)
             .await
             .map_err(|e| self.err_body(&shown, e, c.timeout))?;
-        let mut values = parse_batch(&body).map_err(|reason| self.bad_reply(&shown, reason))?;
+        let values = parse_batch(&body).map_err(|reason| self.bad_reply(&shown, reason))?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if *id == ACCESS_TOKEN_ID {
@@ -285,9 +285,6 @@ impl ConjurProvider {
                 return Err(self.bad_reply(id, "the batch reply has no value for this variable"));
             };
             out.push(Fetched::new(Secret::new(v.as_bytes().to_vec())));
-        }
-        for v in values.values_mut() {
-            v.zeroize();
         }
         Ok(out)
     }
@@ -594,7 +591,7 @@ impl Client {
         key: &KeySource,
         generation: &AtomicU64,
     ) -> Result<Token, SecretError> {
-        let body: Zeroizing<Vec<u8>> = match key {
+        let mut body: Zeroizing<Vec<u8>> = match key {
             KeySource::Value(k) => Zeroizing::new(k.expose().to_vec()),
             KeySource::File(path) => {
                 let mut bytes = read_small_file(path, MAX_TOKEN).await.map_err(|reason| {
@@ -613,7 +610,8 @@ impl Client {
             .http
             .post(url)
             .header(CONTENT_TYPE, "text/plain")
-            .body(body.to_vec())
+            // The key moves into the request (reqwest cannot wipe what it sends).
+            .body(std::mem::take(&mut *body))
             .send()
             .await
             .map_err(|e| p.transport(id, e, self.timeout))?;
@@ -852,38 +850,23 @@ fn wipe_json(v: &mut serde_json::Value) {
     }
 }
 
-/// A batch reply: `{"ACCT:variable:ID": "value", ...}`.
-fn parse_batch(body: &[u8]) -> Result<BTreeMap<String, String>, &'static str> {
+/// A batch reply: `{"ACCT:variable:ID": "value", ...}`. The values are wiped on drop.
+fn parse_batch(body: &[u8]) -> Result<BTreeMap<String, Zeroizing<String>>, &'static str> {
     let mut v: serde_json::Value =
         serde_json::from_slice(body).map_err(|_| "the batch reply is not JSON")?;
-    let out = match &mut v {
-        serde_json::Value::Object(m) => {
-            let mut out = BTreeMap::new();
-            for (k, val) in m.iter_mut() {
-                match val {
-                    serde_json::Value::String(s) => {
-                        out.insert(k.clone(), std::mem::take(s));
-                    }
-                    _ => {
-                        wipe_json(val);
-                        for s in out.values_mut() {
-                            Zeroize::zeroize(s);
-                        }
-                        out.clear();
-                        break;
-                    }
-                }
+    let mut out = BTreeMap::new();
+    let result = match &mut v {
+        serde_json::Value::Object(m) => m.iter_mut().try_for_each(|(k, val)| match val {
+            serde_json::Value::String(s) => {
+                out.insert(k.clone(), Zeroizing::new(std::mem::take(s)));
+                Ok(())
             }
-            if out.len() == m.len() {
-                Ok(out)
-            } else {
-                Err("the batch reply holds a value that is not a string")
-            }
-        }
+            _ => Err("the batch reply holds a value that is not a string"),
+        }),
         _ => Err("the batch reply is not a JSON object"),
     };
     wipe_json(&mut v);
-    out
+    result.map(|()| out)
 }
 
 /// The variable identifier an id names, as conjur-api-go's `makeFullID` reads it:

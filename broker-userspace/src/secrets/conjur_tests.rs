@@ -139,10 +139,12 @@ fn tokens_are_parsed_for_their_lifetime_and_header() {
 #[test]
 fn batch_replies_are_string_maps() {
     let m = parse_batch(br#"{"a:variable:x":"1","a:variable:y z":"2"}"#).unwrap();
-    assert_eq!(m["a:variable:y z"], "2");
+    assert_eq!(m["a:variable:y z"].as_str(), "2");
     assert!(parse_batch(br#"{"a:variable:x":1}"#).is_err());
     assert!(parse_batch(b"[]").is_err());
     assert!(parse_batch(b"<html>").is_err());
+    // Truncated.
+    assert!(parse_batch(br#"{"a:variable:x":"1","a:variable:y"#).is_err());
 }
 
 // ---- a scripted server --------------------------------------------------------------------
