@@ -5,6 +5,8 @@
 
 pub mod clients;
 pub mod fake;
+pub mod fake_conjur;
+pub mod fake_kube;
 pub mod fake_mysql;
 pub mod hostile_pg;
 pub mod http_server;

@@ -14,9 +14,10 @@ use super::{
     BUILT_PROVIDERS, ConfigError, ConfigErrors, NOT_BUILT_PROVIDERS, interpolate,
     kinds::{ConnectorBlock, ConnectorSyntax},
     model::{
-        AuthMethod, BrokerSettings, Config, ConnectorSpec, CredentialSource, DEFAULT_HTTP_TIMEOUT,
-        DEFAULT_MAX_CONNECTIONS_PER_LISTENER, HttpProviderConfig, InterceptTarget, ListenAddr,
-        OAuth2ClientAuth, OAuth2Config, ProviderConfig, Service,
+        AuthMethod, BrokerSettings, Config, ConjurProviderConfig, ConnectorSpec, CredentialSource,
+        DEFAULT_HTTP_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_LISTENER, HttpProviderConfig,
+        InterceptTarget, KubernetesProviderConfig, ListenAddr, OAuth2ClientAuth, OAuth2Config,
+        ProviderConfig, Service,
     },
     values,
 };
@@ -482,6 +483,21 @@ impl Loader<'_> {
                 ..HttpProviderConfig::default()
             }),
         );
+        // Configured from the environment when used (`CONJUR_*`, in-cluster).
+        out.insert(
+            "conjur".to_owned(),
+            ProviderConfig::Conjur(ConjurProviderConfig {
+                builtin: true,
+                ..ConjurProviderConfig::default()
+            }),
+        );
+        out.insert(
+            "kubernetes".to_owned(),
+            ProviderConfig::Kubernetes(KubernetesProviderConfig {
+                builtin: true,
+                ..KubernetesProviderConfig::default()
+            }),
+        );
         let m = match v {
             None | Some(Value::Null) => return out,
             Some(v) => match self.map(
@@ -541,6 +557,14 @@ impl Loader<'_> {
                 }
                 "http" => match self.http_provider(&path, pm) {
                     Some(c) => ProviderConfig::Http(c),
+                    None => continue,
+                },
+                "conjur" => match self.conjur_provider(&path, pm) {
+                    Some(c) => ProviderConfig::Conjur(c),
+                    None => continue,
+                },
+                "kubernetes" => match self.kubernetes_provider(&path, pm) {
+                    Some(c) => ProviderConfig::Kubernetes(c),
                     None => continue,
                 },
                 k if NOT_BUILT_PROVIDERS.contains(&k) => ProviderConfig::NotBuilt { kind },
@@ -623,6 +647,145 @@ impl Loader<'_> {
                 None => {}
             }
         }
+        (self.errors.len() == errors_before).then_some(cfg)
+    }
+
+    /// An `http://` or `https://` URL with a host, never echoed (a URL may carry a
+    /// password in its user-info part).
+    fn store_url(&mut self, path: &str, v: &Value) -> Option<String> {
+        let url = self.non_empty(path, v)?;
+        match reqwest::Url::parse(&url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Some(url),
+            _ => {
+                self.err(
+                    path,
+                    "invalid URL: expected http://HOST/... or https://HOST/...",
+                );
+                None
+            }
+        }
+    }
+
+    /// A provider's `timeout`: a duration more than zero.
+    fn provider_timeout(&mut self, path: &str, m: &Mapping) -> Option<std::time::Duration> {
+        let v = m.get("timeout")?;
+        let p = join(path, "timeout");
+        match self.duration(&p, v) {
+            Some(d) if d.is_zero() => {
+                self.err(&p, "must be more than zero");
+                None
+            }
+            d => d,
+        }
+    }
+
+    fn conjur_provider(&mut self, path: &str, m: &Mapping) -> Option<ConjurProviderConfig> {
+        self.keys(
+            path,
+            m,
+            &[
+                "type",
+                "applianceUrl",
+                "account",
+                "login",
+                "apiKey",
+                "apiKeyFile",
+                "tokenFile",
+                "caFile",
+                "authnUrl",
+                "timeout",
+            ],
+        );
+        let errors_before = self.errors.len();
+        let mut cfg = ConjurProviderConfig::default();
+        let p = |k: &str| join(path, k);
+        if let Some(v) = m.get("applianceUrl") {
+            cfg.appliance_url = self.store_url(&p("applianceUrl"), v);
+        }
+        if let Some(v) = m.get("authnUrl") {
+            cfg.authn_url = self.store_url(&p("authnUrl"), v);
+        }
+        if let Some(v) = m.get("account") {
+            cfg.account = self.non_empty(&p("account"), v);
+        }
+        if let Some(v) = m.get("login") {
+            cfg.login = self.non_empty(&p("login"), v);
+        }
+        if let Some(v) = m.get("apiKey") {
+            // Never echoed: `text` reports shape problems only.
+            match self.text(&p("apiKey"), v) {
+                Some(k) if k.is_empty() => self.err(&p("apiKey"), "is empty"),
+                Some(k) => cfg.api_key = Some(Secret::from(k)),
+                None => {}
+            }
+        }
+        for (key, slot) in [
+            ("apiKeyFile", &mut cfg.api_key_file),
+            ("tokenFile", &mut cfg.token_file),
+            ("caFile", &mut cfg.ca_file),
+        ] {
+            if let Some(v) = m.get(key) {
+                *slot = self.non_empty(&p(key), v).map(Into::into);
+            }
+        }
+        if m.contains_key("apiKey") && m.contains_key("apiKeyFile") {
+            self.err(path, "set either \"apiKey\" or \"apiKeyFile\", not both");
+        }
+        if m.contains_key("tokenFile") && (m.contains_key("apiKey") || m.contains_key("apiKeyFile"))
+        {
+            self.err(
+                path,
+                "set either an API key (\"apiKey\", \"apiKeyFile\") or \"tokenFile\", not both",
+            );
+        }
+        cfg.timeout = self.provider_timeout(path, m);
+        (self.errors.len() == errors_before).then_some(cfg)
+    }
+
+    fn kubernetes_provider(&mut self, path: &str, m: &Mapping) -> Option<KubernetesProviderConfig> {
+        self.keys(
+            path,
+            m,
+            &[
+                "type",
+                "apiServer",
+                "tokenFile",
+                "caFile",
+                "namespace",
+                "timeout",
+            ],
+        );
+        let errors_before = self.errors.len();
+        let mut cfg = KubernetesProviderConfig::default();
+        if let Some(v) = m.get("apiServer") {
+            cfg.api_server = self.store_url(&join(path, "apiServer"), v);
+        }
+        for (key, slot) in [
+            ("tokenFile", &mut cfg.token_file),
+            ("caFile", &mut cfg.ca_file),
+        ] {
+            if let Some(v) = m.get(key) {
+                *slot = self.non_empty(&join(path, key), v).map(Into::into);
+            }
+        }
+        if let Some(v) = m.get("namespace") {
+            let p = join(path, "namespace");
+            if let Some(ns) = self.non_empty(&p, v) {
+                if crate::secrets::kubernetes::valid_namespace(&ns) {
+                    cfg.namespace = Some(ns);
+                } else {
+                    let shown = self.shown(&p, &ns);
+                    self.err(
+                        &p,
+                        format!(
+                            "invalid namespace {shown}: lowercase letters, digits and `-`, \
+                             at most 63 characters"
+                        ),
+                    );
+                }
+            }
+        }
+        cfg.timeout = self.provider_timeout(path, m);
         (self.errors.len() == errors_before).then_some(cfg)
     }
 

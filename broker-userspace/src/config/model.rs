@@ -178,6 +178,8 @@ pub enum ProviderConfig {
     Env,
     File,
     Http(HttpProviderConfig),
+    Conjur(ConjurProviderConfig),
+    Kubernetes(KubernetesProviderConfig),
     /// Known kind (`vault`, `conjur`, `aws`, `kubernetes`), not built yet.
     NotBuilt {
         kind: String,
@@ -192,6 +194,8 @@ impl ProviderConfig {
             Self::Env => "env",
             Self::File => "file",
             Self::Http(_) => "http",
+            Self::Conjur(_) => "conjur",
+            Self::Kubernetes(_) => "kubernetes",
             Self::NotBuilt { kind } => kind,
         }
     }
@@ -210,6 +214,54 @@ pub struct HttpProviderConfig {
     pub ca_file: Option<PathBuf>,
     /// Per-request timeout.
     pub timeout: Duration,
+}
+
+/// A `conjur` instance: what the `providers:` block says. Unset keys are read from the
+/// environment (`CONJUR_*`, as Secretless and conjur-api-go read them) when the provider
+/// is built; see `secrets::conjur` and docs/stores/conjur.md.
+#[derive(Debug, Clone, Default)]
+pub struct ConjurProviderConfig {
+    /// `applianceUrl` (`CONJUR_APPLIANCE_URL`).
+    pub appliance_url: Option<String>,
+    /// `account` (`CONJUR_ACCOUNT`).
+    pub account: Option<String>,
+    /// `login` (`CONJUR_AUTHN_LOGIN`): `host/app/x` or a user name.
+    pub login: Option<String>,
+    /// `apiKey` (`CONJUR_AUTHN_API_KEY`).
+    pub api_key: Option<Secret>,
+    /// `apiKeyFile`: a file holding the API key, read at each authentication.
+    pub api_key_file: Option<PathBuf>,
+    /// `tokenFile` (`CONJUR_AUTHN_TOKEN_FILE`): an access token a sidecar keeps fresh.
+    pub token_file: Option<PathBuf>,
+    /// `caFile` (`CONJUR_CERT_FILE`; `CONJUR_SSL_CERTIFICATE` holds the PEM itself).
+    pub ca_file: Option<PathBuf>,
+    /// `authnUrl` (`CONJUR_AUTHN_URL`).
+    pub authn_url: Option<String>,
+    /// `timeout`: per request (`CONJUR_HTTP_TIMEOUT` seconds; default 10 s).
+    pub timeout: Option<Duration>,
+    /// The built-in instance `conjur`, not declared in `providers:`: configured from the
+    /// environment alone, and a missing setting is an error at fetch time, not at start.
+    pub builtin: bool,
+}
+
+/// A `kubernetes` instance: Secrets of the pod's namespace through the API server. Unset
+/// keys come from the in-cluster environment (`KUBERNETES_SERVICE_HOST`/`_PORT`, the
+/// service account's files); see `secrets::kubernetes` and docs/stores/kubernetes.md.
+#[derive(Debug, Clone, Default)]
+pub struct KubernetesProviderConfig {
+    /// `apiServer`: `https://HOST:PORT` (default from `KUBERNETES_SERVICE_HOST`/`_PORT`).
+    pub api_server: Option<String>,
+    /// `tokenFile`: the service account token, re-read when it changes.
+    pub token_file: Option<PathBuf>,
+    /// `caFile`: the API server's CA.
+    pub ca_file: Option<PathBuf>,
+    /// `namespace` (default: `POD_NAMESPACE`, then the service account's namespace file).
+    pub namespace: Option<String>,
+    /// `timeout`: per request (default 10 s).
+    pub timeout: Option<Duration>,
+    /// The built-in instance `kubernetes`, not declared in `providers:`: a missing
+    /// setting is an error at fetch time, not at start.
+    pub builtin: bool,
 }
 
 /// An entry of a Secretless-style `authentication:` list.

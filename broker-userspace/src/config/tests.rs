@@ -530,7 +530,7 @@ services:
     credentials:
       username: {from: uts, get: db/user}
       password: {from: myvault, get: kv/db#password}
-      extra: {from: conjur, get: prod/db/password}
+      extra: {from: keychain, get: prod/db/password}
 ",
         &[("UTS_AUTH_TOKEN", "t0ken")],
     )
@@ -554,7 +554,7 @@ services:
     assert_eq!(
         unsupported_text(&cfg),
         vec![
-            "services.db.credentials.extra: provider \"conjur\" is not built yet",
+            "services.db.credentials.extra: provider \"keychain\" is not built yet",
             "services.db.credentials.password: provider \"myvault\" (type vault) is not built yet",
         ]
     );

@@ -11,10 +11,12 @@
 //! and never carry a value.
 
 pub mod cache;
+pub mod conjur;
 pub mod credentials;
 pub mod env;
 pub mod file;
 pub mod http;
+pub mod kubernetes;
 pub mod literal;
 
 use std::{
@@ -241,6 +243,10 @@ pub fn build_all(
             ProviderConfig::Env => Arc::new(EnvProvider::new(name)),
             ProviderConfig::File => Arc::new(FileProvider::new(name)),
             ProviderConfig::Http(c) => Arc::new(HttpProvider::new(name, c)?),
+            ProviderConfig::Conjur(c) => Arc::new(conjur::ConjurProvider::new(name, c)?),
+            ProviderConfig::Kubernetes(c) => {
+                Arc::new(kubernetes::KubernetesProvider::new(name, c)?)
+            }
             ProviderConfig::NotBuilt { .. } => continue,
         };
         out.insert(name.clone(), p);
