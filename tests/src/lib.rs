@@ -5,10 +5,12 @@
 
 pub mod clients;
 pub mod fake;
+pub mod fake_aws;
 pub mod fake_mysql;
 pub mod hostile_pg;
 pub mod http_server;
 pub mod mariadb;
+pub mod moto;
 pub mod net;
 pub mod pg;
 pub mod secret_server;

@@ -236,7 +236,9 @@ fn client_libraries() -> anyhow::Result<()> {
         std::fs::read_dir(&py).is_ok_and(|entries| {
             // Wheels name the directory after the normalized project name
             // (`mysql_connector_python-9.4.0.dist-info`).
-            let want = format!("{}-{version}.dist-info", name.replace('-', "_"));
+            // Extras (`moto[server]`) are not part of it.
+            let project = name.split('[').next().unwrap_or(name);
+            let want = format!("{}-{version}.dist-info", project.replace('-', "_"));
             entries.filter_map(Result::ok).any(|e| {
                 e.file_name()
                     .to_str()

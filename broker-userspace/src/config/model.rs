@@ -178,6 +178,7 @@ pub enum ProviderConfig {
     Env,
     File,
     Http(HttpProviderConfig),
+    Aws(AwsProviderConfig),
     /// Known kind (`vault`, `conjur`, `aws`, `kubernetes`), not built yet.
     NotBuilt {
         kind: String,
@@ -192,6 +193,7 @@ impl ProviderConfig {
             Self::Env => "env",
             Self::File => "file",
             Self::Http(_) => "http",
+            Self::Aws(_) => "aws",
             Self::NotBuilt { kind } => kind,
         }
     }
@@ -208,7 +210,30 @@ pub struct HttpProviderConfig {
     pub token_file: Option<PathBuf>,
     /// Extra CA certificate (PEM) for HTTPS secret servers.
     pub ca_file: Option<PathBuf>,
+    /// Client certificate chain and its key (PEM files, `certFile`/`keyFile`): mutual
+    /// TLS to the secret server. Both or neither.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// An `aws` instance (AWS Secrets Manager). Everything is optional: credentials and
+/// region come from the standard AWS chain when not set here.
+#[derive(Debug, Clone, Default)]
+pub struct AwsProviderConfig {
+    /// `region` (else `AWS_REGION`, `AWS_DEFAULT_REGION`, the profile's `region`).
+    pub region: Option<String>,
+    /// `endpoint`: the Secrets Manager URL (a VPC endpoint, a test server); else
+    /// `AWS_ENDPOINT_URL_SECRETS_MANAGER`, `AWS_ENDPOINT_URL`, the public endpoint.
+    pub endpoint: Option<String>,
+    /// `profile` of the shared files (else `AWS_PROFILE`, `default`).
+    pub profile: Option<String>,
+    /// `accessKeyId` / `secretAccessKey` / `sessionToken`: fixed keys (discouraged),
+    /// used instead of the chain. The first two together, the token only with them.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+    /// Per-request timeout (Secrets Manager, STS, the container endpoint).
     pub timeout: Duration,
 }
 

@@ -10,6 +10,7 @@
 //! [`Credentials`] from it; failures are typed ([`SecretError`], [`CredentialError`])
 //! and never carry a value.
 
+pub mod aws;
 pub mod cache;
 pub mod credentials;
 pub mod env;
@@ -241,6 +242,7 @@ pub fn build_all(
             ProviderConfig::Env => Arc::new(EnvProvider::new(name)),
             ProviderConfig::File => Arc::new(FileProvider::new(name)),
             ProviderConfig::Http(c) => Arc::new(HttpProvider::new(name, c)?),
+            ProviderConfig::Aws(c) => Arc::new(aws::AwsProvider::new(name, c)?),
             ProviderConfig::NotBuilt { .. } => continue,
         };
         out.insert(name.clone(), p);
