@@ -254,7 +254,7 @@ impl Chain {
                 // Still valid for a while: use them, try again at the next call.
                 Some(c)
                     if c.expires_at
-                        .is_none_or(|t| now + Duration::from_secs(5) < t) =>
+                        .is_none_or(|t| now + Duration::from_secs(1) < t) =>
                 {
                     tracing::warn!(
                         source = %c.creds.source,
