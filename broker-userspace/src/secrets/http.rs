@@ -394,3 +394,82 @@ impl SecretProvider for HttpProvider {
         Box::pin(self.fetch(id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use reqwest::header::{CACHE_CONTROL, HeaderMap, HeaderValue};
+
+    use super::*;
+
+    fn cc(values: &[&str]) -> Option<Duration> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+        }
+        cache_control(&h)
+    }
+
+    #[test]
+    fn cache_control_gives_the_expiry() {
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(cc(&[]), None);
+        assert_eq!(cc(&["max-age=30"]), secs(30));
+        assert_eq!(cc(&["private, Max-Age = \"45\""]), secs(45));
+        assert_eq!(cc(&["max-age=0"]), secs(0));
+        assert_eq!(cc(&["no-store"]), secs(0));
+        assert_eq!(cc(&["max-age=30, NO-STORE"]), secs(0));
+        assert_eq!(cc(&["no-cache"]), secs(0));
+        assert_eq!(cc(&["max-age=30", "max-age=10"]), secs(10));
+        assert_eq!(cc(&["max-age=-1"]), None);
+        assert_eq!(cc(&["max-age=soon", "public"]), None);
+        assert_eq!(cc(&["s-maxage=5"]), None);
+    }
+
+    #[test]
+    fn json_fields_dotted_and_pointer() {
+        let doc = br#"{"data":{"password":"pw","n":5,"ok":true,"a/b":"slash","t~":"tilde","list":["x",{"k":"v"}],"nil":null},"":"empty"}"#;
+        let f = |field: &str| json_field(doc, field, "reply");
+        assert_eq!(f("data.password").unwrap(), b"pw");
+        assert_eq!(f("/data/password").unwrap(), b"pw");
+        assert_eq!(f("data.n").unwrap(), b"5");
+        assert_eq!(f("/data/ok").unwrap(), b"true");
+        assert_eq!(f("/data/a~1b").unwrap(), b"slash");
+        assert_eq!(f("/data/t~0").unwrap(), b"tilde");
+        assert_eq!(f("/data/list/1/k").unwrap(), b"v");
+        assert_eq!(f("data.list.0").unwrap(), b"x");
+        assert_eq!(f("/data/list/1").unwrap(), br#"{"k":"v"}"#);
+        assert_eq!(f("/").unwrap(), b"empty");
+        for (bad, why) in [
+            ("/data/missing", "is not in the reply"),
+            ("/data/list/2", "is not in the reply"),
+            ("/data/list/01", "is not in the reply"),
+            ("/data/a/b", "is not in the reply"),
+            ("data.nil", "is null"),
+            ("/data/nil", "is null"),
+        ] {
+            let e = f(bad).unwrap_err();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+            assert!(!e.contains("pw\""), "{e}");
+        }
+        let e = json_field(b"pw not json", "/x", "reply").unwrap_err();
+        assert!(e.contains("not JSON") && !e.contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn client_certificate_files_are_checked_when_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = HttpProviderConfig {
+            client_cert: Some((
+                dir.path().join("missing.crt"),
+                dir.path().join("missing.key"),
+            )),
+            timeout: Duration::from_secs(1),
+            ..HttpProviderConfig::default()
+        };
+        let e = HttpProvider::new("uts", &cfg).err().unwrap().to_string();
+        assert!(
+            e.contains("provider uts") && e.contains("missing.crt"),
+            "{e}"
+        );
+    }
+}
