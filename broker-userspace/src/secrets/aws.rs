@@ -98,7 +98,10 @@ const UNREACHABLE_TYPES: &[&str] = &[
 /// Where the provider reads its environment variables: the process's, or a fixed map
 /// (tests). Empty values count as unset.
 #[derive(Clone)]
-pub struct AwsEnv(Arc<dyn Fn(&str) -> Option<String> + Send + Sync>);
+pub struct AwsEnv(Arc<EnvLookup>);
+
+/// How [`AwsEnv`] looks a variable up.
+type EnvLookup = dyn Fn(&str) -> Option<String> + Send + Sync;
 
 impl AwsEnv {
     /// The process environment, read at each look-up.
@@ -291,6 +294,13 @@ fn error_type(headers: &HeaderMap, body: &[u8]) -> Option<String> {
     xml_text(body, "Code").and_then(|c| clean_type(&c))
 }
 
+/// What a signature is for: the credential scope's region and service.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    pub region: &'a str,
+    pub service: &'a str,
+}
+
 /// SigV4 headers (`x-amz-date`, `authorization`, `x-amz-security-token`) for a request
 /// with `headers` (besides `host`, taken from the URL) and `body`.
 ///
@@ -301,8 +311,7 @@ pub fn sign_headers(
     url: &reqwest::Url,
     headers: &[(&str, &str)],
     body: &[u8],
-    region: &str,
-    service: &str,
+    scope: Scope<'_>,
     creds: &AwsCredentials,
     time: SystemTime,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
@@ -333,8 +342,8 @@ pub fn sign_headers(
     .into();
     let params = v4::SigningParams::builder()
         .identity(&identity)
-        .region(region)
-        .name(service)
+        .region(scope.region)
+        .name(scope.service)
         .time(time)
         .settings(SigningSettings::default())
         .build()
@@ -598,8 +607,10 @@ impl AwsProvider {
             url,
             &[("content-type", JSON_11), ("x-amz-target", TARGET)],
             body,
-            region,
-            SERVICE,
+            Scope {
+                region,
+                service: SERVICE,
+            },
             creds,
             SystemTime::now(),
         )

@@ -308,7 +308,7 @@ impl Chain {
             .map_err(|e| ChainError::new(Failure::Denied, format!("profile {name}: {e}")))?;
         match found {
             Some(p) => {
-                if let Some(c) = self.from_profile(&name, &p).await? {
+                if let Some(c) = self.profile_credentials(&name, &p).await? {
                     return Ok(c);
                 }
             }
@@ -363,7 +363,7 @@ impl Chain {
     }
 
     /// Credentials of a profile; `None` when it has none (only settings).
-    async fn from_profile(
+    async fn profile_credentials(
         &self,
         name: &str,
         p: &profile::Profile,

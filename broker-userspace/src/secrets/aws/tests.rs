@@ -278,8 +278,10 @@ fn signing_covers_the_target_the_token_and_the_host() {
         &url,
         &[("content-type", JSON_11), ("x-amz-target", TARGET)],
         b"{}",
-        "eu-west-1",
-        SERVICE,
+        Scope {
+            region: "eu-west-1",
+            service: SERVICE,
+        },
         &creds,
         time,
     )
@@ -303,8 +305,10 @@ fn signing_covers_the_target_the_token_and_the_host() {
         &url,
         &[("content-type", JSON_11), ("x-amz-target", TARGET)],
         b"{}",
-        "eu-west-1",
-        SERVICE,
+        Scope {
+            region: "eu-west-1",
+            service: SERVICE,
+        },
         &creds,
         time,
     )
