@@ -485,7 +485,12 @@ impl AwsProvider {
                 id,
                 reason,
             },
-            Failure::Timeout | Failure::BadReply => SecretError::BadReply {
+            Failure::Timeout => SecretError::Timeout {
+                provider,
+                id,
+                after: self.timeout,
+            },
+            Failure::BadReply => SecretError::BadReply {
                 provider,
                 id,
                 reason,
