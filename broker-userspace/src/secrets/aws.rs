@@ -545,8 +545,6 @@ impl AwsProvider {
         id: &str,
         r: &SecretRef<'_>,
     ) -> Result<Zeroizing<Vec<u8>>, SecretError> {
-        let region = self.region(id, r.secret_id)?;
-        let url = self.endpoint(id, &region)?;
         let mut req = serde_json::Map::new();
         req.insert("SecretId".into(), r.secret_id.into());
         if let Some(s) = &r.version_stage {
@@ -557,11 +555,15 @@ impl AwsProvider {
         }
         let body = serde_json::to_vec(&serde_json::Value::Object(req))
             .map_err(|_| self.bad_id(id, "cannot encode the request"))?;
+        // Credentials first: a missing profile is a clearer error than the missing
+        // region that follows from it.
         let mut creds = self
             .chain
             .credentials()
             .await
             .map_err(|e| self.chain_error(id, e))?;
+        let region = self.region(id, r.secret_id)?;
+        let url = self.endpoint(id, &region)?;
         let mut retried = false;
         loop {
             match self.call(id, &url, &region, &creds, &body).await {

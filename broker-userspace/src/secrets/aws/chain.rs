@@ -241,6 +241,11 @@ impl Chain {
         }
         match self.resolve().await {
             Ok(creds) => {
+                tracing::debug!(
+                    source = %creds.source,
+                    temporary = creds.expiration.is_some(),
+                    "AWS credentials resolved"
+                );
                 let creds = Arc::new(creds);
                 let (refresh_at, expires_at) = schedule(creds.expiration, now);
                 *cached = Some(Cached {
