@@ -22,11 +22,16 @@ use std::{
 
 use crate::workspace_root;
 
-/// pg8000 and MySQL Connector/Python (whose client starts with `caching_sha2_password`)
-/// from PyPI: (name, version) for `pip install --target`. PyMySQL is Debian's
-/// (`python3-pymysql`, with `python3-cryptography` for its RSA exchange).
-pub const PIP_PACKAGES: &[(&str, &str)] =
-    &[("pg8000", "1.31.6"), ("mysql-connector-python", "9.4.0")];
+/// pg8000, MySQL Connector/Python (whose client starts with `caching_sha2_password`)
+/// and moto's AWS server (the `aws` provider's tests, `crate::moto`; boto3 comes with
+/// it) from PyPI: (name, version) for `pip install --target`; a name may carry extras
+/// (`moto[server]`). PyMySQL is Debian's (`python3-pymysql`, with
+/// `python3-cryptography` for its RSA exchange).
+pub const PIP_PACKAGES: &[(&str, &str)] = &[
+    ("pg8000", "1.31.6"),
+    ("mysql-connector-python", "9.4.0"),
+    ("moto[server]", "5.2.5"),
+];
 /// node-postgres and its COPY streams from npm: (name, version) for `npm install --prefix`.
 pub const NPM_PACKAGES: &[(&str, &str)] = &[("pg", "8.23.1"), ("pg-copy-streams", "7.0.0")];
 /// The Debian Python interpreter (its `dist-packages` hold psycopg2 and asyncpg; a

@@ -4,8 +4,9 @@
 //! * `bpf-linker`, built against the nightly toolchain's own libLLVM (no prebuilt binary
 //!   and no Debian LLVM matches; see REFERENCE.md section 1);
 //! * the Debian packages the tests and benchmarks use;
-//! * the database clients Debian lacks (pg8000, MySQL Connector/Python, node-postgres),
-//!   pinned, into `target/clients/` with pip and npm (see `broker_tests::clients`).
+//! * the database clients Debian lacks (pg8000, MySQL Connector/Python, node-postgres)
+//!   and moto's AWS server (the `aws` provider's tests), pinned, into `target/clients/`
+//!   with pip and npm (see `broker_tests::clients`).
 //!
 //! Each step checks first and does nothing when already satisfied.
 
@@ -226,9 +227,9 @@ fn node() -> anyhow::Result<()> {
     )
 }
 
-/// pg8000 and MySQL Connector/Python (PyPI), node-postgres with pg-copy-streams (npm), at
-/// the pinned versions, into `target/clients/{python,node}`; nothing when those versions
-/// are there.
+/// pg8000, MySQL Connector/Python and moto's AWS server (PyPI), node-postgres with
+/// pg-copy-streams (npm), at the pinned versions, into `target/clients/{python,node}`;
+/// nothing when those versions are there.
 fn client_libraries() -> anyhow::Result<()> {
     use broker_tests::clients::{NPM_PACKAGES, PIP_PACKAGES, PYTHON, node_deps, python_deps};
     let py = python_deps();
@@ -236,7 +237,9 @@ fn client_libraries() -> anyhow::Result<()> {
         std::fs::read_dir(&py).is_ok_and(|entries| {
             // Wheels name the directory after the normalized project name
             // (`mysql_connector_python-9.4.0.dist-info`).
-            let want = format!("{}-{version}.dist-info", name.replace('-', "_"));
+            // Extras (`moto[server]`) are not part of it.
+            let project = name.split('[').next().unwrap_or(name);
+            let want = format!("{}-{version}.dist-info", project.replace('-', "_"));
             entries.filter_map(Result::ok).any(|e| {
                 e.file_name()
                     .to_str()

@@ -14,10 +14,10 @@ use super::{
     BUILT_PROVIDERS, ConfigError, ConfigErrors, NOT_BUILT_PROVIDERS, interpolate,
     kinds::{ConnectorBlock, ConnectorSyntax},
     model::{
-        AuthMethod, BrokerSettings, Config, ConjurProviderConfig, ConnectorSpec, CredentialSource,
-        DEFAULT_HTTP_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_LISTENER, HttpProviderConfig,
-        InterceptTarget, KubernetesProviderConfig, ListenAddr, OAuth2ClientAuth, OAuth2Config,
-        ProviderConfig, Service,
+        AuthMethod, AwsProviderConfig, BrokerSettings, Config, ConjurProviderConfig, ConnectorSpec,
+        CredentialSource, DEFAULT_HTTP_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
+        HttpProviderConfig, InterceptTarget, KubernetesProviderConfig, ListenAddr,
+        OAuth2ClientAuth, OAuth2Config, ProviderConfig, Service,
     },
     values,
 };
@@ -498,6 +498,13 @@ impl Loader<'_> {
                 ..KubernetesProviderConfig::default()
             }),
         );
+        out.insert(
+            "aws".to_owned(),
+            ProviderConfig::Aws(AwsProviderConfig {
+                timeout: DEFAULT_HTTP_TIMEOUT,
+                ..AwsProviderConfig::default()
+            }),
+        );
         let m = match v {
             None | Some(Value::Null) => return out,
             Some(v) => match self.map(
@@ -567,6 +574,10 @@ impl Loader<'_> {
                     Some(c) => ProviderConfig::Kubernetes(c),
                     None => continue,
                 },
+                "aws" => match self.aws_provider(&path, pm) {
+                    Some(c) => ProviderConfig::Aws(c),
+                    None => continue,
+                },
                 k if NOT_BUILT_PROVIDERS.contains(&k) => ProviderConfig::NotBuilt { kind },
                 _ => {
                     let tpath = join(&path, "type");
@@ -590,7 +601,16 @@ impl Loader<'_> {
         self.keys(
             path,
             m,
-            &["type", "baseUrl", "token", "tokenFile", "caFile", "timeout"],
+            &[
+                "type",
+                "baseUrl",
+                "token",
+                "tokenFile",
+                "caFile",
+                "certFile",
+                "keyFile",
+                "timeout",
+            ],
         );
         let errors_before = self.errors.len();
         let mut cfg = HttpProviderConfig {
@@ -638,6 +658,151 @@ impl Loader<'_> {
         }
         if let Some(v) = m.get("caFile") {
             cfg.ca_file = self.non_empty(&join(path, "caFile"), v).map(Into::into);
+        }
+        let cert = m
+            .get("certFile")
+            .and_then(|v| self.non_empty(&join(path, "certFile"), v));
+        let key = m
+            .get("keyFile")
+            .and_then(|v| self.non_empty(&join(path, "keyFile"), v));
+        match (cert, key) {
+            (Some(c), Some(k)) => cfg.client_cert = Some((c.into(), k.into())),
+            (Some(_), None) if !m.contains_key("keyFile") => {
+                self.err(
+                    path,
+                    "\"certFile\" needs \"keyFile\" (the client certificate's key)",
+                );
+            }
+            (None, Some(_)) if !m.contains_key("certFile") => {
+                self.err(
+                    path,
+                    "\"keyFile\" needs \"certFile\" (the client certificate)",
+                );
+            }
+            _ => {}
+        }
+        if let Some(v) = m.get("timeout") {
+            let p = join(path, "timeout");
+            match self.duration(&p, v) {
+                Some(d) if d.is_zero() => self.err(&p, "must be more than zero"),
+                Some(d) => cfg.timeout = d,
+                None => {}
+            }
+        }
+        (self.errors.len() == errors_before).then_some(cfg)
+    }
+
+    fn aws_provider(&mut self, path: &str, m: &Mapping) -> Option<AwsProviderConfig> {
+        self.keys(
+            path,
+            m,
+            &[
+                "type",
+                "region",
+                "endpoint",
+                "profile",
+                "accessKeyId",
+                "secretAccessKey",
+                "sessionToken",
+                "timeout",
+            ],
+        );
+        let errors_before = self.errors.len();
+        let mut cfg = AwsProviderConfig {
+            timeout: DEFAULT_HTTP_TIMEOUT,
+            ..AwsProviderConfig::default()
+        };
+        if let Some(v) = m.get("region") {
+            let p = join(path, "region");
+            if let Some(r) = self.non_empty(&p, v) {
+                if !r.is_empty()
+                    && r.len() <= 64
+                    && r.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                {
+                    cfg.region = Some(r);
+                } else {
+                    let shown = self.shown(&p, &r);
+                    self.err(
+                        &p,
+                        format!("invalid region {shown}: expected a name such as us-east-1"),
+                    );
+                }
+            }
+        }
+        if let Some(v) = m.get("endpoint") {
+            let p = join(path, "endpoint");
+            if let Some(url) = self.non_empty(&p, v) {
+                match reqwest::Url::parse(&url) {
+                    Ok(u)
+                        if matches!(u.scheme(), "http" | "https")
+                            && u.has_host()
+                            && u.username().is_empty()
+                            && u.password().is_none() =>
+                    {
+                        cfg.endpoint = Some(url);
+                    }
+                    // Not echoed: it may carry a password in its user-info part.
+                    _ => self.err(
+                        &p,
+                        "invalid URL: expected http://HOST[:PORT] or https://HOST[:PORT] \
+                         (no user-info)",
+                    ),
+                }
+            }
+        }
+        if let Some(v) = m.get("profile") {
+            cfg.profile = self.non_empty(&join(path, "profile"), v);
+        }
+        if let Some(v) = m.get("accessKeyId") {
+            // Not secret by itself, but not echoed either.
+            let p = join(path, "accessKeyId");
+            match self.text(&p, v) {
+                Some(t) if t.is_empty() => self.err(&p, "is empty"),
+                Some(t) if !t.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+                    self.err(&p, "must be letters and digits only");
+                }
+                Some(t) => cfg.access_key_id = Some(t),
+                None => {}
+            }
+        }
+        for (key, slot) in [
+            ("secretAccessKey", &mut cfg.secret_access_key),
+            ("sessionToken", &mut cfg.session_token),
+        ] {
+            let Some(v) = m.get(key) else { continue };
+            // Never echoed: `text` reports shape problems only.
+            let p = join(path, key);
+            if let Some(t) = self.text(&p, v) {
+                if t.is_empty() {
+                    self.err(&p, "is empty");
+                } else if reqwest::header::HeaderValue::from_bytes(t.as_bytes()).is_err() {
+                    self.err(
+                        &p,
+                        "contains characters that cannot be sent in an HTTP header \
+                         (a newline or another control character)",
+                    );
+                } else {
+                    *slot = Some(Secret::from(t));
+                }
+            }
+        }
+        let (id, secret, token) = (
+            m.contains_key("accessKeyId"),
+            m.contains_key("secretAccessKey"),
+            m.contains_key("sessionToken"),
+        );
+        if id != secret {
+            self.err(
+                path,
+                "set \"accessKeyId\" and \"secretAccessKey\" together (or neither, to use \
+                 the AWS credential chain)",
+            );
+        } else if token && !id {
+            self.err(
+                path,
+                "\"sessionToken\" needs \"accessKeyId\" and \"secretAccessKey\"",
+            );
         }
         if let Some(v) = m.get("timeout") {
             let p = join(path, "timeout");

@@ -142,10 +142,18 @@ fn process_env(name: &str) -> Option<String> {
 }
 
 /// Provider kinds that are built in; each has a default instance of the same name.
-pub const BUILT_PROVIDERS: &[&str] = &["literal", "env", "file", "http", "conjur", "kubernetes"];
+pub const BUILT_PROVIDERS: &[&str] = &[
+    "literal",
+    "env",
+    "file",
+    "http",
+    "aws",
+    "conjur",
+    "kubernetes",
+];
 
 /// Provider kinds that are recognized but not built yet.
-pub const NOT_BUILT_PROVIDERS: &[&str] = &["vault", "aws", "keychain"];
+pub const NOT_BUILT_PROVIDERS: &[&str] = &["vault", "keychain"];
 
 /// Everything a loaded configuration uses that is recognized but not built yet
 /// (connectors, provider kinds, authentication types), each as an error naming it.

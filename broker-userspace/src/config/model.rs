@@ -180,6 +180,7 @@ pub enum ProviderConfig {
     Http(HttpProviderConfig),
     Conjur(ConjurProviderConfig),
     Kubernetes(KubernetesProviderConfig),
+    Aws(AwsProviderConfig),
     /// Known kind (`vault`, `conjur`, `aws`, `kubernetes`), not built yet.
     NotBuilt {
         kind: String,
@@ -196,6 +197,7 @@ impl ProviderConfig {
             Self::Http(_) => "http",
             Self::Conjur(_) => "conjur",
             Self::Kubernetes(_) => "kubernetes",
+            Self::Aws(_) => "aws",
             Self::NotBuilt { kind } => kind,
         }
     }
@@ -212,6 +214,9 @@ pub struct HttpProviderConfig {
     pub token_file: Option<PathBuf>,
     /// Extra CA certificate (PEM) for HTTPS secret servers.
     pub ca_file: Option<PathBuf>,
+    /// Client certificate chain and its key (PEM files, `certFile`/`keyFile`): mutual
+    /// TLS to the secret server. Both or neither.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Per-request timeout.
     pub timeout: Duration,
 }
@@ -262,6 +267,26 @@ pub struct KubernetesProviderConfig {
     /// The built-in instance `kubernetes`, not declared in `providers:`: a missing
     /// setting is an error at fetch time, not at start.
     pub builtin: bool,
+}
+
+/// An `aws` instance (AWS Secrets Manager). Everything is optional: credentials and
+/// region come from the standard AWS chain when not set here.
+#[derive(Debug, Clone, Default)]
+pub struct AwsProviderConfig {
+    /// `region` (else `AWS_REGION`, `AWS_DEFAULT_REGION`, the profile's `region`).
+    pub region: Option<String>,
+    /// `endpoint`: the Secrets Manager URL (a VPC endpoint, a test server); else
+    /// `AWS_ENDPOINT_URL_SECRETS_MANAGER`, `AWS_ENDPOINT_URL`, the public endpoint.
+    pub endpoint: Option<String>,
+    /// `profile` of the shared files (else `AWS_PROFILE`, `default`).
+    pub profile: Option<String>,
+    /// `accessKeyId` / `secretAccessKey` / `sessionToken`: fixed keys (discouraged),
+    /// used instead of the chain. The first two together, the token only with them.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+    /// Per-request timeout (Secrets Manager, STS, the container endpoint).
+    pub timeout: Duration,
 }
 
 /// An entry of a Secretless-style `authentication:` list.

@@ -1647,3 +1647,119 @@ services:
     );
     assert!(!e.to_string().contains("oauth-client-secret"), "{e}");
 }
+
+// ---- the aws provider and the http provider's client certificate ----------------------
+
+#[test]
+fn aws_provider_keys_and_the_built_in_instance() {
+    let c = ok("
+version: 2
+providers:
+  sm:
+    type: aws
+    region: eu-west-3
+    endpoint: https://vpce-1.secretsmanager.eu-west-3.vpce.amazonaws.com
+    profile: prod
+    timeout: 3s
+  keys: {type: aws, accessKeyId: AKIDEXAMPLE, secretAccessKey: aws-config-secret-6d1e, sessionToken: aws-config-token-2f7a}
+services:
+  db:
+    connector: pg
+    listenOn: tcp://127.0.0.1:5432
+    credentials:
+      host: h
+      username: {from: aws, get: db/creds#username}
+      password: {from: sm, get: \"db/creds?versionStage=AWSPREVIOUS#password\"}
+");
+    let ProviderConfig::Aws(sm) = &c.providers["sm"] else {
+        panic!("sm: {:?}", c.providers["sm"]);
+    };
+    assert_eq!(sm.region.as_deref(), Some("eu-west-3"));
+    assert_eq!(sm.profile.as_deref(), Some("prod"));
+    assert_eq!(sm.timeout, Duration::from_secs(3));
+    assert!(
+        sm.endpoint
+            .as_deref()
+            .unwrap()
+            .starts_with("https://vpce-1.")
+    );
+    assert!(sm.access_key_id.is_none());
+    let ProviderConfig::Aws(keys) = &c.providers["keys"] else {
+        panic!("keys");
+    };
+    assert_eq!(keys.access_key_id.as_deref(), Some("AKIDEXAMPLE"));
+    assert!(keys.secret_access_key.is_some() && keys.session_token.is_some());
+    assert_eq!(keys.timeout, DEFAULT_HTTP_TIMEOUT);
+    // The built-in instance, from the chain alone.
+    assert!(matches!(&c.providers["aws"], ProviderConfig::Aws(a) if a.region.is_none()));
+    assert_eq!(c.providers["aws"].kind(), "aws");
+    assert!(unsupported(&c).is_empty(), "{:?}", unsupported(&c));
+    assert!(!format!("{c:?}").contains("aws-config-secret-6d1e"));
+}
+
+#[test]
+fn aws_provider_errors_name_no_secret() {
+    let secret = "aws-bad-secret-key-0c5e";
+    let e = errs(&format!(
+        "
+version: 2
+providers:
+  a: {{type: aws, region: EU West, endpoint: ftp://x, timeout: 0s, colour: blue}}
+  b: {{type: aws, secretAccessKey: {secret}}}
+  c: {{type: aws, sessionToken: {secret}}}
+  d: {{type: aws, accessKeyId: \"AKID-1\", secretAccessKey: \"{secret}\\n\"}}
+  e: {{type: aws, endpoint: \"https://user:{secret}@host/\"}}
+services: {{}}
+"
+    ));
+    has(&e, "providers.a.region", "invalid region \"EU West\"");
+    has(&e, "providers.a.endpoint", "invalid URL");
+    has(&e, "providers.a.timeout", "more than zero");
+    has(&e, "providers.a.colour", "unknown key \"colour\"");
+    has(&e, "providers.b", "together");
+    has(&e, "providers.c", "\"sessionToken\" needs");
+    has(&e, "providers.d.accessKeyId", "letters and digits");
+    has(
+        &e,
+        "providers.d.secretAccessKey",
+        "cannot be sent in an HTTP header",
+    );
+    has(&e, "providers.e.endpoint", "no user-info");
+    assert!(!e.to_string().contains(secret), "{e}");
+}
+
+#[test]
+fn http_provider_client_certificate() {
+    let c = ok("
+version: 2
+providers:
+  uts: {type: http, baseUrl: https://uts/, certFile: /etc/c.crt, keyFile: /etc/c.key}
+services:
+  s:
+    connector: pg
+    listenOn: tcp://127.0.0.1:5432
+    credentials: {host: h, username: u, password: p}
+");
+    let ProviderConfig::Http(h) = &c.providers["uts"] else {
+        panic!("uts");
+    };
+    assert_eq!(
+        h.client_cert
+            .as_ref()
+            .map(|(c, k)| (c.to_str().unwrap(), k.to_str().unwrap())),
+        Some(("/etc/c.crt", "/etc/c.key"))
+    );
+    let e = errs(
+        "
+version: 2
+providers:
+  a: {type: http, certFile: /etc/c.crt}
+  b: {type: http, keyFile: /etc/c.key}
+  c: {type: http, certFile: \"\", keyFile: /etc/c.key}
+services: {}
+",
+    );
+    has(&e, "providers.a", "\"certFile\" needs \"keyFile\"");
+    has(&e, "providers.b", "\"keyFile\" needs \"certFile\"");
+    has(&e, "providers.c.certFile", "");
+}

@@ -3,9 +3,15 @@
 //! The id is an absolute `http(s)://` URL, or a path relative to the instance's
 //! `baseUrl`. An optional `#field` suffix selects a field of a JSON reply, with dotted
 //! paths into nested objects (`#data.password`) and numeric indexes into arrays
-//! (`#keys.0`); without it the raw body is the value, with one trailing `"\n"` or
-//! `"\r\n"` removed. A string field is used as is; numbers and booleans as their text;
-//! objects and arrays as compact JSON.
+//! (`#keys.0`), or, when the field starts with `/`, a JSON pointer (RFC 6901:
+//! `#/data/password`, `#/keys/0`, `~1` for `/` and `~0` for `~` inside a name); without
+//! it the raw body is the value, with one trailing `"\n"` or `"\r\n"` removed. A string
+//! field is used as is; numbers and booleans as their text; objects and arrays as
+//! compact JSON ([`json_field`], shared with the `aws` provider).
+//!
+//! The reply's `Cache-Control` sets the value's expiry ([`Fetched::expires_in`]):
+//! `max-age=N` keeps it at most N seconds, `no-store` or `no-cache` not at all
+//! (concurrent requests still share the fetch). `broker.cacheTTL` still caps it.
 //!
 //! Redirects are not followed: a 3xx is [`SecretError::BadReply`] naming the status. An
 //! empty value is [`SecretError::Empty`] (checked for every provider by the store).
@@ -18,7 +24,8 @@
 //! full URL (a `baseUrl` may carry credentials in its user-info part).
 //!
 //! TLS is rustls with the broker's own (ring) crypto provider: the system roots, plus
-//! the instance's `caFile` when set.
+//! the instance's `caFile` when set; `certFile`/`keyFile` present a client certificate
+//! (mutual TLS).
 
 use std::{sync::Arc, time::Duration};
 
@@ -85,9 +92,19 @@ impl HttpProvider {
             verify: Verify::Full,
             ca_file: cfg.ca_file.as_deref(),
             with_system_roots: true,
-            client_cert: None,
+            client_cert: cfg
+                .client_cert
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path())),
         })
-        .map_err(|e| anyhow::anyhow!("provider {name}: caFile: {e}"))?;
+        .map_err(|e| {
+            let what = if cfg.client_cert.is_some() {
+                "caFile/certFile/keyFile"
+            } else {
+                "caFile"
+            };
+            anyhow::anyhow!("provider {name}: {what}: {e}")
+        })?;
         let builder = reqwest::Client::builder()
             .tls_backend_preconfigured(Arc::unwrap_or_clone(tls))
             // A redirect is an error: following one to another host made that host's
@@ -168,7 +185,7 @@ impl HttpProvider {
         reqwest::Url::parse(&text).map_err(|e| format!("invalid URL: {e}"))
     }
 
-    async fn fetch(&self, id: &str) -> Result<Secret, SecretError> {
+    async fn fetch(&self, id: &str) -> Result<Fetched, SecretError> {
         let (target, field) = match id.split_once('#') {
             Some((t, f)) if !f.is_empty() => (t, Some(f)),
             Some((t, _)) => (t, None),
@@ -194,59 +211,21 @@ impl HttpProvider {
         if !status.is_success() {
             return Err(self.err_status(id, status));
         }
-        let too_big = || format!("reply larger than {MAX_BODY} bytes");
-        let hint = resp.content_length().unwrap_or(0);
-        if hint > MAX_BODY as u64 {
-            return Err(self.err_reply(id, too_big()));
-        }
-        let mut body = Zeroizing::new(Vec::with_capacity(
-            usize::try_from(hint).unwrap_or(0).max(256),
-        ));
-        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(id, e))? {
-            if body.len() + chunk.len() > MAX_BODY {
-                return Err(self.err_reply(id, too_big()));
-            }
-            if body.capacity() < body.len() + chunk.len() {
-                // Grow by hand so the old buffer is wiped rather than freed as is.
-                let mut bigger = Vec::with_capacity((body.len() + chunk.len()).max(body.len() * 2));
-                bigger.extend_from_slice(&body);
-                std::mem::replace(&mut *body, bigger).zeroize();
-            }
-            body.extend_from_slice(&chunk);
-        }
-        match field {
+        let expires_in = cache_control(resp.headers());
+        let mut body = read_body(&mut resp, MAX_BODY).await.map_err(|e| match e {
+            BodyError::TooBig => self.err_reply(id, format!("reply larger than {MAX_BODY} bytes")),
+            BodyError::Transport(e) => self.transport(id, e),
+        })?;
+        let value = match field {
             None => {
                 trim_one_newline(&mut body);
-                Ok(Secret::new(std::mem::take(&mut *body)))
+                Secret::new(std::mem::take(&mut *body))
             }
-            Some(field) => self.select(id, field, &body),
-        }
-    }
-
-    fn select(&self, id: &str, field: &str, body: &[u8]) -> Result<Secret, SecretError> {
-        let mut json: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
-            self.err_reply(
-                id,
-                format!("the reply is not JSON, so field `{field}` cannot be read"),
-            )
-        })?;
-        let value = lookup(&json, field)
-            .ok_or_else(|| self.err_reply(id, format!("field `{field}` is not in the reply")))
-            .and_then(|v| match v {
-                serde_json::Value::String(s) => Ok(s.as_bytes().to_vec()),
-                serde_json::Value::Number(n) => Ok(n.to_string().into_bytes()),
-                serde_json::Value::Bool(b) => Ok(b.to_string().into_bytes()),
-                serde_json::Value::Null => {
-                    Err(self.err_reply(id, format!("field `{field}` is null")))
-                }
-                v @ (serde_json::Value::Array(_) | serde_json::Value::Object(_)) => {
-                    serde_json::to_vec(v).map_err(|_| {
-                        self.err_reply(id, format!("field `{field}` cannot be encoded"))
-                    })
-                }
-            });
-        wipe_json(&mut json);
-        value.map(Secret::new)
+            Some(field) => json_field(&body, field, "reply")
+                .map(Secret::new)
+                .map_err(|reason| self.err_reply(id, reason))?,
+        };
+        Ok(Fetched { value, expires_in })
     }
 
     /// A transport error: a timeout, or the store unreachable with the error's causes
@@ -283,6 +262,100 @@ pub(crate) fn describe(e: reqwest::Error) -> String {
     out
 }
 
+/// Why a reply body could not be read.
+pub(crate) enum BodyError {
+    /// Over the limit (by `Content-Length` or as it arrived).
+    TooBig,
+    /// The transfer failed (or timed out).
+    Transport(reqwest::Error),
+}
+
+/// A reply body, at most `max` bytes, in a buffer that is wiped when dropped (and
+/// whenever it grows).
+pub(crate) async fn read_body(
+    resp: &mut reqwest::Response,
+    max: usize,
+) -> Result<Zeroizing<Vec<u8>>, BodyError> {
+    let hint = resp.content_length().unwrap_or(0);
+    if hint > max as u64 {
+        return Err(BodyError::TooBig);
+    }
+    let mut body = Zeroizing::new(Vec::with_capacity(
+        usize::try_from(hint).unwrap_or(0).max(256),
+    ));
+    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > max {
+            return Err(BodyError::TooBig);
+        }
+        if body.capacity() < body.len() + chunk.len() {
+            // Grow by hand so the old buffer is wiped rather than freed as is.
+            let mut bigger = Vec::with_capacity((body.len() + chunk.len()).max(body.len() * 2));
+            bigger.extend_from_slice(&body);
+            std::mem::replace(&mut *body, bigger).zeroize();
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The expiry a reply's `Cache-Control` gives its value: `no-store` or `no-cache`:
+/// zero (not kept); `max-age=N`: N seconds; otherwise none. Directives are
+/// case-insensitive and may be spread over several headers; `no-store` wins over
+/// `max-age`, and a malformed `max-age` is ignored.
+pub(crate) fn cache_control(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let mut max_age = None;
+    for value in headers.get_all(reqwest::header::CACHE_CONTROL) {
+        let Ok(text) = value.to_str() else { continue };
+        for directive in text.split(',') {
+            let (name, arg) = match directive.split_once('=') {
+                Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                None => (directive.trim(), None),
+            };
+            if name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("no-cache") {
+                return Some(Duration::ZERO);
+            }
+            if name.eq_ignore_ascii_case("max-age")
+                && let Some(secs) = arg.and_then(|a| a.parse::<u64>().ok())
+            {
+                // Two max-age directives: the shorter one.
+                max_age = Some(max_age.map_or(secs, |m: u64| m.min(secs)));
+            }
+        }
+    }
+    max_age.map(Duration::from_secs)
+}
+
+/// The value of `field` in the JSON document `body` (a `what`, named in errors): a
+/// dotted path (`data.password`, `keys.0`), or a JSON pointer when it starts with `/`
+/// (RFC 6901: `/data/password`). A string is used as is, numbers and booleans as their
+/// text, arrays and objects as compact JSON; `null` or a missing field is an error.
+/// Every string of the parsed document is wiped before returning.
+///
+/// # Errors
+/// The reason, naming `what` and the field, never a value.
+pub(crate) fn json_field(body: &[u8], field: &str, what: &str) -> Result<Vec<u8>, String> {
+    let mut json: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|_| format!("the {what} is not JSON, so field `{field}` cannot be read"))?;
+    let found = if field.starts_with('/') {
+        json.pointer(field)
+    } else {
+        lookup(&json, field)
+    };
+    let value = found
+        .ok_or_else(|| format!("field `{field}` is not in the {what}"))
+        .and_then(|v| match v {
+            serde_json::Value::String(s) => Ok(s.as_bytes().to_vec()),
+            serde_json::Value::Number(n) => Ok(n.to_string().into_bytes()),
+            serde_json::Value::Bool(b) => Ok(b.to_string().into_bytes()),
+            serde_json::Value::Null => Err(format!("field `{field}` is null")),
+            v @ (serde_json::Value::Array(_) | serde_json::Value::Object(_)) => {
+                serde_json::to_vec(v).map_err(|_| format!("field `{field}` cannot be encoded"))
+            }
+        });
+    wipe_json(&mut json);
+    value
+}
+
 /// `Bearer <token>` as a sensitive header value (hidden from reqwest's Debug output).
 fn bearer(token: &Secret) -> Option<HeaderValue> {
     let mut raw = Zeroizing::new(Vec::with_capacity(7 + token.len()));
@@ -303,7 +376,7 @@ fn lookup<'v>(root: &'v serde_json::Value, path: &str) -> Option<&'v serde_json:
 }
 
 /// Overwrite every string of a parsed reply.
-fn wipe_json(v: &mut serde_json::Value) {
+pub(crate) fn wipe_json(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::String(s) => s.zeroize(),
         serde_json::Value::Array(a) => a.iter_mut().for_each(wipe_json),
@@ -318,6 +391,85 @@ impl SecretProvider for HttpProvider {
     }
 
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Fetched, SecretError>> {
-        Box::pin(async move { self.fetch(id).await.map(Fetched::new) })
+        Box::pin(self.fetch(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use reqwest::header::{CACHE_CONTROL, HeaderMap, HeaderValue};
+
+    use super::*;
+
+    fn cc(values: &[&str]) -> Option<Duration> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+        }
+        cache_control(&h)
+    }
+
+    #[test]
+    fn cache_control_gives_the_expiry() {
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(cc(&[]), None);
+        assert_eq!(cc(&["max-age=30"]), secs(30));
+        assert_eq!(cc(&["private, Max-Age = \"45\""]), secs(45));
+        assert_eq!(cc(&["max-age=0"]), secs(0));
+        assert_eq!(cc(&["no-store"]), secs(0));
+        assert_eq!(cc(&["max-age=30, NO-STORE"]), secs(0));
+        assert_eq!(cc(&["no-cache"]), secs(0));
+        assert_eq!(cc(&["max-age=30", "max-age=10"]), secs(10));
+        assert_eq!(cc(&["max-age=-1"]), None);
+        assert_eq!(cc(&["max-age=soon", "public"]), None);
+        assert_eq!(cc(&["s-maxage=5"]), None);
+    }
+
+    #[test]
+    fn json_fields_dotted_and_pointer() {
+        let doc = br#"{"data":{"password":"pw","n":5,"ok":true,"a/b":"slash","t~":"tilde","list":["x",{"k":"v"}],"nil":null},"":"empty"}"#;
+        let f = |field: &str| json_field(doc, field, "reply");
+        assert_eq!(f("data.password").unwrap(), b"pw");
+        assert_eq!(f("/data/password").unwrap(), b"pw");
+        assert_eq!(f("data.n").unwrap(), b"5");
+        assert_eq!(f("/data/ok").unwrap(), b"true");
+        assert_eq!(f("/data/a~1b").unwrap(), b"slash");
+        assert_eq!(f("/data/t~0").unwrap(), b"tilde");
+        assert_eq!(f("/data/list/1/k").unwrap(), b"v");
+        assert_eq!(f("data.list.0").unwrap(), b"x");
+        assert_eq!(f("/data/list/1").unwrap(), br#"{"k":"v"}"#);
+        assert_eq!(f("/").unwrap(), b"empty");
+        for (bad, why) in [
+            ("/data/missing", "is not in the reply"),
+            ("/data/list/2", "is not in the reply"),
+            ("/data/list/01", "is not in the reply"),
+            ("/data/a/b", "is not in the reply"),
+            ("data.nil", "is null"),
+            ("/data/nil", "is null"),
+        ] {
+            let e = f(bad).unwrap_err();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+            assert!(!e.contains("pw\""), "{e}");
+        }
+        let e = json_field(b"pw not json", "/x", "reply").unwrap_err();
+        assert!(e.contains("not JSON") && !e.contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn client_certificate_files_are_checked_when_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = HttpProviderConfig {
+            client_cert: Some((
+                dir.path().join("missing.crt"),
+                dir.path().join("missing.key"),
+            )),
+            timeout: Duration::from_secs(1),
+            ..HttpProviderConfig::default()
+        };
+        let e = HttpProvider::new("uts", &cfg).err().unwrap().to_string();
+        assert!(
+            e.contains("provider uts") && e.contains("missing.crt"),
+            "{e}"
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! [`Credentials`] from it; failures are typed ([`SecretError`], [`CredentialError`])
 //! and never carry a value.
 
+pub mod aws;
 pub mod cache;
 pub mod conjur;
 pub mod credentials;
@@ -247,6 +248,7 @@ pub fn build_all(
             ProviderConfig::Kubernetes(c) => {
                 Arc::new(kubernetes::KubernetesProvider::new(name, c)?)
             }
+            ProviderConfig::Aws(c) => Arc::new(aws::AwsProvider::new(name, c)?),
             ProviderConfig::NotBuilt { .. } => continue,
         };
         out.insert(name.clone(), p);
