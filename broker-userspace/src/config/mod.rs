@@ -142,10 +142,10 @@ fn process_env(name: &str) -> Option<String> {
 }
 
 /// Provider kinds that are built in; each has a default instance of the same name.
-pub const BUILT_PROVIDERS: &[&str] = &["literal", "env", "file", "http"];
+pub const BUILT_PROVIDERS: &[&str] = &["literal", "env", "file", "http", "vault"];
 
 /// Provider kinds that are recognized but not built yet.
-pub const NOT_BUILT_PROVIDERS: &[&str] = &["vault", "conjur", "aws", "kubernetes", "keychain"];
+pub const NOT_BUILT_PROVIDERS: &[&str] = &["conjur", "aws", "kubernetes", "keychain"];
 
 /// Everything a loaded configuration uses that is recognized but not built yet
 /// (connectors, provider kinds, authentication types), each as an error naming it.

@@ -16,6 +16,7 @@ pub mod env;
 pub mod file;
 pub mod http;
 pub mod literal;
+pub mod vault;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -34,6 +35,7 @@ pub use self::{
     file::FileProvider,
     http::HttpProvider,
     literal::LiteralProvider,
+    vault::VaultProvider,
 };
 use crate::{
     config::{Config, CredentialSource, ProviderConfig, Service},
@@ -222,6 +224,13 @@ pub trait SecretProvider: Send + Sync {
             Ok(out)
         })
     }
+
+    /// Release what the provider holds in the store (Vault leases with
+    /// `revokeOnShutdown`) when the daemon stops, after its connections ended. The
+    /// default does nothing.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Create every provider instance of a configuration, keyed by instance name.
@@ -241,6 +250,7 @@ pub fn build_all(
             ProviderConfig::Env => Arc::new(EnvProvider::new(name)),
             ProviderConfig::File => Arc::new(FileProvider::new(name)),
             ProviderConfig::Http(c) => Arc::new(HttpProvider::new(name, c)?),
+            ProviderConfig::Vault(c) => Arc::new(VaultProvider::new(name, c)?),
             ProviderConfig::NotBuilt { .. } => continue,
         };
         out.insert(name.clone(), p);
@@ -339,6 +349,16 @@ impl SecretStore {
     #[must_use]
     pub fn cached(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Let every provider release what it holds ([`SecretProvider::shutdown`]), each
+    /// bounded by [`FETCH_TIMEOUT`]. The daemon calls it once, after the drain.
+    pub async fn shutdown(&self) {
+        for p in self.providers.values() {
+            if tokio::time::timeout(FETCH_TIMEOUT, p.shutdown()).await.is_err() {
+                tracing::warn!(provider = p.name(), "provider shutdown timed out");
+            }
+        }
     }
 
     /// The task that evicts (and zeroizes) expired cache entries on time; it ends when
