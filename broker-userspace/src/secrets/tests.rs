@@ -408,7 +408,7 @@ services:
     let all = build_all(&cfg.providers).unwrap();
     let mut names: Vec<&str> = all.keys().map(String::as_str).collect();
     names.sort_unstable();
-    assert_eq!(names, ["env", "file", "http", "literal"]);
+    assert_eq!(names, ["env", "file", "http", "literal", "vault"]);
 }
 
 #[tokio::test]
