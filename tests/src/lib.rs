@@ -6,6 +6,7 @@
 pub mod clients;
 pub mod fake;
 pub mod fake_mysql;
+pub mod fake_vault;
 pub mod hostile_pg;
 pub mod http_server;
 pub mod mariadb;

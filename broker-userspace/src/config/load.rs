@@ -713,7 +713,10 @@ impl Loader<'_> {
                 if token_ok(&ns) {
                     cfg.namespace = Some(ns);
                 } else {
-                    self.err(&p, "contains characters that cannot be sent in an HTTP header");
+                    self.err(
+                        &p,
+                        "contains characters that cannot be sent in an HTTP header",
+                    );
                 }
             }
         }
@@ -728,10 +731,10 @@ impl Loader<'_> {
                 None => {}
             }
         }
-        if let Some(v) = m.get("revokeOnShutdown") {
-            if let Some(b) = self.boolean(&join(path, "revokeOnShutdown"), v) {
-                cfg.revoke_on_shutdown = b;
-            }
+        if let Some(v) = m.get("revokeOnShutdown")
+            && let Some(b) = self.boolean(&join(path, "revokeOnShutdown"), v)
+        {
+            cfg.revoke_on_shutdown = b;
         }
         if let Some(v) = m.get("auth") {
             let apath = join(path, "auth");
@@ -754,7 +757,10 @@ impl Loader<'_> {
                     let fkey = format!("{key}File");
                     match (am.get(key), am.get(fkey.as_str())) {
                         (Some(_), Some(_)) => {
-                            this.err(&apath, format!("set either \"{key}\" or \"{fkey}\", not both"));
+                            this.err(
+                                &apath,
+                                format!("set either \"{key}\" or \"{fkey}\", not both"),
+                            );
                             None
                         }
                         // Never echoed.
@@ -787,7 +793,14 @@ impl Loader<'_> {
                         self.keys(
                             &apath,
                             am,
-                            &["method", "roleId", "roleIdFile", "secretId", "secretIdFile", "mount"],
+                            &[
+                                "method",
+                                "roleId",
+                                "roleIdFile",
+                                "secretId",
+                                "secretIdFile",
+                                "mount",
+                            ],
                         );
                         let role_id = value(self, "roleId", true);
                         let secret_id = value(self, "secretId", false);

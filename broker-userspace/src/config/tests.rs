@@ -687,9 +687,17 @@ services:
     has(&e, "providers.a", "either \"token\" or \"tokenFile\"");
     has(&e, "providers.a.timeout", "more than zero");
     has(&e, "providers.a.extra", "unknown key \"extra\"");
-    has(&e, "providers.b.auth.method", "unknown auth method \"ldap\"");
+    has(
+        &e,
+        "providers.b.auth.method",
+        "unknown auth method \"ldap\"",
+    );
     has(&e, "providers.c.auth", "missing \"roleId\"");
-    has(&e, "providers.c.auth", "either \"secretId\" or \"secretIdFile\"");
+    has(
+        &e,
+        "providers.c.auth",
+        "either \"secretId\" or \"secretIdFile\"",
+    );
     has(&e, "providers.d.auth", "missing \"role\"");
     has(&e, "providers.e", "not both");
     has(&e, "providers.f.auth.role", "unknown key \"role\"");

@@ -355,7 +355,10 @@ impl SecretStore {
     /// bounded by [`FETCH_TIMEOUT`]. The daemon calls it once, after the drain.
     pub async fn shutdown(&self) {
         for p in self.providers.values() {
-            if tokio::time::timeout(FETCH_TIMEOUT, p.shutdown()).await.is_err() {
+            if tokio::time::timeout(FETCH_TIMEOUT, p.shutdown())
+                .await
+                .is_err()
+            {
                 tracing::warn!(provider = p.name(), "provider shutdown timed out");
             }
         }

@@ -25,11 +25,7 @@ use reqwest::{
     Method,
     header::{CONTENT_TYPE, HeaderValue},
 };
-use tokio::{
-    sync::Notify,
-    task::AbortHandle,
-    time::Instant,
-};
+use tokio::{sync::Notify, task::AbortHandle, time::Instant};
 use zeroize::{Zeroize as _, Zeroizing};
 
 use super::{
@@ -118,9 +114,8 @@ impl Reply {
     /// # Errors
     /// Not JSON.
     pub fn json(&self) -> Result<serde_json::Value, Fail> {
-        serde_json::from_slice(&self.body).map_err(|_| {
-            Fail::BadReply(format!("HTTP {}: the reply is not JSON", self.status))
-        })
+        serde_json::from_slice(&self.body)
+            .map_err(|_| Fail::BadReply(format!("HTTP {}: the reply is not JSON", self.status)))
     }
 }
 
@@ -295,7 +290,8 @@ impl Client {
         }
         let mut resp = req.send().await.map_err(|e| self.transport(e))?;
         let status = resp.status().as_u16();
-        let too_big = || Fail::BadReply(format!("HTTP {status}: reply larger than {MAX_BODY} bytes"));
+        let too_big =
+            || Fail::BadReply(format!("HTTP {status}: reply larger than {MAX_BODY} bytes"));
         let hint = resp.content_length().unwrap_or(0);
         if hint > MAX_BODY as u64 {
             return Err(too_big());
@@ -374,7 +370,13 @@ impl Client {
                 let mut out: String = s
                     .chars()
                     .take(MAX_ERROR_TEXT)
-                    .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+                    .map(|c| {
+                        if c.is_ascii_graphic() || c == ' ' {
+                            c
+                        } else {
+                            '?'
+                        }
+                    })
                     .collect();
                 if s.chars().count() > MAX_ERROR_TEXT {
                     out.push_str("...");
@@ -473,7 +475,12 @@ impl Client {
         if generation == st.generation {
             None
         } else {
-            Some(st.replaced.get(&generation).copied().unwrap_or_else(Instant::now))
+            Some(
+                st.replaced
+                    .get(&generation)
+                    .copied()
+                    .unwrap_or_else(Instant::now),
+            )
         }
     }
 
@@ -548,7 +555,12 @@ impl Client {
     /// "renewable"}}`.
     async fn login(&self, mount: &str, body: &serde_json::Value) -> Result<Issued, Fail> {
         let r = self
-            .send(Method::POST, &format!("auth/{mount}/login"), None, Some(body))
+            .send(
+                Method::POST,
+                &format!("auth/{mount}/login"),
+                None,
+                Some(body),
+            )
             .await?;
         if !r.ok() {
             // A refused login is a refusal whatever the code (Vault answers 400 to a
@@ -652,8 +664,15 @@ impl Client {
     ) -> Result<(Reply, u64), Fail> {
         let (token, generation) = self.token().await?;
         let r = self.send(method.clone(), path, Some(&token), body).await?;
-        if r.status != 403 || !self.auth.can_renew_identity() || self.alive(&token).await {
+        if r.status != 403 || self.alive(&token).await {
             return Ok((r, generation));
+        }
+        if !self.auth.can_renew_identity() {
+            return Err(Fail::Denied(
+                "Vault refused the token (expired or revoked?); a fixed token cannot log in \
+                 again"
+                    .into(),
+            ));
         }
         tracing::info!(
             provider = %self.provider,
@@ -747,7 +766,12 @@ impl Client {
         };
         let body = serde_json::json!({ "increment": format!("{}s", increment.as_secs()) });
         let r = self
-            .send(Method::POST, "auth/token/renew-self", Some(&token), Some(&body))
+            .send(
+                Method::POST,
+                "auth/token/renew-self",
+                Some(&token),
+                Some(&body),
+            )
             .await;
         let r = match r {
             Ok(r) if r.ok() => r,
@@ -824,7 +848,9 @@ fn issued_from_auth(json: &serde_json::Value, status: u16) -> Result<Issued, Fai
         .as_str()
         .filter(|t| !t.is_empty() && HeaderValue::from_str(t).is_ok())
         .ok_or_else(|| {
-            Fail::BadReply(format!("HTTP {status}: the reply has no usable auth.client_token"))
+            Fail::BadReply(format!(
+                "HTTP {status}: the reply has no usable auth.client_token"
+            ))
         })?;
     Ok(Issued {
         token: Secret::from_str_value(token),
@@ -847,7 +873,11 @@ fn value(v: &VaultValue, what: &str) -> Result<Secret, Fail> {
 /// A file's content as a secret, one trailing newline removed; empty is an error.
 fn read_secret(path: &Path, what: &str) -> Result<Secret, Fail> {
     let mut bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
-        Fail::Denied(format!("cannot read {what} {}: {}", path.display(), e.kind()))
+        Fail::Denied(format!(
+            "cannot read {what} {}: {}",
+            path.display(),
+            e.kind()
+        ))
     })?);
     trim_one_newline(&mut bytes);
     if bytes.is_empty() {

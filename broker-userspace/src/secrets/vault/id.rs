@@ -44,7 +44,10 @@ impl VaultId {
         if path.is_empty() {
             return Err("no secret path before `#`".into());
         }
-        if path.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        if path
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+        {
             return Err("the path has an empty, `.` or `..` segment".into());
         }
         if field.is_empty() {
@@ -155,16 +158,28 @@ mod tests {
                 "secret/data/service#data.api-key",
                 id("secret/data/service", "data.api-key"),
             ),
-            ("cubbyhole/first-secret#some-key", id("cubbyhole/first-secret", "some-key")),
-            ("cubbyhole/second-secret", id("cubbyhole/second-secret", "value")),
+            (
+                "cubbyhole/first-secret#some-key",
+                id("cubbyhole/first-secret", "some-key"),
+            ),
+            (
+                "cubbyhole/second-secret",
+                id("cubbyhole/second-secret", "value"),
+            ),
             ("foobar", id("foobar", "value")),
-            ("cubbyhole/first-secret#foo.bar", id("cubbyhole/first-secret", "foo.bar")),
+            (
+                "cubbyhole/first-secret#foo.bar",
+                id("cubbyhole/first-secret", "foo.bar"),
+            ),
             // The documentation's `/path/to/secret/in/vault#navigate.to.this.field`.
             (
                 "/path/to/secret/in/vault#navigate.to.this.field",
                 id("path/to/secret/in/vault", "navigate.to.this.field"),
             ),
-            ("database/creds/app#username", id("database/creds/app", "username")),
+            (
+                "database/creds/app#username",
+                id("database/creds/app", "username"),
+            ),
             // Only the first `#` splits (Go's SplitN(id, "#", 2)).
             ("kv/x#a#b", id("kv/x", "a#b")),
             ("kv/x/", id("kv/x", "value")),
@@ -176,8 +191,17 @@ mod tests {
     #[test]
     fn bad_ids_are_refused() {
         for text in [
-            "", "#f", "/", "kv/x#", "kv//x", "kv/./x", "kv/../x", "kv/x#a..b", "kv/x#.a",
-            "kv/x#a.", "kv/x\n#f",
+            "",
+            "#f",
+            "/",
+            "kv/x#",
+            "kv//x",
+            "kv/./x",
+            "kv/../x",
+            "kv/x#a..b",
+            "kv/x#.a",
+            "kv/x#a.",
+            "kv/x\n#f",
         ] {
             assert!(VaultId::parse(text).is_err(), "{text:?}");
         }
@@ -187,15 +211,25 @@ mod tests {
     fn kv2_translation() {
         let x = VaultId::parse("secret/app/db#password").unwrap();
         assert!(!x.has_data_segment());
-        assert_eq!(x.on_kv2("secret"), Some(id("secret/data/app/db", "data.password")));
+        assert_eq!(
+            x.on_kv2("secret"),
+            Some(id("secret/data/app/db", "data.password"))
+        );
         let d = VaultId::parse("secret/app/db").unwrap();
-        assert_eq!(d.on_kv2("secret"), Some(id("secret/data/app/db", "data.value")));
+        assert_eq!(
+            d.on_kv2("secret"),
+            Some(id("secret/data/app/db", "data.value"))
+        );
         // Mounts with slashes in them, the mount itself, another mount.
         let n = VaultId::parse("team/kv/app#k").unwrap();
         assert_eq!(n.on_kv2("team/kv"), Some(id("team/kv/data/app", "data.k")));
         assert_eq!(VaultId::parse("secret").unwrap().on_kv2("secret"), None);
         assert_eq!(x.on_kv2("secre"), None);
-        assert!(VaultId::parse("secret/data/x#data.f").unwrap().has_data_segment());
+        assert!(
+            VaultId::parse("secret/data/x#data.f")
+                .unwrap()
+                .has_data_segment()
+        );
     }
 
     #[test]

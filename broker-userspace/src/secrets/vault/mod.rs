@@ -64,6 +64,8 @@ use crate::{
 const FRESH_WINDOW: Duration = Duration::from_secs(5);
 /// At most one such check per lease in this time.
 const VALIDATE_EVERY: Duration = Duration::from_secs(5);
+/// A fetch this close to a lease's renewal point renews it.
+const DUE_SLACK: Duration = Duration::from_millis(250);
 /// How long a path whose mount could not be looked up is read as written before the
 /// look-up is tried again.
 const UNKNOWN_MOUNT_FOR: Duration = Duration::from_secs(300);
@@ -375,7 +377,11 @@ impl Inner {
         let found = if r.ok() {
             r.json().ok().and_then(|mut j| {
                 let d = &j["data"];
-                let mount = d["path"].as_str().unwrap_or("").trim_matches('/').to_owned();
+                let mount = d["path"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_matches('/')
+                    .to_owned();
                 let kv2 = d["type"].as_str() == Some("kv")
                     && d["options"]["version"].as_str() == Some("2");
                 wipe_json(&mut j);
@@ -441,15 +447,17 @@ impl Inner {
                     .get(&w.field)
                     .is_some_and(|&t| now.saturating_duration_since(t) < FRESH_WINDOW)
             });
-            let due = l.renew_at().is_some_and(|t| now >= t);
+            // The cache counts a value's life from a moment before we computed it:
+            // a fetch just short of the renewal point is that entry expiring.
+            let due = l.renew_at().is_some_and(|t| now + DUE_SLACK >= t);
             let may_validate = l
                 .validated
                 .is_none_or(|t| now.saturating_duration_since(t) >= VALIDATE_EVERY);
-            if due || (fresh && may_validate) {
-                if let Check::Gone = self.check(client, l, fresh && !due).await {
-                    tracing::info!(provider = %self.name, path, "the Vault lease is gone; taking a new one");
-                    *kept = None;
-                }
+            if (due || (fresh && may_validate))
+                && let Check::Gone = self.check(client, l, fresh && !due).await
+            {
+                tracing::info!(provider = %self.name, path, "the Vault lease is gone; taking a new one");
+                *kept = None;
             }
             if let Some(l) = kept.take_if(|l| Instant::now() >= Self::use_until(client, l)) {
                 self.retire(client, l);
@@ -576,7 +584,10 @@ impl Inner {
     /// A superseded lease: revoked once the grace period is over (connections that
     /// are still authenticating with it finish).
     fn retire(self: &Arc<Self>, client: &Arc<Client>, l: Lease) {
-        if client.generation_end(l.generation).is_some_and(|end| end <= Instant::now()) {
+        if client
+            .generation_end(l.generation)
+            .is_some_and(|end| end <= Instant::now())
+        {
             // Its token is gone, and Vault revoked the lease with it.
             return;
         }
@@ -596,7 +607,10 @@ impl Inner {
     /// `PUT sys/leases/revoke`. True when Vault no longer has the lease.
     async fn revoke(&self, client: &Arc<Client>, lease_id: &str) -> bool {
         let body = serde_json::json!({ "lease_id": lease_id });
-        match client.call(Method::PUT, "sys/leases/revoke", Some(&body)).await {
+        match client
+            .call(Method::PUT, "sys/leases/revoke", Some(&body))
+            .await
+        {
             // 400: an unknown (expired, revoked) lease.
             Ok(r) if r.ok() || r.status == 400 => {
                 tracing::debug!(provider = %self.name, "Vault lease revoked");
@@ -697,7 +711,11 @@ fn pick(data: &serde_json::Value, w: &Want<'_>) -> Result<Secret, Fail> {
 
 /// The lease's values for `wants`, reported to expire when the lease must next be
 /// renewed, or no longer be used.
-fn hand_out(client: &Client, l: &mut Lease, wants: &[Want<'_>]) -> Result<Vec<Fetched>, (usize, Fail)> {
+fn hand_out(
+    client: &Client,
+    l: &mut Lease,
+    wants: &[Want<'_>],
+) -> Result<Vec<Fetched>, (usize, Fail)> {
     let now = Instant::now();
     let until = Inner::use_until(client, l);
     let deadline = match l.renew_at() {
@@ -728,9 +746,8 @@ impl SecretProvider for VaultProvider {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Fetched, SecretError>> {
         Box::pin(async move {
             let mut v = self.inner.get_many(&[id]).await?;
-            v.pop().ok_or_else(|| {
-                Fail::BadReply("no value".into()).into_error(&self.inner.name, id)
-            })
+            v.pop()
+                .ok_or_else(|| Fail::BadReply("no value".into()).into_error(&self.inner.name, id))
         })
     }
 

@@ -204,7 +204,11 @@ mod tests {
         // Empty variables count as unset.
         let s = resolve(
             &VaultProviderConfig::default(),
-            &env(&[("VAULT_ADDR", ""), ("VAULT_TOKEN", ""), ("VAULT_NAMESPACE", "")]),
+            &env(&[
+                ("VAULT_ADDR", ""),
+                ("VAULT_TOKEN", ""),
+                ("VAULT_NAMESPACE", ""),
+            ]),
         )
         .unwrap();
         assert_eq!(s.address.as_str(), "https://127.0.0.1:8200/");
@@ -260,11 +264,15 @@ mod tests {
     fn bad_variables_are_named_not_echoed() {
         for (vars, name) in [
             (&[("VAULT_ADDR", "ftp://secret-host")][..], "VAULT_ADDR"),
-            (&[("VAULT_ADDR", "http://user:pw-xyz@host")][..], "VAULT_ADDR"),
+            (
+                &[("VAULT_ADDR", "http://user:pw-xyz@host")][..],
+                "VAULT_ADDR",
+            ),
             (&[("VAULT_TOKEN", "tok\nen-xyz")][..], "VAULT_TOKEN"),
             (&[("VAULT_NAMESPACE", "ns\nxyz")][..], "VAULT_NAMESPACE"),
         ] {
-            let vars: &'static [(&'static str, &'static str)] = Box::leak(vars.to_vec().into_boxed_slice());
+            let vars: &'static [(&'static str, &'static str)] =
+                Box::leak(vars.to_vec().into_boxed_slice());
             let e = resolve(&VaultProviderConfig::default(), &env(vars)).unwrap_err();
             assert!(e.contains(name), "{e}");
             assert!(!e.contains("xyz") && !e.contains("secret-host"), "{e}");

@@ -190,7 +190,9 @@ fn mounts(path: &str) -> (u16, String) {
     };
     (
         200,
-        json(&serde_json::json!({"data": {"path": mount, "type": "kv", "options": {"version": version}}})),
+        json(
+            &serde_json::json!({"data": {"path": mount, "type": "kv", "options": {"version": version}}}),
+        ),
     )
 }
 
@@ -370,7 +372,11 @@ async fn one_read_one_lease_for_username_and_password() {
     let v = p.get_many(&[USER, PASS]).await.unwrap();
     assert_eq!(text(&v[0]), "v-app-1");
     assert_eq!(text(&v[1]), format!("{PASSWORD}-1"));
-    assert_eq!(db.reads.load(Ordering::SeqCst), 1, "one read for both fields");
+    assert_eq!(
+        db.reads.load(Ordering::SeqCst),
+        1,
+        "one read for both fields"
+    );
     let exp = v[0].expires_in.unwrap();
     assert!(
         exp <= Duration::from_secs(1800) && exp > Duration::from_secs(1790),
@@ -433,7 +439,11 @@ async fn leases_are_renewed_then_replaced_before_their_max_ttl() {
     let f = p.get(USER).await.unwrap();
     assert_eq!(text(&f), "v-app-1");
     assert_eq!(db.renews.load(Ordering::SeqCst), 2);
-    assert!(f.expires_in.unwrap() <= Duration::from_millis(1300), "{:?}", f.expires_in);
+    assert!(
+        f.expires_in.unwrap() <= Duration::from_millis(1300),
+        "{:?}",
+        f.expires_in
+    );
     // Past the capped lease's use-by time: a new lease.
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert_eq!(text(&p.get(USER).await.unwrap()), "v-app-2");
@@ -507,8 +517,10 @@ async fn approle_logs_in_again_only_when_the_token_is_dead() {
             let n = l.fetch_add(1, Ordering::SeqCst) + 1;
             return (
                 200,
-                json(&serde_json::json!({"auth": {"client_token": format!("hvs.login-{n}"),
-                    "lease_duration": 3600, "renewable": true}})),
+                json(
+                    &serde_json::json!({"auth": {"client_token": format!("hvs.login-{n}"),
+                    "lease_duration": 3600, "renewable": true}}),
+                ),
             );
         }
         let alive = r.token.as_deref().is_some_and(|t| {
@@ -520,7 +532,10 @@ async fn approle_logs_in_again_only_when_the_token_is_dead() {
         match r.path.as_str() {
             "auth/token/lookup-self" => lookup_ok(),
             p if p.starts_with("sys/internal/ui/mounts/") => mounts(p),
-            "kv/db" => (200, json(&serde_json::json!({"data": {"password": PASSWORD}}))),
+            "kv/db" => (
+                200,
+                json(&serde_json::json!({"data": {"password": PASSWORD}})),
+            ),
             _ => (403, r#"{"errors":["permission denied"]}"#.into()),
         }
     })
@@ -611,11 +626,20 @@ async fn hostile_replies_are_typed_errors() {
         "busy" => (429, "{}".into()),
         "notjson" => (200, format!("{PASSWORD} not json")),
         "truncated" => (200, format!(r#"{{"data":{{"password":"{PASSWORD}""#)),
-        "huge" => (200, format!(r#"{{"data":{{"x":"{}"}}}}"#, "a".repeat(2 << 20))),
+        "huge" => (
+            200,
+            format!(r#"{{"data":{{"x":"{}"}}}}"#, "a".repeat(2 << 20)),
+        ),
         "redirect" => (307, String::new()),
         "nodata" => (200, r#"{"data":null}"#.into()),
-        "echo" => (400, json(&serde_json::json!({"errors": [format!("bad token {TOKEN}")]}))),
-        "long" => (400, json(&serde_json::json!({"errors": ["x\u{1b}[31m".repeat(100)]}))),
+        "echo" => (
+            400,
+            json(&serde_json::json!({"errors": [format!("bad token {TOKEN}")]})),
+        ),
+        "long" => (
+            400,
+            json(&serde_json::json!({"errors": ["x\u{1b}[31m".repeat(100)]})),
+        ),
         "slow" => (0, String::new()),
         _ => (404, "{}".into()),
     })
@@ -640,15 +664,18 @@ async fn hostile_replies_are_typed_errors() {
     }
     // Vault's error text is cut short and stripped of control characters.
     let e = p.get("long").await.unwrap_err().to_string();
-    assert!(e.len() < 250 && !e.contains('\u{1b}') && e.ends_with("..."), "{e}");
+    assert!(
+        e.len() < 250 && !e.contains('\u{1b}') && e.ends_with("..."),
+        "{e}"
+    );
 }
 
 /// The built-in instance without a token: fetches fail as not configured (logged
 /// once); a declared one fails to build, naming what is missing.
 #[tokio::test]
 async fn no_token_is_not_configured_or_a_start_error() {
-    let implicit = VaultProvider::with_env("vault", &VaultProviderConfig::default(), &|_| None)
-        .unwrap();
+    let implicit =
+        VaultProvider::with_env("vault", &VaultProviderConfig::default(), &|_| None).unwrap();
     let e = implicit.get("kv/db#password").await.unwrap_err();
     assert_eq!(e.kind(), "not_configured");
     let declared = VaultProviderConfig {
@@ -663,7 +690,10 @@ async fn no_token_is_not_configured_or_a_start_error() {
     // A bad VAULT_ADDR: the built-in instance defers it, a declared one fails.
     let env = |k: &str| (k == "VAULT_ADDR").then(|| "not a url".to_owned());
     let implicit = VaultProvider::with_env("vault", &VaultProviderConfig::default(), &env).unwrap();
-    assert_eq!(implicit.get("kv/x").await.unwrap_err().kind(), "not_configured");
+    assert_eq!(
+        implicit.get("kv/x").await.unwrap_err().kind(),
+        "not_configured"
+    );
     assert!(VaultProvider::with_env("team", &declared, &env).is_err());
     // Missing files of a declared instance.
     let k8s = VaultProviderConfig {
@@ -675,8 +705,14 @@ async fn no_token_is_not_configured_or_a_start_error() {
         },
         ..VaultProviderConfig::default()
     };
-    let e = VaultProvider::with_env("k", &k8s, &|_| None).err().unwrap().to_string();
-    assert!(e.contains("jwtFile") && e.contains("/nonexistent/jwt"), "{e}");
+    let e = VaultProvider::with_env("k", &k8s, &|_| None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("jwtFile") && e.contains("/nonexistent/jwt"),
+        "{e}"
+    );
 }
 
 /// Kubernetes login sends the role and the JWT read from the file.
