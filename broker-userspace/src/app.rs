@@ -173,6 +173,8 @@ pub struct Daemon {
     transparent_tasks: JoinSet<()>,
     /// Where the transparent listener is bound (None with `--no-ebpf`).
     pub transparent: Option<SocketAddr>,
+    /// The providers, told to release what they hold (Vault leases) at the end.
+    secrets: Arc<SecretStore>,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -417,6 +419,7 @@ impl Daemon {
             tasks,
             transparent_tasks,
             transparent,
+            secrets: Arc::clone(&shared.env.secrets),
         })
     }
 
@@ -467,6 +470,8 @@ impl Daemon {
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        // No connection is left: leases can go (`revokeOnShutdown`).
+        self.secrets.shutdown().await;
     }
 }
 

@@ -9,6 +9,7 @@ pub mod fake_conjur;
 pub mod fake_kube;
 pub mod fake_aws;
 pub mod fake_mysql;
+pub mod fake_vault;
 pub mod hostile_pg;
 pub mod http_server;
 pub mod mariadb;

@@ -17,7 +17,7 @@ use super::{
         AuthMethod, AwsProviderConfig, BrokerSettings, Config, ConjurProviderConfig, ConnectorSpec,
         CredentialSource, DEFAULT_HTTP_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
         HttpProviderConfig, InterceptTarget, KubernetesProviderConfig, ListenAddr,
-        OAuth2ClientAuth, OAuth2Config, ProviderConfig, Service,
+        OAuth2ClientAuth, OAuth2Config, ProviderConfig, Service, VaultProviderConfig,
     },
     values,
 };
@@ -499,6 +499,10 @@ impl Loader<'_> {
             }),
         );
         out.insert(
+            "vault".to_owned(),
+            ProviderConfig::Vault(VaultProviderConfig::default()),
+        );
+        out.insert(
             "aws".to_owned(),
             ProviderConfig::Aws(AwsProviderConfig {
                 timeout: DEFAULT_HTTP_TIMEOUT,
@@ -564,6 +568,10 @@ impl Loader<'_> {
                 }
                 "http" => match self.http_provider(&path, pm) {
                     Some(c) => ProviderConfig::Http(c),
+                    None => continue,
+                },
+                "vault" => match self.vault_provider(&path, pm) {
+                    Some(c) => ProviderConfig::Vault(c),
                     None => continue,
                 },
                 "conjur" => match self.conjur_provider(&path, pm) {
@@ -951,6 +959,232 @@ impl Loader<'_> {
             }
         }
         cfg.timeout = self.provider_timeout(path, m);
+        (self.errors.len() == errors_before).then_some(cfg)
+    }
+
+    /// A `vault` instance: every key optional (the Vault CLI's environment variables
+    /// fill in what is left out when the provider is built).
+    fn vault_provider(&mut self, path: &str, m: &Mapping) -> Option<VaultProviderConfig> {
+        use super::model::{
+            DEFAULT_VAULT_APPROLE_MOUNT, DEFAULT_VAULT_JWT_FILE, DEFAULT_VAULT_KUBERNETES_MOUNT,
+            VaultAuthConfig, VaultValue,
+        };
+        self.keys(
+            path,
+            m,
+            &[
+                "type",
+                "address",
+                "token",
+                "tokenFile",
+                "namespace",
+                "caFile",
+                "auth",
+                "timeout",
+                "revokeOnShutdown",
+            ],
+        );
+        let errors_before = self.errors.len();
+        let mut cfg = VaultProviderConfig {
+            declared: true,
+            ..VaultProviderConfig::default()
+        };
+        if let Some(v) = m.get("address") {
+            let p = join(path, "address");
+            if let Some(url) = self.non_empty(&p, v) {
+                match reqwest::Url::parse(&url) {
+                    Ok(u)
+                        if matches!(u.scheme(), "http" | "https")
+                            && u.has_host()
+                            && u.username().is_empty()
+                            && u.password().is_none()
+                            && u.query().is_none() =>
+                    {
+                        cfg.address = Some(url);
+                    }
+                    // Not echoed: a URL may carry a password in its user-info part.
+                    _ => self.err(
+                        &p,
+                        "invalid address: expected http://HOST[:PORT] or https://HOST[:PORT] \
+                         (no user-info, no query)",
+                    ),
+                }
+            }
+        }
+        let token_ok = |t: &str| reqwest::header::HeaderValue::from_bytes(t.as_bytes()).is_ok();
+        if let Some(v) = m.get("token") {
+            // Never echoed: `text` reports shape problems only.
+            let p = join(path, "token");
+            if let Some(t) = self.text(&p, v) {
+                if t.is_empty() {
+                    self.err(&p, "is empty");
+                } else if !token_ok(&t) {
+                    self.err(
+                        &p,
+                        "contains characters that cannot be sent in an HTTP header \
+                         (a newline or another control character)",
+                    );
+                } else {
+                    cfg.token = Some(Secret::from(t));
+                }
+            }
+        }
+        if let Some(v) = m.get("tokenFile") {
+            cfg.token_file = self.non_empty(&join(path, "tokenFile"), v).map(Into::into);
+        }
+        if m.contains_key("token") && m.contains_key("tokenFile") {
+            self.err(path, "set either \"token\" or \"tokenFile\", not both");
+        }
+        if let Some(v) = m.get("namespace") {
+            let p = join(path, "namespace");
+            if let Some(ns) = self.non_empty(&p, v) {
+                if token_ok(&ns) {
+                    cfg.namespace = Some(ns);
+                } else {
+                    self.err(
+                        &p,
+                        "contains characters that cannot be sent in an HTTP header",
+                    );
+                }
+            }
+        }
+        if let Some(v) = m.get("caFile") {
+            cfg.ca_file = self.non_empty(&join(path, "caFile"), v).map(Into::into);
+        }
+        if let Some(v) = m.get("timeout") {
+            let p = join(path, "timeout");
+            match self.duration(&p, v) {
+                Some(d) if d.is_zero() => self.err(&p, "must be more than zero"),
+                Some(d) => cfg.timeout = Some(d),
+                None => {}
+            }
+        }
+        if let Some(v) = m.get("revokeOnShutdown")
+            && let Some(b) = self.boolean(&join(path, "revokeOnShutdown"), v)
+        {
+            cfg.revoke_on_shutdown = b;
+        }
+        if let Some(v) = m.get("auth") {
+            let apath = join(path, "auth");
+            if let Some(am) = self.map(
+                &apath,
+                v,
+                "a map: {method: token}, {method: approle, roleId, secretId, ...} or \
+                 {method: kubernetes, role, ...}",
+            ) {
+                let method = match am.get("method") {
+                    Some(mv) => self.non_empty(&join(&apath, "method"), mv),
+                    None => {
+                        self.err(&apath, "missing \"method\" (token, approle or kubernetes)");
+                        None
+                    }
+                };
+                // A login secret: `KEY` inline or `KEYFile`, exactly one (or none when
+                // optional).
+                let value = |this: &mut Self, key: &str, required: bool| -> Option<VaultValue> {
+                    let fkey = format!("{key}File");
+                    match (am.get(key), am.get(fkey.as_str())) {
+                        (Some(_), Some(_)) => {
+                            this.err(
+                                &apath,
+                                format!("set either \"{key}\" or \"{fkey}\", not both"),
+                            );
+                            None
+                        }
+                        // Never echoed.
+                        (Some(v), None) => this
+                            .non_empty(&join(&apath, key), v)
+                            .map(|s| VaultValue::Inline(Secret::from(s))),
+                        (None, Some(v)) => this
+                            .non_empty(&join(&apath, &fkey), v)
+                            .map(|s| VaultValue::File(s.into())),
+                        (None, None) => {
+                            if required {
+                                this.err(&apath, format!("missing \"{key}\" (or \"{fkey}\")"));
+                            }
+                            None
+                        }
+                    }
+                };
+                let mount = |this: &mut Self, default: &str| -> String {
+                    am.get("mount")
+                        .and_then(|v| this.non_empty(&join(&apath, "mount"), v))
+                        .map_or_else(|| default.to_owned(), |s| s.trim_matches('/').to_owned())
+                };
+                match method.as_deref() {
+                    None => {}
+                    Some("token") => {
+                        self.keys(&apath, am, &["method"]);
+                        cfg.auth = VaultAuthConfig::Token;
+                    }
+                    Some("approle") => {
+                        self.keys(
+                            &apath,
+                            am,
+                            &[
+                                "method",
+                                "roleId",
+                                "roleIdFile",
+                                "secretId",
+                                "secretIdFile",
+                                "mount",
+                            ],
+                        );
+                        let role_id = value(self, "roleId", true);
+                        let secret_id = value(self, "secretId", false);
+                        let mount = mount(self, DEFAULT_VAULT_APPROLE_MOUNT);
+                        if let Some(role_id) = role_id {
+                            cfg.auth = VaultAuthConfig::AppRole {
+                                role_id,
+                                secret_id,
+                                mount,
+                            };
+                        }
+                    }
+                    Some("kubernetes") => {
+                        self.keys(&apath, am, &["method", "role", "jwtFile", "mount"]);
+                        let role = match am.get("role") {
+                            Some(v) => self.non_empty(&join(&apath, "role"), v),
+                            None => {
+                                self.err(&apath, "missing \"role\" (the Vault role to log in as)");
+                                None
+                            }
+                        };
+                        let jwt_file = am
+                            .get("jwtFile")
+                            .and_then(|v| self.non_empty(&join(&apath, "jwtFile"), v))
+                            .unwrap_or_else(|| DEFAULT_VAULT_JWT_FILE.to_owned());
+                        let mount = mount(self, DEFAULT_VAULT_KUBERNETES_MOUNT);
+                        if let Some(role) = role {
+                            cfg.auth = VaultAuthConfig::Kubernetes {
+                                role,
+                                jwt_file: jwt_file.into(),
+                                mount,
+                            };
+                        }
+                    }
+                    Some(other) => {
+                        let mpath = join(&apath, "method");
+                        let shown = self.shown(&mpath, other);
+                        self.err(
+                            &mpath,
+                            format!(
+                                "unknown auth method {shown} (known: \"token\", \"approle\", \"kubernetes\")"
+                            ),
+                        );
+                    }
+                }
+                if !matches!(method.as_deref(), None | Some("token"))
+                    && (m.contains_key("token") || m.contains_key("tokenFile"))
+                {
+                    self.err(
+                        path,
+                        "set either a token (\"token\", \"tokenFile\") or a login method \
+                         (\"auth\"), not both",
+                    );
+                }
+            }
+        }
         (self.errors.len() == errors_before).then_some(cfg)
     }
 

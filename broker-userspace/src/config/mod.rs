@@ -147,13 +147,14 @@ pub const BUILT_PROVIDERS: &[&str] = &[
     "env",
     "file",
     "http",
-    "aws",
+    "vault",
     "conjur",
+    "aws",
     "kubernetes",
 ];
 
 /// Provider kinds that are recognized but not built yet.
-pub const NOT_BUILT_PROVIDERS: &[&str] = &["vault", "keychain"];
+pub const NOT_BUILT_PROVIDERS: &[&str] = &["keychain"];
 
 /// Everything a loaded configuration uses that is recognized but not built yet
 /// (connectors, provider kinds, authentication types), each as an error naming it.

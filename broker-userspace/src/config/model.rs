@@ -181,6 +181,7 @@ pub enum ProviderConfig {
     Conjur(ConjurProviderConfig),
     Kubernetes(KubernetesProviderConfig),
     Aws(AwsProviderConfig),
+    Vault(VaultProviderConfig),
     /// Known kind (`vault`, `conjur`, `aws`, `kubernetes`), not built yet.
     NotBuilt {
         kind: String,
@@ -198,6 +199,7 @@ impl ProviderConfig {
             Self::Conjur(_) => "conjur",
             Self::Kubernetes(_) => "kubernetes",
             Self::Aws(_) => "aws",
+            Self::Vault(_) => "vault",
             Self::NotBuilt { kind } => kind,
         }
     }
@@ -220,6 +222,71 @@ pub struct HttpProviderConfig {
     /// Per-request timeout.
     pub timeout: Duration,
 }
+
+/// A `vault` provider instance (HashiCorp Vault). Keys left out fall back, when the
+/// provider is built, to the Vault CLI's environment variables (`VAULT_ADDR`,
+/// `VAULT_TOKEN`, `VAULT_NAMESPACE`, `VAULT_CACERT`); see docs/stores/vault.md.
+#[derive(Debug, Clone, Default)]
+pub struct VaultProviderConfig {
+    /// `address`: the server's base URL (`https://vault.internal:8200`).
+    pub address: Option<String>,
+    /// `token` (auth method `token`).
+    pub token: Option<Secret>,
+    /// `tokenFile`: a file holding the token, read at start and again when Vault
+    /// refuses the token (a Vault Agent sink rewrites it).
+    pub token_file: Option<PathBuf>,
+    /// `namespace`: sent as `X-Vault-Namespace` (Vault Enterprise, HCP Vault).
+    pub namespace: Option<String>,
+    /// `caFile`: extra CA certificate(s), PEM, trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// `auth`: how the broker logs in.
+    pub auth: VaultAuthConfig,
+    /// `timeout`: bound of one request to Vault.
+    pub timeout: Option<Duration>,
+    /// `revokeOnShutdown`: revoke the leases taken (dynamic credentials) when the
+    /// daemon stops.
+    pub revoke_on_shutdown: bool,
+    /// Declared under `providers:`. False for the built-in `vault` instance, which
+    /// exists in every configuration: its problems (no token in the environment) are
+    /// reported when a credential uses it, not at start.
+    pub declared: bool,
+}
+
+/// `auth:` of a `vault` instance.
+#[derive(Debug, Clone, Default)]
+pub enum VaultAuthConfig {
+    /// A token: `token`, `tokenFile` or `VAULT_TOKEN`.
+    #[default]
+    Token,
+    /// AppRole: `POST /v1/auth/<mount>/login {role_id, secret_id}`.
+    AppRole {
+        role_id: VaultValue,
+        /// None: a role without `bind_secret_id`.
+        secret_id: Option<VaultValue>,
+        mount: String,
+    },
+    /// Kubernetes: `POST /v1/auth/<mount>/login {role, jwt}`, the service-account JWT
+    /// read from `jwt_file` at each login.
+    Kubernetes {
+        role: String,
+        jwt_file: PathBuf,
+        mount: String,
+    },
+}
+
+/// A login secret given inline or as a file read at each login.
+#[derive(Debug, Clone)]
+pub enum VaultValue {
+    Inline(Secret),
+    File(PathBuf),
+}
+
+/// Default mount of the AppRole auth method.
+pub const DEFAULT_VAULT_APPROLE_MOUNT: &str = "approle";
+/// Default mount of the Kubernetes auth method.
+pub const DEFAULT_VAULT_KUBERNETES_MOUNT: &str = "kubernetes";
+/// Where Kubernetes mounts a pod's service-account token.
+pub const DEFAULT_VAULT_JWT_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 /// A `conjur` instance: what the `providers:` block says. Unset keys are read from the
 /// environment (`CONJUR_*`, as Secretless and conjur-api-go read them) when the provider

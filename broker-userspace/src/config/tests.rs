@@ -234,15 +234,14 @@ fn secretless_v2_example_loads() {
         ("file".into(), "/run/secrets/pg-host".into())
     );
 
-    // The vault kind, used without an instance, gets a NotBuilt one.
+    // The vault kind, used without an instance, is the built-in one (environment).
     assert!(matches!(
         &cfg.providers["vault"],
-        ProviderConfig::NotBuilt { kind } if kind == "vault"
+        ProviderConfig::Vault(v) if !v.declared
     ));
     assert_eq!(
         unsupported_text(&cfg),
         vec![
-            "services.pg-tcp.credentials.password: provider \"vault\" is not built yet",
             "services.pg-socket.listenOn: listenOn unix:///sock/.s.PGSQL.5432 is not supported yet; use tcp://",
         ]
     );
@@ -519,9 +518,8 @@ providers:
     timeout: 3s
   env:
     type: env
-  myvault:
-    type: vault
-    address: https://vault:8200
+  mykeys:
+    type: keychain
     anything: [goes, here]
 services:
   db:
@@ -529,7 +527,7 @@ services:
     intercept: [\"db:5432\"]
     credentials:
       username: {from: uts, get: db/user}
-      password: {from: myvault, get: kv/db#password}
+      password: {from: mykeys, get: kv/db#password}
       extra: {from: keychain, get: prod/db/password}
 ",
         &[("UTS_AUTH_TOKEN", "t0ken")],
@@ -549,13 +547,13 @@ services:
     );
     assert_eq!(uts.timeout, Duration::from_secs(3));
     assert!(
-        matches!(&cfg.providers["myvault"], ProviderConfig::NotBuilt { kind } if kind == "vault")
+        matches!(&cfg.providers["mykeys"], ProviderConfig::NotBuilt { kind } if kind == "keychain")
     );
     assert_eq!(
         unsupported_text(&cfg),
         vec![
             "services.db.credentials.extra: provider \"keychain\" is not built yet",
-            "services.db.credentials.password: provider \"myvault\" (type vault) is not built yet",
+            "services.db.credentials.password: provider \"mykeys\" (type keychain) is not built yet",
         ]
     );
 
@@ -578,6 +576,135 @@ services:
     has(&e, "providers.b.type", "unknown provider type \"magic\"");
     has(&e, "providers.c", "missing \"type\"");
     has(&e, "providers.d.baseUrl", "unknown key \"baseUrl\"");
+}
+
+/// `vault` instances: every key, the three auth methods with their defaults, and the
+/// errors (each with its key path; tokens and secret ids never echoed).
+#[test]
+fn vault_providers() {
+    use super::{VaultAuthConfig, VaultValue};
+    let cfg = load_env(
+        "
+version: 2
+providers:
+  vault:
+    address: https://vault.internal:8200
+    token: ${VT}
+    namespace: team-a
+    caFile: /etc/vault-ca.pem
+    timeout: 3s
+    revokeOnShutdown: true
+  byfile: {type: vault, tokenFile: /run/vault-token}
+  role:
+    type: vault
+    auth: {method: approle, roleId: r-1, secretIdFile: /run/sid, mount: /ar/}
+  k8s:
+    type: vault
+    auth: {method: kubernetes, role: app}
+  tok: {type: vault, auth: {method: token}}
+services:
+  db:
+    connector: tcp
+    intercept: [\"db:1\"]
+    credentials:
+      password: {from: role, get: database/creds/app#password}
+",
+        &[("VT", "hvs.file-token-xyz")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let v = |name: &str| match &cfg.providers[name] {
+        ProviderConfig::Vault(v) => v.clone(),
+        other => panic!("{name}: {other:?}"),
+    };
+    let d = v("vault");
+    assert!(d.declared && d.revoke_on_shutdown);
+    assert_eq!(d.address.as_deref(), Some("https://vault.internal:8200"));
+    assert_eq!(d.token.unwrap().expose_str().unwrap(), "hvs.file-token-xyz");
+    assert_eq!(d.namespace.as_deref(), Some("team-a"));
+    assert_eq!(d.ca_file, Some("/etc/vault-ca.pem".into()));
+    assert_eq!(d.timeout, Some(Duration::from_secs(3)));
+    assert!(matches!(d.auth, VaultAuthConfig::Token));
+    assert_eq!(v("byfile").token_file, Some("/run/vault-token".into()));
+    match v("role").auth {
+        VaultAuthConfig::AppRole {
+            role_id: VaultValue::Inline(r),
+            secret_id: Some(VaultValue::File(f)),
+            mount,
+        } => {
+            assert_eq!(r.expose_str().unwrap(), "r-1");
+            assert_eq!(f, std::path::PathBuf::from("/run/sid"));
+            assert_eq!(mount, "ar");
+        }
+        other => panic!("{other:?}"),
+    }
+    match v("k8s").auth {
+        VaultAuthConfig::Kubernetes {
+            role,
+            jwt_file,
+            mount,
+        } => {
+            assert_eq!(role, "app");
+            assert_eq!(
+                jwt_file,
+                std::path::PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+            );
+            assert_eq!(mount, "kubernetes");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(unsupported_text(&cfg).is_empty());
+
+    // Without a providers block, `vault` is the built-in instance (environment only).
+    let cfg = ok("
+version: 2
+services:
+  db:
+    connector: tcp
+    intercept: [\"db:1\"]
+    credentials:
+      password: {from: vault, get: kv/db#password}
+");
+    assert!(matches!(&cfg.providers["vault"], ProviderConfig::Vault(v) if !v.declared));
+    assert!(unsupported_text(&cfg).is_empty());
+
+    let e = errs(
+        "
+version: 2
+providers:
+  a: {type: vault, address: \"ftp://user:pw-xyz@host\", token: t, tokenFile: /f, timeout: 0s, extra: 1}
+  b: {type: vault, auth: {method: ldap}}
+  c: {type: vault, auth: {method: approle, secretId: sid-xyz, secretIdFile: /s}}
+  d: {type: vault, auth: {method: kubernetes, jwtFile: /j}}
+  e: {type: vault, token: t, auth: {method: approle, roleId: r}}
+  f: {type: vault, auth: {method: token, role: x}}
+  g: {type: vault, auth: approle}
+  h: {type: vault, revokeOnShutdown: maybe}
+services:
+  db: {connector: tcp, intercept: [\"db:1\"]}
+",
+    );
+    has(&e, "providers.a.address", "invalid address");
+    has(&e, "providers.a", "either \"token\" or \"tokenFile\"");
+    has(&e, "providers.a.timeout", "more than zero");
+    has(&e, "providers.a.extra", "unknown key \"extra\"");
+    has(
+        &e,
+        "providers.b.auth.method",
+        "unknown auth method \"ldap\"",
+    );
+    has(&e, "providers.c.auth", "missing \"roleId\"");
+    has(
+        &e,
+        "providers.c.auth",
+        "either \"secretId\" or \"secretIdFile\"",
+    );
+    has(&e, "providers.d.auth", "missing \"role\"");
+    has(&e, "providers.e", "not both");
+    has(&e, "providers.f.auth.role", "unknown key \"role\"");
+    has(&e, "providers.g.auth", "must be a map");
+    has(&e, "providers.h.revokeOnShutdown", "true or false");
+    let all = e.to_string();
+    assert!(!all.contains("pw-xyz") && !all.contains("sid-xyz"), "{all}");
 }
 
 #[test]

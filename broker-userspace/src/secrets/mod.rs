@@ -19,6 +19,7 @@ pub mod file;
 pub mod http;
 pub mod kubernetes;
 pub mod literal;
+pub mod vault;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -37,6 +38,7 @@ pub use self::{
     file::FileProvider,
     http::HttpProvider,
     literal::LiteralProvider,
+    vault::VaultProvider,
 };
 use crate::{
     config::{Config, CredentialSource, ProviderConfig, Service},
@@ -225,6 +227,13 @@ pub trait SecretProvider: Send + Sync {
             Ok(out)
         })
     }
+
+    /// Release what the provider holds in the store (Vault leases with
+    /// `revokeOnShutdown`) when the daemon stops, after its connections ended. The
+    /// default does nothing.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Create every provider instance of a configuration, keyed by instance name.
@@ -249,6 +258,7 @@ pub fn build_all(
                 Arc::new(kubernetes::KubernetesProvider::new(name, c)?)
             }
             ProviderConfig::Aws(c) => Arc::new(aws::AwsProvider::new(name, c)?),
+            ProviderConfig::Vault(c) => Arc::new(VaultProvider::new(name, c)?),
             ProviderConfig::NotBuilt { .. } => continue,
         };
         out.insert(name.clone(), p);
@@ -347,6 +357,19 @@ impl SecretStore {
     #[must_use]
     pub fn cached(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Let every provider release what it holds ([`SecretProvider::shutdown`]), each
+    /// bounded by [`FETCH_TIMEOUT`]. The daemon calls it once, after the drain.
+    pub async fn shutdown(&self) {
+        for p in self.providers.values() {
+            if tokio::time::timeout(FETCH_TIMEOUT, p.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!(provider = p.name(), "provider shutdown timed out");
+            }
+        }
     }
 
     /// The task that evicts (and zeroizes) expired cache entries on time; it ends when

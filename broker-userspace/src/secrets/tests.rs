@@ -410,7 +410,7 @@ services:
     names.sort_unstable();
     assert_eq!(
         names,
-        ["aws", "conjur", "env", "file", "http", "kubernetes", "literal"]
+        ["aws", "conjur", "env", "file", "http", "kubernetes", "literal", "vault"]
     );
 }
 
