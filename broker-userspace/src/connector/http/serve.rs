@@ -50,6 +50,9 @@ use crate::{
 /// How long a client may take to send the first bytes (or its whole ClientHello).
 const FIRST_BYTES: Duration = Duration::from_secs(30);
 
+/// How long a connection reuses the credentials it fetched for its requests.
+const CREDS_REUSE: Duration = Duration::from_secs(1);
+
 /// How long a client may take to send a request head once it started it.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -533,7 +536,7 @@ struct Handler<'a> {
     /// The listener's service (for a shared listener: named after its members), named
     /// by the lines of requests no service takes.
     service: Arc<Service>,
-    caller: Option<Caller>,
+    caller: Option<Arc<Caller>>,
     orig_dst: Option<std::net::SocketAddr>,
     orig_host: Option<String>,
     listener_port: Option<u16>,
@@ -543,6 +546,9 @@ struct Handler<'a> {
     /// Inside a decrypted `CONNECT` tunnel: its origin.
     tunnel: Option<TunnelTarget>,
     upstream: tokio::sync::Mutex<Option<Upstream>>,
+    /// Credentials fetched by this connection, per service (keyed by its address), and
+    /// when.
+    creds: Mutex<Vec<(usize, Instant, Arc<Credentials>)>>,
     /// Upstream connections are driven in the client connection's own task (no
     /// cross-task wake-up per request): `open_upstream` hands them to `serve_io`.
     drivers: tokio::sync::mpsc::UnboundedSender<Driver>,
@@ -571,7 +577,7 @@ impl<'a> Handler<'a> {
             c,
             env,
             service: Arc::clone(&conn.service),
-            caller: conn.caller.clone(),
+            caller: conn.caller.clone().map(Arc::new),
             orig_dst: conn.orig_dst,
             orig_host: conn.orig_host.clone(),
             listener_port: match &conn.service.listen_on {
@@ -582,6 +588,7 @@ impl<'a> Handler<'a> {
             sni,
             tunnel: None,
             upstream: tokio::sync::Mutex::new(None),
+            creds: Mutex::default(),
             drivers,
             driven: Mutex::new(Some(driven)),
             pending: Mutex::new(None),
@@ -609,6 +616,7 @@ impl<'a> Handler<'a> {
             sni: Some(host),
             tunnel: Some(t),
             upstream: tokio::sync::Mutex::new(None),
+            creds: Mutex::default(),
             drivers,
             driven: Mutex::new(Some(driven)),
             pending: Mutex::new(None),
@@ -712,19 +720,18 @@ impl<'a> Handler<'a> {
 
     async fn handle(&self, req: Request<Incoming>) -> Response<LoggedBody> {
         let started = Instant::now();
-        let authority = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
+        // Cheap clones (shared bytes), formatted only if the line is written.
+        let authority = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         let mut log = RequestLog {
             service: Arc::clone(&self.service),
             caller: self.caller.clone(),
-            method: req.method().to_string(),
+            method: req.method().clone(),
             authority,
-            path: req.uri().path().to_owned(),
+            uri: req.uri().clone(),
             authenticated: false,
             status: 0,
             bytes: 0,
@@ -826,7 +833,7 @@ impl<'a> Handler<'a> {
     async fn destination(
         &self,
         uri: &Uri,
-    ) -> Result<(Option<&'a Route>, Credentials, Dest, String), Failure> {
+    ) -> Result<(Option<&'a Route>, Arc<Credentials>, Dest, String), Failure> {
         let bad = |e: ConnError| (StatusCode::BAD_GATEWAY, e.to_string());
         let pq = uri.path_and_query().map_or("/", |p| p.as_str());
         let (url, dest) = if let Some(t) = &self.tunnel {
@@ -868,7 +875,7 @@ impl<'a> Handler<'a> {
             (format!("{scheme}://{auth}{pq}"), dest)
         };
         let Some(route) = self.c.route(&url) else {
-            return Ok((None, Credentials::default(), dest, url));
+            return Ok((None, Arc::default(), dest, url));
         };
         let creds = self.credentials(&route.service).await.map_err(bad)?;
         let mut dest = dest;
@@ -924,7 +931,16 @@ impl<'a> Handler<'a> {
         })
     }
 
-    async fn credentials(&self, service: &Service) -> Result<Credentials, ConnError> {
+    /// The service's credentials: from the store, or the ones this connection got less
+    /// than [`CREDS_REUSE`] ago (a keep-alive connection's requests do not each look the
+    /// store's cache up).
+    async fn credentials(&self, service: &Service) -> Result<Arc<Credentials>, ConnError> {
+        let key = std::ptr::from_ref(service) as usize;
+        if let Some((_, at, c)) = self.creds.lock().expect("lock").iter().find(|e| e.0 == key)
+            && at.elapsed() < CREDS_REUSE
+        {
+            return Ok(Arc::clone(c));
+        }
         let mut stats = ConnStats::default();
         let r = self.env.credentials(service, false, &mut stats).await;
         if !stats.fetched.is_empty() {
@@ -933,7 +949,11 @@ impl<'a> Handler<'a> {
                 *f = stats.fetched;
             }
         }
-        r
+        let c = Arc::new(r?);
+        let mut cache = self.creds.lock().expect("lock");
+        cache.retain(|e| e.0 != key);
+        cache.push((key, Instant::now(), Arc::clone(&c)));
+        Ok(c)
     }
 
     async fn forward(
@@ -1564,10 +1584,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
 /// One request's access line, written when its response body is done (or dropped).
 struct RequestLog {
     service: Arc<Service>,
-    caller: Option<Caller>,
-    method: String,
-    authority: String,
-    path: String,
+    caller: Option<Arc<Caller>>,
+    method: Method,
+    /// `Host`, or the request target's authority.
+    authority: Option<HeaderValue>,
+    /// The request target (its path is logged, never its query).
+    uri: Uri,
     /// The service's credentials were added.
     authenticated: bool,
     status: u16,
@@ -1584,8 +1606,12 @@ impl Drop for RequestLog {
             service = %self.service.name,
             connector = self.service.connector.name(),
             http.method = %self.method,
-            http.authority = %self.authority,
-            http.path = %self.path,
+            http.authority = self
+                .authority
+                .as_ref()
+                .and_then(|a| a.to_str().ok())
+                .unwrap_or_default(),
+            http.path = self.uri.path(),
             http.status = self.status,
             authenticated = self.authenticated,
             bytes.down = self.bytes,
