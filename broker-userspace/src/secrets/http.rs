@@ -320,4 +320,8 @@ impl SecretProvider for HttpProvider {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Fetched, SecretError>> {
         Box::pin(async move { self.fetch(id).await.map(Fetched::new) })
     }
+
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.timeout)
+    }
 }

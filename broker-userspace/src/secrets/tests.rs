@@ -611,6 +611,7 @@ fn counted_service() -> Service {
         intercept: vec![],
         credentials,
         authentication: vec![],
+        cache: crate::config::CacheOverride::default(),
     }
 }
 
@@ -620,7 +621,9 @@ async fn password(
     fresh: bool,
 ) -> Result<String, CredentialError> {
     let mut fetched = Vec::new();
-    let c = store.credentials(service, fresh, &mut fetched).await?;
+    let c = store
+        .credentials(Requester::new(service, None), fresh, &mut fetched)
+        .await?;
     assert_eq!(fetched, ["password<-count:db/pw"]);
     assert_eq!(format!("{c:?}"), r#"{"host", "password"}"#);
     Ok(c.text("password").unwrap().unwrap().to_owned())
@@ -783,6 +786,7 @@ fn env_store(ttl: Duration) -> Arc<SecretStore> {
                 cache_ttl: ttl,
                 ..crate::config::BrokerSettings::default()
             },
+            fetch_policies: BTreeMap::new(),
         })
         .unwrap(),
     )
@@ -855,7 +859,7 @@ services:
     };
     let mut stats = ConnStats::default();
     let e = env
-        .credentials(&cfg.services[0], false, &mut stats)
+        .credentials(Requester::new(&cfg.services[0], None), false, &mut stats)
         .await
         .unwrap_err();
     assert!(matches!(e, ConnError::Credentials(_)), "{e}");

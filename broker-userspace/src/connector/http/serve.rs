@@ -39,7 +39,7 @@ use crate::{
     config::{InterceptTarget, ListenAddr, Service},
     connector::{
         AsyncStream, BoxFuture, Caller, Conn, ConnError, ConnStats, Connector, Credentials, Env,
-        Handoff, Session, UpstreamStream, close_gracefully,
+        Handoff, Requester, Session, UpstreamStream, close_gracefully,
         dial::HostPort,
         target::{self, AppDestination, Destinations, Fallbacks},
     },
@@ -852,7 +852,14 @@ impl<'a> Handler<'a> {
 
     async fn credentials(&self, service: &Service) -> Result<Credentials, ConnError> {
         let mut stats = ConnStats::default();
-        let r = self.env.credentials(service, false, &mut stats).await;
+        let r = self
+            .env
+            .credentials(
+                Requester::new(service, self.caller.as_ref()),
+                false,
+                &mut stats,
+            )
+            .await;
         if !stats.fetched.is_empty() {
             let mut f = self.fetched.lock().expect("lock");
             if f.is_empty() {
