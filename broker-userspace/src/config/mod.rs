@@ -214,4 +214,6 @@ pub fn unsupported(cfg: &Config) -> Vec<ConfigError> {
 }
 
 #[cfg(test)]
+mod policy_tests;
+#[cfg(test)]
 mod tests;

@@ -628,13 +628,14 @@ impl<'a> Audit<'a> {
         };
         tracing::info!(
             target: "audit",
-            service = self.service,
+            service = %self.service,
             caller.pid = c.map(|c| c.pid),
             caller.uid = c.map(|c| c.uid),
             caller.gid = c.map(|c| c.gid),
             caller.cgroup = c.map(|c| c.cgroup_id),
             caller.comm = c.map(|c| c.comm.as_str()),
-            provider,
+            caller.thread = c.map(|c| c.thread.as_str()),
+            provider = %provider,
             ids = %ids,
             credentials = %self.credentials,
             fresh,

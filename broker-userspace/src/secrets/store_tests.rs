@@ -659,12 +659,13 @@ async fn every_lookup_is_one_audit_event_without_values() {
     for l in &audit {
         for field in [
             "credential fetch",
-            "service=\"db\"",
+            "service=db ",
             "caller.pid=4242",
             "caller.uid=1001",
             "caller.cgroup=77",
             "caller.comm=\"orders-app\"",
-            "provider=\"lease\"",
+            "caller.thread=\"worker-3\"",
+            "provider=lease ",
             "ids=db/creds#password,db/creds#username,db/host",
             "credentials=host,password,username",
             "latency_us=",
@@ -682,4 +683,23 @@ async fn every_lookup_is_one_audit_event_without_values() {
         audit[2]
     );
     assert!(!text.contains("@1"), "no value in any log line:\n{text}");
+}
+
+/// With a stale window the values are kept until the window ends, then swept (and
+/// zeroized); the sweeper ends with the store.
+#[tokio::test(start_paused = true)]
+async fn stale_values_are_swept_when_the_window_ends() {
+    let p = Arc::new(Leases::new("lease", true));
+    let s = store(&[(&p, policy(10, 20, None))]);
+    let sweeper = tokio::spawn(s.sweeper());
+    values(&s, &db(), false).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    assert_eq!(s.cached(), 1, "kept for outages");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(s.cached(), 0, "swept at 30 s");
+    drop(s);
+    tokio::time::timeout(Duration::from_secs(1), sweeper)
+        .await
+        .expect("the sweeper ends with the store")
+        .unwrap();
 }
