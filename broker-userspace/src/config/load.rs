@@ -590,70 +590,6 @@ impl Loader<'_> {
         (out, policies)
     }
 
-    fn http_provider(&mut self, path: &str, m: &Mapping) -> Option<HttpProviderConfig> {
-        self.provider_keys(
-            path,
-            m,
-            &["type", "baseUrl", "token", "tokenFile", "caFile", "timeout"],
-        );
-        let errors_before = self.errors.len();
-        let mut cfg = HttpProviderConfig {
-            timeout: DEFAULT_HTTP_TIMEOUT,
-            ..HttpProviderConfig::default()
-        };
-        if let Some(v) = m.get("baseUrl") {
-            let p = join(path, "baseUrl");
-            if let Some(url) = self.non_empty(&p, v) {
-                match reqwest::Url::parse(&url) {
-                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {
-                        cfg.base_url = Some(url);
-                    }
-                    // Not echoed: a URL may carry a password in its user-info part.
-                    _ => self.err(
-                        &p,
-                        "invalid URL: expected http://HOST/... or https://HOST/...",
-                    ),
-                }
-            }
-        }
-        if let Some(v) = m.get("token") {
-            // Never echoed: `text` reports shape problems only.
-            let p = join(path, "token");
-            if let Some(t) = self.text(&p, v) {
-                if t.is_empty() {
-                    self.err(&p, "is empty");
-                } else if reqwest::header::HeaderValue::from_bytes(t.as_bytes()).is_err() {
-                    // What `broker run` rejects when it builds the provider; `check` too.
-                    self.err(
-                        &p,
-                        "contains characters that cannot be sent in an HTTP header \
-                         (a newline or another control character)",
-                    );
-                } else {
-                    cfg.token = Some(Secret::from(t));
-                }
-            }
-        }
-        if let Some(v) = m.get("tokenFile") {
-            cfg.token_file = self.non_empty(&join(path, "tokenFile"), v).map(Into::into);
-        }
-        if m.contains_key("token") && m.contains_key("tokenFile") {
-            self.err(path, "set either \"token\" or \"tokenFile\", not both");
-        }
-        if let Some(v) = m.get("caFile") {
-            cfg.ca_file = self.non_empty(&join(path, "caFile"), v).map(Into::into);
-        }
-        if let Some(v) = m.get("timeout") {
-            let p = join(path, "timeout");
-            match self.duration(&p, v) {
-                Some(d) if d.is_zero() => self.err(&p, "must be more than zero"),
-                Some(d) => cfg.timeout = d,
-                None => {}
-            }
-        }
-        (self.errors.len() == errors_before).then_some(cfg)
-    }
-
     /// The failure keys every provider block accepts ([`COMMON_PROVIDER_KEYS`]):
     /// `cacheTTL`, `staleFor`, `breaker`, over the defaults of `kind`
     /// ([`FetchPolicy::default_for`]). Errors name the key path.
@@ -744,6 +680,70 @@ impl Loader<'_> {
             );
         }
         Some(b)
+    }
+
+    fn http_provider(&mut self, path: &str, m: &Mapping) -> Option<HttpProviderConfig> {
+        self.provider_keys(
+            path,
+            m,
+            &["type", "baseUrl", "token", "tokenFile", "caFile", "timeout"],
+        );
+        let errors_before = self.errors.len();
+        let mut cfg = HttpProviderConfig {
+            timeout: DEFAULT_HTTP_TIMEOUT,
+            ..HttpProviderConfig::default()
+        };
+        if let Some(v) = m.get("baseUrl") {
+            let p = join(path, "baseUrl");
+            if let Some(url) = self.non_empty(&p, v) {
+                match reqwest::Url::parse(&url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {
+                        cfg.base_url = Some(url);
+                    }
+                    // Not echoed: a URL may carry a password in its user-info part.
+                    _ => self.err(
+                        &p,
+                        "invalid URL: expected http://HOST/... or https://HOST/...",
+                    ),
+                }
+            }
+        }
+        if let Some(v) = m.get("token") {
+            // Never echoed: `text` reports shape problems only.
+            let p = join(path, "token");
+            if let Some(t) = self.text(&p, v) {
+                if t.is_empty() {
+                    self.err(&p, "is empty");
+                } else if reqwest::header::HeaderValue::from_bytes(t.as_bytes()).is_err() {
+                    // What `broker run` rejects when it builds the provider; `check` too.
+                    self.err(
+                        &p,
+                        "contains characters that cannot be sent in an HTTP header \
+                         (a newline or another control character)",
+                    );
+                } else {
+                    cfg.token = Some(Secret::from(t));
+                }
+            }
+        }
+        if let Some(v) = m.get("tokenFile") {
+            cfg.token_file = self.non_empty(&join(path, "tokenFile"), v).map(Into::into);
+        }
+        if m.contains_key("token") && m.contains_key("tokenFile") {
+            self.err(path, "set either \"token\" or \"tokenFile\", not both");
+        }
+        if let Some(v) = m.get("caFile") {
+            cfg.ca_file = self.non_empty(&join(path, "caFile"), v).map(Into::into);
+        }
+        if let Some(v) = m.get("timeout") {
+            let p = join(path, "timeout");
+            match self.duration(&p, v) {
+                Some(d) if d.is_zero() => self.err(&p, "must be more than zero"),
+                Some(d) => cfg.timeout = d,
+                None => {}
+            }
+        }
+        (self.errors.len() == errors_before).then_some(cfg)
     }
 
     // ---- broker ----------------------------------------------------------------------

@@ -379,16 +379,7 @@ impl SecretStore {
         providers: HashMap<String, Arc<dyn SecretProvider>>,
         cache_ttl: Duration,
     ) -> Self {
-        let plain = FetchPolicy {
-            cache_ttl: None,
-            stale_for: Duration::ZERO,
-            breaker: None,
-        };
-        let policies = providers
-            .keys()
-            .map(|name| (name.clone(), plain.clone()))
-            .collect();
-        Self::with_policies(providers, policies, cache_ttl)
+        Self::with_policies(providers, HashMap::new(), cache_ttl)
     }
 
     /// A store over given provider instances and their policies (an instance without
