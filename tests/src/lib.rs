@@ -5,9 +5,9 @@
 
 pub mod clients;
 pub mod fake;
+pub mod fake_aws;
 pub mod fake_conjur;
 pub mod fake_kube;
-pub mod fake_aws;
 pub mod fake_mysql;
 pub mod fake_vault;
 pub mod hostile_pg;

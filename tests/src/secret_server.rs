@@ -1,7 +1,10 @@
 //! A local HTTP secret server, like the user's "UTS": `GET /secrets/<path>` with
-//! `Authorization: Bearer <token>` returns the stored value as the raw body. Values can
-//! be changed while it runs (rotation), it can be told to fail (500) to test a failing
-//! secret store, or to answer slowly. Counts requests, per secret.
+//! `Authorization: Bearer <token>` returns the stored value as the raw body (a value
+//! stored as JSON text serves the `http` provider's `#field` ids). Values can be changed
+//! while it runs (rotation), it can answer slowly, and it can be told to misbehave the
+//! ways a broken store or what stands in front of it does ([`Failure`]): 500s, an HTML
+//! error page with status 200, truncated JSON, a 1 GiB body streamed, a redirect to
+//! itself, or no answer at all. Counts requests, per secret, whatever it answered.
 
 use std::{
     collections::HashMap,
@@ -15,10 +18,35 @@ use std::{
     time::Duration,
 };
 
+/// How the server misbehaves ([`SecretServer::set_failure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Failure {
+    /// Answers as it should.
+    #[default]
+    None,
+    /// `500 Internal Server Error`, a short text body.
+    Status500,
+    /// `200 OK` with an HTML page (`text/html`): a proxy's or portal's error page.
+    Html,
+    /// `200 OK`, `application/json`, the JSON cut in the middle of a string.
+    TruncatedJson,
+    /// `200 OK` and 1 GiB of body, streamed without a length, until the client stops
+    /// reading.
+    Huge,
+    /// `302 Found` to the same URL.
+    RedirectLoop,
+    /// Reads the request and never answers (until the mode changes or the server goes,
+    /// at most two minutes).
+    Hang,
+}
+
+/// Bytes of a [`Failure::Huge`] body.
+pub const HUGE_BODY: u64 = 1 << 30;
+
 #[derive(Default)]
 struct State {
     values: Mutex<HashMap<String, String>>,
-    failing: AtomicBool,
+    failure: Mutex<Failure>,
     requests: AtomicUsize,
     /// Requests per key (the path after `/secrets/`).
     per_key: Mutex<HashMap<String, usize>>,
@@ -51,6 +79,7 @@ impl SecretServer {
                 let Ok(mut conn) = conn else { continue };
                 let st = Arc::clone(&st);
                 let tok = tok.clone();
+                let stp = Arc::clone(&stp);
                 thread::spawn(move || {
                     let mut reader = BufReader::new(conn.try_clone().expect("clone"));
                     let mut line = String::new();
@@ -83,9 +112,11 @@ impl SecretServer {
                         thread::sleep(Duration::from_millis(delay as u64));
                     }
                     let value = st.values.lock().expect("lock").get(&key).cloned();
-                    let (status, body) = if st.failing.load(Ordering::SeqCst) {
-                        ("500 Internal Server Error", "store unavailable".to_owned())
-                    } else if !authorized {
+                    let failure = *st.failure.lock().expect("lock");
+                    if misbehave(&mut conn, failure, &path, &st, &stp) {
+                        return;
+                    }
+                    let (status, body) = if !authorized {
                         ("401 Unauthorized", "missing or bad token".to_owned())
                     } else {
                         match value {
@@ -120,7 +151,16 @@ impl SecretServer {
 
     /// Make every request fail with 500 (or work again).
     pub fn set_failing(&self, failing: bool) {
-        self.state.failing.store(failing, Ordering::SeqCst);
+        self.set_failure(if failing {
+            Failure::Status500
+        } else {
+            Failure::None
+        });
+    }
+
+    /// Misbehave this way from the next request on ([`Failure::None`]: answer again).
+    pub fn set_failure(&self, failure: Failure) {
+        *self.state.failure.lock().expect("lock") = failure;
     }
 
     /// Wait this long before answering each request.
@@ -152,6 +192,68 @@ impl SecretServer {
     pub fn base_url(&self) -> String {
         format!("http://{}/secrets/", self.addr)
     }
+}
+
+/// Answer `conn` as `failure` says; false for [`Failure::None`] (answer normally).
+fn misbehave(
+    conn: &mut std::net::TcpStream,
+    failure: Failure,
+    path: &str,
+    st: &State,
+    stop: &AtomicBool,
+) -> bool {
+    let reply = |conn: &mut std::net::TcpStream, head: &str, body: &str| {
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    };
+    match failure {
+        Failure::None => return false,
+        Failure::Status500 => reply(
+            conn,
+            "500 Internal Server Error\r\nContent-Type: text/plain",
+            "store unavailable",
+        ),
+        Failure::Html => reply(
+            conn,
+            "200 OK\r\nContent-Type: text/html",
+            "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body><h1>Bad \
+             Gateway</h1><p>The proxy could not reach the secret store.</p></body></html>",
+        ),
+        Failure::TruncatedJson => reply(
+            conn,
+            "200 OK\r\nContent-Type: application/json",
+            r#"{"data": {"password": "trunc"#,
+        ),
+        Failure::RedirectLoop => reply(conn, &format!("302 Found\r\nLocation: {path}"), ""),
+        Failure::Huge => {
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+            );
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0u64;
+            // Until the client stops reading (the write fails) or 1 GiB is out.
+            while sent < HUGE_BODY && !stop.load(Ordering::SeqCst) {
+                if conn.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent += chunk.len() as u64;
+            }
+        }
+        Failure::Hang => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while *st.failure.lock().expect("lock") == Failure::Hang
+                && !stop.load(Ordering::SeqCst)
+                && std::time::Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    true
 }
 
 impl Drop for SecretServer {

@@ -492,7 +492,6 @@ fn missing_refused_and_failing_stores_are_typed_credential_errors() {
 /// store work of the same issue); the provider side is covered by the unit test
 /// `secrets::conjur::tests::get_many_is_one_batch_request`.
 #[test]
-#[ignore = "needs SecretStore to fetch a service's credentials through get_many (store work of the same issue)"]
 fn a_service_with_several_conjur_credentials_is_one_batch_request() {
     if !privileged() {
         return;

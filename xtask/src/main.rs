@@ -7,11 +7,14 @@
 //! * `cargo xtask bench http`  wrk over HTTP and HTTPS: direct, nginx, broker
 //! * `cargo xtask bench mysql`  mysqlslap point selects: direct, haproxy, broker
 //! * `cargo xtask bench clients`  connect and close times of real clients, direct vs broker
+//! * `cargo xtask bench secrets`  store calls per 1,000 connections (cache on, off) and
+//!   what a cache hit adds to a connection
 
 mod bench;
 mod bench_clients;
 mod bench_http;
 mod bench_mysql;
+mod bench_secrets;
 mod demo;
 mod setup;
 
@@ -48,7 +51,7 @@ enum Cmd {
     },
     /// Benchmarks, side by side with the direct connection and a peer proxy.
     Bench {
-        /// Which benchmark: `pg`, `http`, `clients`.
+        /// Which benchmark: `pg`, `http`, `mysql`, `clients`, `secrets`.
         what: String,
         /// Duration of each pgbench or wrk run, seconds.
         #[arg(long, default_value_t = 10)]
@@ -79,7 +82,10 @@ fn main() -> anyhow::Result<()> {
                 "http" => bench_http::run(&root, seconds),
                 "mysql" => bench_mysql::run(&root, seconds),
                 "clients" => bench_clients::run(&root),
-                other => bail!("unknown benchmark `{other}` (known: pg, http, mysql, clients)"),
+                "secrets" => bench_secrets::run(&root),
+                other => {
+                    bail!("unknown benchmark `{other}` (known: pg, http, mysql, clients, secrets)")
+                }
             }
         }
     }

@@ -14,10 +14,11 @@ use super::{
     BUILT_PROVIDERS, ConfigError, ConfigErrors, NOT_BUILT_PROVIDERS, interpolate,
     kinds::{ConnectorBlock, ConnectorSyntax},
     model::{
-        AuthMethod, AwsProviderConfig, BrokerSettings, Config, ConjurProviderConfig, ConnectorSpec,
-        CredentialSource, DEFAULT_HTTP_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
-        HttpProviderConfig, InterceptTarget, KubernetesProviderConfig, ListenAddr,
-        OAuth2ClientAuth, OAuth2Config, ProviderConfig, Service, VaultProviderConfig,
+        AuthMethod, AwsProviderConfig, BreakerConfig, BrokerSettings, CacheOverride, Config,
+        ConjurProviderConfig, ConnectorSpec, CredentialSource, DEFAULT_HTTP_TIMEOUT,
+        DEFAULT_MAX_CONNECTIONS_PER_LISTENER, FetchPolicy, HttpProviderConfig, InterceptTarget,
+        KubernetesProviderConfig, ListenAddr, OAuth2ClientAuth, OAuth2Config, ProviderConfig,
+        Service, VaultProviderConfig,
     },
     values,
 };
@@ -201,6 +202,7 @@ const SERVICE_KEYS: &[&str] = &[
     "credentials",
     "config",
     "authentication",
+    "cache",
 ];
 const LIST_SERVICE_KEYS: &[&str] = &[
     "name",
@@ -210,7 +212,13 @@ const LIST_SERVICE_KEYS: &[&str] = &[
     "credentials",
     "config",
     "authentication",
+    "cache",
 ];
+
+/// Keys every provider block accepts besides its kind's own: its failure behaviour
+/// ([`Loader::fetch_policy`], docs/stores/failure.md). A kind's parser checks its block
+/// with [`Loader::provider_keys`], which adds these to its own list.
+pub const COMMON_PROVIDER_KEYS: &[&str] = &["cacheTTL", "staleFor", "breaker"];
 /// The walk over one configuration. Connector kinds parse their own `config:` block
 /// with its helpers ([`ConnectorSyntax::parse`]), so their messages read like the rest.
 pub struct Loader<'e> {
@@ -339,6 +347,13 @@ impl Loader<'_> {
         }
     }
 
+    /// [`Self::keys`] for a provider block: `own` (the kind's keys, `type` included) plus
+    /// [`COMMON_PROVIDER_KEYS`].
+    pub fn provider_keys(&mut self, path: &str, m: &Mapping, own: &[&str]) {
+        let all: Vec<&str> = own.iter().chain(COMMON_PROVIDER_KEYS).copied().collect();
+        self.keys(path, m, &all);
+    }
+
     /// A scalar as text (numbers and booleans become their text).
     pub fn text(&mut self, path: &str, v: &Value) -> Option<String> {
         if self.broken.contains(path) {
@@ -431,7 +446,7 @@ impl Loader<'_> {
     fn config(&mut self, root: &Mapping) -> Config {
         self.keys("", root, &["version", "services", "providers", "broker"]);
         self.version(root.get("version"));
-        let mut providers = self.providers(root.get("providers"));
+        let (mut providers, fetch_policies) = self.providers(root.get("providers"));
         let broker = self.broker(root.get("broker"));
         let mut names = ProviderNames {
             configured: &providers,
@@ -448,6 +463,7 @@ impl Loader<'_> {
             services,
             providers,
             broker,
+            fetch_policies,
         }
     }
 
@@ -471,8 +487,17 @@ impl Loader<'_> {
 
     // ---- providers -------------------------------------------------------------------
 
-    fn providers(&mut self, v: Option<&Value>) -> BTreeMap<String, ProviderConfig> {
+    /// The provider instances, and the failure policy ([`Self::fetch_policy`]) of each
+    /// built one the block declares.
+    fn providers(
+        &mut self,
+        v: Option<&Value>,
+    ) -> (
+        BTreeMap<String, ProviderConfig>,
+        BTreeMap<String, FetchPolicy>,
+    ) {
         let mut out = BTreeMap::new();
+        let mut policies = BTreeMap::new();
         out.insert("literal".to_owned(), ProviderConfig::Literal);
         out.insert("env".to_owned(), ProviderConfig::Env);
         out.insert("file".to_owned(), ProviderConfig::File);
@@ -510,14 +535,14 @@ impl Loader<'_> {
             }),
         );
         let m = match v {
-            None | Some(Value::Null) => return out,
+            None | Some(Value::Null) => return (out, policies),
             Some(v) => match self.map(
                 "providers",
                 v,
                 "a map of instance name -> {type: http|env|file|literal|..., ...}",
             ) {
                 Some(m) => m,
-                None => return out,
+                None => return (out, policies),
             },
         };
         let all_kinds: Vec<&str> = BUILT_PROVIDERS
@@ -559,7 +584,7 @@ impl Loader<'_> {
             };
             let cfg = match kind.as_str() {
                 "literal" | "env" | "file" => {
-                    self.keys(&path, pm, &["type"]);
+                    self.provider_keys(&path, pm, &["type"]);
                     match kind.as_str() {
                         "literal" => ProviderConfig::Literal,
                         "env" => ProviderConfig::Env,
@@ -600,13 +625,108 @@ impl Loader<'_> {
                     continue;
                 }
             };
+            if !matches!(cfg, ProviderConfig::NotBuilt { .. }) {
+                policies.insert(name.to_owned(), self.fetch_policy(&path, pm, cfg.kind()));
+            }
             out.insert(name.to_owned(), cfg);
+        }
+        (out, policies)
+    }
+
+    /// The failure keys every provider block accepts ([`COMMON_PROVIDER_KEYS`]):
+    /// `cacheTTL`, `staleFor`, `breaker`, over the defaults of `kind`
+    /// ([`FetchPolicy::default_for`]). Errors name the key path.
+    pub fn fetch_policy(&mut self, path: &str, m: &Mapping, kind: &str) -> FetchPolicy {
+        let mut out = FetchPolicy::default_for(kind);
+        if let Some(v) = m.get("cacheTTL")
+            && let Some(d) = self.duration(&join(path, "cacheTTL"), v)
+        {
+            out.cache_ttl = Some(d);
+        }
+        if let Some(v) = m.get("staleFor")
+            && let Some(d) = self.duration(&join(path, "staleFor"), v)
+        {
+            out.stale_for = d;
+        }
+        if let Some(v) = m.get("breaker") {
+            out.breaker = self.breaker_config(&join(path, "breaker"), v, out.breaker);
         }
         out
     }
 
+    /// `breaker: off | on | {failures, backoff, maxBackoff}` (`false`/`true` too); keys
+    /// left out of the map keep their defaults. On an error, `default`.
+    fn breaker_config(
+        &mut self,
+        path: &str,
+        v: &Value,
+        default: Option<BreakerConfig>,
+    ) -> Option<BreakerConfig> {
+        const WHAT: &str = "off, on, or a map {failures, backoff, maxBackoff}";
+        if self.broken.contains(path) {
+            return default;
+        }
+        let word = match v {
+            Value::Bool(b) => Some(*b),
+            Value::String(s) => match s.as_str() {
+                "off" | "false" => Some(false),
+                "on" | "true" => Some(true),
+                _ => {
+                    let shown = self.shown(path, s);
+                    self.err(path, format!("invalid breaker {shown}: expected {WHAT}"));
+                    return default;
+                }
+            },
+            Value::Mapping(_) => None,
+            _ => {
+                self.err(path, format!("must be {WHAT}"));
+                return default;
+            }
+        };
+        if let Some(on) = word {
+            return on.then(BreakerConfig::default);
+        }
+        let m = self.map(path, v, WHAT)?;
+        self.keys(path, m, &["failures", "backoff", "maxBackoff"]);
+        let mut b = BreakerConfig::default();
+        if let Some(v) = m.get("failures") {
+            let p = join(path, "failures");
+            match self.uint(&p, v, 1_000_000, "a number of consecutive failures") {
+                Some(0) => self.err(&p, "must be at least 1 (use `breaker: off` to disable it)"),
+                Some(n) => b.failures = u32::try_from(n).expect("checked range"),
+                None => {}
+            }
+        }
+        let positive = |l: &mut Self, key: &str| {
+            let p = join(path, key);
+            let d = l.duration(&p, m.get(key)?)?;
+            if d.is_zero() {
+                l.err(&p, "must be more than 0");
+                return None;
+            }
+            Some(d)
+        };
+        let backoff = positive(self, "backoff");
+        let max = positive(self, "maxBackoff");
+        if let Some(d) = backoff {
+            b.backoff = d;
+        }
+        match max {
+            Some(d) => b.max_backoff = d,
+            // Only `backoff` set, above the default cap: it is the cap.
+            None => b.max_backoff = b.max_backoff.max(b.backoff),
+        }
+        if b.max_backoff < b.backoff {
+            self.err(
+                &join(path, "maxBackoff"),
+                format!("must not be less than backoff ({:?})", b.backoff),
+            );
+        }
+        Some(b)
+    }
+
     fn http_provider(&mut self, path: &str, m: &Mapping) -> Option<HttpProviderConfig> {
-        self.keys(
+        self.provider_keys(
             path,
             m,
             &[
@@ -701,7 +821,7 @@ impl Loader<'_> {
     }
 
     fn aws_provider(&mut self, path: &str, m: &Mapping) -> Option<AwsProviderConfig> {
-        self.keys(
+        self.provider_keys(
             path,
             m,
             &[
@@ -853,7 +973,7 @@ impl Loader<'_> {
     }
 
     fn conjur_provider(&mut self, path: &str, m: &Mapping) -> Option<ConjurProviderConfig> {
-        self.keys(
+        self.provider_keys(
             path,
             m,
             &[
@@ -916,7 +1036,7 @@ impl Loader<'_> {
     }
 
     fn kubernetes_provider(&mut self, path: &str, m: &Mapping) -> Option<KubernetesProviderConfig> {
-        self.keys(
+        self.provider_keys(
             path,
             m,
             &[
@@ -969,7 +1089,7 @@ impl Loader<'_> {
             DEFAULT_VAULT_APPROLE_MOUNT, DEFAULT_VAULT_JWT_FILE, DEFAULT_VAULT_KUBERNETES_MOUNT,
             VaultAuthConfig, VaultValue,
         };
-        self.keys(
+        self.provider_keys(
             path,
             m,
             &[
@@ -1423,6 +1543,7 @@ impl Loader<'_> {
             }
         });
         let intercept = self.intercept(path, m.get("intercept"));
+        let cache = self.cache_override(path, m.get("cache"));
         let credentials = self.credentials(path, m.get("credentials"), names);
         let authentication = self.authentication(path, m.get("authentication"));
 
@@ -1488,7 +1609,28 @@ impl Loader<'_> {
             intercept,
             credentials: credentials.map(|(c, _)| c).unwrap_or_default(),
             authentication: authentication.into_iter().map(|(_, a)| a).collect(),
+            cache,
         })
+    }
+
+    /// A service's `cache: {ttl, staleFor}` block.
+    fn cache_override(&mut self, path: &str, v: Option<&Value>) -> CacheOverride {
+        let mut out = CacheOverride::default();
+        let p = join(path, "cache");
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            return out;
+        };
+        let Some(m) = self.map(&p, v, "a map {ttl, staleFor}") else {
+            return out;
+        };
+        self.keys(&p, m, &["ttl", "staleFor"]);
+        if let Some(v) = m.get("ttl") {
+            out.ttl = self.duration(&join(&p, "ttl"), v);
+        }
+        if let Some(v) = m.get("staleFor") {
+            out.stale_for = self.duration(&join(&p, "staleFor"), v);
+        }
+        out
     }
 
     /// The service's connector kind: a built one (with its name as written), or a known

@@ -19,7 +19,7 @@ mod values;
 use std::{fmt, path::Path};
 
 pub use kinds::*;
-pub use load::{Loader, index, join, key_text, quoted_list, suggestion};
+pub use load::{COMMON_PROVIDER_KEYS, Loader, index, join, key_text, quoted_list, suggestion};
 pub use model::*;
 
 /// One problem in a configuration, with the dotted key path it concerns.
@@ -222,5 +222,7 @@ pub fn unsupported(cfg: &Config) -> Vec<ConfigError> {
     out
 }
 
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;

@@ -31,6 +31,10 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Broker-wide settings (top-level `broker:` block).
     pub broker: BrokerSettings,
+    /// The failure behaviour of each built provider instance (`cacheTTL`, `staleFor`,
+    /// `breaker` on its block), keyed by instance name; an instance not listed has
+    /// [`FetchPolicy::default_for`] its kind.
+    pub fetch_policies: BTreeMap<String, FetchPolicy>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +94,75 @@ pub struct Service {
     pub credentials: BTreeMap<String, CredentialSource>,
     /// Secretless-style `authentication:` entries (e.g. OAuth2 client credentials).
     pub authentication: Vec<AuthMethod>,
+    /// The service's `cache:` block: overrides its providers' `cacheTTL` and `staleFor`.
+    pub cache: CacheOverride,
+}
+
+/// Default `breaker.failures`: consecutive store failures that open a provider's circuit.
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+/// Default `breaker.backoff`: the first pause after the circuit opens.
+pub const DEFAULT_BREAKER_BACKOFF: Duration = Duration::from_secs(1);
+/// Default `breaker.maxBackoff`: the longest pause.
+pub const DEFAULT_BREAKER_MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// How one provider instance's values are cached and how its failures are handled (the
+/// keys every provider block accepts: `cacheTTL`, `staleFor`, `breaker`; see
+/// docs/stores/failure.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPolicy {
+    /// `cacheTTL`: how long a fetched value is reused; `None`: `broker.cacheTTL`.
+    pub cache_ttl: Option<Duration>,
+    /// `staleFor`: how long past its TTL a value may still be used while the store is
+    /// failing (unreachable, timing out, answering garbage). Zero (the default): never,
+    /// the connection is refused (fail closed).
+    pub stale_for: Duration,
+    /// `breaker`: the circuit breaker; `None` (`breaker: off`): every request calls the
+    /// store.
+    pub breaker: Option<BreakerConfig>,
+}
+
+impl FetchPolicy {
+    /// The policy of an instance of `kind` whose block sets none of the keys: the
+    /// breaker is on for stores reached over the network and off for the local kinds
+    /// (`literal`, `env`, `file`: a missing file is no outage of other files).
+    #[must_use]
+    pub fn default_for(kind: &str) -> Self {
+        Self {
+            cache_ttl: None,
+            stale_for: Duration::ZERO,
+            breaker: (!matches!(kind, "literal" | "env" | "file")).then(BreakerConfig::default),
+        }
+    }
+}
+
+/// A provider's circuit breaker: after `failures` consecutive failed store calls the
+/// store is left alone for `backoff` (jittered), then one probe call is let through;
+/// each failed probe doubles the pause, up to `max_backoff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    pub failures: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: DEFAULT_BREAKER_FAILURES,
+            backoff: DEFAULT_BREAKER_BACKOFF,
+            max_backoff: DEFAULT_BREAKER_MAX_BACKOFF,
+        }
+    }
+}
+
+/// A service's `cache:` block: what it sets overrides the provider's policy for the
+/// service's credentials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheOverride {
+    /// `ttl`: replaces the provider's `cacheTTL`.
+    pub ttl: Option<Duration>,
+    /// `staleFor`: replaces the provider's `staleFor`.
+    pub stale_for: Option<Duration>,
 }
 
 /// A service's connector: its kind and its validated `config:` block, parsed by the

@@ -28,7 +28,7 @@ use tokio::{
     net::TcpStream,
 };
 
-pub use crate::secrets::Credentials;
+pub use crate::secrets::{Credentials, Requester};
 use crate::{
     config::{ConnectorKind, ConnectorKinds, ConnectorSpec, Service},
     connector::dial::Dialer,
@@ -50,22 +50,25 @@ pub struct Env {
 }
 
 impl Env {
-    /// Every credential of `service` (from the cache, or fetched once for all the
-    /// connections that want it at the same time). With `fresh`, the cache is bypassed
-    /// and refreshed: after the upstream rejected cached credentials (rotation). The
-    /// fetches (`name<-provider:id`, never values) are noted in `stats`.
+    /// Every credential of the requester's service (from the cache, or fetched once for
+    /// all the connections that want it at the same time). With `fresh`, the cache is
+    /// bypassed and refreshed: after the upstream rejected cached credentials
+    /// (rotation). The fetches (`name<-provider:id`, never values) are noted in
+    /// `stats`; the requester's identity goes to the audit event of each fetch. Call
+    /// it as `env.credentials(Requester::new(service, conn.caller.as_ref()), fresh,
+    /// &mut conn.stats)`.
     ///
     /// # Errors
     /// `ConnError::Credentials` naming the credential and the provider, never a value.
     pub async fn credentials(
         &self,
-        service: &Service,
+        who: Requester<'_>,
         fresh: bool,
         stats: &mut ConnStats,
     ) -> Result<Credentials, ConnError> {
         Ok(self
             .secrets
-            .credentials(service, fresh, &mut stats.fetched)
+            .credentials(who, fresh, &mut stats.fetched)
             .await?)
     }
 }

@@ -12,8 +12,8 @@ use yaml_serde::Value;
 use crate::{
     config::{ConnectorBlock, ConnectorSettings, ConnectorSyntax, ListenAddr, Loader, join},
     connector::{
-        BoxFuture, Conn, ConnError, Connector, Env, Handoff, Kind, Session, UpstreamStream,
-        close_gracefully, settings,
+        BoxFuture, Conn, ConnError, Connector, Env, Handoff, Kind, Requester, Session,
+        UpstreamStream, close_gracefully, settings,
         target::{self, AppDestination, Destinations, Fallbacks},
     },
     tls::{self, TlsOptions, Verify},
@@ -151,7 +151,13 @@ impl Connector for TcpConnector {
 impl TcpConnector {
     async fn upstream(&self, env: &Env, conn: &mut Conn) -> Result<UpstreamStream, ConnError> {
         let service = Arc::clone(&conn.service);
-        let creds = env.credentials(&service, false, &mut conn.stats).await?;
+        let creds = env
+            .credentials(
+                Requester::new(&service, conn.caller.as_ref()),
+                false,
+                &mut conn.stats,
+            )
+            .await?;
         // A `listenOn` service's listener port stands in for the destination's.
         let listener_port = match &service.listen_on {
             Some(ListenAddr::Tcp(a)) => Some(a.port()),

@@ -393,6 +393,10 @@ impl SecretProvider for HttpProvider {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Fetched, SecretError>> {
         Box::pin(self.fetch(id))
     }
+
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.timeout)
+    }
 }
 
 #[cfg(test)]

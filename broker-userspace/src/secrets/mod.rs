@@ -4,13 +4,16 @@
 //! Built-in kinds: `literal`, `env`, `file`, `http`. Vault, Conjur, AWS Secrets Manager
 //! and Kubernetes implement the same trait.
 //!
-//! The [`SecretStore`] holds the provider instances of a configuration and the
-//! [`cache`] (TTL or the provider's own expiry, whichever is shorter; one fetch for
-//! concurrent requests of the same value). Connectors get a service's
-//! [`Credentials`] from it; failures are typed ([`SecretError`], [`CredentialError`])
-//! and never carry a value.
+//! The [`SecretStore`] holds the provider instances of a configuration, each with its
+//! failure policy ([`FetchPolicy`]: TTL, stale window, [`breaker`]), and the [`cache`]
+//! (groups of values fetched by one store call; TTL or the provider's own expiry,
+//! whichever is shorter; one fetch for concurrent requests of the same group).
+//! Connectors get a service's [`Credentials`] from it; failures are typed
+//! ([`SecretError`], [`CredentialError`]) and never carry a value. Every lookup is one
+//! audit event (`target: "audit"`). See docs/stores/failure.md.
 
 pub mod aws;
+pub mod breaker;
 pub mod cache;
 pub mod conjur;
 pub mod credentials;
@@ -32,6 +35,7 @@ use std::{
 use tokio::time::Instant;
 
 pub use self::{
+    breaker::Breaker,
     cache::Cache,
     credentials::{CredentialError, Credentials},
     env::EnvProvider,
@@ -41,11 +45,13 @@ pub use self::{
     vault::VaultProvider,
 };
 use crate::{
-    config::{Config, CredentialSource, ProviderConfig, Service},
+    config::{CacheOverride, Config, CredentialSource, FetchPolicy, ProviderConfig, Service},
+    connector::Caller,
     secret::Secret,
 };
 
-/// How long one credential fetch may take before the connection is refused.
+/// How long one store call may take before the connection is refused, for a provider
+/// that has no `timeout` of its own ([`SecretProvider::timeout`]).
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A boxed future, so providers can be used as trait objects.
@@ -130,6 +136,29 @@ pub enum SecretError {
         id: String,
         after: Duration,
     },
+    /// The provider's circuit breaker is open: the store failed too often in a row and
+    /// is left alone for a while (see [`breaker`]). `retry_in`: until the next probe
+    /// may go; zero while a probe is in flight.
+    #[error(
+        "{provider}: `{}` not fetched: the store is failing (circuit open, {})",
+        redact_id(.id),
+        retry_hint(*.retry_in)
+    )]
+    CircuitOpen {
+        provider: String,
+        id: String,
+        retry_in: Duration,
+    },
+}
+
+fn retry_hint(retry_in: Duration) -> String {
+    if retry_in.is_zero() {
+        "a probe request is in flight".to_owned()
+    } else {
+        // Milliseconds are enough to read.
+        let d = Duration::from_millis(u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX));
+        format!("next attempt in {d:?}")
+    }
 }
 
 impl SecretError {
@@ -145,6 +174,39 @@ impl SecretError {
             Self::BadId { .. } => "bad_id",
             Self::Empty { .. } => "empty",
             Self::Timeout { .. } => "timeout",
+            Self::CircuitOpen { .. } => "circuit_open",
+        }
+    }
+
+    /// Whether the error says the store is down or broken, rather than answering about
+    /// this id: `unreachable`, `timeout`, `bad_reply` (and `circuit_open`, which stands
+    /// for them). These count for the circuit breaker and allow stale values; a
+    /// `not_found`, `denied`, `empty` or `bad_id` is the store's answer and does
+    /// neither.
+    #[must_use]
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable { .. }
+                | Self::Timeout { .. }
+                | Self::BadReply { .. }
+                | Self::CircuitOpen { .. }
+        )
+    }
+
+    /// The id the error is about (unredacted: print it through [`redact_id`]).
+    #[must_use]
+    pub fn id(&self) -> &str {
+        match self {
+            Self::NotConfigured { id, .. }
+            | Self::NotFound { id, .. }
+            | Self::Unreachable { id, .. }
+            | Self::Denied { id, .. }
+            | Self::BadReply { id, .. }
+            | Self::BadId { id, .. }
+            | Self::Empty { id, .. }
+            | Self::Timeout { id, .. }
+            | Self::CircuitOpen { id, .. } => id,
         }
     }
 
@@ -159,7 +221,8 @@ impl SecretError {
             | Self::BadReply { provider, .. }
             | Self::BadId { provider, .. }
             | Self::Empty { provider, .. }
-            | Self::Timeout { provider, .. } => provider,
+            | Self::Timeout { provider, .. }
+            | Self::CircuitOpen { provider, .. } => provider,
         }
     }
 }
@@ -212,20 +275,25 @@ pub trait SecretProvider: Send + Sync {
     /// Fetch several ids that one service needs together, consistently: values that
     /// belong together (a Vault dynamic-credential lease's username and password, a
     /// Conjur batch) come from one store call, never from two calls that could return
-    /// two different leases. Returns one value per id, in order. The default fetches
-    /// each id with [`SecretProvider::get`]; providers with leases or batch APIs
-    /// override it.
+    /// two different leases. Returns one value per id, in order. The store calls it
+    /// once per service and provider (the ids sorted, without duplicates) and caches
+    /// the values as one group. The default fetches every id with
+    /// [`SecretProvider::get`], all at once, and fails with the first error; providers
+    /// with leases or batch APIs override it.
     fn get_many<'a>(
         &'a self,
         ids: &'a [&'a str],
     ) -> BoxFuture<'a, Result<Vec<Fetched>, SecretError>> {
-        Box::pin(async move {
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                out.push(self.get(id).await?);
-            }
-            Ok(out)
-        })
+        Box::pin(futures_util::future::try_join_all(
+            ids.iter().map(|id| self.get(id)),
+        ))
+    }
+
+    /// How long one call may take, when the instance has a `timeout` setting: the store
+    /// bounds every call ([`SecretProvider::get_many`]) by it; without one, by
+    /// [`FETCH_TIMEOUT`].
+    fn timeout(&self) -> Option<Duration> {
+        None
     }
 
     /// Release what the provider holds in the store (Vault leases with
@@ -233,6 +301,22 @@ pub trait SecretProvider: Send + Sync {
     /// default does nothing.
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+}
+
+/// Who asks for a service's credentials: the service, and the caller as the connection
+/// knows it (intercepted connections; `None` for a `listenOn` client). For the audit
+/// event of each fetch.
+#[derive(Debug, Clone, Copy)]
+pub struct Requester<'a> {
+    pub service: &'a Service,
+    pub caller: Option<&'a Caller>,
+}
+
+impl<'a> Requester<'a> {
+    #[must_use]
+    pub fn new(service: &'a Service, caller: Option<&'a Caller>) -> Self {
+        Self { service, caller }
     }
 }
 
@@ -266,72 +350,143 @@ pub fn build_all(
     Ok(out)
 }
 
-/// The provider instances of a configuration and the credential cache: where
-/// connectors get a service's credentials.
+/// A provider instance with its failure policy.
+struct Slot {
+    provider: Arc<dyn SecretProvider>,
+    policy: FetchPolicy,
+    breaker: Option<Breaker>,
+}
+
+/// The provider instances of a configuration, their policies and breakers, and the
+/// credential cache: where connectors get a service's credentials.
 pub struct SecretStore {
-    providers: HashMap<String, Arc<dyn SecretProvider>>,
+    slots: HashMap<String, Slot>,
+    /// `broker.cacheTTL`: the TTL of providers and services that set none.
+    default_ttl: Duration,
     cache: Arc<Cache>,
 }
 
 impl SecretStore {
-    /// Build the provider instances of `config`, with a cache of `broker.cacheTTL`.
+    /// Build the provider instances of `config` with their policies
+    /// (`config.fetch_policies`, else their kind's defaults) and `broker.cacheTTL`.
     ///
     /// # Errors
     /// When a provider instance cannot be created (see [`build_all`]).
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        Ok(Self::with_providers(
-            build_all(&config.providers)?,
+        let providers = build_all(&config.providers)?;
+        let policies = providers
+            .keys()
+            .map(|name| {
+                let policy = config.fetch_policies.get(name).cloned().unwrap_or_else(|| {
+                    FetchPolicy::default_for(config.providers.get(name).map_or("", |c| c.kind()))
+                });
+                (name.clone(), policy)
+            })
+            .collect();
+        Ok(Self::with_policies(
+            providers,
+            policies,
             config.broker.cache_ttl,
         ))
     }
 
-    /// A store over given provider instances (keyed by instance name).
+    /// A store over given provider instances (keyed by instance name), each cached for
+    /// `cache_ttl`, without a stale window or a breaker.
     #[must_use]
     pub fn with_providers(
         providers: HashMap<String, Arc<dyn SecretProvider>>,
         cache_ttl: Duration,
     ) -> Self {
+        Self::with_policies(providers, HashMap::new(), cache_ttl)
+    }
+
+    /// A store over given provider instances and their policies (an instance without
+    /// one gets the plain policy of [`Self::with_providers`]); `default_ttl` for the
+    /// policies without a `cache_ttl`.
+    #[must_use]
+    pub fn with_policies(
+        providers: HashMap<String, Arc<dyn SecretProvider>>,
+        mut policies: HashMap<String, FetchPolicy>,
+        default_ttl: Duration,
+    ) -> Self {
+        let slots = providers
+            .into_iter()
+            .map(|(name, provider)| {
+                let policy = policies.remove(&name).unwrap_or(FetchPolicy {
+                    cache_ttl: None,
+                    stale_for: Duration::ZERO,
+                    breaker: None,
+                });
+                let breaker = policy.breaker.map(|b| Breaker::new(&name, b));
+                let slot = Slot {
+                    provider,
+                    policy,
+                    breaker,
+                };
+                (name, slot)
+            })
+            .collect();
         Self {
-            providers,
-            cache: Arc::new(Cache::new(cache_ttl)),
+            slots,
+            default_ttl,
+            cache: Arc::new(Cache::new()),
         }
     }
 
-    /// Fetch every credential of `service`. With `fresh`, cached values are not used
-    /// (and are replaced): after the upstream rejected cached credentials (rotation).
-    /// Each provider fetch is recorded in `fetched` as `name<-provider:id` (id
-    /// redacted), for the access log.
+    /// Fetch every credential of the requester's service. The credentials a service
+    /// takes from one provider are one group: fetched by one store call
+    /// ([`SecretProvider::get_many`]) and cached together. With `fresh`, cached values
+    /// are not used (and are replaced): after the upstream rejected cached credentials
+    /// (rotation). Each provider credential is recorded in `fetched` as
+    /// `name<-provider:id` (id redacted), for the access log; each group lookup is one
+    /// audit event.
     ///
     /// # Errors
-    /// The first credential that cannot be fetched, naming it and the provider.
+    /// The first group that cannot be fetched, naming the credential the error is about
+    /// (the group's first when the error is about all of them) and the provider.
     pub async fn credentials(
         &self,
-        service: &Service,
+        who: Requester<'_>,
         fresh: bool,
         fetched: &mut Vec<String>,
     ) -> Result<Credentials, CredentialError> {
         let mut out = Credentials::default();
-        for (name, source) in &service.credentials {
-            let value = match source {
-                CredentialSource::Literal(s) => s.clone(),
+        // Provider -> (credential name, id), in name order.
+        let mut groups: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+        for (name, source) in &who.service.credentials {
+            match source {
+                CredentialSource::Literal(s) => {
+                    out.0.insert(name.clone(), s.clone());
+                }
                 CredentialSource::Provider { provider, id } => {
                     fetched.push(format!("{name}<-{provider}:{}", redact_id(id)));
-                    self.fetch(provider, id, fresh)
-                        .await
-                        .map_err(|source| CredentialError {
-                            credential: name.clone(),
-                            source,
-                        })?
+                    groups.entry(provider).or_default().push((name, id));
                 }
-            };
-            out.0.insert(name.clone(), value);
+            }
+        }
+        for (provider, members) in groups {
+            let ids: Vec<&str> = members.iter().map(|(_, id)| *id).collect();
+            let values = self
+                .lookup(&Audit::of(who, &members), provider, &ids, fresh)
+                .await
+                .map_err(|source| {
+                    let credential = members
+                        .iter()
+                        .find(|(_, id)| *id == source.id())
+                        .unwrap_or(&members[0])
+                        .0
+                        .to_owned();
+                    CredentialError { credential, source }
+                })?;
+            for ((name, _), value) in members.iter().zip(values) {
+                out.0.insert((*name).to_owned(), value);
+            }
         }
         Ok(out)
     }
 
-    /// One value, from the cache or the provider. Concurrent requests for the same
-    /// (provider, id) share one provider call; with `fresh` a new call is made (shared
-    /// by concurrent `fresh` requests).
+    /// One value, outside of any service (tools and tests): a group of one id, with the
+    /// provider's policy.
     ///
     /// # Errors
     /// [`SecretError`], naming the provider and the id; also for an empty value.
@@ -341,19 +496,75 @@ impl SecretStore {
         id: &str,
         fresh: bool,
     ) -> Result<Secret, SecretError> {
-        let p = self
-            .providers
-            .get(provider)
-            .ok_or_else(|| SecretError::NotConfigured {
-                provider: provider.to_owned(),
-                id: id.to_owned(),
-            })?;
-        self.cache
-            .get(provider, id, fresh, || fetch_one(p.as_ref(), id))
-            .await
+        let audit = Audit {
+            service: "-",
+            caller: None,
+            over: CacheOverride::default(),
+            credentials: String::new(),
+        };
+        let mut values = self.lookup(&audit, provider, &[id], fresh).await?;
+        Ok(values.swap_remove(0))
     }
 
-    /// Entries in the credential cache (expired or not yet swept).
+    /// The values of `ids` (in that order) from `provider`: one group, from the cache or
+    /// one store call (through the provider's breaker, bounded by its timeout), stale
+    /// when the store fails and the policy allows; logged as one audit event.
+    async fn lookup(
+        &self,
+        audit: &Audit<'_>,
+        provider: &str,
+        ids: &[&str],
+        fresh: bool,
+    ) -> Result<Vec<Secret>, SecretError> {
+        let started = Instant::now();
+        let mut sorted: Vec<&str> = ids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let Some(slot) = self.slots.get(provider) else {
+            let e = SecretError::NotConfigured {
+                provider: provider.to_owned(),
+                id: ids[0].to_owned(),
+            };
+            audit.emit(provider, &sorted, fresh, None, Err(&e), None, started);
+            return Err(e);
+        };
+        let over = audit.over;
+        let key = cache::GroupKey {
+            provider: provider.to_owned(),
+            ids: sorted.iter().map(|id| (*id).to_owned()).collect(),
+            policy: cache::Policy {
+                ttl: over
+                    .ttl
+                    .or(slot.policy.cache_ttl)
+                    .unwrap_or(self.default_ttl),
+                stale_for: over.stale_for.unwrap_or(slot.policy.stale_for),
+            },
+        };
+        let found = self
+            .cache
+            .get(&key, fresh, || fetch_group(slot, &key.ids))
+            .await;
+        audit.emit(
+            provider,
+            &sorted,
+            fresh,
+            Some(found.how),
+            found.result.as_ref().map(|_| ()),
+            found.stale_age,
+            started,
+        );
+        let values = found.result?;
+        // Back to the order (and duplicates) asked for.
+        Ok(ids
+            .iter()
+            .map(|id| {
+                let i = sorted.binary_search(id).expect("every id is in the group");
+                values[i].clone()
+            })
+            .collect())
+    }
+
+    /// Groups in the credential cache (expired or not yet swept).
     #[must_use]
     pub fn cached(&self) -> usize {
         self.cache.len()
@@ -362,7 +573,7 @@ impl SecretStore {
     /// Let every provider release what it holds ([`SecretProvider::shutdown`]), each
     /// bounded by [`FETCH_TIMEOUT`]. The daemon calls it once, after the drain.
     pub async fn shutdown(&self) {
-        for p in self.providers.values() {
+        for p in self.slots.values().map(|s| &s.provider) {
             if tokio::time::timeout(FETCH_TIMEOUT, p.shutdown())
                 .await
                 .is_err()
@@ -372,6 +583,15 @@ impl SecretStore {
         }
     }
 
+    /// Whether `provider`'s circuit is closed (true without a breaker).
+    #[must_use]
+    pub fn circuit_closed(&self, provider: &str) -> bool {
+        self.slots
+            .get(provider)
+            .and_then(|s| s.breaker.as_ref())
+            .is_none_or(Breaker::is_closed)
+    }
+
     /// The task that evicts (and zeroizes) expired cache entries on time; it ends when
     /// the store is dropped. Spawn it once.
     pub fn sweeper(&self) -> impl Future<Output = ()> + Send + 'static {
@@ -379,40 +599,152 @@ impl SecretStore {
     }
 }
 
-/// One provider call: bounded by [`FETCH_TIMEOUT`], an empty value refused. Returns the
-/// value and when the provider says it expires.
-async fn fetch_one(
-    p: &dyn SecretProvider,
-    id: &str,
-) -> Result<(Secret, Option<Instant>), SecretError> {
+/// What the audit event of a lookup says about who asked.
+struct Audit<'a> {
+    service: &'a str,
+    caller: Option<&'a Caller>,
+    over: CacheOverride,
+    /// The credential names of the group, comma-separated.
+    credentials: String,
+}
+
+impl<'a> Audit<'a> {
+    fn of(who: Requester<'a>, members: &[(&str, &str)]) -> Self {
+        Self {
+            service: &who.service.name,
+            caller: who.caller,
+            over: who.service.cache,
+            credentials: members
+                .iter()
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+
+    /// One `audit` event: who, which provider and ids (redacted), how the cache
+    /// answered, the result (`ok` or the error's kind, and its message), the time the
+    /// lookup took. Never a value.
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &self,
+        provider: &str,
+        ids: &[&str],
+        fresh: bool,
+        how: Option<cache::How>,
+        result: Result<(), &SecretError>,
+        stale_age: Option<Duration>,
+        started: Instant,
+    ) {
+        let c = self.caller;
+        let ids = ids
+            .iter()
+            .map(|id| redact_id(id))
+            .collect::<Vec<_>>()
+            .join(",");
+        let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let stale_age_ms = stale_age.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let (result, error) = match result {
+            Ok(()) => ("ok", None),
+            Err(e) => (e.kind(), Some(e)),
+        };
+        tracing::info!(
+            target: "audit",
+            service = %self.service,
+            caller.pid = c.map(|c| c.pid),
+            caller.uid = c.map(|c| c.uid),
+            caller.gid = c.map(|c| c.gid),
+            caller.cgroup = c.map(|c| c.cgroup_id),
+            caller.comm = c.map(|c| c.comm.as_str()),
+            caller.thread = c.map(|c| c.thread.as_str()),
+            provider = %provider,
+            ids = %ids,
+            credentials = %self.credentials,
+            fresh,
+            cache = how.map_or("none", cache::How::word),
+            result,
+            error = error.map(tracing::field::display),
+            stale_age_ms,
+            latency_us,
+            "credential fetch"
+        );
+    }
+}
+
+/// One store call for a group, through the provider's breaker: refused at once while
+/// the circuit is open.
+async fn fetch_group(slot: &Slot, ids: &[String]) -> cache::Outcome {
+    let permit = match slot.breaker.as_ref().map(Breaker::admit) {
+        None => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(retry_in)) => {
+            return Err(SecretError::CircuitOpen {
+                provider: slot.provider.name().to_owned(),
+                id: ids[0].clone(),
+                retry_in,
+            });
+        }
+    };
+    let outcome = call_store(slot.provider.as_ref(), ids).await;
+    if let Some(p) = permit {
+        p.record(&outcome);
+    }
+    outcome
+}
+
+/// One provider call: bounded by the provider's timeout (else [`FETCH_TIMEOUT`]), one
+/// value per id, empty values refused. Returns the values and when the first of them
+/// expires, as the provider says.
+async fn call_store(p: &dyn SecretProvider, ids: &[String]) -> cache::Outcome {
     let provider = p.name();
     let started = Instant::now();
-    let shown = redact_id(id);
-    let fetched = tokio::time::timeout(FETCH_TIMEOUT, p.get(id))
+    let limit = p.timeout().unwrap_or(FETCH_TIMEOUT);
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let fetched = tokio::time::timeout(limit, p.get_many(&refs))
         .await
         .map_err(|_| SecretError::Timeout {
             provider: provider.to_owned(),
-            id: id.to_owned(),
-            after: FETCH_TIMEOUT,
+            id: ids[0].clone(),
+            after: limit,
         })??;
-    if fetched.value.is_empty() {
-        // An empty file, body or variable is a broken store, not an empty password.
-        return Err(SecretError::Empty {
+    if fetched.len() != ids.len() {
+        return Err(SecretError::BadReply {
             provider: provider.to_owned(),
-            id: id.to_owned(),
+            id: ids[0].clone(),
+            reason: format!(
+                "the provider returned {} values for {} ids",
+                fetched.len(),
+                ids.len()
+            ),
         });
+    }
+    let mut expires: Option<Instant> = None;
+    let mut values = Vec::with_capacity(ids.len());
+    for (f, id) in fetched.into_iter().zip(ids) {
+        if f.value.is_empty() {
+            // An empty file, body or variable is a broken store, not an empty password.
+            return Err(SecretError::Empty {
+                provider: provider.to_owned(),
+                id: id.clone(),
+            });
+        }
+        // An expiry too far to represent is no limit (the TTL still is).
+        if let Some(at) = f.expires_in.and_then(|d| started.checked_add(d)) {
+            expires = Some(expires.map_or(at, |e| e.min(at)));
+        }
+        values.push(f.value);
     }
     tracing::debug!(
         provider,
-        id = %shown,
+        ids = %ids.iter().map(|id| redact_id(id)).collect::<Vec<_>>().join(","),
         elapsed_ms = started.elapsed().as_millis() as u64,
-        expires_in_ms = fetched.expires_in.map(|d| d.as_millis() as u64),
-        "credential fetched"
+        expires_in_ms = expires.map(|e| e.saturating_duration_since(started).as_millis() as u64),
+        "credentials fetched"
     );
-    // An expiry too far to represent is no limit (the TTL still is).
-    let expires = fetched.expires_in.and_then(|d| started.checked_add(d));
-    Ok((fetched.value, expires))
+    Ok((values, expires))
 }
 
+#[cfg(test)]
+mod store_tests;
 #[cfg(test)]
 mod tests;

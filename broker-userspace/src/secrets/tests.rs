@@ -410,7 +410,16 @@ services:
     names.sort_unstable();
     assert_eq!(
         names,
-        ["aws", "conjur", "env", "file", "http", "kubernetes", "literal", "vault"]
+        [
+            "aws",
+            "conjur",
+            "env",
+            "file",
+            "http",
+            "kubernetes",
+            "literal",
+            "vault"
+        ]
     );
 }
 
@@ -614,6 +623,7 @@ fn counted_service() -> Service {
         intercept: vec![],
         credentials,
         authentication: vec![],
+        cache: crate::config::CacheOverride::default(),
     }
 }
 
@@ -623,7 +633,9 @@ async fn password(
     fresh: bool,
 ) -> Result<String, CredentialError> {
     let mut fetched = Vec::new();
-    let c = store.credentials(service, fresh, &mut fetched).await?;
+    let c = store
+        .credentials(Requester::new(service, None), fresh, &mut fetched)
+        .await?;
     assert_eq!(fetched, ["password<-count:db/pw"]);
     assert_eq!(format!("{c:?}"), r#"{"host", "password"}"#);
     Ok(c.text("password").unwrap().unwrap().to_owned())
@@ -786,6 +798,7 @@ fn env_store(ttl: Duration) -> Arc<SecretStore> {
                 cache_ttl: ttl,
                 ..crate::config::BrokerSettings::default()
             },
+            fetch_policies: BTreeMap::new(),
         })
         .unwrap(),
     )
@@ -858,7 +871,7 @@ services:
     };
     let mut stats = ConnStats::default();
     let e = env
-        .credentials(&cfg.services[0], false, &mut stats)
+        .credentials(Requester::new(&cfg.services[0], None), false, &mut stats)
         .await
         .unwrap_err();
     assert!(matches!(e, ConnError::Credentials(_)), "{e}");

@@ -39,7 +39,7 @@ use crate::{
     config::{InterceptTarget, ListenAddr, Service},
     connector::{
         AsyncStream, BoxFuture, Caller, Conn, ConnError, ConnStats, Connector, Credentials, Env,
-        Handoff, Session, UpstreamStream, close_gracefully,
+        Handoff, Requester, Session, UpstreamStream, close_gracefully,
         dial::HostPort,
         target::{self, AppDestination, Destinations, Fallbacks},
     },
@@ -942,7 +942,14 @@ impl<'a> Handler<'a> {
             return Ok(Arc::clone(c));
         }
         let mut stats = ConnStats::default();
-        let r = self.env.credentials(service, false, &mut stats).await;
+        let r = self
+            .env
+            .credentials(
+                Requester::new(service, self.caller.as_deref()),
+                false,
+                &mut stats,
+            )
+            .await;
         if !stats.fetched.is_empty() {
             let mut f = self.fetched.lock().expect("lock");
             if f.is_empty() {
@@ -1606,12 +1613,12 @@ impl Drop for RequestLog {
             service = %self.service.name,
             connector = self.service.connector.name(),
             http.method = %self.method,
-            http.authority = self
+            http.authority = %self
                 .authority
                 .as_ref()
                 .and_then(|a| a.to_str().ok())
                 .unwrap_or_default(),
-            http.path = self.uri.path(),
+            http.path = %self.uri.path(),
             http.status = self.status,
             authenticated = self.authenticated,
             bytes.down = self.bytes,

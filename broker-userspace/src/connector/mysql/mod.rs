@@ -67,7 +67,7 @@ use self::{
 use crate::{
     config::Service,
     connector::{
-        BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind, Session,
+        BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind, Requester, Session,
         UpstreamStream, close_gracefully,
         db_tls::TlsConfigCache,
         settings,
@@ -312,7 +312,13 @@ async fn connect(
     dests: Destinations<'_>,
     fresh: bool,
 ) -> Result<(Credentials, UpstreamParams, Opened), Failure> {
-    let creds = env.credentials(service, fresh, &mut conn.stats).await?;
+    let creds = env
+        .credentials(
+            Requester::new(service, conn.caller.as_ref()),
+            fresh,
+            &mut conn.stats,
+        )
+        .await?;
     let params = UpstreamParams::from_credentials(
         &creds,
         AppDestination {
@@ -377,7 +383,14 @@ async fn establish(
                         code = err.code,
                         "upstream rejected the credentials; fetching them again (rotation)"
                     );
-                    match env.credentials(service, true, &mut conn.stats).await {
+                    match env
+                        .credentials(
+                            Requester::new(service, conn.caller.as_ref()),
+                            true,
+                            &mut conn.stats,
+                        )
+                        .await
+                    {
                         Ok(fresh) if fresh.0 != creds.0 => {
                             creds = fresh;
                             params = UpstreamParams::from_credentials(

@@ -93,6 +93,7 @@ pub(super) async fn broker_with_ca(
         intercept: vec![],
         credentials: creds.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         authentication: vec![],
+        cache: crate::config::CacheOverride::default(),
     };
     let mut providers = BTreeMap::new();
     providers.insert("file".to_owned(), ProviderConfig::File);
@@ -107,6 +108,7 @@ pub(super) async fn broker_with_ca(
             splice: false,
             ..BrokerSettings::default()
         },
+        fetch_policies: BTreeMap::new(),
     };
     let env = Env {
         secrets: Arc::new(crate::secrets::SecretStore::new(&config).unwrap()),

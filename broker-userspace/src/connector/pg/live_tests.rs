@@ -77,6 +77,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
         intercept: vec![],
         credentials: creds.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         authentication: vec![],
+        cache: crate::config::CacheOverride::default(),
     };
     let mut providers = BTreeMap::new();
     providers.insert("file".to_owned(), ProviderConfig::File);
@@ -91,6 +92,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
             splice: false,
             ..BrokerSettings::default()
         },
+        fetch_policies: BTreeMap::new(),
     };
     let env = Env {
         secrets: Arc::new(crate::secrets::SecretStore::new(&config).unwrap()),

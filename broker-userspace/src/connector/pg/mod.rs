@@ -47,7 +47,7 @@ use self::{
 use crate::{
     config::Service,
     connector::{
-        BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind, Session,
+        BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind, Requester, Session,
         UpstreamStream, settings,
         target::{AppDestination, Destinations},
     },
@@ -291,7 +291,13 @@ async fn session(
         version = startup.version,
         "client startup"
     );
-    let mut creds = env.credentials(service, false, &mut conn.stats).await?;
+    let mut creds = env
+        .credentials(
+            Requester::new(service, conn.caller.as_ref()),
+            false,
+            &mut conn.stats,
+        )
+        .await?;
     let mut retried = false;
     let dests = Destinations::for_service(&cfg.upstream_allow, &service.intercept);
     // One deadline for the whole handshake, both attempts included.
@@ -350,7 +356,14 @@ async fn session(
                         code = %error.code,
                         "upstream rejected the credentials; fetching them again (rotation)"
                     );
-                    match env.credentials(service, true, &mut conn.stats).await {
+                    match env
+                        .credentials(
+                            Requester::new(service, conn.caller.as_ref()),
+                            true,
+                            &mut conn.stats,
+                        )
+                        .await
+                    {
                         Ok(fresh) if !same_credentials(&fresh, &creds) => {
                             creds = fresh;
                             continue;
