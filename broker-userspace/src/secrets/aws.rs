@@ -697,28 +697,7 @@ impl AwsProvider {
             }
             None => {}
         }
-        match status.as_u16() {
-            401 | 403 => SecretError::Denied {
-                provider,
-                id,
-                reason,
-            },
-            408 | 429 | 500..=599 => SecretError::Unreachable {
-                provider,
-                id,
-                reason,
-            },
-            300..=399 => SecretError::BadReply {
-                provider,
-                id,
-                reason: format!("{reason}: redirects are not followed"),
-            },
-            _ => SecretError::BadReply {
-                provider,
-                id,
-                reason,
-            },
-        }
+        SecretError::from_status(&provider, &id, status.as_u16(), reason)
     }
 
     fn transport(&self, id: &str, e: reqwest::Error) -> SecretError {

@@ -307,31 +307,8 @@ impl ConjurProvider {
 
     /// A non-2xx status of a secrets request (`what`) as an error.
     fn err_status(&self, id: &str, status: StatusCode, what: &str) -> SecretError {
-        let (provider, id) = (self.name.clone(), id.to_owned());
         let reason = format!("{what}: HTTP status {status}");
-        match status.as_u16() {
-            404 => SecretError::NotFound { provider, id },
-            401 | 403 => SecretError::Denied {
-                provider,
-                id,
-                reason,
-            },
-            408 | 429 | 500..=599 => SecretError::Unreachable {
-                provider,
-                id,
-                reason,
-            },
-            300..=399 => SecretError::BadReply {
-                provider,
-                id,
-                reason: format!("{reason}: redirects are not followed"),
-            },
-            _ => SecretError::BadReply {
-                provider,
-                id,
-                reason,
-            },
-        }
+        SecretError::from_status(&self.name, id, status.as_u16(), reason)
     }
 
     fn transport(&self, id: &str, e: reqwest::Error, after: Duration) -> SecretError {

@@ -210,6 +210,37 @@ impl SecretError {
         }
     }
 
+    /// A store's non-2xx HTTP status as an error: 404 not found; 401 and 403 denied;
+    /// 408, 429 and 5xx unreachable; a redirect (never followed) or any other status a
+    /// bad reply. `reason` says what answered so (`HTTP status 503`), never a body.
+    #[must_use]
+    pub fn from_status(provider: &str, id: &str, status: u16, reason: String) -> Self {
+        let (provider, id) = (provider.to_owned(), id.to_owned());
+        match status {
+            404 => Self::NotFound { provider, id },
+            401 | 403 => Self::Denied {
+                provider,
+                id,
+                reason,
+            },
+            408 | 429 | 500..=599 => Self::Unreachable {
+                provider,
+                id,
+                reason,
+            },
+            300..=399 => Self::BadReply {
+                provider,
+                id,
+                reason: format!("{reason}: redirects are not followed"),
+            },
+            _ => Self::BadReply {
+                provider,
+                id,
+                reason,
+            },
+        }
+    }
+
     /// The provider instance the error is about.
     #[must_use]
     pub fn provider(&self) -> &str {
