@@ -416,12 +416,7 @@ impl AwsProvider {
             client_cert: None,
         })
         .map_err(|e| anyhow::anyhow!("provider {name}: TLS: {e}"))?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured((*tls).clone())
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")))
+        let http = crate::secrets::store_client((*tls).clone(), timeout)
             .build()
             .with_context(|| format!("provider {name}: cannot create the HTTP client"))?;
         let fixed = match (&cfg.access_key_id, &cfg.secret_access_key) {

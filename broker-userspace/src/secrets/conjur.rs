@@ -456,12 +456,7 @@ impl Client {
             client_cert: None,
         })
         .map_err(|e| anyhow::anyhow!("provider {name}: Conjur CA certificate: {e}"))?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(Arc::unwrap_or_clone(tls))
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")))
+        let http = crate::secrets::store_client(Arc::unwrap_or_clone(tls), timeout)
             .build()
             .with_context(|| format!("provider {name}: cannot create the HTTP client"))?;
         Ok(Self {

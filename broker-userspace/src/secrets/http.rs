@@ -105,14 +105,7 @@ impl HttpProvider {
             };
             anyhow::anyhow!("provider {name}: {what}: {e}")
         })?;
-        let builder = reqwest::Client::builder()
-            .tls_backend_preconfigured(Arc::unwrap_or_clone(tls))
-            // A redirect is an error: following one to another host made that host's
-            // reply the password (and sent it our request).
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")));
+        let builder = crate::secrets::store_client(Arc::unwrap_or_clone(tls), timeout);
         let client = builder
             .build()
             .with_context(|| format!("provider {name}: cannot create the HTTP client"))?;

@@ -296,6 +296,19 @@ pub fn redact_id(id: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// The HTTP client builder every store provider starts from: the broker's (ring) TLS
+/// configuration, redirects never followed (one would carry the request's token to
+/// wherever it points, and make another host's reply the value), every request and
+/// connect bounded by `timeout`.
+pub(crate) fn store_client(tls: rustls::ClientConfig, timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")))
+}
+
 /// A source of secret values.
 pub trait SecretProvider: Send + Sync {
     /// The instance name, as used in `from:` / `provider:` (e.g. `env`, `uts`).

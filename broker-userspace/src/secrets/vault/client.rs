@@ -181,15 +181,7 @@ impl Client {
             client_cert: None,
         })
         .map_err(|e| format!("caFile (or VAULT_CACERT): {e}"))?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(Arc::unwrap_or_clone(tls))
-            // A redirect would carry the token to wherever it points (a standby node
-            // redirecting to the active one: point `address` at the active node or a
-            // load balancer).
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(s.timeout)
-            .connect_timeout(s.timeout)
-            .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")))
+        let http = crate::secrets::store_client(Arc::unwrap_or_clone(tls), s.timeout)
             .build()
             .map_err(|e| format!("cannot create the HTTP client: {e}"))?;
         let namespace = match &s.namespace {
