@@ -1136,6 +1136,10 @@ impl FakeVault {
 
 impl Drop for FakeVault {
     fn drop(&mut self) {
+        // The database mounts hold the test's PostgreSQL: let it go now, not when the
+        // server's threads end (they may outlive the test process's last destructor,
+        // leaving the server running).
+        self.inner.lock().mounts.clear();
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop so the thread ends.
         let _ = TcpStream::connect(self.addr);
