@@ -181,6 +181,13 @@ impl HttpProvider {
         if !status.is_success() {
             return Err(self.err_status(id, status));
         }
+        if field.is_none() && is_html(resp.headers()) {
+            // A proxy's or captive portal's page answered with 200 is not a password.
+            return Err(self.err_reply(
+                id,
+                "the store answered with an HTML page (Content-Type: text/html), not a value",
+            ));
+        }
         let expires_in = cache_control(resp.headers());
         let mut body = read_body(&mut resp, MAX_BODY).await.map_err(|e| match e {
             BodyError::TooBig => self.err_reply(id, format!("reply larger than {MAX_BODY} bytes")),
@@ -369,6 +376,18 @@ impl SecretProvider for HttpProvider {
     }
 }
 
+/// Whether a reply says it is an HTML page.
+fn is_html(headers: &reqwest::header::HeaderMap) -> bool {
+    headers
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| {
+            let t = t.trim();
+            t.eq_ignore_ascii_case("text/html") || t.eq_ignore_ascii_case("application/xhtml+xml")
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use reqwest::header::{CACHE_CONTROL, HeaderMap, HeaderValue};
@@ -427,6 +446,24 @@ mod tests {
         }
         let e = json_field(b"pw not json", "/x", "reply").unwrap_err();
         assert!(e.contains("not JSON") && !e.contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn an_html_page_is_not_a_raw_value() {
+        let with = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                reqwest::header::CONTENT_TYPE,
+                HeaderValue::from_str(ct).unwrap(),
+            );
+            is_html(&h)
+        };
+        assert!(with("text/html"));
+        assert!(with("Text/HTML; charset=utf-8"));
+        assert!(with("application/xhtml+xml"));
+        assert!(!with("text/plain"));
+        assert!(!with("application/octet-stream"));
+        assert!(!is_html(&HeaderMap::new()));
     }
 
     #[test]
