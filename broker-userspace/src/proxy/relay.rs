@@ -133,8 +133,11 @@ pub async fn relay_terminated(
 
 /// A TLS client that closes its connection without `close_notify` (many do, pg8000
 /// among them) has ended its stream all the same: rustls reports it as
-/// `UnexpectedEof`, taken here as the end of the stream. (Truncation cannot hurt the
-/// upstream: a PostgreSQL message cut short is an incomplete message to the server.)
+/// `UnexpectedEof`, taken here as the end of the stream. So is a reset: a client that
+/// closes with our `close_notify` (or anything else) unread makes its kernel answer
+/// with RST, which reads as `ConnectionReset` here, and our `close_notify` to a client
+/// already gone fails the same way. (Truncation cannot hurt the upstream: a PostgreSQL
+/// message cut short is an incomplete message to the server.)
 struct EofIsEnd<'a, S: ?Sized>(&'a mut S);
 
 impl<S: AsyncStream + ?Sized> tokio::io::AsyncRead for EofIsEnd<'_, S> {
@@ -144,12 +147,20 @@ impl<S: AsyncStream + ?Sized> tokio::io::AsyncRead for EofIsEnd<'_, S> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         match std::pin::Pin::new(&mut *self.get_mut().0).poll_read(cx, buf) {
-            std::task::Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                std::task::Poll::Ready(Ok(()))
-            }
+            std::task::Poll::Ready(Err(e)) if ends_stream(&e) => std::task::Poll::Ready(Ok(())),
             other => other,
         }
     }
+}
+
+/// An error that only says the client has gone (see [`EofIsEnd`]).
+fn ends_stream(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 impl<S: AsyncStream + ?Sized> tokio::io::AsyncWrite for EofIsEnd<'_, S> {
@@ -172,7 +183,10 @@ impl<S: AsyncStream + ?Sized> tokio::io::AsyncWrite for EofIsEnd<'_, S> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut *self.get_mut().0).poll_shutdown(cx)
+        match std::pin::Pin::new(&mut *self.get_mut().0).poll_shutdown(cx) {
+            std::task::Poll::Ready(Err(e)) if ends_stream(&e) => std::task::Poll::Ready(Ok(())),
+            other => other,
+        }
     }
 }
 
