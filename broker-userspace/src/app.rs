@@ -112,22 +112,38 @@ pub fn ca(file: Option<&Path>, dir: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `broker check -f FILE`: print every error (or a summary) and return the exit status.
+/// `broker check FILE`: print every error and warning (or a summary) and return the exit
+/// status. `strict`: warnings (what Secretless tolerates and we accept) fail the check too.
 #[must_use]
-pub fn check(path: &Path) -> i32 {
+pub fn check(path: &Path, strict: bool) -> i32 {
     match load_config(path) {
         Ok(cfg) => {
+            let shown = path.display();
+            let level = if strict { "error" } else { "warning" };
+            for w in &cfg.warnings {
+                eprintln!("{shown}: {level}: {w}");
+            }
             // Services that cannot share their listenOn address.
             if let Err(e) = crate::runtime::check(&cfg) {
-                eprintln!("{}: error: {e:#}", path.display());
+                eprintln!("{shown}: error: {e:#}");
+                return EXIT_CONFIG;
+            }
+            if strict && !cfg.warnings.is_empty() {
+                eprintln!(
+                    "{shown}: {} warning(s), failing because of --strict",
+                    cfg.warnings.len()
+                );
                 return EXIT_CONFIG;
             }
             let intercepts: usize = cfg.services.iter().map(|s| s.intercept.len()).sum();
             println!(
-                "{}: OK: {} service(s), {} intercept target(s)",
-                path.display(),
+                "{shown}: OK: {} service(s), {} intercept target(s){}",
                 cfg.services.len(),
-                intercepts
+                intercepts,
+                match cfg.warnings.len() {
+                    0 => String::new(),
+                    n => format!(", {n} warning(s)"),
+                }
             );
             0
         }
@@ -135,6 +151,13 @@ pub fn check(path: &Path) -> i32 {
             eprintln!("{text}");
             EXIT_CONFIG
         }
+    }
+}
+
+/// Log the configuration's warnings (`run`, `exec`), each naming the file and key.
+pub fn log_warnings(path: &Path, cfg: &Config) {
+    for w in &cfg.warnings {
+        tracing::warn!(file = %path.display(), "{w}");
     }
 }
 
@@ -700,6 +723,7 @@ pub async fn run(
     let mut signals = Signals::install()?;
     harden_process();
     let cfg = load_config(config_path)?;
+    log_warnings(config_path, &cfg);
     let attach = if no_ebpf {
         Attach::None
     } else {
@@ -745,6 +769,7 @@ pub async fn exec(config_path: &Path, cmd: &[OsString], ebpf_debug: bool) -> any
     let child_limits = sys::ChildLimits::capture()?;
     harden_process();
     let cfg = load_config(config_path)?;
+    log_warnings(config_path, &cfg);
     let root = cgroup::cgroup2_root()?;
     let cg = ChildCgroup::create(&root, &format!("broker-exec-{}", std::process::id()))?;
     let daemon = Daemon::start(

@@ -101,7 +101,7 @@ fn init_logging(format: LogFormat, level: &str) -> Option<broker::logging::Queue
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Cmd::Check { file } = &cli.cmd {
-        return ExitCode::from(u8::try_from(broker::app::check(file)).unwrap_or(1));
+        return ExitCode::from(u8::try_from(broker::app::check(file, false)).unwrap_or(1));
     }
     if let Cmd::Ca { file, dir } = &cli.cmd {
         return match broker::app::ca(file.as_deref(), dir.as_deref()) {

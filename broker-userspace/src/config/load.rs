@@ -80,6 +80,7 @@ fn load_value(
         env,
         kinds,
         errors: Vec::new(),
+        warnings: Vec::new(),
         from_env: HashSet::new(),
         broken: HashSet::new(),
         seen_listen: Vec::new(),
@@ -89,8 +90,9 @@ fn load_value(
     let Value::Mapping(m) = &*root else {
         unreachable!("expansion keeps the shape")
     };
-    let cfg = l.config(m);
+    let mut cfg = l.config(m);
     if l.errors.is_empty() {
+        cfg.warnings = l.warnings;
         Ok(cfg)
     } else {
         Err(ConfigErrors(l.errors))
@@ -225,6 +227,8 @@ pub struct Loader<'e> {
     env: &'e dyn Fn(&str) -> Option<String>,
     kinds: Kinds,
     errors: Vec<ConfigError>,
+    /// Tolerated deviations (see [`Config::warnings`]).
+    warnings: Vec<ConfigError>,
     /// Paths whose value contains text from the environment: never echoed.
     from_env: HashSet<String>,
     /// Paths whose expansion failed (already reported): not checked further.
@@ -254,6 +258,12 @@ impl Loader<'_> {
     /// Record an error at `path`.
     pub fn err(&mut self, path: &str, message: impl Into<String>) {
         self.errors.push(ConfigError::new(path, message));
+    }
+
+    /// Record a warning at `path`: accepted, but logged at start and an error under
+    /// `broker check --strict`.
+    pub fn warn(&mut self, path: &str, message: impl Into<String>) {
+        self.warnings.push(ConfigError::new(path, message));
     }
 
     /// How many errors are recorded so far (a parser compares before and after).
@@ -464,6 +474,7 @@ impl Loader<'_> {
             providers,
             broker,
             fetch_policies,
+            warnings: Vec::new(),
         }
     }
 

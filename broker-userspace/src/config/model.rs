@@ -35,6 +35,10 @@ pub struct Config {
     /// `breaker` on its block), keyed by instance name; an instance not listed has
     /// [`FetchPolicy::default_for`] its kind.
     pub fetch_policies: BTreeMap<String, FetchPolicy>,
+    /// What the file does that Secretless accepts but we only tolerate (unknown keys in a
+    /// Secretless-format file, deprecated spellings, version 1 files): logged at start,
+    /// printed by `broker check`, errors under `broker check --strict`.
+    pub warnings: Vec<super::ConfigError>,
 }
 
 #[derive(Debug, Clone)]
