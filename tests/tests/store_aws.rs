@@ -81,7 +81,7 @@ fn start(providers: &str, broker_extra: &str, services: &str, env: &[(&str, &str
 /// A `pg` service on `listenOn` for `pg`, username and password as given (YAML values).
 fn service(name: &str, port: u16, pg: &PgServer, username: &str, password: &str) -> String {
     format!(
-        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      username: {username}\n      password: {password}\n",
+        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      username: {username}\n      password: {password}\n",
         pg.addr().port()
     )
 }

@@ -54,7 +54,7 @@ fn start(
 /// A `pg` service on `listenOn` for `pg`; `creds` are credential lines (6 spaces).
 fn pg_service(name: &str, port: u16, pg: &PgServer, creds: &str) -> String {
     format!(
-        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n{creds}",
+        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n{creds}",
         pg.port
     )
 }
@@ -510,7 +510,7 @@ fn a_service_with_several_conjur_credentials_is_one_batch_request() {
         "",
         "",
         &format!(
-            "  db:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: {{from: conjur, get: db/port}}\n      username: {{from: conjur, get: db/user}}\n      password: {{from: conjur, get: \"db%2Fpass%20word\"}}\n"
+            "  db:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: {{from: conjur, get: db/port}}\n      sslmode: disable\n      username: {{from: conjur, get: db/user}}\n      password: {{from: conjur, get: \"db%2Fpass%20word\"}}\n"
         ),
         &[
             ("CONJUR_APPLIANCE_URL", &conjur.url),

@@ -75,7 +75,7 @@ fn tcp_service(
     extra: &str,
 ) -> String {
     format!(
-        "  {name}:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      password: {{from: {from}, get: \"{get}\"}}\n{extra}",
+        "  {name}:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      password: {{from: {from}, get: \"{get}\"}}\n{extra}",
         web.addr.port()
     )
 }
@@ -123,7 +123,7 @@ fn a_stale_window_carries_connections_through_an_outage_then_refuses_them() {
     let (p_stale, p_closed) = (free_port(), free_port());
     let service = |name: &str, port: u16, cache: &str| {
         format!(
-            "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    cache: {cache}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      username: app_user\n      password: {{from: uts, get: db/password}}\n",
+            "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    cache: {cache}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      username: app_user\n      password: {{from: uts, get: db/password}}\n",
             pg.addr().port()
         )
     };

@@ -34,7 +34,7 @@ const SA_TOKEN_2: &str = "kube-it-sa-token-two-4f7b1d";
 /// A `pg` service on `listenOn` for `pg`; `creds` are credential lines (6 spaces).
 fn pg_service(name: &str, port: u16, pg: &PgServer, creds: &str) -> String {
     format!(
-        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n{creds}",
+        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n{creds}",
         pg.port
     )
 }

@@ -74,7 +74,7 @@ fn pg_service(
     pass: &str,
 ) -> String {
     format!(
-        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      username: {{from: {provider}, get: \"{user}\"}}\n      password: {{from: {provider}, get: \"{pass}\"}}\n",
+        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      username: {{from: {provider}, get: \"{user}\"}}\n      password: {{from: {provider}, get: \"{pass}\"}}\n",
         pg.port
     )
 }
@@ -602,7 +602,7 @@ fn a_hostile_vault_gives_typed_errors() {
         &providers,
         "",
         &format!(
-            "  web:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      password: {{from: vault, get: kv/db#password}}\n",
+            "  web:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:{port}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      password: {{from: vault, get: kv/db#password}}\n",
             web.addr.port()
         ),
         &[("VT", token.as_str())],

@@ -15,6 +15,30 @@ pub(super) struct Expanded {
     pub from_env: bool,
 }
 
+/// Whether `s` holds a `${NAME}` or `${NAME:-default}` reference.
+pub(super) fn has_reference(s: &str) -> bool {
+    let mut rest = s;
+    while let Some(pos) = rest.find("${") {
+        let body = &rest[pos + 2..];
+        if let Some(end) = body.find('}') {
+            let name = body[..end].split(":-").next().unwrap_or_default();
+            if valid_name(name) {
+                return true;
+            }
+        }
+        rest = body;
+    }
+    false
+}
+
+/// Whether `s` is one reference and nothing else (`${NAME}`, `${NAME:-default}`): then
+/// the name is a reference, not a piece of a value.
+pub(super) fn is_whole_reference(s: &str) -> bool {
+    s.strip_prefix("${")
+        .and_then(|b| b.strip_suffix('}'))
+        .is_some_and(|body| !body.contains('}') && !body.contains("${"))
+}
+
 /// Expand every reference in `s`.
 ///
 /// # Errors

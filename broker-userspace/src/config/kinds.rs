@@ -16,9 +16,10 @@ pub struct ConnectorSyntax {
     pub names: &'static [&'static str],
     /// Credentials every service of this kind must have.
     pub required_credentials: &'static [&'static str],
-    /// The upstream is named by the `host` credential unless the service intercepts (the
-    /// app's destination is then the default).
-    pub host_or_intercept: bool,
+    /// The credentials that can name the upstream (`host`; PostgreSQL also Secretless'
+    /// `address`): one is required unless the service intercepts (the app's destination
+    /// is then the default). Empty: the kind finds its upstream otherwise.
+    pub upstream_credentials: &'static [&'static str],
     /// Several services of such kinds may share one `listenOn` address (Secretless'
     /// HTTP forward proxy: each request goes to the service whose
     /// `authenticateURLsMatching` matches its URL).

@@ -20,7 +20,7 @@ use super::{
         KubernetesProviderConfig, ListenAddr, OAuth2ClientAuth, OAuth2Config, ProviderConfig,
         Service, VaultProviderConfig,
     },
-    values,
+    secretless, values,
 };
 use crate::secret::Secret;
 
@@ -57,15 +57,36 @@ fn load_value(
     kinds: Kinds,
 ) -> Result<Config, ConfigErrors> {
     let one = |path: &str, msg: &str| Err(ConfigErrors(vec![ConfigError::new(path, msg)]));
-    match &*root {
+    let mut warnings = Vec::new();
+    let dialect = match &*root {
         Value::Mapping(m) => {
-            if let Some(path) = v1_marker(m) {
+            if let Some(object) = secretless::kubernetes_object(m) {
                 return one(
-                    path,
-                    "Secretless version 1 configurations (`listeners:` and `handlers:`) are \
-                     not supported; rewrite it as version 2 (`version: 2` and `services:` \
-                     name -> {connector, listenOn, credentials}), see docs/CONFIG.md",
+                    "",
+                    &format!(
+                        "this is a Kubernetes object, {object}, not a configuration: \
+                         Secretless' Kubernetes CRD configuration (-config-mgr k8s/crd) is \
+                         not supported; put the object's `spec:` in a file and pass that \
+                         file with -f"
+                    ),
                 );
+            }
+            if secretless::is_v1(m) {
+                let (converted, shown) = secretless::convert_v1(m).map_err(ConfigErrors)?;
+                let mut old = std::mem::replace(root, converted);
+                wipe(&mut old);
+                warnings.push(ConfigError::new(
+                    "",
+                    format!(
+                        "Secretless version 1 configuration (`listeners:` and `handlers:`), \
+                         deprecated: read as this version 2 equivalent (key paths in \
+                         messages refer to it):\n{}",
+                        shown.trim_end()
+                    ),
+                ));
+                secretless::Dialect::Secretless
+            } else {
+                secretless::dialect(m)
             }
         }
         Value::Null => return one("", "the configuration is empty"),
@@ -75,18 +96,23 @@ fn load_value(
                 "the top level must be a map with `version: 2` and `services:`",
             );
         }
-    }
+    };
     let mut l = Loader {
         env,
         kinds,
+        lenient: dialect == secretless::Dialect::Secretless,
         errors: Vec::new(),
-        warnings: Vec::new(),
+        warnings,
         from_env: HashSet::new(),
         broken: HashSet::new(),
         seen_listen: Vec::new(),
         seen_targets: Vec::new(),
     };
-    l.expand_tree("", root);
+    if l.lenient {
+        l.note_dollars("", root);
+    } else {
+        l.expand_tree("", root);
+    }
     let Value::Mapping(m) = &*root else {
         unreachable!("expansion keeps the shape")
     };
@@ -99,22 +125,16 @@ fn load_value(
     }
 }
 
-/// The key path of the v1 marker, if the file is a Secretless v1 configuration.
-fn v1_marker(map: &Mapping) -> Option<&'static str> {
-    let v1_version = match map.get("version") {
-        Some(Value::Number(n)) => n.as_u64() == Some(1) || n.as_f64() == Some(1.0),
-        Some(Value::String(s)) => s.trim() == "1",
-        _ => false,
-    };
-    if v1_version {
-        Some("version")
-    } else if map.contains_key("listeners") {
-        Some("listeners")
-    } else if map.contains_key("handlers") {
-        Some("handlers")
-    } else {
-        None
-    }
+/// Whether the value at `path` may be a credential: a service's credentials, or a key
+/// whose name says it holds one.
+fn secret_path(path: &str) -> bool {
+    const SECRET_WORDS: &[&str] = &["password", "secret", "token", "key", "credential"];
+    let last = path
+        .rsplit(['.', '['])
+        .next()
+        .unwrap_or(path)
+        .to_ascii_lowercase();
+    path.contains(".credentials") || SECRET_WORDS.iter().any(|w| last.contains(w))
 }
 
 fn yaml_error(e: &yaml_serde::Error) -> String {
@@ -198,6 +218,7 @@ pub fn suggestion(word: &str, known: &[&str]) -> String {
 }
 
 const SERVICE_KEYS: &[&str] = &[
+    "protocol",
     "connector",
     "listenOn",
     "intercept",
@@ -208,6 +229,7 @@ const SERVICE_KEYS: &[&str] = &[
 ];
 const LIST_SERVICE_KEYS: &[&str] = &[
     "name",
+    "protocol",
     "connector",
     "listenOn",
     "intercept",
@@ -226,6 +248,9 @@ pub const COMMON_PROVIDER_KEYS: &[&str] = &["cacheTTL", "staleFor", "breaker"];
 pub struct Loader<'e> {
     env: &'e dyn Fn(&str) -> Option<String>,
     kinds: Kinds,
+    /// A file in Secretless' dialect ([`secretless::Dialect`]): unknown keys are
+    /// warnings, `$` is kept as written.
+    lenient: bool,
     errors: Vec<ConfigError>,
     /// Tolerated deviations (see [`Config::warnings`]).
     warnings: Vec<ConfigError>,
@@ -305,8 +330,18 @@ impl Loader<'_> {
                 }
                 Err(errs) => {
                     self.broken.insert(path.to_owned());
-                    for m in errs {
-                        self.err(path, m);
+                    if secret_path(path) && !interpolate::is_whole_reference(s) {
+                        // `pa${x}` may be a password that holds "${x}": quote none of it.
+                        self.err(
+                            path,
+                            "holds a \"$\" reference that cannot be expanded (a variable \
+                             that is not set, or an invalid name; not quoted: the value is \
+                             a credential); write \"$$\" for a literal \"$\"",
+                        );
+                    } else {
+                        for m in errs {
+                            self.err(path, m);
+                        }
                     }
                 }
             },
@@ -322,6 +357,33 @@ impl Loader<'_> {
                 }
             }
             Value::Tagged(t) => self.expand_tree(path, &mut t.value),
+            _ => {}
+        }
+    }
+
+    /// In a file in Secretless' dialect: warn about each `${NAME}` kept as written (the
+    /// value is not quoted: it may be a credential).
+    fn note_dollars(&mut self, path: &str, v: &Value) {
+        match v {
+            Value::String(s) if interpolate::has_reference(s) => self.warn(
+                path,
+                "contains \"${...}\", kept as written: a file in Secretless' format expands \
+                 no variables, as Secretless does (a file that uses a key of ours, such as \
+                 `intercept:` or `providers:`, expands them; or read the variable with \
+                 {from: env, get: NAME})",
+            ),
+            Value::Sequence(seq) => {
+                for (i, x) in seq.iter().enumerate() {
+                    self.note_dollars(&index(path, i), x);
+                }
+            }
+            Value::Mapping(m) => {
+                for (k, x) in m {
+                    let key = key_text(k).unwrap_or_else(|| "?".to_owned());
+                    self.note_dollars(&join(path, &key), x);
+                }
+            }
+            Value::Tagged(t) => self.note_dollars(path, &t.value),
             _ => {}
         }
     }
@@ -350,10 +412,20 @@ impl Loader<'_> {
                 Some(s) if allowed.contains(&s) => {}
                 Some(s) => {
                     let hint = suggestion(s, allowed);
-                    self.err(&join(path, s), format!("unknown key \"{s}\"{hint}"));
+                    self.unknown_key(&join(path, s), format!("unknown key \"{s}\"{hint}"));
                 }
                 None => self.err(path, "keys must be strings"),
             }
+        }
+    }
+
+    /// Report an unknown key: an error, or in a file in Secretless' dialect a warning
+    /// (Secretless ignores keys it does not know).
+    pub fn unknown_key(&mut self, path: &str, message: String) {
+        if self.lenient {
+            self.warn(path, format!("{message}; ignored, as Secretless does"));
+        } else {
+            self.err(path, message);
         }
     }
 
@@ -1588,23 +1660,47 @@ impl Loader<'_> {
                     }
                 }
                 let config_path = join(path, "config");
+                // `protocol: http`'s `config.authenticationStrategy` named the connector.
+                let config = match m.get("config") {
+                    Some(Value::Mapping(c))
+                        if c.contains_key("authenticationStrategy")
+                            && m.get("connector")
+                                .and_then(Value::as_str)
+                                .is_none_or(str::is_empty)
+                            && m.get("protocol").and_then(Value::as_str) == Some("http") =>
+                    {
+                        let mut c = c.clone();
+                        c.remove("authenticationStrategy");
+                        Some(Value::Mapping(c))
+                    }
+                    v => v.filter(|v| !v.is_null()).cloned(),
+                };
                 let settings = (kind.parse)(
                     self,
                     &ConnectorBlock {
                         path: &config_path,
                         service_path: path,
                         name: &written,
-                        value: m.get("config").filter(|v| !v.is_null()),
+                        value: config.as_ref(),
                         intercept: &intercept,
                         credentials: &given,
                         authentication: &authentication,
                     },
                 );
-                if kind.host_or_intercept && !intercept_given && !given.contains("host") {
+                if let [first, ..] = kind.upstream_credentials
+                    && !intercept_given
+                    && !kind.upstream_credentials.iter().any(|c| given.contains(*c))
+                {
+                    let alternatives: String = kind.upstream_credentials[1..]
+                        .iter()
+                        .map(|c| format!(" or \"{c}\""))
+                        .collect();
                     self.err(
                         &creds_path,
-                        "missing \"host\" (the upstream server; required for a service \
-                         without \"intercept\")",
+                        format!(
+                            "missing \"{first}\"{alternatives} (the upstream server; required \
+                             for a service without \"intercept\")"
+                        ),
                     );
                 }
                 ConnectorSpec::Built {
@@ -1647,12 +1743,63 @@ impl Loader<'_> {
     /// The service's connector kind: a built one (with its name as written), or a known
     /// name not built yet.
     fn connector(&mut self, path: &str, m: &Mapping) -> Option<Named> {
-        let Some(v) = m.get("connector") else {
-            self.err(path, "missing \"connector\"");
-            return None;
+        // Secretless: `protocol` is the deprecated name of `connector`; an empty value
+        // (as its own marshaller writes `protocol: ""`) is no value; `connector` wins.
+        let given = |k: &str| {
+            m.get(k)
+                .filter(|v| !matches!(v, Value::String(s) if s.is_empty()))
         };
-        let cpath = join(path, "connector");
-        let name = self.non_empty(&cpath, v)?;
+        let (key, v) = match (given("connector"), given("protocol")) {
+            (Some(c), p) => {
+                if p.is_some() {
+                    self.warn(
+                        &join(path, "protocol"),
+                        "deprecated Secretless key, ignored: \"connector\" is also set and wins",
+                    );
+                }
+                ("connector", c)
+            }
+            (None, Some(p)) => {
+                self.warn(
+                    &join(path, "protocol"),
+                    "deprecated Secretless key: read as \"connector\"",
+                );
+                ("protocol", p)
+            }
+            (None, None) => {
+                self.err(path, "missing \"connector\"");
+                return None;
+            }
+        };
+        let cpath = join(path, key);
+        let mut name = self.non_empty(&cpath, v)?;
+        if key == "protocol" && name == "http" {
+            // Secretless v2's legacy HTTP form: the connector is the config's
+            // `authenticationStrategy`.
+            let spath = join(path, "config.authenticationStrategy");
+            let strategy = match m.get("config") {
+                Some(Value::Mapping(c)) => c.get("authenticationStrategy"),
+                _ => None,
+            };
+            let Some(sv) = strategy else {
+                self.err(
+                    &spath,
+                    "missing: `protocol: http` takes its connector from \
+                     config.authenticationStrategy (aws, basic_auth or conjur)",
+                );
+                return None;
+            };
+            let strategy = self.non_empty(&spath, sv)?;
+            if !["aws", "basic_auth", "conjur"].contains(&strategy.as_str()) {
+                let shown = self.shown(&spath, &strategy);
+                self.err(
+                    &spath,
+                    format!("unknown authenticationStrategy {shown} (aws, basic_auth or conjur)"),
+                );
+                return None;
+            }
+            name = strategy;
+        }
         if let Some(k) = self
             .kinds
             .built
@@ -1669,9 +1816,17 @@ impl Loader<'_> {
             .chain(self.kinds.not_built.iter().copied())
             .collect();
         let shown = self.shown(&cpath, &name);
+        let plugin = if self.lenient {
+            "; Secretless Go plugin connectors are not supported"
+        } else {
+            ""
+        };
         self.err(
             &cpath,
-            format!("unknown connector {shown} (known: {})", quoted_list(&known)),
+            format!(
+                "unknown connector {shown} (known: {}){plugin}",
+                quoted_list(&known)
+            ),
         );
         None
     }
@@ -1738,6 +1893,19 @@ impl Loader<'_> {
                         continue;
                     };
                     let p = join(&cpath, &name);
+                    // As Secretless: an empty value, or an empty `get`, is no credential.
+                    let empty = |v: Option<&Value>, lenient: bool| match v {
+                        Some(Value::String(s)) => s.is_empty(),
+                        Some(Value::Null) => lenient,
+                        _ => false,
+                    };
+                    let unset = match cv {
+                        Value::Mapping(cm) => empty(cm.get("get"), self.lenient),
+                        v => empty(Some(v), self.lenient),
+                    };
+                    if unset {
+                        continue;
+                    }
                     given.insert(name.clone());
                     let src = match cv {
                         Value::Mapping(cm) => self.credential_source(&p, cm, false, names),

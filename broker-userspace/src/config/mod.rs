@@ -14,6 +14,7 @@ mod interpolate;
 mod kinds;
 mod load;
 mod model;
+mod secretless;
 mod values;
 
 use std::{fmt, path::Path};

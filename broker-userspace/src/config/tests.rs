@@ -743,7 +743,10 @@ services:
 fn interpolated_values_never_break_yaml() {
     // A value full of YAML syntax stays one string.
     let cfg = load_env(
-        &PG.replace("password: pw", "password: ${PW}"),
+        &format!(
+            "broker: {{}}\n{}",
+            PG.replace("password: pw", "password: ${PW}")
+        ),
         &[("PW", "a: b\n- c # d {e} [f] 'g\" \\")],
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -779,6 +782,7 @@ fn unknown_keys_are_named() {
     let e = errs(
         "
 version: 2
+broker: {}
 servics: {}
 services:
   db:
@@ -949,10 +953,20 @@ services:
 
 #[test]
 fn pg_config_keys_and_connection_settings_as_credentials() {
-    let e = errs(&PG.replace(
+    let secretless = PG.replace(
         "    credentials:",
         "    config:\n      sslmode: require\n    credentials:",
-    ));
+    );
+    // Secretless ignores a pg service's `config:`: a warning in its dialect.
+    let cfg = ok(&secretless);
+    assert!(
+        cfg.warnings
+            .iter()
+            .any(|w| w.path == "services.db.config.sslmode" && w.message.contains("ignored")),
+        "{:?}",
+        cfg.warnings
+    );
+    let e = errs(&format!("broker: {{}}\n{secretless}"));
     has(&e, "services.db.config.sslmode", "are credentials");
     let cfg = ok(&PG.replace(
         "    credentials:",
@@ -1065,27 +1079,223 @@ services:
 }
 
 #[test]
-fn v1_format_is_refused_clearly() {
-    let e = errs(
-        "
+fn v1_files_are_converted_as_secretless_does() {
+    let cfg = ok("
 listeners:
-  - name: pg
+  - name: pg_listener
     protocol: pg
     address: 0.0.0.0:5432
+  - name: http_listener
+    protocol: http
+    address: 0.0.0.0:8080
+  - name: sock
+    protocol: pg
+    socket: /sock/.s.PGSQL.5432
 handlers:
   - name: pg
-    listener: pg
+    listener: pg_listener
     credentials:
-      - name: password
+      - name: address
         provider: env
-        id: PG_PASSWORD
-",
+        id: PG_ADDRESS
+      - name: password
+        provider: literal
+        id: v1-literal-secret
+      - {name: username, provider: literal, id: u}
+  - name: pg_second
+    listener: pg_listener
+    credentials:
+      - name: host
+        provider: literal
+        id: ignored
+  - name: api
+    listener: http_listener
+    type: http/basic_auth
+    match: [\"^http://api\\\\.\"]
+    credentials:
+      - {name: username, provider: literal, id: u}
+      - {name: password, provider: literal, id: p}
+  - name: sockpg
+    listener: sock
+    credentials:
+      - {name: host, provider: literal, id: h}
+      - {name: username, provider: literal, id: u}
+      - {name: password, provider: literal, id: p}
+");
+    let names: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+    // One service per handler; a non-HTTP listener takes only its first handler.
+    assert_eq!(names, ["pg", "api", "sockpg"], "{names:?}");
+    let pg = &cfg.services[0];
+    assert_eq!(from(pg, "address"), ("env".into(), "PG_ADDRESS".into()));
+    assert_eq!(literal(pg, "password"), "v1-literal-secret");
+    assert_eq!(
+        pg.listen_on,
+        Some(ListenAddr::Tcp("0.0.0.0:5432".parse().unwrap()))
     );
-    assert_eq!(e.len(), 1, "{e}");
-    has(&e, "listeners", "version 1");
-    has(&e, "listeners", "not supported");
+    assert_eq!(
+        cfg.services[2].listen_on,
+        Some(ListenAddr::Unix("/sock/.s.PGSQL.5432".into()))
+    );
+    assert!(matches!(
+        &cfg.services[1].connector,
+        ConnectorSpec::Built {
+            kind: "basic_auth",
+            ..
+        }
+    ));
+    // The warning prints the v2 equivalent, but never a literal value.
+    assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+    let w = cfg.warnings[0].to_string();
+    assert!(
+        w.contains("version 1") && w.contains("listenOn: tcp://0.0.0.0:5432"),
+        "{w}"
+    );
+    assert!(w.contains("authenticateURLsMatching"), "{w}");
+    assert!(!w.contains("v1-literal-secret"), "{w}");
+
+    // What Secretless' own v1 validation rejects.
     let e = errs("version: 1\nlisteners: []\n");
-    has(&e, "version", "version 1");
+    has(&e, "listeners", "must not be empty");
+    let e = errs(
+        "listeners:\n  - {name: a, protocol: pg}\n  - {name: b, protocol: pg, address: x, socket: y}\nhandlers:\n  - {name: h, listener: nowhere}\n",
+    );
+    has(&e, "listeners[0]", "needs \"address\" or \"socket\"");
+    has(&e, "listeners[1]", "only one of");
+    has(&e, "handlers[0].listener", "has no associated listener");
+    has(&e, "listeners[0]", "has no associated handler");
+}
+
+#[test]
+fn kubernetes_objects_are_named_as_unsupported() {
+    let e = errs(
+        "apiVersion: secretless.io/v1\nkind: Configuration\nmetadata: {name: x}\nspec:\n  listeners: []\n",
+    );
+    has(
+        &e,
+        "",
+        "Kubernetes object, Configuration (secretless.io/v1)",
+    );
+    has(&e, "", "not supported");
+}
+
+#[test]
+fn secretless_dialect_is_lenient_where_secretless_is() {
+    // Secretless' quick start: `debug: true` at the top, `protocol:`, empty values.
+    let cfg = load_env(
+        "
+version: 2
+debug: true
+services:
+  pg:
+    protocol: pg
+    listenOn: tcp://127.0.0.1:5432
+    credentials:
+      address: 127.0.0.1:5433/app
+      username: u
+      password: pa${NOT_EXPANDED}$$x
+      sslmode: \"\"
+      sslrootcert: {from: env, get: \"\"}
+      sslkey:
+    config:
+      optionA: 1
+  both:
+    connector: tcp
+    protocol: pg
+    listenOn: tcp://127.0.0.1:5434
+    credentials: {host: h}
+  marshalled:
+    protocol: \"\"
+    connector: tcp
+    listenOn: tcp://127.0.0.1:5435
+    credentials: {host: h}
+  legacy-http:
+    protocol: http
+    listenOn: tcp://127.0.0.1:8080
+    credentials: {username: u, password: p}
+    config:
+      authenticationStrategy: basic_auth
+      authenticateURLsMatching: ['^http']
+",
+        &[("NOT_EXPANDED", "boom")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pg = &cfg.services.iter().find(|s| s.name == "pg").unwrap();
+    assert!(matches!(
+        &pg.connector,
+        ConnectorSpec::Built { kind: "pg", .. }
+    ));
+    // `$` as Secretless reads it: as written.
+    assert_eq!(literal(pg, "password"), "pa${NOT_EXPANDED}$$x");
+    for unset in ["sslmode", "sslrootcert", "sslkey"] {
+        assert!(!pg.credentials.contains_key(unset), "{unset}");
+    }
+    let both = cfg.services.iter().find(|s| s.name == "both").unwrap();
+    assert!(matches!(
+        &both.connector,
+        ConnectorSpec::Built { kind: "tcp", .. }
+    ));
+    let http = cfg
+        .services
+        .iter()
+        .find(|s| s.name == "legacy-http")
+        .unwrap();
+    assert!(matches!(
+        &http.connector,
+        ConnectorSpec::Built {
+            kind: "basic_auth",
+            ..
+        }
+    ));
+    let warned: Vec<String> = cfg.warnings.iter().map(ToString::to_string).collect();
+    let warned_at = |path: &str, needle: &str| {
+        assert!(
+            cfg.warnings
+                .iter()
+                .any(|w| w.path == path && w.message.contains(needle)),
+            "no warning at {path} with {needle:?}: {warned:#?}"
+        );
+    };
+    warned_at("debug", "unknown key \"debug\"");
+    warned_at("services.pg.protocol", "read as \"connector\"");
+    warned_at("services.pg.config.optionA", "ignored");
+    warned_at("services.both.protocol", "\"connector\" is also set");
+    warned_at("services.pg.credentials.password", "kept as written");
+    assert!(
+        !warned
+            .iter()
+            .any(|w| w.contains("NOT_EXPANDED") || w.contains("boom"))
+    );
+    assert!(
+        !warned.iter().any(|w| w.contains("marshalled")),
+        "{warned:#?}"
+    );
+
+    // The same file with one key of ours is ours: strict, and `${VAR}` expands.
+    let e = load_env(
+        "version: 2\ndebug: true\nservices:\n  pg:\n    connector: pg\n    intercept: [\"db:5432\"]\n    credentials: {password: \"pa${NOT_SET}\"}\n",
+        &[],
+    )
+    .unwrap_err();
+    has(&e, "debug", "unknown key \"debug\"");
+    // A credential's reference is not quoted (the value may be a password holding it).
+    has(&e, "services.pg.credentials.password", "cannot be expanded");
+    assert!(!e.to_string().contains("NOT_SET"), "{e}");
+}
+
+#[test]
+fn pg_address_names_the_upstream() {
+    let cfg = ok(
+        "version: 2\nservices:\n  pg:\n    connector: pg\n    listenOn: tcp://127.0.0.1:1\n    credentials: {address: \"db:5433\", username: u, password: p}\n",
+    );
+    assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+    let e = errs(
+        "version: 2\nservices:\n  pg:\n    connector: pg\n    listenOn: tcp://127.0.0.1:1\n    credentials: {username: u, password: p}\n",
+    );
+    has(
+        &e,
+        "services.pg.credentials",
+        "missing \"host\" or \"address\"",
+    );
 }
 
 #[test]
@@ -1123,7 +1333,7 @@ services:
     let e = errs("version: 2\n");
     has(&e, "services", "missing");
     let e = errs(
-        "version: 2\nservices:\n  db:\n    name: db\n    connector: tcp\n    listenOn: tcp://127.0.0.1:1\n    credentials: {host: h}\n",
+        "version: 2\nbroker: {}\nservices:\n  db:\n    name: db\n    connector: tcp\n    listenOn: tcp://127.0.0.1:1\n    credentials: {host: h}\n",
     );
     has(&e, "services.db.name", "unknown key \"name\"");
 }

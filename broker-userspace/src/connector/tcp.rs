@@ -24,7 +24,7 @@ pub const KIND: Kind = Kind {
     syntax: ConnectorSyntax {
         names: &["tcp"],
         required_credentials: &[],
-        host_or_intercept: true,
+        upstream_credentials: &["host"],
         shares_listener: false,
         parse,
     },

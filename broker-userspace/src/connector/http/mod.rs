@@ -33,7 +33,7 @@ pub const GENERIC_KIND: Kind = Kind {
     syntax: ConnectorSyntax {
         names: &["generic_http", "http"],
         required_credentials: &[],
-        host_or_intercept: false,
+        upstream_credentials: &[],
         shares_listener: true,
         parse: config::parse_generic,
     },
@@ -45,7 +45,7 @@ pub const BASIC_KIND: Kind = Kind {
     syntax: ConnectorSyntax {
         names: &["basic_auth"],
         required_credentials: &["username", "password"],
-        host_or_intercept: false,
+        upstream_credentials: &[],
         shares_listener: true,
         parse: config::parse_basic,
     },
@@ -58,7 +58,7 @@ pub const CONJUR_KIND: Kind = Kind {
     syntax: ConnectorSyntax {
         names: &["conjur"],
         required_credentials: &["accessToken"],
-        host_or_intercept: false,
+        upstream_credentials: &[],
         shares_listener: true,
         parse: config::parse_conjur,
     },
@@ -71,7 +71,7 @@ pub const AWS_KIND: Kind = Kind {
     syntax: ConnectorSyntax {
         names: &["aws"],
         required_credentials: &["accessKeyId", "secretAccessKey"],
-        host_or_intercept: false,
+        upstream_credentials: &[],
         shares_listener: true,
         parse: config::parse_aws,
     },

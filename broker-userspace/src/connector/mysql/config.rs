@@ -16,7 +16,7 @@ use crate::config::{
 pub(super) const SYNTAX: ConnectorSyntax = ConnectorSyntax {
     names: &["mysql", "mariadb", "tidb"],
     required_credentials: &["username", "password"],
-    host_or_intercept: true,
+    upstream_credentials: &["host"],
     shares_listener: false,
     parse,
 };
@@ -79,7 +79,7 @@ fn parse(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn Connector
                 let k = key_text(k).unwrap_or_else(|| "?".to_owned());
                 if !KEYS.contains(&k.as_str()) {
                     let hint = suggestion(&k, &KEYS);
-                    l.err(
+                    l.unknown_key(
                         &join(path, &k),
                         format!(
                             "unknown key \"{k}\"{hint}; connection settings of connector \
@@ -189,7 +189,7 @@ mod tests {
     #[test]
     fn errors_with_key_paths() {
         let e = load(
-            "version: 2\nservices:\n  db:\n    connector: mysql\n    listenOn: \
+            "version: 2\nbroker: {}\nservices:\n  db:\n    connector: mysql\n    listenOn: \
              tcp://127.0.0.1:13306\n    credentials: {host: db, username: u, password: p}\n    \
              config: {clientTLS: maybe, sslmode: disable, connectTimeout: 0s}\n",
         )

@@ -16,7 +16,7 @@ use crate::secret::Secret;
 pub(super) const SYNTAX: ConnectorSyntax = ConnectorSyntax {
     names: &["pg", "postgres", "postgresql"],
     required_credentials: &["username", "password"],
-    host_or_intercept: true,
+    upstream_credentials: &["host", "address"],
     shares_listener: false,
     parse,
 };
@@ -91,7 +91,7 @@ fn parse(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn Connector
                 let k = key_text(k).unwrap_or_else(|| "?".to_owned());
                 if !KEYS.contains(&k.as_str()) {
                     let hint = suggestion(&k, &KEYS);
-                    l.err(
+                    l.unknown_key(
                         &join(path, &k),
                         format!(
                             "unknown key \"{k}\"{hint}; connection settings of connector \

@@ -93,6 +93,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
             ..BrokerSettings::default()
         },
         fetch_policies: BTreeMap::new(),
+        warnings: Vec::new(),
     };
     let env = Env {
         secrets: Arc::new(crate::secrets::SecretStore::new(&config).unwrap()),
@@ -162,6 +163,7 @@ fn base_creds(pg: &PgServer) -> Vec<(&'static str, CredentialSource)> {
         ("port", lit(&pg.port.to_string())),
         ("username", lit(&pg.user)),
         ("password", lit(&pg.password)),
+        ("sslmode", lit("disable")),
     ]
 }
 
@@ -217,7 +219,7 @@ async fn live_tls_modes() {
     let ca_s = ca.display().to_string();
     type Case<'a> = (&'a str, Vec<(&'a str, CredentialSource)>, bool);
     let cases: Vec<Case<'_>> = vec![
-        ("default prefer", vec![], true),
+        ("default require", vec![], true),
         ("require", vec![("sslmode", lit("require"))], true),
         (
             "verify-ca",
@@ -259,6 +261,7 @@ async fn live_tls_modes() {
     ];
     for (name, extra, want_ok) in cases {
         let mut creds = base_creds(&pg);
+        creds.retain(|(k, _)| *k != "sslmode");
         creds.extend(extra);
         let run = start_broker(creds).await;
         let (ok, out) = psql(

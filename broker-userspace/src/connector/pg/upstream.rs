@@ -37,15 +37,28 @@ pub const DEFAULT_PORT: u16 = 5432;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
     Disable,
-    /// `prefer` (the default) and `allow`: TLS when the server offers it, without
-    /// verification unless `sslrootcert` is set.
+    /// `prefer` and `allow`: TLS when the server offers it, without verification unless
+    /// `sslrootcert` is set; plaintext when it does not.
     Prefer,
+    /// The default, as in Secretless (an empty value too): TLS or no session.
     Require,
     VerifyCa,
     VerifyFull,
 }
 
 impl SslMode {
+    /// The libpq name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+
     /// Parse a credential value.
     ///
     /// # Errors
@@ -54,8 +67,8 @@ impl SslMode {
     pub fn parse(s: &str) -> Result<Self, ConnError> {
         Ok(match s.trim() {
             "disable" => Self::Disable,
-            "allow" | "prefer" | "" => Self::Prefer,
-            "require" => Self::Require,
+            "allow" | "prefer" => Self::Prefer,
+            "require" | "" => Self::Require,
             "verify-ca" => Self::VerifyCa,
             "verify-full" => Self::VerifyFull,
             _ => {
@@ -119,7 +132,8 @@ impl UpstreamParams {
         };
         let sslmode = match creds.text("sslmode")? {
             Some(m) => SslMode::parse(m)?,
-            None => SslMode::Prefer,
+            // Secretless' default: a migrated service never falls back to plaintext.
+            None => SslMode::Require,
         };
         let sslhost = creds
             .text("sslhost")?
@@ -390,8 +404,9 @@ pub async fn connect(
         b'N' if p.sslmode == SslMode::Prefer => return Ok(PgStream::Plain(tcp)),
         b'N' => {
             return Err(tls_err(format!(
-                "server does not support TLS, but sslmode is {:?}",
-                p.sslmode
+                "server does not support TLS, but sslmode is {} (require is the default, as in \
+                 Secretless; set the credential `sslmode: disable` for a server without TLS)",
+                p.sslmode.name()
             )));
         }
         other => {
@@ -439,7 +454,7 @@ mod tests {
         let p = UpstreamParams::from_credentials(&creds(&[]), app(Some(dst)), Destinations::Any)
             .unwrap();
         assert_eq!(p.to, HostPort::new("10.0.0.5", 6432));
-        assert_eq!(p.sslmode, SslMode::Prefer);
+        assert_eq!(p.sslmode, SslMode::Require);
         let p = UpstreamParams::from_credentials(
             &creds(&[("host", "db")]),
             app(Some(dst)),
