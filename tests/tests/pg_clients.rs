@@ -86,7 +86,7 @@ impl Row {
         Self {
             upstream: PgTls::Off,
             dial,
-            credentials: "",
+            credentials: "sslmode: disable",
             service: "",
             env: &[],
         }
@@ -96,6 +96,7 @@ impl Row {
     const fn tls_only(dial: Dial) -> Self {
         Self {
             upstream: PgTls::Required,
+            credentials: "",
             ..Self::plain(dial)
         }
     }

@@ -30,10 +30,15 @@ const PW: &str = "hostile-target-pw-T4kq9Zr";
 
 /// A `pg` service on `listenOn: tcp://127.0.0.1:<listen>` for the upstream at
 /// `127.0.0.1:<up>`; `creds` adds credential lines (6 spaces), `config` a `config:`
-/// block (4 spaces).
+/// block (4 spaces). The upstream is plain (`sslmode: disable`) unless `creds` sets one.
 fn service(name: &str, listen: u16, up: u16, pw_file: &Path, creds: &str, config: &str) -> String {
+    let plain = if creds.contains("sslmode:") {
+        ""
+    } else {
+        "      sslmode: disable\n"
+    };
     format!(
-        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{listen}\n    credentials:\n      host: 127.0.0.1\n      port: \"{up}\"\n      username: app_user\n      password: {{from: file, get: {}}}\n{creds}{config}",
+        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{listen}\n    credentials:\n      host: 127.0.0.1\n      port: \"{up}\"\n      username: app_user\n      password: {{from: file, get: {}}}\n{plain}{creds}{config}",
         pw_file.display()
     )
 }

@@ -83,7 +83,13 @@ fn psql_through_listen_on_scram_md5_password_and_every_sslmode() {
 
     // (service, port, server, password file, extra credentials, expect success)
     let cases: Vec<(&str, &PgServer, &Path, String, bool)> = vec![
-        ("scram", &scram, &f_scram, String::new(), true),
+        (
+            "scram",
+            &scram,
+            &f_scram,
+            "      sslmode: disable\n".into(),
+            true,
+        ),
         ("md5", &md5, &f_md5, "      sslmode: disable\n".into(), true),
         // A cleartext password over plain TCP only when the service says so (the
         // default refuses: whoever holds the address would receive it).
@@ -91,10 +97,18 @@ fn psql_through_listen_on_scram_md5_password_and_every_sslmode() {
             "clear",
             &clear,
             &f_clear,
-            "      require_auth: password\n".into(),
+            "      require_auth: password\n      sslmode: disable\n".into(),
             true,
         ),
-        ("tls-prefer", &tls, &f_tls, String::new(), true),
+        // No sslmode: `require`, as in Secretless.
+        ("tls-default", &tls, &f_tls, String::new(), true),
+        (
+            "tls-prefer",
+            &tls,
+            &f_tls,
+            "      sslmode: prefer\n".into(),
+            true,
+        ),
         (
             "tls-require",
             &tls,
@@ -143,7 +157,15 @@ fn psql_through_listen_on_scram_md5_password_and_every_sslmode() {
             "      sslmode: disable\n".into(),
             false,
         ),
-        ("clear-default", &clear, &f_clear, String::new(), false),
+        (
+            "clear-default",
+            &clear,
+            &f_clear,
+            "      sslmode: disable\n".into(),
+            false,
+        ),
+        // No sslmode and a server without TLS: refused, saying how to allow it.
+        ("plain-default", &scram, &f_scram, String::new(), false),
     ];
     let ports: Vec<u16> = cases.iter().map(|_| free_port()).collect();
     let mut services = String::new();
@@ -174,7 +196,7 @@ fn psql_through_listen_on_scram_md5_password_and_every_sslmode() {
         }
     }
     // verify-full against a name the certificate lacks: a clear error naming the service.
-    let (_, text) = run_psql(ports[8], "", "select 1");
+    let (_, text) = run_psql(ports[9], "", "select 1");
     assert!(
         text.contains("service `tls-wrong-host`")
             && text.contains("TLS")
@@ -183,14 +205,22 @@ fn psql_through_listen_on_scram_md5_password_and_every_sslmode() {
     );
     all += &text;
     // A plain connection to a TLS-only server: the server's own 28000 reaches psql.
-    let (_, text) = run_psql(ports[9], "", "select 1");
+    let (_, text) = run_psql(ports[10], "", "select 1");
     assert!(text.contains("no pg_hba.conf entry"), "{text}");
     all += &text;
     // A cleartext request over plain TCP without `require_auth: password`: refused,
     // naming the setting.
-    let (_, text) = run_psql(ports[10], "", "select 1");
+    let (_, text) = run_psql(ports[11], "", "select 1");
     assert!(
         text.contains("service `clear-default`") && text.contains("requireAuth"),
+        "{text}"
+    );
+    all += &text;
+    let (_, text) = run_psql(ports[12], "", "select 1");
+    assert!(
+        text.contains("service `plain-default`")
+            && text.contains("server does not support TLS")
+            && text.contains("sslmode: disable"),
         "{text}"
     );
     all += &text;
@@ -249,7 +279,13 @@ fn wrong_password_then_rotation_through_listen_on() {
     let files = tempfile::tempdir().expect("tempdir");
     let f = write_file(files.path(), "pw", wrong);
     let port = free_port();
-    let b = start(&service("db", port, pg.port, &f, ""));
+    let b = start(&service(
+        "db",
+        port,
+        pg.port,
+        &f,
+        "      sslmode: disable\n",
+    ));
 
     // Wrong password in the store: psql prints the server's 28P01 error.
     let (out, t1) = run_psql(port, "", "select current_user");

@@ -570,6 +570,42 @@ impl Loader<'_> {
 
     // ---- providers -------------------------------------------------------------------
 
+    /// A store's bearer token: `token` (a value that can be sent in an HTTP header; never
+    /// echoed) or `tokenFile` (a path), not both.
+    fn token_or_file(
+        &mut self,
+        path: &str,
+        m: &Mapping,
+    ) -> (Option<Secret>, Option<std::path::PathBuf>) {
+        let mut token = None;
+        if let Some(v) = m.get("token") {
+            // Never echoed: `text` reports shape problems only.
+            let p = join(path, "token");
+            if let Some(t) = self.text(&p, v) {
+                if t.is_empty() {
+                    self.err(&p, "is empty");
+                } else if reqwest::header::HeaderValue::from_bytes(t.as_bytes()).is_err() {
+                    // What `broker run` rejects when it builds the provider; `check` too.
+                    self.err(
+                        &p,
+                        "contains characters that cannot be sent in an HTTP header \
+                         (a newline or another control character)",
+                    );
+                } else {
+                    token = Some(Secret::from(t));
+                }
+            }
+        }
+        let file = m
+            .get("tokenFile")
+            .and_then(|v| self.non_empty(&join(path, "tokenFile"), v))
+            .map(Into::into);
+        if m.contains_key("token") && m.contains_key("tokenFile") {
+            self.err(path, "set either \"token\" or \"tokenFile\", not both");
+        }
+        (token, file)
+    }
+
     /// The provider instances, and the failure policy ([`Self::fetch_policy`]) of each
     /// built one the block declares.
     fn providers(
@@ -843,30 +879,7 @@ impl Loader<'_> {
                 }
             }
         }
-        if let Some(v) = m.get("token") {
-            // Never echoed: `text` reports shape problems only.
-            let p = join(path, "token");
-            if let Some(t) = self.text(&p, v) {
-                if t.is_empty() {
-                    self.err(&p, "is empty");
-                } else if reqwest::header::HeaderValue::from_bytes(t.as_bytes()).is_err() {
-                    // What `broker run` rejects when it builds the provider; `check` too.
-                    self.err(
-                        &p,
-                        "contains characters that cannot be sent in an HTTP header \
-                         (a newline or another control character)",
-                    );
-                } else {
-                    cfg.token = Some(Secret::from(t));
-                }
-            }
-        }
-        if let Some(v) = m.get("tokenFile") {
-            cfg.token_file = self.non_empty(&join(path, "tokenFile"), v).map(Into::into);
-        }
-        if m.contains_key("token") && m.contains_key("tokenFile") {
-            self.err(path, "set either \"token\" or \"tokenFile\", not both");
-        }
+        (cfg.token, cfg.token_file) = self.token_or_file(path, m);
         if let Some(v) = m.get("caFile") {
             cfg.ca_file = self.non_empty(&join(path, "caFile"), v).map(Into::into);
         }
@@ -1215,29 +1228,7 @@ impl Loader<'_> {
             }
         }
         let token_ok = |t: &str| reqwest::header::HeaderValue::from_bytes(t.as_bytes()).is_ok();
-        if let Some(v) = m.get("token") {
-            // Never echoed: `text` reports shape problems only.
-            let p = join(path, "token");
-            if let Some(t) = self.text(&p, v) {
-                if t.is_empty() {
-                    self.err(&p, "is empty");
-                } else if !token_ok(&t) {
-                    self.err(
-                        &p,
-                        "contains characters that cannot be sent in an HTTP header \
-                         (a newline or another control character)",
-                    );
-                } else {
-                    cfg.token = Some(Secret::from(t));
-                }
-            }
-        }
-        if let Some(v) = m.get("tokenFile") {
-            cfg.token_file = self.non_empty(&join(path, "tokenFile"), v).map(Into::into);
-        }
-        if m.contains_key("token") && m.contains_key("tokenFile") {
-            self.err(path, "set either \"token\" or \"tokenFile\", not both");
-        }
+        (cfg.token, cfg.token_file) = self.token_or_file(path, m);
         if let Some(v) = m.get("namespace") {
             let p = join(path, "namespace");
             if let Some(ns) = self.non_empty(&p, v) {

@@ -39,7 +39,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -53,7 +53,7 @@ use reqwest::{
 use tokio::time::Instant;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{BoxFuture, Fetched, SecretError, SecretProvider, http::describe};
+use super::{BoxFuture, BuiltIn, Fetched, SecretError, SecretProvider, http::describe};
 use crate::{
     config::{ConjurProviderConfig, DEFAULT_HTTP_TIMEOUT},
     secret::Secret,
@@ -85,8 +85,7 @@ fn process_env(name: &str) -> Option<String> {
 pub struct ConjurProvider {
     name: String,
     /// The client, or why the built-in instance has none (reported at fetch time).
-    inner: Result<Client, String>,
-    warned: AtomicBool,
+    inner: BuiltIn<Client>,
 }
 
 struct Client {
@@ -166,31 +165,14 @@ impl ConjurProvider {
     /// # Errors
     /// As [`ConjurProvider::new`].
     pub fn with_env(name: &str, cfg: &ConjurProviderConfig, env: Env<'_>) -> anyhow::Result<Self> {
-        let inner = match Client::new(name, cfg, env) {
-            Ok(c) => Ok(c),
-            Err(e) if cfg.builtin => Err(format!("{e:#}")),
-            Err(e) => return Err(e),
-        };
         Ok(Self {
             name: name.to_owned(),
-            inner,
-            warned: AtomicBool::new(false),
+            inner: BuiltIn::new("conjur", name, cfg.builtin, Client::new(name, cfg, env))?,
         })
     }
 
     fn client(&self, id: &str) -> Result<&Client, SecretError> {
-        match &self.inner {
-            Ok(c) => Ok(c),
-            Err(reason) => {
-                if !self.warned.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(provider = %self.name, reason = %reason, "the built-in conjur provider is not configured");
-                }
-                Err(SecretError::NotConfigured {
-                    provider: self.name.clone(),
-                    id: id.to_owned(),
-                })
-            }
-        }
+        self.inner.get(id)
     }
 
     /// One id: the access token, or one variable.

@@ -26,10 +26,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -42,7 +39,7 @@ use reqwest::{
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{
-    BoxFuture, Fetched, SecretError, SecretProvider,
+    BoxFuture, BuiltIn, Fetched, SecretError, SecretProvider,
     conjur::{BodyError, Env, read_bounded},
     http::describe,
 };
@@ -98,8 +95,7 @@ fn valid_key(s: &str) -> bool {
 pub struct KubernetesProvider {
     name: String,
     /// The client, or why the built-in instance has none (reported at fetch time).
-    inner: Result<Client, String>,
-    warned: AtomicBool,
+    inner: BuiltIn<Client>,
 }
 
 struct Client {
@@ -149,31 +145,19 @@ impl KubernetesProvider {
         env: Env<'_>,
         sa_dir: &Path,
     ) -> anyhow::Result<Self> {
-        let inner = match Client::new(name, cfg, env, sa_dir) {
-            Ok(c) => Ok(c),
-            Err(e) if cfg.builtin => Err(format!("{e:#}")),
-            Err(e) => return Err(e),
-        };
         Ok(Self {
             name: name.to_owned(),
-            inner,
-            warned: AtomicBool::new(false),
+            inner: BuiltIn::new(
+                "kubernetes",
+                name,
+                cfg.builtin,
+                Client::new(name, cfg, env, sa_dir),
+            )?,
         })
     }
 
     fn client(&self, id: &str) -> Result<&Client, SecretError> {
-        match &self.inner {
-            Ok(c) => Ok(c),
-            Err(reason) => {
-                if !self.warned.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(provider = %self.name, reason = %reason, "the built-in kubernetes provider is not configured");
-                }
-                Err(SecretError::NotConfigured {
-                    provider: self.name.clone(),
-                    id: id.to_owned(),
-                })
-            }
-        }
+        self.inner.get(id)
     }
 
     fn bad_id(&self, id: &str, reason: &str) -> SecretError {

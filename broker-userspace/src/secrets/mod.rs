@@ -790,5 +790,60 @@ async fn call_store(p: &dyn SecretProvider, ids: &[String]) -> cache::Outcome {
 
 #[cfg(test)]
 mod store_tests;
+/// A built-in provider's client, or why it could not be made: the built-in instance of a
+/// kind (`from: conjur` with no `providers:` block) is built from the environment, and
+/// a missing setting is reported when a credential uses it, not at start.
+pub struct BuiltIn<C> {
+    kind: &'static str,
+    name: String,
+    client: Result<C, String>,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl<C> BuiltIn<C> {
+    /// `made`: the client, or why not. A declared instance (`builtin == false`) fails at
+    /// once; the built-in one keeps the reason for later.
+    ///
+    /// # Errors
+    /// `made`'s error, for a declared instance.
+    pub fn new(
+        kind: &'static str,
+        name: &str,
+        builtin: bool,
+        made: anyhow::Result<C>,
+    ) -> anyhow::Result<Self> {
+        let client = match made {
+            Ok(c) => Ok(c),
+            Err(e) if builtin => Err(format!("{e:#}")),
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            kind,
+            name: name.to_owned(),
+            client,
+            warned: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The client, or [`SecretError::NotConfigured`] for `id` (the reason logged once).
+    ///
+    /// # Errors
+    /// When the built-in instance could not be configured.
+    pub fn get(&self, id: &str) -> Result<&C, SecretError> {
+        match &self.client {
+            Ok(c) => Ok(c),
+            Err(reason) => {
+                if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(provider = %self.name, reason = %reason, "the built-in {} provider is not configured", self.kind);
+                }
+                Err(SecretError::NotConfigured {
+                    provider: self.name.clone(),
+                    id: id.to_owned(),
+                })
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;
