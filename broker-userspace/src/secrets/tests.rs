@@ -799,6 +799,7 @@ fn env_store(ttl: Duration) -> Arc<SecretStore> {
                 ..crate::config::BrokerSettings::default()
             },
             fetch_policies: BTreeMap::new(),
+            warnings: Vec::new(),
         })
         .unwrap(),
     )

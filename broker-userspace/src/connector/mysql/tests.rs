@@ -109,6 +109,7 @@ pub(super) async fn broker_with_ca(
             ..BrokerSettings::default()
         },
         fetch_policies: BTreeMap::new(),
+        warnings: Vec::new(),
     };
     let env = Env {
         secrets: Arc::new(crate::secrets::SecretStore::new(&config).unwrap()),

@@ -93,6 +93,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
             ..BrokerSettings::default()
         },
         fetch_policies: BTreeMap::new(),
+        warnings: Vec::new(),
     };
     let env = Env {
         secrets: Arc::new(crate::secrets::SecretStore::new(&config).unwrap()),
