@@ -229,10 +229,20 @@ pub async fn serve(listener: TcpListener, ready: Arc<Readiness>, mut stop: watch
         tokio::spawn(async move {
             let _slot = slot;
             let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                // The whole head (a client may write it in pieces; answering early and
+                // closing with bytes unread would reset the connection under the
+                // reply), at most 1 KiB of it.
                 let mut buf = [0u8; 1024];
-                let Ok(n) = s.read(&mut buf).await else {
+                let mut n = 0;
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
+                if n == 0 {
                     return;
-                };
+                }
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let line = req.lines().next().unwrap_or("");
                 let r = respond(line, &ready);
