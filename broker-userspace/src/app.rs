@@ -675,11 +675,13 @@ fn spawn_kernel_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 }
 
 /// The daemon's signal handlers, installed before start-up: SIGHUP's default action
-/// would kill the process (service managers send it to reload).
+/// would kill the process (service managers send it to reload), and so would SIGUSR1's
+/// (Secretless Broker's reload signal).
 pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -693,10 +695,11 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
         })
     }
 
-    /// Resolve once SIGTERM or SIGINT arrives; SIGHUP is logged and ignored.
+    /// Resolve once SIGTERM or SIGINT arrives; SIGHUP and SIGUSR1 are logged and ignored.
     pub async fn terminate(&mut self) -> &'static str {
         loop {
             tokio::select! {
@@ -705,9 +708,37 @@ impl Signals {
                 _ = self.hup.recv() => {
                     tracing::info!("reload not supported yet; ignoring SIGHUP");
                 }
+                _ = self.usr1.recv() => {
+                    tracing::info!("reload not supported yet; ignoring SIGUSR1 (Secretless' reload signal)");
+                }
             }
         }
     }
+}
+
+/// When `broker run` loads the kernel programs.
+#[derive(Debug, Clone)]
+pub enum EbpfMode {
+    /// Attach to this cgroup v2 directory (default: the root of the cgroup v2 mount).
+    Attach(Option<PathBuf>),
+    /// `--no-ebpf`: explicit `listenOn` listeners only.
+    Off,
+    /// The Secretless form (`broker -f FILE`): attach at the cgroup v2 root only if a
+    /// service has `intercept:` targets; a Secretless file has none, and is served
+    /// through its `listenOn` listeners alone, without privileges.
+    WhenIntercepting,
+}
+
+/// How to run the daemon.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub ebpf: EbpfMode,
+    /// Forward the kernel programs' debug logs.
+    pub ebpf_debug: bool,
+    /// `--health-addr`: replaces `broker.health` (`Some(None)`: off).
+    pub health_addr: Option<Option<SocketAddr>>,
+    /// The command as the user typed it, for messages (`broker run`, `broker -f`).
+    pub what: &'static str,
 }
 
 /// `broker run`.
@@ -720,24 +751,70 @@ pub async fn run(
     no_ebpf: bool,
     ebpf_debug: bool,
 ) -> anyhow::Result<()> {
+    run_with(
+        config_path,
+        RunOptions {
+            ebpf: if no_ebpf {
+                EbpfMode::Off
+            } else {
+                EbpfMode::Attach(cgroup)
+            },
+            ebpf_debug,
+            health_addr: None,
+            what: "broker run",
+        },
+    )
+    .await
+}
+
+/// `broker run` and the Secretless form (`broker -f FILE`).
+///
+/// # Errors
+/// Start-up failures (already detached when this returns).
+pub async fn run_with(config_path: &Path, opts: RunOptions) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
     harden_process();
-    let cfg = load_config(config_path)?;
+    let mut cfg = load_config(config_path)?;
     log_warnings(config_path, &cfg);
-    let attach = if no_ebpf {
-        Attach::None
-    } else {
-        Attach::Cgroup(match cgroup {
-            Some(p) => p,
-            None => cgroup::cgroup2_root()?,
-        })
+    if let Some(h) = opts.health_addr {
+        cfg.broker.health_addr = h;
+    }
+    let intercepts = cfg.services.iter().any(|s| !s.intercept.is_empty());
+    let cgroup = match opts.ebpf {
+        EbpfMode::Off => None,
+        EbpfMode::WhenIntercepting if !intercepts => {
+            tracing::info!(
+                "no service has intercept targets: serving the listenOn listeners only, no eBPF programs loaded"
+            );
+            None
+        }
+        EbpfMode::WhenIntercepting => Some(None),
+        EbpfMode::Attach(c) => Some(c),
+    };
+    let attach = match cgroup {
+        None => Attach::None,
+        Some(c) => {
+            let hint = if intercepts {
+                String::new()
+            } else {
+                format!(
+                    ". No service of {} has intercept targets: `broker run --no-ebpf` (or `broker -f FILE`) serves its listenOn listeners without eBPF, and needs none of these",
+                    config_path.display()
+                )
+            };
+            crate::privilege::check_ebpf(opts.what, &hint)?;
+            Attach::Cgroup(match c {
+                Some(p) => p,
+                None => cgroup::cgroup2_root()?,
+            })
+        }
     };
     let daemon = Daemon::start(
         cfg,
         &StartOptions {
             attach,
             health: true,
-            ebpf_debug,
+            ebpf_debug: opts.ebpf_debug,
         },
     )
     .await?;
@@ -771,7 +848,25 @@ pub async fn exec(config_path: &Path, cmd: &[OsString], ebpf_debug: bool) -> any
     let cfg = load_config(config_path)?;
     log_warnings(config_path, &cfg);
     let root = cgroup::cgroup2_root()?;
-    let cg = ChildCgroup::create(&root, &format!("broker-exec-{}", std::process::id()))?;
+    crate::privilege::check_ebpf(
+        "broker exec",
+        &format!(
+            ". It also creates a child cgroup under {}, which needs root",
+            root.display()
+        ),
+    )?;
+    let cg = match ChildCgroup::create(&root, &format!("broker-exec-{}", std::process::id())) {
+        Ok(cg) => cg,
+        Err(cgroup::CgroupError::Io { path, source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            bail!(
+                "broker exec runs the command in a new child cgroup of the cgroup v2 root, and creating {} was refused ({source}): run broker exec as root",
+                path.display()
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
     let daemon = Daemon::start(
         cfg,
         &StartOptions {

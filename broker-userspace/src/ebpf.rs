@@ -50,7 +50,7 @@ const PROGRAMS: [&str; 5] = [
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     #[error(
-        "loading the eBPF object: {0} (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_SYS_ADMIN, kernel >= 5.14)"
+        "loading the eBPF object: {0} (needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; kernel >= 5.14)"
     )]
     Load(#[source] aya::EbpfError),
     #[error("eBPF map {0} missing from the object")]

@@ -1,8 +1,14 @@
-//! Health endpoint: `GET /live` (200 while the process serves) and `GET /ready` (200
-//! only once the programs are attached and every listener is bound, and while every
-//! listener task is alive; 503 before, after a listener task died, and while shutting
-//! down). Deliberately tiny: one request per connection, its own listener and task,
-//! outside the connection caps, with a small cap of its own.
+//! Health endpoint: `GET /live` (200 while the process serves and no listener task has
+//! died) and `GET /ready` (200 only once the programs are attached and every listener
+//! is bound, and while every listener task is alive; 503 before, after a listener task
+//! died, and while shutting down). Deliberately tiny: one request per connection, its
+//! own listener and task, outside the connection caps, with a small cap of its own.
+//!
+//! The replies are Secretless Broker's (its `heptiolabs/healthcheck` handler): content
+//! type `application/json; charset=utf-8`, body `{}` and a newline, or with `?full=1`
+//! every check by name, `"OK"` or why it fails, as Go's `json.Encoder` indents it:
+//! `/live` has the check `listening`, `/ready` has `listening` and `ready`. A method
+//! other than GET is 405, any other path 404.
 
 use std::{
     sync::{
@@ -83,6 +89,124 @@ impl Readiness {
     }
 }
 
+/// A check as Secretless names it, and its verdict (`Err`: why it fails, never a
+/// secret: a fixed sentence).
+type Check = (&'static str, Result<(), &'static str>);
+
+impl Readiness {
+    /// `listening`: every listener task is alive (Secretless: its services started).
+    fn listening(&self) -> Check {
+        let ok = self.failed.borrow().is_none();
+        (
+            "listening",
+            if ok {
+                Ok(())
+            } else {
+                Err("a listener task died (see the log)")
+            },
+        )
+    }
+
+    /// `ready`: started, not stopping, and listening.
+    fn ready(&self) -> Check {
+        let why = if !self.started.load(Ordering::SeqCst) {
+            Some("not started yet")
+        } else if self.stopping.load(Ordering::SeqCst) {
+            Some("shutting down")
+        } else if self.failed.borrow().is_some() {
+            Some("a listener task died (see the log)")
+        } else {
+            None
+        };
+        ("ready", why.map_or(Ok(()), Err))
+    }
+}
+
+/// The reply to one request: status line, content type, body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: &'static str,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+const JSON: &str = "application/json; charset=utf-8";
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// Answer the request whose first line is `request_line` (`GET /ready?full=1 HTTP/1.1`).
+#[must_use]
+pub fn respond(request_line: &str, ready: &Readiness) -> Reply {
+    let mut words = request_line.split_whitespace();
+    let method = words.next().unwrap_or("");
+    let target = words.next().unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let checks: Vec<Check> = match path {
+        "/live" => vec![ready.listening()],
+        "/ready" => vec![ready.listening(), ready.ready()],
+        _ => {
+            return Reply {
+                status: "404 Not Found",
+                content_type: TEXT,
+                body: "404 page not found\n".into(),
+            };
+        }
+    };
+    if method != "GET" {
+        return Reply {
+            status: "405 Method Not Allowed",
+            content_type: TEXT,
+            body: "method not allowed\n".into(),
+        };
+    }
+    let ok = checks.iter().all(|(_, r)| r.is_ok());
+    let status = if ok {
+        "200 OK"
+    } else {
+        "503 Service Unavailable"
+    };
+    let body = if query_value(query, "full") == Some("1") {
+        full_body(&checks)
+    } else {
+        "{}\n".to_owned()
+    };
+    Reply {
+        status,
+        content_type: JSON,
+        body,
+    }
+}
+
+/// The first value of `key` in a query string (Go's `URL.Query().Get`; the values we
+/// look for need no percent-decoding).
+fn query_value<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// `{"name": "OK" | "why", ...}` with keys sorted and four-space indentation, as Go's
+/// `json.Encoder` with `SetIndent("", "    ")` writes a `map[string]string`.
+fn full_body(checks: &[Check]) -> String {
+    let mut sorted: Vec<&Check> = checks.iter().collect();
+    sorted.sort_by_key(|(name, _)| *name);
+    let lines: Vec<String> = sorted
+        .iter()
+        .map(|(name, r)| {
+            let v = match r {
+                Ok(()) => "OK",
+                Err(why) => why,
+            };
+            format!(
+                "    {}: {}",
+                serde_json::Value::from(*name),
+                serde_json::Value::from(v)
+            )
+        })
+        .collect();
+    format!("{{\n{}\n}}\n", lines.join(",\n"))
+}
+
 /// Serve health checks until `stop` turns true.
 pub async fn serve(listener: TcpListener, ready: Arc<Readiness>, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
@@ -105,21 +229,29 @@ pub async fn serve(listener: TcpListener, ready: Arc<Readiness>, mut stop: watch
         tokio::spawn(async move {
             let _slot = slot;
             let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                // The whole head (a client may write it in pieces; answering early and
+                // closing with bytes unread would reset the connection under the
+                // reply), at most 1 KiB of it.
                 let mut buf = [0u8; 1024];
-                let Ok(n) = s.read(&mut buf).await else {
+                let mut n = 0;
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
+                if n == 0 {
                     return;
-                };
+                }
                 let req = String::from_utf8_lossy(&buf[..n]);
-                let path = req.split_whitespace().nth(1).unwrap_or("");
-                let (code, body) = match path {
-                    "/live" => ("200 OK", "live\n"),
-                    "/ready" if ready.is_ready() => ("200 OK", "ready\n"),
-                    "/ready" => ("503 Service Unavailable", "not ready\n"),
-                    _ => ("404 Not Found", "not found\n"),
-                };
+                let line = req.lines().next().unwrap_or("");
+                let r = respond(line, &ready);
                 let resp = format!(
-                    "HTTP/1.1 {code}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
+                    "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                    r.status,
+                    r.content_type,
+                    r.body.len(),
+                    r.body
                 );
                 let _ = s.write_all(resp.as_bytes()).await;
                 let _ = s.shutdown().await;
@@ -145,5 +277,55 @@ mod tests {
         r.set_started();
         r.set_stopping();
         assert!(!r.is_ready());
+    }
+
+    #[test]
+    fn replies_like_secretless() {
+        let r = Readiness::default();
+        r.set_started();
+        let live = respond("GET /live HTTP/1.1", &r);
+        assert_eq!(
+            live,
+            Reply {
+                status: "200 OK",
+                content_type: "application/json; charset=utf-8",
+                body: "{}\n".into()
+            }
+        );
+        assert_eq!(
+            respond("GET /ready?full=1 HTTP/1.1", &r).body,
+            "{\n    \"listening\": \"OK\",\n    \"ready\": \"OK\"\n}\n"
+        );
+        assert_eq!(
+            respond("GET /live?x=2&full=1 HTTP/1.1", &r).body,
+            "{\n    \"listening\": \"OK\"\n}\n"
+        );
+        // Only `full=1` asks for the body (Go: `Query().Get("full") != "1"`).
+        assert_eq!(respond("GET /ready?full=true HTTP/1.1", &r).body, "{}\n");
+        r.set_stopping();
+        let ready = respond("GET /ready?full=1 HTTP/1.1", &r);
+        assert_eq!(ready.status, "503 Service Unavailable");
+        assert_eq!(
+            ready.body,
+            "{\n    \"listening\": \"OK\",\n    \"ready\": \"shutting down\"\n}\n"
+        );
+        assert_eq!(respond("GET /live HTTP/1.1", &r).status, "200 OK");
+        r.listener_failed("listenOn 127.0.0.1:1 of service db: panicked".into());
+        let live = respond("GET /live?full=1 HTTP/1.1", &r);
+        assert_eq!(live.status, "503 Service Unavailable");
+        assert!(live.body.contains("a listener task died"), "{}", live.body);
+        assert!(!live.body.contains("127.0.0.1:1"), "{}", live.body);
+        assert_eq!(
+            respond("POST /ready HTTP/1.1", &r).status,
+            "405 Method Not Allowed"
+        );
+        assert_eq!(respond("GET /metrics HTTP/1.1", &r).status, "404 Not Found");
+        assert_eq!(respond("", &r).status, "404 Not Found");
+        let fresh = Readiness::default();
+        assert!(
+            respond("GET /ready?full=1 HTTP/1.1", &fresh)
+                .body
+                .contains("not started yet")
+        );
     }
 }

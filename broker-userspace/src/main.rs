@@ -1,20 +1,26 @@
 //! `broker`: the eBPF-assisted transparent credential broker.
+//!
+//! Two command-line forms: ours (`broker run -f FILE`, `broker check FILE`...) parsed by
+//! clap, and Secretless Broker's (`broker -f FILE -debug`), parsed like Go's `flag`
+//! package by [`broker::cli`].
 
-use std::{ffi::OsString, io::Write as _, path::PathBuf, process::ExitCode};
+use std::{ffi::OsString, io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
     name = "broker",
     version,
-    about = "Transparent credential broker: apps connect to real hostnames with no secrets; the broker authenticates for them"
+    about = "Transparent credential broker: apps connect to real hostnames with no secrets; the broker authenticates for them",
+    after_help = "Secretless Broker's invocation also works: broker -f FILE [-debug] [-watch] [-config-mgr configfile] [-health-addr ADDR] (broker -help lists its flags)."
 )]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Log filter (tracing env-filter syntax), e.g. `info`, `debug,hickory=warn`.
+    /// Log filter (tracing env-filter syntax): a level (`trace`, `debug`, `info`, `warn`,
+    /// `error`, `off`) and `target=level` directives, e.g. `debug,hickory=warn`.
     #[arg(long, global = true, env = "BROKER_LOG", default_value = "info")]
     log_level: String,
     #[command(subcommand)]
@@ -32,7 +38,12 @@ enum Cmd {
     /// Run the daemon: attach the eBPF programs and broker connections until SIGTERM.
     Run {
         /// Configuration file (YAML).
-        #[arg(short = 'f', long = "file")]
+        #[arg(
+            short = 'f',
+            long = "file",
+            visible_short_alias = 'c',
+            visible_alias = "config"
+        )]
         file: PathBuf,
         /// cgroup v2 directory to attach to (default: the root of the cgroup v2 mount).
         #[arg(long)]
@@ -43,43 +54,92 @@ enum Cmd {
         /// Forward the kernel programs' debug logs.
         #[arg(long)]
         ebpf_debug: bool,
+        /// Health endpoint address (`/live`, `/ready`): IP:PORT, or `off`; replaces
+        /// `broker.health`. Kubernetes probes reach the pod IP: `0.0.0.0:5335`.
+        #[arg(long, value_name = "ADDR", value_parser = health_addr)]
+        health_addr: Option<HealthAddr>,
     },
     /// Run one command with its connections brokered: a child cgroup is created, the
     /// programs are attached there, CMD runs inside it; exits with CMD's status.
     Exec {
-        #[arg(short = 'f', long = "file")]
+        /// Configuration file (YAML).
+        #[arg(
+            short = 'f',
+            long = "file",
+            visible_short_alias = 'c',
+            visible_alias = "config"
+        )]
         file: PathBuf,
         #[arg(long)]
         ebpf_debug: bool,
-        /// The command and its arguments.
-        #[arg(last = true, required = true)]
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
         cmd: Vec<OsString>,
     },
     /// Validate a configuration file: print every error with its key path.
+    #[command(
+        group(ArgGroup::new("config_file").required(true).args(["file", "path"])),
+        override_usage = "broker check [--strict] FILE\n       broker check [--strict] -f FILE"
+    )]
     Check {
-        #[arg(short = 'f', long = "file")]
-        file: PathBuf,
+        /// Configuration file (YAML).
+        #[arg(
+            short = 'f',
+            long = "file",
+            visible_short_alias = 'c',
+            visible_alias = "config"
+        )]
+        file: Option<PathBuf>,
+        /// Configuration file (YAML), instead of `-f`.
+        #[arg(value_name = "FILE")]
+        path: Option<PathBuf>,
+        /// Warnings (what Secretless tolerates and the broker accepts: unknown keys in a
+        /// Secretless file, deprecated spellings, version 1) fail the check too.
+        #[arg(long)]
+        strict: bool,
     },
     /// The broker's local CA (what apps trust to verify the certificates the broker
     /// presents, e.g. PostgreSQL `clientTLS`): create it if missing, print its
     /// certificate (PEM) on stdout and its path on stderr. The key is never printed.
     Ca {
         /// Take `broker.caDir` from this configuration file.
-        #[arg(short = 'f', long = "file", conflicts_with = "dir")]
+        #[arg(
+            short = 'f',
+            long = "file",
+            visible_short_alias = 'c',
+            visible_alias = "config",
+            conflicts_with = "dir"
+        )]
         file: Option<PathBuf>,
         /// The CA directory (default: /var/lib/broker/ca).
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Print the version (also `--version`).
+    Version,
+}
+
+/// `--health-addr`'s value (`None`: `off`).
+#[derive(Clone, Copy)]
+struct HealthAddr(Option<SocketAddr>);
+
+fn health_addr(s: &str) -> Result<HealthAddr, String> {
+    broker::config::parse_health_addr(s).map(HealthAddr)
+}
+
+/// What `broker version`, `--version` and the Secretless `-version` print.
+fn version_line() -> String {
+    format!("broker {}", env!("CARGO_PKG_VERSION"))
 }
 
 /// Log to stderr through [`broker::logging`]: a bounded queue and a writer thread, so a
 /// closed or stalled stderr can neither panic nor block a connection task; the text
 /// format escapes control characters in every field.
-fn init_logging(format: LogFormat, level: &str) -> Option<broker::logging::QueueWriter> {
+fn init_logging(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+) -> Option<broker::logging::QueueWriter> {
     broker::sys::ignore_sigpipe();
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let Ok(writer) = broker::logging::spawn_writer(std::io::stderr(), broker::logging::QUEUE_LINES)
     else {
@@ -98,46 +158,188 @@ fn init_logging(format: LogFormat, level: &str) -> Option<broker::logging::Queue
     Some(writer)
 }
 
+/// Exit status for a command line that does not parse (as clap and Go's `flag`).
+const EXIT_USAGE: u8 = 2;
+
+fn stderr_line(text: &str) {
+    // Not eprintln!: it panics when stderr is a closed pipe.
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Cmd::Check { file } = &cli.cmd {
-        return ExitCode::from(u8::try_from(broker::app::check(file, false)).unwrap_or(1));
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let rest = args.get(1..).unwrap_or_default();
+    if broker::cli::is_secretless_form(rest) {
+        return secretless(rest);
     }
-    if let Cmd::Ca { file, dir } = &cli.cmd {
-        return match broker::app::ca(file.as_deref(), dir.as_deref()) {
+    let matches = match Cli::command().try_get_matches_from(&args) {
+        Ok(m) => m,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let shown = matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            );
+            if !shown && let Some(msg) = broker::cli::exec_without_separator(rest) {
+                stderr_line(&msg);
+                return ExitCode::from(EXIT_USAGE);
+            }
+            e.exit();
+        }
+    };
+    let level_from_env =
+        matches.value_source("log_level") == Some(clap::parser::ValueSource::EnvVariable);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let filter = match broker::cli::log_filter(&cli.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            let source = if level_from_env {
+                "BROKER_LOG"
+            } else {
+                "--log-level"
+            };
+            stderr_line(&format!(
+                "broker: invalid {source} {:?}: {e}",
+                cli.log_level
+            ));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match cli.cmd {
+        Cmd::Version => {
+            let _ = writeln!(std::io::stdout(), "{}", version_line());
+            ExitCode::SUCCESS
+        }
+        Cmd::Check { file, path, strict } => {
+            let Some(file) = file.or(path) else {
+                unreachable!("clap requires -f or FILE")
+            };
+            ExitCode::from(u8::try_from(broker::app::check(&file, strict)).unwrap_or(1))
+        }
+        Cmd::Ca { file, dir } => match broker::app::ca(file.as_deref(), dir.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                let _ = writeln!(std::io::stderr(), "broker: {e:#}");
+                stderr_line(&format!("broker: {}", broker::privilege::error_chain(&e)));
                 ExitCode::FAILURE
             }
-        };
+        },
+        Cmd::Run {
+            file,
+            cgroup,
+            no_ebpf,
+            ebpf_debug,
+            health_addr,
+        } => {
+            let opts = broker::app::RunOptions {
+                ebpf: if no_ebpf {
+                    broker::app::EbpfMode::Off
+                } else {
+                    broker::app::EbpfMode::Attach(cgroup)
+                },
+                ebpf_debug,
+                health_addr: health_addr.map(|h| h.0),
+                what: "broker run",
+            };
+            daemon(cli.log_format, filter, &[], async move {
+                broker::app::run_with(&file, opts).await.map(|()| 0)
+            })
+        }
+        Cmd::Exec {
+            file,
+            ebpf_debug,
+            cmd,
+        } => daemon(cli.log_format, filter, &[], async move {
+            broker::app::exec(&file, &cmd, ebpf_debug).await
+        }),
     }
-    let log = init_logging(cli.log_format, &cli.log_level);
+}
+
+/// `broker -f FILE [-debug] ...`: Secretless Broker's invocation.
+fn secretless(args: &[OsString]) -> ExitCode {
+    use broker::cli::{FlagError, SECRETLESS_USAGE, SecretlessAction};
+    let parsed = match broker::cli::parse_secretless(args) {
+        Ok(p) => p,
+        Err(FlagError::Help) => {
+            let _ = write!(std::io::stdout(), "{SECRETLESS_USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(FlagError::Usage(e)) => {
+            stderr_line(&format!("broker: {e}\n{SECRETLESS_USAGE}"));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let run = match parsed.resolve() {
+        Ok(SecretlessAction::Version) => {
+            let _ = writeln!(std::io::stdout(), "{}", version_line());
+            return ExitCode::SUCCESS;
+        }
+        Ok(SecretlessAction::Run(r)) => r,
+        Err(e) => {
+            stderr_line(&format!("broker: {e}"));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let format = match run.log_format.as_deref() {
+        None => LogFormat::Text,
+        Some(f) => match LogFormat::from_str(f, true) {
+            Ok(f) => f,
+            Err(_) => {
+                stderr_line(&format!(
+                    "broker: invalid value {f:?} for flag -log-format: text or json"
+                ));
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    let (level, source) = match (&run.log_level, std::env::var("BROKER_LOG")) {
+        (Some(l), _) => (l.clone(), "-log-level"),
+        (None, Ok(l)) => (l, "BROKER_LOG"),
+        (None, Err(_)) => ("info".to_owned(), "-log-level"),
+    };
+    let filter = match broker::cli::log_filter(&level) {
+        Ok(f) => f,
+        Err(e) => {
+            stderr_line(&format!("broker: invalid {source} {level:?}: {e}"));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let opts = broker::app::RunOptions {
+        ebpf: broker::app::EbpfMode::WhenIntercepting,
+        ebpf_debug: false,
+        health_addr: run.health_addr,
+        what: "broker -f",
+    };
+    let file = run.file;
+    daemon(format, filter, &run.warnings, async move {
+        broker::app::run_with(&file, opts).await.map(|()| 0)
+    })
+}
+
+/// Start logging and the runtime, run `work` (`run`, `exec`) and turn its result into
+/// the exit status. `warnings` are logged first.
+fn daemon(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    warnings: &[String],
+    work: impl std::future::Future<Output = anyhow::Result<i32>>,
+) -> ExitCode {
+    let log = init_logging(format, filter);
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "broker: cannot start the runtime: {e}");
+            stderr_line(&format!("broker: cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(async {
-        match cli.cmd {
-            Cmd::Run {
-                file,
-                cgroup,
-                no_ebpf,
-                ebpf_debug,
-            } => broker::app::run(&file, cgroup, no_ebpf, ebpf_debug)
-                .await
-                .map(|()| 0),
-            Cmd::Exec {
-                file,
-                ebpf_debug,
-                cmd,
-            } => broker::app::exec(&file, &cmd, ebpf_debug).await,
-            Cmd::Check { .. } | Cmd::Ca { .. } => unreachable!("handled above"),
-        }
-    });
+    let result = rt.block_on(work);
     // The drain is over: do not wait for blocking tasks still running (a PBKDF2 of a
     // connection that was ended kept the process alive for minutes past "stopped").
     rt.shutdown_background();
@@ -153,8 +355,7 @@ fn main() -> ExitCode {
             } else {
                 1
             };
-            // Not eprintln!: it panics when stderr is a closed pipe.
-            let _ = writeln!(std::io::stderr(), "broker: {e:#}");
+            stderr_line(&format!("broker: {}", broker::privilege::error_chain(&e)));
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
     }

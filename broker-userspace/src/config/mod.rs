@@ -142,6 +142,15 @@ fn process_env(name: &str) -> Option<String> {
     std::env::var_os(name).and_then(|v| v.into_string().ok())
 }
 
+/// A health endpoint address as `broker.health` takes it (`IP:PORT`, `[IPV6]:PORT`,
+/// `localhost:PORT`, or `off`/`false`: `None`), for `--health-addr`.
+///
+/// # Errors
+/// What is expected, without quoting the value.
+pub fn parse_health_addr(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    values::health_addr(s)
+}
+
 /// Provider kinds that are built in; each has a default instance of the same name.
 pub const BUILT_PROVIDERS: &[&str] = &[
     "literal",
