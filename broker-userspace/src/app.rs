@@ -55,7 +55,24 @@ pub struct BadConfig(pub String);
 /// [`BadConfig`] listing every problem, including connectors/providers not built yet.
 pub fn load_config(path: &Path) -> Result<Config, BadConfig> {
     let shown = path.display().to_string();
-    let cfg = config::load_file(path, &crate::connector::KINDS).map_err(|errs| {
+    let cfg = parse_config(path)?;
+    let unsupported = config::unsupported(&cfg);
+    if !unsupported.is_empty() {
+        return Err(BadConfig(
+            unsupported
+                .iter()
+                .map(|e| format!("{shown}: {e}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ));
+    }
+    Ok(cfg)
+}
+
+/// Load and validate, accepting what is not built yet.
+fn parse_config(path: &Path) -> Result<Config, BadConfig> {
+    let shown = path.display().to_string();
+    config::load_file(path, &crate::connector::KINDS).map_err(|errs| {
         BadConfig(
             errs.0
                 .iter()
@@ -70,17 +87,47 @@ pub fn load_config(path: &Path) -> Result<Config, BadConfig> {
                 .collect::<Vec<_>>()
                 .join("\n"),
         )
-    })?;
-    let unsupported = config::unsupported(&cfg);
-    if !unsupported.is_empty() {
+    })
+}
+
+/// [`load_config`] for a daemon: a service that uses something not built yet (an `ssh`
+/// connector, a `keychain` provider) is not served, with an error in the log naming
+/// it, and the others are (Secretless' quick start has an `ssh` service beside its
+/// PostgreSQL one). `broker check` still fails on them.
+///
+/// # Errors
+/// As [`load_config`] for everything else, and when no service is left to serve.
+pub fn load_for_serving(path: &Path) -> Result<Config, BadConfig> {
+    let shown = path.display().to_string();
+    let mut cfg = parse_config(path)?;
+    log_warnings(path, &cfg);
+    let unsupported = config::unsupported_by_service(&cfg);
+    if unsupported.is_empty() {
+        return Ok(cfg);
+    }
+    let skipped: std::collections::BTreeSet<usize> = unsupported.iter().map(|(i, _)| *i).collect();
+    if skipped.len() == cfg.services.len() {
         return Err(BadConfig(
             unsupported
                 .iter()
-                .map(|e| format!("{shown}: {e}"))
+                .map(|(_, e)| format!("{shown}: {e}"))
+                .chain([format!("{shown}: no service can be served")])
                 .collect::<Vec<_>>()
                 .join("\n"),
         ));
     }
+    for (i, e) in &unsupported {
+        tracing::error!(
+            file = %shown,
+            service = %cfg.services[*i].name,
+            "{e}; this service is not served"
+        );
+    }
+    let mut i = 0;
+    cfg.services.retain(|_| {
+        i += 1;
+        !skipped.contains(&(i - 1))
+    });
     Ok(cfg)
 }
 
@@ -774,8 +821,7 @@ pub async fn run(
 pub async fn run_with(config_path: &Path, opts: RunOptions) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
     harden_process();
-    let mut cfg = load_config(config_path)?;
-    log_warnings(config_path, &cfg);
+    let mut cfg = load_for_serving(config_path)?;
     if let Some(h) = opts.health_addr {
         cfg.broker.health_addr = h;
     }
@@ -845,8 +891,7 @@ pub async fn exec(config_path: &Path, cmd: &[OsString], ebpf_debug: bool) -> any
     // Captured before hardening: CMD gets the limits the broker was started with.
     let child_limits = sys::ChildLimits::capture()?;
     harden_process();
-    let cfg = load_config(config_path)?;
-    log_warnings(config_path, &cfg);
+    let cfg = load_for_serving(config_path)?;
     let root = cgroup::cgroup2_root()?;
     crate::privilege::check_ebpf(
         "broker exec",

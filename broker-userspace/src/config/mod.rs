@@ -171,8 +171,18 @@ pub const NOT_BUILT_PROVIDERS: &[&str] = &["keychain"];
 /// Loading succeeds for these; `broker check` and `broker run` print them as errors.
 #[must_use]
 pub fn unsupported(cfg: &Config) -> Vec<ConfigError> {
-    let mut out = Vec::new();
-    for s in &cfg.services {
+    unsupported_by_service(cfg)
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect()
+}
+
+/// [`unsupported`], each problem with the index of the service it concerns.
+#[must_use]
+pub fn unsupported_by_service(cfg: &Config) -> Vec<(usize, ConfigError)> {
+    let mut all = Vec::new();
+    for (i, s) in cfg.services.iter().enumerate() {
+        let mut out = Vec::new();
         let path = format!("services.{}", s.name);
         if let ConnectorSpec::NotBuilt { name } = &s.connector {
             out.push(ConfigError::new(
@@ -228,8 +238,9 @@ pub fn unsupported(cfg: &Config) -> Vec<ConfigError> {
                 format!("authentication type \"{kind}\" is not built yet"),
             ));
         }
+        all.extend(out.into_iter().map(|e| (i, e)));
     }
-    out
+    all
 }
 
 #[cfg(test)]
