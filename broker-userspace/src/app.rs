@@ -264,13 +264,15 @@ impl Daemon {
             match &s.listen_on {
                 Some(ListenAddr::Tcp(addr)) => {
                     let what = format!("listenOn of service {}", s.name);
-                    explicit.push((rt.id, bind(*addr, &what).await?));
+                    explicit.push((rt.id, proxy::Listener::Tcp(bind(*addr, &what).await?)));
                 }
-                Some(ListenAddr::Unix(p)) => bail!(
-                    "service {}: listenOn unix://{} is not supported yet; use tcp://",
-                    s.name,
-                    p.display()
-                ),
+                Some(ListenAddr::Unix(p)) => {
+                    // Mode and owner in place before it accepts; its file goes when the
+                    // listener does (on every error path below too).
+                    let opts = s.unix_socket.over(&cfg.broker.unix_socket);
+                    let bound = proxy::unix::bind(p, &opts, &s.name)?;
+                    explicit.push((rt.id, proxy::Listener::Unix(bound)));
+                }
                 None => {}
             }
         }
@@ -401,7 +403,7 @@ impl Daemon {
             );
         }
         for (id, l) in explicit {
-            let addr = l.local_addr()?;
+            let addr = l.describe();
             let name = shared
                 .runtime
                 .load()

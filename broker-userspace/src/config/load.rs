@@ -205,6 +205,7 @@ const SERVICE_KEYS: &[&str] = &[
     "config",
     "authentication",
     "cache",
+    "unixSocket",
 ];
 const LIST_SERVICE_KEYS: &[&str] = &[
     "name",
@@ -215,6 +216,7 @@ const LIST_SERVICE_KEYS: &[&str] = &[
     "config",
     "authentication",
     "cache",
+    "unixSocket",
 ];
 
 /// Keys every provider block accepts besides its kind's own: its failure behaviour
@@ -1342,8 +1344,10 @@ impl Loader<'_> {
                 "maxConnections",
                 "maxConnectionsPerListener",
                 "caDir",
+                "unixSocket",
             ],
         );
+        out.unix_socket = super::socket::broker(self, m.get("unixSocket"));
         if let Some(v) = m.get("health") {
             let p = "broker.health";
             let text = match v {
@@ -1553,6 +1557,7 @@ impl Loader<'_> {
                 }
             }
         });
+        let unix_socket = super::socket::service(self, path, m, listen_on.as_ref());
         let intercept = self.intercept(path, m.get("intercept"));
         let cache = self.cache_override(path, m.get("cache"));
         let credentials = self.credentials(path, m.get("credentials"), names);
@@ -1621,6 +1626,7 @@ impl Loader<'_> {
             credentials: credentials.map(|(c, _)| c).unwrap_or_default(),
             authentication: authentication.into_iter().map(|(_, a)| a).collect(),
             cache,
+            unix_socket,
         })
     }
 

@@ -624,6 +624,7 @@ fn counted_service() -> Service {
         credentials,
         authentication: vec![],
         cache: crate::config::CacheOverride::default(),
+        unix_socket: crate::config::UnixSocketOptions::default(),
     }
 }
 
@@ -799,6 +800,7 @@ fn env_store(ttl: Duration) -> Arc<SecretStore> {
                 ..crate::config::BrokerSettings::default()
             },
             fetch_policies: BTreeMap::new(),
+            warnings: Vec::new(),
         })
         .unwrap(),
     )
