@@ -94,14 +94,16 @@ fn block(l: &mut Loader<'_>, p: &str, v: Option<&Value>) -> UnixSocketOptions {
     out
 }
 
-/// Permission bits written in octal, quoted (`"0660"`, `"660"`, `"0o660"`): a YAML
-/// integer would be read as decimal by some readers and octal by others.
+/// Permission bits in octal, as `chmod` takes them, quoted: `"0660"`, `"660"`,
+/// `"0o660"`. A YAML number is refused: `0o660` and `432` are the same number to the
+/// YAML reader, so its digits cannot be trusted to be octal. (An unquoted `0660` is text
+/// to our reader, and accepted.)
 fn mode(l: &mut Loader<'_>, p: &str, v: &Value) -> Option<u32> {
-    const HINT: &str = "must be permission bits in octal, quoted: \"0660\"";
+    const HINT: &str = "must be permission bits in octal, such as \"0660\"";
     if matches!(v, Value::Number(_)) {
         l.err(
             p,
-            format!("{HINT} (a YAML number is ambiguous: 0660 reads as decimal 660 in YAML 1.2)"),
+            format!("{HINT}, quoted (a YAML number's digits may not be octal: 0o660 reads as 432)"),
         );
         return None;
     }
@@ -147,4 +149,137 @@ fn owner(l: &mut Loader<'_>, p: &str, v: &Value, what: &str) -> Option<SocketOwn
         return None;
     }
     Some(SocketOwner::Name(s.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{ConfigErrors, SocketOwner, UnixSocketOptions, load_str_with_env};
+
+    fn load(yaml: &str) -> Result<crate::config::Config, ConfigErrors> {
+        load_str_with_env(yaml, &|_| None, &crate::connector::KINDS)
+    }
+
+    fn errors(yaml: &str) -> Vec<String> {
+        load(yaml)
+            .expect_err("config fails")
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const SVC: &str = "services:\n  db:\n    connector: tcp\n    listenOn: unix:///run/app/db.sock\n    credentials:\n      host: 127.0.0.1\n      port: 5432\n";
+
+    #[test]
+    fn broker_block_applies_and_the_service_block_overrides_it_key_by_key() {
+        let cfg = load(&format!(
+            "version: 2\nbroker:\n  unixSocket:\n    mode: \"0660\"\n    group: app\n{SVC}    unixSocket:\n      group: 1234\n      user: \"0\"\n"
+        ))
+        .expect("loads");
+        assert_eq!(
+            cfg.broker.unix_socket,
+            UnixSocketOptions {
+                mode: Some(0o660),
+                user: None,
+                group: Some(SocketOwner::Name("app".into())),
+            }
+        );
+        let s = &cfg.services[0];
+        assert_eq!(
+            s.unix_socket.over(&cfg.broker.unix_socket),
+            UnixSocketOptions {
+                mode: Some(0o660),
+                user: Some(SocketOwner::Id(0)),
+                group: Some(SocketOwner::Id(1234)),
+            }
+        );
+        // Nothing set: mode 0666, owner the daemon's.
+        let cfg = load(&format!("version: 2\n{SVC}")).expect("loads");
+        let o = cfg.services[0].unix_socket.over(&cfg.broker.unix_socket);
+        assert_eq!((o.mode(), o.user, o.group), (0o666, None, None));
+    }
+
+    #[test]
+    fn modes_are_quoted_octal_up_to_0777() {
+        for (text, want) in [
+            ("\"0660\"", 0o660),
+            ("\"600\"", 0o600),
+            ("\"0o777\"", 0o777),
+            ("0660", 0o660),
+        ] {
+            let cfg = load(&format!(
+                "version: 2\nbroker:\n  unixSocket: {{mode: {text}}}\n{SVC}"
+            ))
+            .expect("loads");
+            assert_eq!(cfg.broker.unix_socket.mode, Some(want), "{text}");
+        }
+        for (text, says) in [
+            ("660", "quoted"),
+            ("0o660", "quoted"),
+            ("\"0999\"", "invalid mode \"0999\""),
+            ("\"01777\"", "at most \"0777\""),
+            ("\"rw-rw----\"", "invalid mode"),
+            ("\"\"", "invalid mode"),
+        ] {
+            let e = errors(&format!(
+                "version: 2\nbroker:\n  unixSocket: {{mode: {text}}}\n{SVC}"
+            ));
+            assert!(
+                e.len() == 1 && e[0].starts_with("broker.unixSocket.mode: ") && e[0].contains(says),
+                "{text}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn owners_keys_and_placement_are_checked() {
+        let e = errors(&format!(
+            "version: 2\nbroker:\n  unixSocket: {{user: \"a b\", group: \"x:y\", mdoe: \"0600\"}}\n{SVC}"
+        ));
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("broker.unixSocket.user: invalid user"))
+                && e.iter()
+                    .any(|e| e.starts_with("broker.unixSocket.group: invalid group"))
+                && e.iter()
+                    .any(|e| e.starts_with("broker.unixSocket.mdoe: unknown key")
+                        && e.contains("did you mean \"mode\"")),
+            "{e:?}"
+        );
+        // On a TCP listener, or without one, a service's block means nothing: an error.
+        let e = errors(
+            "version: 2\nservices:\n  db:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:7000\n    unixSocket: {mode: \"0600\"}\n    credentials:\n      host: 127.0.0.1\n",
+        );
+        assert!(
+            e.len() == 1
+                && e[0].starts_with("services.db.unixSocket: applies only to a service with `listenOn: unix:///PATH`"),
+            "{e:?}"
+        );
+        // In the list shape too.
+        let cfg = load(
+            "version: 2\nservices:\n  - name: db\n    connector: tcp\n    listenOn: unix:///run/db.sock\n    unixSocket: {mode: \"0600\"}\n    credentials:\n      host: 127.0.0.1\n      port: 1\n",
+        )
+        .expect("loads");
+        assert_eq!(cfg.services[0].unix_socket.mode, Some(0o600));
+    }
+
+    #[test]
+    fn socket_paths_must_fit_and_name_a_file() {
+        let long = format!("/run/{}.sock", "x".repeat(110));
+        let e = errors(&format!(
+            "version: 2\nservices:\n  db:\n    connector: tcp\n    listenOn: unix://{long}\n    credentials:\n      host: 127.0.0.1\n      port: 1\n"
+        ));
+        assert!(
+            e.len() == 1
+                && e[0].starts_with("services.db.listenOn: the unix socket path is 120 bytes long"),
+            "{e:?}"
+        );
+        let e = errors(
+            "version: 2\nservices:\n  db:\n    connector: tcp\n    listenOn: unix:///run/sock/\n    credentials:\n      host: 127.0.0.1\n      port: 1\n",
+        );
+        assert!(
+            e.len() == 1 && e[0].contains("must name a file, not a directory"),
+            "{e:?}"
+        );
+    }
 }
