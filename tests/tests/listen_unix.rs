@@ -156,7 +156,11 @@ fn psql_mariadb_and_curl_through_unix_sockets() {
     let token = "unix-http-token-8e2d4c";
     let secrets = [pw_pg, pw_my, token];
     let pg = PgServer::start(PgOptions::new(PgAuth::Scram, pw_pg));
-    let my = MariaDb::start(MariaDbOptions::new(pw_my, "unix-ed-pw-unused", "unix-tls-unused"));
+    let my = MariaDb::start(MariaDbOptions::new(
+        pw_my,
+        "unix-ed-pw-unused",
+        "unix-tls-unused",
+    ));
     let web = HttpServer::start("127.0.0.1", free_port());
     let files = tempfile::tempdir().expect("tempdir");
     let f_pg = write_file(files.path(), "pg", pw_pg);
@@ -181,7 +185,10 @@ fn psql_mariadb_and_curl_through_unix_sockets() {
     let mut all = String::new();
 
     // psql -h DIR, as in Secretless' quick start.
-    let out = psql(&pg_conninfo(dir), "select current_user || ' ' || current_database()");
+    let out = psql(
+        &pg_conninfo(dir),
+        "select current_user || ' ' || current_database()",
+    );
     let text = output_text(&out);
     all += &text;
     assert!(out.status.success(), "{text}\n{}", b.daemon.log_text());
@@ -229,7 +236,11 @@ fn psql_mariadb_and_curl_through_unix_sockets() {
         .expect("curl");
     let text = output_text(&out);
     all += &text;
-    assert!(text.contains("STATUS=200"), "{text}\n{}", b.daemon.log_text());
+    assert!(
+        text.contains("STATUS=200"),
+        "{text}\n{}",
+        b.daemon.log_text()
+    );
     let seen = web.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].target, "/hello?x=1");
@@ -283,8 +294,10 @@ fn the_socket_file_is_replaced_only_when_stale_and_removed_only_when_ours() {
     let live = std::os::unix::net::UnixListener::bind(&path).expect("bind");
     let text = fails_to_start(&svc("busy", &path));
     assert!(
-        text.contains(&format!("listenOn unix://{} of service busy", path.display()))
-            && text.contains("another process accepts connections"),
+        text.contains(&format!(
+            "listenOn unix://{} of service busy",
+            path.display()
+        )) && text.contains("another process accepts connections"),
         "{text}"
     );
     assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
@@ -346,7 +359,10 @@ fn mode_and_owner_decide_which_users_may_connect() {
     let f = write_file(files.path(), "pw", pw);
     // nobody's group (`nogroup` on Debian, `nobody` elsewhere), by number.
     let nobody_gid = {
-        let out = Command::new("id").args(["-g", "nobody"]).output().expect("id");
+        let out = Command::new("id")
+            .args(["-g", "nobody"])
+            .output()
+            .expect("id");
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse::<u32>()
@@ -381,7 +397,11 @@ fn mode_and_owner_decide_which_users_may_connect() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("Permission denied"), "{text}");
     // ... and may when the socket's group is its own.
-    let out = psql_as("nobody", &pg_conninfo(grouped.path()), "select current_user");
+    let out = psql_as(
+        "nobody",
+        &pg_conninfo(grouped.path()),
+        "select current_user",
+    );
     let text = output_text(&out);
     all += &text;
     assert!(out.status.success(), "{text}\n{}", b.daemon.log_text());
