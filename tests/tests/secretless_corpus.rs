@@ -115,9 +115,8 @@ struct Checked {
     out: String,
 }
 
-/// `broker check -f <file>` with an empty environment (so no ambient VAULT_ADDR etc.),
+/// `broker check <file>` with an empty environment (so no ambient VAULT_ADDR etc.),
 /// bounded by [`CHECK_TIMEOUT`]; output goes to files so a long report cannot block it.
-// TODO: `broker check <file>` (positional) once the CLI helper's change lands.
 fn check(e: &Entry, dir: &Path) -> Checked {
     let name = e.file.trim_end_matches(".gz");
     let path = dir.join(name);
@@ -126,7 +125,6 @@ fn check(e: &Entry, dir: &Path) -> Checked {
     let err_path = dir.join(format!("{name}.err"));
     let mut child = Command::new(broker_bin())
         .arg("check")
-        .arg("-f")
         .arg(&path)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
