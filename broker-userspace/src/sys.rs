@@ -449,6 +449,20 @@ pub fn lookup_id(name: &str, group: bool) -> io::Result<Option<u32>> {
     }
 }
 
+/// The process umask, from `/proc/self/status` (reading it with `umask(2)` would change
+/// it for every thread meanwhile); `022` when the kernel does not say.
+#[must_use]
+pub fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
 /// This process's effective user id.
 #[must_use]
 pub fn euid() -> u32 {

@@ -110,15 +110,19 @@ pub struct Service {
 }
 
 /// Mode of a `listenOn: unix://` socket file when neither `broker.unixSocket.mode` nor
-/// the service's sets one: connectable by every local user, as Secretless' sockets are
-/// for the apps it serves from another uid (see docs/CONFIG.md, "unixSocket").
-pub const DEFAULT_UNIX_SOCKET_MODE: u32 = 0o666;
+/// the service's sets one: what Secretless' sockets get, `0777` less the process umask
+/// (with the usual `022`, only the daemon's user and root may connect; see
+/// docs/CONFIG.md, "unixSocket").
+#[must_use]
+pub fn default_unix_socket_mode() -> u32 {
+    0o777 & !crate::sys::umask()
+}
 
 /// A `unixSocket: {mode, user, group}` block (`broker:` or a service). Unset keys are
 /// `None`: the service's block overrides the broker's key by key ([`Self::over`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnixSocketOptions {
-    /// Permission bits (`0` to `0o777`); `None`: [`DEFAULT_UNIX_SOCKET_MODE`].
+    /// Permission bits (`0` to `0o777`); `None`: [`default_unix_socket_mode`].
     pub mode: Option<u32>,
     /// Owner of the socket file; `None`: the daemon's user.
     pub user: Option<SocketOwner>,
@@ -140,7 +144,7 @@ impl UnixSocketOptions {
     /// The mode to apply.
     #[must_use]
     pub fn mode(&self) -> u32 {
-        self.mode.unwrap_or(DEFAULT_UNIX_SOCKET_MODE)
+        self.mode.unwrap_or_else(default_unix_socket_mode)
     }
 }
 

@@ -193,10 +193,13 @@ mod tests {
                 group: Some(SocketOwner::Id(1234)),
             }
         );
-        // Nothing set: mode 0666, owner the daemon's.
+        // Nothing set: Secretless' mode (0777 less the umask), owner the daemon's.
         let cfg = load(&format!("version: 2\n{SVC}")).expect("loads");
         let o = cfg.services[0].unix_socket.over(&cfg.broker.unix_socket);
-        assert_eq!((o.mode(), o.user, o.group), (0o666, None, None));
+        assert_eq!(
+            (o.mode(), o.user, o.group),
+            (0o777 & !crate::sys::umask(), None, None)
+        );
     }
 
     #[test]
