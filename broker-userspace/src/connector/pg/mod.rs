@@ -451,7 +451,8 @@ async fn attempt(
     client: &mut (impl tokio::io::AsyncWrite + Unpin),
 ) -> Result<Attempt, Failure> {
     let username = creds.text("username").map_err(ConnError::from)?;
-    let rewritten = startup.rewritten(username, params.database.as_deref());
+    let mut rewritten = startup.rewritten(username, params.database.as_deref());
+    startup::add_credential_params(&mut rewritten, creds)?;
     let user = match rewritten.get("user") {
         Some(u) => String::from_utf8_lossy(u).into_owned(),
         None => {
