@@ -12,6 +12,7 @@
 //! whatever killed it may have left shared state broken).
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     ffi::OsString,
     future::Future,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -230,8 +231,6 @@ pub struct StartOptions {
 pub struct Daemon {
     interceptor: Option<Arc<Interceptor>>,
     readiness: Arc<Readiness>,
-    /// Stops the `listenOn` listeners (start of the drain).
-    stop_tx: watch::Sender<bool>,
     /// Stops the transparent listeners, the resolver and the health endpoint (after the
     /// drain, once the programs are detached).
     detach_tx: watch::Sender<bool>,
@@ -243,8 +242,174 @@ pub struct Daemon {
     transparent_tasks: JoinSet<()>,
     /// Where the transparent listener is bound (None with `--no-ebpf`).
     pub transparent: Option<SocketAddr>,
-    /// The providers, told to release what they hold (Vault leases) at the end.
-    secrets: Arc<SecretStore>,
+    /// What a reload needs: the accept loops' shared state (with the snapshot in force),
+    /// the `listenOn` listeners by id, the settings of the start.
+    reload: Reloadable,
+}
+
+/// The parts of a started daemon a reload changes.
+struct Reloadable {
+    shared: Shared,
+    /// Each `listenOn` listener: its address and its own stop switch (a reload that
+    /// removes it stops it alone; `stop` stops them all).
+    explicit: BTreeMap<u32, (ListenAddr, watch::Sender<bool>)>,
+    /// The resolver task keeping the kernel's targets current (replaced on reload).
+    resolver: Option<tokio::task::JoinHandle<()>>,
+    /// The `broker:` settings of the start (a reload cannot change them: logged).
+    broker: config::BrokerSettings,
+    splice_ok: bool,
+}
+
+fn tasks_spawn_sweeper(tasks: &mut JoinSet<()>, secrets: &Arc<SecretStore>) {
+    tasks.spawn(secrets.sweeper());
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The names of the services `new` adds to `old`, and of those it removes.
+fn service_changes(old: &Runtime, new: &Runtime) -> (Vec<String>, Vec<String>) {
+    let names = |rt: &Runtime| -> BTreeSet<String> {
+        rt.services()
+            .iter()
+            .map(|s| s.service.name.clone())
+            .collect()
+    };
+    let (a, b) = (names(old), names(new));
+    (
+        b.difference(&a).cloned().collect(),
+        a.difference(&b).cloned().collect(),
+    )
+}
+
+/// The `broker:` keys whose value differs (they apply at the next restart).
+fn broker_changes(old: &config::BrokerSettings, new: &config::BrokerSettings) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut cmp = |name: &'static str, a: String, b: String| {
+        if a != b {
+            out.push(name);
+        }
+    };
+    cmp(
+        "health",
+        format!("{:?}", old.health_addr),
+        format!("{:?}", new.health_addr),
+    );
+    cmp(
+        "transparentPort",
+        old.transparent_port.to_string(),
+        new.transparent_port.to_string(),
+    );
+    cmp(
+        "bypassMark",
+        old.bypass_mark.to_string(),
+        new.bypass_mark.to_string(),
+    );
+    cmp("splice", old.splice.to_string(), new.splice.to_string());
+    cmp(
+        "maxConnections",
+        old.max_connections.to_string(),
+        new.max_connections.to_string(),
+    );
+    cmp(
+        "maxConnectionsPerListener",
+        old.max_connections_per_listener.to_string(),
+        new.max_connections_per_listener.to_string(),
+    );
+    cmp(
+        "caDir",
+        old.ca_dir.display().to_string(),
+        new.ca_dir.display().to_string(),
+    );
+    cmp(
+        "unixSocket",
+        format!("{:?}", old.unix_socket),
+        format!("{:?}", new.unix_socket),
+    );
+    out
+}
+
+/// Bind a listener's `listenOn` address (`None` for a service without one).
+async fn bind_listen_on(
+    rt: &runtime::ServiceRt,
+    broker: &config::BrokerSettings,
+) -> anyhow::Result<Option<proxy::Listener>> {
+    let s = &rt.service;
+    Ok(match &s.listen_on {
+        Some(ListenAddr::Tcp(addr)) => {
+            let what = format!("listenOn of service {}", s.name);
+            Some(proxy::Listener::Tcp(bind(*addr, &what).await?))
+        }
+        Some(ListenAddr::Unix(p)) => {
+            // Mode and owner in place before it accepts; its file goes when the
+            // listener does (on every error path too).
+            let opts = s.unix_socket.over(&broker.unix_socket);
+            Some(proxy::Listener::Unix(proxy::unix::bind(p, &opts, &s.name)?))
+        }
+        None => None,
+    })
+}
+
+/// The local CA, when a service of `runtime` presents certificates to apps: `loaded`
+/// (a reload keeps the one it has), or loaded (created on first use) from `caDir`.
+fn load_ca(
+    runtime: &Runtime,
+    broker: &config::BrokerSettings,
+    loaded: Option<Arc<crate::ca::LocalCa>>,
+) -> anyhow::Result<Option<Arc<crate::ca::LocalCa>>> {
+    if !runtime.services().iter().any(|rt| rt.connector.uses_ca()) {
+        return Ok(loaded);
+    }
+    if let Some(ca) = loaded {
+        return Ok(Some(ca));
+    }
+    let dir = &broker.ca_dir;
+    let ca = crate::ca::LocalCa::load_or_create(dir)
+        .with_context(|| format!("broker.caDir {}", dir.display()))?;
+    tracing::info!(cert = %ca.cert_path().display(), "local CA loaded (apps verify the broker's certificates with it)");
+    Ok(Some(Arc::new(ca)))
+}
+
+/// The services whose sessions may be spliced in the kernel after auth.
+fn splice_services(runtime: &Runtime, broker: &config::BrokerSettings) -> BTreeSet<u32> {
+    runtime
+        .services()
+        .iter()
+        .filter(|rt| broker.splice && rt.connector.splices())
+        .map(|rt| rt.id)
+        .collect()
+}
+
+/// Start serving a bound `listenOn` listener under supervision; returns its stop switch.
+fn spawn_listen_on(
+    tasks: &mut JoinSet<()>,
+    shared: &Shared,
+    readiness: &Arc<Readiness>,
+    id: u32,
+    l: proxy::Listener,
+) -> watch::Sender<bool> {
+    let addr = l.describe();
+    let name = shared
+        .runtime
+        .load()
+        .listener(id)
+        .map(|rt| rt.service.name.clone())
+        .unwrap_or_default();
+    tracing::info!(service = %name, %addr, "listenOn bound");
+    let (tx, rx) = watch::channel(false);
+    supervise(
+        tasks,
+        format!("listenOn {addr} of service {name}"),
+        proxy::serve_explicit(l, shared.clone(), id, rx.clone()),
+        rx,
+        Arc::clone(readiness),
+    );
+    tx
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -287,9 +452,19 @@ impl Daemon {
     pub async fn start(cfg: Config, opts: &StartOptions) -> anyhow::Result<Self> {
         let cfg = Arc::new(cfg);
         let secrets = Arc::new(SecretStore::new(&cfg).context("setting up providers")?);
+        let dialer = Dialer {
+            mark: cfg.broker.bypass_mark,
+        };
         // The first snapshot of this process: generation 1.
-        let runtime = Runtime::build(&cfg, 1)?;
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut runtime = Runtime::build(
+            &cfg,
+            1,
+            Env {
+                secrets: Arc::clone(&secrets),
+                dialer,
+                ca: None,
+            },
+        )?;
         let (detach_tx, detach_rx) = watch::channel(false);
         let (abort_tx, abort_rx) = watch::channel(false);
         let readiness = Arc::new(Readiness::default());
@@ -307,33 +482,13 @@ impl Daemon {
         };
         let mut explicit = Vec::new();
         for rt in runtime.listeners() {
-            let s = &rt.service;
-            match &s.listen_on {
-                Some(ListenAddr::Tcp(addr)) => {
-                    let what = format!("listenOn of service {}", s.name);
-                    explicit.push((rt.id, proxy::Listener::Tcp(bind(*addr, &what).await?)));
-                }
-                Some(ListenAddr::Unix(p)) => {
-                    // Mode and owner in place before it accepts; its file goes when the
-                    // listener does (on every error path below too).
-                    let opts = s.unix_socket.over(&cfg.broker.unix_socket);
-                    let bound = proxy::unix::bind(p, &opts, &s.name)?;
-                    explicit.push((rt.id, proxy::Listener::Unix(bound)));
-                }
-                None => {}
+            if let Some(l) = bind_listen_on(rt, &cfg.broker).await? {
+                explicit.push((rt.id, l));
             }
         }
 
         // The local CA, when a service presents certificates to apps.
-        let ca = if runtime.services().iter().any(|rt| rt.connector.uses_ca()) {
-            let dir = &cfg.broker.ca_dir;
-            let ca = crate::ca::LocalCa::load_or_create(dir)
-                .with_context(|| format!("broker.caDir {}", dir.display()))?;
-            tracing::info!(cert = %ca.cert_path().display(), "local CA loaded (apps verify the broker's certificates with it)");
-            Some(Arc::new(ca))
-        } else {
-            None
-        };
+        runtime.env.ca = load_ca(&runtime, &cfg.broker, None)?;
 
         // 2. Attach.
         let mut interceptor = None;
@@ -370,16 +525,11 @@ impl Daemon {
                 netns_cookie: 0, // Interceptor::attach: this process's namespace
             };
             // Sessions of these services may be spliced in the kernel after auth.
-            let splice_services: std::collections::BTreeSet<u32> = runtime
-                .services()
-                .iter()
-                .filter(|rt| cfg.broker.splice && rt.connector.splices())
-                .map(|rt| rt.id)
-                .collect();
+            let splice_services = splice_services(&runtime, &cfg.broker);
             let splice_services = if splice_services.is_empty() || splice_kernel_ok() {
                 splice_services
             } else {
-                std::collections::BTreeSet::new()
+                BTreeSet::new()
             };
             if !splice_services.is_empty() {
                 check_splice_rmem();
@@ -411,13 +561,6 @@ impl Daemon {
             Duration::from_secs(1),
         ));
         let shared = Shared {
-            env: Env {
-                secrets,
-                dialer: Dialer {
-                    mark: cfg.broker.bypass_mark,
-                },
-                ca,
-            },
             runtime: Arc::new(runtime::Current::new(runtime)),
             interceptor: interceptor.as_ref().map(Arc::downgrade),
             tracker: Arc::clone(&tracker),
@@ -428,16 +571,15 @@ impl Daemon {
         };
         let mut tasks = JoinSet::new();
         let mut transparent_tasks = JoinSet::new();
-        if let (Some(t), Some(i)) = (targets, &interceptor)
-            && t.has_hosts()
-        {
-            tasks.spawn(resolver::run(
+        let resolver = match (targets, &interceptor) {
+            (Some(t), Some(i)) if t.has_hosts() => Some(tokio::spawn(resolver::run(
                 t,
                 Arc::downgrade(i),
-                names,
+                Arc::clone(&names),
                 detach_rx.clone(),
-            ));
-        }
+            ))),
+            _ => None,
+        };
         for l in transparent_listeners {
             let addr = l.local_addr()?;
             tracing::info!(%addr, "transparent listener bound");
@@ -449,29 +591,24 @@ impl Daemon {
                 Arc::clone(&readiness),
             );
         }
+        let mut listen_on = BTreeMap::new();
         for (id, l) in explicit {
-            let addr = l.describe();
-            let name = shared
+            let sw = spawn_listen_on(&mut tasks, &shared, &readiness, id, l);
+            if let Some(addr) = shared
                 .runtime
                 .load()
                 .listener(id)
-                .map(|rt| rt.service.name.clone())
-                .unwrap_or_default();
-            tracing::info!(service = %name, %addr, "listenOn bound");
-            supervise(
-                &mut tasks,
-                format!("listenOn {addr} of service {name}"),
-                proxy::serve_explicit(l, shared.clone(), id, stop_rx.clone()),
-                stop_rx.clone(),
-                Arc::clone(&readiness),
-            );
+                .and_then(|rt| rt.service.listen_on.clone())
+            {
+                listen_on.insert(id, (addr, sw));
+            }
         }
         if let Some(h) = health {
             tracing::info!(addr = %h.local_addr()?, "health endpoint bound");
             tasks.spawn(health::serve(h, Arc::clone(&readiness), detach_rx.clone()));
         }
         tasks.spawn(trim_when_idle(Arc::clone(&tracker)));
-        tasks.spawn(shared.env.secrets.sweeper());
+        tasks.spawn(secrets.sweeper());
         tasks.spawn(summarise_suppressed(vec![refusals, caps]));
         // Loading the programs parses the kernel's BTF (megabytes) for relocations; give
         // that memory back to the OS instead of keeping it as free heap forever.
@@ -484,18 +621,198 @@ impl Daemon {
         Ok(Self {
             interceptor,
             readiness,
-            stop_tx,
             detach_tx,
             abort_tx,
             tracker,
             tasks,
             transparent_tasks,
             transparent,
-            secrets: Arc::clone(&shared.env.secrets),
+            reload: Reloadable {
+                shared,
+                explicit: listen_on,
+                resolver,
+                broker: cfg.broker.clone(),
+                splice_ok: splice_kernel_ok(),
+            },
         })
     }
 
     /// Resolves with the reason once a listener task has died (see [`supervise`]).
+    /// Apply a new configuration, validated already (`load_for_serving`), without a
+    /// restart. Everything that can fail is done before anything changes: the new
+    /// snapshot (connectors, a fresh secret store: every credential is fetched anew), its
+    /// new `listenOn` listeners bound, its intercept hostnames resolved. Then the snapshot
+    /// is swapped in (connections in flight keep theirs; redirect records written under
+    /// the old one are served by it for `runtime::RETIRED_GRACE`), the kernel targets
+    /// are rewritten in place with the new generation (no detach, no gap), and removed
+    /// listeners stop. Returns a one-line summary.
+    ///
+    /// # Errors
+    /// What the new configuration needs and this daemon cannot give without a restart
+    /// (intercept targets without the programs, a `listenOn` address that cannot be
+    /// bound...): nothing has changed then.
+    pub async fn reload(&mut self, cfg: Config) -> anyhow::Result<String> {
+        runtime::check(&cfg)?;
+        let r = &mut self.reload;
+        let changed_broker = broker_changes(&r.broker, &cfg.broker);
+        if !changed_broker.is_empty() {
+            tracing::warn!(
+                keys = %changed_broker.join(", "),
+                "broker settings changed: they take effect at the next restart"
+            );
+        }
+        let old = r.shared.runtime.load();
+        let generation = old.generation.wrapping_add(1).max(1);
+        let secrets = Arc::new(SecretStore::new(&cfg).context("setting up providers")?);
+        let mut runtime = Runtime::build(
+            &cfg,
+            generation,
+            Env {
+                secrets: Arc::clone(&secrets),
+                dialer: old.env.dialer.clone(),
+                ca: None,
+            },
+        )?;
+        runtime.env.ca = load_ca(&runtime, &r.broker, old.env.ca.clone())?;
+        let intercepts = runtime
+            .services()
+            .iter()
+            .any(|s| !s.service.intercept.is_empty());
+        if intercepts && self.interceptor.is_none() {
+            bail!(
+                "the new configuration has intercept targets, but this daemon runs without \
+                 the eBPF programs (started with --no-ebpf, or without intercept targets): \
+                 restart it to apply"
+            );
+        }
+        // New listeners: bound now (a failure changes nothing). An address a removed
+        // listener still holds is bound once that one has stopped.
+        let mut bound = Vec::new();
+        let mut later = Vec::new();
+        // A listener is kept when the new configuration has it (same id) at the same
+        // address; its connections then find the new snapshot's service.
+        let kept = |explicit: &BTreeMap<u32, (ListenAddr, watch::Sender<bool>)>,
+                    rt: &runtime::ServiceRt| {
+            explicit
+                .get(&rt.id)
+                .is_some_and(|(a, _)| Some(a) == rt.service.listen_on.as_ref())
+        };
+        for rt in runtime.listeners() {
+            if kept(&r.explicit, rt) {
+                continue;
+            }
+            r.shared.caps.add_listener(rt.id)?;
+            let held = r
+                .explicit
+                .values()
+                .any(|(a, _)| Some(a) == rt.service.listen_on.as_ref());
+            if held {
+                later.push(Arc::clone(rt));
+            } else if let Some(l) = bind_listen_on(rt, &r.broker).await? {
+                bound.push((rt.id, l));
+            }
+        }
+        let targets = if self.interceptor.is_some() {
+            let per_service: Vec<(u32, &[config::InterceptTarget])> = runtime
+                .services()
+                .iter()
+                .map(|rt| (rt.id, rt.service.intercept.as_slice()))
+                .collect();
+            let mut t = resolver::Targets::new(&per_service);
+            t.refresh_due().await;
+            Some(t)
+        } else {
+            None
+        };
+        let splice = if r.splice_ok {
+            splice_services(&runtime, &r.broker)
+        } else {
+            BTreeSet::new()
+        };
+        let wanted: BTreeSet<u32> = runtime
+            .listeners()
+            .iter()
+            .filter(|rt| kept(&r.explicit, rt))
+            .map(|rt| rt.id)
+            .collect();
+        let (added, removed) = service_changes(&old, &runtime);
+
+        // Commit.
+        tasks_spawn_sweeper(&mut self.tasks, &secrets);
+        r.shared.runtime.swap(runtime);
+        drop(old);
+        if let (Some(i), Some(t)) = (&self.interceptor, targets) {
+            if let Some(h) = r.resolver.take() {
+                h.abort();
+                let _ = h.await;
+            }
+            r.shared.names.publish(&t);
+            i.reconfigure(&t.current(), splice, generation)
+                .context("updating the kernel's intercept targets")?;
+            if t.has_hosts() {
+                r.resolver = Some(tokio::spawn(resolver::run(
+                    t,
+                    Arc::downgrade(i),
+                    Arc::clone(&r.shared.names),
+                    self.detach_tx.subscribe(),
+                )));
+            }
+        }
+        let gone: Vec<u32> = r
+            .explicit
+            .keys()
+            .filter(|id| !wanted.contains(id))
+            .copied()
+            .collect();
+        for id in &gone {
+            if let Some((addr, stop)) = r.explicit.remove(id) {
+                let _ = stop.send(true);
+                tracing::info!(listen_on = %addr, "listenOn stopped (removed by the reload)");
+            }
+        }
+        let mut failed = Vec::new();
+        if !later.is_empty() {
+            // The removed listeners' sockets close as their tasks end.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for rt in later {
+                match bind_listen_on(&rt, &r.broker).await {
+                    Ok(Some(l)) => bound.push((rt.id, l)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(service = %rt.service.name, error = %format!("{e:#}"), "listenOn not bound after the reload");
+                        failed.push(rt.service.name.clone());
+                    }
+                }
+            }
+        }
+        let current = r.shared.runtime.load();
+        for (id, l) in bound {
+            let sw = spawn_listen_on(&mut self.tasks, &r.shared, &self.readiness, id, l);
+            if let Some(addr) = current
+                .listener(id)
+                .and_then(|rt| rt.service.listen_on.clone())
+            {
+                r.explicit.insert(id, (addr, sw));
+            }
+        }
+        let summary = format!(
+            "generation {generation}: {} service(s); added: {}; removed: {}{}",
+            current.services().len(),
+            list_or_none(&added),
+            list_or_none(&removed),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!("; listenOn NOT bound: {}", failed.join(", "))
+            }
+        );
+        if failed.is_empty() {
+            Ok(summary)
+        } else {
+            Err(anyhow!(summary))
+        }
+    }
+
     pub async fn failed(&self) -> String {
         self.readiness.failed().await
     }
@@ -509,7 +826,9 @@ impl Daemon {
     /// process), and the connections still open are ended.
     pub async fn stop(mut self) {
         self.readiness.set_stopping();
-        let _ = self.stop_tx.send(true);
+        for (_, stop) in self.reload.explicit.values() {
+            let _ = stop.send(true);
+        }
         let active = self.tracker.active();
         if active > 0 {
             tracing::info!(
@@ -542,8 +861,13 @@ impl Daemon {
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        if let Some(r) = self.reload.resolver.take() {
+            r.abort();
+        }
         // No connection is left: leases can go (`revokeOnShutdown`).
-        self.secrets.shutdown().await;
+        let secrets = Arc::clone(&self.reload.shared.runtime.load().env.secrets);
+        drop(self.reload);
+        secrets.shutdown().await;
     }
 }
 
@@ -726,6 +1050,13 @@ fn spawn_kernel_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 /// The daemon's signal handlers, installed before start-up: SIGHUP's default action
 /// would kill the process (service managers send it to reload), and so would SIGUSR1's
 /// (Secretless Broker's reload signal).
+/// What a signal asks of the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Stop(&'static str),
+    Reload(&'static str),
+}
+
 pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
@@ -748,17 +1079,29 @@ impl Signals {
         })
     }
 
-    /// Resolve once SIGTERM or SIGINT arrives; SIGHUP and SIGUSR1 are logged and ignored.
+    /// The next signal: SIGTERM and SIGINT stop, SIGHUP and SIGUSR1 (Secretless'
+    /// reload signal) reload.
+    pub async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+            _ = self.hup.recv() => Signal::Reload("SIGHUP"),
+            _ = self.usr1.recv() => Signal::Reload("SIGUSR1"),
+        }
+    }
+
+    /// Resolve once SIGTERM or SIGINT arrives; SIGHUP and SIGUSR1 are logged and ignored
+    /// (`broker exec`: one command's broker is not reloaded).
     pub async fn terminate(&mut self) -> &'static str {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return "SIGTERM",
                 _ = self.int.recv() => return "SIGINT",
                 _ = self.hup.recv() => {
-                    tracing::info!("reload not supported yet; ignoring SIGHUP");
+                    tracing::info!("broker exec does not reload; ignoring SIGHUP");
                 }
                 _ = self.usr1.recv() => {
-                    tracing::info!("reload not supported yet; ignoring SIGUSR1 (Secretless' reload signal)");
+                    tracing::info!("broker exec does not reload; ignoring SIGUSR1");
                 }
             }
         }
@@ -786,8 +1129,38 @@ pub struct RunOptions {
     pub ebpf_debug: bool,
     /// `--health-addr`: replaces `broker.health` (`Some(None)`: off).
     pub health_addr: Option<Option<SocketAddr>>,
+    /// `--watch`/`-watch`: reload when the file changes.
+    pub watch: bool,
     /// The command as the user typed it, for messages (`broker run`, `broker -f`).
     pub what: &'static str,
+}
+
+/// Read the file again and apply it; a file that does not load, or that this daemon
+/// cannot apply, is refused with every error logged, and the configuration in force
+/// keeps serving (Secretless exits; the broker does not).
+async fn reload(daemon: &mut Daemon, path: &Path, opts: &RunOptions, why: &str) {
+    tracing::info!(trigger = why, file = %path.display(), "reloading the configuration");
+    let cfg = match load_for_serving(path) {
+        Ok(mut cfg) => {
+            if let Some(h) = opts.health_addr {
+                cfg.broker.health_addr = h;
+            }
+            cfg
+        }
+        Err(BadConfig(text)) => {
+            for line in text.lines() {
+                tracing::error!(target: "reload", "{line}");
+            }
+            tracing::error!("reload refused: the configuration in force keeps serving");
+            return;
+        }
+    };
+    match daemon.reload(cfg).await {
+        Ok(summary) => tracing::info!(%summary, "configuration reloaded"),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "reload refused: the configuration in force keeps serving")
+        }
+    }
 }
 
 /// `broker run`.
@@ -810,6 +1183,7 @@ pub async fn run(
             },
             ebpf_debug,
             health_addr: None,
+            watch: false,
             what: "broker run",
         },
     )
@@ -828,7 +1202,7 @@ pub async fn run_with(config_path: &Path, opts: RunOptions) -> anyhow::Result<()
         cfg.broker.health_addr = h;
     }
     let intercepts = cfg.services.iter().any(|s| !s.intercept.is_empty());
-    let cgroup = match opts.ebpf {
+    let cgroup = match opts.ebpf.clone() {
         EbpfMode::Off => None,
         EbpfMode::WhenIntercepting if !intercepts => {
             tracing::info!(
@@ -866,12 +1240,26 @@ pub async fn run_with(config_path: &Path, opts: RunOptions) -> anyhow::Result<()
         },
     )
     .await?;
-    let failure = tokio::select! {
-        sig = signals.terminate() => {
-            tracing::info!(signal = sig, "shutting down");
-            None
-        }
-        why = daemon.failed() => Some(why),
+    let mut daemon = daemon;
+    let (changed_tx, mut changed) = tokio::sync::mpsc::channel(1);
+    let _watcher = if opts.watch {
+        Some(crate::watch::FileWatch::start(config_path, changed_tx)?)
+    } else {
+        None
+    };
+    let failure = loop {
+        let why = tokio::select! {
+            sig = signals.next() => match sig {
+                Signal::Stop(sig) => {
+                    tracing::info!(signal = sig, "shutting down");
+                    break None;
+                }
+                Signal::Reload(sig) => sig,
+            },
+            Some(()) = changed.recv() => "file change",
+            why = daemon.failed() => break Some(why),
+        };
+        reload(&mut daemon, config_path, &opts, why).await;
     };
     daemon.stop().await;
     tracing::info!("stopped");

@@ -319,6 +319,8 @@ pub struct SecretlessRun {
     pub log_format: Option<String>,
     /// `-health-addr` (`Some(None)`: `off`).
     pub health_addr: Option<Option<SocketAddr>>,
+    /// `-watch`: reload when the file changes.
+    pub watch: bool,
     /// Warnings to log once logging is up (accepted flags we do not act on).
     pub warnings: Vec<String>,
 }
@@ -403,12 +405,6 @@ impl SecretlessArgs {
             ),
         };
         let mut warnings = Vec::new();
-        if self.watch {
-            warnings.push(format!(
-                "-watch: reload on configuration change is not built yet; {} is read once (restart the broker to apply a change)",
-                file.display()
-            ));
-        }
         let plugins = go_plugins(Path::new(&self.plugin_dir));
         if !plugins.is_empty() {
             warnings.push(format!(
@@ -434,6 +430,7 @@ impl SecretlessArgs {
                 .or_else(|| self.debug.then(|| "debug".to_owned())),
             log_format: self.log_format.clone(),
             health_addr,
+            watch: self.watch,
             warnings,
         }))
     }

@@ -165,6 +165,8 @@ struct Targets {
     current: BTreeMap<KernelTarget, u32>,
     /// Services whose sessions may be spliced in the kernel.
     splice_services: BTreeSet<u32>,
+    /// Whether the splice programs are attached (then a reload may mark more services).
+    splicing: bool,
     /// The configuration generation every target carries (see `runtime`).
     generation: u32,
 }
@@ -326,6 +328,7 @@ impl Interceptor {
                 .map_err(map_err(MAP_TARGET_CIDRS))?,
             current: BTreeMap::new(),
             splice_services,
+            splicing,
             generation,
         };
         t.update(targets)?;
@@ -372,6 +375,44 @@ impl Interceptor {
     /// A map update failure (e.g. the map is full).
     pub fn set_targets(&self, targets: &BTreeMap<KernelTarget, u32>) -> Result<(), EbpfError> {
         lock(&self.targets).update(targets)
+    }
+
+    /// A reload: every target rewritten in place with the new configuration's
+    /// generation and splice flags (entries are overwritten, never removed and
+    /// re-added, so a connect in between finds either the old value or the new one),
+    /// then the targets no longer wanted removed. Splicing is only marked when the splice
+    /// programs were attached at start.
+    ///
+    /// # Errors
+    /// A map update failure (e.g. the map is full).
+    pub fn reconfigure(
+        &self,
+        targets: &BTreeMap<KernelTarget, u32>,
+        splice_services: BTreeSet<u32>,
+        generation: u32,
+    ) -> Result<(), EbpfError> {
+        let mut t = lock(&self.targets);
+        t.splice_services = if t.splicing {
+            splice_services
+        } else {
+            BTreeSet::new()
+        };
+        t.generation = generation;
+        // Every value changes (the generation): rewrite them all, then remove the ones
+        // no longer wanted.
+        let before: Vec<KernelTarget> = std::mem::take(&mut t.current).into_keys().collect();
+        t.update(targets)?;
+        for k in before.into_iter().filter(|k| !targets.contains_key(k)) {
+            match k {
+                KernelTarget::Exact(ip, port) => {
+                    let _ = t.exact.remove(&exact_key(ip, port));
+                }
+                KernelTarget::Cidr(ip, len, port) => {
+                    let _ = t.cidrs.remove(&cidr_key(ip, len, port));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Look up and delete the record of the connection accepted on the transparent

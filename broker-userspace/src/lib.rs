@@ -25,3 +25,4 @@ pub mod secrets;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tls;
+pub mod watch;

@@ -58,6 +58,9 @@ enum Cmd {
         /// `broker.health`. Kubernetes probes reach the pod IP: `0.0.0.0:5335`.
         #[arg(long, value_name = "ADDR", value_parser = health_addr)]
         health_addr: Option<HealthAddr>,
+        /// Reload when the configuration file changes (as SIGHUP does).
+        #[arg(long)]
+        watch: bool,
     },
     /// Run one command with its connections brokered: a child cgroup is created, the
     /// programs are attached there, CMD runs inside it; exits with CMD's status.
@@ -234,6 +237,7 @@ fn main() -> ExitCode {
             no_ebpf,
             ebpf_debug,
             health_addr,
+            watch,
         } => {
             let opts = broker::app::RunOptions {
                 ebpf: if no_ebpf {
@@ -243,6 +247,7 @@ fn main() -> ExitCode {
                 },
                 ebpf_debug,
                 health_addr: health_addr.map(|h| h.0),
+                watch,
                 what: "broker run",
             };
             daemon(cli.log_format, filter, &[], async move {
@@ -312,6 +317,7 @@ fn secretless(args: &[OsString]) -> ExitCode {
         ebpf: broker::app::EbpfMode::WhenIntercepting,
         ebpf_debug: false,
         health_addr: run.health_addr,
+        watch: run.watch,
         what: "broker -f",
     };
     let file = run.file;

@@ -10,16 +10,23 @@
 //! service's credentials to a connection meant for another.
 
 use std::{
-    collections::BTreeMap,
-    sync::{Arc, RwLock},
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
 use crate::{
     config::{Config, ListenAddr, Service},
-    connector::{self, Connector},
+    connector::{self, Connector, Env},
 };
+
+/// How long a replaced snapshot still serves the redirect records written under it: a
+/// connect the kernel redirected just before a reload is accepted just after it.
+pub const RETIRED_GRACE: Duration = Duration::from_secs(10);
+/// Replaced snapshots kept for [`RETIRED_GRACE`], at most.
+pub const RETIRED_MAX: usize = 4;
 
 /// One service as it runs: its configuration and its connector instance.
 #[derive(Debug)]
@@ -33,6 +40,9 @@ pub struct ServiceRt {
 #[derive(Debug)]
 pub struct Runtime {
     pub generation: u32,
+    /// What the connections of this snapshot use: its secret store (the providers of
+    /// this configuration, their cache), the dialer, the local CA.
+    pub env: Env,
     /// In configuration order.
     services: Vec<Arc<ServiceRt>>,
     by_id: BTreeMap<u32, Arc<ServiceRt>>,
@@ -71,7 +81,7 @@ impl Runtime {
     /// # Errors
     /// A connector that cannot be built (naming the service), or two service names with
     /// the same id.
-    pub fn build(cfg: &Config, generation: u32) -> anyhow::Result<Self> {
+    pub fn build(cfg: &Config, generation: u32, env: Env) -> anyhow::Result<Self> {
         let mut services = Vec::with_capacity(cfg.services.len());
         let mut by_id = BTreeMap::new();
         for s in &cfg.services {
@@ -95,6 +105,7 @@ impl Runtime {
         let listeners = listeners(&services)?;
         Ok(Self {
             generation,
+            env,
             services,
             by_id,
             listeners,
@@ -105,6 +116,14 @@ impl Runtime {
     #[must_use]
     pub fn listeners(&self) -> &[Arc<ServiceRt>] {
         &self.listeners
+    }
+
+    /// The listener at this `listenOn` address.
+    #[must_use]
+    pub fn listener_at(&self, addr: &ListenAddr) -> Option<&Arc<ServiceRt>> {
+        self.listeners
+            .iter()
+            .find(|l| l.service.listen_on.as_ref() == Some(addr))
     }
 
     /// The listener with this id.
@@ -213,14 +232,21 @@ fn listeners(services: &[Arc<ServiceRt>]) -> anyhow::Result<Vec<Arc<ServiceRt>>>
     Ok(out)
 }
 
-/// The snapshot in force; swapped whole.
+/// The snapshot in force, swapped whole, and the ones it replaced in the last
+/// [`RETIRED_GRACE`] (for redirect records written under them).
 #[derive(Debug)]
-pub struct Current(RwLock<Arc<Runtime>>);
+pub struct Current {
+    now: RwLock<Arc<Runtime>>,
+    retired: Mutex<VecDeque<(Instant, Arc<Runtime>)>>,
+}
 
 impl Current {
     #[must_use]
     pub fn new(rt: Runtime) -> Self {
-        Self(RwLock::new(Arc::new(rt)))
+        Self {
+            now: RwLock::new(Arc::new(rt)),
+            retired: Mutex::new(VecDeque::new()),
+        }
     }
 
     /// The snapshot in force now (a connection keeps it until it ends).
@@ -228,19 +254,61 @@ impl Current {
     pub fn load(&self) -> Arc<Runtime> {
         Arc::clone(
             &self
-                .0
+                .now
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
     }
 
-    /// Put `rt` in force; returns the previous snapshot.
+    /// Put `rt` in force; returns the previous snapshot, which keeps serving the
+    /// records written under it for [`RETIRED_GRACE`].
     pub fn swap(&self, rt: Runtime) -> Arc<Runtime> {
-        let mut cur = self
-            .0
-            .write()
+        let old = {
+            let mut cur = self
+                .now
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::replace(&mut *cur, Arc::new(rt))
+        };
+        let mut retired = self
+            .retired
+            .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        std::mem::replace(&mut *cur, Arc::new(rt))
+        retired.push_back((Instant::now(), Arc::clone(&old)));
+        while retired.len() > RETIRED_MAX {
+            retired.pop_front();
+        }
+        old
+    }
+
+    /// The snapshot a redirect record belongs to (the current one, or one replaced less
+    /// than [`RETIRED_GRACE`] ago) and the service it names there.
+    ///
+    /// # Errors
+    /// A record of a generation no longer kept, or an id its snapshot does not have.
+    pub fn for_record(
+        &self,
+        id: u32,
+        generation: u32,
+    ) -> Result<(Arc<Runtime>, Arc<ServiceRt>), RecordError> {
+        let now = self.load();
+        if generation == now.generation {
+            let rt = now.for_record(id, generation).map(Arc::clone)?;
+            return Ok((now, rt));
+        }
+        let mut retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        retired.retain(|(at, _)| at.elapsed() < RETIRED_GRACE);
+        let Some((_, old)) = retired.iter().find(|(_, r)| r.generation == generation) else {
+            return Err(RecordError::Stale {
+                record: generation,
+                current: now.generation,
+            });
+        };
+        let rt = old.for_record(id, generation).map(Arc::clone)?;
+        Ok((Arc::clone(old), rt))
     }
 }
 
@@ -253,16 +321,26 @@ mod tests {
         config::load_str(yaml, &crate::connector::KINDS).expect("config loads")
     }
 
+    fn build(yaml: &str, generation: u32) -> Runtime {
+        let cfg = cfg(yaml);
+        let env = Env {
+            secrets: Arc::new(crate::secrets::SecretStore::new(&cfg).unwrap()),
+            dialer: crate::connector::Dialer { mark: 0 },
+            ca: None,
+        };
+        Runtime::build(&cfg, generation, env).unwrap()
+    }
+
     const TWO: &str = "version: 2\nservices:\n  a:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:1\n    credentials:\n      host: 127.0.0.1\n  b:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:2\n    credentials:\n      host: 127.0.0.1\n";
 
     #[test]
     fn ids_follow_names_not_positions() {
-        let one = Runtime::build(&cfg(TWO), 1).unwrap();
+        let one = build(TWO, 1);
         let swapped = TWO
             .replace("  a:", "  tmp:")
             .replace("  b:", "  a:")
             .replace("  tmp:", "  b:");
-        let two = Runtime::build(&cfg(&swapped), 2).unwrap();
+        let two = build(&swapped, 2);
         for name in ["a", "b"] {
             let id = service_id(name);
             assert_eq!(one.service(id).unwrap().service.name, name);
@@ -273,12 +351,12 @@ mod tests {
 
     #[test]
     fn a_record_of_another_generation_is_refused_not_served_by_another_service() {
-        let current = Current::new(Runtime::build(&cfg(TWO), 1).unwrap());
+        let current = Current::new(build(TWO, 1));
         let a = service_id("a");
         assert_eq!(current.load().for_record(a, 1).unwrap().service.name, "a");
         // A reload: the service `a` is gone, another service now sits first in the file.
         let reloaded = TWO.replace("  a:", "  c:");
-        let old = current.swap(Runtime::build(&cfg(&reloaded), 2).unwrap());
+        let old = current.swap(build(&reloaded, 2));
         assert_eq!(old.generation, 1);
         let now = current.load();
         assert_eq!(
@@ -296,5 +374,21 @@ mod tests {
             now.for_record(service_id("c"), 2).unwrap().service.name,
             "c"
         );
+        // A record written just before the reload is served by the snapshot it was
+        // written under (its service, its credentials), never by the new one.
+        let (snap, rt) = current.for_record(a, 1).unwrap();
+        assert_eq!((snap.generation, rt.service.name.as_str()), (1, "a"));
+        assert_eq!(
+            current.for_record(service_id("c"), 1).unwrap_err(),
+            RecordError::UnknownService(service_id("c"))
+        );
+        // Only a few replaced snapshots are kept.
+        for g in 3..3 + RETIRED_MAX as u32 + 1 {
+            current.swap(build(TWO, g));
+        }
+        assert!(matches!(
+            current.for_record(a, 1),
+            Err(RecordError::Stale { record: 1, .. })
+        ));
     }
 }

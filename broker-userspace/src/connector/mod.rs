@@ -51,6 +51,15 @@ pub struct Env {
     pub ca: Option<Arc<crate::ca::LocalCa>>,
 }
 
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env")
+            .field("dialer", &self.dialer)
+            .field("ca", &self.ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Env {
     /// Every credential of the requester's service (from the cache, or fetched once for
     /// all the connections that want it at the same time). With `fresh`, the cache is

@@ -62,8 +62,11 @@ pub struct Caps {
     /// Every `listenOn` listener together: `maxConnections` minus the transparent share.
     explicit_pool: Arc<Semaphore>,
     /// One per `listenOn` listener, by its id (see `Runtime::listeners`):
-    /// `maxConnectionsPerListener`.
-    per_service: std::collections::HashMap<u32, Arc<Semaphore>>,
+    /// `maxConnectionsPerListener`. A reload adds the new listeners' ones.
+    per_service: std::sync::RwLock<std::collections::HashMap<u32, Arc<Semaphore>>>,
+    /// `maxConnectionsPerListener`, and the size of `explicit_pool`.
+    per: usize,
+    pool: usize,
     /// Rate limit of the "cap reached" lines.
     pub log: LogLimiter,
 }
@@ -111,12 +114,36 @@ impl Caps {
         Ok(Self {
             transparent: Arc::new(Semaphore::new(if transparent { per } else { 0 })),
             explicit_pool: Arc::new(Semaphore::new(pool)),
-            per_service: listeners
-                .iter()
-                .map(|s| (s.id, Arc::new(Semaphore::new(per))))
-                .collect(),
+            per_service: std::sync::RwLock::new(
+                listeners
+                    .iter()
+                    .map(|s| (s.id, Arc::new(Semaphore::new(per))))
+                    .collect(),
+            ),
+            per,
+            pool,
             log: LogLimiter::new("cap refusals", REFUSAL_LOG_PER_SEC, Duration::from_secs(1)),
         })
+    }
+
+    /// The cap of a listener a reload adds (a listener already known keeps its own,
+    /// with the connections it holds).
+    ///
+    /// # Errors
+    /// When nothing is left for `listenOn` listeners (see [`Caps::new`]).
+    pub fn add_listener(&self, id: u32) -> Result<(), CapsError> {
+        if self.pool == 0 {
+            return Err(CapsError {
+                per: u32::try_from(self.per).unwrap_or(u32::MAX),
+                max: u32::try_from(self.per).unwrap_or(u32::MAX),
+            });
+        }
+        self.per_service
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(id)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per)));
+        Ok(())
     }
 
     /// Permits for one more connection on this listener (`None`: transparent), or `None`
@@ -129,9 +156,13 @@ impl Caps {
                 _pool: None,
             }),
             Some(id) => {
-                let listener = Arc::clone(self.per_service.get(&id)?)
-                    .try_acquire_owned()
-                    .ok()?;
+                let sem = Arc::clone(
+                    self.per_service
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get(&id)?,
+                );
+                let listener = sem.try_acquire_owned().ok()?;
                 let pool = Arc::clone(&self.explicit_pool).try_acquire_owned().ok()?;
                 Some(Admission {
                     _listener: listener,
@@ -149,9 +180,8 @@ pub const MAX_RECORD_AGE: Duration = Duration::from_secs(60);
 /// Everything an accept loop needs.
 #[derive(Clone)]
 pub struct Shared {
-    /// What connectors use: credentials, the dialer.
-    pub env: Env,
-    /// The services and their connectors, swapped whole on reload.
+    /// The services, their connectors and what they use (credentials, the dialer),
+    /// swapped whole on reload.
     pub runtime: Arc<Current>,
     /// Weak, so that stopping the daemon detaches the programs at once even while
     /// connections are still being drained.
@@ -311,11 +341,12 @@ fn cap_reached(shared: &Shared, peer: &ClientAddr, explicit: Option<u32>) {
 }
 
 async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: Option<u32>) {
-    // The snapshot this connection runs with, from start to end.
-    let runtime = shared.runtime.load();
-    let (rt, caller, orig_dst, splice) = match explicit {
+    // The snapshot this connection runs with, from start to end: the one in force, or
+    // for a redirected connect, the one its record was written under.
+    let (runtime, rt, caller, orig_dst, splice) = match explicit {
         Some(id) => {
-            let Some(rt) = runtime.listener(id) else {
+            let runtime = shared.runtime.load();
+            let Some(rt) = runtime.listener(id).map(Arc::clone) else {
                 return;
             };
             // A Unix socket's client is known by its credentials (SO_PEERCRED).
@@ -323,7 +354,7 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
                 AppSocket::Unix(u) => unix::caller(u),
                 AppSocket::Tcp(_) => None,
             };
-            (Arc::clone(rt), caller, None, None)
+            (runtime, rt, caller, None, None)
         }
         None => {
             let interceptor = shared
@@ -377,8 +408,8 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
                     splicer: i.splicer(),
                     app_cookie: rec.cookie,
                 });
-            let rt = match runtime.for_record(rec.service_id, rec.generation) {
-                Ok(rt) => Arc::clone(rt),
+            let (runtime, rt) = match shared.runtime.for_record(rec.service_id, rec.generation) {
+                Ok(found) => found,
                 Err(e) => {
                     // Never served with another service's credentials.
                     if let Some(t) = splice {
@@ -388,7 +419,13 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
                     return;
                 }
             };
-            (rt, Some(caller), Some(record_destination(&rec)), splice)
+            (
+                runtime,
+                rt,
+                Some(caller),
+                Some(record_destination(&rec)),
+                splice,
+            )
         }
     };
     let orig_host = orig_dst.and_then(|d| shared.names.lookup(rt.id, d));
@@ -405,7 +442,7 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
     let conn = &mut record.conn;
     let result = async {
         tokio::select! {
-            r = serve(rt.connector.as_ref(), &shared.env, conn, stream, splice) => r,
+            r = serve(rt.connector.as_ref(), &runtime.env, conn, stream, splice) => r,
             () = stopped(&mut abort) => Err(ConnError::Io(std::io::Error::other("broker shutting down"))),
         }
     }
