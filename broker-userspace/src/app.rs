@@ -311,13 +311,15 @@ impl Daemon {
             match &s.listen_on {
                 Some(ListenAddr::Tcp(addr)) => {
                     let what = format!("listenOn of service {}", s.name);
-                    explicit.push((rt.id, bind(*addr, &what).await?));
+                    explicit.push((rt.id, proxy::Listener::Tcp(bind(*addr, &what).await?)));
                 }
-                Some(ListenAddr::Unix(p)) => bail!(
-                    "service {}: listenOn unix://{} is not supported yet; use tcp://",
-                    s.name,
-                    p.display()
-                ),
+                Some(ListenAddr::Unix(p)) => {
+                    // Mode and owner in place before it accepts; its file goes when the
+                    // listener does (on every error path below too).
+                    let opts = s.unix_socket.over(&cfg.broker.unix_socket);
+                    let bound = proxy::unix::bind(p, &opts, &s.name)?;
+                    explicit.push((rt.id, proxy::Listener::Unix(bound)));
+                }
                 None => {}
             }
         }
@@ -471,7 +473,7 @@ impl Daemon {
             );
         }
         for (id, l) in explicit {
-            let addr = l.local_addr()?;
+            let addr = l.describe();
             let name = shared
                 .runtime
                 .load()
@@ -1048,6 +1050,68 @@ mod tests {
         assert!(
             tokio::net::TcpStream::connect(listen).await.is_err(),
             "the listener is closed after stop"
+        );
+    }
+
+    /// A `listenOn: unix://` service in-process, without root: served through the same
+    /// connector path (here `tcp`), drained at `stop` like a TCP listener, and its socket
+    /// file removed once the listener stops.
+    #[tokio::test]
+    async fn a_unix_listener_serves_drains_and_removes_its_file() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = up.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 5];
+                    let _ = s.read_exact(&mut b).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = s.write_all(b"pong!").await;
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("echo.sock");
+        let cfg = config::load_str(&format!(
+            "version: 2\nbroker:\n  health: off\nservices:\n  echo:\n    connector: tcp\n    listenOn: unix://{}\n    unixSocket: {{mode: \"0600\"}}\n    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n",
+            sock.display(),
+            up_addr.port()
+        ), &crate::connector::KINDS)
+        .unwrap();
+        let daemon = Daemon::start(
+            cfg,
+            &StartOptions {
+                attach: Attach::None,
+                health: false,
+                ebpf_debug: false,
+            },
+        )
+        .await
+        .unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let m = std::fs::symlink_metadata(&sock).unwrap();
+            assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        }
+        let mut c = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        c.write_all(b"ping!").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopping = tokio::spawn(daemon.stop());
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got))
+            .await
+            .expect("the live connection completes during the drain")
+            .unwrap();
+        assert_eq!(got, b"pong!");
+        drop(c);
+        tokio::time::timeout(Duration::from_secs(5), stopping)
+            .await
+            .expect("stop returns once drained")
+            .unwrap();
+        assert!(
+            std::fs::symlink_metadata(&sock).is_err(),
+            "the socket file is removed"
         );
     }
 

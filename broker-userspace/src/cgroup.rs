@@ -50,6 +50,21 @@ fn parse_mountinfo(text: &str) -> Option<PathBuf> {
     })
 }
 
+/// The id of process `pid`'s cgroup v2 (the inode number of its directory, which is what
+/// `bpf_get_current_cgroup_id` returns), read from `/proc/PID/cgroup` now. `None` when
+/// the process is gone, has no cgroup v2 path, or it cannot be read.
+#[must_use]
+pub fn cgroup_id_of(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    static ROOT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let root = ROOT.get_or_init(|| cgroup2_root().ok()).as_ref()?;
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    fs::metadata(root.join(rel.trim_start_matches('/')))
+        .ok()
+        .map(|m| m.ino())
+}
+
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -313,6 +313,163 @@ impl std::os::fd::AsRawFd for Epoll {
     }
 }
 
+/// Copy what the socket holds into `buf` without consuming it and without waiting
+/// (`recv(MSG_PEEK | MSG_DONTWAIT)`); `Ok(0)` at the end of the stream.
+///
+/// # Errors
+/// `WouldBlock` when nothing is there yet, or the `recv(2)` error.
+pub fn peek_now(sock: &impl std::os::fd::AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv writes at most buf.len() bytes into buf; the fd is open.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// `fchmod(2)`. On a Unix socket not bound yet it sets the mode its socket file will be
+/// created with (less the umask).
+///
+/// # Errors
+/// The `fchmod(2)` error.
+pub fn fchmod(fd: &impl std::os::fd::AsRawFd, mode: u32) -> io::Result<()> {
+    // SAFETY: plain fchmod(2) on an open fd.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), mode) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Change the owner of the file an `O_PATH` descriptor names (`fchownat(fd, "",
+/// AT_EMPTY_PATH)`: the very inode that was opened, never a symlink's target). `None`
+/// leaves that id unchanged.
+///
+/// # Errors
+/// The `fchownat(2)` error.
+pub fn fchown_path_fd(
+    fd: &impl std::os::fd::AsRawFd,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> io::Result<()> {
+    // u32::MAX ((uid_t)-1) leaves the id as it is.
+    let (uid, gid) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
+    // SAFETY: valid fd and a NUL-terminated empty path.
+    let r = unsafe { libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Rename `from` to `to` unless `to` exists (`renameat2(RENAME_NOREPLACE)`): an atomic
+/// "create", never a replace. Filesystems without it (`EINVAL`) get a hard link then
+/// the removal of `from`, which is as atomic for `to`.
+///
+/// # Errors
+/// `AlreadyExists` when `to` exists, or the system's error.
+pub fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let cstr = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))
+    };
+    let (f, t) = (cstr(from)?, cstr(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(e);
+    }
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
+}
+
+/// The id of user (`group`: false) or group (`true`) `name`, through the system's
+/// name service (`getpwnam_r`, `getgrnam_r`: /etc files, LDAP, systemd...). `Ok(None)`:
+/// no such name.
+///
+/// # Errors
+/// The lookup's failure (other than "not found").
+pub fn lookup_id(name: &str, group: bool) -> io::Result<Option<u32>> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name with a NUL byte"))?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (r, found, id) = if group {
+            // SAFETY: zeroed POD struct; every pointer outlives the call; buf.len() is
+            // the buffer's size.
+            unsafe {
+                let mut g: libc::group = std::mem::zeroed();
+                let mut out: *mut libc::group = std::ptr::null_mut();
+                let r = libc::getgrnam_r(
+                    cname.as_ptr(),
+                    &raw mut g,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    &raw mut out,
+                );
+                (r, !out.is_null(), g.gr_gid)
+            }
+        } else {
+            // SAFETY: as above.
+            unsafe {
+                let mut p: libc::passwd = std::mem::zeroed();
+                let mut out: *mut libc::passwd = std::ptr::null_mut();
+                let r = libc::getpwnam_r(
+                    cname.as_ptr(),
+                    &raw mut p,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    &raw mut out,
+                );
+                (r, !out.is_null(), p.pw_uid)
+            }
+        };
+        match r {
+            0 => return Ok(found.then_some(id)),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// The process umask, from `/proc/self/status` (reading it with `umask(2)` would change
+/// it for every thread meanwhile); `022` when the kernel does not say.
+#[must_use]
+pub fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
+/// This process's effective user id.
+#[must_use]
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
 /// Receive-side memory of one TCP socket, as `sock_diag` reports it (`SK_MEMINFO_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SockMem {

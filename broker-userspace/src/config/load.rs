@@ -226,6 +226,7 @@ const SERVICE_KEYS: &[&str] = &[
     "config",
     "authentication",
     "cache",
+    "unixSocket",
 ];
 const LIST_SERVICE_KEYS: &[&str] = &[
     "name",
@@ -237,6 +238,7 @@ const LIST_SERVICE_KEYS: &[&str] = &[
     "config",
     "authentication",
     "cache",
+    "unixSocket",
 ];
 
 /// Keys every provider block accepts besides its kind's own: its failure behaviour
@@ -1405,8 +1407,10 @@ impl Loader<'_> {
                 "maxConnections",
                 "maxConnectionsPerListener",
                 "caDir",
+                "unixSocket",
             ],
         );
+        out.unix_socket = super::socket::broker(self, m.get("unixSocket"));
         if let Some(v) = m.get("health") {
             let p = "broker.health";
             let text = match v {
@@ -1616,6 +1620,7 @@ impl Loader<'_> {
                 }
             }
         });
+        let unix_socket = super::socket::service(self, path, m, listen_on.as_ref());
         let intercept = self.intercept(path, m.get("intercept"));
         let cache = self.cache_override(path, m.get("cache"));
         let credentials = self.credentials(path, m.get("credentials"), names);
@@ -1708,6 +1713,7 @@ impl Loader<'_> {
             credentials: credentials.map(|(c, _)| c).unwrap_or_default(),
             authentication: authentication.into_iter().map(|(_, a)| a).collect(),
             cache,
+            unix_socket,
         })
     }
 

@@ -15,6 +15,7 @@ mod kinds;
 mod load;
 mod model;
 mod secretless;
+mod socket;
 mod values;
 
 use std::{fmt, path::Path};
@@ -22,6 +23,7 @@ use std::{fmt, path::Path};
 pub use kinds::*;
 pub use load::{COMMON_PROVIDER_KEYS, Loader, index, join, key_text, quoted_list, suggestion};
 pub use model::*;
+pub use socket::MAX_SOCKET_PATH;
 
 /// One problem in a configuration, with the dotted key path it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,16 +210,6 @@ pub fn unsupported_by_service(cfg: &Config) -> Vec<(usize, ConfigError)> {
             out.push(ConfigError::new(
                 format!("{path}.credentials.{cred}"),
                 message,
-            ));
-        }
-        if let Some(ListenAddr::Unix(p)) = &s.listen_on {
-            // `broker run` refuses it at start; `check` says so too.
-            out.push(ConfigError::new(
-                format!("{path}.listenOn"),
-                format!(
-                    "listenOn unix://{} is not supported yet; use tcp://",
-                    p.display()
-                ),
             ));
         }
         // `generic_http` and `basic_auth` use OAuth2 tokens; no other connector does

@@ -65,6 +65,9 @@ pub struct BrokerSettings {
     /// first use by a service that presents certificates to apps (PostgreSQL
     /// `clientTLS`).
     pub ca_dir: PathBuf,
+    /// `unixSocket`: mode and owner of the socket files of `listenOn: unix://`
+    /// listeners; a service's own `unixSocket` overrides it key by key.
+    pub unix_socket: UnixSocketOptions,
 }
 
 /// Default `caDir`.
@@ -82,6 +85,7 @@ impl Default for BrokerSettings {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_listener: DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
             ca_dir: PathBuf::from(DEFAULT_CA_DIR),
+            unix_socket: UnixSocketOptions::default(),
         }
     }
 }
@@ -100,6 +104,64 @@ pub struct Service {
     pub authentication: Vec<AuthMethod>,
     /// The service's `cache:` block: overrides its providers' `cacheTTL` and `staleFor`.
     pub cache: CacheOverride,
+    /// The service's `unixSocket:` block (a `listenOn: unix://` socket file's mode and
+    /// owner): what it sets overrides `broker.unixSocket`.
+    pub unix_socket: UnixSocketOptions,
+}
+
+/// Mode of a `listenOn: unix://` socket file when neither `broker.unixSocket.mode` nor
+/// the service's sets one: what Secretless' sockets get, `0777` less the process umask
+/// (with the usual `022`, only the daemon's user and root may connect; see
+/// docs/CONFIG.md, "unixSocket").
+#[must_use]
+pub fn default_unix_socket_mode() -> u32 {
+    0o777 & !crate::sys::umask()
+}
+
+/// A `unixSocket: {mode, user, group}` block (`broker:` or a service). Unset keys are
+/// `None`: the service's block overrides the broker's key by key ([`Self::over`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnixSocketOptions {
+    /// Permission bits (`0` to `0o777`); `None`: [`default_unix_socket_mode`].
+    pub mode: Option<u32>,
+    /// Owner of the socket file; `None`: the daemon's user.
+    pub user: Option<SocketOwner>,
+    /// Group of the socket file; `None`: the daemon's group.
+    pub group: Option<SocketOwner>,
+}
+
+impl UnixSocketOptions {
+    /// These options, with what they leave unset taken from `base`.
+    #[must_use]
+    pub fn over(&self, base: &Self) -> Self {
+        Self {
+            mode: self.mode.or(base.mode),
+            user: self.user.clone().or_else(|| base.user.clone()),
+            group: self.group.clone().or_else(|| base.group.clone()),
+        }
+    }
+
+    /// The mode to apply.
+    #[must_use]
+    pub fn mode(&self) -> u32 {
+        self.mode.unwrap_or_else(default_unix_socket_mode)
+    }
+}
+
+/// A user or group of `unixSocket`: a number, or a name looked up when the daemon starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketOwner {
+    Id(u32),
+    Name(String),
+}
+
+impl fmt::Display for SocketOwner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Id(n) => write!(f, "{n}"),
+            Self::Name(s) => write!(f, "{s:?}"),
+        }
+    }
 }
 
 /// Default `breaker.failures`: consecutive store failures that open a provider's circuit.

@@ -13,6 +13,7 @@
 //! `config:` block parses, how it is built) with a type implementing [`Connector`], and
 //! one line in [`KINDS`] (see docs/ARCHITECTURE.md, "Adding a connector").
 
+pub mod app_socket;
 pub mod db_tls;
 pub mod dial;
 pub mod http;
@@ -21,13 +22,14 @@ pub mod pg;
 pub mod target;
 pub mod tcp;
 
-use std::{any::Any, fmt, future::Future, net::SocketAddr, pin::Pin, sync::Arc};
+use std::{any::Any, fmt, future::Future, net::SocketAddr, path::Path, pin::Pin, sync::Arc};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 
+pub use self::app_socket::AppSocket;
 pub use crate::secrets::{Credentials, Requester};
 use crate::{
     config::{ConnectorKind, ConnectorKinds, ConnectorSpec, Service},
@@ -83,7 +85,7 @@ pub trait Connector: Send + Sync + fmt::Debug {
         &'a self,
         env: &'a Env,
         conn: &'a mut Conn,
-        client: TcpStream,
+        client: AppSocket,
     ) -> BoxFuture<'a, Result<Handoff, ConnError>>;
 
     /// What to write to a client refused before [`Connector::serve`] (a connection cap is
@@ -181,7 +183,7 @@ impl Session {
     /// A byte-transparent session: nothing owed either way, and a client that may send
     /// at any time (so never spliced).
     #[must_use]
-    pub fn transparent(client: TcpStream, upstream: UpstreamStream) -> Self {
+    pub fn transparent(client: AppSocket, upstream: UpstreamStream) -> Self {
         Self {
             client: ClientStream::Plain(client),
             upstream,
@@ -196,8 +198,8 @@ impl Session {
 
 /// The client side of a [`Session`].
 pub enum ClientStream {
-    /// The app's TCP socket: the readiness-based relay, or the kernel splice.
-    Plain(TcpStream),
+    /// The app's socket: the readiness-based relay, or (TCP only) the kernel splice.
+    Plain(AppSocket),
     /// TLS the broker terminated (PostgreSQL `clientTLS`): the generic relay, never
     /// spliced.
     Tls(Box<dyn AsyncStream>),
@@ -225,7 +227,7 @@ impl Connector for NotBuilt {
         &'a self,
         _env: &'a Env,
         _conn: &'a mut Conn,
-        _client: TcpStream,
+        _client: AppSocket,
     ) -> BoxFuture<'a, Result<Handoff, ConnError>> {
         Box::pin(async move {
             Err(ConnError::Config(format!(
@@ -240,7 +242,7 @@ impl Connector for NotBuilt {
 /// client already sent (bounded in bytes and time) before the socket is closed. Closing
 /// with unread data would make the kernel answer with RST, which clients report as
 /// "connection reset" instead of a clean end.
-pub async fn close_gracefully(mut client: TcpStream) {
+pub async fn close_gracefully(mut client: AppSocket) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let _ = client.shutdown().await;
     let mut buf = [0u8; 4096];
@@ -340,8 +342,10 @@ pub fn settings<T: crate::config::ConnectorSettings>(service: &Service) -> anyho
     })
 }
 
-/// Who is on the other end of an intercepted connection, as the kernel recorded it at
-/// `connect()` time.
+/// Who is on the other end of a connection: for an intercepted connection, as the kernel
+/// recorded it at `connect()` time; for a `listenOn: unix://` client, its `SO_PEERCRED`
+/// (the credentials it connected with) and what `/proc` says about that pid at accept
+/// time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub pid: u32,
@@ -351,8 +355,34 @@ pub struct Caller {
     /// The process's command name (its main thread's, from `/proc/PID/comm` at accept
     /// time; the connecting thread's when the process is already gone).
     pub comm: String,
-    /// The name of the thread that called `connect()` (the kernel's `comm`).
+    /// The name of the thread that called `connect()` (the kernel's `comm`); empty for
+    /// a Unix socket client (`SO_PEERCRED` names the process, not the thread).
     pub thread: String,
+}
+
+/// Where a client connection came from, as the broker's listener saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAddr {
+    /// The client's TCP address.
+    Tcp(SocketAddr),
+    /// A client of a `listenOn: unix://` socket, whose own address is normally unnamed:
+    /// the socket's path. (Its identity is in [`Conn::caller`], from `SO_PEERCRED`.)
+    Unix(Arc<Path>),
+}
+
+impl From<SocketAddr> for ClientAddr {
+    fn from(a: SocketAddr) -> Self {
+        Self::Tcp(a)
+    }
+}
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// One brokered client connection.
@@ -360,8 +390,8 @@ pub struct Caller {
 pub struct Conn {
     pub service: Arc<Service>,
     /// The client's address as the broker's listener saw it.
-    pub client_addr: SocketAddr,
-    /// The caller's identity (transparent connections only).
+    pub client_addr: ClientAddr,
+    /// The caller's identity (transparent connections and Unix socket clients).
     pub caller: Option<Caller>,
     /// Where the client meant to connect (transparent connections only).
     pub orig_dst: Option<SocketAddr>,

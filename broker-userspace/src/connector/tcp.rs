@@ -6,13 +6,12 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use tokio::net::TcpStream;
 use yaml_serde::Value;
 
 use crate::{
     config::{ConnectorBlock, ConnectorSettings, ConnectorSyntax, ListenAddr, Loader, join},
     connector::{
-        BoxFuture, Conn, ConnError, Connector, Env, Handoff, Kind, Requester, Session,
+        AppSocket, BoxFuture, Conn, ConnError, Connector, Env, Handoff, Kind, Requester, Session,
         UpstreamStream, close_gracefully, settings,
         target::{self, AppDestination, Destinations, Fallbacks},
     },
@@ -134,7 +133,7 @@ impl Connector for TcpConnector {
         &'a self,
         env: &'a Env,
         conn: &'a mut Conn,
-        client: TcpStream,
+        client: AppSocket,
     ) -> BoxFuture<'a, Result<Handoff, ConnError>> {
         Box::pin(async move {
             match self.upstream(env, conn).await {

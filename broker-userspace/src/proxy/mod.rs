@@ -5,7 +5,9 @@
 //!   redirect to. Each accepted connection must have a redirect record (original
 //!   destination + caller identity, see [`crate::ebpf`]); one without is refused.
 //! * **explicit** `listenOn` listeners (Secretless style), one per address: a service's
-//!   own, or one shared by the HTTP services that name the same address.
+//!   own, or one shared by the HTTP services that name the same address. TCP, or a Unix
+//!   socket ([`unix`]: its file, and its clients' identity from `SO_PEERCRED`); a Unix
+//!   client is served like a TCP one and always relayed in userspace (never spliced).
 //!
 //! Each connection runs in its own task with one span, and writes exactly one access-log
 //! line (target `access`) when it ends, whatever the outcome (success, error, refusal,
@@ -17,11 +19,11 @@
 //! so `listenOn` listeners (which any local process can reach) cannot starve it; the
 //! health endpoint has its own listener and task, outside the caps.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{os::fd::AsFd, sync::Arc, time::Duration};
 
 use broker_common::REC_IN_SPLICE_APP;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore, watch},
 };
 use tracing::Instrument as _;
@@ -29,13 +31,16 @@ use tracing::Instrument as _;
 pub mod relay;
 pub mod result;
 pub mod splice;
+pub mod unix;
 
 pub use crate::drain::Tracker;
 
 use self::{result::ConnResult, splice::SpliceTicket};
 use crate::{
     config::{BrokerSettings, ListenAddr},
-    connector::{Caller, Conn, ConnError, ConnStats, Connector, Env, Handoff},
+    connector::{
+        AppSocket, Caller, ClientAddr, Conn, ConnError, ConnStats, Connector, Env, Handoff,
+    },
     ebpf::{Interceptor, record_destination},
     ratelimit::LogLimiter,
     resolver::HostNames,
@@ -162,15 +167,51 @@ pub struct Shared {
     pub names: Arc<HostNames>,
 }
 
+/// A listening socket: TCP (the transparent listener, `listenOn: tcp://`) or Unix
+/// (`listenOn: unix://`, with the guard that removes its file when the listener goes).
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(unix::UnixBound),
+}
+
+impl Listener {
+    /// Where it listens, for logs: `127.0.0.1:5432`, `unix:/sock/.s.PGSQL.5432`.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp".to_owned(), |a| a.to_string()),
+            Self::Unix(u) => format!("unix:{}", u.file.path().display()),
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<(AppSocket, ClientAddr)> {
+        match self {
+            Self::Tcp(l) => l
+                .accept()
+                .await
+                .map(|(s, a)| (AppSocket::Tcp(s), ClientAddr::Tcp(a))),
+            Self::Unix(u) => u.listener.accept().await.map(|(s, _)| {
+                (
+                    AppSocket::Unix(s),
+                    ClientAddr::Unix(Arc::clone(u.file.path())),
+                )
+            }),
+        }
+    }
+}
+
 /// Accept on the transparent listener until `stop` turns true.
 pub async fn serve_transparent(listener: TcpListener, shared: Shared, stop: watch::Receiver<bool>) {
-    accept_loop(listener, shared, stop, None).await;
+    accept_loop(Listener::Tcp(listener), shared, stop, None).await;
 }
 
 /// Accept on a `listenOn` listener (`Runtime::listener(listener_id)`) until `stop`
-/// turns true.
+/// turns true. A Unix socket's file is removed when this returns (or is dropped).
 pub async fn serve_explicit(
-    listener: TcpListener,
+    listener: Listener,
     shared: Shared,
     listener_id: u32,
     stop: watch::Receiver<bool>,
@@ -179,7 +220,7 @@ pub async fn serve_explicit(
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Listener,
     shared: Shared,
     mut stop: watch::Receiver<bool>,
     explicit: Option<u32>,
@@ -196,7 +237,7 @@ async fn accept_loop(
                         // upstream).
                         refuse_over_cap(&shared, &stream, explicit);
                         drop(stream);
-                        cap_reached(&shared, peer, explicit);
+                        cap_reached(&shared, &peer, explicit);
                         continue;
                     };
                     let shared = shared.clone();
@@ -220,7 +261,7 @@ async fn accept_loop(
 /// Tell a client refused for a cap what its protocol says ("too many connections"), with
 /// one non-blocking write, where the protocol lets a server speak first. A transparent
 /// connection's record is taken (it names the service) so it does not linger.
-fn refuse_over_cap(shared: &Shared, stream: &TcpStream, explicit: Option<u32>) {
+fn refuse_over_cap(shared: &Shared, stream: &AppSocket, explicit: Option<u32>) {
     let runtime = shared.runtime.load();
     let rt = match explicit {
         Some(id) => runtime.listener(id),
@@ -228,7 +269,8 @@ fn refuse_over_cap(shared: &Shared, stream: &TcpStream, explicit: Option<u32>) {
             .interceptor
             .as_ref()
             .and_then(std::sync::Weak::upgrade)
-            .and_then(|i| i.take_record(stream).ok().flatten())
+            .zip(stream.as_tcp())
+            .and_then(|(i, s)| i.take_record(s).ok().flatten())
             .and_then(|r| runtime.service(r.service_id)),
     };
     let Some(rt) = rt else {
@@ -241,7 +283,7 @@ fn refuse_over_cap(shared: &Shared, stream: &TcpStream, explicit: Option<u32>) {
 }
 
 /// The rate-limited line for a connection closed because a cap was reached.
-fn cap_reached(shared: &Shared, peer: SocketAddr, explicit: Option<u32>) {
+fn cap_reached(shared: &Shared, peer: &ClientAddr, explicit: Option<u32>) {
     let Some(suppressed) = shared.caps.log.check() else {
         return;
     };
@@ -252,6 +294,7 @@ fn cap_reached(shared: &Shared, peer: SocketAddr, explicit: Option<u32>) {
     {
         Some(s) => match &s.listen_on {
             Some(ListenAddr::Tcp(a)) => format!("listenOn {a} of service {}", s.name),
+            Some(a @ ListenAddr::Unix(_)) => format!("listenOn {a} of service {}", s.name),
             _ => format!("listenOn of service {}", s.name),
         },
         None => "transparent".to_owned(),
@@ -267,7 +310,7 @@ fn cap_reached(shared: &Shared, peer: SocketAddr, explicit: Option<u32>) {
     );
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: Option<u32>) {
+async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: Option<u32>) {
     // The snapshot this connection runs with, from start to end.
     let runtime = shared.runtime.load();
     let (rt, caller, orig_dst, splice) = match explicit {
@@ -275,7 +318,12 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
             let Some(rt) = runtime.listener(id) else {
                 return;
             };
-            (Arc::clone(rt), None, None, None)
+            // A Unix socket's client is known by its credentials (SO_PEERCRED).
+            let caller = match &stream {
+                AppSocket::Unix(u) => unix::caller(u),
+                AppSocket::Tcp(_) => None,
+            };
+            (Arc::clone(rt), caller, None, None)
         }
         None => {
             let interceptor = shared
@@ -284,7 +332,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
                 .and_then(std::sync::Weak::upgrade);
             let rec = interceptor
                 .as_ref()
-                .and_then(|i| i.take_record(&stream).ok().flatten());
+                .zip(stream.as_tcp())
+                .and_then(|(i, s)| i.take_record(s).ok().flatten());
             let Some(rec) = rec.filter(|r| record_is_fresh(r.connect_ns)) else {
                 // Someone connected to the listener directly: no redirect record, no
                 // identity, nothing to broker. Close without a byte. Anyone local can
@@ -343,6 +392,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
         }
     };
     let orig_host = orig_dst.and_then(|d| shared.names.lookup(rt.id, d));
+    let span = tracing::info_span!("conn", service = %rt.service.name, client = %peer);
     let mut record = ConnResult::new(Conn {
         service: Arc::clone(&rt.service),
         client_addr: peer,
@@ -351,7 +401,6 @@ async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, explicit: O
         orig_host,
         stats: ConnStats::default(),
     });
-    let span = tracing::info_span!("conn", service = %record.conn.service.name, client = %peer);
     let mut abort = shared.abort.clone();
     let conn = &mut record.conn;
     let result = async {
@@ -376,7 +425,7 @@ pub async fn serve(
     connector: &dyn Connector,
     env: &Env,
     conn: &mut Conn,
-    client: TcpStream,
+    client: AppSocket,
     ticket: Option<SpliceTicket>,
 ) -> Result<(), ConnError> {
     // Forgets the app socket on every way out but one: the byte phase, which decides.
@@ -411,7 +460,7 @@ fn record_is_fresh(connect_ns: u64) -> bool {
 
 /// Whether the peer of an accepted socket has already closed it (end of stream or a
 /// reset waiting), without consuming anything.
-fn peer_gone(stream: &TcpStream) -> bool {
+fn peer_gone(stream: &impl AsFd) -> bool {
     let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     match socket2::SockRef::from(stream).peek(&mut byte) {
         Ok(0) => true,
@@ -422,7 +471,7 @@ fn peer_gone(stream: &TcpStream) -> bool {
 
 /// The command name of process `pid` (its main thread's name). The kernel's record
 /// holds the name of the thread that connected (a pool thread, `tokio-runtime-w`...).
-fn process_comm(pid: u32) -> Option<String> {
+pub(crate) fn process_comm(pid: u32) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
     Some(text.trim_end_matches('\n').to_owned())
 }

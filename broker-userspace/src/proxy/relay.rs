@@ -1,13 +1,72 @@
 //! Moving bytes once a session is authenticated: the readiness-based relay between two
-//! plain TCP sockets ([`relay_tcp`]), the generic relay for any other upstream stream
-//! (TLS: [`relay`]).
+//! plain sockets ([`relay_tcp`]: a TCP upstream and the app's TCP or Unix socket), the
+//! generic relay for any other stream (TLS: [`relay`]).
+
+use std::{future::Future, io, os::fd::AsFd};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
 
-use crate::connector::{AsyncStream, ConnError, ConnStats, UploadFilter, UpstreamStream};
+use crate::connector::{
+    AppSocket, AsyncStream, ConnError, ConnStats, UploadFilter, UpstreamStream,
+};
+
+/// A plain socket the readiness-based relay moves bytes between: TCP, or the app's
+/// socket as accepted (TCP or Unix).
+pub trait Ready: AsFd + Sync {
+    /// Wait until the socket may be read.
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Wait until the socket may be written.
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Read what is there now (`WouldBlock` when nothing is).
+    ///
+    /// # Errors
+    /// `WouldBlock`, or the socket's error.
+    fn try_read_buf(&self, buf: &mut Vec<u8>) -> io::Result<usize>;
+    /// Write what fits now (`WouldBlock` when nothing does).
+    ///
+    /// # Errors
+    /// `WouldBlock`, or the socket's error.
+    fn try_write(&self, data: &[u8]) -> io::Result<usize>;
+}
+
+impl Ready for TcpStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        TcpStream::writable(self)
+    }
+
+    fn try_read_buf(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+
+    fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, data)
+    }
+}
+
+impl Ready for AppSocket {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        AppSocket::readable(self)
+    }
+
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        AppSocket::writable(self)
+    }
+
+    fn try_read_buf(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        AppSocket::try_read_buf(self, buf)
+    }
+
+    fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        AppSocket::try_write(self, data)
+    }
+}
 
 /// Relay buffer size in each direction (plain TCP).
 pub const RELAY_BUF: usize = 64 * 1024;
@@ -190,7 +249,7 @@ impl<S: AsyncStream + ?Sized> tokio::io::AsyncWrite for EofIsEnd<'_, S> {
     }
 }
 
-/// Copy both ways between two plain TCP sockets until both sides are done; returns
+/// Copy both ways between two plain sockets until both sides are done; returns
 /// (client->upstream, upstream->client).
 ///
 /// An idle connection holds no buffer: a direction takes a buffer (from a small
@@ -201,9 +260,9 @@ impl<S: AsyncStream + ?Sized> tokio::io::AsyncWrite for EofIsEnd<'_, S> {
 ///
 /// # Errors
 /// The first I/O error on either side.
-pub async fn relay_tcp(
-    client: &TcpStream,
-    upstream: &TcpStream,
+pub async fn relay_tcp<C: Ready, U: Ready>(
+    client: &C,
+    upstream: &U,
     filter: Option<&mut (dyn UploadFilter + 'static)>,
 ) -> Result<(u64, u64), ConnError> {
     Ok(tokio::try_join!(
@@ -219,9 +278,9 @@ pub async fn relay_tcp(
 ///
 /// # Errors
 /// The first I/O error on either side.
-pub async fn relay_tcp_after(
-    client: &TcpStream,
-    upstream: &TcpStream,
+pub async fn relay_tcp_after<C: Ready, U: Ready>(
+    client: &C,
+    upstream: &U,
     first: &[u8],
     filter: Option<&mut (dyn UploadFilter + 'static)>,
 ) -> Result<(u64, u64), ConnError> {
@@ -236,9 +295,9 @@ pub async fn relay_tcp_after(
 
 /// One direction of [`relay_tcp`]; with a filter (client to upstream only), its replies
 /// are written back to `from`.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
+async fn pump<F: Ready, T: Ready>(
+    from: &F,
+    to: &T,
     mut filter: Option<&mut (dyn UploadFilter + 'static)>,
 ) -> std::io::Result<u64> {
     let mut total = 0u64;
@@ -255,9 +314,9 @@ async fn pump(
 }
 
 /// Move everything readable now from `from` to `to`; `Ok(true)` at end of stream.
-async fn drain(
-    from: &TcpStream,
-    to: &TcpStream,
+async fn drain<F: Ready, T: Ready>(
+    from: &F,
+    to: &T,
     buf: &mut Vec<u8>,
     total: &mut u64,
     mut filter: Option<&mut (dyn UploadFilter + 'static)>,
@@ -316,7 +375,7 @@ impl BufferPool {
     }
 }
 
-pub(crate) async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_all<T: Ready>(to: &T, mut data: &[u8]) -> std::io::Result<()> {
     while !data.is_empty() {
         match to.try_write(data) {
             Ok(n) => data = &data[n..],

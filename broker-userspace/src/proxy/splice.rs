@@ -95,9 +95,13 @@ pub async fn run_session(
         }
     };
     let app_cookie = ticket.as_ref().map_or(0, |t| t.app_cookie);
+    // Only a TCP client can be spliced: the sockmap programs see TCP sockets only. (A
+    // Unix socket client comes through a `listenOn`, which never has a ticket.)
     let mut up = match (s.upstream, ticket) {
         (UpstreamStream::Plain(up), Some(t))
-            if s.client_waits && s.to_upstream.is_empty() && nothing_pending(&client) =>
+            if s.client_waits
+                && s.to_upstream.is_empty()
+                && client.as_tcp().is_some_and(nothing_pending) =>
         {
             // Out of tokio's reactor first (see `run`).
             let up = up
@@ -148,7 +152,12 @@ pub async fn run_session(
     stats.spliced = matches!(up, Up::Spliced(..));
     let (a, b) = match up {
         Up::Spliced(u, sp) => {
-            let o = run(&client, u, &sp, app_cookie, filter).await?;
+            let Some(tcp) = client.as_tcp() else {
+                return Err(ConnError::Io(io::Error::other(
+                    "a non-TCP client cannot be spliced",
+                )));
+            };
+            let o = run(tcp, u, &sp, app_cookie, filter).await?;
             stats.splice_fallback = o.fallback;
             if let Some(e) = o.error {
                 stats.bytes_up += o.up;

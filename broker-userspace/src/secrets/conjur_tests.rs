@@ -653,7 +653,7 @@ fn settings_come_from_the_instance_then_the_environment() {
         ..ConjurProviderConfig::default()
     };
     let p = ConjurProvider::with_env("conjur", &builtin, &env).unwrap();
-    let c = p.inner.as_ref().unwrap();
+    let c = p.inner.client().unwrap();
     assert_eq!(c.base, "https://conjur.example.com");
     assert_eq!(c.account, "envacct");
     assert_eq!(c.timeout, Duration::from_secs(7));
@@ -674,7 +674,7 @@ fn settings_come_from_the_instance_then_the_environment() {
         ..ConjurProviderConfig::default()
     };
     let p = ConjurProvider::with_env("c2", &cfg, &env).unwrap();
-    let c = p.inner.as_ref().unwrap();
+    let c = p.inner.client().unwrap();
     assert_eq!(c.timeout, Duration::from_secs(3));
     let Authn::ApiKey { url, .. } = &c.authn else {
         panic!("API key expected")
@@ -693,7 +693,7 @@ fn settings_come_from_the_instance_then_the_environment() {
         _ => None,
     };
     let p = ConjurProvider::with_env("conjur", &builtin, &k8s_env).unwrap();
-    let Authn::TokenFile { path, .. } = &p.inner.as_ref().unwrap().authn else {
+    let Authn::TokenFile { path, .. } = &p.inner.client().unwrap().authn else {
         panic!("token file expected")
     };
     assert_eq!(path, Path::new(SIDECAR_TOKEN_FILE));

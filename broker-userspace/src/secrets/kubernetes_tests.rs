@@ -201,7 +201,7 @@ impl Setup {
         };
         let p =
             KubernetesProvider::with_env("kubernetes", &cfg, &|_| None, self.dir.path()).unwrap();
-        assert!(p.inner.is_ok(), "{:?}", p.inner.as_ref().err());
+        assert!(p.inner.client().is_ok(), "{:?}", p.inner.client().err());
         p
     }
 }
@@ -322,7 +322,7 @@ fn settings_from_the_in_cluster_environment() {
         ..KubernetesProviderConfig::default()
     };
     let p = KubernetesProvider::with_env("kubernetes", &builtin, &env, dir.path()).unwrap();
-    let c = p.inner.as_ref().unwrap();
+    let c = p.inner.client().unwrap();
     assert_eq!(c.base, "https://10.96.0.1:443");
     assert_eq!(c.namespace, "from-file");
     assert_eq!(c.token_file, dir.path().join("token"));
@@ -334,13 +334,13 @@ fn settings_from_the_in_cluster_environment() {
         _ => None,
     };
     let p = KubernetesProvider::with_env("kubernetes", &builtin, &env6, dir.path()).unwrap();
-    let c = p.inner.as_ref().unwrap();
+    let c = p.inner.client().unwrap();
     assert_eq!(c.base, "https://[fd00::1]:6443");
     assert_eq!(c.namespace, "from-env");
     // No namespace anywhere: `default`.
     std::fs::remove_file(dir.path().join("namespace")).unwrap();
     let p = KubernetesProvider::with_env("kubernetes", &builtin, &env, dir.path()).unwrap();
-    assert_eq!(p.inner.as_ref().unwrap().namespace, "default");
+    assert_eq!(p.inner.client().unwrap().namespace, "default");
 }
 
 #[tokio::test]

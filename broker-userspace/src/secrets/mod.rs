@@ -825,6 +825,14 @@ impl<C> BuiltIn<C> {
         })
     }
 
+    /// The client, or why it could not be made (no log, no error for an id).
+    ///
+    /// # Errors
+    /// When the built-in instance could not be configured.
+    pub fn client(&self) -> Result<&C, &str> {
+        self.client.as_ref().map_err(String::as_str)
+    }
+
     /// The client, or [`SecretError::NotConfigured`] for `id` (the reason logged once).
     ///
     /// # Errors

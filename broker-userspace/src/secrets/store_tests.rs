@@ -203,6 +203,7 @@ fn service(name: &str, creds: &[(&str, &str, &str)], cache: CacheOverride) -> Se
         credentials,
         authentication: vec![],
         cache,
+        unix_socket: crate::config::UnixSocketOptions::default(),
     }
 }
 

@@ -624,6 +624,7 @@ fn counted_service() -> Service {
         credentials,
         authentication: vec![],
         cache: crate::config::CacheOverride::default(),
+        unix_socket: crate::config::UnixSocketOptions::default(),
     }
 }
 

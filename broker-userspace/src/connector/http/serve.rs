@@ -38,8 +38,8 @@ use super::{
 use crate::{
     config::{InterceptTarget, ListenAddr, Service},
     connector::{
-        AsyncStream, BoxFuture, Caller, Conn, ConnError, ConnStats, Connector, Credentials, Env,
-        Handoff, Requester, Session, UpstreamStream, close_gracefully,
+        AppSocket, AsyncStream, BoxFuture, Caller, Conn, ConnError, ConnStats, Connector,
+        Credentials, Env, Handoff, Requester, Session, UpstreamStream, close_gracefully,
         dial::HostPort,
         target::{self, AppDestination, Destinations, Fallbacks},
     },
@@ -346,7 +346,7 @@ impl Connector for HttpConnector {
         &'a self,
         env: &'a Env,
         conn: &'a mut Conn,
-        client: TcpStream,
+        client: AppSocket,
     ) -> BoxFuture<'a, Result<Handoff, ConnError>> {
         Box::pin(async move {
             match first_bytes(&client).await {
@@ -401,7 +401,7 @@ impl HttpConnector {
         &self,
         env: &Env,
         conn: &mut Conn,
-        client: TcpStream,
+        client: AppSocket,
         name: String,
     ) -> Result<Handoff, ConnError> {
         let Some(ca) = env.ca.as_ref() else {
@@ -431,7 +431,7 @@ impl HttpConnector {
         &self,
         env: &Env,
         conn: &mut Conn,
-        client: TcpStream,
+        client: AppSocket,
     ) -> Result<Handoff, ConnError> {
         conn.stats.request = Some("tls_passthrough");
         let Some(dst) = conn.orig_dst else {
@@ -455,7 +455,7 @@ impl HttpConnector {
 
 /// Wait for the client's first bytes: `None` for plain HTTP, `Some(server name)` for a
 /// complete TLS ClientHello (peeked, not consumed).
-async fn first_bytes(client: &TcpStream) -> Result<Option<Option<String>>, ConnError> {
+async fn first_bytes(client: &AppSocket) -> Result<Option<Option<String>>, ConnError> {
     let deadline = tokio::time::Instant::now() + FIRST_BYTES;
     let mut buf = vec![0u8; sni::MAX_HELLO];
     let mut last = 0;

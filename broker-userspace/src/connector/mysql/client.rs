@@ -13,10 +13,7 @@ use std::{
 };
 
 use bytes::BytesMut;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
 use super::{
     errors::{Failure, code},
@@ -24,19 +21,19 @@ use super::{
 };
 use crate::{
     ca::LocalCa,
-    connector::{ClientStream, ConnError},
+    connector::{AppSocket, ClientStream, ConnError},
 };
 
 /// The app's connection.
 pub enum ClientIo {
-    Plain(TcpStream),
+    Plain(AppSocket),
     Tls(Box<tokio_rustls::server::TlsStream<Prefixed>>),
 }
 
 impl ClientIo {
-    /// The TCP socket underneath.
+    /// The socket underneath.
     #[must_use]
-    pub fn tcp(&self) -> &TcpStream {
+    pub fn socket(&self) -> &AppSocket {
         match self {
             Self::Plain(s) => s,
             Self::Tls(s) => &s.get_ref().0.inner,
@@ -160,7 +157,7 @@ pub struct Failed {
 /// # Errors
 /// The client leg's failure, with what is left of the socket to tell it.
 pub async fn handshake(
-    client: TcpStream,
+    client: AppSocket,
     greeting: &[u8],
     tls: Option<&ClientTls<'_>>,
 ) -> Result<Greeted, Box<Failed>> {
@@ -264,7 +261,7 @@ fn read_failure(e: ReadError, expect: u8) -> Failure {
 /// stream, read with its SSLRequest).
 pub struct Prefixed {
     pre: BytesMut,
-    inner: TcpStream,
+    inner: AppSocket,
 }
 
 impl AsyncRead for Prefixed {

@@ -53,7 +53,7 @@ mod tests;
 use std::{sync::Arc, time::Duration};
 
 use mysql_common::constants::CapabilityFlags as Caps;
-use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use tokio::io::AsyncWriteExt as _;
 
 pub use self::config::MysqlConfig;
 use self::{
@@ -67,8 +67,8 @@ use self::{
 use crate::{
     config::Service,
     connector::{
-        BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind, Requester, Session,
-        UpstreamStream, close_gracefully,
+        AppSocket, BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind,
+        Requester, Session, UpstreamStream, close_gracefully,
         db_tls::TlsConfigCache,
         settings,
         target::{AppDestination, Destinations},
@@ -131,7 +131,7 @@ impl Connector for MysqlConnector {
         &'a self,
         env: &'a Env,
         conn: &'a mut Conn,
-        client: TcpStream,
+        client: AppSocket,
     ) -> BoxFuture<'a, Result<Handoff, ConnError>> {
         Box::pin(serve(self, env, conn, client))
     }
@@ -165,7 +165,7 @@ async fn serve(
     my: &MysqlConnector,
     env: &Env,
     conn: &mut Conn,
-    client: TcpStream,
+    client: AppSocket,
 ) -> Result<Handoff, ConnError> {
     let service = Arc::clone(&conn.service);
     let deadline = tokio::time::Instant::now() + my.cfg.connect_timeout;
@@ -238,7 +238,7 @@ async fn serve(
             deadline,
             establish(my, env, conn, &service, dests, start, &response),
         ) => r.ok(),
-        () = client_gone(client_io.tcp()) => Some(Err(Failure::told(ConnError::ClientGone(
+        () = client_gone(client_io.socket()) => Some(Err(Failure::told(ConnError::ClientGone(
             "during the upstream handshake".into(),
         )))),
     }
@@ -524,7 +524,7 @@ async fn attempt(
 /// Resolves when the client hangs up while the upstream handshake runs. A MySQL client
 /// sends nothing between its HandshakeResponse and the OK; if one sends bytes anyway,
 /// they stay queued (forwarded later) and the watch ends without resolving.
-async fn client_gone(client: &TcpStream) {
+async fn client_gone(client: &AppSocket) {
     let mut byte = [0u8; 1];
     match client.peek(&mut byte).await {
         Ok(0) | Err(_) => {}

@@ -94,6 +94,7 @@ pub(super) async fn broker_with_ca(
         credentials: creds.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         authentication: vec![],
         cache: crate::config::CacheOverride::default(),
+        unix_socket: crate::config::UnixSocketOptions::default(),
     };
     let mut providers = BTreeMap::new();
     providers.insert("file".to_owned(), ProviderConfig::File);
@@ -133,13 +134,13 @@ pub(super) async fn broker_with_ca(
             tokio::spawn(async move {
                 let mut conn = Conn {
                     service,
-                    client_addr: peer,
+                    client_addr: peer.into(),
                     caller: None,
                     orig_dst: None,
                     orig_host: None,
                     stats: ConnStats::default(),
                 };
-                let r = crate::proxy::serve(my.as_ref(), &env, &mut conn, sock, None).await;
+                let r = crate::proxy::serve(my.as_ref(), &env, &mut conn, sock.into(), None).await;
                 let _ = tx.send(r.map_err(|e: ConnError| format!("{}: {e}", e.kind())));
             });
         }

@@ -16,10 +16,7 @@ use std::{
 
 use bytes::BytesMut;
 use sha2::{Digest, Sha256};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
 use super::{
     errors::{Failure, sqlstate},
@@ -27,7 +24,7 @@ use super::{
 };
 use crate::{
     ca::LocalCa,
-    connector::{ClientStream, ConnError},
+    connector::{AppSocket, ClientStream, ConnError},
 };
 
 /// ALPN protocol name of PostgreSQL over TLS.
@@ -35,18 +32,18 @@ pub const ALPN: &[u8] = b"postgresql";
 
 /// The app's connection.
 pub enum ClientIo {
-    Plain(TcpStream),
+    Plain(AppSocket),
     Tls {
-        stream: Box<tokio_rustls::server::TlsStream<TcpStream>>,
+        stream: Box<tokio_rustls::server::TlsStream<AppSocket>>,
         /// `tls-server-end-point` channel binding data of the certificate presented.
         binding: Vec<u8>,
     },
 }
 
 impl ClientIo {
-    /// The TCP socket underneath.
+    /// The socket underneath.
     #[must_use]
-    pub fn tcp(&self) -> &TcpStream {
+    pub fn socket(&self) -> &AppSocket {
         match self {
             Self::Plain(s) => s,
             Self::Tls { stream, .. } => stream.get_ref().0,
@@ -128,7 +125,7 @@ pub struct ClientTls<'a> {
 /// Returns the client leg (`None` when a failed TLS handshake consumed it; nothing
 /// can be told to the client then) with the first packet or the failure.
 pub async fn read_startup(
-    client: TcpStream,
+    client: AppSocket,
     buf: &mut BytesMut,
     tls: Option<&ClientTls<'_>>,
 ) -> (Option<ClientIo>, Result<FirstPacket, Failure>) {
@@ -137,7 +134,7 @@ pub async fn read_startup(
         // Direct TLS: the first byte is a TLS handshake record (0x16), never the first
         // byte of a startup length.
         let mut first = [0u8; 1];
-        if let Ok(1) = client.tcp().peek(&mut first).await
+        if let Ok(1) = client.socket().peek(&mut first).await
             && first[0] == 0x16
         {
             let ClientIo::Plain(tcp) = client else {
@@ -244,7 +241,7 @@ fn startup_error(e: StartupError) -> Failure {
 /// The TLS handshake with the client, presenting a certificate from the local CA.
 /// `direct`: the client negotiated TLS directly, which PostgreSQL requires to carry
 /// ALPN `postgresql` (so a TLS connection meant for another protocol is not taken).
-async fn accept(tcp: TcpStream, t: &ClientTls<'_>, direct: bool) -> Result<ClientIo, Failure> {
+async fn accept(tcp: AppSocket, t: &ClientTls<'_>, direct: bool) -> Result<ClientIo, Failure> {
     let fail = |why: String| Failure::told(ConnError::Protocol(format!("client TLS: {why}")));
     let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
         .await

@@ -78,6 +78,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
         credentials: creds.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         authentication: vec![],
         cache: crate::config::CacheOverride::default(),
+        unix_socket: crate::config::UnixSocketOptions::default(),
     };
     let mut providers = BTreeMap::new();
     providers.insert("file".to_owned(), ProviderConfig::File);
@@ -113,13 +114,13 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
             tokio::spawn(async move {
                 let mut conn = Conn {
                     service,
-                    client_addr: peer,
+                    client_addr: peer.into(),
                     caller: None,
                     orig_dst: None,
                     orig_host: None,
                     stats: ConnStats::default(),
                 };
-                let r = crate::proxy::serve(p.as_ref(), &e, &mut conn, sock, None).await;
+                let r = crate::proxy::serve(p.as_ref(), &e, &mut conn, sock.into(), None).await;
                 eprintln!(
                     "[broker] {peer}: {:?} {:?}",
                     r.as_ref().map_err(|e| e.to_string()),

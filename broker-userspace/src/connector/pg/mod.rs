@@ -29,10 +29,7 @@ mod live_tests;
 use std::{sync::Arc, time::Duration};
 
 use bytes::BytesMut;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use self::{
     auth::{AuthInput, AuthPolicy, HandshakeLimits, Outcome},
@@ -47,8 +44,8 @@ use self::{
 use crate::{
     config::Service,
     connector::{
-        BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind, Requester, Session,
-        UpstreamStream, settings,
+        AppSocket, BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind,
+        Requester, Session, UpstreamStream, settings,
         target::{AppDestination, Destinations},
     },
 };
@@ -112,7 +109,7 @@ impl Connector for PgConnector {
         &'a self,
         env: &'a Env,
         conn: &'a mut Conn,
-        client: TcpStream,
+        client: AppSocket,
     ) -> BoxFuture<'a, Result<Handoff, ConnError>> {
         Box::pin(serve(self, env, conn, client))
     }
@@ -147,7 +144,7 @@ async fn serve(
     pg: &PgConnector,
     env: &Env,
     conn: &mut Conn,
-    client: TcpStream,
+    client: AppSocket,
 ) -> Result<Handoff, ConnError> {
     let service = Arc::clone(&conn.service);
     let mut cbuf = BytesMut::with_capacity(1024);
@@ -319,7 +316,7 @@ async fn session(
                 deadline,
                 attempt(pg, env, &params, &creds, &startup, &mut for_client),
             ) => r,
-            () = client_gone(client.tcp()) => {
+            () = client_gone(client.socket()) => {
                 // Dropping the attempt stops its work (a SCRAM computation included).
                 return Err(Failure::told(ConnError::Protocol(
                     "client closed the connection during the upstream handshake".into(),
@@ -419,7 +416,7 @@ async fn session(
 /// Resolves when the client hangs up while the upstream handshake runs. A PostgreSQL
 /// client sends nothing between its StartupMessage and ReadyForQuery; if one sends bytes
 /// anyway, they stay queued (forwarded later) and the watch ends without resolving.
-async fn client_gone(client: &TcpStream) {
+async fn client_gone(client: &AppSocket) {
     let mut byte = [0u8; 1];
     match client.peek(&mut byte).await {
         Ok(0) | Err(_) => {}
@@ -454,7 +451,8 @@ async fn attempt(
     client: &mut (impl tokio::io::AsyncWrite + Unpin),
 ) -> Result<Attempt, Failure> {
     let username = creds.text("username").map_err(ConnError::from)?;
-    let rewritten = startup.rewritten(username, params.database.as_deref());
+    let mut rewritten = startup.rewritten(username, params.database.as_deref());
+    startup::add_credential_params(&mut rewritten, creds)?;
     let user = match rewritten.get("user") {
         Some(u) => String::from_utf8_lossy(u).into_owned(),
         None => {
@@ -517,16 +515,16 @@ async fn attempt(
 
 #[cfg(test)]
 mod tests {
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
     /// A connected (broker side, client side) socket pair.
-    async fn pair() -> (TcpStream, TcpStream) {
+    async fn pair() -> (AppSocket, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
-        (s, c)
+        (s.into(), c)
     }
 
     fn startup_bytes() -> Vec<u8> {

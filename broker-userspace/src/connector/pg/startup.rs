@@ -84,6 +84,55 @@ pub struct Startup {
     pub params: Vec<Param>,
 }
 
+/// The credentials the connector reads itself; any other is a startup parameter.
+pub const CONNECTION_CREDENTIALS: &[&str] = &[
+    "host",
+    "port",
+    "address",
+    "username",
+    "password",
+    "database",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslhost",
+    "require_auth",
+];
+
+/// As in Secretless: every other credential (`application_name`, `search_path`,
+/// `options`...) is sent as a startup parameter, unless the client sent that parameter
+/// itself (the client's wins).
+///
+/// # Errors
+/// A parameter that cannot be sent (a NUL byte, not UTF-8, a protocol-reserved name).
+/// The message names the credential, never its value.
+pub fn add_credential_params(
+    startup: &mut Startup,
+    creds: &crate::secrets::Credentials,
+) -> Result<(), crate::connector::ConnError> {
+    for (name, value) in &creds.0 {
+        if CONNECTION_CREDENTIALS.contains(&name.as_str()) || startup.get(name).is_some() {
+            continue;
+        }
+        let bad = |why: &str| {
+            crate::connector::ConnError::Config(format!(
+                "credential `{name}` cannot be sent as a startup parameter: {why}"
+            ))
+        };
+        if name.is_empty() || name.contains('\0') || name == "user" || name.starts_with("_pq_.")
+        {
+            return Err(bad("reserved or invalid name"));
+        }
+        let value = value.expose_str().map_err(|_| bad("not UTF-8"))?;
+        if value.contains('\0') {
+            return Err(bad("contains a NUL byte"));
+        }
+        startup.set(name, value);
+    }
+    Ok(())
+}
+
 impl Startup {
     #[must_use]
     pub fn get(&self, name: &str) -> Option<&[u8]> {
@@ -296,6 +345,39 @@ mod tests {
         // No brokered user name: nothing to default to.
         let r = none.rewritten(None, None);
         assert_eq!(r.get("database"), None);
+    }
+
+    #[test]
+    fn other_credentials_are_startup_parameters_the_clients_win() {
+        let wire = startup_bytes(
+            PROTOCOL_3_0,
+            &[("user", "dummy"), ("application_name", "psql")],
+        );
+        let FirstPacket::Startup(mut s) = parse(&wire[..]).unwrap() else {
+            panic!("not a startup")
+        };
+        let mut creds = crate::secrets::Credentials::default();
+        for (k, v) in [
+            ("password", "pw-not-a-param"),
+            ("sslmode", "require"),
+            ("search_path", "app,public"),
+            ("application_name", "from-credentials"),
+        ] {
+            creds
+                .0
+                .insert(k.to_owned(), crate::secret::Secret::from_str_value(v));
+        }
+        add_credential_params(&mut s, &creds).unwrap();
+        assert_eq!(s.get("search_path"), Some(&b"app,public"[..]));
+        assert_eq!(s.get("application_name"), Some(&b"psql"[..]));
+        assert_eq!(s.get("password"), None);
+        assert_eq!(s.get("sslmode"), None);
+        creds.0.insert(
+            "_pq_.x".into(),
+            crate::secret::Secret::from_str_value("v-not-shown"),
+        );
+        let e = add_credential_params(&mut s, &creds).unwrap_err().to_string();
+        assert!(e.contains("_pq_.x") && !e.contains("v-not-shown"), "{e}");
     }
 
     #[test]
