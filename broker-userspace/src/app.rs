@@ -362,17 +362,35 @@ fn load_ca(
     broker: &config::BrokerSettings,
     loaded: Option<Arc<crate::ca::LocalCa>>,
 ) -> anyhow::Result<Option<Arc<crate::ca::LocalCa>>> {
-    if !runtime.services().iter().any(|rt| rt.connector.uses_ca()) {
+    let using_ca = || {
+        runtime
+            .services()
+            .iter()
+            .filter(|rt| rt.connector.uses_ca())
+    };
+    if using_ca().next().is_none() || loaded.is_some() {
         return Ok(loaded);
     }
-    if let Some(ca) = loaded {
-        return Ok(Some(ca));
-    }
     let dir = &broker.ca_dir;
-    let ca = crate::ca::LocalCa::load_or_create(dir)
-        .with_context(|| format!("broker.caDir {}", dir.display()))?;
-    tracing::info!(cert = %ca.cert_path().display(), "local CA loaded (apps verify the broker's certificates with it)");
-    Ok(Some(Arc::new(ca)))
+    match crate::ca::LocalCa::load_or_create(dir) {
+        Ok(ca) => {
+            tracing::info!(cert = %ca.cert_path().display(), "local CA loaded (apps verify the broker's certificates with it)");
+            Ok(Some(Arc::new(ca)))
+        }
+        // Secretless' quick start runs its broker as an unprivileged user: its HTTP
+        // proxy must not need a CA in /var/lib/broker.
+        Err(e) if using_ca().all(|rt| rt.connector.ca_optional()) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "broker.caDir {}: no local CA; HTTP proxies on listenOn relay CONNECT \
+                 tunnels without decrypting them (as Secretless) and refuse TLS sent to \
+                 themselves",
+                dir.display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("broker.caDir {}", dir.display())),
+    }
 }
 
 /// The services whose sessions may be spliced in the kernel after auth.

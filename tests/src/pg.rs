@@ -58,6 +58,22 @@ pub struct PgOptions {
     pub port: Option<u16>,
     /// Also listen on `[::1]` (same port, same `pg_hba.conf` method).
     pub ipv6: bool,
+    /// The server certificate to use when TLS is on; `None`: [`make_certs`] makes one.
+    pub certs: Option<ServerCerts>,
+}
+
+/// A server certificate made by the test, instead of [`make_certs`]'.
+#[derive(Debug, Clone)]
+pub struct ServerCerts {
+    /// Certificate and key (PEM; copied into the server's directory).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA that signed `cert` (what [`PgServer::ca_cert`] reports).
+    pub ca: PathBuf,
+    /// `ssl_ca_file`: the server asks clients for a certificate signed by it (a
+    /// certificate is not required: `pg_hba.conf` has no `clientcert`; one that is sent
+    /// must verify).
+    pub client_ca: Option<PathBuf>,
 }
 
 impl PgOptions {
@@ -72,7 +88,18 @@ impl PgOptions {
             database: "app".into(),
             port: None,
             ipv6: false,
+            certs: None,
         }
+    }
+
+    /// TLS with this certificate (sets [`PgTls::On`] unless TLS is already on).
+    #[must_use]
+    pub fn certs(mut self, certs: ServerCerts) -> Self {
+        if self.tls == PgTls::Off {
+            self.tls = PgTls::On;
+        }
+        self.certs = Some(certs);
+        self
     }
 
     #[must_use]
@@ -169,7 +196,10 @@ impl PgServer {
         let root = dir.path().to_path_buf();
         let data = root.join("data");
         let port = opts.port.unwrap_or_else(pick_port);
-        let ca_cert = (opts.tls != PgTls::Off).then(|| make_certs(&root));
+        let ca_cert = (opts.tls != PgTls::Off).then(|| match &opts.certs {
+            Some(c) => use_certs(&root, c),
+            None => make_certs(&root),
+        });
         run(
             Command::new("chown")
                 .arg("-R")
@@ -219,6 +249,12 @@ impl PgServer {
                 "ssl = on\nssl_cert_file = '{0}/server.crt'\nssl_key_file = '{0}/server.key'\n",
                 root.display()
             ));
+            if opts.certs.as_ref().is_some_and(|c| c.client_ca.is_some()) {
+                conf.push_str(&format!(
+                    "ssl_ca_file = '{}/client-ca.crt'\n",
+                    root.display()
+                ));
+            }
         }
         append(&data.join("postgresql.conf"), &conf);
         let host_kind = if opts.tls == PgTls::Required {
@@ -366,6 +402,28 @@ fn append(path: &Path, text: &str) {
         .open(path)
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     f.write_all(text.as_bytes()).expect("append");
+}
+
+/// Copy the test's certificate files into the server's directory `dir` (as
+/// `server.crt`, `server.key`, `client-ca.crt`: the `postgres` user cannot read the
+/// test's own temporary directory). Returns the CA certificate path.
+fn use_certs(dir: &Path, c: &ServerCerts) -> PathBuf {
+    let copy = |from: &Path, to: &str| {
+        std::fs::copy(from, dir.join(to))
+            .unwrap_or_else(|e| panic!("copy {} to {to}: {e}", from.display()));
+    };
+    copy(&c.cert, "server.crt");
+    copy(&c.key, "server.key");
+    if let Some(ca) = &c.client_ca {
+        copy(ca, "client-ca.crt");
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod key");
+    c.ca.clone()
 }
 
 /// Test CA and server certificate (CN `db.example.test`, SANs `db.example.test` and

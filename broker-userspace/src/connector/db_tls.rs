@@ -205,12 +205,88 @@ pub fn build(files: &TlsFiles<'_>, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientC
         client_cert,
     })
     .map_err(|e| ConnError::Config(format!("upstream TLS settings: {e}")))?;
-    if alpn.is_empty() {
+    let hinted = client_cert.is_some().then(|| {
+        config
+            .client_auth_cert_resolver
+            .resolve(&[], &[])
+            .map(IssuerHinted::new)
+    });
+    if alpn.is_empty() && hinted.is_none() {
         return Ok(config);
     }
     let mut config = (*config).clone();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    if let Some(Some(h)) = hinted {
+        config.client_auth_cert_resolver = Arc::new(h);
+    }
     Ok(Arc::new(config))
+}
+
+/// The client certificate (`sslcert`/`sslkey`) is sent as Go's `crypto/tls` sends it,
+/// which is what Secretless' connectors do: when the server's CertificateRequest names
+/// the CAs it accepts, only if one of them issued a certificate of the chain; otherwise
+/// no certificate, and the server may still let the password in. (rustls, like
+/// OpenSSL, would send it anyway and the server would end the handshake with
+/// `unknown_ca`: Secretless' own test `sslkey=notsignedbyca` expects a session.)
+struct IssuerHinted {
+    key: Arc<rustls::sign::CertifiedKey>,
+    /// The DER `Name` of each chain certificate's issuer.
+    issuers: Vec<Vec<u8>>,
+}
+
+impl IssuerHinted {
+    fn new(key: Arc<rustls::sign::CertifiedKey>) -> Self {
+        let issuers = key
+            .cert
+            .iter()
+            .filter_map(|c| {
+                let (_, cert) = x509_parser::parse_x509_certificate(c).ok()?;
+                Some(cert.tbs_certificate.issuer.as_raw().to_vec())
+            })
+            .collect();
+        Self { key, issuers }
+    }
+
+    /// Whether `hint` (a DER `Name`, or its contents without the outer SEQUENCE header)
+    /// names the issuer `raw`.
+    fn names(raw: &[u8], hint: &[u8]) -> bool {
+        if raw == hint {
+            return true;
+        }
+        let header = match raw.get(1) {
+            Some(&l) if l < 0x80 => 2,
+            Some(&l) => 2 + usize::from(l & 0x7f),
+            None => return false,
+        };
+        raw.get(header..) == Some(hint)
+    }
+}
+
+impl fmt::Debug for IssuerHinted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuerHinted")
+            .field("issuers", &self.issuers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for IssuerHinted {
+    fn resolve(
+        &self,
+        root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let acceptable = root_hint_subjects.is_empty()
+            || self
+                .issuers
+                .iter()
+                .any(|i| root_hint_subjects.iter().any(|h| Self::names(i, h)));
+        acceptable.then(|| Arc::clone(&self.key))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
@@ -245,6 +321,61 @@ mod tests {
         assert!(e.contains("credential `c`") && !e.contains("SECRET"), "{e}");
         assert!(Pem::from_credential(&c, "d").unwrap().is_none());
         assert!(Pem::from_credential(&c, "missing").unwrap().is_none());
+    }
+
+    /// A client certificate goes only to a server that lists its issuer among the CAs
+    /// it accepts, or lists none (Go's choice, so Secretless').
+    #[test]
+    fn client_certificate_sent_as_go_sends_it() {
+        use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca = |cn: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let key = KeyPair::generate().unwrap();
+            let cert = p.self_signed(&key).unwrap();
+            (cert, key, p)
+        };
+        let (ca_a, ca_a_key, ca_a_params) = ca("CA A");
+        let (ca_b, _, _) = ca("CA B");
+        let issuer = Issuer::new(ca_a_params, ca_a_key);
+        let mut p = CertificateParams::new(vec!["client".to_owned()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "client");
+        let key = KeyPair::generate().unwrap();
+        let leaf = p.signed_by(&key, &issuer).unwrap();
+        let c = creds(&[("sslcert", &leaf.pem()), ("sslkey", &key.serialize_pem())]);
+        let (cert, key) = (
+            Pem::from_credential(&c, "sslcert").unwrap().unwrap(),
+            Pem::from_credential(&c, "sslkey").unwrap().unwrap(),
+        );
+        let config = build(
+            &TlsFiles {
+                verify: Verify::None,
+                root: None,
+                cert: Some(&cert),
+                key: Some(&key),
+            },
+            &[],
+        )
+        .unwrap();
+        let subject = |der: &[u8]| {
+            let (_, c) = x509_parser::parse_x509_certificate(der).unwrap();
+            c.tbs_certificate.subject.as_raw().to_vec()
+        };
+        let (a, b) = (subject(ca_a.der()), subject(ca_b.der()));
+        let r = &config.client_auth_cert_resolver;
+        assert!(r.has_certs());
+        assert!(r.resolve(&[], &[]).is_some(), "no hint: sent");
+        assert!(r.resolve(&[&b, &a], &[]).is_some(), "issuer listed: sent");
+        assert!(
+            r.resolve(&[&a[2..]], &[]).is_some(),
+            "listed without its header"
+        );
+        assert!(
+            r.resolve(&[&b], &[]).is_none(),
+            "issuer not listed: not sent"
+        );
+        assert_eq!(format!("{:?}", r), "IssuerHinted { issuers: 1, .. }");
     }
 
     #[test]

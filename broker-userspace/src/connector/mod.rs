@@ -116,6 +116,14 @@ pub trait Connector: Send + Sync + fmt::Debug {
     fn uses_ca(&self) -> bool {
         false
     }
+
+    /// Whether the connector still serves, with less, when the local CA cannot be
+    /// loaded or created (an unprivileged daemon and the default `caDir`): an HTTP proxy
+    /// on `listenOn` then relays `CONNECT` tunnels without decrypting them, as
+    /// Secretless does. Only asked when [`Connector::uses_ca`] holds.
+    fn ca_optional(&self) -> bool {
+        false
+    }
 }
 
 /// What a connector hands back to the core.

@@ -371,6 +371,13 @@ impl Connector for HttpConnector {
         let s = &self.routes[0].service;
         !s.intercept.is_empty() || matches!(s.listen_on, Some(ListenAddr::Tcp(_)))
     }
+
+    /// On `listenOn` only, the CA decrypts `CONNECT` tunnels and TLS sent to the proxy
+    /// itself; without it tunnels are relayed blind (Secretless never decrypts them) and
+    /// TLS to the proxy is refused. Intercepted names need it.
+    fn ca_optional(&self) -> bool {
+        self.routes.iter().all(|r| r.service.intercept.is_empty())
+    }
 }
 
 impl HttpConnector {
