@@ -687,7 +687,7 @@ impl Daemon {
             generation,
             Env {
                 secrets: Arc::clone(&secrets),
-                dialer: old.env.dialer.clone(),
+                dialer: old.env.dialer,
                 ca: None,
             },
         )?;

@@ -325,7 +325,7 @@ mod tests {
         let cfg = cfg(yaml);
         let env = Env {
             secrets: Arc::new(crate::secrets::SecretStore::new(&cfg).unwrap()),
-            dialer: crate::connector::Dialer { mark: 0 },
+            dialer: crate::connector::dial::Dialer { mark: 0 },
             ca: None,
         };
         Runtime::build(&cfg, generation, env).unwrap()

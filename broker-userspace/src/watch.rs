@@ -3,9 +3,10 @@
 //! The file's **directory** is watched (inotify, through `notify`), not the file: editors
 //! replace a file by renaming a new one over it, and a Kubernetes ConfigMap volume swaps
 //! a `..data` symlink, so a watch on the file itself would see nothing after the first
-//! change. Every event in the directory compares the file's content with what was last
-//! applied (a SHA-256 of it), so only a real change asks for a reload; bursts (an
-//! editor's write, chmod, rename) are coalesced for [`SETTLE`].
+//! change. An event naming the file (or a `..data`-style entry of a ConfigMap volume)
+//! compares the file's content with what was last applied (a SHA-256 of it), so only a
+//! real change asks for a reload; bursts (an editor's write, chmod, rename) are coalesced
+//! for [`SETTLE`]. Other files in the directory (a log written next to it) are ignored.
 
 use std::{
     path::{Path, PathBuf},
@@ -43,9 +44,22 @@ impl FileWatch {
             .parent()
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
         let (tx, mut rx) = mpsc::channel::<()>(1);
+        let name = file.file_name().map(std::ffi::OsStr::to_os_string);
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok() {
-                let _ = tx.try_send(());
+            match ev {
+                // Only the file itself, and a ConfigMap volume's `..data` swaps: other
+                // files there (a log written next to it) must not keep the watch busy.
+                Ok(ev)
+                    if ev.paths.iter().any(|p| {
+                        let n = p.file_name();
+                        n == name.as_deref()
+                            || n.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                    }) =>
+                {
+                    let _ = tx.try_send(());
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "configuration file watch"),
             }
         })
         .context("starting the file watch")?;
