@@ -246,6 +246,7 @@ pub fn container(
             .arg(
                 r#"set -e
 mount --bind "$0" "$1"
+umount -l "$0"
 mount -t cgroup2 cgroup2 "$0"
 shift
 exec "$@""#,
