@@ -224,12 +224,9 @@ pub fn container(
     host_view: Option<&Path>,
 ) -> Command {
     let mut c = Command::new("nsenter");
-    match netns {
-        Some(ns) => {
-            c.arg(format!("--net={}", ns.path().display()));
-        }
-        // nsenter with no namespace just runs the command.
-        None => {}
+    // nsenter with no namespace just runs the command.
+    if let Some(ns) = netns {
+        c.arg(format!("--net={}", ns.path().display()));
     }
     c.args([
         "--",

@@ -179,10 +179,10 @@ fn traced(trace: &str) -> (BTreeSet<String>, BTreeSet<String>) {
             continue;
         }
         calls.insert(name.to_owned());
-        if name == "socket" {
-            if let Some(f) = args.split(',').next() {
-                families.insert(f.trim().to_owned());
-            }
+        if name == "socket"
+            && let Some(f) = args.split(',').next()
+        {
+            families.insert(f.trim().to_owned());
         }
     }
     (calls, families)
