@@ -54,6 +54,13 @@ pub const GLOBAL_SK_SOCKET: &str = "SK_SOCKET_OFF";
 pub const GLOBAL_SOCKET_FILE: &str = "SOCKET_FILE_OFF";
 /// Byte offset of `sk` in the kernel's `struct socket` (see [`GLOBAL_SK_SOCKET`]).
 pub const GLOBAL_SOCKET_SK: &str = "SOCKET_SK_OFF";
+/// Device and inode of the broker's pid namespace (`stat /proc/self/ns/pid`), set at
+/// load time when the kernel lets cgroup programs call `bpf_get_ns_current_pid_tgid`
+/// (6.10): connect4/6 then compare [`BrokerSettings::bypass_tgid`] with the caller's
+/// tgid *in that namespace*. 0: compared with the tgid in the initial pid namespace.
+pub const GLOBAL_PIDNS_DEV: &str = "PIDNS_DEV";
+/// See [`GLOBAL_PIDNS_DEV`].
+pub const GLOBAL_PIDNS_INO: &str = "PIDNS_INO";
 
 /// Capacity of the exact target map.
 pub const MAX_TARGETS: u32 = 16_384;
@@ -63,8 +70,8 @@ pub const MAX_CIDRS: u32 = 4_096;
 /// never reads an entry (a client that connects and dies before the broker accepts).
 pub const MAX_CONNS: u32 = 65_536;
 
-/// Default socket mark bit that the broker sets on its own upstream sockets. Any socket
-/// whose mark has this bit set is never redirected.
+/// Default socket mark that the broker sets on its own upstream sockets. A socket whose
+/// mark has all of its bits set is never redirected.
 pub const DEFAULT_BYPASS_MARK: u32 = 0x0000_0539;
 
 /// `SETTINGS.flags`: redirection is enabled. Cleared, every connect goes direct.
@@ -152,10 +159,12 @@ pub struct TargetValue {
 pub struct BrokerSettings {
     /// `SETTINGS_*` bits.
     pub flags: u32,
-    /// Mark bit(s) that exempt a socket from redirection (the broker's own sockets).
+    /// Mark that exempts a socket from redirection (the broker's own sockets): every
+    /// one of its bits must be set in the socket's mark.
     pub bypass_mark: u32,
-    /// Thread-group id (in the initial pid namespace) of the broker; its connects are
-    /// never redirected, whatever their mark. 0 = none.
+    /// Thread-group id of the broker, in its own pid namespace when the programs were
+    /// loaded with [`GLOBAL_PIDNS_INO`], else in the initial one; its connects are never
+    /// redirected, whatever their mark. 0 = none.
     pub bypass_tgid: u32,
     /// Port of the broker's transparent listener on 127.0.0.1 and ::1, host byte order.
     pub listen_port: u16,

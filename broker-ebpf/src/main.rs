@@ -28,7 +28,8 @@
 //!   the app socket's receive queue. The daemon's relay is then out of the data path.
 //!
 //! Sockets carrying the bypass mark (the broker's upstream sockets) and sockets of the
-//! broker's own process are never redirected, so there are no loops even at the root cgroup.
+//! broker's own process (recognised in its own pid namespace, so also in a container)
+//! are never redirected, so there are no loops even at the root cgroup.
 // Host builds (`cargo clippy --workspace`) type-check the programs against std.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -39,15 +40,15 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::bpf_sock_addr,
+    bindings::{bpf_pidns_info, bpf_sock_addr},
     btf_maps::SkStorage,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_ktime_get_ns, bpf_msg_apply_bytes, bpf_msg_pull_data, bpf_setsockopt,
-            bpf_sk_storage_get, bpf_skb_adjust_room,
+            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_ns_current_pid_tgid,
+            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_apply_bytes, bpf_msg_pull_data,
+            bpf_setsockopt, bpf_sk_storage_get, bpf_skb_adjust_room,
         },
     },
     macros::{btf_map, cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops, stream_verdict},
@@ -234,7 +235,9 @@ fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
         let sk = (*sa).__bindgen_anon_1.sk;
         ((*sa).protocol, (*sk).mark, (*sk).bound_dev_if)
     };
-    if protocol != IPPROTO_TCP || mark & s.bypass_mark != 0 {
+    // The bypass mark counts only whole: a mark that shares a bit with it (another
+    // program's routing or firewall mark) is not the broker's.
+    if protocol != IPPROTO_TCP || (s.bypass_mark != 0 && mark & s.bypass_mark == s.bypass_mark) {
         return true;
     }
     // A socket bound to a device other than loopback (SO_BINDTODEVICE, IP_UNICAST_IF)
@@ -245,8 +248,54 @@ fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
     if kernel_socket(ctx) {
         return true;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    s.bypass_tgid != 0 && tgid == s.bypass_tgid
+    broker_process(s)
+}
+
+/// Device and inode of the broker's pid namespace, set by the daemon at load time when
+/// the kernel lets this program type call `bpf_get_ns_current_pid_tgid` (6.10); 0: not
+/// available, `bypass_tgid` is a tgid in the initial pid namespace (the daemon only
+/// sets one then if it runs there).
+#[unsafe(no_mangle)]
+static PIDNS_DEV: u64 = 0;
+/// See [`PIDNS_DEV`].
+#[unsafe(no_mangle)]
+static PIDNS_INO: u64 = 0;
+
+/// Whether the connecting thread belongs to the broker's own process (its secret-store
+/// clients and DNS, which do not carry the mark). The tgid is compared in the broker's
+/// own pid namespace: in a container without the host's pid namespace, the daemon's
+/// pid and the kernel's tgid differ, and a host process whose tgid happened to equal
+/// the daemon's pid would otherwise be exempt. A thread of another pid namespace fails
+/// the helper's namespace check and is never the broker.
+#[inline(always)]
+fn broker_process(s: &BrokerSettings) -> bool {
+    if s.bypass_tgid == 0 {
+        return false;
+    }
+    // SAFETY: reads of load-time constants.
+    let (dev, ino) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const PIDNS_DEV),
+            core::ptr::read_volatile(&raw const PIDNS_INO),
+        )
+    };
+    if ino != 0 {
+        // The constant is known to the verifier (frozen .rodata): with 0 this call is
+        // dead code, never checked, so the object still loads where the helper is not
+        // allowed for cgroup programs (before 6.10).
+        let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+        // SAFETY: `ns` is a writable bpf_pidns_info of the size passed.
+        let r = unsafe {
+            bpf_get_ns_current_pid_tgid(
+                dev,
+                ino,
+                &raw mut ns,
+                core::mem::size_of::<bpf_pidns_info>() as u32,
+            )
+        };
+        return r == 0 && ns.tgid == s.bypass_tgid;
+    }
+    (bpf_get_current_pid_tgid() >> 32) as u32 == s.bypass_tgid
 }
 
 /// The socket's cookie, after dropping whatever an earlier `connect()` of the same socket

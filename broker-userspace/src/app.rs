@@ -1131,6 +1131,9 @@ impl Signals {
 pub enum EbpfMode {
     /// Attach to this cgroup v2 directory (default: the root of the cgroup v2 mount).
     Attach(Option<PathBuf>),
+    /// `--cgroup-from-self N`: attach to the cgroup N levels above the daemon's own (a
+    /// Kubernetes sidecar: 1, its pod's cgroup); see [`cgroup::ancestor_of_self`].
+    AttachAboveSelf(u32),
     /// `--no-ebpf`: explicit `listenOn` listeners only.
     Off,
     /// The Secretless form (`broker -f FILE`): attach at the cgroup v2 root only if a
@@ -1173,10 +1176,15 @@ async fn reload(daemon: &mut Daemon, path: &Path, opts: &RunOptions, why: &str) 
             return;
         }
     };
+    crate::notify::reloading("reloading the configuration");
     match daemon.reload(cfg).await {
-        Ok(summary) => tracing::info!(%summary, "configuration reloaded"),
+        Ok(summary) => {
+            tracing::info!(%summary, "configuration reloaded");
+            crate::notify::ready(&summary);
+        }
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "reload refused: the configuration in force keeps serving")
+            tracing::error!(error = %format!("{e:#}"), "reload refused: the configuration in force keeps serving");
+            crate::notify::ready("reload refused: the previous configuration keeps serving");
         }
     }
 }
@@ -1230,6 +1238,12 @@ pub async fn run_with(config_path: &Path, opts: RunOptions) -> anyhow::Result<()
         }
         EbpfMode::WhenIntercepting => Some(None),
         EbpfMode::Attach(c) => Some(c),
+        EbpfMode::AttachAboveSelf(levels) => {
+            let c = cgroup::ancestor_of_self(levels)
+                .with_context(|| format!("--cgroup-from-self {levels}"))?;
+            tracing::info!(cgroup = %c.display(), levels, "attaching above this process's own cgroup");
+            Some(Some(c))
+        }
     };
     let attach = match cgroup {
         None => Attach::None,
@@ -1249,6 +1263,7 @@ pub async fn run_with(config_path: &Path, opts: RunOptions) -> anyhow::Result<()
             })
         }
     };
+    let services = cfg.services.len();
     let daemon = Daemon::start(
         cfg,
         &StartOptions {
@@ -1258,6 +1273,8 @@ pub async fn run_with(config_path: &Path, opts: RunOptions) -> anyhow::Result<()
         },
     )
     .await?;
+    // `/ready` answers 200 from here: tell the service manager (systemd Type=notify).
+    crate::notify::ready(&format!("serving {services} service(s)"));
     let mut daemon = daemon;
     let (changed_tx, mut changed) = tokio::sync::mpsc::channel(1);
     let _watcher = if opts.watch {
@@ -1279,6 +1296,10 @@ pub async fn run_with(config_path: &Path, opts: RunOptions) -> anyhow::Result<()
         };
         reload(&mut daemon, config_path, &opts, why).await;
     };
+    crate::notify::stopping(match failure {
+        None => "draining connections",
+        Some(_) => "a listener died: draining connections, then exiting",
+    });
     daemon.stop().await;
     tracing::info!("stopped");
     match failure {
@@ -1333,6 +1354,8 @@ pub async fn exec(config_path: &Path, cmd: &[OsString], ebpf_debug: bool) -> any
     let mut command = tokio::process::Command::new(program);
     command.args(args);
     crate::sys::before_exec(&mut command, child_limits, procs);
+    // CMD is not the service manager's main process: it must not report readiness.
+    command.env_remove(crate::notify::NOTIFY_SOCKET);
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {

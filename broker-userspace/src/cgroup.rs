@@ -50,6 +50,165 @@ fn parse_mountinfo(text: &str) -> Option<PathBuf> {
     })
 }
 
+/// A cgroup2 mount as this process sees it in `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mount {
+    /// Where it is mounted.
+    point: PathBuf,
+    /// The directory of the hierarchy at its root, relative to this process's cgroup
+    /// namespace (`/` in a container's own `/sys/fs/cgroup`; `/../..` for the host's
+    /// hierarchy bind-mounted into a container two levels below the host's root).
+    root: String,
+}
+
+fn cgroup2_mounts(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let mut f = pre.split_whitespace();
+            let root = unescape(f.nth(3)?);
+            let point = PathBuf::from(unescape(f.next()?));
+            Some(Mount { point, root })
+        })
+        .collect()
+}
+
+/// How far `ancestor_of_self` searches a hierarchy for this process's cgroup.
+const SEARCH_MAX_DEPTH: usize = 12;
+const SEARCH_MAX_DIRS: usize = 100_000;
+
+/// Why [`ancestor_of_self`] found no cgroup.
+#[derive(Debug, thiserror::Error)]
+pub enum SelfCgroupError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("this process has no cgroup v2 path in /proc/self/cgroup")]
+    NoPath,
+    #[error(
+        "this process's cgroup is not visible in any cgroup2 mount (in a container with a private cgroup namespace, mount the container's own /sys/fs/cgroup as usual)"
+    )]
+    NotVisible,
+    #[error(
+        "no cgroup2 mount shows the cgroup {levels} level(s) above this process's ({own}): in a container with a private cgroup namespace, mount the host's cgroup v2 hierarchy (hostPath /sys/fs/cgroup) anywhere in the container"
+    )]
+    NoAncestor { levels: u32, own: String },
+}
+
+/// The cgroup `levels` above this process's own, as a directory to attach to: 0 is its
+/// own cgroup, 1 its parent (a Kubernetes pod's cgroup, seen from one of its
+/// containers), and so on.
+///
+/// This process's cgroup is found through `/proc/self/cgroup` in a mount whose root is
+/// an ancestor of it (a container's own `/sys/fs/cgroup`), which gives its id (the
+/// directory's inode). The ancestor must be inside some cgroup2 mount: when the
+/// path does not reach it there (a private cgroup namespace, whose root is the
+/// container's own cgroup), the other cgroup2 mounts (the host's hierarchy mounted into
+/// the container) are searched for the directory with that id, breadth first, at most
+/// 12 levels and 100 000 directories deep.
+///
+/// # Errors
+/// [`SelfCgroupError`], saying what to mount.
+pub fn ancestor_of_self(levels: u32) -> Result<PathBuf, SelfCgroupError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io_err("reading", Path::new("/proc/self/mountinfo")))?;
+    let cgroup = fs::read_to_string("/proc/self/cgroup")
+        .map_err(io_err("reading", Path::new("/proc/self/cgroup")))?;
+    let own = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or(SelfCgroupError::NoPath)?
+        .trim()
+        .to_owned();
+    let mounts = cgroup2_mounts(&mountinfo);
+    find_ancestor(&mounts, &own, levels)
+}
+
+/// `own`'s path under a mount whose root is `own` or one of its ancestors.
+fn under_root(m: &Mount, own: &str) -> Option<PathBuf> {
+    let root = m.root.trim_end_matches('/');
+    let rest = own.strip_prefix(root)?;
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
+    Some(m.point.join(rest.trim_start_matches('/')))
+}
+
+fn find_ancestor(mounts: &[Mount], own: &str, levels: u32) -> Result<PathBuf, SelfCgroupError> {
+    use std::os::unix::fs::MetadataExt as _;
+    // Where this process's cgroup is, by path, and its id.
+    let direct: Vec<(PathBuf, &Mount)> = mounts
+        .iter()
+        .filter_map(|m| Some((under_root(m, own)?, m)))
+        .filter(|(p, _)| p.is_dir())
+        .collect();
+    let (own_dir, _) = direct.first().ok_or(SelfCgroupError::NotVisible)?;
+    let id = fs::metadata(own_dir)
+        .map_err(io_err("reading", own_dir))?
+        .ino();
+    let up = |p: &Path, point: &Path| -> Option<PathBuf> {
+        let mut p = p.to_path_buf();
+        for _ in 0..levels {
+            if p == point {
+                return None;
+            }
+            p = p.parent()?.to_path_buf();
+        }
+        p.starts_with(point).then_some(p)
+    };
+    for (p, m) in &direct {
+        if let Some(a) = up(p, &m.point) {
+            return Ok(a);
+        }
+    }
+    // The other mounts (a hierarchy whose root is above our namespace's): find the
+    // directory with our id.
+    for m in mounts.iter().filter(|m| under_root(m, own).is_none()) {
+        if let Some(p) = search(&m.point, id)
+            && let Some(a) = up(&p, &m.point)
+        {
+            return Ok(a);
+        }
+    }
+    Err(SelfCgroupError::NoAncestor {
+        levels,
+        own: own.to_owned(),
+    })
+}
+
+/// The directory under `top` whose inode is `id` (breadth first, bounded).
+fn search(top: &Path, id: u64) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut queue = std::collections::VecDeque::from([(top.to_path_buf(), 0usize)]);
+    let mut seen = 0usize;
+    while let Some((dir, depth)) = queue.pop_front() {
+        seen += 1;
+        if seen > SEARCH_MAX_DIRS {
+            return None;
+        }
+        let Ok(meta) = fs::symlink_metadata(&dir) else {
+            continue;
+        };
+        if meta.ino() == id {
+            return Some(dir);
+        }
+        if depth >= SEARCH_MAX_DEPTH {
+            continue;
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.filter_map(Result::ok) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                queue.push_back((e.path(), depth + 1));
+            }
+        }
+    }
+    None
+}
+
 /// The id of process `pid`'s cgroup v2 (the inode number of its directory, which is what
 /// `bpf_get_current_cgroup_id` returns), read from `/proc/PID/cgroup` now. `None` when
 /// the process is gone, has no cgroup v2 path, or it cannot be read.
@@ -194,6 +353,112 @@ pub fn join_from_pre_exec(procs: &OwnedFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup2_mounts_with_their_roots() {
+        let text = "41 31 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
+                    52 41 0:38 /../.. /host/cgroup ro - cgroup2 cgroup2 rw\n\
+                    53 41 0:5 / /proc rw - proc proc rw\n";
+        assert_eq!(
+            cgroup2_mounts(text),
+            [
+                Mount {
+                    point: "/sys/fs/cgroup".into(),
+                    root: "/".into()
+                },
+                Mount {
+                    point: "/host/cgroup".into(),
+                    root: "/../..".into()
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn paths_under_a_mount_root() {
+        let host = Mount {
+            point: "/sys/fs/cgroup".into(),
+            root: "/".into(),
+        };
+        assert_eq!(
+            under_root(&host, "/kubepods/pod1/c1"),
+            Some(PathBuf::from("/sys/fs/cgroup/kubepods/pod1/c1"))
+        );
+        assert_eq!(
+            under_root(&host, "/"),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        let sub = Mount {
+            point: "/mnt/pods".into(),
+            root: "/kubepods".into(),
+        };
+        assert_eq!(
+            under_root(&sub, "/kubepods/pod1"),
+            Some(PathBuf::from("/mnt/pods/pod1"))
+        );
+        assert_eq!(under_root(&sub, "/kubepods2/pod1"), None);
+        let above = Mount {
+            point: "/host".into(),
+            root: "/../..".into(),
+        };
+        assert_eq!(under_root(&above, "/"), None);
+    }
+
+    /// A fake hierarchy: `host/pod/c1` is "this process's" cgroup, seen through a
+    /// namespaced mount (`ns`, the same directory) whose root is `/`, and through the
+    /// host's hierarchy (`host`) whose root is above it.
+    #[test]
+    fn the_pod_cgroup_from_a_private_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        let c1 = host.join("pod/c1");
+        fs::create_dir_all(&c1).unwrap();
+        fs::create_dir_all(host.join("other/c9")).unwrap();
+        let ns = dir.path().join("ns");
+        std::os::unix::fs::symlink(&c1, &ns).unwrap();
+        let mounts = [
+            Mount {
+                point: ns.clone(),
+                root: "/".into(),
+            },
+            Mount {
+                point: host.clone(),
+                root: "/../..".into(),
+            },
+        ];
+        // Level 0: our own, as seen in the namespace.
+        assert_eq!(find_ancestor(&mounts, "/", 0).unwrap(), ns);
+        // Level 1: only the host's hierarchy shows it.
+        assert_eq!(find_ancestor(&mounts, "/", 1).unwrap(), host.join("pod"));
+        assert_eq!(find_ancestor(&mounts, "/", 2).unwrap(), host);
+        assert!(matches!(
+            find_ancestor(&mounts, "/", 3),
+            Err(SelfCgroupError::NoAncestor { levels: 3, .. })
+        ));
+        // Without the host's hierarchy: said so.
+        assert!(matches!(
+            find_ancestor(&mounts[..1], "/", 1),
+            Err(SelfCgroupError::NoAncestor { .. })
+        ));
+    }
+
+    #[test]
+    fn the_parent_by_path_when_the_namespace_is_the_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("kubepods/pod1/c1")).unwrap();
+        let mounts = [Mount {
+            point: dir.path().to_path_buf(),
+            root: "/".into(),
+        }];
+        assert_eq!(
+            find_ancestor(&mounts, "/kubepods/pod1/c1", 1).unwrap(),
+            dir.path().join("kubepods/pod1")
+        );
+        assert!(matches!(
+            find_ancestor(&mounts, "/nowhere", 1),
+            Err(SelfCgroupError::NotVisible)
+        ));
+    }
 
     #[test]
     fn finds_cgroup2_in_hybrid_and_unified_layouts() {

@@ -24,11 +24,12 @@ use aya::{
     },
 };
 use broker_common::{
-    AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF,
-    GLOBAL_SK_SOCKET, GLOBAL_SK_WMEM_QUEUED, GLOBAL_SKB_CB, GLOBAL_SOCKET_FILE, GLOBAL_SOCKET_SK,
-    MAP_BY_CONN, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ,
-    MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_MYSQL,
-    SockKey, SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
+    AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, GLOBAL_PIDNS_DEV, GLOBAL_PIDNS_INO,
+    GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF, GLOBAL_SK_SOCKET, GLOBAL_SK_WMEM_QUEUED, GLOBAL_SKB_CB,
+    GLOBAL_SOCKET_FILE, GLOBAL_SOCKET_SK, MAP_BY_CONN, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP,
+    MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS,
+    SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_MYSQL, SockKey, SpliceValue, TARGET_SPLICE,
+    TargetValue, mapped_v4,
 };
 use tokio::sync::Notify;
 
@@ -259,12 +260,20 @@ impl Interceptor {
                 })
                 .ok()
         };
+        // The daemon's own connects (`settings.bypass_tgid` is its pid): recognised in
+        // its own pid namespace where the kernel allows it (see `pidns`).
+        let own = crate::pidns::OwnTraffic::detect(settings.bypass_tgid);
+        own.log(settings.bypass_mark);
+        let (pidns_dev, pidns_ino, bypass_tgid) = own.program_values();
+        settings.bypass_tgid = bypass_tgid;
         let mut loader = EbpfLoader::new();
         loader.btf(btf.as_ref());
         loader
             .override_global(GLOBAL_SK_SOCKET, &sk_socket_off, true)
             .override_global(GLOBAL_SOCKET_FILE, &socket_file_off, true)
-            .override_global(GLOBAL_SOCKET_SK, &socket_sk_off, true);
+            .override_global(GLOBAL_SOCKET_SK, &socket_sk_off, true)
+            .override_global(GLOBAL_PIDNS_DEV, &pidns_dev, true)
+            .override_global(GLOBAL_PIDNS_INO, &pidns_ino, true);
         if let Some(o) = &offsets {
             loader
                 .override_global(GLOBAL_SK_WMEM_QUEUED, &o.wmem_queued, true)

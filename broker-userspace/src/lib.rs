@@ -14,6 +14,8 @@ pub mod drain;
 pub mod ebpf;
 pub mod health;
 pub mod logging;
+pub mod notify;
+pub mod pidns;
 pub mod privilege;
 pub mod proxy;
 pub mod ratelimit;

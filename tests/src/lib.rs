@@ -16,6 +16,7 @@ pub mod mariadb;
 pub mod moto;
 pub mod net;
 pub mod pg;
+pub mod pod;
 pub mod secret_server;
 
 use std::{

@@ -60,6 +60,9 @@ pub struct PgOptions {
     pub ipv6: bool,
     /// The server certificate to use when TLS is on; `None`: [`make_certs`] makes one.
     pub certs: Option<ServerCerts>,
+    /// Also listen on this IPv4 address (a veth's: a "node" address a simulated pod
+    /// reaches), for clients in this network (CIDR), same method.
+    pub also_listen: Option<(std::net::Ipv4Addr, String)>,
 }
 
 /// A server certificate made by the test, instead of [`make_certs`]'.
@@ -89,7 +92,15 @@ impl PgOptions {
             port: None,
             ipv6: false,
             certs: None,
+            also_listen: None,
         }
+    }
+
+    /// Listen on `ip` too (it must exist when the server starts), for clients in `net`.
+    #[must_use]
+    pub fn also_listen(mut self, ip: std::net::Ipv4Addr, net: &str) -> Self {
+        self.also_listen = Some((ip, net.to_owned()));
+        self
     }
 
     /// TLS with this certificate (sets [`PgTls::On`] unless TLS is already on).
@@ -232,11 +243,14 @@ impl PgServer {
         } else {
             "scram-sha-256"
         };
-        let listen = if opts.ipv6 {
-            "127.0.0.1,::1"
+        let mut listen = if opts.ipv6 {
+            "127.0.0.1,::1".to_owned()
         } else {
-            "127.0.0.1"
+            "127.0.0.1".to_owned()
         };
+        if let Some((ip, _)) = &opts.also_listen {
+            listen.push_str(&format!(",{ip}"));
+        }
         let mut conf = format!(
             "\n# broker tests\nlisten_addresses = '{listen}'\nport = {port}\n\
              unix_socket_directories = '{}'\nmax_connections = 40\nshared_buffers = 16MB\n\
@@ -265,6 +279,9 @@ impl PgServer {
         let mut hba = format!("local all all trust\n{host_kind} all all 127.0.0.1/32 {method}\n");
         if opts.ipv6 {
             hba.push_str(&format!("{host_kind} all all ::1/128 {method}\n"));
+        }
+        if let Some((_, net)) = &opts.also_listen {
+            hba.push_str(&format!("{host_kind} all all {net} {method}\n"));
         }
         std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
         let mut server = Self {

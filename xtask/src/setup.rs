@@ -52,6 +52,10 @@ const PACKAGES: &[&str] = &[
     "mariadb-client",
     "python3-pymysql",
     "python3-cryptography",
+    // Packaging checks (tests/tests/packaging.rs): `systemd-analyze verify` and
+    // `security` of the unit, and strace for the system calls its filter must allow.
+    "systemd",
+    "strace",
 ];
 
 pub fn all() -> anyhow::Result<()> {

@@ -398,7 +398,12 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
                 uid: rec.uid,
                 gid: rec.gid,
                 cgroup_id: rec.cgroup_id,
-                comm: process_comm(rec.pid).unwrap_or_else(|| comm_text(&rec.comm)),
+                // `rec.pid` is a host pid: our /proc shows it only in the host's pid
+                // namespace (not in a container), else the connecting thread's name.
+                comm: crate::pidns::host_pids_visible()
+                    .then(|| process_comm(rec.pid))
+                    .flatten()
+                    .unwrap_or_else(|| comm_text(&rec.comm)),
                 thread: comm_text(&rec.comm),
             };
             let splice = interceptor
