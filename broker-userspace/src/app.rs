@@ -25,12 +25,14 @@ use broker_common::{BrokerSettings, SETTINGS_DEBUG, SETTINGS_ENABLED, SETTINGS_V
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 use crate::{
+    admin,
     cgroup::{self, ChildCgroup},
     config::{self, Config, ListenAddr},
     connector::Env,
     connector::dial::Dialer,
     ebpf::Interceptor,
     health::{self, Readiness},
+    metrics::Metrics,
     proxy::{self, Caps, Shared, Tracker},
     ratelimit::LogLimiter,
     resolver,
@@ -245,6 +247,8 @@ pub struct Daemon {
     pub transparent: Option<SocketAddr>,
     /// The providers, told to release what they hold (Vault leases) at the end.
     secrets: Arc<SecretStore>,
+    /// What `/metrics` serves.
+    pub metrics: Arc<Metrics>,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -286,7 +290,12 @@ impl Daemon {
     /// loaded or attached, provider set-up failures. Nothing stays attached on error.
     pub async fn start(cfg: Config, opts: &StartOptions) -> anyhow::Result<Self> {
         let cfg = Arc::new(cfg);
-        let secrets = Arc::new(SecretStore::new(&cfg).context("setting up providers")?);
+        let metrics = Arc::new(Metrics::new());
+        let secrets = Arc::new(
+            SecretStore::new(&cfg)
+                .context("setting up providers")?
+                .with_metrics(&metrics),
+        );
         // The first snapshot of this process: generation 1.
         let runtime = Runtime::build(&cfg, 1)?;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -304,6 +313,12 @@ impl Daemon {
         let health = match (opts.health, cfg.broker.health_addr) {
             (true, Some(addr)) => Some(bind(addr, "health endpoint").await?),
             _ => None,
+        };
+        // `broker status`'s socket: the daemon's (not `exec`'s), like the health endpoint.
+        let admin_socket = if opts.health {
+            admin::bind(&cfg.broker.admin_socket)?
+        } else {
+            None
         };
         let mut explicit = Vec::new();
         for rt in runtime.listeners() {
@@ -425,7 +440,11 @@ impl Daemon {
             caps: Arc::clone(&caps),
             refusals: Arc::clone(&refusals),
             names: Arc::clone(&names),
+            metrics: Arc::clone(&metrics),
         };
+        if let Some(i) = &interceptor {
+            metrics.watch_kernel(Arc::downgrade(i), Arc::downgrade(&shared.runtime));
+        }
         let mut tasks = JoinSet::new();
         let mut transparent_tasks = JoinSet::new();
         if let (Some(t), Some(i)) = (targets, &interceptor)
@@ -434,7 +453,7 @@ impl Daemon {
             tasks.spawn(resolver::run(
                 t,
                 Arc::downgrade(i),
-                names,
+                Arc::clone(&names),
                 detach_rx.clone(),
             ));
         }
@@ -468,7 +487,25 @@ impl Daemon {
         }
         if let Some(h) = health {
             tracing::info!(addr = %h.local_addr()?, "health endpoint bound");
-            tasks.spawn(health::serve(h, Arc::clone(&readiness), detach_rx.clone()));
+            tasks.spawn(health::serve(
+                h,
+                Arc::clone(&readiness),
+                Some(Arc::clone(&metrics)),
+                detach_rx.clone(),
+            ));
+        }
+        if let Some(sock) = admin_socket {
+            let state = Arc::new(admin::Admin {
+                runtime: Arc::clone(&shared.runtime),
+                tracker: Arc::clone(&tracker),
+                secrets: Arc::clone(&shared.env.secrets),
+                names: Arc::clone(&names),
+                interceptor: interceptor.as_ref().map(Arc::downgrade),
+                readiness: Arc::clone(&readiness),
+                transparent,
+                started: std::time::SystemTime::now(),
+            });
+            tasks.spawn(admin::serve(sock, state, detach_rx.clone()));
         }
         tasks.spawn(trim_when_idle(Arc::clone(&tracker)));
         tasks.spawn(shared.env.secrets.sweeper());
@@ -492,6 +529,7 @@ impl Daemon {
             transparent_tasks,
             transparent,
             secrets: Arc::clone(&shared.env.secrets),
+            metrics,
         })
     }
 

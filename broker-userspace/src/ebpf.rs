@@ -10,14 +10,17 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd,
+    os::fd::{AsFd as _, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, RingBuf, SockHash, lpm_trie::Key},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuHashMap, RingBuf, SockHash,
+        lpm_trie::Key,
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, RawTracePoint, SkMsg, SkSkb, SockOps,
         raw_trace_point::RawTracePointLink,
@@ -26,9 +29,10 @@ use aya::{
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF,
     GLOBAL_SK_SOCKET, GLOBAL_SK_WMEM_QUEUED, GLOBAL_SKB_CB, GLOBAL_SOCKET_FILE, GLOBAL_SOCKET_SK,
-    MAP_BY_CONN, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ,
-    MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_MYSQL,
-    SockKey, SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
+    MAP_BY_CONN, MAP_BY_COOKIE, MAP_REDIRECTS, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP,
+    MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS,
+    SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_MYSQL, SockKey, SpliceValue, TARGET_SPLICE,
+    TargetValue, mapped_v4,
 };
 use tokio::sync::Notify;
 
@@ -169,10 +173,45 @@ struct Targets {
     generation: u32,
 }
 
+/// A second descriptor of one of the programs' maps, for counting its entries at scrape
+/// time without taking the lock the data path uses for that map.
+struct MapView {
+    name: &'static str,
+    fd: OwnedFd,
+    key_size: usize,
+    capacity: u32,
+}
+
+impl MapView {
+    fn of(name: &'static str, data: &MapData) -> Option<Self> {
+        let info = data.info().ok()?;
+        Some(Self {
+            name,
+            fd: data.fd().as_fd().try_clone_to_owned().ok()?,
+            key_size: info.key_size() as usize,
+            capacity: info.max_entries(),
+        })
+    }
+}
+
+/// How full one of the programs' maps is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapOccupancy {
+    pub name: &'static str,
+    /// Entries counted, at most the walk's cap.
+    pub entries: u64,
+    /// The map's capacity (`max_entries`).
+    pub capacity: u32,
+}
+
 /// The loaded and attached kernel programs and their maps.
 pub struct Interceptor {
     // Field order matters for drop: maps first, then the object (which detaches).
     records: Mutex<HashMap<MapData, ConnKey, ConnRecord>>,
+    /// Service id -> connects redirected, per CPU.
+    redirects: Option<PerCpuHashMap<MapData, u32, u64>>,
+    /// Descriptors of the maps whose entries `/metrics` counts.
+    views: Vec<MapView>,
     /// The namespace whose sockets are redirected (this process's).
     netns_cookie: u64,
     splicer: Arc<Splicer>,
@@ -281,8 +320,24 @@ impl Interceptor {
         settings_map
             .set(0, settings, 0)
             .map_err(map_err(MAP_SETTINGS))?;
-        let records =
+        let records: HashMap<MapData, ConnKey, ConnRecord> =
             HashMap::try_from(take(&mut ebpf, MAP_BY_CONN)?).map_err(map_err(MAP_BY_CONN))?;
+        let mut views = Vec::new();
+        views.extend(MapView::of(MAP_BY_CONN, records.map()));
+        {
+            // Only counted here: the programs keep their own reference to the map.
+            let by_cookie: HashMap<MapData, u64, ConnRecord> =
+                HashMap::try_from(take(&mut ebpf, MAP_BY_COOKIE)?)
+                    .map_err(map_err(MAP_BY_COOKIE))?;
+            views.extend(MapView::of(MAP_BY_COOKIE, by_cookie.map()));
+        }
+        // An object without the counter map (built before it existed) still runs.
+        let redirects: Option<PerCpuHashMap<MapData, u32, u64>> = ebpf
+            .take_map(MAP_REDIRECTS)
+            .and_then(|m| PerCpuHashMap::try_from(m).ok());
+        if let Some(r) = &redirects {
+            views.extend(MapView::of(MAP_REDIRECTS, r.map()));
+        }
         let mut splicer = Splicer {
             app: Mutex::new(
                 SockHash::try_from(take(&mut ebpf, MAP_SPLICE_APP)?)
@@ -329,6 +384,12 @@ impl Interceptor {
             generation,
         };
         t.update(targets)?;
+        views.extend(MapView::of(MAP_TARGETS, t.exact.map()));
+        views.extend(MapView::of(MAP_TARGET_CIDRS, t.cidrs.map()));
+        views.extend(MapView::of(MAP_SPLICE_APP, lock(&splicer.app).map()));
+        views.extend(MapView::of(MAP_SPLICE_UP, lock(&splicer.up).map()));
+        views.extend(MapView::of(MAP_SPLICE, lock(&splicer.entries).map()));
+        views.extend(MapView::of(MAP_SPLICE_READ, lock(&splicer.read).map()));
 
         let cg = std::fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.to_path_buf(),
@@ -351,6 +412,8 @@ impl Interceptor {
         tracing::info!(cgroup = %cgroup.display(), programs = PROGRAMS.len(), "eBPF programs attached");
         Ok(Self {
             records: Mutex::new(records),
+            redirects,
+            views,
             netns_cookie: settings.netns_cookie,
             splicer: Arc::new(splicer),
             targets: Mutex::new(t),
@@ -403,6 +466,39 @@ impl Interceptor {
     #[must_use]
     pub fn splicer(&self) -> Arc<Splicer> {
         Arc::clone(&self.splicer)
+    }
+
+    /// Connects redirected per service id since the programs were loaded, summed over
+    /// the CPUs (the kernel's own count, `REDIRECTS`). At most [`broker_common::MAX_SERVICES`]
+    /// entries are read.
+    #[must_use]
+    pub fn kernel_redirects(&self) -> Vec<(u32, u64)> {
+        let Some(map) = &self.redirects else {
+            return Vec::new();
+        };
+        map.iter()
+            .take(broker_common::MAX_SERVICES as usize)
+            .filter_map(Result::ok)
+            .map(|(id, per_cpu)| (id, per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v))))
+            .collect()
+    }
+
+    /// How many entries each of the programs' maps holds (targets, per-connection
+    /// records, splice maps, the redirect counters), each walk stopping at `cap` keys.
+    /// One `bpf(2)` call per key: the caller bounds how often this runs.
+    #[must_use]
+    pub fn map_occupancy(&self, cap: usize) -> Vec<MapOccupancy> {
+        self.views
+            .iter()
+            .filter_map(|v| {
+                let n = crate::sys::bpf_map_count_keys(v.fd.as_fd(), v.key_size, cap).ok()?;
+                Some(MapOccupancy {
+                    name: v.name,
+                    entries: n as u64,
+                    capacity: v.capacity,
+                })
+            })
+            .collect()
     }
 
     /// Stop redirecting new connections (programs stay attached until drop).
@@ -669,7 +765,36 @@ pub struct Spliced {
     fallback: Arc<Notify>,
 }
 
+/// A spliced session's kernel byte counts, readable from elsewhere (`broker status`)
+/// while the session runs (zero once its entries are gone).
+#[derive(Debug, Clone)]
+pub struct SpliceCounts {
+    splicer: std::sync::Weak<Splicer>,
+    app: u64,
+    up: u64,
+}
+
+impl SpliceCounts {
+    /// (app -> upstream, upstream -> app) moved by the kernel so far.
+    #[must_use]
+    pub fn bytes(&self) -> (u64, u64) {
+        self.splicer
+            .upgrade()
+            .map_or((0, 0), |s| (s.bytes(self.app), s.bytes(self.up)))
+    }
+}
+
 impl Spliced {
+    /// A handle on this session's kernel byte counts.
+    #[must_use]
+    pub fn counts(&self) -> SpliceCounts {
+        SpliceCounts {
+            splicer: Arc::downgrade(&self.splicer),
+            app: self.app,
+            up: self.up,
+        }
+    }
+
     /// Bytes the kernel moved so far: (app -> upstream, upstream -> app). Read them
     /// before [`Spliced::unlink`].
     #[must_use]

@@ -120,8 +120,7 @@ pub fn add_credential_params(
                 "credential `{name}` cannot be sent as a startup parameter: {why}"
             ))
         };
-        if name.is_empty() || name.contains('\0') || name == "user" || name.starts_with("_pq_.")
-        {
+        if name.is_empty() || name.contains('\0') || name == "user" || name.starts_with("_pq_.") {
             return Err(bad("reserved or invalid name"));
         }
         let value = value.expose_str().map_err(|_| bad("not UTF-8"))?;
@@ -376,7 +375,9 @@ mod tests {
             "_pq_.x".into(),
             crate::secret::Secret::from_str_value("v-not-shown"),
         );
-        let e = add_credential_params(&mut s, &creds).unwrap_err().to_string();
+        let e = add_credential_params(&mut s, &creds)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("_pq_.x") && !e.contains("v-not-shown"), "{e}");
     }
 
