@@ -105,11 +105,25 @@ pub fn bind(setting: &AdminSocket) -> Result<Option<UnixBound>, AdminError> {
             Ok(Some(b))
         }
         Err(problem) if !explicit => {
-            tracing::warn!(
-                path = %path.display(),
-                error = %problem,
-                "no admin socket: `broker status` cannot reach this daemon (set broker.adminSocket to a path of its own, or `off`)"
-            );
+            let unprivileged = match &problem {
+                Problem::NoDirectory(_) => true,
+                Problem::Io { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
+                _ => false,
+            };
+            if unprivileged {
+                // A daemon without root (`broker -f FILE` of a Secretless file).
+                tracing::info!(
+                    path = %path.display(),
+                    error = %problem,
+                    "no admin socket (`broker status`): set broker.adminSocket to a path this user may create"
+                );
+            } else {
+                tracing::warn!(
+                    path = %path.display(),
+                    error = %problem,
+                    "no admin socket: `broker status` cannot reach this daemon (set broker.adminSocket to a path of its own, or `off`)"
+                );
+            }
             Ok(None)
         }
         Err(problem) => Err(AdminError { path, problem }),

@@ -209,7 +209,7 @@ pub struct Interceptor {
     // Field order matters for drop: maps first, then the object (which detaches).
     records: Mutex<HashMap<MapData, ConnKey, ConnRecord>>,
     /// Service id -> connects redirected, per CPU.
-    redirects: Option<PerCpuHashMap<MapData, u32, u64>>,
+    redirects: PerCpuHashMap<MapData, u32, u64>,
     /// Descriptors of the maps whose entries `/metrics` counts.
     views: Vec<MapView>,
     /// The namespace whose sockets are redirected (this process's).
@@ -324,20 +324,18 @@ impl Interceptor {
             HashMap::try_from(take(&mut ebpf, MAP_BY_CONN)?).map_err(map_err(MAP_BY_CONN))?;
         let mut views = Vec::new();
         views.extend(MapView::of(MAP_BY_CONN, records.map()));
+        // Only counted here, so left in the object. (No map may be closed before the
+        // programs are loaded: their instructions name maps by descriptor number until
+        // then, and a closed number is handed to the next descriptor opened.)
+        if let Some(aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d)) =
+            ebpf.map(MAP_BY_COOKIE)
         {
-            // Only counted here: the programs keep their own reference to the map.
-            let by_cookie: HashMap<MapData, u64, ConnRecord> =
-                HashMap::try_from(take(&mut ebpf, MAP_BY_COOKIE)?)
-                    .map_err(map_err(MAP_BY_COOKIE))?;
-            views.extend(MapView::of(MAP_BY_COOKIE, by_cookie.map()));
+            views.extend(MapView::of(MAP_BY_COOKIE, d));
         }
-        // An object without the counter map (built before it existed) still runs.
-        let redirects: Option<PerCpuHashMap<MapData, u32, u64>> = ebpf
-            .take_map(MAP_REDIRECTS)
-            .and_then(|m| PerCpuHashMap::try_from(m).ok());
-        if let Some(r) = &redirects {
-            views.extend(MapView::of(MAP_REDIRECTS, r.map()));
-        }
+        let redirects: PerCpuHashMap<MapData, u32, u64> =
+            PerCpuHashMap::try_from(take(&mut ebpf, MAP_REDIRECTS)?)
+                .map_err(map_err(MAP_REDIRECTS))?;
+        views.extend(MapView::of(MAP_REDIRECTS, redirects.map()));
         let mut splicer = Splicer {
             app: Mutex::new(
                 SockHash::try_from(take(&mut ebpf, MAP_SPLICE_APP)?)
@@ -473,10 +471,8 @@ impl Interceptor {
     /// entries are read.
     #[must_use]
     pub fn kernel_redirects(&self) -> Vec<(u32, u64)> {
-        let Some(map) = &self.redirects else {
-            return Vec::new();
-        };
-        map.iter()
+        self.redirects
+            .iter()
             .take(broker_common::MAX_SERVICES as usize)
             .filter_map(Result::ok)
             .map(|(id, per_cpu)| (id, per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v))))

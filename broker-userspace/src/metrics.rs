@@ -445,9 +445,8 @@ impl Metrics {
             provider: provider.to_owned(),
             fetches: self.f.fetches.clone(),
             counts: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
-            duration: self.f.fetch_duration.get_or_create_owned(&ProviderLabel {
-                provider: provider.to_owned(),
-            }),
+            durations: self.f.fetch_duration.clone(),
+            duration: OnceLock::new(),
         }
     }
 
@@ -583,7 +582,9 @@ pub struct ProviderMetrics {
     fetches: Family<FetchLabels, Counter>,
     /// By [`FETCH_RESULTS`] then [`CACHE_WORDS`] index, created at first use.
     counts: [[OnceLock<Counter>; CACHE_WORDS.len()]; FETCH_RESULTS.len()],
-    duration: AtomicHistogram,
+    durations: HistogramFamily<ProviderLabel>,
+    /// Created at the first lookup the cache did not answer.
+    duration: OnceLock<AtomicHistogram>,
 }
 
 impl std::fmt::Debug for ProviderMetrics {
@@ -611,7 +612,13 @@ impl ProviderMetrics {
             })
             .inc();
         if cache != "hit" {
-            self.duration.observe(took);
+            self.duration
+                .get_or_init(|| {
+                    self.durations.get_or_create_owned(&ProviderLabel {
+                        provider: self.provider.clone(),
+                    })
+                })
+                .observe(took);
         }
     }
 }
@@ -668,7 +675,7 @@ impl Collector for KernelCollector {
         {
             let mut m = encoder.encode_descriptor(
                 "ebpf_map_entries",
-                "Entries in each of the kernel programs' maps (targets, per-connection records, splice maps, redirect counters), counted at scrape time (at most every 5 s)",
+                "Entries in each of the kernel programs' maps (targets, per-connection records, splice maps, redirect counters), counted at scrape time (at most every 5 s).",
                 None,
                 MetricType::Gauge,
             )?;
@@ -681,7 +688,7 @@ impl Collector for KernelCollector {
         {
             let mut m = encoder.encode_descriptor(
                 "ebpf_map_capacity",
-                "Capacity (max_entries) of each of the kernel programs' maps",
+                "Capacity (max_entries) of each of the kernel programs' maps.",
                 None,
                 MetricType::Gauge,
             )?;
@@ -694,7 +701,7 @@ impl Collector for KernelCollector {
         let rt = src.runtime.upgrade().map(|c| c.load());
         let mut m = encoder.encode_descriptor(
             "kernel_redirects",
-            "Connects the kernel redirected to the broker, by service (a per-CPU counter in the connect programs, summed at scrape time)",
+            "Connects the kernel redirected to the broker, by service (a per-CPU counter in the connect programs, summed at scrape time).",
             None,
             MetricType::Counter,
         )?;

@@ -22,15 +22,19 @@ use std::{
 
 use crate::workspace_root;
 
-/// pg8000, MySQL Connector/Python (whose client starts with `caching_sha2_password`)
-/// and moto's AWS server (the `aws` provider's tests, `crate::moto`; boto3 comes with
-/// it) from PyPI: (name, version) for `pip install --target`; a name may carry extras
+/// pg8000, MySQL Connector/Python (whose client starts with `caching_sha2_password`),
+/// moto's AWS server (the `aws` provider's tests, `crate::moto`; boto3 comes with
+/// it) and prometheus-client (its exposition parsers, for the metrics test) from PyPI:
+/// (name, version) for `pip install --target`; a name may carry extras
 /// (`moto[server]`). PyMySQL is Debian's (`python3-pymysql`, with
 /// `python3-cryptography` for its RSA exchange).
 pub const PIP_PACKAGES: &[(&str, &str)] = &[
     ("pg8000", "1.31.6"),
     ("mysql-connector-python", "9.4.0"),
     ("moto[server]", "5.2.5"),
+    // The Prometheus text parsers (`prometheus_client.openmetrics.parser`), for the
+    // `/metrics` test.
+    ("prometheus-client", "0.26.0"),
 ];
 /// node-postgres and its COPY streams from npm: (name, version) for `npm install --prefix`.
 pub const NPM_PACKAGES: &[(&str, &str)] = &[("pg", "8.23.1"), ("pg-copy-streams", "7.0.0")];
