@@ -669,6 +669,41 @@ mod tests {
         assert_eq!(a.answer(&json!({}))["ok"], false);
     }
 
+    fn broker_block(extra: &str) -> Result<crate::config::Config, String> {
+        crate::config::load_str(
+            &format!(
+                "version: 2\nbroker:\n{extra}services:\n  db:\n    connector: tcp\n    listenOn: tcp://127.0.0.1:1\n    credentials:\n      host: 127.0.0.1\n"
+            ),
+            &crate::connector::KINDS,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn admin_socket_and_metrics_keys() {
+        let c = broker_block("  health: off\n").unwrap();
+        assert_eq!(c.broker.admin_socket, AdminSocket::Default);
+        assert!(c.broker.metrics);
+        let c = broker_block("  adminSocket: off\n  metrics: false\n").unwrap();
+        assert_eq!(c.broker.admin_socket, AdminSocket::Off);
+        assert!(!c.broker.metrics);
+        let c = broker_block("  adminSocket: /run/b/a.sock\n").unwrap();
+        assert_eq!(
+            c.broker.admin_socket,
+            AdminSocket::Path("/run/b/a.sock".into())
+        );
+        for (bad, why) in [
+            ("relative.sock", "absolute path"),
+            ("/run/b/", "name a file"),
+            (&format!("/{}", "x".repeat(120)), "at most 107"),
+        ] {
+            let e = broker_block(&format!("  adminSocket: \"{bad}\"\n")).unwrap_err();
+            assert!(e.contains("broker.adminSocket") && e.contains(why), "{e}");
+        }
+        let e = broker_block("  metrics: maybe\n").unwrap_err();
+        assert!(e.contains("broker.metrics"), "{e}");
+    }
+
     /// The socket is 0600, answers one request per connection, and goes at the end.
     #[tokio::test]
     async fn the_socket_is_private_answers_and_is_removed() {

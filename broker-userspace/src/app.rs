@@ -490,7 +490,7 @@ impl Daemon {
             tasks.spawn(health::serve(
                 h,
                 Arc::clone(&readiness),
-                Some(Arc::clone(&metrics)),
+                cfg.broker.metrics.then(|| Arc::clone(&metrics)),
                 detach_rx.clone(),
             ));
         }

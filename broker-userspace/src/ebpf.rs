@@ -179,18 +179,39 @@ struct MapView {
     name: &'static str,
     fd: OwnedFd,
     key_size: usize,
+    /// For batch lookups: a plain (not per-CPU) hash map's value size.
+    batch_value_size: Option<usize>,
     capacity: u32,
 }
 
 impl MapView {
     fn of(name: &'static str, data: &MapData) -> Option<Self> {
         let info = data.info().ok()?;
+        let batch = matches!(
+            info.map_type(),
+            Ok(aya::maps::MapType::Hash | aya::maps::MapType::LruHash)
+        );
         Some(Self {
             name,
             fd: data.fd().as_fd().try_clone_to_owned().ok()?,
             key_size: info.key_size() as usize,
+            batch_value_size: batch.then_some(info.value_size() as usize),
             capacity: info.max_entries(),
         })
+    }
+
+    /// Its entries, at most `cap`: in batches where the map type allows, else key by key
+    /// (at most `key_cap` then: one system call per key).
+    fn count(&self, cap: usize, key_cap: usize) -> Option<u64> {
+        let fd = self.fd.as_fd();
+        if let Some(v) = self.batch_value_size
+            && let Ok(n) = crate::sys::bpf_map_count_batch(fd, self.key_size, v, cap)
+        {
+            return Some(n as u64);
+        }
+        crate::sys::bpf_map_count_keys(fd, self.key_size, key_cap.min(cap))
+            .ok()
+            .map(|n| n as u64)
     }
 }
 
@@ -480,17 +501,18 @@ impl Interceptor {
     }
 
     /// How many entries each of the programs' maps holds (targets, per-connection
-    /// records, splice maps, the redirect counters), each walk stopping at `cap` keys.
-    /// One `bpf(2)` call per key: the caller bounds how often this runs.
+    /// records, splice maps, the redirect counters): hash maps counted in batches (up to
+    /// `cap` entries), the others (sockhashes, the LPM trie, the per-CPU counters) key by
+    /// key, one `bpf(2)` call each, up to `key_cap`. The caller bounds how often this
+    /// runs.
     #[must_use]
-    pub fn map_occupancy(&self, cap: usize) -> Vec<MapOccupancy> {
+    pub fn map_occupancy(&self, cap: usize, key_cap: usize) -> Vec<MapOccupancy> {
         self.views
             .iter()
             .filter_map(|v| {
-                let n = crate::sys::bpf_map_count_keys(v.fd.as_fd(), v.key_size, cap).ok()?;
                 Some(MapOccupancy {
                     name: v.name,
-                    entries: n as u64,
+                    entries: v.count(cap, key_cap)?,
                     capacity: v.capacity,
                 })
             })

@@ -63,9 +63,14 @@ pub const FETCH_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0,
 ];
 
-/// Keys counted per map and scrape, at most: more than any map's capacity, so a full
-/// map reads as full, and a bound whatever the kernel does meanwhile.
+/// Entries counted per map and scrape, at most, for the hash maps (counted in batches):
+/// as much as the largest map holds, so a full map reads as full, and a bound whatever
+/// the kernel does meanwhile.
 pub const MAP_WALK_CAP: usize = 131_072;
+/// Entries counted per map and scrape, at most, for the maps counted key by key (the
+/// sockhashes, the LPM trie, the per-CPU counters: one system call per key, about
+/// 2.5 us): a map beyond it reads as this many.
+pub const MAP_KEY_WALK_CAP: usize = 16_384;
 /// How long a map count is reused: scrapes more often than this cost nothing more.
 pub const MAP_WALK_EVERY: Duration = Duration::from_secs(5);
 
@@ -657,7 +662,7 @@ impl KernelCollector {
         {
             return v.clone();
         }
-        let v = i.map_occupancy(MAP_WALK_CAP);
+        let v = i.map_occupancy(MAP_WALK_CAP, MAP_KEY_WALK_CAP);
         *cached = Some((Instant::now(), v.clone()));
         v
     }

@@ -1409,8 +1409,14 @@ impl Loader<'_> {
                 "caDir",
                 "unixSocket",
                 "adminSocket",
+                "metrics",
             ],
         );
+        if let Some(v) = m.get("metrics")
+            && let Some(b) = self.boolean("broker.metrics", v)
+        {
+            out.metrics = b;
+        }
         if let Some(v) = m.get("adminSocket") {
             out.admin_socket = self.admin_socket("broker.adminSocket", v);
         }

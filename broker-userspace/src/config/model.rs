@@ -70,6 +70,8 @@ pub struct BrokerSettings {
     pub unix_socket: UnixSocketOptions,
     /// `adminSocket`: where `broker status` reaches the daemon.
     pub admin_socket: AdminSocket,
+    /// `metrics`: serve `GET /metrics` on the health endpoint (default on).
+    pub metrics: bool,
 }
 
 /// Default `adminSocket`.
@@ -106,6 +108,7 @@ impl Default for BrokerSettings {
             ca_dir: PathBuf::from(DEFAULT_CA_DIR),
             unix_socket: UnixSocketOptions::default(),
             admin_socket: AdminSocket::Default,
+            metrics: true,
         }
     }
 }

@@ -1500,6 +1500,25 @@ mod tests {
         assert_eq!((src.fetches(), ep.hits()), (2, 2));
     }
 
+    /// The observer hears every fetch's result word once (the metrics'
+    /// `token_refreshes_total`), not the calls served from the cache.
+    #[tokio::test]
+    async fn the_observer_hears_each_fetch_once() {
+        let ep = Endpoint::start().await;
+        let src = source(config(&ep));
+        let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = Arc::clone(&heard);
+        src.observe(Box::new(move |w| h.lock().unwrap().push(w)));
+        text(&src.token().await.unwrap());
+        text(&src.token().await.unwrap());
+        let src = source(config(&ep));
+        let h = Arc::clone(&heard);
+        src.observe(Box::new(move |w| h.lock().unwrap().push(w)));
+        ep.reply(raw(503, "down"));
+        assert_eq!(token_err(&src).await.kind(), "status");
+        assert_eq!(*heard.lock().unwrap(), vec!["ok", "status"]);
+    }
+
     #[tokio::test]
     async fn error_replies_are_typed() {
         let ep = Endpoint::start().await;
