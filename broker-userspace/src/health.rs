@@ -10,8 +10,9 @@
 //! `/live` has the check `listening`, `/ready` has `listening` and `ready`. A method
 //! other than GET is 405, any other path 404.
 //!
-//! `GET /metrics`: the daemon's Prometheus metrics, OpenMetrics text format (see
-//! [`crate::metrics`]).
+//! `GET /metrics`: the daemon's Prometheus metrics (see [`crate::metrics`]): the
+//! OpenMetrics text format for a client whose `Accept` names it (Prometheus), else the
+//! Prometheus text format 0.0.4.
 
 use std::{
     sync::{
@@ -264,14 +265,28 @@ pub async fn serve(
                 let line = req.lines().next().unwrap_or("");
                 let r = match metrics {
                     Some(m) if wants_metrics(line) => {
+                        // OpenMetrics when asked for (Prometheus does), else the
+                        // Prometheus text format.
+                        let open = req
+                            .lines()
+                            .skip(1)
+                            .filter_map(|h| h.split_once(':'))
+                            .filter(|(k, _)| k.trim().eq_ignore_ascii_case("accept"))
+                            .any(|(_, v)| crate::metrics::accepts_openmetrics(v));
                         // Off the reactor: the scrape counts the kernel maps' entries
                         // (bounded, at most every few seconds, but system calls).
-                        let body = tokio::task::spawn_blocking(move || m.encode())
-                            .await
-                            .unwrap_or_default();
+                        let body = tokio::task::spawn_blocking(move || {
+                            if open { m.encode() } else { m.encode_text() }
+                        })
+                        .await
+                        .unwrap_or_default();
                         Reply {
                             status: "200 OK",
-                            content_type: crate::metrics::CONTENT_TYPE,
+                            content_type: if open {
+                                crate::metrics::CONTENT_TYPE
+                            } else {
+                                crate::metrics::TEXT_CONTENT_TYPE
+                            },
                             body,
                         }
                     }

@@ -51,8 +51,28 @@ use prometheus_client::{
 
 use crate::{ebpf::Interceptor, runtime::Current};
 
-/// What `/metrics` answers with.
+/// What `/metrics` answers a client that accepts OpenMetrics with (Prometheus does).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// What `/metrics` answers other clients with: the Prometheus text format 0.0.4.
+pub const TEXT_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Whether a request's `Accept` header value asks for OpenMetrics (Prometheus sends
+/// `application/openmetrics-text;version=1.0.0;q=0.5,...,text/plain;version=0.0.4;q=0.4`):
+/// named, and not refused with `q=0`.
+#[must_use]
+pub fn accepts_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        parts
+            .next()
+            .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"))
+            && !parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f64>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            })
+    })
+}
 
 /// Buckets of `handshake_duration_seconds` (accept to authenticated session).
 pub const HANDSHAKE_BUCKETS: &[f64] = &[
@@ -399,6 +419,17 @@ impl Metrics {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             // Writing to a String cannot fail; an encoder refusing a value would.
+            tracing::warn!("metrics encoding failed");
+        }
+        out
+    }
+
+    /// The same in the Prometheus text format (0.0.4), for clients that do not ask for
+    /// OpenMetrics.
+    #[must_use]
+    pub fn encode_text(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry).is_err() {
             tracing::warn!("metrics encoding failed");
         }
         out
@@ -808,6 +839,29 @@ mod tests {
         });
         assert_eq!(s.connections("other"), 1);
         assert!(!m.encode().contains("surprise"));
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        assert!(accepts_openmetrics(
+            "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1"
+        ));
+        assert!(accepts_openmetrics("Application/OpenMetrics-Text"));
+        assert!(!accepts_openmetrics("text/plain;version=0.0.4"));
+        assert!(!accepts_openmetrics("*/*"));
+        assert!(!accepts_openmetrics("application/openmetrics-text;q=0"));
+        let m = Metrics::new();
+        m.service("db", "pg").opened();
+        let text = m.encode_text();
+        assert!(
+            text.contains("# TYPE broker_active_connections gauge"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE broker_connections_refused_total counter"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
     }
 
     #[test]

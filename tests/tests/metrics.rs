@@ -1,7 +1,9 @@
 //! `GET /metrics` after real PostgreSQL traffic: real `psql` through an intercepted
 //! service (in the broker's cgroup) and through a `listenOn` service, one session of
-//! each refused by the server. The scrape is parsed with the Prometheus project's own
-//! parser (prometheus-client from PyPI, `prometheus_client.openmetrics.parser`), and:
+//! each refused by the server. The scrape (OpenMetrics, asked for as Prometheus asks)
+//! is parsed with the Prometheus project's own parser (prometheus-client from PyPI,
+//! `prometheus_client.openmetrics.parser`); a scrape without `Accept` (the Prometheus
+//! text format) with its text parser, and its counters agree. Then:
 //!
 //! * `broker_connections_total{service,connector,result}` equals the access lines by
 //!   service, connector and result; `broker_bytes_total` their byte counts;
@@ -16,8 +18,8 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
-    net::SocketAddr,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -33,12 +35,17 @@ use broker_tests::{
 };
 use serde_json::Value;
 
-/// Parses an OpenMetrics exposition (stdin) with prometheus-client's parser and prints
-/// every sample as JSON: `[{family, type, name, labels, value}]`. The parser refuses a
-/// malformed exposition (and one without `# EOF`).
+/// Parses an exposition (stdin) with prometheus-client's parser for its format
+/// (`openmetrics`: `prometheus_client.openmetrics.parser`, which refuses a malformed
+/// exposition and one without `# EOF`; `text`: `prometheus_client.parser`, the
+/// Prometheus text format 0.0.4) and prints every sample as JSON:
+/// `[{family, type, name, labels, value}]`.
 const PARSE: &str = r#"
 import json, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
+if sys.argv[1] == "openmetrics":
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+else:
+    from prometheus_client.parser import text_string_to_metric_families
 out = []
 for fam in text_string_to_metric_families(sys.stdin.read()):
     for s in fam.samples:
@@ -82,10 +89,11 @@ fn lines(b: &RunBroker, target: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Every sample of the exposition, parsed by prometheus-client (Python).
-fn parse(text: &str) -> Vec<Value> {
+/// Every sample of the exposition in `format` (`openmetrics` or `text`), parsed by
+/// prometheus-client (Python).
+fn parse(text: &str, format: &str) -> Vec<Value> {
     let mut child = Command::new(PYTHON)
-        .args(["-c", PARSE])
+        .args(["-c", PARSE, format])
         .env("PYTHONPATH", python_deps())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -105,6 +113,31 @@ fn parse(text: &str) -> Vec<Value> {
         output_text(&out)
     );
     serde_json::from_slice(&out.stdout).expect("parser output")
+}
+
+/// `GET /metrics` with `accept` (if any): the content type and the body.
+fn get_metrics(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("reply");
+    let (head, body) = out.split_once("\r\n\r\n").expect("a reply head");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let ctype = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Type: "))
+        .unwrap_or("")
+        .to_owned();
+    (ctype, body.to_owned())
 }
 
 /// The value of the sample `name` whose labels include `want` (0 when absent).
@@ -190,9 +223,43 @@ fn the_scrape_matches_the_access_log_and_the_kernel_counts_redirects() {
     };
     assert_eq!(access.len(), 7, "{}", b.daemon.log_text());
 
-    let (status, scrape) = http_get(health, "/metrics").expect("GET /metrics");
-    assert_eq!(status, 200, "{scrape}");
-    let samples = parse(&scrape);
+    // What Prometheus asks for: OpenMetrics.
+    let (ctype, scrape) = get_metrics(
+        health,
+        Some("application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4"),
+    );
+    assert_eq!(
+        ctype,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let samples = parse(&scrape, "openmetrics");
+    // Anyone else: the Prometheus text format, the same counts.
+    let (ctype, text) = get_metrics(health, None);
+    assert_eq!(ctype, "text/plain; version=0.0.4; charset=utf-8");
+    let text_samples = parse(&text, "text");
+    for name in [
+        "broker_connections_total",
+        "broker_bytes_total",
+        "broker_kernel_redirects_total",
+        "broker_credential_fetches_total",
+    ] {
+        let fam: Vec<&Value> = text_samples.iter().filter(|s| s["name"] == name).collect();
+        assert!(!fam.is_empty(), "{name}\n{text}");
+        assert!(fam.iter().all(|s| s["type"] == "counter"), "{name}\n{text}");
+        for s in fam {
+            let want: Vec<(&str, &str)> = s["labels"]
+                .as_object()
+                .expect("labels")
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str().unwrap_or("")))
+                .collect();
+            assert_eq!(
+                value(&samples, name, &want),
+                s["value"].as_f64().unwrap_or(-1.0)
+            );
+        }
+    }
+    assert_no_secret(&text, &[pw], "the text scrape");
 
     // Connections by (service, connector, result), as the access log says.
     let mut by_result: BTreeMap<(String, String, String), f64> = BTreeMap::new();
