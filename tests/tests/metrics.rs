@@ -27,7 +27,7 @@ use std::{
 use broker_tests::{
     RunBroker, assert_no_secret,
     clients::{PYTHON, python_deps},
-    free_port, http_get,
+    free_port,
     net::TestCgroup,
     output_text,
     pg::{PgAuth, PgOptions, PgServer},
