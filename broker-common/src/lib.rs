@@ -36,6 +36,9 @@ pub const MAP_SPLICE_READ: &str = "SPLICE_READ";
 /// Name of the ring buffer of app socket cookies whose server -> app direction has just
 /// fallen back to the daemon (see [`SPLICE_FALLBACK`]).
 pub const MAP_SPLICE_EVENTS: &str = "SPLICE_EVENTS";
+/// Name of the per-CPU hash map service id -> connects redirected to the broker (a
+/// `u64` per CPU, summed by the daemon for `broker_kernel_redirects_total`).
+pub const MAP_REDIRECTS: &str = "REDIRECTS";
 /// Names of the load-time constants (`.rodata`) holding byte offsets in the kernel's
 /// `struct sock`, found in its BTF by the daemon.
 pub const GLOBAL_SK_WMEM_QUEUED: &str = "SK_WMEM_QUEUED_OFF";
@@ -69,6 +72,10 @@ pub const MAX_CIDRS: u32 = 4_096;
 /// Capacity of each per-connection LRU map. LRU eviction bounds them even if the daemon
 /// never reads an entry (a client that connects and dies before the broker accepts).
 pub const MAX_CONNS: u32 = 65_536;
+
+/// Capacity of the per-service redirect counter map (`REDIRECTS`): services beyond it
+/// are still redirected, their connects just not counted in the kernel.
+pub const MAX_SERVICES: u32 = 4_096;
 
 /// Default socket mark that the broker sets on its own upstream sockets. A socket whose
 /// mark has all of its bits set is never redirected.

@@ -52,7 +52,7 @@ use aya_ebpf::{
         },
     },
     macros::{btf_map, cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops, stream_verdict},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, SockHash, lpm_trie::Key},
     programs::{
         RawTracePointContext, SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext,
     },
@@ -80,7 +80,7 @@ unsafe fn add_atomic(p: *mut u64, v: u64) {
 }
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, FAMILY_INET, FAMILY_INET6, MAX_CIDRS,
-    MAX_CONNS, MAX_TARGETS, MYSQL_COM_CHANGE_USER, REC_IN_SPLICE_APP, SETTINGS_DEBUG,
+    MAX_CONNS, MAX_SERVICES, MAX_TARGETS, MYSQL_COM_CHANGE_USER, REC_IN_SPLICE_APP, SETTINGS_DEBUG,
     SETTINGS_ENABLED, SETTINGS_V6, SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_MYSQL,
     SPLICE_READ_BUDGET, SPLICE_SEQ, SockKey, SpliceValue, TARGET_SPLICE, TargetValue, is_mapped_v4,
     mapped_v4,
@@ -120,6 +120,11 @@ static SPLICE_READ: HashMap<u64, u64> = HashMap::with_max_entries(MAX_CONNS, 0);
 
 #[map]
 static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024, 0);
+
+/// Service id -> connects redirected to the broker, per CPU (the daemon sums them at
+/// scrape time: `broker_kernel_redirects_total`).
+#[map]
+static REDIRECTS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(MAX_SERVICES, 0);
 
 const IPPROTO_TCP: u32 = 6;
 const SK_PASS: u32 = 1;
@@ -363,6 +368,26 @@ fn kernel_socket(ctx: &SockAddrContext) -> bool {
     }
 }
 
+/// Count one redirected connect of `service` on this CPU. The add is atomic although
+/// the slot is this CPU's: a program can be preempted by another task running it on the
+/// same CPU. A service not in the map yet is inserted (another CPU may insert it at the
+/// same moment: then the entry exists and the add is retried); a full map loses the
+/// count, never the redirect.
+#[inline(always)]
+fn count_redirect(service: u32) {
+    if let Some(p) = REDIRECTS.get_ptr_mut(service) {
+        // SAFETY: a map value of this CPU, a valid aligned u64.
+        unsafe { add_atomic(p, 1) };
+        return;
+    }
+    if REDIRECTS.insert(service, 1u64, BPF_NOEXIST).is_err()
+        && let Some(p) = REDIRECTS.get_ptr_mut(service)
+    {
+        // SAFETY: as above.
+        unsafe { add_atomic(p, 1) };
+    }
+}
+
 /// Record the caller and original destination under the socket cookie. `false` if the
 /// record could not be stored: the connect is then not redirected.
 #[inline(always)]
@@ -413,6 +438,7 @@ pub fn broker_connect4(ctx: SockAddrContext) -> i32 {
     if !record(cookie, &s, (&addr, port, FAMILY_INET), target) {
         return 1;
     }
+    count_redirect(target.service_id);
     // SAFETY: 4-byte stores to writable context fields.
     unsafe {
         (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(LOOPBACK_V4);
@@ -469,6 +495,7 @@ pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
     if !record(cookie, &s, (&addr, port, family), target) {
         return 1;
     }
+    count_redirect(target.service_id);
     let w = words_from_addr(to);
     // SAFETY: 4-byte stores to writable context fields.
     unsafe {

@@ -26,12 +26,14 @@ use broker_common::{BrokerSettings, SETTINGS_DEBUG, SETTINGS_ENABLED, SETTINGS_V
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 use crate::{
+    admin,
     cgroup::{self, ChildCgroup},
     config::{self, Config, ListenAddr},
     connector::Env,
     connector::dial::Dialer,
     ebpf::Interceptor,
     health::{self, Readiness},
+    metrics::Metrics,
     proxy::{self, Caps, Shared, Tracker},
     ratelimit::LogLimiter,
     resolver,
@@ -242,6 +244,8 @@ pub struct Daemon {
     transparent_tasks: JoinSet<()>,
     /// Where the transparent listener is bound (None with `--no-ebpf`).
     pub transparent: Option<SocketAddr>,
+    /// What `/metrics` serves.
+    pub metrics: Arc<Metrics>,
     /// What a reload needs: the accept loops' shared state (with the snapshot in force),
     /// the `listenOn` listeners by id, the settings of the start.
     reload: Reloadable,
@@ -469,7 +473,12 @@ impl Daemon {
     /// loaded or attached, provider set-up failures. Nothing stays attached on error.
     pub async fn start(cfg: Config, opts: &StartOptions) -> anyhow::Result<Self> {
         let cfg = Arc::new(cfg);
-        let secrets = Arc::new(SecretStore::new(&cfg).context("setting up providers")?);
+        let metrics = Arc::new(Metrics::new());
+        let secrets = Arc::new(
+            SecretStore::new(&cfg)
+                .context("setting up providers")?
+                .with_metrics(&metrics),
+        );
         let dialer = Dialer {
             mark: cfg.broker.bypass_mark,
         };
@@ -497,6 +506,12 @@ impl Daemon {
         let health = match (opts.health, cfg.broker.health_addr) {
             (true, Some(addr)) => Some(bind(addr, "health endpoint").await?),
             _ => None,
+        };
+        // `broker status`'s socket: the daemon's (not `exec`'s), like the health endpoint.
+        let admin_socket = if opts.health {
+            admin::bind(&cfg.broker.admin_socket)?
+        } else {
+            None
         };
         let mut explicit = Vec::new();
         for rt in runtime.listeners() {
@@ -586,7 +601,11 @@ impl Daemon {
             caps: Arc::clone(&caps),
             refusals: Arc::clone(&refusals),
             names: Arc::clone(&names),
+            metrics: Arc::clone(&metrics),
         };
+        if let Some(i) = &interceptor {
+            metrics.watch_kernel(Arc::downgrade(i), Arc::downgrade(&shared.runtime));
+        }
         let mut tasks = JoinSet::new();
         let mut transparent_tasks = JoinSet::new();
         let resolver = match (targets, &interceptor) {
@@ -623,7 +642,24 @@ impl Daemon {
         }
         if let Some(h) = health {
             tracing::info!(addr = %h.local_addr()?, "health endpoint bound");
-            tasks.spawn(health::serve(h, Arc::clone(&readiness), detach_rx.clone()));
+            tasks.spawn(health::serve(
+                h,
+                Arc::clone(&readiness),
+                cfg.broker.metrics.then(|| Arc::clone(&metrics)),
+                detach_rx.clone(),
+            ));
+        }
+        if let Some(sock) = admin_socket {
+            let state = Arc::new(admin::Admin {
+                runtime: Arc::clone(&shared.runtime),
+                tracker: Arc::clone(&tracker),
+                names: Arc::clone(&names),
+                interceptor: interceptor.as_ref().map(Arc::downgrade),
+                readiness: Arc::clone(&readiness),
+                transparent,
+                started: std::time::SystemTime::now(),
+            });
+            tasks.spawn(admin::serve(sock, state, detach_rx.clone()));
         }
         tasks.spawn(trim_when_idle(Arc::clone(&tracker)));
         tasks.spawn(secrets.sweeper());
@@ -652,6 +688,7 @@ impl Daemon {
                 broker: cfg.broker.clone(),
                 splice_ok: splice_kernel_ok(),
             },
+            metrics,
         })
     }
 
@@ -681,7 +718,11 @@ impl Daemon {
         }
         let old = r.shared.runtime.load();
         let generation = old.generation.wrapping_add(1).max(1);
-        let secrets = Arc::new(SecretStore::new(&cfg).context("setting up providers")?);
+        let secrets = Arc::new(
+            SecretStore::new(&cfg)
+                .context("setting up providers")?
+                .with_metrics(&self.metrics),
+        );
         let mut runtime = Runtime::build(
             &cfg,
             generation,

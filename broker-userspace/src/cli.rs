@@ -18,7 +18,7 @@ use std::{
 };
 
 /// The subcommands clap knows (and `help`, which clap adds).
-pub const SUBCOMMANDS: &[&str] = &["run", "exec", "check", "ca", "version", "help"];
+pub const SUBCOMMANDS: &[&str] = &["run", "exec", "check", "ca", "status", "version", "help"];
 
 /// Global options of the clap form that take a value.
 const GLOBAL_WITH_VALUE: &[&str] = &["--log-level", "--log-format"];

@@ -10,14 +10,17 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd,
+    os::fd::{AsFd as _, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, RingBuf, SockHash, lpm_trie::Key},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuHashMap, RingBuf, SockHash,
+        lpm_trie::Key,
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, RawTracePoint, SkMsg, SkSkb, SockOps,
         raw_trace_point::RawTracePointLink,
@@ -26,10 +29,10 @@ use aya::{
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, GLOBAL_PIDNS_DEV, GLOBAL_PIDNS_INO,
     GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF, GLOBAL_SK_SOCKET, GLOBAL_SK_WMEM_QUEUED, GLOBAL_SKB_CB,
-    GLOBAL_SOCKET_FILE, GLOBAL_SOCKET_SK, MAP_BY_CONN, MAP_SETTINGS, MAP_SPLICE, MAP_SPLICE_APP,
-    MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP, MAP_TARGET_CIDRS, MAP_TARGETS,
-    SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_MYSQL, SockKey, SpliceValue, TARGET_SPLICE,
-    TargetValue, mapped_v4,
+    GLOBAL_SOCKET_FILE, GLOBAL_SOCKET_SK, MAP_BY_CONN, MAP_BY_COOKIE, MAP_REDIRECTS, MAP_SETTINGS,
+    MAP_SPLICE, MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP,
+    MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_MYSQL, SockKey,
+    SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
 };
 use tokio::sync::Notify;
 
@@ -172,10 +175,66 @@ struct Targets {
     generation: u32,
 }
 
+/// A second descriptor of one of the programs' maps, for counting its entries at scrape
+/// time without taking the lock the data path uses for that map.
+struct MapView {
+    name: &'static str,
+    fd: OwnedFd,
+    key_size: usize,
+    /// For batch lookups: a plain (not per-CPU) hash map's value size.
+    batch_value_size: Option<usize>,
+    capacity: u32,
+}
+
+impl MapView {
+    fn of(name: &'static str, data: &MapData) -> Option<Self> {
+        let info = data.info().ok()?;
+        let batch = matches!(
+            info.map_type(),
+            Ok(aya::maps::MapType::Hash | aya::maps::MapType::LruHash)
+        );
+        Some(Self {
+            name,
+            fd: data.fd().as_fd().try_clone_to_owned().ok()?,
+            key_size: info.key_size() as usize,
+            batch_value_size: batch.then_some(info.value_size() as usize),
+            capacity: info.max_entries(),
+        })
+    }
+
+    /// Its entries, at most `cap`: in batches where the map type allows, else key by key
+    /// (at most `key_cap` then: one system call per key).
+    fn count(&self, cap: usize, key_cap: usize) -> Option<u64> {
+        let fd = self.fd.as_fd();
+        if let Some(v) = self.batch_value_size
+            && let Ok(n) = crate::sys::bpf_map_count_batch(fd, self.key_size, v, cap)
+        {
+            return Some(n as u64);
+        }
+        crate::sys::bpf_map_count_keys(fd, self.key_size, key_cap.min(cap))
+            .ok()
+            .map(|n| n as u64)
+    }
+}
+
+/// How full one of the programs' maps is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapOccupancy {
+    pub name: &'static str,
+    /// Entries counted, at most the walk's cap.
+    pub entries: u64,
+    /// The map's capacity (`max_entries`).
+    pub capacity: u32,
+}
+
 /// The loaded and attached kernel programs and their maps.
 pub struct Interceptor {
     // Field order matters for drop: maps first, then the object (which detaches).
     records: Mutex<HashMap<MapData, ConnKey, ConnRecord>>,
+    /// Service id -> connects redirected, per CPU.
+    redirects: PerCpuHashMap<MapData, u32, u64>,
+    /// Descriptors of the maps whose entries `/metrics` counts.
+    views: Vec<MapView>,
     /// The namespace whose sockets are redirected (this process's).
     netns_cookie: u64,
     splicer: Arc<Splicer>,
@@ -292,8 +351,22 @@ impl Interceptor {
         settings_map
             .set(0, settings, 0)
             .map_err(map_err(MAP_SETTINGS))?;
-        let records =
+        let records: HashMap<MapData, ConnKey, ConnRecord> =
             HashMap::try_from(take(&mut ebpf, MAP_BY_CONN)?).map_err(map_err(MAP_BY_CONN))?;
+        let mut views = Vec::new();
+        views.extend(MapView::of(MAP_BY_CONN, records.map()));
+        // Only counted here, so left in the object. (No map may be closed before the
+        // programs are loaded: their instructions name maps by descriptor number until
+        // then, and a closed number is handed to the next descriptor opened.)
+        if let Some(aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d)) =
+            ebpf.map(MAP_BY_COOKIE)
+        {
+            views.extend(MapView::of(MAP_BY_COOKIE, d));
+        }
+        let redirects: PerCpuHashMap<MapData, u32, u64> =
+            PerCpuHashMap::try_from(take(&mut ebpf, MAP_REDIRECTS)?)
+                .map_err(map_err(MAP_REDIRECTS))?;
+        views.extend(MapView::of(MAP_REDIRECTS, redirects.map()));
         let mut splicer = Splicer {
             app: Mutex::new(
                 SockHash::try_from(take(&mut ebpf, MAP_SPLICE_APP)?)
@@ -341,6 +414,12 @@ impl Interceptor {
             generation,
         };
         t.update(targets)?;
+        views.extend(MapView::of(MAP_TARGETS, t.exact.map()));
+        views.extend(MapView::of(MAP_TARGET_CIDRS, t.cidrs.map()));
+        views.extend(MapView::of(MAP_SPLICE_APP, lock(&splicer.app).map()));
+        views.extend(MapView::of(MAP_SPLICE_UP, lock(&splicer.up).map()));
+        views.extend(MapView::of(MAP_SPLICE, lock(&splicer.entries).map()));
+        views.extend(MapView::of(MAP_SPLICE_READ, lock(&splicer.read).map()));
 
         let cg = std::fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.to_path_buf(),
@@ -363,6 +442,8 @@ impl Interceptor {
         tracing::info!(cgroup = %cgroup.display(), programs = PROGRAMS.len(), "eBPF programs attached");
         Ok(Self {
             records: Mutex::new(records),
+            redirects,
+            views,
             netns_cookie: settings.netns_cookie,
             splicer: Arc::new(splicer),
             targets: Mutex::new(t),
@@ -453,6 +534,38 @@ impl Interceptor {
     #[must_use]
     pub fn splicer(&self) -> Arc<Splicer> {
         Arc::clone(&self.splicer)
+    }
+
+    /// Connects redirected per service id since the programs were loaded, summed over
+    /// the CPUs (the kernel's own count, `REDIRECTS`). At most [`broker_common::MAX_SERVICES`]
+    /// entries are read.
+    #[must_use]
+    pub fn kernel_redirects(&self) -> Vec<(u32, u64)> {
+        self.redirects
+            .iter()
+            .take(broker_common::MAX_SERVICES as usize)
+            .filter_map(Result::ok)
+            .map(|(id, per_cpu)| (id, per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v))))
+            .collect()
+    }
+
+    /// How many entries each of the programs' maps holds (targets, per-connection
+    /// records, splice maps, the redirect counters): hash maps counted in batches (up to
+    /// `cap` entries), the others (sockhashes, the LPM trie, the per-CPU counters) key by
+    /// key, one `bpf(2)` call each, up to `key_cap`. The caller bounds how often this
+    /// runs.
+    #[must_use]
+    pub fn map_occupancy(&self, cap: usize, key_cap: usize) -> Vec<MapOccupancy> {
+        self.views
+            .iter()
+            .filter_map(|v| {
+                Some(MapOccupancy {
+                    name: v.name,
+                    entries: v.count(cap, key_cap)?,
+                    capacity: v.capacity,
+                })
+            })
+            .collect()
     }
 
     /// Stop redirecting new connections (programs stay attached until drop).
@@ -719,7 +832,36 @@ pub struct Spliced {
     fallback: Arc<Notify>,
 }
 
+/// A spliced session's kernel byte counts, readable from elsewhere (`broker status`)
+/// while the session runs (zero once its entries are gone).
+#[derive(Debug, Clone)]
+pub struct SpliceCounts {
+    splicer: std::sync::Weak<Splicer>,
+    app: u64,
+    up: u64,
+}
+
+impl SpliceCounts {
+    /// (app -> upstream, upstream -> app) moved by the kernel so far.
+    #[must_use]
+    pub fn bytes(&self) -> (u64, u64) {
+        self.splicer
+            .upgrade()
+            .map_or((0, 0), |s| (s.bytes(self.app), s.bytes(self.up)))
+    }
+}
+
 impl Spliced {
+    /// A handle on this session's kernel byte counts.
+    #[must_use]
+    pub fn counts(&self) -> SpliceCounts {
+        SpliceCounts {
+            splicer: Arc::downgrade(&self.splicer),
+            app: self.app,
+            up: self.up,
+        }
+    }
+
     /// Bytes the kernel moved so far: (app -> upstream, upstream -> app). Read them
     /// before [`Spliced::unlink`].
     #[must_use]

@@ -9,6 +9,10 @@
 //! every check by name, `"OK"` or why it fails, as Go's `json.Encoder` indents it:
 //! `/live` has the check `listening`, `/ready` has `listening` and `ready`. A method
 //! other than GET is 405, any other path 404.
+//!
+//! `GET /metrics`: the daemon's Prometheus metrics (see [`crate::metrics`]): the
+//! OpenMetrics text format for a client whose `Accept` names it (Prometheus), else the
+//! Prometheus text format 0.0.4.
 
 use std::{
     sync::{
@@ -207,8 +211,21 @@ fn full_body(checks: &[Check]) -> String {
     format!("{{\n{}\n}}\n", lines.join(",\n"))
 }
 
-/// Serve health checks until `stop` turns true.
-pub async fn serve(listener: TcpListener, ready: Arc<Readiness>, mut stop: watch::Receiver<bool>) {
+/// Whether the request line asks for the metrics (`GET /metrics`, any query).
+fn wants_metrics(request_line: &str) -> bool {
+    let mut words = request_line.split_whitespace();
+    let method = words.next().unwrap_or("");
+    let target = words.next().unwrap_or("");
+    method == "GET" && target.split_once('?').map_or(target, |(p, _)| p) == "/metrics"
+}
+
+/// Serve health checks (and `GET /metrics` with `metrics`) until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    ready: Arc<Readiness>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
     loop {
         let (mut s, _) = tokio::select! {
@@ -226,6 +243,7 @@ pub async fn serve(listener: TcpListener, ready: Arc<Readiness>, mut stop: watch
             continue;
         };
         let ready = Arc::clone(&ready);
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
@@ -245,7 +263,35 @@ pub async fn serve(listener: TcpListener, ready: Arc<Readiness>, mut stop: watch
                 }
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let line = req.lines().next().unwrap_or("");
-                let r = respond(line, &ready);
+                let r = match metrics {
+                    Some(m) if wants_metrics(line) => {
+                        // OpenMetrics when asked for (Prometheus does), else the
+                        // Prometheus text format.
+                        let open = req
+                            .lines()
+                            .skip(1)
+                            .filter_map(|h| h.split_once(':'))
+                            .filter(|(k, _)| k.trim().eq_ignore_ascii_case("accept"))
+                            .any(|(_, v)| crate::metrics::accepts_openmetrics(v));
+                        // Off the reactor: the scrape counts the kernel maps' entries
+                        // (bounded, at most every few seconds, but system calls).
+                        let body = tokio::task::spawn_blocking(move || {
+                            if open { m.encode() } else { m.encode_text() }
+                        })
+                        .await
+                        .unwrap_or_default();
+                        Reply {
+                            status: "200 OK",
+                            content_type: if open {
+                                crate::metrics::CONTENT_TYPE
+                            } else {
+                                crate::metrics::TEXT_CONTENT_TYPE
+                            },
+                            body,
+                        }
+                    }
+                    _ => respond(line, &ready),
+                };
                 let resp = format!(
                     "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
                     r.status,

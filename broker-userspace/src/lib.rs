@@ -3,6 +3,7 @@
 //! See `docs/ARCHITECTURE.md` for how the pieces fit together.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod btf;
 pub mod ca;
@@ -14,6 +15,7 @@ pub mod drain;
 pub mod ebpf;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod pidns;
 pub mod privilege;

@@ -123,6 +123,17 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Ask the running daemon for its state over the admin socket (root only): services
+    /// and what their intercepted names resolve to, open connections and who made them,
+    /// the credential cache (ages, never values), providers and their circuit breakers.
+    Status {
+        /// The admin socket (`broker.adminSocket`).
+        #[arg(long, value_name = "PATH", default_value = broker::admin::DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+        /// Print the daemon's JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the version (also `--version`).
     Version,
 }
@@ -222,6 +233,9 @@ fn main() -> ExitCode {
         Cmd::Version => {
             let _ = writeln!(std::io::stdout(), "{}", version_line());
             ExitCode::SUCCESS
+        }
+        Cmd::Status { socket, json } => {
+            ExitCode::from(u8::try_from(broker::admin::status_command(&socket, json)).unwrap_or(1))
         }
         Cmd::Check { file, path, strict } => {
             let Some(file) = file.or(path) else {

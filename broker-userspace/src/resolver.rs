@@ -60,6 +60,16 @@ impl HostNames {
             .cloned()
     }
 
+    /// The addresses `host:port` of `service` currently stands for (`broker status`).
+    #[must_use]
+    pub fn addrs_of(&self, service: u32, host: &str, port: u16) -> Vec<IpAddr> {
+        let map = Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner));
+        map.iter()
+            .filter(|((id, _, p), h)| *id == service && *p == port && h.as_str() == host)
+            .map(|((_, ip, _), _)| *ip)
+            .collect()
+    }
+
     /// Publish the names of `targets`' current addresses.
     pub fn publish(&self, targets: &Targets) {
         let mut map = BTreeMap::new();

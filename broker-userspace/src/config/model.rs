@@ -68,6 +68,27 @@ pub struct BrokerSettings {
     /// `unixSocket`: mode and owner of the socket files of `listenOn: unix://`
     /// listeners; a service's own `unixSocket` overrides it key by key.
     pub unix_socket: UnixSocketOptions,
+    /// `adminSocket`: where `broker status` reaches the daemon.
+    pub admin_socket: AdminSocket,
+    /// `metrics`: serve `GET /metrics` on the health endpoint (default on).
+    pub metrics: bool,
+}
+
+/// Default `adminSocket`.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/broker/admin.sock";
+
+/// `broker.adminSocket`: the local admin socket (`broker status`), a Unix socket of mode
+/// 0600.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AdminSocket {
+    /// Not set: [`DEFAULT_ADMIN_SOCKET`], best effort (a daemon that cannot create it,
+    /// or finds another daemon on it, logs a warning and runs without one).
+    #[default]
+    Default,
+    /// Set: this path, or start-up fails.
+    Path(PathBuf),
+    /// `off`.
+    Off,
 }
 
 /// Default `caDir`.
@@ -86,6 +107,8 @@ impl Default for BrokerSettings {
             max_connections_per_listener: DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
             ca_dir: PathBuf::from(DEFAULT_CA_DIR),
             unix_socket: UnixSocketOptions::default(),
+            admin_socket: AdminSocket::Default,
+            metrics: true,
         }
     }
 }

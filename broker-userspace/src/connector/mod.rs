@@ -124,6 +124,10 @@ pub trait Connector: Send + Sync + fmt::Debug {
     fn ca_optional(&self) -> bool {
         false
     }
+    /// Give the instance the daemon's metrics, for what it counts itself (OAuth2 token
+    /// requests). Called once per instance, before its first connection. The default
+    /// counts nothing.
+    fn observe(&self, _metrics: &Arc<crate::metrics::Metrics>) {}
 }
 
 /// What a connector hands back to the core.
@@ -431,6 +435,11 @@ pub struct ConnStats {
     pub request: Option<&'static str>,
     /// Credential fetches: `name <- provider:id` (never values).
     pub fetched: Vec<String>,
+    /// The service's metric handles (set by the core; counted when the record drops).
+    pub metrics: Option<Arc<crate::metrics::ServiceMetrics>>,
+    /// The connection's entry in the live-connection registry (`broker status`), which
+    /// the byte phase keeps current.
+    pub live: Option<Arc<crate::drain::LiveConn>>,
 }
 
 /// Why a brokered connection failed. Never carries a secret value.

@@ -33,6 +33,7 @@ pub mod result;
 pub mod splice;
 pub mod unix;
 
+use crate::drain::LiveConn;
 pub use crate::drain::Tracker;
 
 use self::{result::ConnResult, splice::SpliceTicket};
@@ -195,6 +196,8 @@ pub struct Shared {
     pub refusals: Arc<LogLimiter>,
     /// The intercept hostnames the app's destinations stand for.
     pub names: Arc<HostNames>,
+    /// The daemon's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A listening socket: TCP (the transparent listener, `listenOn: tcp://`) or Unix
@@ -267,6 +270,7 @@ async fn accept_loop(
                         // upstream).
                         refuse_over_cap(&shared, &stream, explicit);
                         drop(stream);
+                        shared.metrics.refused("cap");
                         cap_reached(&shared, &peer, explicit);
                         continue;
                     };
@@ -381,6 +385,7 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
                     return;
                 }
                 drop(stream);
+                shared.metrics.refused("no_record");
                 if let Some(suppressed) = shared.refusals.check() {
                     tracing::warn!(
                         target: "access",
@@ -420,6 +425,7 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
                     if let Some(t) = splice {
                         t.splicer.forget(t.app_cookie);
                     }
+                    shared.metrics.refused("stale_record");
                     tracing::warn!(target: "access", result = "refused", src.addr = %peer, reason = %e, "connection refused");
                     return;
                 }
@@ -435,13 +441,35 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
     };
     let orig_host = orig_dst.and_then(|d| shared.names.lookup(rt.id, d));
     let span = tracing::info_span!("conn", service = %rt.service.name, client = %peer);
+    // The service's metric handles, made once per snapshot; the connector instance gets
+    // the metrics at the same moment (before its first connection).
+    let metrics = Arc::clone(rt.metrics.get_or_init(|| {
+        rt.connector.observe(&shared.metrics);
+        Arc::new(
+            shared
+                .metrics
+                .service(&rt.service.name, rt.service.connector.name()),
+        )
+    }));
+    let live = shared.tracker.register(LiveConn::new(
+        rt.service.name.clone(),
+        rt.service.connector.name().to_owned(),
+        caller.clone(),
+        peer.to_string(),
+        orig_dst,
+    ));
+    metrics.opened();
     let mut record = ConnResult::new(Conn {
         service: Arc::clone(&rt.service),
         client_addr: peer,
         caller,
         orig_dst,
         orig_host,
-        stats: ConnStats::default(),
+        stats: ConnStats {
+            metrics: Some(metrics),
+            live: Some(Arc::clone(live.conn())),
+            ..ConnStats::default()
+        },
     });
     let mut abort = shared.abort.clone();
     let conn = &mut record.conn;
@@ -454,6 +482,9 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
     .instrument(span)
     .await;
     record.finish(result);
+    // The access line and the metrics first, then the registry entry.
+    drop(record);
+    drop(live);
 }
 
 /// One connection through its connector, then the byte phase the core owns. An app
@@ -472,9 +503,13 @@ pub async fn serve(
 ) -> Result<(), ConnError> {
     // Forgets the app socket on every way out but one: the byte phase, which decides.
     let mut guard = ForgetOnDrop(ticket);
+    let started = std::time::Instant::now();
     match connector.serve(env, conn, client).await? {
         Handoff::Done => Ok(()),
         Handoff::Relay(session) => {
+            if let Some(m) = &conn.stats.metrics {
+                m.handshake(started.elapsed());
+            }
             splice::run_session(session, guard.0.take(), &mut conn.stats).await
         }
     }

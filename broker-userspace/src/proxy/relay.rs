@@ -2,15 +2,21 @@
 //! plain sockets ([`relay_tcp`]: a TCP upstream and the app's TCP or Unix socket), the
 //! generic relay for any other stream (TLS: [`relay`]).
 
-use std::{future::Future, io, os::fd::AsFd};
+use std::{
+    future::Future,
+    io,
+    os::fd::AsFd,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
 
-use crate::connector::{
-    AppSocket, AsyncStream, ConnError, ConnStats, UploadFilter, UpstreamStream,
+use crate::{
+    connector::{AppSocket, AsyncStream, ConnError, ConnStats, UploadFilter, UpstreamStream},
+    drain::LiveConn,
 };
 
 /// A plain socket the readiness-based relay moves bytes between: TCP, or the app's
@@ -264,10 +270,11 @@ pub async fn relay_tcp<C: Ready, U: Ready>(
     client: &C,
     upstream: &U,
     filter: Option<&mut (dyn UploadFilter + 'static)>,
+    live: Option<&LiveConn>,
 ) -> Result<(u64, u64), ConnError> {
     Ok(tokio::try_join!(
-        pump(client, upstream, filter),
-        pump(upstream, client, None)
+        pump(client, upstream, filter, live.map(|l| &l.up)),
+        pump(upstream, client, None, live.map(|l| &l.down))
     )?)
 }
 
@@ -287,24 +294,26 @@ pub async fn relay_tcp_after<C: Ready, U: Ready>(
     Ok(tokio::try_join!(
         async {
             write_all(upstream, first).await?;
-            pump(client, upstream, filter).await
+            pump(client, upstream, filter, None).await
         },
-        pump(upstream, client, None)
+        pump(upstream, client, None, None)
     )?)
 }
 
 /// One direction of [`relay_tcp`]; with a filter (client to upstream only), its replies
-/// are written back to `from`.
+/// are written back to `from`. `live`: the connection's running count for `broker
+/// status`, added to as bytes go (one relaxed atomic add per read).
 async fn pump<F: Ready, T: Ready>(
     from: &F,
     to: &T,
     mut filter: Option<&mut (dyn UploadFilter + 'static)>,
+    live: Option<&AtomicU64>,
 ) -> std::io::Result<u64> {
     let mut total = 0u64;
     loop {
         from.readable().await?;
         let mut buf = BufferPool::take();
-        let res = drain(from, to, &mut buf, &mut total, filter.as_deref_mut()).await;
+        let res = drain(from, to, &mut buf, &mut total, filter.as_deref_mut(), live).await;
         BufferPool::give(buf);
         if res? {
             let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
@@ -320,7 +329,13 @@ async fn drain<F: Ready, T: Ready>(
     buf: &mut Vec<u8>,
     total: &mut u64,
     mut filter: Option<&mut (dyn UploadFilter + 'static)>,
+    live: Option<&AtomicU64>,
 ) -> std::io::Result<bool> {
+    let count = |n: usize| {
+        if let Some(l) = live {
+            l.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    };
     let (mut out, mut reply) = (Vec::new(), Vec::new());
     loop {
         buf.clear();
@@ -330,6 +345,7 @@ async fn drain<F: Ready, T: Ready>(
                 None => {
                     write_all(to, &buf[..n]).await?;
                     *total += n as u64;
+                    count(n);
                 }
                 Some(f) => {
                     out.clear();
@@ -337,6 +353,7 @@ async fn drain<F: Ready, T: Ready>(
                     f.feed(&buf[..n], &mut out, &mut reply);
                     write_all(to, &out).await?;
                     *total += out.len() as u64;
+                    count(out.len());
                     // The client waits for this reply: nothing else is being written
                     // to it.
                     write_all(from, &reply).await?;

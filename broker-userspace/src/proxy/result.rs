@@ -7,7 +7,9 @@
 //! Field names are dotted and stable: `service`, `connector`, `src.addr`, `dst.addr`,
 //! `dst.host`, `upstream.addr`, `caller.{pid,uid,gid,cgroup,comm,thread}`, `request`,
 //! `credentials`, `result`, `error`, `error.kind`, `bytes.up`, `bytes.down`, `spliced`,
-//! `splice.fallback`, `duration_ms`. Never a credential value. A client that closed
+//! `splice.fallback`, `duration_ms`. Never a credential value. The same drop counts the
+//! connection in the service's metrics (`ConnStats::metrics`), before the line is
+//! written. A client that closed
 //! before asking for anything (`result=client_closed`) is logged at debug.
 
 use std::time::Instant;
@@ -81,6 +83,16 @@ impl Drop for ConnResult {
             Some(Err(e)) => (e.kind(), e.to_string(), e.detail()),
         };
         let conn = &self.conn;
+        // Counted before the line is written: whoever reads the line sees the count.
+        if let Some(m) = &conn.stats.metrics {
+            m.closed(&crate::metrics::Finished {
+                result,
+                bytes_up: conn.stats.bytes_up,
+                bytes_down: conn.stats.bytes_down,
+                spliced: conn.stats.spliced,
+                fallback: conn.stats.splice_fallback,
+            });
+        }
         let c = conn.caller.as_ref();
         let ms = self.started.elapsed().as_millis() as u64;
         // A client that left before asking for anything (a driver's probe, a client

@@ -29,11 +29,12 @@ use std::{io, time::Duration};
 
 use tokio::{io::unix::AsyncFd, net::TcpStream};
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::Ordering};
 
 use tokio::io::AsyncWriteExt as _;
 
 use super::relay;
+use crate::drain::Phase;
 use crate::sys::Epoll;
 use crate::{
     connector::{
@@ -81,6 +82,9 @@ pub async fn run_session(
             // TLS terminated here: never spliced.
             if let Some(t) = ticket {
                 t.splicer.forget(t.app_cookie);
+            }
+            if let Some(l) = &stats.live {
+                l.set_phase(Phase::Relayed);
             }
             stats.client_tls = true;
             return relay::relay_terminated(
@@ -150,6 +154,16 @@ pub async fn run_session(
     stats.bytes_down += s.to_client.len() as u64;
     stats.bytes_up += s.to_upstream.len() as u64;
     stats.spliced = matches!(up, Up::Spliced(..));
+    if let Some(l) = &stats.live {
+        l.up.fetch_add(s.to_upstream.len() as u64, Ordering::Relaxed);
+        l.down
+            .fetch_add(s.to_client.len() as u64, Ordering::Relaxed);
+        match &up {
+            Up::Spliced(_, sp) => l.spliced(sp.counts()),
+            _ => l.set_phase(Phase::Relayed),
+        }
+    }
+    let live = stats.live.clone();
     let (a, b) = match up {
         Up::Spliced(u, sp) => {
             let Some(tcp) = client.as_tcp() else {
@@ -167,7 +181,9 @@ pub async fn run_session(
             (o.up, o.down)
         }
         // Plain upstreams use the readiness-based relay (no buffer held while idle).
-        Up::Plain(u) => relay::relay_tcp(&client, &u, filter.as_deref_mut()).await?,
+        Up::Plain(u) => {
+            relay::relay_tcp(&client, &u, filter.as_deref_mut(), live.as_deref()).await?
+        }
         Up::Other(u) => match filter.as_deref_mut() {
             Some(f) => relay::relay_filtered(&mut client, u, f).await?,
             None => relay::relay(&mut client, u).await?,

@@ -164,6 +164,15 @@ pub fn bind(path: &Path, opts: &UnixSocketOptions, service: &str) -> Result<Unix
     })
 }
 
+/// [`bind`] for a socket that is not a service's (the admin socket): the problem alone,
+/// for the caller to word.
+///
+/// # Errors
+/// What is wrong ([`Problem`]).
+pub fn bind_path(path: &Path, opts: &UnixSocketOptions) -> Result<UnixBound, Problem> {
+    bind_inner(path, opts)
+}
+
 fn bind_inner(path: &Path, opts: &UnixSocketOptions) -> Result<UnixBound, Problem> {
     let len = path.as_os_str().len();
     if len > MAX_SOCKET_PATH {

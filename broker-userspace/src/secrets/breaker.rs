@@ -96,6 +96,21 @@ impl Breaker {
         })
     }
 
+    /// The circuit as `broker status` shows it: `closed`, `open` or `half-open`; the
+    /// consecutive failures so far (closed) and how long until the next probe (open).
+    #[must_use]
+    pub fn state(&self) -> (&'static str, u32, Option<Duration>) {
+        match *self.lock() {
+            Phase::Closed { failures } => ("closed", failures, None),
+            Phase::Open { until, .. } => (
+                "open",
+                self.cfg.failures,
+                Some(until.saturating_duration_since(Instant::now())),
+            ),
+            Phase::HalfOpen { .. } => ("half-open", self.cfg.failures, None),
+        }
+    }
+
     /// Whether the circuit is closed (calls go through).
     #[must_use]
     pub fn is_closed(&self) -> bool {

@@ -109,8 +109,28 @@ pub struct Lookup {
     pub stale_age: Option<Duration>,
 }
 
+/// One cached group as `broker status` shows it (no value).
+#[derive(Debug, Clone)]
+pub struct EntryState {
+    pub provider: String,
+    /// The group's ids, each through [`redact_id`].
+    pub ids: Vec<String>,
+    /// Since the values were fetched.
+    pub age: Duration,
+    /// Until they are no longer reused (zero: past the TTL).
+    pub fresh_for: Duration,
+    /// Until they are dropped (the end of the stale window, if any).
+    pub kept_for: Duration,
+    /// `fresh` (reused), `stale` (past the TTL, served while the store fails),
+    /// `expired` (past the TTL, kept for a stale window), `rejected` (the upstream
+    /// refused them; never served again).
+    pub state: &'static str,
+}
+
 struct Entry {
     values: Vec<Secret>,
+    /// When the values were fetched.
+    stored_at: Instant,
     /// Reused until then (TTL, provider expiry).
     fresh_until: Instant,
     /// Kept until then, for outages (= `fresh_until` without a stale window).
@@ -348,6 +368,7 @@ impl Cache {
             key.clone(),
             Entry {
                 values: values.to_vec(),
+                stored_at: now,
                 fresh_until,
                 keep_until,
                 rejected: false,
@@ -368,6 +389,36 @@ impl Cache {
         let next = st.entries.values().map(|e| e.keep_until).min();
         st.next_sweep = next;
         next
+    }
+
+    /// Every group in the cache, as `broker status` shows it: names and times, never
+    /// a value. Sorted by provider, then ids.
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<EntryState> {
+        let now = Instant::now();
+        let st = self.lock();
+        let mut out: Vec<EntryState> = st
+            .entries
+            .iter()
+            .map(|(k, e)| EntryState {
+                provider: k.provider.clone(),
+                ids: k.ids.iter().map(|id| redact_id(id).into_owned()).collect(),
+                age: now.saturating_duration_since(e.stored_at),
+                fresh_for: e.fresh_until.saturating_duration_since(now),
+                kept_for: e.keep_until.saturating_duration_since(now),
+                state: if e.rejected {
+                    "rejected"
+                } else if now < e.fresh_until {
+                    "fresh"
+                } else if st.stale.get(k) == Some(&StalePhase::Serving) {
+                    "stale"
+                } else {
+                    "expired"
+                },
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.provider, &a.ids).cmp(&(&b.provider, &b.ids)));
+        out
     }
 
     /// Groups in the cache (expired or not yet swept).

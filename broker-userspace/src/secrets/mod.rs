@@ -399,6 +399,24 @@ struct Slot {
     provider: Arc<dyn SecretProvider>,
     policy: FetchPolicy,
     breaker: Option<Breaker>,
+    /// The kind of the last failed store call and when it failed (`broker status`).
+    last_error: std::sync::Mutex<Option<(&'static str, std::time::SystemTime)>>,
+}
+
+/// A provider instance as `broker status` shows it.
+#[derive(Debug, Clone)]
+pub struct ProviderState {
+    pub name: String,
+    /// `vault`, `file`... (empty when the store was built without a configuration).
+    pub kind: String,
+    /// `closed`, `open`, `half-open`, or `none` (no breaker).
+    pub breaker: &'static str,
+    /// Consecutive failed store calls (closed), or the breaker's threshold (open).
+    pub failures: u32,
+    /// Until the next probe may go (open circuit).
+    pub retry_in: Option<Duration>,
+    /// The kind of the last failed store call ([`SecretError::kind`]) and when.
+    pub last_error: Option<(&'static str, std::time::SystemTime)>,
 }
 
 /// The provider instances of a configuration, their policies and breakers, and the
@@ -408,6 +426,10 @@ pub struct SecretStore {
     /// `broker.cacheTTL`: the TTL of providers and services that set none.
     default_ttl: Duration,
     cache: Arc<Cache>,
+    /// Each provider instance's metric handles ([`SecretStore::with_metrics`]).
+    metrics: HashMap<String, crate::metrics::ProviderMetrics>,
+    /// Each provider instance's kind (`broker status`).
+    kinds: HashMap<String, String>,
 }
 
 impl SecretStore {
@@ -427,11 +449,13 @@ impl SecretStore {
                 (name.clone(), policy)
             })
             .collect();
-        Ok(Self::with_policies(
-            providers,
-            policies,
-            config.broker.cache_ttl,
-        ))
+        let mut store = Self::with_policies(providers, policies, config.broker.cache_ttl);
+        store.kinds = config
+            .providers
+            .iter()
+            .map(|(name, c)| (name.clone(), c.kind().to_owned()))
+            .collect();
+        Ok(store)
     }
 
     /// A store over given provider instances (keyed by instance name), each cached for
@@ -466,6 +490,7 @@ impl SecretStore {
                     provider,
                     policy,
                     breaker,
+                    last_error: std::sync::Mutex::new(None),
                 };
                 (name, slot)
             })
@@ -474,6 +499,73 @@ impl SecretStore {
             slots,
             default_ttl,
             cache: Arc::new(Cache::new()),
+            metrics: HashMap::new(),
+            kinds: HashMap::new(),
+        }
+    }
+
+    /// Every provider instance (by name) with its breaker and last failure, for
+    /// `broker status`.
+    #[must_use]
+    pub fn providers(&self) -> Vec<ProviderState> {
+        let mut out: Vec<ProviderState> = self
+            .slots
+            .iter()
+            .map(|(name, slot)| {
+                let (breaker, failures, retry_in) = slot
+                    .breaker
+                    .as_ref()
+                    .map_or(("none", 0, None), Breaker::state);
+                ProviderState {
+                    name: name.clone(),
+                    kind: self.kinds.get(name).cloned().unwrap_or_default(),
+                    breaker,
+                    failures,
+                    retry_in,
+                    last_error: *slot
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Every cached group (names, ids and times; never a value), for `broker status`.
+    #[must_use]
+    pub fn cache_state(&self) -> Vec<cache::EntryState> {
+        self.cache.snapshot()
+    }
+
+    /// Count every lookup of this store's provider instances in `metrics`
+    /// (`credential_fetches_total`, `credential_fetch_duration_seconds`), beside its
+    /// audit event.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: &crate::metrics::Metrics) -> Self {
+        self.metrics = self
+            .slots
+            .keys()
+            .map(|name| (name.clone(), metrics.provider(name)))
+            .collect();
+        self
+    }
+
+    /// Count one lookup (see [`SecretStore::with_metrics`]).
+    fn count(
+        &self,
+        provider: &str,
+        result: Result<(), &SecretError>,
+        how: Option<cache::How>,
+        started: Instant,
+    ) {
+        if let Some(m) = self.metrics.get(provider) {
+            m.lookup(
+                result.map_or_else(SecretError::kind, |()| "ok"),
+                how.map_or("none", cache::How::word),
+                started.elapsed(),
+            );
         }
     }
 
@@ -570,6 +662,7 @@ impl SecretStore {
                 id: ids[0].to_owned(),
             };
             audit.emit(provider, &sorted, fresh, None, Err(&e), None, started);
+            self.count(provider, Err(&e), None, started);
             return Err(e);
         };
         let over = audit.over;
@@ -595,6 +688,12 @@ impl SecretStore {
             Some(found.how),
             found.result.as_ref().map(|_| ()),
             found.stale_age,
+            started,
+        );
+        self.count(
+            provider,
+            found.result.as_ref().map(|_| ()),
+            Some(found.how),
             started,
         );
         let values = found.result?;
@@ -732,6 +831,13 @@ async fn fetch_group(slot: &Slot, ids: &[String]) -> cache::Outcome {
     let outcome = call_store(slot.provider.as_ref(), ids).await;
     if let Some(p) = permit {
         p.record(&outcome);
+    }
+    if let Err(e) = &outcome {
+        *slot
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((e.kind(), std::time::SystemTime::now()));
     }
     outcome
 }

@@ -401,6 +401,8 @@ struct Inner {
     margins: Margins,
     state: Mutex<State>,
     fetches: AtomicU64,
+    /// Told each fetch's result word (`ok` or [`TokenError::kind`]): the metrics.
+    observer: std::sync::OnceLock<Box<dyn Fn(&'static str) + Send + Sync>>,
 }
 
 /// OAuth2 client-credentials tokens for one service: cached, refreshed ahead of expiry,
@@ -427,6 +429,7 @@ impl TokenSource {
                 margins,
                 state: Mutex::new(State::default()),
                 fetches: AtomicU64::new(0),
+                observer: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -498,6 +501,12 @@ impl TokenSource {
         }
     }
 
+    /// Tell `observer` the result word of every fetch from now on (`ok` or
+    /// [`TokenError::kind`]); the first observer set stays.
+    pub fn observe(&self, observer: Box<dyn Fn(&'static str) + Send + Sync>) {
+        let _ = self.inner.observer.set(observer);
+    }
+
     /// Fetches started so far (successful or not).
     #[must_use]
     pub fn fetches(&self) -> u64 {
@@ -539,6 +548,9 @@ impl Inner {
             let started = Instant::now();
             let fetched = inner.fetch().await;
             let outcome = inner.finish(started, fetched);
+            if let Some(o) = inner.observer.get() {
+                o(outcome.as_ref().map_or_else(TokenError::kind, |_| "ok"));
+            }
             tx.send_replace(Some(outcome));
         });
         rx
@@ -1486,6 +1498,25 @@ mod tests {
         sleep(ms(1100)).await;
         assert_eq!(text(&src.token().await.unwrap()), issued(2));
         assert_eq!((src.fetches(), ep.hits()), (2, 2));
+    }
+
+    /// The observer hears every fetch's result word once (the metrics'
+    /// `token_refreshes_total`), not the calls served from the cache.
+    #[tokio::test]
+    async fn the_observer_hears_each_fetch_once() {
+        let ep = Endpoint::start().await;
+        let src = source(config(&ep));
+        let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = Arc::clone(&heard);
+        src.observe(Box::new(move |w| h.lock().unwrap().push(w)));
+        text(&src.token().await.unwrap());
+        text(&src.token().await.unwrap());
+        let src = source(config(&ep));
+        let h = Arc::clone(&heard);
+        src.observe(Box::new(move |w| h.lock().unwrap().push(w)));
+        ep.reply(raw(503, "down"));
+        assert_eq!(token_err(&src).await.kind(), "status");
+        assert_eq!(*heard.lock().unwrap(), vec!["ok", "status"]);
     }
 
     #[tokio::test]

@@ -366,6 +366,14 @@ impl Connector for HttpConnector {
         })
     }
 
+    fn observe(&self, metrics: &Arc<crate::metrics::Metrics>) {
+        for r in &self.routes {
+            if let Some(t) = &r.tokens {
+                t.observe(metrics, &r.service.name);
+            }
+        }
+    }
+
     fn uses_ca(&self) -> bool {
         // Any intercepted port may carry TLS for an intercepted name.
         let s = &self.routes[0].service;

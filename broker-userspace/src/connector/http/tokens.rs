@@ -37,6 +37,16 @@ impl Tokens {
         self.0.token().await.map_err(|e| e.to_string())
     }
 
+    /// Count every token request of `service` in `metrics` (`token_refreshes_total`;
+    /// a request is rare, once per token lifetime: the series is looked up each time).
+    pub fn observe(&self, metrics: &std::sync::Arc<crate::metrics::Metrics>, service: &str) {
+        let metrics = std::sync::Arc::clone(metrics);
+        let service = service.to_owned();
+        self.0.observe(Box::new(move |result| {
+            metrics.token_refresh(&service, result).inc();
+        }));
+    }
+
     /// The API refused `token` (401): the next call fetches a new one.
     pub fn invalidate(&self, token: &Secret) {
         self.0.invalidate(token);
