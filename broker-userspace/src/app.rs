@@ -45,7 +45,7 @@ use crate::{
 /// Exit status for a configuration that does not load (sysexits EX_CONFIG).
 pub const EXIT_CONFIG: i32 = 78;
 /// How long `stop` waits for live connections before ending them.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+pub const DRAIN_DEADLINE: Duration = config::DEFAULT_DRAIN_TIMEOUT;
 
 /// A configuration that failed to load, with every error already formatted.
 #[derive(Debug, thiserror::Error)]
@@ -324,6 +324,11 @@ fn broker_changes(old: &config::BrokerSettings, new: &config::BrokerSettings) ->
         "maxConnectionsPerListener",
         old.max_connections_per_listener.to_string(),
         new.max_connections_per_listener.to_string(),
+    );
+    cmp(
+        "drainTimeout",
+        format!("{:?}", old.drain_timeout),
+        format!("{:?}", new.drain_timeout),
     );
     cmp(
         "caDir",
@@ -877,7 +882,7 @@ impl Daemon {
     }
 
     /// Shut down: `/ready` turns 503 and the `listenOn` listeners stop accepting; live
-    /// connections drain (up to [`DRAIN_DEADLINE`]) while the programs stay attached and
+    /// connections drain (up to `broker.drainTimeout`, [`DRAIN_DEADLINE`] by default) while the programs stay attached and
     /// the transparent listener keeps brokering new intercepted connections (detached,
     /// they would go straight to the real servers); then the programs are detached, the
     /// transparent listener is closed (in that order: the other way round, a connection
@@ -895,7 +900,7 @@ impl Daemon {
                 "draining connections (intercepted connections are still brokered meanwhile)"
             );
         }
-        self.tracker.drain(DRAIN_DEADLINE).await;
+        self.tracker.drain(self.reload.broker.drain_timeout).await;
         if let Some(i) = self.interceptor.take() {
             i.disable();
             drop(i);

@@ -382,11 +382,12 @@ fn secretless_form_serves_listen_on_without_privileges() {
     let log = p.log_text();
     assert!(st.success(), "{st}:\n{log}");
     for needle in [
-        "-watch: reload on configuration change is not built yet",
+        "watching the configuration file",
         "my-connector.so",
         "no eBPF programs loaded",
         "DEBUG",
-        "ignoring SIGUSR1",
+        "reloading the configuration",
+        "configuration reloaded",
     ] {
         assert!(log.contains(needle), "expected {needle:?} in:\n{log}");
     }

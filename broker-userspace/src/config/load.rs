@@ -1410,8 +1410,21 @@ impl Loader<'_> {
                 "unixSocket",
                 "adminSocket",
                 "metrics",
+                "drainTimeout",
             ],
         );
+        if let Some(v) = m.get("drainTimeout")
+            && let Some(d) = self.duration("broker.drainTimeout", v)
+        {
+            if d > super::model::MAX_DRAIN_TIMEOUT {
+                self.err(
+                    "broker.drainTimeout",
+                    "must be at most 1h (systemd's TimeoutStopSec must exceed it)",
+                );
+            } else {
+                out.drain_timeout = d;
+            }
+        }
         if let Some(v) = m.get("metrics")
             && let Some(b) = self.boolean("broker.metrics", v)
         {

@@ -72,6 +72,9 @@ pub struct BrokerSettings {
     pub admin_socket: AdminSocket,
     /// `metrics`: serve `GET /metrics` on the health endpoint (default on).
     pub metrics: bool,
+    /// How long live connections may finish after SIGTERM before they are ended
+    /// (`drainTimeout`); intercepted connects are still brokered meanwhile.
+    pub drain_timeout: Duration,
 }
 
 /// Default `adminSocket`.
@@ -91,6 +94,11 @@ pub enum AdminSocket {
     Off,
 }
 
+/// Default `drainTimeout`: how long live connections may finish after SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `drainTimeout` accepted.
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Default `caDir`.
 pub const DEFAULT_CA_DIR: &str = "/var/lib/broker/ca";
 
@@ -105,6 +113,7 @@ impl Default for BrokerSettings {
             splice: true,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_listener: DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             ca_dir: PathBuf::from(DEFAULT_CA_DIR),
             unix_socket: UnixSocketOptions::default(),
             admin_socket: AdminSocket::Default,
