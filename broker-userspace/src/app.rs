@@ -286,7 +286,12 @@ impl Daemon {
     /// loaded or attached, provider set-up failures. Nothing stays attached on error.
     pub async fn start(cfg: Config, opts: &StartOptions) -> anyhow::Result<Self> {
         let cfg = Arc::new(cfg);
-        let secrets = Arc::new(SecretStore::new(&cfg).context("setting up providers")?);
+        let audit = crate::audit::AuditLog::open(&cfg.broker.audit)?;
+        let secrets = Arc::new(
+            SecretStore::new(&cfg)
+                .context("setting up providers")?
+                .with_audit(audit),
+        );
         // The first snapshot of this process: generation 1.
         let runtime = Runtime::build(&cfg, 1)?;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -544,6 +549,7 @@ impl Daemon {
         while self.tasks.join_next().await.is_some() {}
         // No connection is left: leases can go (`revokeOnShutdown`).
         self.secrets.shutdown().await;
+        self.secrets.audit().flush(Duration::from_secs(2));
     }
 }
 

@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod app;
+pub mod audit;
 pub mod btf;
 pub mod ca;
 pub mod cgroup;

@@ -1408,9 +1408,11 @@ impl Loader<'_> {
                 "maxConnectionsPerListener",
                 "caDir",
                 "unixSocket",
+                "audit",
             ],
         );
         out.unix_socket = super::socket::broker(self, m.get("unixSocket"));
+        out.audit = super::audit::broker(self, m.get("audit"));
         if let Some(v) = m.get("health") {
             let p = "broker.health";
             let text = match v {

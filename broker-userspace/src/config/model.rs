@@ -68,6 +68,8 @@ pub struct BrokerSettings {
     /// `unixSocket`: mode and owner of the socket files of `listenOn: unix://`
     /// listeners; a service's own `unixSocket` overrides it key by key.
     pub unix_socket: UnixSocketOptions,
+    /// `audit`: the audit log's sink and `version_hmac` key (docs/OPERATIONS.md).
+    pub audit: super::audit::AuditSettings,
 }
 
 /// Default `caDir`.
@@ -86,6 +88,7 @@ impl Default for BrokerSettings {
             max_connections_per_listener: DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
             ca_dir: PathBuf::from(DEFAULT_CA_DIR),
             unix_socket: UnixSocketOptions::default(),
+            audit: super::audit::AuditSettings::default(),
         }
     }
 }
