@@ -264,6 +264,12 @@ struct Reloadable {
     splice_ok: bool,
 }
 
+/// The audit sink of the configuration in force: a reload keeps it (`broker.audit` is
+/// part of the `broker:` block, applied at restart).
+fn old_audit(r: &Reloadable) -> crate::audit::AuditLog {
+    r.shared.runtime.load().env.secrets.audit().clone()
+}
+
 fn tasks_spawn_sweeper(tasks: &mut JoinSet<()>, secrets: &Arc<SecretStore>) {
     tasks.spawn(secrets.sweeper());
 }
@@ -479,10 +485,12 @@ impl Daemon {
     pub async fn start(cfg: Config, opts: &StartOptions) -> anyhow::Result<Self> {
         let cfg = Arc::new(cfg);
         let metrics = Arc::new(Metrics::new());
+        let audit = crate::audit::AuditLog::open(&cfg.broker.audit)?;
         let secrets = Arc::new(
             SecretStore::new(&cfg)
                 .context("setting up providers")?
-                .with_metrics(&metrics),
+                .with_metrics(&metrics)
+                .with_audit(audit),
         );
         let dialer = Dialer {
             mark: cfg.broker.bypass_mark,
@@ -726,7 +734,8 @@ impl Daemon {
         let secrets = Arc::new(
             SecretStore::new(&cfg)
                 .context("setting up providers")?
-                .with_metrics(&self.metrics),
+                .with_metrics(&self.metrics)
+                .with_audit(old_audit(r)),
         );
         let mut runtime = Runtime::build(
             &cfg,
@@ -932,6 +941,7 @@ impl Daemon {
         let secrets = Arc::clone(&self.reload.shared.runtime.load().env.secrets);
         drop(self.reload);
         secrets.shutdown().await;
+        secrets.audit().flush(Duration::from_secs(2));
     }
 }
 

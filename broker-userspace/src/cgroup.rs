@@ -209,19 +209,83 @@ fn search(top: &Path, id: u64) -> Option<PathBuf> {
     None
 }
 
+/// The cgroup v2 mount point of this process, read once.
+fn root() -> Option<&'static Path> {
+    static ROOT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| cgroup2_root().ok()).as_deref()
+}
+
 /// The id of process `pid`'s cgroup v2 (the inode number of its directory, which is what
 /// `bpf_get_current_cgroup_id` returns), read from `/proc/PID/cgroup` now. `None` when
 /// the process is gone, has no cgroup v2 path, or it cannot be read.
 #[must_use]
 pub fn cgroup_id_of(pid: u32) -> Option<u64> {
+    let proc = crate::sys::ProcDir::open(pid).ok()?;
+    of_process(&proc).map(|(id, _)| id)
+}
+
+/// The cgroup v2 of the process `proc` is the directory of: its id and its path as
+/// `/proc/PID/cgroup` gives it (relative to the cgroup2 mount, starting with `/`).
+/// `None` when the process is gone, or its cgroup is not under our cgroup2 mount
+/// (another cgroup namespace's root: a path with `..`).
+#[must_use]
+pub fn of_process(proc: &crate::sys::ProcDir) -> Option<(u64, PathBuf)> {
+    let text = proc.read(c"cgroup", 64 * 1024).ok()?;
+    let path = proc_cgroup_path(&text)?;
+    Some((id_of_path(&path)?, path))
+}
+
+/// The cgroup v2 line (`0::/a/b`) of a `/proc/PID/cgroup` text, as a path; `None`
+/// without one, or for a path that climbs out of the mount (`/../x`, seen from a cgroup
+/// namespace the process is not in).
+#[must_use]
+pub fn proc_cgroup_path(text: &[u8]) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let rel = text
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"0::"))?;
+    let path = Path::new(std::ffi::OsStr::from_bytes(rel));
+    let plain = path.is_absolute()
+        && path.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        });
+    plain.then(|| path.to_path_buf())
+}
+
+/// The id of the cgroup at `path` (relative to the cgroup2 mount, as
+/// [`proc_cgroup_path`] gives it).
+#[must_use]
+pub fn id_of_path(path: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt as _;
-    static ROOT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
-    let root = ROOT.get_or_init(|| cgroup2_root().ok()).as_ref()?;
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    fs::metadata(root.join(rel.trim_start_matches('/')))
+    let dir = root()?.join(path.strip_prefix("/").unwrap_or(path));
+    fs::metadata(dir)
         .ok()
+        .filter(fs::Metadata::is_dir)
         .map(|m| m.ino())
+}
+
+/// The path (relative to the cgroup2 mount, starting with `/`) of the cgroup whose id
+/// is `id`, found from the id alone: the cgroup is opened by file handle and the path
+/// read back from the open directory, then checked to name that same cgroup. `None`
+/// when no cgroup has that id any more, it is outside our mount, or the daemon lacks
+/// `CAP_DAC_READ_SEARCH` (which `open_by_handle_at` needs).
+#[must_use]
+pub fn path_of_id(id: u64) -> Option<PathBuf> {
+    static MOUNT: std::sync::OnceLock<Option<fs::File>> = std::sync::OnceLock::new();
+    let root = root()?;
+    let mount = MOUNT.get_or_init(|| fs::File::open(root).ok()).as_ref()?;
+    let dir = crate::sys::open_cgroup_by_id(mount, id).ok()?;
+    let full = fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&dir)
+    ))
+    .ok()?;
+    let rel = full.strip_prefix(root).ok()?;
+    let path = Path::new("/").join(rel);
+    (id_of_path(&path) == Some(id)).then_some(path)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -478,5 +542,37 @@ mod tests {
         assert_eq!(parse_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
         let escaped = "1 0 0:1 / /mnt/my\\040cg rw - cgroup2 none rw\n";
         assert_eq!(parse_mountinfo(escaped), Some(PathBuf::from("/mnt/my cg")));
+    }
+
+    #[test]
+    fn reads_the_cgroup_v2_line_and_refuses_paths_out_of_the_mount() {
+        let text = b"12:pids:/x\n0::/system.slice/app.service\n";
+        assert_eq!(
+            proc_cgroup_path(text),
+            Some(PathBuf::from("/system.slice/app.service"))
+        );
+        assert_eq!(proc_cgroup_path(b"0::/\n"), Some(PathBuf::from("/")));
+        // Seen from a cgroup namespace the process is not in.
+        assert_eq!(proc_cgroup_path(b"0::/../../other\n"), None);
+        assert_eq!(proc_cgroup_path(b"1:name=systemd:/x\n"), None);
+        assert_eq!(proc_cgroup_path(b"0::relative\n"), None);
+    }
+
+    #[test]
+    fn this_process_cgroup_by_pid_and_by_id() {
+        let Ok(proc) = crate::sys::ProcDir::open(std::process::id()) else {
+            return;
+        };
+        let Some((id, path)) = of_process(&proc) else {
+            // No cgroup v2 here.
+            return;
+        };
+        assert_eq!(cgroup_id_of(std::process::id()), Some(id));
+        assert!(path.is_absolute(), "{}", path.display());
+        // By file handle: needs CAP_DAC_READ_SEARCH (root).
+        if crate::sys::euid() == 0 {
+            assert_eq!(path_of_id(id), Some(path));
+        }
+        assert_eq!(path_of_id(u64::MAX), None);
     }
 }

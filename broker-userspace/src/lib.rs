@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod btf;
 pub mod ca;
 pub mod cgroup;

@@ -759,6 +759,128 @@ fn parse_sock_mem(msg: &[u8]) -> io::Result<Option<SockMem>> {
     Err(bad())
 }
 
+/// A process's `/proc/PID` directory, held open: what is read through it belongs to
+/// the process that had the pid when it was opened (once that process is gone, reads
+/// fail with `ESRCH` instead of reading a newcomer that got the pid).
+#[derive(Debug)]
+pub struct ProcDir(std::os::fd::OwnedFd);
+
+impl ProcDir {
+    /// Open `/proc/PID`.
+    ///
+    /// # Errors
+    /// `NotFound` when there is no such process (in this pid namespace).
+    pub fn open(pid: u32) -> io::Result<Self> {
+        let path = std::ffi::CString::new(format!("/proc/{pid}")).map_err(io::Error::other)?;
+        // SAFETY: NUL-terminated path; the returned fd is owned below.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd nobody else owns.
+        Ok(Self(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
+    }
+
+    /// The first `max` bytes of the process's file `name` (`comm`, `cgroup`...).
+    ///
+    /// # Errors
+    /// The process is gone, or the file cannot be read.
+    pub fn read(&self, name: &std::ffi::CStr, max: u64) -> io::Result<Vec<u8>> {
+        use std::{
+            io::Read as _,
+            os::fd::{AsRawFd as _, FromRawFd as _},
+        };
+        // SAFETY: valid directory fd and NUL-terminated name; the fd is owned below.
+        let fd = unsafe {
+            libc::openat(
+                self.0.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd nobody else owns.
+        let f = unsafe { std::fs::File::from_raw_fd(fd) };
+        let mut out = Vec::new();
+        f.take(max).read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    /// The target of the process's symbolic link `name` (`exe`). Reading another
+    /// user's `exe` needs `CAP_SYS_PTRACE` (`EACCES` without it).
+    ///
+    /// # Errors
+    /// The process is gone, access is denied, or the target is longer than `PATH_MAX`.
+    pub fn readlink(&self, name: &std::ffi::CStr) -> io::Result<std::path::PathBuf> {
+        use std::os::{fd::AsRawFd as _, unix::ffi::OsStringExt as _};
+        let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+        // SAFETY: valid directory fd, NUL-terminated name, a buffer of buf.len() bytes.
+        let n = unsafe {
+            libc::readlinkat(
+                self.0.as_raw_fd(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        if n >= buf.len() {
+            return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        }
+        buf.truncate(n);
+        Ok(std::ffi::OsString::from_vec(buf).into())
+    }
+}
+
+/// Open the cgroup v2 directory whose id (its kernfs node id, what
+/// `bpf_get_current_cgroup_id` returns) is `id`, through a file handle on the cgroup2
+/// mount `mount` (`open_by_handle_at` with a `FILEID_KERNFS` handle, as systemd does).
+/// Needs `CAP_DAC_READ_SEARCH`.
+///
+/// # Errors
+/// `ESTALE` when no cgroup has that id (any more), `EPERM` without the capability.
+pub fn open_cgroup_by_id(
+    mount: &impl std::os::fd::AsRawFd,
+    id: u64,
+) -> io::Result<std::os::fd::OwnedFd> {
+    /// `struct file_handle` with its 8 bytes of `f_handle`: the kernfs id.
+    #[repr(C)]
+    struct CgroupHandle {
+        handle_bytes: u32,
+        handle_type: i32,
+        id: u64,
+    }
+    const FILEID_KERNFS: i32 = 0xfe;
+    let mut h = CgroupHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id,
+    };
+    // SAFETY: a `struct file_handle` followed by `handle_bytes` bytes, valid for the
+    // call; the returned fd is owned below.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            (&raw mut h).cast::<libc::file_handle>(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd nobody else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

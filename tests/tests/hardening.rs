@@ -247,11 +247,7 @@ fn sighup_reloads_and_the_daemon_keeps_serving() {
     assert_eq!(fetch(port), "hello from web");
     assert_eq!(http_get(d.health, "/ready").map(|r| r.0), Some(200));
     let log = d.log_text();
-    assert_eq!(
-        log_until_count(&d, "configuration reloaded", 3),
-        3,
-        "{log}"
-    );
+    assert_eq!(log_until_count(&d, "configuration reloaded", 3), 3, "{log}");
     assert!(d.stop().success());
     assert_no_secret(&d.log_text(), &[PW], "broker log");
 }

@@ -258,6 +258,22 @@ fn psql_mariadb_and_curl_through_unix_sockets() {
     );
     let a = access_line(&b.daemon, "http-sock");
     assert_eq!(a["caller.comm"], "curl", "{a}");
+    // Its executable and cgroup, read through /proc at accept time (SO_PEERCRED's pid).
+    let curl = std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("curl"))
+                .find(|p| p.exists())
+        })
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .expect("curl in PATH");
+    assert_eq!(a["caller.exe"], curl.to_str().expect("UTF-8"), "{a}");
+    assert!(
+        a["caller.cgroup_path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with('/')),
+        "{a}"
+    );
 
     // Stopped: every socket file is gone.
     assert!(b.daemon.stop().success(), "{}", b.daemon.log_text());

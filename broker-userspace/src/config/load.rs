@@ -1411,6 +1411,7 @@ impl Loader<'_> {
                 "adminSocket",
                 "metrics",
                 "drainTimeout",
+                "audit",
             ],
         );
         if let Some(v) = m.get("drainTimeout")
@@ -1434,6 +1435,7 @@ impl Loader<'_> {
             out.admin_socket = self.admin_socket("broker.adminSocket", v);
         }
         out.unix_socket = super::socket::broker(self, m.get("unixSocket"));
+        out.audit = super::audit::broker(self, m.get("audit"));
         if let Some(v) = m.get("health") {
             let p = "broker.health";
             let text = match v {

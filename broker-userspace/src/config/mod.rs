@@ -10,6 +10,7 @@
 //! Error messages never contain a credential value, nor any value that came from the
 //! environment. See `docs/CONFIG.md` for the reference of the format.
 
+pub mod audit;
 mod interpolate;
 mod kinds;
 mod load;
@@ -20,6 +21,7 @@ mod values;
 
 use std::{fmt, path::Path};
 
+pub use audit::{AuditSettings, AuditSink};
 pub use kinds::*;
 pub use load::{COMMON_PROVIDER_KEYS, Loader, index, join, key_text, quoted_list, suggestion};
 pub use model::*;

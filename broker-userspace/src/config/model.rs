@@ -75,6 +75,8 @@ pub struct BrokerSettings {
     /// How long live connections may finish after SIGTERM before they are ended
     /// (`drainTimeout`); intercepted connects are still brokered meanwhile.
     pub drain_timeout: Duration,
+    /// `audit`: the audit log's sink and `version_hmac` key (docs/OPERATIONS.md).
+    pub audit: super::audit::AuditSettings,
 }
 
 /// Default `adminSocket`.
@@ -118,6 +120,7 @@ impl Default for BrokerSettings {
             unix_socket: UnixSocketOptions::default(),
             admin_socket: AdminSocket::Default,
             metrics: true,
+            audit: super::audit::AuditSettings::default(),
         }
     }
 }

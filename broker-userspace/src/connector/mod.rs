@@ -22,7 +22,15 @@ pub mod pg;
 pub mod target;
 pub mod tcp;
 
-use std::{any::Any, fmt, future::Future, net::SocketAddr, path::Path, pin::Pin, sync::Arc};
+use std::{
+    any::Any,
+    fmt,
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::Arc,
+};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -365,6 +373,15 @@ pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub cgroup_id: u64,
+    /// The cgroup's path, relative to the cgroup2 mount as `/proc/PID/cgroup` gives it
+    /// (`/system.slice/app.service`); `None` when it cannot be found (the cgroup is gone,
+    /// or outside the broker's cgroup namespace).
+    pub cgroup: Option<PathBuf>,
+    /// The process's executable (`/proc/PID/exe` at accept time: ` (deleted)` appended
+    /// when the file was replaced since it started); `None` when the process is gone,
+    /// was not the caller (see `proxy::caller`), or the link cannot be read (another
+    /// user's process without `CAP_SYS_PTRACE`).
+    pub exe: Option<PathBuf>,
     /// The process's command name (its main thread's, from `/proc/PID/comm` at accept
     /// time; the connecting thread's when the process is already gone).
     pub comm: String,

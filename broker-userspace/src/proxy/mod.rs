@@ -28,6 +28,7 @@ use tokio::{
 };
 use tracing::Instrument as _;
 
+pub mod caller;
 pub mod relay;
 pub mod result;
 pub mod splice;
@@ -39,9 +40,7 @@ pub use crate::drain::Tracker;
 use self::{result::ConnResult, splice::SpliceTicket};
 use crate::{
     config::{BrokerSettings, ListenAddr},
-    connector::{
-        AppSocket, Caller, ClientAddr, Conn, ConnError, ConnStats, Connector, Env, Handoff,
-    },
+    connector::{AppSocket, ClientAddr, Conn, ConnError, ConnStats, Connector, Env, Handoff},
     ebpf::{Interceptor, record_destination},
     ratelimit::LogLimiter,
     resolver::HostNames,
@@ -398,19 +397,7 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
                 }
                 return;
             };
-            let caller = Caller {
-                pid: rec.pid,
-                uid: rec.uid,
-                gid: rec.gid,
-                cgroup_id: rec.cgroup_id,
-                // `rec.pid` is a host pid: our /proc shows it only in the host's pid
-                // namespace (not in a container), else the connecting thread's name.
-                comm: crate::pidns::host_pids_visible()
-                    .then(|| process_comm(rec.pid))
-                    .flatten()
-                    .unwrap_or_else(|| comm_text(&rec.comm)),
-                thread: comm_text(&rec.comm),
-            };
+            let caller = caller::from_record(&rec);
             let splice = interceptor
                 .as_ref()
                 .filter(|_| rec.flags & REC_IN_SPLICE_APP != 0)
@@ -544,16 +531,4 @@ fn peer_gone(stream: &impl AsFd) -> bool {
         Ok(_) => false,
         Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
     }
-}
-
-/// The command name of process `pid` (its main thread's name). The kernel's record
-/// holds the name of the thread that connected (a pool thread, `tokio-runtime-w`...).
-pub(crate) fn process_comm(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    Some(text.trim_end_matches('\n').to_owned())
-}
-
-fn comm_text(comm: &[u8; 16]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
 }

@@ -5,12 +5,12 @@
 //! it never finished). Metrics and audit will read the same record.
 //!
 //! Field names are dotted and stable: `service`, `connector`, `src.addr`, `dst.addr`,
-//! `dst.host`, `upstream.addr`, `caller.{pid,uid,gid,cgroup,comm,thread}`, `request`,
-//! `credentials`, `result`, `error`, `error.kind`, `bytes.up`, `bytes.down`, `spliced`,
-//! `splice.fallback`, `duration_ms`. Never a credential value. The same drop counts the
-//! connection in the service's metrics (`ConnStats::metrics`), before the line is
-//! written. A client that closed
-//! before asking for anything (`result=client_closed`) is logged at debug.
+//! `dst.host`, `upstream.addr`, `caller.{pid,uid,gid,cgroup,cgroup_path,comm,exe,thread}`
+//! (`caller.cgroup` is the id), `request`, `credentials`, `result`, `error`,
+//! `error.kind`, `bytes.up`, `bytes.down`, `spliced`, `splice.fallback`, `duration_ms`.
+//! Never a credential value. The same drop counts the connection in the service's
+//! metrics (`ConnStats::metrics`), before the line is written. A client that closed before asking for anything
+//! (`result=client_closed`) is logged at debug.
 
 use std::time::Instant;
 
@@ -58,7 +58,9 @@ macro_rules! access_line {
             caller.uid = $c.map(|c| c.uid),
             caller.gid = $c.map(|c| c.gid),
             caller.cgroup = $c.map(|c| c.cgroup_id),
+            caller.cgroup_path = $c.and_then(|c| c.cgroup.as_deref()).map(|p| p.display()).map(tracing::field::display),
             caller.comm = $c.map(|c| c.comm.as_str()),
+            caller.exe = $c.and_then(|c| c.exe.as_deref()).map(|p| p.display()).map(tracing::field::display),
             caller.thread = $c.map(|c| c.thread.as_str()),
             credentials = %$conn.stats.fetched.join(","),
             result = $result,

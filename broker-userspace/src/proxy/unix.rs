@@ -378,22 +378,7 @@ pub fn caller(s: &UnixStream) -> Option<Caller> {
     let cred = s.peer_cred().ok()?;
     // 0: the client's pid is not visible from our pid namespace.
     let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-    let (cgroup_id, comm) = if pid == 0 {
-        (0, String::new())
-    } else {
-        (
-            crate::cgroup::cgroup_id_of(pid).unwrap_or(0),
-            super::process_comm(pid).unwrap_or_default(),
-        )
-    };
-    Some(Caller {
-        pid,
-        uid: cred.uid(),
-        gid: cred.gid(),
-        cgroup_id,
-        comm,
-        thread: String::new(),
-    })
+    Some(super::caller::from_peer(pid, cred.uid(), cred.gid()))
 }
 
 #[cfg(test)]

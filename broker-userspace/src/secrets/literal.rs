@@ -25,6 +25,10 @@ impl SecretProvider for LiteralProvider {
         &self.name
     }
 
+    fn id_is_value(&self) -> bool {
+        true
+    }
+
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Fetched, SecretError>> {
         Box::pin(async move { Ok(Fetched::new(Secret::from_str_value(id))) })
     }

@@ -45,6 +45,7 @@ pub use self::{
     vault::VaultProvider,
 };
 use crate::{
+    audit::AuditLog,
     config::{CacheOverride, Config, CredentialSource, FetchPolicy, ProviderConfig, Service},
     connector::Caller,
     secret::Secret,
@@ -333,6 +334,12 @@ pub trait SecretProvider: Send + Sync {
         ))
     }
 
+    /// Whether an id of this provider is the value itself (`literal`): the audit log
+    /// then shows `***` in its place.
+    fn id_is_value(&self) -> bool {
+        false
+    }
+
     /// How long one call may take, when the instance has a `timeout` setting: the store
     /// bounds every call ([`SecretProvider::get_many`]) by it; without one, by
     /// [`FETCH_TIMEOUT`].
@@ -430,6 +437,9 @@ pub struct SecretStore {
     metrics: HashMap<String, crate::metrics::ProviderMetrics>,
     /// Each provider instance's kind (`broker status`).
     kinds: HashMap<String, String>,
+    /// Where each credential access is written as a line ([`crate::audit`]); off by
+    /// default.
+    audit: AuditLog,
 }
 
 impl SecretStore {
@@ -499,6 +509,7 @@ impl SecretStore {
             slots,
             default_ttl,
             cache: Arc::new(Cache::new()),
+            audit: AuditLog::off(),
             metrics: HashMap::new(),
             kinds: HashMap::new(),
         }
@@ -569,6 +580,20 @@ impl SecretStore {
         }
     }
 
+    /// Write a line per credential access to `log` (`broker.audit`), from now on.
+    #[must_use]
+    pub fn with_audit(mut self, log: AuditLog) -> Self {
+        self.audit = log;
+        self
+    }
+
+    /// The audit log of this store's accesses (also the policy decisions' way in:
+    /// [`AuditLog::decision`]).
+    #[must_use]
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
     /// Fetch every credential of the requester's service. The credentials a service
     /// takes from one provider are one group: fetched by one store call
     /// ([`SecretProvider::get_many`]) and cached together. With `fresh`, cached values
@@ -603,7 +628,12 @@ impl SecretStore {
         for (provider, members) in groups {
             let ids: Vec<&str> = members.iter().map(|(_, id)| *id).collect();
             let values = self
-                .lookup(&Audit::of(who, &members), provider, &ids, fresh)
+                .lookup(
+                    &Audit::of(who, &members, &self.audit),
+                    provider,
+                    &ids,
+                    fresh,
+                )
                 .await
                 .map_err(|source| {
                     let credential = members
@@ -636,7 +666,8 @@ impl SecretStore {
             service: "-",
             caller: None,
             over: CacheOverride::default(),
-            credentials: String::new(),
+            members: &[],
+            log: &self.audit,
         };
         let mut values = self.lookup(&audit, provider, &[id], fresh).await?;
         Ok(values.swap_remove(0))
@@ -661,7 +692,16 @@ impl SecretStore {
                 provider: provider.to_owned(),
                 id: ids[0].to_owned(),
             };
-            audit.emit(provider, &sorted, fresh, None, Err(&e), None, started);
+            audit.emit(
+                provider,
+                &sorted,
+                false,
+                fresh,
+                None,
+                Err(&e),
+                None,
+                started,
+            );
             self.count(provider, Err(&e), None, started);
             return Err(e);
         };
@@ -684,9 +724,10 @@ impl SecretStore {
         audit.emit(
             provider,
             &sorted,
+            slot.provider.id_is_value(),
             fresh,
             Some(found.how),
-            found.result.as_ref().map(|_| ()),
+            found.result.as_ref().map(Vec::as_slice),
             found.stale_age,
             started,
         );
@@ -742,53 +783,64 @@ impl SecretStore {
     }
 }
 
-/// What the audit event of a lookup says about who asked.
+/// What the audit event of a lookup says about who asked, and where its lines go.
 struct Audit<'a> {
     service: &'a str,
     caller: Option<&'a Caller>,
     over: CacheOverride,
-    /// The credential names of the group, comma-separated.
-    credentials: String,
+    /// The group's credentials: (name, id).
+    members: &'a [(&'a str, &'a str)],
+    log: &'a AuditLog,
 }
 
 impl<'a> Audit<'a> {
-    fn of(who: Requester<'a>, members: &[(&str, &str)]) -> Self {
+    fn of(who: Requester<'a>, members: &'a [(&'a str, &'a str)], log: &'a AuditLog) -> Self {
         Self {
             service: &who.service.name,
             caller: who.caller,
             over: who.service.cache,
-            credentials: members
-                .iter()
-                .map(|(name, _)| *name)
-                .collect::<Vec<_>>()
-                .join(","),
+            members,
+            log,
         }
     }
 
-    /// One `audit` event: who, which provider and ids (redacted), how the cache
-    /// answered, the result (`ok` or the error's kind, and its message), the time the
-    /// lookup took. Never a value.
+    /// One `audit` event in the daemon's log: who, which provider and ids (redacted),
+    /// how the cache answered, the result (`ok` or the error's kind, and its message),
+    /// the time the lookup took. And, with an audit sink, one line per id
+    /// ([`AuditLog::credential`]; `values`: in `ids`' order, for `version_hmac`).
+    /// Never a value; an id that is the value itself (`id_is_value`: `literal`) is
+    /// shown as `***`.
     #[allow(clippy::too_many_arguments)]
-    fn emit(
+    fn emit<'b>(
         &self,
         provider: &str,
-        ids: &[&str],
+        ids: &[&'b str],
+        id_is_value: bool,
         fresh: bool,
         how: Option<cache::How>,
-        result: Result<(), &SecretError>,
+        result: Result<&[Secret], &SecretError>,
         stale_age: Option<Duration>,
         started: Instant,
     ) {
         let c = self.caller;
-        let ids = ids
+        let shown = |id: &'b str| -> std::borrow::Cow<'b, str> {
+            if id_is_value {
+                "***".into()
+            } else {
+                redact_id(id)
+            }
+        };
+        let latency = started.elapsed();
+        let credentials = self
+            .members
             .iter()
-            .map(|id| redact_id(id))
+            .map(|(name, _)| *name)
             .collect::<Vec<_>>()
             .join(",");
-        let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         let stale_age_ms = stale_age.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let (result, error) = match result {
-            Ok(()) => ("ok", None),
+        let (word, error) = match result {
+            Ok(_) => ("ok", None),
             Err(e) => (e.kind(), Some(e)),
         };
         tracing::info!(
@@ -798,19 +850,48 @@ impl<'a> Audit<'a> {
             caller.uid = c.map(|c| c.uid),
             caller.gid = c.map(|c| c.gid),
             caller.cgroup = c.map(|c| c.cgroup_id),
+            caller.cgroup_path = c.and_then(|c| c.cgroup.as_deref()).map(|p| p.display()).map(tracing::field::display),
             caller.comm = c.map(|c| c.comm.as_str()),
+            caller.exe = c.and_then(|c| c.exe.as_deref()).map(|p| p.display()).map(tracing::field::display),
             caller.thread = c.map(|c| c.thread.as_str()),
             provider = %provider,
-            ids = %ids,
-            credentials = %self.credentials,
+            ids = %ids.iter().map(|id| shown(id)).collect::<Vec<_>>().join(","),
+            credentials = %credentials,
             fresh,
             cache = how.map_or("none", cache::How::word),
-            result,
+            result = word,
             error = error.map(tracing::field::display),
             stale_age_ms,
             latency_us,
             "credential fetch"
         );
+        if !self.log.enabled() {
+            return;
+        }
+        let error = error.map(ToString::to_string);
+        for (i, id) in ids.iter().enumerate() {
+            let names: Vec<&str> = self
+                .members
+                .iter()
+                .filter(|(_, m)| m == id)
+                .map(|(name, _)| *name)
+                .collect();
+            let secret = shown(id);
+            self.log.credential(&crate::audit::CredentialAccess {
+                service: self.service,
+                caller: c,
+                provider,
+                secret: &secret,
+                credentials: &names,
+                fresh,
+                cache: how.map(cache::How::word),
+                result: word,
+                error: error.as_deref(),
+                stale_age,
+                latency,
+                value: result.ok().and_then(|v| v.get(i)).map(Secret::expose),
+            });
+        }
     }
 }
 

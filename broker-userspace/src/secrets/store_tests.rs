@@ -226,6 +226,8 @@ fn caller() -> crate::connector::Caller {
         uid: 1001,
         gid: 1002,
         cgroup_id: 77,
+        cgroup: Some("/apps/orders".into()),
+        exe: Some("/opt/orders/bin/orders-app".into()),
         comm: "orders-app".into(),
         thread: "worker-3".into(),
     }
@@ -292,6 +294,16 @@ impl Logs {
 
 /// Capture this thread's events (the tests run on tokio's current-thread runtime).
 fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+    // tracing caches each callsite's interest once, process-wide, computed (while at
+    // most one dispatcher exists) from the *registering* thread's subscriber: a sibling
+    // test reaching `credential fetch` first on a thread with none pinned it to "never"
+    // and this capture missed events (about 1 run in 10). A global default on every
+    // thread keeps the cached interest "always"; each test's own default still gets
+    // its events.
+    static GLOBAL: std::sync::Once = std::sync::Once::new();
+    GLOBAL.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    });
     let logs = Logs::default();
     let w = logs.clone();
     let sub = tracing_subscriber::fmt()
