@@ -282,7 +282,9 @@ impl Admin {
                         "uid": k.uid,
                         "gid": k.gid,
                         "cgroup": k.cgroup_id,
+                        "cgroup_path": k.cgroup.as_ref().map(|p| p.display().to_string()),
                         "comm": k.comm,
+                        "exe": k.exe.as_ref().map(|p| p.display().to_string()),
                     })),
                     "client": c.client,
                     "dst": c.dst.map(|d| d.to_string()),
@@ -621,6 +623,8 @@ mod tests {
                 cgroup_id: 77,
                 comm: "psql".into(),
                 thread: "psql".into(),
+                cgroup: None,
+                exe: Some("/usr/bin/psql".into()),
             }),
             "127.0.0.1:40000".into(),
             Some("10.9.8.7:5432".parse().unwrap()),
@@ -645,6 +649,7 @@ mod tests {
         assert_eq!(s["connections"]["open"], 1);
         assert_eq!(c["caller"]["pid"], 42);
         assert_eq!(c["caller"]["comm"], "psql");
+        assert_eq!(c["caller"]["exe"], "/usr/bin/psql");
         assert_eq!(c["phase"], "handshake");
         assert_eq!(c["bytes_up"], 5);
         assert_eq!(c["dst"], "10.9.8.7:5432");
