@@ -655,7 +655,18 @@ fn the_dockerfile_passes_hadolint_and_builds_from_a_small_context() {
     );
     // `cargo build --locked` in the image: the lock file must be current.
     let out = Command::new("cargo")
-        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        // `tree` for this target: `metadata` would need other platforms' crates
+        // downloaded (notify's kqueue), which a Linux build never fetches.
+        .args([
+            "tree",
+            "--locked",
+            "--offline",
+            "--target",
+            &format!("{}-unknown-linux-gnu", std::env::consts::ARCH),
+            "-e",
+            "normal,build",
+            "--workspace",
+        ])
         .current_dir(&root)
         .stdout(Stdio::null())
         .output()
