@@ -128,7 +128,7 @@ public class Jdbc {
 
             step = "copy_out";
             ByteArrayOutputStream out = new ByteArrayOutputStream(data.length);
-            long outRows = copy.copyOut("copy big to stdout", out);
+            long outRows = copy.copyOut("copy (select * from big order by id) to stdout", out);
             byte[] back = out.toByteArray();
             check(outRows == ROWS, "copied out " + outRows);
             check(Arrays.equals(back, data), "copied out " + back.length + " bytes, " + data.length + " in");

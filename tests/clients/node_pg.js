@@ -104,7 +104,7 @@ async function workload() {
 
     step = 'copy_out'
     const out = []
-    const egress = client.query(copyTo('copy big to stdout'))
+    const egress = client.query(copyTo('copy (select * from big order by id) to stdout'))
     for await (const chunk of egress) out.push(chunk)
     const back = Buffer.concat(out)
     assert(back.equals(data), `copied out ${back.length} bytes, ${data.length} in`)

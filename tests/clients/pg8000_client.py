@@ -86,7 +86,7 @@ def workload():
 
         step = "copy_out"
         out = io.BytesIO()
-        conn.run("copy big to stdout", stream=out)
+        conn.run("copy (select * from big order by id) to stdout", stream=out)
         got = out.getvalue()
         assert got == data, (len(got), len(data))
         report(step, f"rows={got.count(NL)} bytes={len(got)}")

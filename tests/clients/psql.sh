@@ -75,7 +75,7 @@ out=$(q -c "select count(*) from $table" 2>&1) || fail copy_in "$out"
 [ "$out" = "$ROWS" ] || fail copy_in "count: $out"
 echo "ok copy_in rows=$ROWS bytes=$bytes"
 
-q -c "copy $table to stdout" >"$work/out" 2>"$work/err" || fail copy_out "$(cat "$work/err")"
+q -c "copy (select * from $table order by id) to stdout" >"$work/out" 2>"$work/err" || fail copy_out "$(cat "$work/err")"
 cmp -s "$work/in" "$work/out" || fail copy_out "copied out $(wc -c <"$work/out") bytes, $bytes in"
 echo "ok copy_out rows=$(wc -l <"$work/out") bytes=$(wc -c <"$work/out")"
 q -c "drop table $table" >/dev/null 2>&1

@@ -91,7 +91,7 @@ def copy_in(cur, data):
 @step("copy_out")
 def copy_out(cur, data):
     out = io.BytesIO()
-    cur.copy_expert("copy big to stdout", out)
+    cur.copy_expert("copy (select * from big order by id) to stdout", out)
     got = out.getvalue()
     assert len(got) == len(data), (len(got), len(data))
     assert got == data
