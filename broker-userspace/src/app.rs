@@ -270,10 +270,6 @@ fn old_audit(r: &Reloadable) -> crate::audit::AuditLog {
     r.shared.runtime.load().env.secrets.audit().clone()
 }
 
-fn tasks_spawn_sweeper(tasks: &mut JoinSet<()>, secrets: &Arc<SecretStore>) {
-    tasks.spawn(secrets.sweeper());
-}
-
 fn list_or_none(names: &[String]) -> String {
     if names.is_empty() {
         "none".to_owned()
@@ -811,7 +807,7 @@ impl Daemon {
         let (added, removed) = service_changes(&old, &runtime);
 
         // Commit.
-        tasks_spawn_sweeper(&mut self.tasks, &secrets);
+        self.tasks.spawn(secrets.sweeper());
         r.shared.runtime.swap(runtime);
         drop(old);
         if let (Some(i), Some(t)) = (&self.interceptor, targets) {

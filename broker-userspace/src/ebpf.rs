@@ -493,14 +493,7 @@ impl Interceptor {
         let before: Vec<KernelTarget> = std::mem::take(&mut t.current).into_keys().collect();
         t.update(targets)?;
         for k in before.into_iter().filter(|k| !targets.contains_key(k)) {
-            match k {
-                KernelTarget::Exact(ip, port) => {
-                    let _ = t.exact.remove(&exact_key(ip, port));
-                }
-                KernelTarget::Cidr(ip, len, port) => {
-                    let _ = t.cidrs.remove(&cidr_key(ip, len, port));
-                }
-            }
+            t.remove(k);
         }
         Ok(())
     }
@@ -623,17 +616,22 @@ impl Targets {
             .copied()
             .collect();
         for t in stale {
-            match t {
-                KernelTarget::Exact(ip, port) => {
-                    let _ = self.exact.remove(&exact_key(ip, port));
-                }
-                KernelTarget::Cidr(ip, len, port) => {
-                    let _ = self.cidrs.remove(&cidr_key(ip, len, port));
-                }
-            }
+            self.remove(t);
             self.current.remove(&t);
         }
         Ok(())
+    }
+
+    /// Delete one target's map entry (absent: nothing to do).
+    fn remove(&mut self, t: KernelTarget) {
+        match t {
+            KernelTarget::Exact(ip, port) => {
+                let _ = self.exact.remove(&exact_key(ip, port));
+            }
+            KernelTarget::Cidr(ip, len, port) => {
+                let _ = self.cidrs.remove(&cidr_key(ip, len, port));
+            }
+        }
     }
 }
 
