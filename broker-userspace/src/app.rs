@@ -16,6 +16,7 @@ use std::{
     ffi::OsString,
     future::Future,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -32,6 +33,7 @@ use crate::{
     connector::Env,
     connector::dial::Dialer,
     ebpf::Interceptor,
+    fdstore::Inherited,
     health::{self, Readiness},
     metrics::Metrics,
     proxy::{self, Caps, Shared, Tracker},
@@ -227,6 +229,9 @@ pub struct StartOptions {
     pub health: bool,
     /// Kernel debug logs (aya-log).
     pub ebpf_debug: bool,
+    /// Take over the descriptors the service manager passed (`LISTEN_FDS`) and give it
+    /// ours to keep across a restart (`broker run` only; see [`crate::fdstore`]).
+    pub handover: bool,
 }
 
 /// A started broker.
@@ -249,6 +254,10 @@ pub struct Daemon {
     /// What a reload needs: the accept loops' shared state (with the snapshot in force),
     /// the `listenOn` listeners by id, the settings of the start.
     reload: Reloadable,
+    /// The service manager holds the listeners and programs for the next start: stop
+    /// leaves the programs redirecting and the `listenOn` listeners accepting until the
+    /// drain is over (see [`crate::fdstore`]).
+    handed_over: bool,
 }
 
 /// The parts of a started daemon a reload changes.
@@ -262,6 +271,38 @@ struct Reloadable {
     /// The `broker:` settings of the start (a reload cannot change them: logged).
     broker: config::BrokerSettings,
     splice_ok: bool,
+    /// A descriptor of each TCP `listenOn` listener, for the service manager's store
+    /// (empty without one).
+    stored: BTreeMap<u32, OwnedFd>,
+}
+
+impl Reloadable {
+    /// Keep `l`'s descriptor for the store (when there is one).
+    fn keep_for_store(&mut self, id: u32, l: &proxy::Listener) {
+        if let (true, proxy::Listener::Tcp(t)) = (crate::fdstore::enabled(), l)
+            && let Ok(fd) = t.as_fd().try_clone_to_owned()
+        {
+            self.stored.insert(id, fd);
+        }
+    }
+
+    /// Make the store hold the `listenOn` listeners there are now, as many as it takes
+    /// after the other descriptors (`fdstore::capacity`).
+    fn store_listeners(&self) {
+        if !crate::fdstore::enabled() {
+            return;
+        }
+        let room = crate::fdstore::capacity().saturating_sub(8);
+        if self.stored.len() > room {
+            tracing::warn!(
+                listeners = self.stored.len(),
+                kept = room,
+                "the service manager's descriptor store is too small for every listenOn listener (FileDescriptorStoreMax=): the others refuse connects during a restart"
+            );
+        }
+        let fds: Vec<_> = self.stored.values().take(room).map(AsFd::as_fd).collect();
+        crate::fdstore::replace(crate::fdstore::LISTEN, &fds);
+    }
 }
 
 /// The audit sink of the configuration in force: a reload keeps it (`broker.audit` is
@@ -345,15 +386,21 @@ fn broker_changes(old: &config::BrokerSettings, new: &config::BrokerSettings) ->
     out
 }
 
-/// Bind a listener's `listenOn` address (`None` for a service without one).
+/// Bind a listener's `listenOn` address (`None` for a service without one), or adopt
+/// the listener a previous process left bound there (`inherited`).
 async fn bind_listen_on(
     rt: &runtime::ServiceRt,
     broker: &config::BrokerSettings,
+    inherited: &mut Inherited,
 ) -> anyhow::Result<Option<proxy::Listener>> {
     let s = &rt.service;
     Ok(match &s.listen_on {
         Some(ListenAddr::Tcp(addr)) => {
             let what = format!("listenOn of service {}", s.name);
+            if let Some(l) = inherited.take_listener(*addr) {
+                tracing::info!(%addr, service = %s.name, "listenOn listener taken over");
+                return Ok(Some(proxy::Listener::Tcp(adopt(l, &what)?)));
+            }
             Some(proxy::Listener::Tcp(bind(*addr, &what).await?))
         }
         Some(ListenAddr::Unix(p)) => {
@@ -447,8 +494,37 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding {what} on {addr}"))
 }
 
-/// Bind the transparent listener on 127.0.0.1:port and [::1]:port (same port).
-async fn bind_transparent(port: u16) -> anyhow::Result<(TcpListener, Option<TcpListener>)> {
+/// A listener passed by the service manager, for tokio.
+fn adopt(l: std::net::TcpListener, what: &str) -> anyhow::Result<TcpListener> {
+    l.set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(l))
+        .with_context(|| format!("taking over the {what}"))
+}
+
+/// The transparent listeners a previous process left (`inherited`), when they are on
+/// `port` (0: any); else bind them on 127.0.0.1:port and [::1]:port (same port).
+async fn bind_transparent(
+    port: u16,
+    inherited: &mut Inherited,
+) -> anyhow::Result<(TcpListener, Option<TcpListener>)> {
+    let mut previous = inherited.take_transparent();
+    previous.retain(|l| l.local_addr().is_ok_and(|a| port == 0 || a.port() == port));
+    if let Some(i) = previous
+        .iter()
+        .position(|l| l.local_addr().is_ok_and(|a| a.is_ipv4()))
+    {
+        let v4 = previous.swap_remove(i);
+        let p = v4.local_addr()?.port();
+        let v6 = previous
+            .into_iter()
+            .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv6() && a.port() == p));
+        tracing::info!(
+            port = p,
+            "transparent listener taken over from the previous process"
+        );
+        let what = "transparent listener";
+        return Ok((adopt(v4, what)?, v6.map(|l| adopt(l, what)).transpose()?));
+    }
     for _ in 0..20 {
         let v4 = bind(
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
@@ -480,6 +556,12 @@ impl Daemon {
     /// loaded or attached, provider set-up failures. Nothing stays attached on error.
     pub async fn start(cfg: Config, opts: &StartOptions) -> anyhow::Result<Self> {
         let cfg = Arc::new(cfg);
+        // First: nothing may take the numbers of the descriptors passed.
+        let mut inherited = if opts.handover {
+            Inherited::from_env()
+        } else {
+            Inherited::default()
+        };
         let metrics = Arc::new(Metrics::new());
         let audit = crate::audit::AuditLog::open(&cfg.broker.audit)?;
         let secrets = Arc::new(
@@ -524,7 +606,7 @@ impl Daemon {
         };
         let mut explicit = Vec::new();
         for rt in runtime.listeners() {
-            if let Some(l) = bind_listen_on(rt, &cfg.broker).await? {
+            if let Some(l) = bind_listen_on(rt, &cfg.broker, &mut inherited).await? {
                 explicit.push((rt.id, l));
             }
         }
@@ -539,7 +621,7 @@ impl Daemon {
         let mut targets = None;
         let names = Arc::new(resolver::HostNames::default());
         if let Attach::Cgroup(cgroup) = &opts.attach {
-            let (v4, v6) = bind_transparent(cfg.broker.transparent_port).await?;
+            let (v4, v6) = bind_transparent(cfg.broker.transparent_port, &mut inherited).await?;
             let port = v4.local_addr()?.port();
             // Native IPv6 destinations are redirected to [::1]:P only while we hold it:
             // otherwise any local user could bind it and receive them.
@@ -582,6 +664,10 @@ impl Daemon {
                 &t.current(),
                 splice_services,
                 runtime.generation,
+                crate::ebpf::Previous {
+                    links: inherited.take(crate::fdstore::LINKS),
+                    records: inherited.take(crate::fdstore::RECORDS).pop(),
+                },
             )
             .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
             if opts.ebpf_debug {
@@ -594,6 +680,29 @@ impl Daemon {
             tokio::spawn(i.splicer().watch_fallbacks());
             interceptor = Some(Arc::new(i));
             targets = Some(t);
+        }
+
+        // What a previous process left and this configuration does not use is closed;
+        // what this one uses goes to the service manager's store (replacing the previous
+        // process's: its links go, and its programs detach, now that ours are attached).
+        inherited.finish();
+        let handed_over = opts.handover && crate::fdstore::enabled();
+        if handed_over {
+            let dup = |l: &TcpListener| l.as_fd().try_clone_to_owned().ok();
+            let transparent_fds: Vec<OwnedFd> =
+                transparent_listeners.iter().filter_map(dup).collect();
+            let fds: Vec<_> = transparent_fds.iter().map(AsFd::as_fd).collect();
+            crate::fdstore::replace(crate::fdstore::TRANSPARENT, &fds);
+            let (links, records) = interceptor.as_ref().map_or((Vec::new(), None), |i| {
+                let (l, r) = i.handover();
+                (l, Some(r))
+            });
+            crate::fdstore::replace(crate::fdstore::LINKS, &links);
+            crate::fdstore::replace(crate::fdstore::RECORDS, records.as_slice());
+            tracing::info!(
+                links = links.len(),
+                "listeners and programs handed to the service manager's descriptor store: a restart keeps them"
+            );
         }
 
         // 3. Serve.
@@ -638,7 +747,18 @@ impl Daemon {
             );
         }
         let mut listen_on = BTreeMap::new();
+        let mut reload = Reloadable {
+            shared: shared.clone(),
+            explicit: BTreeMap::new(),
+            resolver: None,
+            broker: cfg.broker.clone(),
+            splice_ok: splice_kernel_ok(),
+            stored: BTreeMap::new(),
+        };
         for (id, l) in explicit {
+            if handed_over {
+                reload.keep_for_store(id, &l);
+            }
             let sw = spawn_listen_on(&mut tasks, &shared, &readiness, id, l);
             if let Some(addr) = shared
                 .runtime
@@ -648,6 +768,9 @@ impl Daemon {
             {
                 listen_on.insert(id, (addr, sw));
             }
+        }
+        if handed_over {
+            reload.store_listeners();
         }
         if let Some(h) = health {
             tracing::info!(addr = %h.local_addr()?, "health endpoint bound");
@@ -691,13 +814,12 @@ impl Daemon {
             transparent_tasks,
             transparent,
             reload: Reloadable {
-                shared,
                 explicit: listen_on,
                 resolver,
-                broker: cfg.broker.clone(),
-                splice_ok: splice_kernel_ok(),
+                ..reload
             },
             metrics,
+            handed_over,
         })
     }
 
@@ -777,7 +899,8 @@ impl Daemon {
                 .any(|(a, _)| Some(a) == rt.service.listen_on.as_ref());
             if held {
                 later.push(Arc::clone(rt));
-            } else if let Some(l) = bind_listen_on(rt, &r.broker).await? {
+            } else if let Some(l) = bind_listen_on(rt, &r.broker, &mut Inherited::default()).await?
+            {
                 bound.push((rt.id, l));
             }
         }
@@ -834,6 +957,7 @@ impl Daemon {
             .copied()
             .collect();
         for id in &gone {
+            r.stored.remove(id);
             if let Some((addr, stop)) = r.explicit.remove(id) {
                 let _ = stop.send(true);
                 tracing::info!(listen_on = %addr, "listenOn stopped (removed by the reload)");
@@ -844,7 +968,7 @@ impl Daemon {
             // The removed listeners' sockets close as their tasks end.
             tokio::time::sleep(Duration::from_millis(100)).await;
             for rt in later {
-                match bind_listen_on(&rt, &r.broker).await {
+                match bind_listen_on(&rt, &r.broker, &mut Inherited::default()).await {
                     Ok(Some(l)) => bound.push((rt.id, l)),
                     Ok(None) => {}
                     Err(e) => {
@@ -856,6 +980,9 @@ impl Daemon {
         }
         let current = r.shared.runtime.load();
         for (id, l) in bound {
+            if self.handed_over {
+                r.keep_for_store(id, &l);
+            }
             let sw = spawn_listen_on(&mut self.tasks, &r.shared, &self.readiness, id, l);
             if let Some(addr) = current
                 .listener(id)
@@ -863,6 +990,9 @@ impl Daemon {
             {
                 r.explicit.insert(id, (addr, sw));
             }
+        }
+        if self.handed_over {
+            r.store_listeners();
         }
         let summary = format!(
             "generation {generation}: {} service(s); added: {}; removed: {}{}",
@@ -882,6 +1012,17 @@ impl Daemon {
         }
     }
 
+    /// Wait (2 s at most) for the transparent accept loops to end (`detach_tx` sent).
+    async fn join_transparent(&mut self) {
+        let closing = async { while self.transparent_tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(2), closing)
+            .await
+            .is_err()
+        {
+            self.transparent_tasks.abort_all();
+        }
+    }
+
     pub async fn failed(&self) -> String {
         self.readiness.failed().await
     }
@@ -893,10 +1034,17 @@ impl Daemon {
     /// transparent listener is closed (in that order: the other way round, a connection
     /// redirected in between would find the port closed, or bound by another local
     /// process), and the connections still open are ended.
+    ///
+    /// When the service manager holds the listeners and programs for the next start
+    /// (see [`crate::fdstore`]), the `listenOn` listeners keep accepting through the drain
+    /// too, and the programs are not switched off: connects that come once this process
+    /// has stopped accepting wait in the listeners' backlogs for the next one.
     pub async fn stop(mut self) {
         self.readiness.set_stopping();
-        for (_, stop) in self.reload.explicit.values() {
-            let _ = stop.send(true);
+        if !self.handed_over {
+            for (_, stop) in self.reload.explicit.values() {
+                let _ = stop.send(true);
+            }
         }
         let active = self.tracker.active();
         if active > 0 {
@@ -906,18 +1054,29 @@ impl Daemon {
             );
         }
         self.tracker.drain(self.reload.broker.drain_timeout).await;
-        if let Some(i) = self.interceptor.take() {
-            i.disable();
-            drop(i);
-            tracing::info!("eBPF programs detached");
+        for (_, stop) in self.reload.explicit.values() {
+            let _ = stop.send(true);
         }
-        let _ = self.detach_tx.send(true);
-        let closing = async { while self.transparent_tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(2), closing)
-            .await
-            .is_err()
-        {
-            self.transparent_tasks.abort_all();
+        if self.handed_over {
+            // The programs keep redirecting into the listeners the service manager holds:
+            // stop accepting (what comes now waits in the backlogs for the next process),
+            // let the last connections accepted take their records and finish, and only
+            // then let go of the maps.
+            let _ = self.detach_tx.send(true);
+            self.join_transparent().await;
+            self.tracker.drain(self.reload.broker.drain_timeout).await;
+            drop(self.interceptor.take());
+            tracing::info!(
+                "the service manager keeps the programs attached and the listeners open for the next start"
+            );
+        } else {
+            if let Some(i) = self.interceptor.take() {
+                i.disable();
+                drop(i);
+                tracing::info!("eBPF programs detached");
+            }
+            let _ = self.detach_tx.send(true);
+            self.join_transparent().await;
         }
         let left = self.tracker.active();
         if left > 0 {
@@ -1322,6 +1481,7 @@ pub async fn run_with(config_path: &Path, opts: RunOptions) -> anyhow::Result<()
             attach,
             health: true,
             ebpf_debug: opts.ebpf_debug,
+            handover: true,
         },
     )
     .await?;
@@ -1399,6 +1559,7 @@ pub async fn exec(config_path: &Path, cmd: &[OsString], ebpf_debug: bool) -> any
             attach: Attach::Cgroup(cg.path().to_path_buf()),
             health: false,
             ebpf_debug,
+            handover: false,
         },
     )
     .await?;
@@ -1485,6 +1646,7 @@ mod tests {
                 attach: Attach::None,
                 health: false,
                 ebpf_debug: false,
+                handover: false,
             },
         )
         .await
@@ -1543,6 +1705,7 @@ mod tests {
                 attach: Attach::None,
                 health: false,
                 ebpf_debug: false,
+                handover: false,
             },
         )
         .await

@@ -1,16 +1,18 @@
 //! Loading, attaching and feeding the kernel programs (`broker-ebpf`).
 //!
 //! [`Interceptor`] owns the loaded object. Every cgroup program is attached with a BPF
-//! link (`bpf_link_create`), so the attachments live exactly as long as this process
-//! holds the link fds: dropping the `Interceptor`, any error path, and even SIGKILL
-//! detach everything. The splice programs (only when a service splices) are attached to
-//! their sockhashes, which live in this process and its spliced sessions ([`Splicer`]);
-//! when the last reference goes, the maps release their sockets. Nothing is pinned.
+//! link (`bpf_link_create`), so the attachments live exactly as long as some process
+//! holds the link fds: this one (dropping the `Interceptor`, any error path, and even
+//! SIGKILL detach everything), and, under a service manager with a descriptor store,
+//! the service manager too, across a restart (see `fdstore`). The splice programs (only
+//! when a service splices) are attached to their sockhashes, which live in this process
+//! and its spliced sessions ([`Splicer`]); when the last reference goes, the maps release
+//! their sockets. Nothing is pinned in bpffs.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd as _, AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -22,8 +24,7 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, RawTracePoint, SkMsg, SkSkb, SockOps,
-        raw_trace_point::RawTracePointLink,
+        CgroupSockAddr, RawTracePoint, SkMsg, SkSkb, SockOps, raw_trace_point::RawTracePointLink,
     },
 };
 use broker_common::{
@@ -31,8 +32,8 @@ use broker_common::{
     GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF, GLOBAL_SK_SOCKET, GLOBAL_SK_WMEM_QUEUED, GLOBAL_SKB_CB,
     GLOBAL_SOCKET_FILE, GLOBAL_SOCKET_SK, MAP_BY_CONN, MAP_BY_COOKIE, MAP_REDIRECTS, MAP_SETTINGS,
     MAP_SPLICE, MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP,
-    MAP_TARGET_CIDRS, MAP_TARGETS, SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_MYSQL, SockKey,
-    SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
+    MAP_TARGET_CIDRS, MAP_TARGETS, REC_IN_SPLICE_APP, SPLICE_FALLBACK, SPLICE_INGRESS,
+    SPLICE_MYSQL, SockKey, SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
 };
 use tokio::sync::Notify;
 
@@ -41,15 +42,34 @@ use crate::btf::{Btf as KernelBtf, SockOffsets};
 /// The eBPF object built by `build.rs` (aya-build) from `broker-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/broker"));
 
-/// Programs in attach order: the bookkeeping ones first, the redirecting ones last, so a
-/// connection is never redirected before its record can be found.
-const PROGRAMS: [&str; 5] = [
-    "broker_sock_ops",
-    "broker_getpeername4",
-    "broker_getpeername6",
-    "broker_connect4",
-    "broker_connect6",
-];
+/// Programs in attach order, with their hooks: the bookkeeping ones first, the
+/// redirecting ones last, so a connection is never redirected before its record can be
+/// found.
+const PROGRAMS: [(&str, u32); 5] = {
+    use crate::sys::attach_type as at;
+    [
+        ("broker_sock_ops", at::CGROUP_SOCK_OPS),
+        ("broker_getpeername4", at::CGROUP_INET4_GETPEERNAME),
+        ("broker_getpeername6", at::CGROUP_INET6_GETPEERNAME),
+        ("broker_connect4", at::CGROUP_INET4_CONNECT),
+        ("broker_connect6", at::CGROUP_INET6_CONNECT),
+    ]
+};
+
+/// How long the redirect records of a previous process (handed over through the
+/// service manager's descriptor store) are looked up: as long as a record is trusted.
+const PREVIOUS_RECORDS_FOR: std::time::Duration = crate::proxy::MAX_RECORD_AGE;
+
+/// What a previous daemon process left attached, handed over by the service manager
+/// (see `fdstore`).
+#[derive(Debug, Default)]
+pub struct Previous {
+    /// Its BPF links: closed once this process's programs are attached.
+    pub links: Vec<OwnedFd>,
+    /// Its redirect-record map: connections its programs redirected and nobody accepted
+    /// yet (queued in the listener's backlog across the restart).
+    pub records: Option<OwnedFd>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -77,6 +97,12 @@ pub enum EbpfError {
         "reading this process's network namespace cookie (SO_NETNS_COOKIE, kernel >= 5.14): {0}"
     )]
     Netns(#[source] std::io::Error),
+    #[error("attaching {name} to the cgroup: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
@@ -175,6 +201,9 @@ struct Targets {
     generation: u32,
 }
 
+/// The redirect records, by the app socket's key.
+type RecordMap = HashMap<MapData, ConnKey, ConnRecord>;
+
 /// A second descriptor of one of the programs' maps, for counting its entries at scrape
 /// time without taking the lock the data path uses for that map.
 struct MapView {
@@ -229,8 +258,13 @@ pub struct MapOccupancy {
 
 /// The loaded and attached kernel programs and their maps.
 pub struct Interceptor {
-    // Field order matters for drop: maps first, then the object (which detaches).
+    /// The cgroup attachments (dropped first: detached before anything else goes).
+    links: Vec<OwnedFd>,
     records: Mutex<HashMap<MapData, ConnKey, ConnRecord>>,
+    /// A second descriptor of `records`, for the service manager's store.
+    records_fd: OwnedFd,
+    /// The previous process's records, while they can still be trusted.
+    previous: Mutex<Option<(RecordMap, std::time::Instant)>>,
     /// Service id -> connects redirected, per CPU.
     redirects: PerCpuHashMap<MapData, u32, u64>,
     /// Descriptors of the maps whose entries `/metrics` counts.
@@ -275,8 +309,10 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> E
 }
 
 impl Interceptor {
-    /// Load the programs, write the settings and targets, then attach to `cgroup`.
-    /// On any error everything attached so far is detached (the object is dropped).
+    /// Load the programs, write the settings and targets, then attach to `cgroup`; then
+    /// let go of what a previous process left attached (`previous`), keeping its records
+    /// for the connections it redirected. On any error everything attached so far is
+    /// detached (the object is dropped).
     ///
     /// # Errors
     /// Load, map or attach failures, naming the map or program.
@@ -286,6 +322,7 @@ impl Interceptor {
         targets: &BTreeMap<KernelTarget, u32>,
         splice_services: BTreeSet<u32>,
         generation: u32,
+        previous: Previous,
     ) -> Result<Self, EbpfError> {
         // The kernel's BTF, read once: aya relocates with it (as `Ebpf::load` does), and
         // the splice programs read fields of `struct sock` at offsets found in it.
@@ -425,23 +462,56 @@ impl Interceptor {
             path: cgroup.to_path_buf(),
             source,
         })?;
-        for name in PROGRAMS {
-            // CgroupAttachMode::Single: aya #1078; links are multi-attach anyway.
-            if name == "broker_sock_ops" {
+        // Links made here rather than by aya, so their descriptors can be handed to the
+        // service manager (aya keeps a link's descriptor to itself).
+        let mut links = Vec::with_capacity(PROGRAMS.len());
+        for (name, hook) in PROGRAMS {
+            let fd = if name == "broker_sock_ops" {
                 let p: &mut SockOps = program(&mut ebpf, name)?;
                 p.load().map_err(prog_err(name))?;
-                p.attach(&cg, CgroupAttachMode::Single)
-                    .map_err(prog_err(name))?;
+                p.fd().map_err(prog_err(name))?.as_fd().try_clone_to_owned()
             } else {
                 let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                 p.load().map_err(prog_err(name))?;
-                p.attach(&cg, CgroupAttachMode::Single)
-                    .map_err(prog_err(name))?;
+                p.fd().map_err(prog_err(name))?.as_fd().try_clone_to_owned()
             }
+            .map_err(|source| EbpfError::Link { name, source })?;
+            links.push(
+                crate::sys::bpf_link_create(fd.as_fd(), cg.as_fd(), hook)
+                    .map_err(|source| EbpfError::Link { name, source })?,
+            );
         }
         tracing::info!(cgroup = %cgroup.display(), programs = PROGRAMS.len(), "eBPF programs attached");
+        // Ours are attached (after the previous process's, so those run first on each
+        // connect and redirect it while both are there): the previous programs can go.
+        // Their records stay readable for the connections they redirected.
+        let handed = !previous.links.is_empty();
+        drop(previous.links);
+        let previous = previous.records.and_then(|fd| {
+            HashMap::try_from(aya::maps::Map::LruHashMap(MapData::from_fd(fd).ok()?))
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "the previous process's redirect records are not a map this broker reads: connections it redirected are refused");
+                })
+                .ok()
+                .map(|m| (m, std::time::Instant::now()))
+        });
+        if handed {
+            tracing::info!(
+                previous_records = previous.is_some(),
+                "took over from the previous process: its programs are detached"
+            );
+        }
+        let records_fd = records
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(EbpfError::Socket)?;
         Ok(Self {
+            links,
             records: Mutex::new(records),
+            records_fd,
+            previous: Mutex::new(previous),
             redirects,
             views,
             netns_cookie: settings.netns_cookie,
@@ -515,11 +585,51 @@ impl Interceptor {
             accepted.local_addr()?,
         );
         let mut records = lock(&self.records);
-        let Ok(rec) = records.get(&key, 0) else {
-            return Ok(None);
-        };
-        let _ = records.remove(&key);
-        Ok((rec.netns_cookie == self.netns_cookie).then_some(rec))
+        if let Ok(rec) = records.get(&key, 0) {
+            let _ = records.remove(&key);
+            return Ok((rec.netns_cookie == self.netns_cookie).then_some(rec));
+        }
+        drop(records);
+        Ok(self
+            .take_previous(&key)
+            .filter(|rec| rec.netns_cookie == self.netns_cookie))
+    }
+
+    /// A record the previous process's programs wrote (see [`Previous`]), served by this
+    /// configuration only if it still intercepts the record's destination for the same
+    /// service (ids are the services' names hashed): then it takes this configuration's
+    /// generation. Never spliced: the socket was put in the previous process's maps.
+    fn take_previous(&self, key: &ConnKey) -> Option<ConnRecord> {
+        let mut previous = lock(&self.previous);
+        let (map, since) = previous.as_mut()?;
+        if since.elapsed() > PREVIOUS_RECORDS_FOR {
+            *previous = None;
+            return None;
+        }
+        let mut rec = map.get(key, 0).ok()?;
+        let _ = map.remove(key);
+        drop(previous);
+        let now = lock(&self.targets).lookup(record_destination(&rec))?;
+        if now.service_id != rec.service_id {
+            tracing::warn!(
+                destination = %record_destination(&rec),
+                "a connection redirected by the previous process is for a service this configuration no longer intercepts there"
+            );
+            return None;
+        }
+        rec.generation = now.generation;
+        rec.flags &= !(TARGET_SPLICE | REC_IN_SPLICE_APP);
+        Some(rec)
+    }
+
+    /// The descriptors a service manager keeps across a restart: the cgroup links and
+    /// the redirect-record map.
+    #[must_use]
+    pub fn handover(&self) -> (Vec<BorrowedFd<'_>>, BorrowedFd<'_>) {
+        (
+            self.links.iter().map(AsFd::as_fd).collect(),
+            self.records_fd.as_fd(),
+        )
     }
 
     /// The splice maps; a spliced session keeps them (and so its kernel data path) alive
@@ -582,6 +692,22 @@ impl Interceptor {
 }
 
 impl Targets {
+    /// The target value a connect to `dst` finds, as the kernel programs look it up:
+    /// the exact address first, then the longest matching prefix.
+    fn lookup(&self, dst: SocketAddr) -> Option<TargetValue> {
+        if let Ok(v) = self.exact.get(&exact_key(dst.ip(), dst.port()), 0) {
+            return Some(v);
+        }
+        let key = Key::new(
+            16 + 128,
+            CidrKey {
+                port_be: dst.port().to_be_bytes(),
+                addr: norm16(dst.ip()),
+            },
+        );
+        self.cidrs.get(&key, 0).ok()
+    }
+
     fn update(&mut self, want: &BTreeMap<KernelTarget, u32>) -> Result<(), EbpfError> {
         for (t, &id) in want {
             if self.current.get(t) == Some(&id) {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod connector;
 pub mod drain;
 pub mod ebpf;
+pub mod fdstore;
 pub mod health;
 pub mod logging;
 pub mod metrics;

@@ -65,6 +65,19 @@ fn send(message: &str) {
     }
 }
 
+/// Send `message` with `fds` attached (the descriptor store, see `fdstore`).
+///
+/// # Errors
+/// No `$NOTIFY_SOCKET`, or the send failure.
+pub fn send_fds(message: &str, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+    let target = std::env::var_os(NOTIFY_SOCKET)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no $NOTIFY_SOCKET"))?;
+    let addr = address(&target)?;
+    let sock = UnixDatagram::unbound()?;
+    sock.set_write_timeout(Some(std::time::Duration::from_secs(1)))?;
+    crate::sys::send_with_fds(&sock, &addr, message.as_bytes(), fds)
+}
+
 /// The address `$NOTIFY_SOCKET` names.
 fn address(target: &OsStr) -> io::Result<SocketAddr> {
     let bytes = target.as_bytes();

@@ -957,3 +957,131 @@ mod tests {
         assert!(parse_sock_mem(&[0u8; 8]).is_err());
     }
 }
+
+/// `enum bpf_attach_type` values of the cgroup hooks the programs use.
+pub mod attach_type {
+    pub const CGROUP_SOCK_OPS: u32 = 3;
+    pub const CGROUP_INET4_CONNECT: u32 = 10;
+    pub const CGROUP_INET6_CONNECT: u32 = 11;
+    pub const CGROUP_INET4_GETPEERNAME: u32 = 29;
+    pub const CGROUP_INET6_GETPEERNAME: u32 = 30;
+}
+
+/// Attach program `prog` to cgroup `cgroup` at `attach_type` with a BPF link
+/// (`BPF_LINK_CREATE`, kernel >= 5.7): the attachment lives as long as some descriptor
+/// of the returned link does, in this process or another one it was passed to (the
+/// service manager's descriptor store, see `fdstore`). Cgroup links always share the
+/// hook with other programs (multi-attach).
+///
+/// # Errors
+/// The `bpf(2)` error.
+pub fn bpf_link_create(
+    prog: std::os::fd::BorrowedFd<'_>,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    /// `union bpf_attr`'s `link_create` member, up to its flags (the rest zero).
+    #[repr(C)]
+    struct Attr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        _rest: [u64; 4],
+    }
+    let fd = |f: std::os::fd::BorrowedFd<'_>| {
+        u32::try_from(f.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let attr = Attr {
+        prog_fd: fd(prog)?,
+        target_fd: fd(cgroup)?,
+        attach_type,
+        flags: 0,
+        _rest: [0; 4],
+    };
+    // SAFETY: attr outlives the call; the size passed is attr's.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &raw const attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raw = i32::try_from(r).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
+}
+
+/// Send one datagram carrying `fds` (`SCM_RIGHTS`, at most 253) to `addr`.
+///
+/// # Errors
+/// The `sendmsg` error.
+pub fn send_with_fds(
+    sock: &std::os::unix::net::UnixDatagram,
+    addr: &std::os::unix::net::SocketAddr,
+    message: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // The connected form: the address is set once with connect, then sendmsg without one.
+    sock.connect_addr(addr)?;
+    let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let payload = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8).max(1)];
+    let mut iov = libc::iovec {
+        iov_base: message.as_ptr() as *mut libc::c_void,
+        iov_len: message.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; the fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer holds CMSG_SPACE(payload) bytes, so the first header
+        // and its data fit; the descriptors are copied into it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c).cast(), raw.len());
+        }
+    }
+    // SAFETY: msg and everything it points to outlive the call.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize == message.len() {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::WriteZero, "short datagram"))
+    }
+}
+
+/// Own descriptor number `raw`, passed to this process at exec (socket activation),
+/// made close-on-exec; `None` when it is not open. The caller guarantees that nothing
+/// else in the process owns the number (it is taken once, at start).
+#[must_use]
+pub fn take_inherited_fd(raw: i32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: F_GETFD on a number: fails with EBADF when it is not open.
+    if raw < 3 || unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: open (checked above), and owned by nobody else (the caller's guarantee).
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    // SAFETY: setting a flag on a descriptor this function owns.
+    unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(fd)
+}

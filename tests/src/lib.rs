@@ -18,6 +18,7 @@ pub mod net;
 pub mod pg;
 pub mod pod;
 pub mod secret_server;
+pub mod service_manager;
 
 use std::{
     io::{Read as _, Write as _},

@@ -337,16 +337,24 @@ fn the_daemon_runs_with_the_units_capabilities_and_system_calls() {
     );
 }
 
-/// The next datagram on `sock` (bounded), as text.
+/// The next state datagram on `sock` (bounded), as text; the descriptor-store ones
+/// (`FDSTORE=1`, `FDSTOREREMOVE=1`: tests/tests/restart.rs) are skipped.
 fn next_notification(sock: &UnixDatagram, timeout: Duration) -> String {
     sock.set_read_timeout(Some(timeout)).expect("timeout");
     let mut buf = [0u8; 4096];
-    match sock.recv(&mut buf) {
-        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-            panic!("no notification within {timeout:?}")
+    loop {
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if !text.starts_with("FDSTORE") {
+                    return text;
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("no notification within {timeout:?}")
+            }
+            Err(e) => panic!("recv: {e}"),
         }
-        Err(e) => panic!("recv: {e}"),
     }
 }
 
