@@ -49,6 +49,31 @@ use crate::{
 /// be kept as `dyn Connector`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// How long [`Connector::deny`] may take (reading the client's first message, writing
+/// the error, closing).
+pub const DENY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A connection the policy refused, as the client is told: the service, the rule that
+/// decided (a configured rule's name, or `schedule`, `rateLimit`, `revoked #N`, `no
+/// allow rule`), and why in a few words. No secret, no value from the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub service: String,
+    pub rule: String,
+    pub reason: String,
+}
+
+impl Denial {
+    /// One line for the client: `service "db": denied by policy (rule "ops-only": ...)`.
+    #[must_use]
+    pub fn message(&self) -> String {
+        format!(
+            "service \"{}\": denied by policy (rule \"{}\": {})",
+            self.service, self.rule, self.reason
+        )
+    }
+}
+
 /// What every connector may use: the secret store and the upstream socket factory.
 #[derive(Clone)]
 pub struct Env {
@@ -110,6 +135,17 @@ pub trait Connector: Send + Sync + fmt::Debug {
     /// non-blocking write, then the socket is closed.
     fn refusal(&self, _service: &str, _reason: &str) -> Option<Vec<u8>> {
         None
+    }
+
+    /// Tell a client the policy denied, in the protocol's own words (PostgreSQL:
+    /// ErrorResponse `28000` after its startup packet; MySQL: ERR 1045 in place of the
+    /// greeting; HTTP: `403` with a JSON body), naming the rule, then close without a
+    /// reset. Called before [`Connector::serve`], instead of it; the caller bounds it in
+    /// time ([`DENY_DEADLINE`]). Never dials the upstream, never reads a credential. The
+    /// default closes without a byte.
+    fn deny<'a>(&'a self, client: AppSocket, denial: &'a Denial) -> BoxFuture<'a, ()> {
+        let _ = denial;
+        Box::pin(async move { drop(client) })
     }
 
     /// Whether the protocol's sessions may be spliced in the kernel once authenticated
