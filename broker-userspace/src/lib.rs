@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod pidns;
+pub mod policy;
 pub mod privilege;
 pub mod proxy;
 pub mod ratelimit;
