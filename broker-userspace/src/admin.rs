@@ -14,8 +14,8 @@
 //! **The protocol**: one request line, one reply line, both JSON, then the connection
 //! closes. A request is `{"cmd": "<command>", ...}` (at most [`MAX_REQUEST`] bytes,
 //! within [`REQUEST_TIMEOUT`]); the reply `{"ok": true, "<command>": {...}}` or
-//! `{"ok": false, "error": "..."}`. Commands: `status`. (The policy work adds `revoke`:
-//! a new arm in [`Admin::answer`].) At most [`MAX_CLIENTS`] requests are served at once.
+//! `{"ok": false, "error": "..."}`. Commands: `status`, and `revoke` and `lift`
+//! ([`crate::admin_revoke`]). At most [`MAX_CLIENTS`] requests are served at once.
 //!
 //! **`status`**: the daemon (version, pid, uptime, configuration generation, ready),
 //! the services (connector, `listenOn`, intercepted destinations with the addresses
@@ -138,6 +138,8 @@ pub struct Admin {
     pub readiness: Arc<Readiness>,
     pub transparent: Option<SocketAddr>,
     pub started: SystemTime,
+    /// Live revocations (`broker revoke`; see [`crate::admin_revoke`]).
+    pub revocations: Arc<crate::policy::Revocations>,
 }
 
 /// Serve admin requests until `stop` turns true; the socket file goes with `bound`.
@@ -217,8 +219,10 @@ impl Admin {
     pub fn answer(&self, req: &Value) -> Value {
         match req.get("cmd").and_then(Value::as_str) {
             Some("status") => json!({"ok": true, "status": self.status()}),
+            Some("revoke") => crate::admin_revoke::revoke(self, req),
+            Some("lift") => crate::admin_revoke::lift(self, req),
             Some(other) => error(&format!(
-                "unknown command {:?} (commands: status)",
+                "unknown command {:?} (commands: status, revoke, lift)",
                 other.chars().take(64).collect::<String>()
             )),
             None => error("no \"cmd\" in the request: send {\"cmd\": \"status\"}"),
@@ -341,6 +345,7 @@ impl Admin {
             "connections": {"open": total, "list": connections},
             "providers": providers,
             "cache": {"groups": cache_total, "list": cache},
+            "revocations": crate::admin_revoke::status(self),
         })
     }
 }
@@ -574,6 +579,7 @@ pub fn render(s: &Value) -> String {
             human_ms(&g["kept_for_ms"]),
         );
     }
+    crate::admin_revoke::render(&mut o, s);
     o
 }
 
@@ -607,6 +613,7 @@ mod tests {
             readiness: Arc::new(Readiness::default()),
             transparent: None,
             started: SystemTime::now(),
+            revocations: Arc::default(),
         }
     }
 

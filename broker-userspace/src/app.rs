@@ -720,6 +720,7 @@ impl Daemon {
             refusals: Arc::clone(&refusals),
             names: Arc::clone(&names),
             metrics: Arc::clone(&metrics),
+            revocations: Arc::default(),
         };
         if let Some(i) = &interceptor {
             metrics.watch_kernel(Arc::downgrade(i), Arc::downgrade(&shared.runtime));
@@ -790,6 +791,7 @@ impl Daemon {
                 readiness: Arc::clone(&readiness),
                 transparent,
                 started: std::time::SystemTime::now(),
+                revocations: Arc::clone(&shared.revocations),
             });
             tasks.spawn(admin::serve(sock, state, detach_rx.clone()));
         }

@@ -80,6 +80,9 @@ pub struct LiveConn {
     pub down: AtomicU64,
     /// The kernel's counts, once spliced.
     splice: OnceLock<SpliceCounts>,
+    /// Set by [`LiveConn::end`] (a revocation that ends live sessions).
+    ended: std::sync::atomic::AtomicBool,
+    end: tokio::sync::Notify,
 }
 
 impl LiveConn {
@@ -103,6 +106,25 @@ impl LiveConn {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             splice: OnceLock::new(),
+            ended: std::sync::atomic::AtomicBool::new(false),
+            end: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// End the connection (its task drops both sockets).
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+        self.end.notify_waiters();
+    }
+
+    /// Resolves once [`LiveConn::end`] is called.
+    pub async fn ended(&self) {
+        loop {
+            let n = self.end.notified();
+            if self.ended.load(Ordering::SeqCst) {
+                return;
+            }
+            n.await;
         }
     }
 

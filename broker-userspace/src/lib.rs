@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod admin_revoke;
 pub mod app;
 pub mod audit;
 pub mod btf;

@@ -134,6 +134,41 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke a caller's access, live, over the admin socket (root only): its next
+    /// connections are denied at once; `--kill` also ends its open ones. Lasts until
+    /// lifted (`--lift ID`) or the daemon stops; `broker status` lists revocations.
+    Revoke {
+        /// The service (default: every service).
+        #[arg(long)]
+        service: Option<String>,
+        /// The caller's user id.
+        #[arg(long)]
+        uid: Option<u32>,
+        /// The caller's group id.
+        #[arg(long)]
+        gid: Option<u32>,
+        /// The caller's process id.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// A glob over the caller's cgroup path (`/system.slice/app.service`).
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// A glob over the caller's executable (`/usr/bin/python3*`).
+        #[arg(long)]
+        exe: Option<String>,
+        /// The caller's command name.
+        #[arg(long)]
+        comm: Option<String>,
+        /// End the selected callers' open connections too.
+        #[arg(long)]
+        kill: bool,
+        /// Lift revocation ID instead.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["service", "uid", "gid", "pid", "cgroup", "exe", "comm", "kill"])]
+        lift: Option<u64>,
+        /// The admin socket (`broker.adminSocket`).
+        #[arg(long, value_name = "PATH", default_value = broker::admin::DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+    },
     /// Print the version (also `--version`).
     Version,
 }
@@ -233,6 +268,32 @@ fn main() -> ExitCode {
         Cmd::Version => {
             let _ = writeln!(std::io::stdout(), "{}", version_line());
             ExitCode::SUCCESS
+        }
+        Cmd::Revoke {
+            service,
+            uid,
+            gid,
+            pid,
+            cgroup,
+            exe,
+            comm,
+            kill,
+            lift,
+            socket,
+        } => {
+            let req = match lift {
+                Some(id) => serde_json::json!({"cmd": "lift", "id": id}),
+                None => serde_json::json!({
+                    "cmd": "revoke",
+                    "service": service,
+                    "kill": kill,
+                    "selector": {
+                        "uid": uid, "gid": gid, "pid": pid,
+                        "cgroup": cgroup, "exe": exe, "comm": comm,
+                    },
+                }),
+            };
+            ExitCode::from(u8::try_from(broker::admin_revoke::command(&socket, &req)).unwrap_or(1))
         }
         Cmd::Status { socket, json } => {
             ExitCode::from(u8::try_from(broker::admin::status_command(&socket, json)).unwrap_or(1))

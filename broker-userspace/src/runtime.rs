@@ -34,6 +34,8 @@ pub struct ServiceRt {
     pub id: u32,
     pub service: Arc<Service>,
     pub connector: Arc<dyn Connector>,
+    /// The service's compiled policy (`None`: no policy keys, everyone may connect).
+    pub policy: Option<Arc<crate::policy::Engine>>,
     /// The service's metric handles, made at its first connection in this snapshot
     /// (`proxy::handle`).
     pub metrics: std::sync::OnceLock<Arc<crate::metrics::ServiceMetrics>>,
@@ -91,10 +93,14 @@ impl Runtime {
             let service = Arc::new(s.clone());
             let connector =
                 connector::build(&service).with_context(|| format!("service {}", s.name))?;
+            let policy = crate::policy::Engine::build(&s.policy)
+                .map_err(|e| anyhow::anyhow!("services.{}.{e}", s.name))?
+                .map(Arc::new);
             let rt = Arc::new(ServiceRt {
                 id: service_id(&s.name),
                 service,
                 connector,
+                policy,
                 metrics: std::sync::OnceLock::new(),
             });
             if let Some(other) = by_id.insert(rt.id, Arc::clone(&rt)) {
@@ -189,6 +195,12 @@ fn groups<'a, T>(
 pub fn check(cfg: &Config) -> anyhow::Result<()> {
     for (addr, members) in groups(&cfg.services, |s| s) {
         if members.len() > 1 {
+            if let Some(s) = members.iter().find(|s| !s.policy.is_empty()) {
+                bail!(
+                    "services.{}: a service with policy keys (allow, deny, schedule, rateLimit) cannot share listenOn {addr}: policy is decided per connection, and a shared listener routes per request; give it a listenOn of its own",
+                    s.name
+                );
+            }
             let shared: Vec<Arc<Service>> =
                 members.into_iter().map(|s| Arc::new(s.clone())).collect();
             connector::check_shared(&shared)
@@ -213,9 +225,16 @@ fn listeners(services: &[Arc<ServiceRt>]) -> anyhow::Result<Vec<Arc<ServiceRt>>>
             .collect::<Vec<_>>()
             .join("+");
         let lead = &members[0].service;
+        if let Some(m) = members.iter().find(|m| m.policy.is_some()) {
+            bail!(
+                "services.{}: a service with policy keys (allow, deny, schedule, rateLimit) cannot share listenOn {addr}: policy is decided per connection, and a shared listener routes per request; give it a listenOn of its own",
+                m.service.name
+            );
+        }
         let service = Arc::new(Service {
             name: name.clone(),
             intercept: Vec::new(),
+            policy: crate::policy::Spec::default(),
             credentials: BTreeMap::new(),
             authentication: Vec::new(),
             ..(**lead).clone()
@@ -231,6 +250,7 @@ fn listeners(services: &[Arc<ServiceRt>]) -> anyhow::Result<Vec<Arc<ServiceRt>>>
             id,
             service,
             connector,
+            policy: None,
             metrics: std::sync::OnceLock::new(),
         }));
     }

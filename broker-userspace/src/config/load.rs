@@ -227,6 +227,10 @@ const SERVICE_KEYS: &[&str] = &[
     "authentication",
     "cache",
     "unixSocket",
+    "allow",
+    "deny",
+    "schedule",
+    "rateLimit",
 ];
 const LIST_SERVICE_KEYS: &[&str] = &[
     "name",
@@ -239,6 +243,10 @@ const LIST_SERVICE_KEYS: &[&str] = &[
     "authentication",
     "cache",
     "unixSocket",
+    "allow",
+    "deny",
+    "schedule",
+    "rateLimit",
 ];
 
 /// Keys every provider block accepts besides its kind's own: its failure behaviour
@@ -1685,6 +1693,7 @@ impl Loader<'_> {
             }
         });
         let unix_socket = super::socket::service(self, path, m, listen_on.as_ref());
+        let policy = super::policy::service(self, path, m);
         let intercept = self.intercept(path, m.get("intercept"));
         let cache = self.cache_override(path, m.get("cache"));
         let credentials = self.credentials(path, m.get("credentials"), names);
@@ -1778,6 +1787,7 @@ impl Loader<'_> {
             authentication: authentication.into_iter().map(|(_, a)| a).collect(),
             cache,
             unix_socket,
+            policy,
         })
     }
 

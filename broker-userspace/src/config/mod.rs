@@ -15,6 +15,7 @@ mod interpolate;
 mod kinds;
 mod load;
 mod model;
+mod policy;
 mod secretless;
 mod socket;
 mod values;

@@ -142,6 +142,8 @@ pub struct Service {
     /// The service's `unixSocket:` block (a `listenOn: unix://` socket file's mode and
     /// owner): what it sets overrides `broker.unixSocket`.
     pub unix_socket: UnixSocketOptions,
+    /// `allow`, `deny`, `schedule`, `rateLimit`: who may use the service, when, how often.
+    pub policy: crate::policy::Spec,
 }
 
 /// Mode of a `listenOn: unix://` socket file when neither `broker.unixSocket.mode` nor

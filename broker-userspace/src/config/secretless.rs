@@ -23,7 +23,16 @@ pub(super) enum Dialect {
 /// Top-level keys only we define.
 const OUR_TOP_KEYS: &[&str] = &["providers", "broker"];
 /// Service keys only we define (`name` is the list shape's, which is ours as a whole).
-const OUR_SERVICE_KEYS: &[&str] = &["intercept", "cache", "authentication", "unixSocket"];
+const OUR_SERVICE_KEYS: &[&str] = &[
+    "intercept",
+    "cache",
+    "authentication",
+    "unixSocket",
+    "allow",
+    "deny",
+    "schedule",
+    "rateLimit",
+];
 
 /// The dialect of a version 2 file.
 pub(super) fn dialect(root: &Mapping) -> Dialect {

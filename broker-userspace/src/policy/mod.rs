@@ -48,6 +48,8 @@ pub enum IdSpec {
 pub struct RuleSpec {
     /// `name:`, or `allow[N]` / `deny[N]`.
     pub name: String,
+    /// Where it is in the service: `allow[N]` / `deny[N]`.
+    pub at: String,
     pub uid: Vec<IdSpec>,
     pub gid: Vec<IdSpec>,
     /// Globs over the caller's cgroup path (`/system.slice/app.service`, `/kubepods/**`).
@@ -140,11 +142,12 @@ impl Outcome {
     }
 }
 
-/// What [`Engine::build`] refuses: the key path's tail and why.
+/// What [`Engine::build`] refuses: where (`allow[N].key`, relative to the service) and
+/// why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{rule}.{key}: {message}")]
+#[error("{at}.{key}: {message}")]
 pub struct BuildError {
-    pub rule: String,
+    pub at: String,
     pub key: &'static str,
     pub message: String,
 }
@@ -172,7 +175,7 @@ fn key<T>(want: &[T], have: Option<impl FnOnce(&[T]) -> bool>) -> Option<bool> {
 impl Rule {
     fn build(spec: &RuleSpec) -> Result<Self, BuildError> {
         let err = |key, message: String| BuildError {
-            rule: spec.name.clone(),
+            at: spec.at.clone(),
             key,
             message,
         };

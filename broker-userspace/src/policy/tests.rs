@@ -5,6 +5,7 @@ use super::*;
 fn rule(name: &str) -> RuleSpec {
     RuleSpec {
         name: name.to_owned(),
+        at: name.to_owned(),
         ..RuleSpec::default()
     }
 }
@@ -167,7 +168,7 @@ fn names_that_do_not_exist_are_errors_naming_the_rule() {
         ..Spec::default()
     };
     let e = Engine::build(&spec).unwrap_err();
-    assert_eq!((e.rule.as_str(), e.key), ("deny[0]", "uid"));
+    assert_eq!((e.at.as_str(), e.key), ("deny[0]", "uid"));
     assert!(Engine::build(&Spec::default()).unwrap().is_none());
 }
 

@@ -40,7 +40,9 @@ pub use crate::drain::Tracker;
 use self::{result::ConnResult, splice::SpliceTicket};
 use crate::{
     config::{BrokerSettings, ListenAddr},
-    connector::{AppSocket, ClientAddr, Conn, ConnError, ConnStats, Connector, Env, Handoff},
+    connector::{
+        AppSocket, Caller, ClientAddr, Conn, ConnError, ConnStats, Connector, Env, Handoff,
+    },
     ebpf::{Interceptor, record_destination},
     ratelimit::LogLimiter,
     resolver::HostNames,
@@ -197,6 +199,8 @@ pub struct Shared {
     pub names: Arc<HostNames>,
     /// The daemon's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Live revocations (`broker revoke`), across reloads.
+    pub revocations: Arc<crate::policy::Revocations>,
 }
 
 /// A listening socket: TCP (the transparent listener, `listenOn: tcp://`) or Unix
@@ -315,6 +319,77 @@ fn refuse_over_cap(shared: &Shared, stream: &AppSocket, explicit: Option<u32>) {
     }
 }
 
+/// The caller as policy sees it.
+fn identity(c: Option<&Caller>) -> crate::policy::Identity<'_> {
+    c.map_or_else(crate::policy::Identity::default, |c| crate::policy::Identity {
+        pid: Some(c.pid).filter(|p| *p != 0),
+        uid: Some(c.uid),
+        gid: Some(c.gid),
+        cgroup: c.cgroup.as_deref().and_then(std::path::Path::to_str),
+        exe: c.exe.as_deref(),
+        comm: Some(c.comm.as_str()).filter(|s| !s.is_empty()),
+    })
+}
+
+/// Decide on a connection before anything is dialled or fetched: a live revocation,
+/// then the service's policy. Every decision of a service with a policy, and every
+/// revocation hit, is audited and counted; `Some` is the denial to tell the client.
+fn police(
+    shared: &Shared,
+    rt: &ServiceRt,
+    caller: Option<&Caller>,
+    dst: Option<std::net::SocketAddr>,
+) -> Option<crate::connector::Denial> {
+    use crate::policy::Outcome;
+    let who = identity(caller);
+    let service = &rt.service.name;
+    let outcome = if let Some(id) = shared.revocations.find(service, &who) {
+        Outcome::Denied {
+            rule: format!("revoked #{id}"),
+            reason: "revoked by an operator (broker revoke)".to_owned(),
+        }
+    } else {
+        rt.policy
+            .as_ref()?
+            .decide(&who, crate::policy::Timestamp::now())
+    };
+    let (allowed, rule, reason) = match &outcome {
+        Outcome::Allowed { rule } => (true, rule.as_deref(), None),
+        Outcome::Denied { rule, reason } => (false, Some(rule.as_str()), Some(reason.as_str())),
+    };
+    shared
+        .runtime
+        .load()
+        .env
+        .secrets
+        .audit()
+        .decision(&crate::audit::Decision {
+            service,
+            caller,
+            destination: dst,
+            allowed,
+            rule,
+            reason,
+        });
+    match outcome {
+        Outcome::Allowed { .. } => None,
+        Outcome::Denied { rule, reason } => {
+            // A bounded label: configured rule names and fixed words.
+            let label = if rule.starts_with("revoked") {
+                "revoked"
+            } else {
+                rule.as_str()
+            };
+            shared.metrics.policy_denied(service, label);
+            Some(crate::connector::Denial {
+                service: service.clone(),
+                rule,
+                reason,
+            })
+        }
+    }
+}
+
 /// The rate-limited line for a connection closed because a cap was reached.
 fn cap_reached(shared: &Shared, peer: &ClientAddr, explicit: Option<u32>) {
     let Some(suppressed) = shared.caps.log.check() else {
@@ -426,6 +501,31 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
             )
         }
     };
+    if let Some(denial) = police(&shared, &rt, caller.as_ref(), orig_dst) {
+        if let Some(t) = splice {
+            t.splicer.forget(t.app_cookie);
+        }
+        if let Some(suppressed) = shared.refusals.check() {
+            tracing::warn!(
+                target: "access",
+                result = "denied",
+                service = %rt.service.name,
+                src.addr = %peer,
+                caller.pid = caller.as_ref().map(|c| c.pid),
+                caller.uid = caller.as_ref().map(|c| c.uid),
+                rule = %denial.rule,
+                reason = %denial.reason,
+                suppressed_before = suppressed,
+                "connection denied by policy"
+            );
+        }
+        let _ = tokio::time::timeout(
+            crate::connector::DENY_DEADLINE,
+            rt.connector.deny(stream, &denial),
+        )
+        .await;
+        return;
+    }
     let orig_host = orig_dst.and_then(|d| shared.names.lookup(rt.id, d));
     let span = tracing::info_span!("conn", service = %rt.service.name, client = %peer);
     // The service's metric handles, made once per snapshot; the connector instance gets
@@ -459,11 +559,13 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
         },
     });
     let mut abort = shared.abort.clone();
+    let ended = Arc::clone(live.conn());
     let conn = &mut record.conn;
     let result = async {
         tokio::select! {
             r = serve(rt.connector.as_ref(), &runtime.env, conn, stream, splice) => r,
             () = stopped(&mut abort) => Err(ConnError::Io(std::io::Error::other("broker shutting down"))),
+            () = ended.ended() => Err(ConnError::Io(std::io::Error::other("ended by a revocation (broker revoke --kill)"))),
         }
     }
     .instrument(span)

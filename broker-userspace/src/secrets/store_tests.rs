@@ -204,6 +204,7 @@ fn service(name: &str, creds: &[(&str, &str, &str)], cache: CacheOverride) -> Se
         authentication: vec![],
         cache,
         unix_socket: crate::config::UnixSocketOptions::default(),
+        policy: crate::policy::Spec::default(),
     }
 }
 

@@ -625,6 +625,7 @@ fn counted_service() -> Service {
         authentication: vec![],
         cache: crate::config::CacheOverride::default(),
         unix_socket: crate::config::UnixSocketOptions::default(),
+        policy: crate::policy::Spec::default(),
     }
 }
 

@@ -95,6 +95,7 @@ pub(super) async fn broker_with_ca(
         authentication: vec![],
         cache: crate::config::CacheOverride::default(),
         unix_socket: crate::config::UnixSocketOptions::default(),
+        policy: crate::policy::Spec::default(),
     };
     let mut providers = BTreeMap::new();
     providers.insert("file".to_owned(), ProviderConfig::File);

@@ -79,6 +79,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
         authentication: vec![],
         cache: crate::config::CacheOverride::default(),
         unix_socket: crate::config::UnixSocketOptions::default(),
+        policy: crate::policy::Spec::default(),
     };
     let mut providers = BTreeMap::new();
     providers.insert("file".to_owned(), ProviderConfig::File);
