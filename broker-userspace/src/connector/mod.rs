@@ -15,6 +15,7 @@
 
 pub mod app_socket;
 pub mod db_tls;
+pub mod deny;
 pub mod dial;
 pub mod http;
 pub mod mysql;

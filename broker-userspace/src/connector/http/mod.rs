@@ -12,9 +12,11 @@
 //! * [`oauth1`]: OAuth 1.0a request signing (HMAC-SHA1), Secretless' `oauth1:` block;
 //! * [`oauth2`]: OAuth2 client-credentials tokens, fetched once for all concurrent
 //!   requests and cached until shortly before they expire ([`tokens`]: the seam);
-//! * [`sigv4`]: AWS Signature Version 4, re-signing each request with brokered keys.
+//! * [`sigv4`]: AWS Signature Version 4, re-signing each request with brokered keys;
+//! * [`deny`]: a connection the policy refused: `403` with a JSON body naming the rule.
 
 pub mod config;
+pub mod deny;
 pub mod inject;
 pub mod oauth1;
 pub mod oauth2;

@@ -39,7 +39,7 @@ use crate::{
     config::{InterceptTarget, ListenAddr, Service},
     connector::{
         AppSocket, AsyncStream, BoxFuture, Caller, Conn, ConnError, ConnStats, Connector,
-        Credentials, Env, Handoff, Requester, Session, UpstreamStream, close_gracefully,
+        Credentials, Denial, Env, Handoff, Requester, Session, UpstreamStream, close_gracefully,
         dial::HostPort,
         target::{self, AppDestination, Destinations, Fallbacks},
     },
@@ -364,6 +364,12 @@ impl Connector for HttpConnector {
                 },
             }
         })
+    }
+
+    /// One request read, answered `403` with a JSON body naming the rule; TLS gets an
+    /// `access_denied` alert ([`super::deny`]).
+    fn deny<'a>(&'a self, client: AppSocket, denial: &'a Denial) -> BoxFuture<'a, ()> {
+        Box::pin(super::deny::deny(client, denial))
     }
 
     fn observe(&self, metrics: &Arc<crate::metrics::Metrics>) {

@@ -23,7 +23,9 @@
 //! the cache and the login is tried once more on a new connection (rotation). Every
 //! failure reaches the client as an ERR packet naming the service ([`errors`]): 1045
 //! access denied, 1429 upstream unreachable or TLS failed, 1040 over a broker cap; the
-//! server's own errors keep its code.
+//! server's own errors keep its code. A connection the policy refused
+//! ([`Connector::deny`]) never reaches the upstream: its client gets ERR 1045 `28000`
+//! naming the rule in answer to its handshake response ([`deny`]).
 //!
 //! Limits:
 //! * `COM_CHANGE_USER` after the login goes to the server as the app sent it, in the
@@ -40,6 +42,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod deny;
 pub mod errors;
 pub mod guard;
 pub mod proto;
@@ -67,7 +70,7 @@ use self::{
 use crate::{
     config::Service,
     connector::{
-        AppSocket, BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind,
+        AppSocket, BoxFuture, Conn, ConnError, Connector, Credentials, Denial, Env, Handoff, Kind,
         Requester, Session, UpstreamStream, close_gracefully,
         db_tls::TlsConfigCache,
         settings,
@@ -150,6 +153,12 @@ impl Connector for MysqlConnector {
         let (code, state) = code::TOO_MANY_CONNECTIONS;
         let msg = format!("service `{service}`: {reason}");
         Some(proto::encode(0, &errors::err_payload(code, state, &msg)).to_vec())
+    }
+
+    /// A greeting of the broker's, the client's response read, then ERR 1045 `28000`
+    /// naming the rule ([`deny`]); nothing is dialled.
+    fn deny<'a>(&'a self, client: AppSocket, denial: &'a Denial) -> BoxFuture<'a, ()> {
+        Box::pin(deny::deny(client, denial))
     }
 }
 

@@ -656,3 +656,80 @@ fn refusal_is_1040() {
     };
     assert!(!super::MysqlConnector::new(&refuse).unwrap().uses_ca());
 }
+
+/// The denying connector on a loopback listener of its own.
+async fn denying() -> SocketAddr {
+    use crate::connector::deny::testing::{denial, deny_listener};
+    let port = deny_listener(|s| async move {
+        let my = super::MysqlConnector::new(&MysqlConfig::default()).unwrap();
+        my.deny(s, &denial()).await;
+    })
+    .await;
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A connection the policy refused gets what a server sends a user it refuses: a
+/// greeting (no TLS offered), then ERR 1045 (28000) naming the rule in answer to the
+/// HandshakeResponse, then a close (FIN, not a reset); nothing is dialled.
+#[tokio::test]
+async fn deny_is_1045_28000_in_answer_to_the_response() {
+    use crate::connector::deny::testing::denial;
+    let addr = denying().await;
+    let (mut io, greeting, answer) = client(addr).await;
+    assert_eq!(greeting.version, super::deny::DENY_VERSION);
+    assert!(!greeting.caps.contains(Caps::CLIENT_SSL));
+    assert_eq!(answer.seq, 2);
+    let e = err_of(&answer);
+    assert_eq!((e.code, e.sqlstate.as_str()), (1045, "28000"));
+    assert_eq!(e.message, denial().message());
+    assert!(io.closed().await, "closed without a reset");
+
+    // A client that insists on TLS (an SSLRequest, though none was offered) cannot read
+    // an ERR: closed.
+    let mut io = Io::new(TcpStream::connect(addr).await.unwrap());
+    let _ = io.read().await;
+    let ssl = proto::ssl_request(
+        Caps::CLIENT_PROTOCOL_41 | Caps::CLIENT_SECURE_CONNECTION | Caps::CLIENT_SSL,
+        mysql_common::constants::MariadbCapabilities::empty(),
+        &proto::ClientResponse {
+            caps: Caps::CLIENT_PROTOCOL_41,
+            ext_caps: mysql_common::constants::MariadbCapabilities::empty(),
+            max_packet: 1 << 24,
+            collation: 45,
+            user: b"app".to_vec(),
+            database: None,
+            plugin: None,
+            attrs: None,
+        },
+    );
+    io.write(1, &ssl).await;
+    let mut rest = Vec::new();
+    io.s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+/// The real `mariadb` client prints `ERROR 1045 (28000): <the denial>`.
+#[tokio::test]
+async fn deny_mariadb_prints_error_1045() {
+    use crate::connector::deny::testing::{client_program, denial, run};
+    let Some(mariadb) = client_program("mariadb") else {
+        return;
+    };
+    let port = denying().await.port();
+    for ssl in [None, Some("--ssl"), Some("--skip-ssl")] {
+        let mut cmd = tokio::process::Command::new(&mariadb);
+        cmd.arg("--no-defaults")
+            .args(ssl)
+            .args(["-h", "127.0.0.1", "-P", &port.to_string()])
+            .args(["-u", "app", "-pnot-the-password", "--connect-timeout=5"])
+            .args(["-e", "select 1"]);
+        let out = run(cmd).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{ssl:?}: {err}");
+        assert_eq!(
+            err.trim_end(),
+            format!("ERROR 1045 (28000): {}", denial().message()),
+            "{ssl:?}"
+        );
+    }
+}

@@ -16,6 +16,7 @@ pub mod cancel;
 pub mod client;
 pub mod client_auth;
 pub mod config;
+pub mod deny;
 pub mod errors;
 pub mod messages;
 pub mod scram;
@@ -44,7 +45,7 @@ use self::{
 use crate::{
     config::Service,
     connector::{
-        AppSocket, BoxFuture, Conn, ConnError, Connector, Credentials, Env, Handoff, Kind,
+        AppSocket, BoxFuture, Conn, ConnError, Connector, Credentials, Denial, Env, Handoff, Kind,
         Requester, Session, UpstreamStream, settings,
         target::{AppDestination, Destinations},
     },
@@ -112,6 +113,12 @@ impl Connector for PgConnector {
         client: AppSocket,
     ) -> BoxFuture<'a, Result<Handoff, ConnError>> {
         Box::pin(serve(self, env, conn, client))
+    }
+
+    /// The startup read (encryption requests answered `N`), then FATAL `28000` naming
+    /// the rule ([`deny`]).
+    fn deny<'a>(&'a self, client: AppSocket, denial: &'a Denial) -> BoxFuture<'a, ()> {
+        Box::pin(deny::deny(client, denial))
     }
 
     fn splices(&self) -> bool {
