@@ -95,14 +95,17 @@ pub fn revoke(admin: &Admin, req: &Value) -> Value {
     if kill {
         let (live, _) = admin.tracker.live(usize::MAX);
         for c in live {
-            let who = c.caller.as_ref().map_or_else(Identity::default, |k| Identity {
-                pid: Some(k.pid).filter(|p| *p != 0),
-                uid: Some(k.uid),
-                gid: Some(k.gid),
-                cgroup: k.cgroup.as_deref().and_then(Path::to_str),
-                exe: k.exe.as_deref(),
-                comm: Some(k.comm.as_str()).filter(|s| !s.is_empty()),
-            });
+            let who = c
+                .caller
+                .as_ref()
+                .map_or_else(Identity::default, |k| Identity {
+                    pid: Some(k.pid).filter(|p| *p != 0),
+                    uid: Some(k.uid),
+                    gid: Some(k.gid),
+                    cgroup: k.cgroup.as_deref().and_then(Path::to_str),
+                    exe: k.exe.as_deref(),
+                    comm: Some(k.comm.as_str()).filter(|s| !s.is_empty()),
+                });
             if r.selects(&c.service, &who) {
                 c.end();
                 ended += 1;
@@ -165,7 +168,12 @@ pub fn render(o: &mut String, s: &Value) {
             .into_iter()
             .flatten()
             .filter(|(_, v)| !v.is_null())
-            .map(|(k, v)| format!("{k}={}", v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                )
+            })
             .collect();
         let _ = writeln!(
             o,
@@ -203,7 +211,10 @@ pub fn command(socket: &Path, req: &Value) -> i32 {
                 .get("error")
                 .and_then(Value::as_str)
                 .unwrap_or("no reason given");
-            let _ = writeln!(std::io::stderr(), "broker revoke: the daemon refused: {why}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "broker revoke: the daemon refused: {why}"
+            );
             1
         }
         Err(e) => {

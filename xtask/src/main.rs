@@ -83,8 +83,19 @@ fn main() -> anyhow::Result<()> {
                 "mysql" => bench_mysql::run(&root, seconds),
                 "clients" => bench_clients::run(&root),
                 "secrets" => bench_secrets::run(&root),
+                "policy" => run(Command::new("cargo").args([
+                    "run",
+                    "--release",
+                    "-q",
+                    "-p",
+                    "broker-userspace",
+                    "--example",
+                    "policy_bench",
+                ])),
                 other => {
-                    bail!("unknown benchmark `{other}` (known: pg, http, mysql, clients, secrets)")
+                    bail!(
+                        "unknown benchmark `{other}` (known: pg, http, mysql, clients, secrets, policy)"
+                    )
                 }
             }
         }

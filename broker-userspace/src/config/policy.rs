@@ -9,7 +9,6 @@ use yaml_serde::{Mapping, Value};
 use super::{Loader, index, join};
 use crate::policy::{IdSpec, Rate, RateSpec, RuleSpec, Spec, Window};
 
-
 /// The keys of one rule.
 const RULE_KEYS: &[&str] = &[
     "name", "uid", "gid", "cgroup", "unit", "exe", "comm", "when",
@@ -57,7 +56,11 @@ fn texts(l: &mut Loader<'_>, p: &str, v: &Value) -> Vec<(String, String)> {
                 l.non_empty(&ip, item).map(|t| (ip, t))
             })
             .collect(),
-        _ => l.non_empty(p, v).map(|t| (p.to_owned(), t)).into_iter().collect(),
+        _ => l
+            .non_empty(p, v)
+            .map(|t| (p.to_owned(), t))
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -79,7 +82,10 @@ fn rules(l: &mut Loader<'_>, p: &str, list_name: &str, v: &Value) -> Vec<RuleSpe
         let rp = index(p, i);
         if let Some(r) = rule(l, &rp, &format!("{list_name}[{i}]"), item) {
             if !names.insert(r.name.clone()) {
-                l.err(&join(&rp, "name"), format!("another rule is named {:?}", r.name));
+                l.err(
+                    &join(&rp, "name"),
+                    format!("another rule is named {:?}", r.name),
+                );
             }
             out.push(r);
         }
@@ -152,7 +158,10 @@ fn rule(l: &mut Loader<'_>, p: &str, default_name: &str, v: &Value) -> Option<Ru
         }
     }
     if let Some(v) = m.get("unit") {
-        r.unit = texts(l, &join(p, "unit"), v).into_iter().map(|(_, t)| t).collect();
+        r.unit = texts(l, &join(p, "unit"), v)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
     }
     if let Some(v) = m.get("comm") {
         for (ip, t) in texts(l, &join(p, "comm"), v) {
@@ -215,7 +224,11 @@ fn windows(l: &mut Loader<'_>, p: &str, v: &Value) -> Vec<Window> {
 
 fn rate_limit(l: &mut Loader<'_>, p: &str, v: &Value) -> RateSpec {
     let mut out = RateSpec::default();
-    let Some(m) = l.map(p, v, "a map {perCaller, perService} of rates such as \"5/s\"") else {
+    let Some(m) = l.map(
+        p,
+        v,
+        "a map {perCaller, perService} of rates such as \"5/s\"",
+    ) else {
         return out;
     };
     l.keys(p, m, &["perCaller", "perService"]);
@@ -239,7 +252,9 @@ fn rate(l: &mut Loader<'_>, p: &str, v: &Value) -> Option<Rate> {
             "h" | "hour" => Duration::from_secs(3600),
             _ => return None,
         };
-        (1..=1_000_000).contains(&count).then_some(Rate { count, per })
+        (1..=1_000_000)
+            .contains(&count)
+            .then_some(Rate { count, per })
     });
     if parsed.is_none() {
         let shown = l.shown(p, &t);
@@ -251,4 +266,75 @@ fn rate(l: &mut Loader<'_>, p: &str, v: &Value) -> Option<Rate> {
         );
     }
     parsed
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{
+        config::{ConfigErrors, load_str_with_env},
+        connector::KINDS,
+        policy::IdSpec,
+    };
+
+    fn load(policy: &str) -> Result<crate::config::Config, ConfigErrors> {
+        load_str_with_env(
+            &format!(
+                "version: 2\nservices:\n  db:\n    connector: tcp\n    intercept: [\"10.0.0.1:5432\"]\n{policy}    credentials:\n      host: 10.0.0.1\n      port: \"5432\"\n"
+            ),
+            &|_| None,
+            &KINDS,
+        )
+    }
+
+    #[track_caller]
+    fn has(e: &ConfigErrors, path: &str, needle: &str) {
+        assert!(
+            e.0.iter()
+                .any(|x| x.path == path && x.message.contains(needle)),
+            "no error at {path:?} containing {needle:?}; got:\n{e}"
+        );
+    }
+
+    #[test]
+    fn the_issue_form_and_every_key() {
+        let c = load(
+            "    allow: [{uid: 0}, {exe: /usr/bin/psql, cgroup: \"/system.slice/app.service\"}]\n    deny:\n      - name: batch\n        uid: [batch, 1001]\n        gid: staff\n        unit: batch.service\n        comm: [cron]\n        when: \"sat,sun 00:00-24:00 UTC\"\n    schedule: [\"mon-fri 08:00-18:00 Europe/Paris\"]\n    rateLimit: {perCaller: 5/s, perService: 600/min}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let p = &c.services[0].policy;
+        let allow = p.allow.as_ref().unwrap();
+        assert_eq!(allow.len(), 2);
+        assert_eq!(allow[0].name, "allow[0]");
+        assert_eq!(allow[0].uid, vec![IdSpec::Id(0)]);
+        assert_eq!(allow[1].exe, vec!["/usr/bin/psql".to_owned()]);
+        assert_eq!(p.deny[0].name, "batch");
+        assert_eq!(
+            p.deny[0].uid,
+            vec![IdSpec::Name("batch".into()), IdSpec::Id(1001)]
+        );
+        assert_eq!(p.deny[0].when.len(), 1);
+        assert_eq!(p.schedule.len(), 1);
+        assert_eq!(p.rate.per_caller.unwrap().to_string(), "5/s");
+        assert_eq!(p.rate.per_service.unwrap().to_string(), "600/min");
+        assert!(load("").unwrap().services[0].policy.is_empty());
+    }
+
+    #[test]
+    fn errors_name_their_key_paths() {
+        let e = load(
+            "    allow:\n      - exe: psql\n        cgroup: \"/a/[\"\n        shell: bash\n      - namespace: prod\n      - {name: x, uid: \"a b\"}\n      - {name: x}\n    deny: {uid: 0}\n    schedule: \"mon 8:00-18:00 UTC\"\n    rateLimit: {perCaller: 5/day, burst: 3}\n",
+        )
+        .unwrap_err();
+        let a = "services.db.allow";
+        has(&e, &format!("{a}[0].exe"), "absolute path");
+        has(&e, &format!("{a}[0].cgroup"), "invalid glob");
+        has(&e, &format!("{a}[0].shell"), "unknown key");
+        has(&e, &format!("{a}[1].namespace"), "not built yet");
+        has(&e, &format!("{a}[2].uid"), "user name or a numeric id");
+        has(&e, &format!("{a}[3].name"), "another rule is named");
+        has(&e, "services.db.deny", "must be a list of rules");
+        has(&e, "services.db.schedule", "invalid time");
+        has(&e, "services.db.rateLimit.perCaller", "invalid rate");
+        has(&e, "services.db.rateLimit.burst", "unknown key");
+    }
 }

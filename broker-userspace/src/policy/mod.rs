@@ -222,8 +222,9 @@ impl Rule {
             },
             key(
                 &self.unit,
-                who.cgroup
-                    .map(|c| move |w: &[String]| c.split('/').any(|part| w.iter().any(|u| u == part))),
+                who.cgroup.map(|c| {
+                    move |w: &[String]| c.split('/').any(|part| w.iter().any(|u| u == part))
+                }),
             ),
             match (&self.exe, who.exe) {
                 (None, _) => Some(true),
@@ -232,7 +233,8 @@ impl Rule {
             },
             key(
                 &self.comm,
-                who.comm.map(|c| move |w: &[String]| w.iter().any(|x| x == c)),
+                who.comm
+                    .map(|c| move |w: &[String]| w.iter().any(|x| x == c)),
             ),
             Some(self.when.is_empty() || self.when.iter().any(|w| w.contains(now))),
         ];
@@ -366,7 +368,11 @@ impl Engine {
             if l.len() > MAX_CALLERS {
                 l.retain_recent();
             }
-            let k = if l.len() > MAX_CALLERS { 0 } else { caller_key(who) };
+            let k = if l.len() > MAX_CALLERS {
+                0
+            } else {
+                caller_key(who)
+            };
             if l.check_key(&k).is_err() {
                 return Outcome::denied(
                     "rateLimit",

@@ -120,7 +120,10 @@ impl Revocations {
             kill,
             since: SystemTime::now(),
         });
-        let mut list = self.list.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut list = self
+            .list
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if list.len() >= MAX_REVOCATIONS {
             return Err(format!(
                 "{MAX_REVOCATIONS} revocations are in force already: lift some (broker revoke --lift ID)"
@@ -132,7 +135,10 @@ impl Revocations {
 
     /// Lift revocation `id`; whether it existed.
     pub fn lift(&self, id: u64) -> bool {
-        let mut list = self.list.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut list = self
+            .list
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let before = list.len();
         list.retain(|r| r.id != id);
         list.len() != before
@@ -150,7 +156,10 @@ impl Revocations {
     /// The first revocation that selects `who` on `service`.
     #[must_use]
     pub fn find(&self, service: &str, who: &Identity<'_>) -> Option<u64> {
-        let list = self.list.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = self
+            .list
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         list.iter().find(|r| r.selects(service, who)).map(|r| r.id)
     }
 }

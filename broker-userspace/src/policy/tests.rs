@@ -187,11 +187,18 @@ fn revocations_select_callers_and_services() {
             false,
         )
         .unwrap();
-    assert_eq!(r.find("db", &who(1000, "/a", "/usr/bin/psql")), Some(one.id));
+    assert_eq!(
+        r.find("db", &who(1000, "/a", "/usr/bin/psql")),
+        Some(one.id)
+    );
     assert_eq!(r.find("other", &who(1000, "/a", "/usr/bin/psql")), None);
     assert_eq!(r.find("db", &who(1001, "/a", "/usr/bin/psql")), None);
     assert_eq!(r.find("db", &who(1000, "/a", "/opt/x")), None);
-    assert_eq!(r.find("db", &Identity::default()), Some(one.id), "fails closed");
+    assert_eq!(
+        r.find("db", &Identity::default()),
+        Some(one.id),
+        "fails closed"
+    );
     assert!(r.lift(one.id));
     assert!(!r.lift(one.id));
     assert_eq!(r.find("db", &who(1000, "/a", "/usr/bin/psql")), None);

@@ -129,8 +129,8 @@ impl Window {
     #[must_use]
     pub fn contains(&self, now: Timestamp) -> bool {
         let local = now.to_zoned(self.tz.clone());
-        let minute = u16::from(local.hour().unsigned_abs()) * 60
-            + u16::from(local.minute().unsigned_abs());
+        let minute =
+            u16::from(local.hour().unsigned_abs()) * 60 + u16::from(local.minute().unsigned_abs());
         let today = weekday_index(local.weekday());
         if self.start < self.end {
             self.days & (1 << today) != 0 && minute >= self.start && minute < self.end
@@ -161,16 +161,28 @@ mod tests {
         // Monday 2026-11-30 09:00 in Paris is 08:00 UTC.
         assert!(w.contains(at("2026-11-30T08:00:00Z")));
         assert!(!w.contains(at("2026-11-30T06:59:00Z")), "07:59 Paris");
-        assert!(!w.contains(at("2026-11-30T17:00:00Z")), "18:00 Paris: end excluded");
+        assert!(
+            !w.contains(at("2026-11-30T17:00:00Z")),
+            "18:00 Paris: end excluded"
+        );
         assert!(!w.contains(at("2026-12-05T10:00:00Z")), "Saturday");
         let night = Window::parse("fri 22:00-06:00 UTC").unwrap();
         assert!(night.contains(at("2026-12-04T23:00:00Z")), "Friday night");
-        assert!(night.contains(at("2026-12-05T05:59:00Z")), "Saturday morning");
-        assert!(!night.contains(at("2026-12-05T23:00:00Z")), "Saturday night");
+        assert!(
+            night.contains(at("2026-12-05T05:59:00Z")),
+            "Saturday morning"
+        );
+        assert!(
+            !night.contains(at("2026-12-05T23:00:00Z")),
+            "Saturday night"
+        );
         let always = Window::parse("* 00:00-24:00 UTC").unwrap();
         assert!(always.contains(at("2026-12-06T23:59:59Z")));
         let some = Window::parse("sat,sun,wed 10:00-12:00 America/New_York").unwrap();
-        assert!(some.contains(at("2026-12-02T15:30:00Z")), "Wednesday 10:30 EST");
+        assert!(
+            some.contains(at("2026-12-02T15:30:00Z")),
+            "Wednesday 10:30 EST"
+        );
     }
 
     #[test]

@@ -321,13 +321,15 @@ fn refuse_over_cap(shared: &Shared, stream: &AppSocket, explicit: Option<u32>) {
 
 /// The caller as policy sees it.
 fn identity(c: Option<&Caller>) -> crate::policy::Identity<'_> {
-    c.map_or_else(crate::policy::Identity::default, |c| crate::policy::Identity {
-        pid: Some(c.pid).filter(|p| *p != 0),
-        uid: Some(c.uid),
-        gid: Some(c.gid),
-        cgroup: c.cgroup.as_deref().and_then(std::path::Path::to_str),
-        exe: c.exe.as_deref(),
-        comm: Some(c.comm.as_str()).filter(|s| !s.is_empty()),
+    c.map_or_else(crate::policy::Identity::default, |c| {
+        crate::policy::Identity {
+            pid: Some(c.pid).filter(|p| *p != 0),
+            uid: Some(c.uid),
+            gid: Some(c.gid),
+            cgroup: c.cgroup.as_deref().and_then(std::path::Path::to_str),
+            exe: c.exe.as_deref(),
+            comm: Some(c.comm.as_str()).filter(|s| !s.is_empty()),
+        }
     })
 }
 
