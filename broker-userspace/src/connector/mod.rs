@@ -465,6 +465,9 @@ pub struct Conn {
     /// The `intercept:` hostname `orig_dst` stands for, when the service intercepts by
     /// name (what the app dialled; see [`crate::resolver::HostNames`]).
     pub orig_host: Option<String>,
+    /// The policy rule that admitted the caller (its service's `allow` rule), if any: a
+    /// reused PostgreSQL session never crosses rules.
+    pub admitted_by: Option<String>,
     /// Filled in by the connector (and the core) for the access log.
     pub stats: ConnStats,
 }

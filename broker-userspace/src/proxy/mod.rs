@@ -335,13 +335,14 @@ fn identity(c: Option<&Caller>) -> crate::policy::Identity<'_> {
 
 /// Decide on a connection before anything is dialled or fetched: a live revocation,
 /// then the service's policy. Every decision of a service with a policy, and every
-/// revocation hit, is audited and counted; `Some` is the denial to tell the client.
+/// revocation hit, is audited and counted. `Ok`: allowed (by this `allow` rule);
+/// `Err`: the denial to tell the client.
 fn police(
     shared: &Shared,
     rt: &ServiceRt,
     caller: Option<&Caller>,
     dst: Option<std::net::SocketAddr>,
-) -> Option<crate::connector::Denial> {
+) -> Result<Option<String>, crate::connector::Denial> {
     use crate::policy::Outcome;
     let who = identity(caller);
     let service = &rt.service.name;
@@ -351,9 +352,10 @@ fn police(
             reason: "revoked by an operator (broker revoke)".to_owned(),
         }
     } else {
-        rt.policy
-            .as_ref()?
-            .decide(&who, crate::policy::Timestamp::now())
+        match &rt.policy {
+            Some(p) => p.decide(&who, crate::policy::Timestamp::now()),
+            None => return Ok(None),
+        }
     };
     let (allowed, rule, reason) = match &outcome {
         Outcome::Allowed { rule } => (true, rule.as_deref(), None),
@@ -374,7 +376,7 @@ fn police(
             reason,
         });
     match outcome {
-        Outcome::Allowed { .. } => None,
+        Outcome::Allowed { rule } => Ok(rule),
         Outcome::Denied { rule, reason } => {
             // A bounded label: configured rule names and fixed words.
             let label = if rule.starts_with("revoked") {
@@ -383,7 +385,7 @@ fn police(
                 rule.as_str()
             };
             shared.metrics.policy_denied(service, label);
-            Some(crate::connector::Denial {
+            Err(crate::connector::Denial {
                 service: service.clone(),
                 rule,
                 reason,
@@ -503,31 +505,34 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
             )
         }
     };
-    if let Some(denial) = police(&shared, &rt, caller.as_ref(), orig_dst) {
-        if let Some(t) = splice {
-            t.splicer.forget(t.app_cookie);
+    let admitted_by = match police(&shared, &rt, caller.as_ref(), orig_dst) {
+        Ok(rule) => rule,
+        Err(denial) => {
+            if let Some(t) = splice {
+                t.splicer.forget(t.app_cookie);
+            }
+            if let Some(suppressed) = shared.refusals.check() {
+                tracing::warn!(
+                    target: "access",
+                    result = "denied",
+                    service = %rt.service.name,
+                    src.addr = %peer,
+                    caller.pid = caller.as_ref().map(|c| c.pid),
+                    caller.uid = caller.as_ref().map(|c| c.uid),
+                    rule = %denial.rule,
+                    reason = %denial.reason,
+                    suppressed_before = suppressed,
+                    "connection denied by policy"
+                );
+            }
+            let _ = tokio::time::timeout(
+                crate::connector::DENY_DEADLINE,
+                rt.connector.deny(stream, &denial),
+            )
+            .await;
+            return;
         }
-        if let Some(suppressed) = shared.refusals.check() {
-            tracing::warn!(
-                target: "access",
-                result = "denied",
-                service = %rt.service.name,
-                src.addr = %peer,
-                caller.pid = caller.as_ref().map(|c| c.pid),
-                caller.uid = caller.as_ref().map(|c| c.uid),
-                rule = %denial.rule,
-                reason = %denial.reason,
-                suppressed_before = suppressed,
-                "connection denied by policy"
-            );
-        }
-        let _ = tokio::time::timeout(
-            crate::connector::DENY_DEADLINE,
-            rt.connector.deny(stream, &denial),
-        )
-        .await;
-        return;
-    }
+    };
     let orig_host = orig_dst.and_then(|d| shared.names.lookup(rt.id, d));
     let span = tracing::info_span!("conn", service = %rt.service.name, client = %peer);
     // The service's metric handles, made once per snapshot; the connector instance gets
@@ -554,6 +559,7 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
         caller,
         orig_dst,
         orig_host,
+        admitted_by,
         stats: ConnStats {
             metrics: Some(metrics),
             live: Some(Arc::clone(live.conn())),

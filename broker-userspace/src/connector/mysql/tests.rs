@@ -139,6 +139,7 @@ pub(super) async fn broker_with_ca(
                     caller: None,
                     orig_dst: None,
                     orig_host: None,
+                    admitted_by: None,
                     stats: ConnStats::default(),
                 };
                 let r = crate::proxy::serve(my.as_ref(), &env, &mut conn, sock.into(), None).await;

@@ -18,6 +18,9 @@ pub const CANCEL_MAP_CAP: usize = 65_536;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
     pub to: HostPort,
+    /// The key to send upstream when the client was given a key of its own (a reused
+    /// session, see `reuse`); `None`: the client's key is the server's.
+    pub upstream_key: Option<CancelKey>,
 }
 
 /// Live sessions' cancel keys. `Debug` shows only the size (keys authorize cancels).
@@ -123,6 +126,7 @@ mod tests {
     fn target() -> CancelTarget {
         CancelTarget {
             to: HostPort::new("db", 5432),
+            upstream_key: None,
         }
     }
 

@@ -52,6 +52,27 @@ pub struct PgConfig {
     /// `require_auth=scram-sha-256` work. Not a secret: it grants nothing the caller's
     /// cgroup does not already grant. `None`: the client is not asked for a password.
     pub client_password: Option<Secret>,
+    /// `reuse: session`: authenticated upstream sessions are reset and kept for the
+    /// next app connection with the same startup (see `reuse`). `None`: off.
+    pub reuse: Option<ReuseConfig>,
+}
+
+/// `reuse: session` with `reuseIdle` and `reuseMax`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReuseConfig {
+    /// How long an idle session is kept (`reuseIdle`, default 60 s).
+    pub idle: std::time::Duration,
+    /// Idle sessions kept per startup (`reuseMax`, default 16).
+    pub max_idle: usize,
+}
+
+impl Default for ReuseConfig {
+    fn default() -> Self {
+        Self {
+            idle: std::time::Duration::from_secs(60),
+            max_idle: 16,
+        }
+    }
 }
 
 /// Default `scramMaxIterations`: 25 times PostgreSQL's default of 4096.
@@ -65,6 +86,7 @@ impl Default for PgConfig {
             scram_max_iterations: DEFAULT_SCRAM_MAX_ITERATIONS,
             client_tls: false,
             client_password: None,
+            reuse: None,
         }
     }
 }
@@ -73,13 +95,16 @@ impl ConnectorSettings for PgConfig {}
 
 /// The `config:` block of a `pg` service (connection settings are credentials).
 fn parse(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn ConnectorSettings>> {
-    const KEYS: [&str; 6] = [
+    const KEYS: [&str; 9] = [
         "requireAuth",
         "upstreamAllow",
         "scramMaxIterations",
         "clientTLS",
         "clientAuth",
         "clientPassword",
+        "reuse",
+        "reuseIdle",
+        "reuseMax",
     ];
     let (path, name) = (b.path, b.name);
     let mut out = PgConfig::default();
@@ -120,6 +145,7 @@ fn parse(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn Connector
                 }
             }
             client_auth(l, path, m, &mut out);
+            reuse(l, path, m, &mut out);
             if let Some(v) = m.get("scramMaxIterations") {
                 let p = join(path, "scramMaxIterations");
                 match l.uint(&p, v, u64::from(u32::MAX), "an iteration count") {
@@ -142,6 +168,51 @@ fn parse(l: &mut Loader<'_>, b: &ConnectorBlock<'_>) -> Option<Arc<dyn Connector
     }
     upstream_rules(l, b, &out);
     (l.error_count() == before).then(|| Arc::new(out) as Arc<dyn ConnectorSettings>)
+}
+
+/// `reuse: session|off`, `reuseIdle`, `reuseMax`.
+fn reuse(l: &mut Loader<'_>, path: &str, m: &yaml_serde::Mapping, out: &mut PgConfig) {
+    let mut r = ReuseConfig::default();
+    let on = match m.get("reuse") {
+        None => false,
+        Some(v) => {
+            let p = join(path, "reuse");
+            match l.non_empty(&p, v).as_deref() {
+                Some("session") => true,
+                Some("off" | "none") => false,
+                Some(_) => {
+                    l.err(&p, "must be session or off");
+                    false
+                }
+                None => false,
+            }
+        }
+    };
+    if let Some(v) = m.get("reuseIdle") {
+        let p = join(path, "reuseIdle");
+        match l.duration(&p, v) {
+            Some(d) if d.is_zero() || d > std::time::Duration::from_secs(3600) => {
+                l.err(&p, "must be between 1s and 1h");
+            }
+            Some(d) => r.idle = d,
+            None => {}
+        }
+    }
+    if let Some(v) = m.get("reuseMax") {
+        let p = join(path, "reuseMax");
+        match l.uint(&p, v, 1024, "a count of idle sessions") {
+            Some(0) => l.err(&p, "must be at least 1"),
+            Some(n) => r.max_idle = usize::try_from(n).expect("checked range"),
+            None => {}
+        }
+    }
+    if !on && (m.contains_key("reuseIdle") || m.contains_key("reuseMax")) {
+        l.err(path, "reuseIdle and reuseMax apply with reuse: session");
+    }
+    if on && out.client_password.is_some() {
+        // Fine: the client is authenticated by the broker either way.
+    }
+    out.reuse = on.then_some(r);
 }
 
 /// `clientAuth: scram-sha-256` (or `none`) and its `clientPassword`.

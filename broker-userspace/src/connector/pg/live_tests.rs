@@ -119,6 +119,7 @@ async fn start_broker(creds: Vec<(&str, CredentialSource)>) -> Running {
                     caller: None,
                     orig_dst: None,
                     orig_host: None,
+                    admitted_by: None,
                     stats: ConnStats::default(),
                 };
                 let r = crate::proxy::serve(p.as_ref(), &e, &mut conn, sock.into(), None).await;

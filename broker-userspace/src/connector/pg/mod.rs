@@ -19,6 +19,7 @@ pub mod config;
 pub mod deny;
 pub mod errors;
 pub mod messages;
+pub mod reuse;
 pub mod scram;
 pub mod scram_server;
 pub mod startup;
@@ -68,6 +69,8 @@ pub struct PgShared {
     pub cancel: Arc<CancelMap>,
     pub salted: SaltedPasswordCache,
     pub tls: TlsConfigCache,
+    /// Idle sessions (`reuse: session`).
+    pub pool: reuse::Pool,
 }
 
 /// The `pg` kind (aliases `postgres`, `postgresql`).
@@ -121,8 +124,9 @@ impl Connector for PgConnector {
         Box::pin(deny::deny(client, denial))
     }
 
+    /// Not with `reuse: session`: the broker frames those sessions itself.
     fn splices(&self) -> bool {
-        true
+        self.cfg.reuse.is_none()
     }
 
     fn uses_ca(&self) -> bool {
@@ -196,9 +200,12 @@ async fn serve(
                 }
                 None => Ok(()),
             };
-            match client_authed {
-                Ok(()) => session(pg, env, conn, &service, &mut client, s, cbuf).await,
-                Err(f) => Err(f),
+            match (client_authed, pg.cfg.reuse) {
+                (Ok(()), Some(cfg)) => {
+                    return reused(pg, env, conn, &service, client, s, cbuf, cfg).await;
+                }
+                (Ok(()), None) => session(pg, env, conn, &service, &mut client, s, cbuf).await,
+                (Err(f), _) => Err(f),
             }
         }
         Ok(FirstPacket::Cancel(key)) => {
@@ -239,6 +246,157 @@ async fn serve(
     }
 }
 
+/// An upstream session for an app, from the pool or fresh.
+struct ForApp {
+    up: PgStream,
+    to: crate::connector::dial::HostPort,
+    params: Vec<(String, String)>,
+    /// The backend's own key (`None`: the server sent none; the session is not kept).
+    backend: Option<startup::CancelKey>,
+    uses: u64,
+    to_client: Vec<u8>,
+    to_upstream: Vec<u8>,
+    reused: bool,
+}
+
+/// `reuse: session` (see [`reuse`]): serve the whole session, then keep the upstream.
+#[allow(clippy::too_many_arguments)]
+async fn reused(
+    pg: &PgConnector,
+    env: &Env,
+    conn: &mut Conn,
+    service: &Service,
+    mut client: ClientIo,
+    startup: Startup,
+    cbuf: BytesMut,
+    cfg: config::ReuseConfig,
+) -> Result<Handoff, ConnError> {
+    let got = async {
+        // The key: what a fresh session would send upstream.
+        let creds = env
+            .credentials(
+                Requester::new(service, conn.caller.as_ref()),
+                false,
+                &mut conn.stats,
+            )
+            .await?;
+        let params = UpstreamParams::from_credentials(
+            &creds,
+            AppDestination {
+                addr: conn.orig_dst,
+                host: conn.orig_host.as_deref(),
+            },
+            Destinations::for_service(&pg.cfg.upstream_allow, &service.intercept),
+        )?;
+        let username = creds.text("username").map_err(ConnError::from)?;
+        let mut rewritten = startup.rewritten(username, params.database.as_deref());
+        startup::add_credential_params(&mut rewritten, &creds)?;
+        let app_name = rewritten
+            .get("application_name")
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        let key = reuse::Key {
+            to: params.to.to_string(),
+            params: rewritten
+                .params
+                .iter()
+                .filter(|(k, _)| k.as_slice() != b"application_name")
+                .cloned()
+                .collect(),
+            rule: conn.admitted_by.clone(),
+        };
+        conn.stats.upstream = Some(params.to.to_string());
+        while let Some(mut idle) = pg.shared.pool.take(&key, &cfg) {
+            if reuse::adopt(&mut idle, &app_name).await {
+                return Ok::<_, Failure>((
+                    key,
+                    ForApp {
+                        // Made below, with the app's key.
+                        to_client: Vec::new(),
+                        up: idle.up,
+                        to: idle.to,
+                        params: idle.params,
+                        backend: Some(idle.backend),
+                        uses: idle.uses,
+                        to_upstream: cbuf.to_vec(),
+                        reused: true,
+                    },
+                ));
+            }
+            tracing::debug!("an idle session failed its check: closed");
+        }
+        let est = session(pg, env, conn, service, &mut client, startup, cbuf).await?;
+        let (server_params, backend) = reuse::read_startup_messages(&est.to_client);
+        // The app gets a key of its own (below), not the server's.
+        drop(est.keep);
+        Ok((
+            key,
+            ForApp {
+                up: est.upstream,
+                to: params.to,
+                params: server_params,
+                backend,
+                uses: 1,
+                to_client: est.to_client,
+                to_upstream: est.to_upstream,
+                reused: false,
+            },
+        ))
+    }
+    .await;
+    let (key, mut s) = match got {
+        Ok(g) => g,
+        Err(f) => {
+            if !f.client_told {
+                let _ = client.write_all(&f.client_error(&service.name)).await;
+                let _ = client.flush().await;
+            }
+            let _ = client.shutdown().await;
+            return Err(f.err);
+        }
+    };
+    // A key of the app's own, mapped to the backend's for CancelRequests while it is
+    // connected.
+    let app_key = s.backend.as_ref().map(reuse::app_key);
+    let _cancel = match (&app_key, &s.backend) {
+        (Some(app), Some(real)) => reuse::register(&pg.shared.cancel, app, real, &s.to),
+        _ => None,
+    };
+    let to_client = match (&app_key, s.reused) {
+        (Some(app), true) => reuse::greeting(&s.params, app),
+        (Some(app), false) => reuse::with_key(&s.to_client, app),
+        (None, _) => std::mem::take(&mut s.to_client),
+    };
+    tracing::debug!(reused = s.reused, uses = s.uses, "session for the app");
+    client.write_all(&to_client).await?;
+    client.flush().await?;
+    if !s.to_upstream.is_empty() {
+        s.up.write_all(&s.to_upstream).await?;
+    }
+    let mut moved = (0u64, 0u64);
+    let end = reuse::relay(&mut client, &mut s.up, &mut s.params, &mut moved).await;
+    conn.stats.bytes_up += moved.0;
+    conn.stats.bytes_down += moved.1 + to_client.len() as u64;
+    let _ = client.shutdown().await;
+    drop(client);
+    match (end, s.backend) {
+        (reuse::End::Reusable(status), Some(backend)) => {
+            if reuse::reset(&mut s.up, status, &mut s.params).await {
+                pg.shared.pool.put(
+                    key,
+                    reuse::Idle::new(s.up, s.to, s.params, backend, s.uses),
+                    &cfg,
+                );
+            } else {
+                tracing::debug!("the session could not be reset: closed");
+            }
+        }
+        (reuse::End::Close(why), _) => tracing::debug!(%why, "session not kept"),
+        (_, None) => {}
+    }
+    Ok(Handoff::Done)
+}
+
 /// Forward a CancelRequest to the session's upstream on a fresh connection.
 async fn forward_cancel(
     pg: &PgConnector,
@@ -259,7 +417,7 @@ async fn forward_cancel(
     let to = target.to;
     conn.stats.upstream = Some(to.to_string());
     let mut up = env.dialer.dial(&to).await?;
-    let packet = key.cancel_request();
+    let packet = target.upstream_key.as_ref().unwrap_or(key).cancel_request();
     up.write_all(&packet).await?;
     up.flush().await?;
     // The server answers by closing; wait for that briefly so the cancel is processed
@@ -390,6 +548,7 @@ async fn session(
             key,
             CancelTarget {
                 to: params.to.clone(),
+                upstream_key: None,
             },
         );
         if g.is_none() {
