@@ -1,6 +1,7 @@
 //! `cargo xtask bench pg`: pgbench select-only, persistent connections and a new
-//! connection per transaction (`-C`), each direct, through haproxy (TCP relay) and
-//! through the broker (release build, eBPF-intercepted; once as configured by default,
+//! connection per transaction (`-C`), each direct, through haproxy (TCP relay),
+//! pgbouncer (session and transaction pooling, clients trusted: its best case), the
+//! broker with `reuse: session`, and through the broker (release build, eBPF-intercepted; once as configured by default,
 //! sessions spliced in the kernel after auth, once with `splice: false`, relaying in
 //! userspace), in one run; TPS and
 //! the ratio to direct (median of `BENCH_ROUNDS` interleaved rounds, default 3). Then
@@ -93,6 +94,55 @@ pub(crate) fn tcp_haproxy(dir: &Path, port: u16, backend: &str) -> anyhow::Resul
             .spawn()
             .context("starting haproxy")?,
     ))
+}
+
+/// pgbouncer on `port` in `mode` (`session` or `transaction`), clients trusted (its
+/// cheapest client side), the server reached with the password. Runs as `nobody` (it
+/// refuses root); its files are in a directory of its own.
+pub(crate) fn pgbouncer(
+    dir: &Path,
+    port: u16,
+    pg_port: u16,
+    password: &str,
+    mode: &str,
+) -> anyhow::Result<Killed> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = dir.join(format!("pgbouncer-{port}"));
+    std::fs::create_dir_all(&d)?;
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let users = d.join("users.txt");
+    std::fs::write(&users, "\"app_user\" \"\"\n")?;
+    let ini = d.join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\napp = host=127.0.0.1 port={pg_port} dbname=app user=app_user password={password}\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = trust\nauth_file = {}\npool_mode = {mode}\nmax_client_conn = 1000\n\
+             default_pool_size = 20\nlogfile = {}\nlog_connections = 0\nlog_disconnections = 0\n",
+            users.display(),
+            d.join("pgbouncer.log").display()
+        ),
+    )?;
+    for f in [&users, &ini] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644))?;
+    }
+    let child = Killed(
+        Command::new("pgbouncer")
+            .arg("-u")
+            .arg("nobody")
+            .arg(&ini)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting pgbouncer")?,
+    );
+    broker_tests::wait_port(
+        format!("127.0.0.1:{port}").parse()?,
+        Duration::from_secs(10),
+    );
+    Ok(child)
 }
 
 pub(crate) fn median(v: &[f64]) -> f64 {
@@ -192,6 +242,20 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         &pw_file,
         &cg_tls,
     )?;
+    // pgbouncer in both pool modes, and the broker with `reuse: session`.
+    let (pgb_session_port, pgb_txn_port) = (free_port(), free_port());
+    let _pgb_session = pgbouncer(dir.path(), pgb_session_port, pg_port, password, "session")?;
+    let _pgb_txn = pgbouncer(dir.path(), pgb_txn_port, pg_port, password, "transaction")?;
+    let cg_reuse = TestCgroup::new("bench-reuse");
+    let reuse = start_broker(
+        root,
+        dir.path(),
+        "127.0.0.5",
+        "__SERVICE__    config:\n      reuse: session\n",
+        pg_port,
+        &pw_file,
+        &cg_reuse,
+    )?;
     let cg_relay = TestCgroup::new("bench-relay");
     let relay = start_broker(
         root,
@@ -231,20 +295,14 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         "\npgbench select-only, scale 1, {seconds}s per run, {rounds} rounds (median; per-round ratio range), 2 cores\n"
     );
     println!(
-        "{:<28} {:>12} {:>26} {:>26} {:>26} {:>26}",
-        "mode",
-        "direct tps",
-        "haproxy tps (ratio)",
-        "broker tps (ratio)",
-        "broker, splice: false",
-        "broker, clientTLS"
+        "| mode | direct tps | haproxy | broker | broker, splice: false | broker, clientTLS | pgbouncer session | pgbouncer transaction | broker, reuse: session |\n|---|---|---|---|---|---|---|---|---|"
     );
     let only = std::env::var("BENCH_ONLY").ok();
     for (name, args) in modes
         .iter()
         .filter(|(n, _)| only.as_deref().is_none_or(|o| n.starts_with(o)))
     {
-        let mut runs: [Vec<f64>; 5] = Default::default();
+        let mut runs: [Vec<f64>; 8] = Default::default();
         for _ in 0..rounds {
             let off = "disable";
             runs[0].push(pgbench(
@@ -280,6 +338,9 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
                 Some(&cg_tls),
                 "require",
             )?);
+            runs[5].push(pgbench(args, "127.0.0.1", pgb_session_port, None, None, off)?);
+            runs[6].push(pgbench(args, "127.0.0.1", pgb_txn_port, None, None, off)?);
+            runs[7].push(pgbench(args, "127.0.0.5", 5432, None, Some(&cg_reuse), off)?);
         }
         let direct = median(&runs[0]);
         let cell = |i: usize| {
@@ -290,11 +351,14 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
             format!("{m:.0} ({:.2}x, {lo:.2}-{hi:.2})", m / direct)
         };
         println!(
-            "{name:<28} {direct:>12.0} {:>26} {:>26} {:>26} {:>26}",
+            "| {name} | {direct:.0} | {} | {} | {} | {} | {} | {} | {} |",
             cell(1),
             cell(2),
             cell(3),
-            cell(4)
+            cell(4),
+            cell(5),
+            cell(6),
+            cell(7)
         );
     }
 
@@ -320,6 +384,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     drop(broker);
     drop(relay);
     drop(client_tls);
+    drop(reuse);
     Ok(())
 }
 
