@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::{
     admin::{Admin, request},
-    policy::{Identity, Revocation, Selector},
+    policy::{Revocation, Selector},
 };
 
 fn error(msg: &str) -> Value {
@@ -95,17 +95,7 @@ pub fn revoke(admin: &Admin, req: &Value) -> Value {
     if kill {
         let (live, _) = admin.tracker.live(usize::MAX);
         for c in live {
-            let who = c
-                .caller
-                .as_ref()
-                .map_or_else(Identity::default, |k| Identity {
-                    pid: Some(k.pid).filter(|p| *p != 0),
-                    uid: Some(k.uid),
-                    gid: Some(k.gid),
-                    cgroup: k.cgroup.as_deref().and_then(Path::to_str),
-                    exe: k.exe.as_deref(),
-                    comm: Some(k.comm.as_str()).filter(|s| !s.is_empty()),
-                });
+            let who = crate::proxy::identity(c.caller.as_ref());
             if r.selects(&c.service, &who) {
                 c.end();
                 ended += 1;

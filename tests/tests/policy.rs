@@ -37,27 +37,7 @@ impl Sub {
 
     /// Make `cmd` move itself into this cgroup before it execs.
     fn enter(&self, cmd: &mut Command) {
-        use std::os::unix::process::CommandExt as _;
-        let procs = std::fs::OpenOptions::new()
-            .write(true)
-            .open(self.0.join("cgroup.procs"))
-            .expect("open cgroup.procs");
-        let fd = std::os::fd::OwnedFd::from(procs);
-        // SAFETY: only write(2) on a descriptor opened before fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let n = libc::write(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    b"0".as_ptr().cast(),
-                    1,
-                );
-                if n == 1 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        broker_tests::net::enter_cgroup(&self.0, cmd);
     }
 }
 

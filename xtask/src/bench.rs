@@ -338,9 +338,23 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
                 Some(&cg_tls),
                 "require",
             )?);
-            runs[5].push(pgbench(args, "127.0.0.1", pgb_session_port, None, None, off)?);
+            runs[5].push(pgbench(
+                args,
+                "127.0.0.1",
+                pgb_session_port,
+                None,
+                None,
+                off,
+            )?);
             runs[6].push(pgbench(args, "127.0.0.1", pgb_txn_port, None, None, off)?);
-            runs[7].push(pgbench(args, "127.0.0.5", 5432, None, Some(&cg_reuse), off)?);
+            runs[7].push(pgbench(
+                args,
+                "127.0.0.5",
+                5432,
+                None,
+                Some(&cg_reuse),
+                off,
+            )?);
         }
         let direct = median(&runs[0]);
         let cell = |i: usize| {

@@ -320,7 +320,7 @@ fn refuse_over_cap(shared: &Shared, stream: &AppSocket, explicit: Option<u32>) {
 }
 
 /// The caller as policy sees it.
-fn identity(c: Option<&Caller>) -> crate::policy::Identity<'_> {
+pub(crate) fn identity(c: Option<&Caller>) -> crate::policy::Identity<'_> {
     c.map_or_else(crate::policy::Identity::default, |c| {
         crate::policy::Identity {
             pid: Some(c.pid).filter(|p| *p != 0),
