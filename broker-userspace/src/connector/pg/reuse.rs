@@ -481,7 +481,8 @@ where
                 in_flight += seen.expecting;
                 let upto = seen.terminate.unwrap_or(n);
                 if upto > 0 {
-                    if up.write_all(&cbuf[..upto]).await.is_err() {
+                    // Flushed: over TLS, written records may wait in the session.
+                    if up.write_all(&cbuf[..upto]).await.is_err() || up.flush().await.is_err() {
                         return End::Close("the server closed the session".into());
                     }
                     moved.0 += upto as u64;
@@ -511,7 +512,7 @@ where
                     status = *s;
                 }
                 in_flight = in_flight.saturating_sub(seen.ready.len());
-                if client.write_all(&sbuf[..n]).await.is_err() {
+                if client.write_all(&sbuf[..n]).await.is_err() || client.flush().await.is_err() {
                     // The app is gone; what the server still sends is not its.
                     return End::Close("the client left while the server answered".into());
                 }
