@@ -16,7 +16,7 @@ use std::{
 
 use broker_tests::{
     Daemon, assert_no_secret, free_port, output_text,
-    pg::{PgAuth, PgOptions, PgServer, python_with_psycopg2, sql_literal},
+    pg::{PgAuth, PgOptions, PgServer, PgTls, python_with_psycopg2, sql_literal},
     write_file,
 };
 
@@ -24,8 +24,20 @@ const PW: &str = "reuse-pw-91c3b7e0";
 const OTHER_PW: &str = "reuse-other-pw-4d2a";
 
 fn service(name: &str, port: u16, pg: &PgServer, user: &str, pw: &str, reuse: bool) -> String {
+    tls_service(name, port, pg, user, pw, reuse, "disable")
+}
+
+fn tls_service(
+    name: &str,
+    port: u16,
+    pg: &PgServer,
+    user: &str,
+    pw: &str,
+    reuse: bool,
+    sslmode: &str,
+) -> String {
     format!(
-        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n{}    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: disable\n      username: {user}\n      password: {pw}\n",
+        "  {name}:\n    connector: pg\n    listenOn: tcp://127.0.0.1:{port}\n{}    credentials:\n      host: 127.0.0.1\n      port: \"{}\"\n      sslmode: {sslmode}\n      username: {user}\n      password: {pw}\n",
         if reuse {
             "    config:\n      reuse: session\n"
         } else {
@@ -199,4 +211,27 @@ fn reused_sessions_are_few_clean_cancellable_and_never_cross_users() {
     assert_eq!(r["backends"], 20, "{r}");
     std::thread::sleep(Duration::from_millis(100));
     assert_no_secret(&d.log_text(), &[PW, OTHER_PW], "daemon log");
+}
+
+#[test]
+fn reuse_over_a_tls_upstream() {
+    let pg = PgServer::start(PgOptions::new(PgAuth::Scram, PW).tls(PgTls::Required));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let d = start(
+        dir.path(),
+        &tls_service("db", port, &pg, "app_user", PW, true, "require"),
+    );
+    let r = python(&format!(
+        "import json, time, psycopg2\n\
+         pids = []\n\
+         for i in range(200):\n\
+         \x20   c = psycopg2.connect('host=127.0.0.1 port={port} user=x dbname=app sslmode=disable connect_timeout=10')\n\
+         \x20   cur = c.cursor(); cur.execute('select pg_backend_pid(), ssl from pg_stat_ssl where pid = pg_backend_pid()'); p, ssl = cur.fetchone(); pids.append(p); c.close()\n\
+         \x20   assert ssl\n\
+         print(json.dumps({{'backends': len(set(pids))}}))\n"
+    ));
+    eprintln!("200 connections over a TLS upstream with reuse: {r}");
+    assert!(r["backends"].as_u64().unwrap_or(u64::MAX) <= 4, "{r}");
+    assert_no_secret(&d.log_text(), &[PW], "daemon log");
 }
