@@ -117,6 +117,18 @@ fn reused_sessions_are_few_clean_cancellable_and_never_cross_users() {
     let backends = r["backends"].as_u64().unwrap_or(u64::MAX);
     assert!(backends <= 4, "{r}");
 
+    // Idle sessions the server ended (an administrator, an idle timeout) are noticed and
+    // dropped: the next app gets a working session.
+    pg.admin_sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'app_user'",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let r = python(&format!(
+        "import json, psycopg2\nok = 0\nfor _ in range(5):\n    c = psycopg2.connect({:?}); cur = c.cursor(); cur.execute('select 1'); ok += cur.fetchone()[0]; c.close()\nprint(json.dumps({{'ok': ok}}))\n",
+        conninfo(reuse_port, "seq")
+    ));
+    assert_eq!(r["ok"], 5, "{r}");
+
     // 2. What one connection leaves, the next (on the same backend) does not see.
     let r = python(&format!(
         "import json, time, psycopg2\n\

@@ -244,8 +244,8 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     )?;
     // pgbouncer in both pool modes, and the broker with `reuse: session`.
     let (pgb_session_port, pgb_txn_port) = (free_port(), free_port());
-    let _pgb_session = pgbouncer(dir.path(), pgb_session_port, pg_port, password, "session")?;
-    let _pgb_txn = pgbouncer(dir.path(), pgb_txn_port, pg_port, password, "transaction")?;
+    let pgb_session = pgbouncer(dir.path(), pgb_session_port, pg_port, password, "session")?;
+    let pgb_txn = pgbouncer(dir.path(), pgb_txn_port, pg_port, password, "transaction")?;
     let cg_reuse = TestCgroup::new("bench-reuse");
     let reuse = start_broker(
         root,
@@ -376,6 +376,8 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         );
     }
 
+    // The pools hold server backends: let them go before the idle connections below.
+    drop((pgb_session, pgb_txn, reuse));
     let pid = broker.0.id();
     // The daemon returns a burst's heap to the OS within 5 s of going idle.
     std::thread::sleep(Duration::from_secs(6));
@@ -398,7 +400,6 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     drop(broker);
     drop(relay);
     drop(client_tls);
-    drop(reuse);
     Ok(())
 }
 

@@ -51,7 +51,7 @@ enum Cmd {
     },
     /// Benchmarks, side by side with the direct connection and a peer proxy.
     Bench {
-        /// Which benchmark: `pg`, `http`, `mysql`, `clients`, `secrets`.
+        /// Which benchmark: `pg`, `http`, `mysql`, `clients`, `secrets`, `policy`.
         what: String,
         /// Duration of each pgbench or wrk run, seconds.
         #[arg(long, default_value_t = 10)]

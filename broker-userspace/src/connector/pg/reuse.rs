@@ -314,18 +314,42 @@ async fn run(up: &mut PgStream, sql: &str, params: &mut Vec<(String, String)>) -
     )
 }
 
-/// Make an idle session the next app's: set its `application_name` (`""` when it sent
-/// none). False when the session is gone or refuses.
+/// Whether an idle session's socket is still quiet: an idle server sends nothing, so
+/// bytes or an end of stream waiting mean it closed the session (an idle timeout, a
+/// terminated backend). One non-blocking peek.
+fn quiet(up: &PgStream) -> bool {
+    let sock = match up {
+        PgStream::Plain(s) => s,
+        PgStream::Tls(t) => t.get_ref().0,
+    };
+    let mut byte = [0u8; 1];
+    matches!(
+        crate::sys::peek_now(sock, &mut byte),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
+}
+
+/// Make an idle session the next app's: its `application_name` set to the app's (`""`
+/// when it sent none) with a round trip when it differs, which also proves the session
+/// alive; else a check that the server has not closed it. False when the session is
+/// gone or refuses.
 pub async fn adopt(idle: &mut Idle, application_name: &str) -> bool {
+    idle.uses += 1;
+    let current = idle
+        .params
+        .iter()
+        .find(|(n, _)| n == "application_name")
+        .map(|(_, v)| v.as_str());
+    if current == Some(application_name) {
+        return quiet(&idle.up);
+    }
     let literal = application_name.replace('\'', "''");
-    let ok = run(
+    run(
         &mut idle.up,
         &format!("SET application_name = '{literal}'"),
         &mut idle.params,
     )
-    .await;
-    idle.uses += 1;
-    ok
+    .await
 }
 
 /// Undo what the app did: `ROLLBACK` when it left a transaction open, then `DISCARD ALL`.
