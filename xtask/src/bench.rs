@@ -120,7 +120,7 @@ pub(crate) fn pgbouncer(
             "[databases]\napp = host=127.0.0.1 port={pg_port} dbname=app user=app_user password={password}\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = trust\nauth_file = {}\npool_mode = {mode}\nmax_client_conn = 1000\n\
-             default_pool_size = 20\nlogfile = {}\nlog_connections = 0\nlog_disconnections = 0\n",
+             default_pool_size = 8\nlogfile = {}\nlog_connections = 0\nlog_disconnections = 0\n",
             users.display(),
             d.join("pgbouncer.log").display()
         ),
@@ -251,7 +251,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
         root,
         dir.path(),
         "127.0.0.5",
-        "__SERVICE__    config:\n      reuse: session\n",
+        "__SERVICE__    config:\n      reuse: session\n      reuseMax: 8\n",
         pg_port,
         &pw_file,
         &cg_reuse,
