@@ -116,7 +116,7 @@ fn only_the_allowed_cgroup_and_uid_get_a_session() {
         &[(
             "db",
             "127.0.0.2:5432",
-            "    allow:\n      - name: app-root\n        uid: 0\n        cgroup: \"/**/app\"\n",
+            "    deny:\n      - name: no-nobody-in-other\n        uid: nobody\n        cgroup: \"/**/other\"\n    allow:\n      - name: app-root\n        uid: 0\n        cgroup: \"/**/app\"\n",
         )],
     );
     let app = Sub::new(&s.b, "app");
@@ -124,15 +124,20 @@ fn only_the_allowed_cgroup_and_uid_get_a_session() {
     let (ok, out) = psql(&app, None, "127.0.0.2");
     assert!(ok, "{out}\n{}", s.b.daemon.log_text());
     assert_eq!(out.trim(), "app_user");
-    for (cg, user, why) in [
-        (&other, Some("nobody"), "another cgroup and uid"),
-        (&other, None, "another cgroup"),
-        (&app, Some("nobody"), "another uid"),
+    for (cg, user, why, rule) in [
+        (
+            &other,
+            Some("nobody"),
+            "another cgroup and uid",
+            "no-nobody-in-other",
+        ),
+        (&other, None, "another cgroup", "no allow rule"),
+        (&app, Some("nobody"), "another uid", "no allow rule"),
     ] {
         let (ok, out) = psql(cg, user, "127.0.0.2");
         assert!(!ok, "{why}: served");
         assert!(
-            out.contains("denied by policy") && out.contains("no allow rule"),
+            out.contains("denied by policy") && out.contains(&format!("rule \"{rule}\"")),
             "{why}: {out}"
         );
     }
