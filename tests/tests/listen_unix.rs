@@ -125,10 +125,12 @@ fn access(log: &str, service: &str) -> Vec<serde_json::Value> {
     log.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["target"] == "access" && v["service"] == service)
+        .filter(|v| v["message"] == "connection")
         .collect()
 }
 
-/// Wait for `service`'s access line (written a moment after the connection ends).
+/// Wait for `service`'s connection line (written a moment after the connection ends;
+/// an HTTP service's per-request lines come before it).
 fn access_line(d: &Daemon, service: &str) -> serde_json::Value {
     let log = d.log_until(Duration::from_secs(5), |t| !access(t, service).is_empty());
     access(&log, service)
