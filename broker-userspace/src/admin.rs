@@ -682,9 +682,25 @@ mod tests {
         drop(guard);
         let r = a.answer(&json!({"cmd": "status"}));
         assert_eq!(r["status"]["connections"]["open"], 0);
-        let r = a.answer(&json!({"cmd": "revoke"}));
+        let r = a.answer(&json!({"cmd": "reboot"}));
         assert_eq!(r["ok"], false);
         assert!(r["error"].as_str().unwrap().contains("unknown command"));
+        // `revoke` needs a caller; one that selects is listed by status and lifted.
+        let r = a.answer(&json!({"cmd": "revoke", "service": "db"}));
+        assert!(
+            r["error"].as_str().unwrap().contains("needs a caller"),
+            "{r}"
+        );
+        let r = a.answer(
+            &json!({"cmd": "revoke", "service": "db", "selector": {"uid": 7, "exe": null}}),
+        );
+        assert_eq!(r["revoke"]["id"], 1, "{r}");
+        assert_eq!(
+            a.answer(&json!({"cmd": "status"}))["status"]["revocations"][0]["selector"]["uid"],
+            7
+        );
+        assert_eq!(a.answer(&json!({"cmd": "lift", "id": 1}))["ok"], true);
+        assert_eq!(a.answer(&json!({"cmd": "lift", "id": 1}))["ok"], false);
         assert_eq!(a.answer(&json!({}))["ok"], false);
     }
 

@@ -82,7 +82,11 @@ pub fn revoke(admin: &Admin, req: &Value) -> Value {
         }
         Some(_) => return error("\"service\" must be a service's name"),
     };
-    let sel = match selector(req.get("selector").unwrap_or(&Value::Null)) {
+    let sel = match req
+        .get("selector")
+        .filter(|v| !v.is_null())
+        .map_or_else(|| Ok(Selector::default()), selector)
+    {
         Ok(s) => s,
         Err(e) => return error(&e),
     };
