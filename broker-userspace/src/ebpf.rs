@@ -469,15 +469,14 @@ impl Interceptor {
             let fd = if name == "broker_sock_ops" {
                 let p: &mut SockOps = program(&mut ebpf, name)?;
                 p.load().map_err(prog_err(name))?;
-                p.fd().map_err(prog_err(name))?.as_fd().try_clone_to_owned()
+                p.fd().map_err(prog_err(name))?.as_fd()
             } else {
                 let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                 p.load().map_err(prog_err(name))?;
-                p.fd().map_err(prog_err(name))?.as_fd().try_clone_to_owned()
-            }
-            .map_err(|source| EbpfError::Link { name, source })?;
+                p.fd().map_err(prog_err(name))?.as_fd()
+            };
             links.push(
-                crate::sys::bpf_link_create(fd.as_fd(), cg.as_fd(), hook)
+                crate::sys::bpf_link_create(fd, cg.as_fd(), hook)
                     .map_err(|source| EbpfError::Link { name, source })?,
             );
         }

@@ -4,7 +4,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::Command,
     sync::{
@@ -109,7 +108,7 @@ impl TestCgroup {
 
     /// Make `cmd` move itself into this cgroup before it execs.
     pub fn enter(&self, cmd: &mut Command) {
-        enter_cgroup(&self.path, cmd);
+        crate::pod::enter_cgroup(cmd, &self.path);
     }
 
     /// Programs attached to this cgroup, as `bpftool cgroup show` lists them.
@@ -129,33 +128,6 @@ impl Drop for TestCgroup {
             thread::sleep(Duration::from_millis(20));
         }
         eprintln!("warning: could not remove {}", self.path.display());
-    }
-}
-
-/// Make `cmd` move itself into the cgroup at `path` before it execs.
-///
-/// # Panics
-/// When the cgroup's `cgroup.procs` cannot be opened.
-pub fn enter_cgroup(path: &Path, cmd: &mut Command) {
-    let procs = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path.join("cgroup.procs"))
-        .expect("open cgroup.procs");
-    let fd = std::os::fd::OwnedFd::from(procs);
-    // SAFETY: only write(2) on an fd opened before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let n = libc::write(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                b"0".as_ptr().cast(),
-                1,
-            );
-            if n == 1 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
     }
 }
 

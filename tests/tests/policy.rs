@@ -37,7 +37,7 @@ impl Sub {
 
     /// Make `cmd` move itself into this cgroup before it execs.
     fn enter(&self, cmd: &mut Command) {
-        broker_tests::net::enter_cgroup(&self.0, cmd);
+        broker_tests::pod::enter_cgroup(cmd, &self.0);
     }
 }
 

@@ -46,7 +46,7 @@ use crate::{
     ebpf::{Interceptor, record_destination},
     ratelimit::LogLimiter,
     resolver::HostNames,
-    runtime::{Current, ServiceRt},
+    runtime::{Current, Runtime, ServiceRt},
 };
 
 /// Log lines per second for connections refused for want of a redirect record, and for
@@ -339,6 +339,7 @@ pub(crate) fn identity(c: Option<&Caller>) -> crate::policy::Identity<'_> {
 /// `Err`: the denial to tell the client.
 fn police(
     shared: &Shared,
+    runtime: &Runtime,
     rt: &ServiceRt,
     caller: Option<&Caller>,
     dst: Option<std::net::SocketAddr>,
@@ -361,9 +362,7 @@ fn police(
         Outcome::Allowed { rule } => (true, rule.as_deref(), None),
         Outcome::Denied { rule, reason } => (false, Some(rule.as_str()), Some(reason.as_str())),
     };
-    shared
-        .runtime
-        .load()
+    runtime
         .env
         .secrets
         .audit()
@@ -505,7 +504,7 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
             )
         }
     };
-    let admitted_by = match police(&shared, &rt, caller.as_ref(), orig_dst) {
+    let admitted_by = match police(&shared, &runtime, &rt, caller.as_ref(), orig_dst) {
         Ok(rule) => rule,
         Err(denial) => {
             if let Some(t) = splice {
