@@ -12,10 +12,14 @@
 
 mod bench;
 mod bench_clients;
+#[allow(dead_code)] // until `bench all` calls them
+mod bench_conn;
 mod bench_http;
 mod bench_mysql;
 mod bench_secrets;
 mod demo;
+#[allow(dead_code)] // until `bench all` uses it
+mod report;
 mod setup;
 
 use std::{
