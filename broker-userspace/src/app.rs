@@ -489,9 +489,25 @@ fn spawn_listen_on(
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {what} on {addr}"))
+    listen(addr).with_context(|| format!("binding {what} on {addr}"))
+}
+
+/// The accept queue of every TCP listener: the kernel caps it at `net.core.somaxconn`
+/// (4096 on current kernels). tokio's `bind` asks for 1024, which a burst of connects
+/// (10,000 a second from one python loop) overflows: the kernel then drops the SYN and
+/// the client's connect takes a second longer, the retransmission timeout.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Bind and listen on `addr` (`SO_REUSEADDR`, as tokio's `bind`), with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(LISTEN_BACKLOG)
 }
 
 /// A listener passed by the service manager, for tokio.
@@ -532,7 +548,7 @@ async fn bind_transparent(
         )
         .await?;
         let p = v4.local_addr()?.port();
-        match TcpListener::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), p)).await {
+        match listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), p)) {
             Ok(v6) => return Ok((v4, Some(v6))),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && port == 0 => {}
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
@@ -657,6 +673,18 @@ impl Daemon {
             };
             if !splice_services.is_empty() {
                 check_splice_rmem();
+            }
+            match crate::cgroup::is_v2_dir(cgroup) {
+                Ok(true) => {}
+                Ok(false) => anyhow::bail!(
+                    "--cgroup {} is not a cgroup v2 directory (the cgroup v2 hierarchy is mounted at {})",
+                    cgroup.display(),
+                    crate::cgroup::cgroup2_root()
+                        .map_or_else(|_| "no place: none is mounted".to_owned(), |r| r.display().to_string())
+                ),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("--cgroup {}", cgroup.display()));
+                }
             }
             let mut i = Interceptor::attach(
                 cgroup,

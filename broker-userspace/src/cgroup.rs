@@ -40,6 +40,14 @@ pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
     parse_mountinfo(&text).ok_or(CgroupError::NoCgroup2)
 }
 
+/// Whether `path` is a directory of a cgroup v2 hierarchy (`statfs` says cgroup2).
+///
+/// # Errors
+/// When `path` cannot be reached.
+pub fn is_v2_dir(path: &Path) -> io::Result<bool> {
+    Ok(crate::sys::fs_type(path)? == libc::CGROUP2_SUPER_MAGIC)
+}
+
 fn parse_mountinfo(text: &str) -> Option<PathBuf> {
     text.lines().find_map(|line| {
         // <id> <parent> <maj:min> <root> <mount point> <options> ... - <fstype> <source> ...

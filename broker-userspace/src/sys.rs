@@ -30,6 +30,23 @@ fn set_rlimit(resource: libc::__rlimit_resource_t, r: libc::rlimit) -> io::Resul
     Ok(())
 }
 
+/// The file system type (`statfs` `f_type`: a `*_MAGIC` number) of `path`.
+///
+/// # Errors
+/// When `path` cannot be reached or has a NUL byte.
+pub fn fs_type(path: &std::path::Path) -> io::Result<libc::c_long> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a zeroed `statfs` is a valid value; `statfs` reads `c` (NUL-terminated)
+    // and writes `st`.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type)
+}
+
 /// Raise the soft `RLIMIT_NOFILE` to the hard limit. Each brokered connection holds
 /// two descriptors (client and upstream); systemd's default soft limit of 1024 would
 /// cap the daemon at about 500 connections with `EMFILE` in the accept loop. The

@@ -9,10 +9,11 @@
 //! * `cargo xtask bench clients`  connect and close times of real clients, direct vs broker
 //! * `cargo xtask bench secrets`  store calls per 1,000 connections (cache on, off) and
 //!   what a cache hit adds to a connection
+//! * `cargo xtask bench conn`  broker memory at 10,000 idle connections, and what our
+//!   programs add to a connect() no service intercepts
 
 mod bench;
 mod bench_clients;
-#[allow(dead_code)] // until `bench all` calls them
 mod bench_conn;
 mod bench_http;
 mod bench_mysql;
@@ -55,12 +56,16 @@ enum Cmd {
     },
     /// Benchmarks, side by side with the direct connection and a peer proxy.
     Bench {
-        /// Which benchmark: `pg`, `http`, `mysql`, `clients`, `secrets`, `policy`.
+        /// Which benchmark: `pg`, `http`, `mysql`, `clients`, `secrets`, `policy`, `conn`.
         what: String,
         /// Duration of each pgbench or wrk run, seconds.
         #[arg(long, default_value_t = 10)]
         seconds: u32,
     },
+    /// (Used by `bench conn`) connect to ADDR COUNT times, closing each at once; prints
+    /// the nanoseconds taken.
+    #[command(hide = true)]
+    ConnectLoop { addr: String, count: u32 },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             setup::all()?;
             test(&root, no_lint, &rest)
         }
+        Cmd::ConnectLoop { addr, count } => bench_conn::connect_loop(&addr, count),
         Cmd::Bench { what, seconds } => {
             setup::all()?;
             build(&root, true)?;
@@ -87,6 +93,7 @@ fn main() -> anyhow::Result<()> {
                 "mysql" => bench_mysql::run(&root, seconds),
                 "clients" => bench_clients::run(&root),
                 "secrets" => bench_secrets::run(&root),
+                "conn" => bench_conn::run(&root),
                 "policy" => run(Command::new("cargo").args([
                     "run",
                     "--release",
@@ -98,7 +105,7 @@ fn main() -> anyhow::Result<()> {
                 ])),
                 other => {
                     bail!(
-                        "unknown benchmark `{other}` (known: pg, http, mysql, clients, secrets, policy)"
+                        "unknown benchmark `{other}` (known: pg, http, mysql, clients, secrets, policy, conn)"
                     )
                 }
             }
