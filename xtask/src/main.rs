@@ -9,16 +9,20 @@
 //! * `cargo xtask bench clients`  connect and close times of real clients, direct vs broker
 //! * `cargo xtask bench secrets`  store calls per 1,000 connections (cache on, off) and
 //!   what a cache hit adds to a connection
+//! * `cargo xtask bench copy`  psql COPY of 1 GB each way: direct, haproxy, broker
+//! * `cargo xtask bench tcp`  2 GB one way: direct, haproxy, the broker's `tcp` connector
+//! * `cargo xtask bench all`  every workload above (but clients, secrets, policy) and the
+//!   connection-level costs: one table and one chart (`docs/bench/all.{md,png}`)
 
 mod bench;
+mod bench_all;
+mod bench_bulk;
 mod bench_clients;
-#[allow(dead_code)] // until `bench all` calls them
 mod bench_conn;
 mod bench_http;
 mod bench_mysql;
 mod bench_secrets;
 mod demo;
-#[allow(dead_code)] // until `bench all` uses it
 mod report;
 mod setup;
 
@@ -55,12 +59,18 @@ enum Cmd {
     },
     /// Benchmarks, side by side with the direct connection and a peer proxy.
     Bench {
-        /// Which benchmark: `pg`, `http`, `mysql`, `clients`, `secrets`, `policy`.
+        /// Which benchmark: `pg`, `copy`, `http`, `mysql`, `tcp`, `clients`, `secrets`,
+        /// `policy`, or `all`.
         what: String,
-        /// Duration of each pgbench or wrk run, seconds.
-        #[arg(long, default_value_t = 10)]
-        seconds: u32,
+        /// Duration of each pgbench, wrk or mysqlslap run, seconds (default 10; 5 for
+        /// `all`, which keeps the whole run under about 25 minutes on 2 cores).
+        #[arg(long)]
+        seconds: Option<u32>,
     },
+    /// (`bench tcp`'s client) Send BYTES to ADDR, half-close, print the seconds until
+    /// the sink's count arrives.
+    #[command(hide = true)]
+    TcpPush { addr: String, bytes: u64 },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,13 +88,18 @@ fn main() -> anyhow::Result<()> {
             setup::all()?;
             test(&root, no_lint, &rest)
         }
+        Cmd::TcpPush { addr, bytes } => bench_bulk::push(&addr, bytes),
         Cmd::Bench { what, seconds } => {
             setup::all()?;
             build(&root, true)?;
+            let seconds = seconds.unwrap_or(if what == "all" { 5 } else { 10 });
             match what.as_str() {
-                "pg" => bench::pg(&root, seconds),
-                "http" => bench_http::run(&root, seconds),
-                "mysql" => bench_mysql::run(&root, seconds),
+                "all" => bench_all::run(&root, seconds),
+                "pg" => bench::pg(&root, seconds).map(drop),
+                "copy" => bench_bulk::pg_copy(&root).map(drop),
+                "http" => bench_http::run(&root, seconds).map(drop),
+                "mysql" => bench_mysql::run(&root, seconds).map(drop),
+                "tcp" => bench_bulk::tcp(&root).map(drop),
                 "clients" => bench_clients::run(&root),
                 "secrets" => bench_secrets::run(&root),
                 "policy" => run(Command::new("cargo").args([
@@ -98,7 +113,7 @@ fn main() -> anyhow::Result<()> {
                 ])),
                 other => {
                     bail!(
-                        "unknown benchmark `{other}` (known: pg, http, mysql, clients, secrets, policy)"
+                        "unknown benchmark `{other}` (known: pg, copy, http, mysql, tcp, clients, secrets, policy, all)"
                     )
                 }
             }
