@@ -94,7 +94,7 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
     let mut title = String::from("cargo xtask bench all");
     let _ = write!(
         title,
-        ": {date}, {cores} cores, {seconds} s runs, median of {rounds} rounds"
+        ": {date}, {cores} cores, {seconds} s runs, median of {rounds} round(s)"
     );
     if rows.iter().any(|r| r.shown_ratio().is_some()) {
         report::chart(&rows, &title, &out.join("all.png"))?;

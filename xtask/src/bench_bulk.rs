@@ -125,17 +125,17 @@ fn psql_copy(
     });
     let out = child.wait_with_output().context("waiting for psql")?;
     let secs = start.elapsed().as_secs_f64();
-    if let Some(f) = feeder {
-        f.join()
-            .map_err(|_| anyhow::anyhow!("the COPY feeder panicked"))?
-            .context("feeding COPY FROM STDIN")?;
-    }
+    let fed = feeder.map(|f| f.join());
     if !out.status.success() {
         bail!(
             "psql `{sql}` via {host}:{port} failed: {}\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+    if let Some(fed) = fed {
+        fed.map_err(|_| anyhow::anyhow!("the COPY feeder panicked"))?
+            .context("feeding COPY FROM STDIN")?;
     }
     Ok(secs)
 }
@@ -207,7 +207,7 @@ pub fn pg_copy(root: &Path) -> anyhow::Result<Vec<Row>> {
             )?));
         }
         println!("{}", table_line(name, &runs));
-        let workload = format!("PG COPY {name} {:.0} GB (psql)", bytes / 1e9);
+        let workload = format!("PG COPY {name} {:.1} GB (psql)", bytes / 1e9);
         out.extend(rows(
             &workload,
             &["direct", "haproxy", "broker"],
@@ -348,7 +348,7 @@ pub fn tcp(root: &Path) -> anyhow::Result<Vec<Row>> {
     std::fs::write(
         &cfg,
         format!(
-            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\nservices:\n  sink:\n    connector: tcp\n    intercept: [\"{}\"]\n",
+            "version: 2\nbroker:\n  health: 127.0.0.1:{health}\n  adminSocket: off\nservices:\n  sink:\n    connector: tcp\n    intercept: [\"{}\"]\n",
             sink.addr
         ),
     )?;
@@ -395,7 +395,7 @@ pub fn tcp(root: &Path) -> anyhow::Result<Vec<Row>> {
     }
     println!("{}", table_line("upload", &runs));
     drop(broker);
-    let workload = format!("TCP upload {:.0} GB (connector tcp)", bytes as f64 / 1e9);
+    let workload = format!("TCP upload {:.1} GB (connector tcp)", bytes as f64 / 1e9);
     Ok(rows(
         &workload,
         &["direct", "haproxy", "broker"],

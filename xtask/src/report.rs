@@ -265,6 +265,24 @@ pub fn chart(rows: &[Row], title: &str, out: &Path) -> anyhow::Result<()> {
     ))
     .map_err(e)?;
 
+    // The legend, top right: what each colour is.
+    let mut lx = width - 540;
+    for (name, sample) in [
+        ("direct", "direct"),
+        ("peer (haproxy, nginx, pgbouncer)", "peer"),
+        ("broker", "broker"),
+        ("broker variant", "broker, x"),
+    ] {
+        root.draw(&Rectangle::new(
+            [(lx, 21), (lx + 14, 35)],
+            colour(sample).filled(),
+        ))
+        .map_err(e)?;
+        root.draw(&Text::new(name.to_owned(), (lx + 20, 28), normal(14.0)))
+            .map_err(e)?;
+        lx += 20 + 16 + 7 * name.len() as i32;
+    }
+
     // Grid and ticks: 1, 2, 5 per decade.
     let (plot_top, plot_bottom) = (top - 6, height - bottom + 6);
     let mut decade = min;
