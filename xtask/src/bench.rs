@@ -24,6 +24,8 @@ use broker_tests::{
     pg::{PgAuth, PgOptions, PgServer},
 };
 
+use crate::report::Row;
+
 pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
@@ -185,7 +187,44 @@ fn idle_connections(n: usize, port: u16, cg: &TestCgroup) -> anyhow::Result<Kill
     Ok(Killed(child))
 }
 
-pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
+/// The paths of `pg`, in the table's column order; the first is the baseline.
+const PG_PATHS: [&str; 8] = [
+    "direct",
+    "haproxy",
+    "broker",
+    "broker, splice: false",
+    "broker, clientTLS",
+    "pgbouncer session",
+    "pgbouncer transaction",
+    "broker, reuse: session",
+];
+
+/// The rows of one workload: `runs[0]` is the baseline (direct), each other path is
+/// compared with it round by round.
+pub(crate) fn rows(
+    workload: &str,
+    paths: &[&str],
+    runs: &[Vec<f64>],
+    unit: &'static str,
+) -> Vec<Row> {
+    let mut out = vec![Row::baseline(workload, paths[0], median(&runs[0]), unit)];
+    for (path, r) in paths.iter().zip(runs).skip(1) {
+        out.push(Row::compared(workload, path, r, &runs[0], unit));
+    }
+    out
+}
+
+/// The targets for the pgbench rows.
+fn pg_target(mode: &str, path: &str) -> Option<&'static str> {
+    match (mode.starts_with("persistent"), path) {
+        (true, "broker") => Some(">= 0.95x"),
+        (false, "broker") => Some(">= 2.5x"),
+        (false, "broker, reuse: session") => Some(">= 20x and > pgbouncer transaction"),
+        _ => None,
+    }
+}
+
+pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<Vec<Row>> {
     if !broker_tests::pg::available() {
         bail!("the benchmark needs root and PostgreSQL 15");
     }
@@ -286,11 +325,8 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     // Each round runs every path once, back to back, so slow drifts of this shared
     // machine hit all paths alike; the table shows the median of the rounds and the
     // ratio of medians, with the range of the per-round ratios.
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3)
-        .max(1);
+    let rounds = crate::report::rounds();
+    let mut out = Vec::new();
     println!(
         "\npgbench select-only, scale 1, {seconds}s per run, {rounds} rounds (median; per-round ratio range), 2 cores\n"
     );
@@ -374,6 +410,14 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
             cell(6),
             cell(7)
         );
+        // `persistent (-S -c 8)` -> `PG persistent (pgbench -S -c 8)`
+        let workload = format!("PG {}", name.replacen('(', "(pgbench ", 1));
+        for mut row in rows(&workload, &PG_PATHS, &runs, "tps") {
+            if let Some(t) = pg_target(name, &row.path) {
+                row = row.target(t);
+            }
+            out.push(row);
+        }
     }
 
     // The pools hold server backends: let them go before the idle connections below.
@@ -400,7 +444,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<()> {
     drop(broker);
     drop(relay);
     drop(client_tls);
-    Ok(())
+    Ok(out)
 }
 
 /// Start a release broker intercepting `target:5432` for `cg`; waits until ready.

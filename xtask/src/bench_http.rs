@@ -29,7 +29,10 @@ use broker_tests::{
     net::{TestCgroup, with_hosts},
 };
 
-use crate::bench::{Killed, median, rss_kib};
+use crate::{
+    bench::{Killed, median, rss_kib},
+    report::Row,
+};
 
 const NAME: &str = "api.bench.test";
 const TOKEN: &str = "bench-http-token-5c2e9a71";
@@ -329,7 +332,7 @@ fn start_broker(
     Ok(broker)
 }
 
-pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
+pub fn run(root: &Path, seconds: u32) -> anyhow::Result<Vec<Row>> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { crate::libc_geteuid() } != 0 {
         bail!("the benchmark loads eBPF programs: run it as root");
@@ -384,11 +387,8 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
         ("HTTPS Connection: close 1 KB", true, "1k", true),
         ("HTTPS keep-alive 1 MB", true, "1m", false),
     ];
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3)
-        .max(1);
+    let rounds = crate::report::rounds();
+    let mut out = Vec::new();
     let only = std::env::var("BENCH_ONLY").ok();
     // This machine may be shared: the load when the runs start, for the reader.
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -458,6 +458,17 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
             median(&runs[2]) / direct,
             median(&runs[2]) / median(&runs[1]),
         ));
+        let scaled: Vec<Vec<f64>> = runs
+            .iter()
+            .map(|r| r.iter().map(|v| v * scale).collect())
+            .collect();
+        for row in crate::bench::rows(name, &["direct", "nginx", "broker"], &scaled, unit) {
+            out.push(if row.path == "broker" {
+                row.target(&format!(">= {:.2}x, ahead of nginx", target(name)))
+            } else {
+                row
+            });
+        }
     }
 
     let pid = broker.0.id();
@@ -479,13 +490,7 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
     summary.push_str("\ntargets (broker / direct; broker ahead of nginx on every row):\n");
     let mut behind = Vec::new();
     for (name, to_direct, to_nginx) in &results {
-        let target = if name.contains("close") {
-            0.80
-        } else if name.contains("1 MB") {
-            0.90
-        } else {
-            0.85
-        };
+        let target = target(name);
         let met = if *to_direct >= target {
             "met"
         } else {
@@ -510,5 +515,16 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
     }
     print!("{table}{summary}");
     drop(broker);
-    Ok(())
+    Ok(out)
+}
+
+/// The broker's target for a row, as a ratio to direct (issue 11).
+fn target(name: &str) -> f64 {
+    if name.contains("close") {
+        0.80
+    } else if name.contains("1 MB") {
+        0.90
+    } else {
+        0.85
+    }
 }

@@ -23,7 +23,10 @@ use broker_tests::{
     net::TestCgroup,
 };
 
-use crate::bench::{Killed, median, rss_kib, tcp_haproxy};
+use crate::{
+    bench::{Killed, median, rss_kib, tcp_haproxy},
+    report::Row,
+};
 
 /// Queries per second of one `mysqlslap` run.
 fn mysqlslap(
@@ -76,7 +79,7 @@ fn mysqlslap(
     Ok(f64::from(queries) / secs)
 }
 
-pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
+pub fn run(root: &Path, seconds: u32) -> anyhow::Result<Vec<Row>> {
     if !broker_tests::mariadb::available() {
         bail!("the benchmark needs root and MariaDB (cargo xtask setup installs it)");
     }
@@ -135,11 +138,8 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
     );
     let fresh = rss_kib(broker.0.id())?;
 
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3)
-        .max(1);
+    let rounds = crate::report::rounds();
+    let mut out = Vec::new();
     // Query counts sized for about `seconds` per run on our 2-core machines.
     let s = seconds.max(1);
     let modes = [
@@ -193,6 +193,15 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
             format!("{m:.0} ({:.2}x, {lo:.2}-{hi:.2})", m / direct)
         };
         println!("| {name} | {direct:.0} | {} | {} |", cell(1), cell(2));
+        // `persistent (-c 8)` -> `MySQL persistent (mysqlslap -c 8)`
+        let workload = format!("MySQL {}", name.replacen('(', "(mysqlslap ", 1));
+        for row in crate::bench::rows(&workload, &["direct", "haproxy", "broker"], &runs, "q/s") {
+            out.push(match (row.path.as_str(), detach) {
+                ("broker", false) => row.target(">= 0.95x"),
+                ("broker", true) => row.target(">= 1.0x"),
+                _ => row,
+            });
+        }
     }
     std::thread::sleep(Duration::from_secs(6));
     let idle = rss_kib(broker.0.id())?;
@@ -203,5 +212,5 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
     );
     println!("targets: persistent >= 0.95x direct (kernel splice), new conn/query >= 1.0x");
     drop(broker);
-    Ok(())
+    Ok(out)
 }

@@ -11,15 +11,20 @@
 //!   what a cache hit adds to a connection
 //! * `cargo xtask bench conn`  broker memory at 10,000 idle connections, and what our
 //!   programs add to a connect() no service intercepts
+//! * `cargo xtask bench copy`  psql COPY of 1 GB each way: direct, haproxy, broker
+//! * `cargo xtask bench tcp`  2 GB one way: direct, haproxy, the broker's `tcp` connector
+//! * `cargo xtask bench all`  every workload above (but clients, secrets, policy) and the
+//!   connection-level costs: one table and one chart (`docs/bench/all.{md,png}`)
 
 mod bench;
+mod bench_all;
+mod bench_bulk;
 mod bench_clients;
 mod bench_conn;
 mod bench_http;
 mod bench_mysql;
 mod bench_secrets;
 mod demo;
-#[allow(dead_code)] // until `bench all` uses it
 mod report;
 mod setup;
 
@@ -56,16 +61,22 @@ enum Cmd {
     },
     /// Benchmarks, side by side with the direct connection and a peer proxy.
     Bench {
-        /// Which benchmark: `pg`, `http`, `mysql`, `clients`, `secrets`, `policy`, `conn`.
+        /// Which benchmark: `pg`, `copy`, `http`, `mysql`, `tcp`, `conn`, `clients`,
+        /// `secrets`, `policy`, or `all`.
         what: String,
-        /// Duration of each pgbench or wrk run, seconds.
-        #[arg(long, default_value_t = 10)]
-        seconds: u32,
+        /// Duration of each pgbench, wrk or mysqlslap run, seconds (default 10; 5 for
+        /// `all`, which keeps the whole run under about 25 minutes on 2 cores).
+        #[arg(long)]
+        seconds: Option<u32>,
     },
     /// (Used by `bench conn`) connect to ADDR COUNT times, closing each at once; prints
     /// the nanoseconds taken.
     #[command(hide = true)]
     ConnectLoop { addr: String, count: u32 },
+    /// (`bench tcp`'s client) Send BYTES to ADDR, half-close, print the seconds until
+    /// the sink's count arrives.
+    #[command(hide = true)]
+    TcpPush { addr: String, bytes: u64 },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,13 +95,18 @@ fn main() -> anyhow::Result<()> {
             test(&root, no_lint, &rest)
         }
         Cmd::ConnectLoop { addr, count } => bench_conn::connect_loop(&addr, count),
+        Cmd::TcpPush { addr, bytes } => bench_bulk::push(&addr, bytes),
         Cmd::Bench { what, seconds } => {
             setup::all()?;
             build(&root, true)?;
+            let seconds = seconds.unwrap_or(if what == "all" { 5 } else { 10 });
             match what.as_str() {
-                "pg" => bench::pg(&root, seconds),
-                "http" => bench_http::run(&root, seconds),
-                "mysql" => bench_mysql::run(&root, seconds),
+                "all" => bench_all::run(&root, seconds),
+                "pg" => bench::pg(&root, seconds).map(drop),
+                "copy" => bench_bulk::pg_copy(&root).map(drop),
+                "http" => bench_http::run(&root, seconds).map(drop),
+                "mysql" => bench_mysql::run(&root, seconds).map(drop),
+                "tcp" => bench_bulk::tcp(&root).map(drop),
                 "clients" => bench_clients::run(&root),
                 "secrets" => bench_secrets::run(&root),
                 "conn" => bench_conn::run(&root),
@@ -105,7 +121,7 @@ fn main() -> anyhow::Result<()> {
                 ])),
                 other => {
                     bail!(
-                        "unknown benchmark `{other}` (known: pg, http, mysql, clients, secrets, policy, conn)"
+                        "unknown benchmark `{other}` (known: pg, copy, http, mysql, tcp, conn, clients, secrets, policy, all)"
                     )
                 }
             }

@@ -57,6 +57,8 @@ const PACKAGES: &[&str] = &[
     // `security` of the unit, and strace for the system calls its filter must allow.
     "systemd",
     "strace",
+    // `bench all`'s chart: the font its labels are drawn with (plotters' ab_glyph).
+    "fonts-dejavu-core",
 ];
 
 pub fn all() -> anyhow::Result<()> {
