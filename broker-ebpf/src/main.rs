@@ -222,9 +222,11 @@ fn lookup_target(addr: [u8; 16], port: u16) -> Option<TargetValue> {
     TARGET_CIDRS.get(&cidr).copied()
 }
 
-/// Whether this connect must be left alone: the broker's own sockets, sockets of another
-/// network namespace (their loopback is not ours), sockets bound to another device, the
-/// kernel's own sockets (MPTCP subflows, SMC), or not TCP.
+/// Whether this connect must be left alone, by what its context says at once: sockets of
+/// another network namespace (their loopback is not ours), sockets bound to another
+/// device, the bypass mark, or not TCP. The costlier checks ([`exempt_caller`]) wait
+/// until the destination is a target: most connects are not, and pay only for these
+/// and two lookups.
 #[inline(always)]
 fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
     if s.flags & SETTINGS_ENABLED == 0 {
@@ -247,13 +249,14 @@ fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
     }
     // A socket bound to a device other than loopback (SO_BINDTODEVICE, IP_UNICAST_IF)
     // would send the redirected SYN out of that device, not to our listener.
-    if dev != 0 && dev != LOOPBACK_IFINDEX {
-        return true;
-    }
-    if kernel_socket(ctx) {
-        return true;
-    }
-    broker_process(s)
+    dev != 0 && dev != LOOPBACK_IFINDEX
+}
+
+/// Whether a connect to a target must be left alone all the same: the kernel's own
+/// sockets (MPTCP subflows, SMC) and the broker's own process.
+#[inline(always)]
+fn exempt_caller(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
+    kernel_socket(ctx) || broker_process(s)
 }
 
 /// Device and inode of the broker's pid namespace, set by the daemon at load time when
@@ -310,10 +313,20 @@ fn broker_process(s: &BrokerSettings) -> bool {
 fn forget_earlier_connect(ctx: &SockAddrContext) -> u64 {
     // SAFETY: ctx.as_ptr() is the program's context, valid for the cookie helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = BY_COOKIE.remove(cookie);
+    // A lookup first: a delete takes the bucket's lock even when there is nothing to
+    // delete, and nearly every socket connects once. Only this socket's own connect
+    // writes its `BY_COOKIE` entry (under the socket lock), and the daemon writes its
+    // `SPLICE` entry only while it is connected, so nothing appears in between.
+    // SAFETY: only tested for presence.
+    if unsafe { BY_COOKIE.get(cookie) }.is_some() {
+        let _ = BY_COOKIE.remove(cookie);
+    }
     // A socket reconnecting after `connect(AF_UNSPEC)` keeps its cookie: its earlier
     // session's splice entry must not carry the new connection's bytes.
-    let _ = SPLICE.remove(cookie);
+    // SAFETY: as above.
+    if unsafe { SPLICE.get(cookie) }.is_some() {
+        let _ = SPLICE.remove(cookie);
+    }
     cookie
 }
 
@@ -435,6 +448,9 @@ pub fn broker_connect4(ctx: SockAddrContext) -> i32 {
     let Some(target) = lookup_target(addr, port) else {
         return 1;
     };
+    if exempt_caller(&ctx, &s) {
+        return 1;
+    }
     if !record(cookie, &s, (&addr, port, FAMILY_INET), target) {
         return 1;
     }
@@ -481,6 +497,9 @@ pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
     let Some(target) = lookup_target(addr, port) else {
         return 1;
     };
+    if exempt_caller(&ctx, &s) {
+        return 1;
+    }
     // A dual-stack socket connecting to ::ffff:a.b.c.d talks IPv4: send it to the
     // IPv4-mapped loopback listener; a native IPv6 destination goes to ::1.
     let to = if is_mapped_v4(&addr) {

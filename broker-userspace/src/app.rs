@@ -679,8 +679,10 @@ impl Daemon {
                 Ok(false) => anyhow::bail!(
                     "--cgroup {} is not a cgroup v2 directory (the cgroup v2 hierarchy is mounted at {})",
                     cgroup.display(),
-                    crate::cgroup::cgroup2_root()
-                        .map_or_else(|_| "no place: none is mounted".to_owned(), |r| r.display().to_string())
+                    crate::cgroup::cgroup2_root().map_or_else(
+                        |_| "no place: none is mounted".to_owned(),
+                        |r| r.display().to_string()
+                    )
                 ),
                 Err(e) => {
                     return Err(e).with_context(|| format!("--cgroup {}", cgroup.display()));
