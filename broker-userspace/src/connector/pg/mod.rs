@@ -381,10 +381,10 @@ async fn reused(
     drop(client);
     match (end, s.backend) {
         (reuse::End::Reusable(status), Some(backend)) => {
-            if reuse::reset(&mut s.up, status, &mut s.params).await {
+            if let Some(unread) = reuse::begin_reset(&mut s.up, status).await {
                 pg.shared.pool.put(
                     key,
-                    reuse::Idle::new(s.up, s.to, s.params, backend, s.uses),
+                    reuse::Idle::new(s.up, s.to, s.params, backend, s.uses).resetting(unread),
                     &cfg,
                 );
             } else {

@@ -76,6 +76,8 @@ pub struct Idle {
     since: Instant,
     /// Apps served so far.
     pub uses: u64,
+    /// Reset queries sent whose answers are not read yet (see [`begin_reset`]).
+    unread: u8,
 }
 
 impl Idle {
@@ -94,7 +96,16 @@ impl Idle {
             backend,
             since: Instant::now(),
             uses,
+            unread: 0,
         }
+    }
+
+    /// A session whose reset was sent ([`begin_reset`]: `unread` queries) but not
+    /// read: whoever takes it reads the answers first ([`adopt`]).
+    #[must_use]
+    pub fn resetting(mut self, unread: u8) -> Self {
+        self.unread = unread;
+        self
     }
 }
 
@@ -300,13 +311,28 @@ async fn until_ready(
 
 /// Run `sql` on an idle session: whether it ended idle without an error.
 async fn run(up: &mut PgStream, sql: &str, params: &mut Vec<(String, String)>) -> bool {
-    let work = async {
+    let sent = async {
         up.write_all(&query(sql)).await?;
-        up.flush().await?;
+        up.flush().await
+    };
+    matches!(tokio::time::timeout(RESET_TIMEOUT, sent).await, Ok(Ok(())))
+        && answered(up, 1, params).await
+}
+
+/// Read the answers to `queries` simple queries sent on a session: whether each ended
+/// without an error, the last left the session idle, and nothing followed it.
+async fn answered(up: &mut PgStream, queries: u8, params: &mut Vec<(String, String)>) -> bool {
+    let work = async {
         let mut buf = BytesMut::with_capacity(512);
-        let r = until_ready(up, &mut buf, params).await?;
-        // Nothing may follow the ReadyForQuery of a query we sent.
-        Ok::<_, ConnError>(r == (b'I', false) && buf.is_empty())
+        let mut ok = true;
+        let mut status = b'?';
+        for _ in 0..queries {
+            let (s, failed) = until_ready(up, &mut buf, params).await?;
+            ok &= !failed;
+            status = s;
+        }
+        // Nothing may follow the ReadyForQuery of the last query we sent.
+        Ok::<_, ConnError>(ok && status == b'I' && buf.is_empty())
     };
     matches!(
         tokio::time::timeout(RESET_TIMEOUT, work).await,
@@ -335,6 +361,14 @@ fn quiet(up: &PgStream) -> bool {
 /// gone or refuses.
 pub async fn adopt(idle: &mut Idle, application_name: &str) -> bool {
     idle.uses += 1;
+    if idle.unread > 0 {
+        // The reset's answers, which the previous app's task left unread: the session
+        // is the next app's only if every reset query succeeded.
+        let unread = std::mem::take(&mut idle.unread);
+        if !answered(&mut idle.up, unread, &mut idle.params).await {
+            return false;
+        }
+    }
     let current = idle
         .params
         .iter()
@@ -352,13 +386,27 @@ pub async fn adopt(idle: &mut Idle, application_name: &str) -> bool {
     .await
 }
 
-/// Undo what the app did: `ROLLBACK` when it left a transaction open, then `DISCARD ALL`.
-/// False when the session must be closed.
-pub async fn reset(up: &mut PgStream, status: u8, params: &mut Vec<(String, String)>) -> bool {
-    if status != b'I' && !run(up, "ROLLBACK", params).await {
-        return false;
+/// Start undoing what the app did: `ROLLBACK` when it left a transaction open (`status`
+/// of its last ReadyForQuery not `I`), then `DISCARD ALL`, sent as two pipelined simple
+/// queries (`DISCARD ALL` may not run inside a transaction block, which one query of two
+/// statements would be). The answers are not awaited: the session goes back to the pool
+/// at once, so an app that reconnects right away finds it instead of forking a new
+/// backend, and whoever takes it reads them first ([`adopt`]). The number of queries
+/// sent, or `None` when the session must be closed.
+pub async fn begin_reset(up: &mut PgStream, status: u8) -> Option<u8> {
+    let mut out = Vec::with_capacity(64);
+    let mut n = 0;
+    if status != b'I' {
+        out.extend(query("ROLLBACK"));
+        n += 1;
     }
-    run(up, "DISCARD ALL", params).await
+    out.extend(query("DISCARD ALL"));
+    n += 1;
+    let sent = async {
+        up.write_all(&out).await?;
+        up.flush().await
+    };
+    matches!(tokio::time::timeout(RESET_TIMEOUT, sent).await, Ok(Ok(()))).then_some(n)
 }
 
 /// One direction's framing: where the current message ends.
