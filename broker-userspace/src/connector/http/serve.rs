@@ -1744,7 +1744,7 @@ const PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-
 
 /// The headers that are hop-by-hop whatever `Connection` lists, each with a bit of
 /// [`strip_hop_by_hop`]'s mask.
-const HOP_BY_HOP: [http::HeaderName; 7] = [
+static HOP_BY_HOP: [http::HeaderName; 7] = [
     header::CONNECTION,
     header::UPGRADE,
     header::TE,
