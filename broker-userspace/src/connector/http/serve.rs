@@ -1961,6 +1961,67 @@ mod tests {
         prefix_viable(&dfa, origin)
     }
 
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = h.keys().map(http::HeaderName::as_str).collect();
+        n.sort_unstable();
+        n
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_lists_are_removed() {
+        let mut h = headers(&[
+            ("host", "a"),
+            ("connection", "keep-alive, X-Trace, close"),
+            ("Connection", "Upgrade, transfer-encoding"),
+            ("x-trace", "1"),
+            ("close", "odd but listed"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("authorization", "Bearer t"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["authorization", "host", "transfer-encoding"]);
+
+        let mut h = headers(&[
+            ("host", "a"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(names(&h), ["connection", "host", "upgrade"]);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+
+        // Nothing hop-by-hop: untouched.
+        let mut h = headers(&[("host", "a"), ("content-length", "3")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["content-length", "host"]);
+    }
+
+    #[test]
+    fn an_absolute_target_becomes_its_path_and_query() {
+        let t = |u: &str| origin_form(&u.parse().expect("uri")).map(|u| u.to_string());
+        assert_eq!(t("http://a.example/v1/x?q=1").as_deref(), Some("/v1/x?q=1"));
+        assert_eq!(t("http://a.example").as_deref(), Some("/"));
+        assert_eq!(t("https://a.example:8443/").as_deref(), Some("/"));
+    }
+
     #[test]
     fn a_tunnel_origin_is_viable_for_patterns_that_can_match_its_urls() {
         let o = "https://api.example.com/";
