@@ -63,13 +63,14 @@ impl Leaf {
             return Ok(Arc::clone(cfg));
         }
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
-        let mut cfg =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_single_cert(self.chain.clone(), key)
-                .context("building the TLS server configuration")?;
+        let mut cfg = ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), key)
+            .context("building the TLS server configuration")?;
         cfg.alpn_protocols = alpn.clone();
+        // Our suite order (AES-128-GCM first, see `tls::provider`), not the client's.
+        cfg.ignore_client_order = true;
         let cfg = Arc::new(cfg);
         configs.push((alpn, Arc::clone(&cfg)));
         Ok(cfg)

@@ -569,7 +569,10 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
     let ended = Arc::clone(live.conn());
     let conn = &mut record.conn;
     let result = async {
+        // Biased: the connection first, with no random pick on each of its wake-ups;
+        // the shutdown and revocation signals are polled on every wake-up all the same.
         tokio::select! {
+            biased;
             r = serve(rt.connector.as_ref(), &runtime.env, conn, stream, splice) => r,
             () = stopped(&mut abort) => Err(ConnError::Io(std::io::Error::other("broker shutting down"))),
             () = ended.ended() => Err(ConnError::Io(std::io::Error::other("ended by a revocation (broker revoke --kill)"))),

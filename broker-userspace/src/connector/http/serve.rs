@@ -471,6 +471,18 @@ impl HttpConnector {
 /// complete TLS ClientHello (peeked, not consumed).
 async fn first_bytes(client: &AppSocket) -> Result<Option<Option<String>>, ConnError> {
     let deadline = tokio::time::Instant::now() + FIRST_BYTES;
+    // One byte tells plain HTTP from TLS: no ClientHello buffer (and no copy of the
+    // request head) for a plain connection.
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout_at(deadline, client.peek(&mut first))
+        .await
+        .map_err(|_| ConnError::ClientGone("sent nothing within 30 s".into()))??;
+    if n == 0 {
+        return Err(ConnError::ClientGone("closed before a request".into()));
+    }
+    if first[0] != 0x16 {
+        return Ok(None);
+    }
     let mut buf = vec![0u8; sni::MAX_HELLO];
     let mut last = 0;
     loop {
@@ -503,6 +515,10 @@ async fn first_bytes(client: &AppSocket) -> Result<Option<Option<String>>, ConnE
 struct Upstream {
     key: (HostPort, bool, Option<usize>),
     sender: hyper::client::conn::http1::SendRequest<UpBody>,
+    /// The response deadline, moved on for each request: pushing a registered timer
+    /// later is an atomic store, where a timer per request is a registration and a
+    /// removal in the runtime's timer wheel.
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// Where one request goes.
@@ -513,6 +529,21 @@ struct Dest {
     name: String,
     /// The `Host` header to send (`None`: the client's).
     host: Option<String>,
+    /// `host` as a header value, made once (`None` too when `host` is not a valid one).
+    host_value: Option<HeaderValue>,
+}
+
+impl Dest {
+    fn new(to: HostPort, https: bool, name: String, host: Option<String>) -> Self {
+        let host_value = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok());
+        Self {
+            to,
+            https,
+            name,
+            host,
+            host_value,
+        }
+    }
 }
 
 /// A `CONNECT` tunnel (forward-proxy `listenOn` only), opened once its 200 is sent.
@@ -536,18 +567,41 @@ struct TunnelTarget {
 /// connection's task.
 type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Drive the upstream connections `rx` hands over, until the client connection ends
-/// (never returns by itself).
-async fn drive(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Driver>) {
-    use futures_util::StreamExt as _;
-    let mut set = futures_util::stream::FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            Some(f) = rx.recv() => set.push(f),
-            Some(()) = set.next(), if !set.is_empty() => {}
-            else => std::future::pending::<()>().await,
+/// Upstream connections handed to the client connection's task, and that task's waker
+/// (a hand-over wakes it). A lock taken once per poll, uncontended (both sides run in
+/// that task): cheaper than a channel's receive future per poll.
+#[derive(Default)]
+struct Drivers {
+    new: Mutex<(Vec<Driver>, Option<std::task::Waker>)>,
+}
+
+impl Drivers {
+    fn push(&self, d: Driver) {
+        let mut g = self.new.lock().expect("lock");
+        g.0.push(d);
+        if let Some(w) = g.1.take() {
+            w.wake();
         }
     }
+}
+
+/// Drive the upstream connections handed over, until the client connection ends
+/// (never returns by itself).
+async fn drive(drivers: &Drivers) {
+    use futures_util::StreamExt as _;
+    let mut set = futures_util::stream::FuturesUnordered::new();
+    std::future::poll_fn(|cx| {
+        {
+            let mut g = drivers.new.lock().expect("lock");
+            set.extend(g.0.drain(..));
+            if !g.1.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                g.1 = Some(cx.waker().clone());
+            }
+        }
+        while let Poll::Ready(Some(())) = set.poll_next_unpin(cx) {}
+        Poll::<()>::Pending
+    })
+    .await;
 }
 
 /// What one client connection's requests share.
@@ -570,10 +624,14 @@ struct Handler<'a> {
     /// Credentials fetched by this connection, per service (keyed by its address), and
     /// when.
     creds: Mutex<Vec<(usize, Instant, Arc<Credentials>)>>,
+    /// A single service's destination, for the credentials it was worked out with.
+    dest_cache: Mutex<Option<(Arc<Credentials>, Arc<Dest>)>>,
+    /// The headers last rendered, for the route and credentials they were rendered
+    /// from (a keep-alive connection's requests do not each render the templates).
+    rendered: Mutex<Option<Rendered>>,
     /// Upstream connections are driven in the client connection's own task (no
     /// cross-task wake-up per request): `open_upstream` hands them to `serve_io`.
-    drivers: tokio::sync::mpsc::UnboundedSender<Driver>,
-    driven: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Driver>>>,
+    drivers: Drivers,
     /// A `CONNECT` answered with 200: the tunnel to open once hyper hands the
     /// connection over.
     pending: Mutex<Option<(hyper::upgrade::OnUpgrade, Tunnel)>>,
@@ -593,7 +651,6 @@ impl<'a> Handler<'a> {
         client_tls: bool,
         sni: Option<String>,
     ) -> Self {
-        let (drivers, driven) = tokio::sync::mpsc::unbounded_channel();
         Self {
             c,
             env,
@@ -610,8 +667,9 @@ impl<'a> Handler<'a> {
             tunnel: None,
             upstream: tokio::sync::Mutex::new(None),
             creds: Mutex::default(),
-            drivers,
-            driven: Mutex::new(Some(driven)),
+            dest_cache: Mutex::default(),
+            rendered: Mutex::default(),
+            drivers: Drivers::default(),
             pending: Mutex::new(None),
             upstream_addr: Arc::default(),
             fetched: Arc::default(),
@@ -624,7 +682,6 @@ impl<'a> Handler<'a> {
     /// upstream.
     fn inner(&self, t: TunnelTarget) -> Self {
         let host = t.to.host.clone();
-        let (drivers, driven) = tokio::sync::mpsc::unbounded_channel();
         Self {
             c: self.c,
             env: self.env,
@@ -638,8 +695,9 @@ impl<'a> Handler<'a> {
             tunnel: Some(t),
             upstream: tokio::sync::Mutex::new(None),
             creds: Mutex::default(),
-            drivers,
-            driven: Mutex::new(Some(driven)),
+            dest_cache: Mutex::default(),
+            rendered: Mutex::default(),
+            drivers: Drivers::default(),
             pending: Mutex::new(None),
             upstream_addr: Arc::clone(&self.upstream_addr),
             fetched: Arc::clone(&self.fetched),
@@ -682,15 +740,12 @@ impl<'a> Handler<'a> {
             .keep_alive(true)
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
-        let mut driven = self.driven.lock().expect("lock").take();
-        let r = match driven.as_mut() {
-            Some(rx) => {
-                tokio::select! {
-                    r = server => r,
-                    () = drive(rx) => unreachable!("drive never returns"),
-                }
-            }
-            None => server.await,
+        // Biased: the server first (no random pick per poll); `drive` is polled on
+        // every wake-up all the same.
+        let r = tokio::select! {
+            biased;
+            r = server => r,
+            () = drive(&self.drivers) => unreachable!("drive never returns"),
         };
         if let Err(e) = r {
             tracing::debug!(service = %self.service.name, "HTTP client connection: {e}");
@@ -854,22 +909,21 @@ impl<'a> Handler<'a> {
     async fn destination(
         &self,
         uri: &Uri,
-    ) -> Result<(Option<&'a Route>, Arc<Credentials>, Dest, String), Failure> {
+    ) -> Result<(Option<&'a Route>, Arc<Credentials>, Arc<Dest>), Failure> {
         let bad = |e: ConnError| (StatusCode::BAD_GATEWAY, e.to_string());
         let pq = uri.path_and_query().map_or("/", |p| p.as_str());
         let (url, dest) = if let Some(t) = &self.tunnel {
-            let dest = Dest {
-                to: t.to.clone(),
-                https: true,
-                name: t.to.host.clone(),
-                host: None,
-            };
+            let dest = Dest::new(t.to.clone(), true, t.to.host.clone(), None);
             (format!("https://{}{pq}", t.authority), dest)
         } else if let Some(r) = self.c.single() {
             // One service: its upstream, the absolute URI of a forward-proxy request,
             // or the app's destination (which the `host` credentials may override).
             let creds = self.credentials(&r.service).await.map_err(bad)?;
-            let dest = self.single_target(r, &creds, uri).map_err(bad)?;
+            let dest = self.single_dest(r, &creds, uri).map_err(bad)?;
+            if r.cfg().url_patterns.is_empty() {
+                // Every request is authenticated: no URL to match.
+                return Ok((Some(r), creds, dest));
+            }
             let scheme = if dest.https || self.client_tls {
                 "https"
             } else {
@@ -882,7 +936,7 @@ impl<'a> Handler<'a> {
             });
             let url = format!("{scheme}://{authority}{pq}");
             let route = r.takes(&url).then_some(r);
-            return Ok((route, creds, dest, url));
+            return Ok((route, creds, dest));
         } else {
             let (Some(scheme), Some(auth)) = (uri.scheme_str(), uri.authority()) else {
                 return Err((
@@ -896,7 +950,7 @@ impl<'a> Handler<'a> {
             (format!("{scheme}://{auth}{pq}"), dest)
         };
         let Some(route) = self.c.route(&url) else {
-            return Ok((None, Arc::default(), dest, url));
+            return Ok((None, Arc::default(), Arc::new(dest)));
         };
         let creds = self.credentials(&route.service).await.map_err(bad)?;
         let mut dest = dest;
@@ -906,19 +960,46 @@ impl<'a> Handler<'a> {
                 dest.to.port = 443;
             }
         }
-        Ok((Some(route), creds, dest, url))
+        Ok((Some(route), creds, Arc::new(dest)))
+    }
+
+    /// Where a single service's request goes: worked out once per credentials (the
+    /// same `Arc`, so the same `host`/`port`) unless it depends on the request (the
+    /// absolute URI of a forward-proxy request).
+    fn single_dest(
+        &self,
+        r: &Route,
+        creds: &Arc<Credentials>,
+        uri: &Uri,
+    ) -> Result<Arc<Dest>, ConnError> {
+        let per_request = r.cfg().upstream.is_none()
+            && self.orig_dst.is_none()
+            && uri.scheme().is_some()
+            && uri.authority().is_some();
+        if per_request {
+            return self.single_target(r, creds, uri).map(Arc::new);
+        }
+        let mut cache = self.dest_cache.lock().expect("lock");
+        if let Some((c, d)) = cache.as_ref()
+            && Arc::ptr_eq(c, creds)
+        {
+            return Ok(Arc::clone(d));
+        }
+        let d = Arc::new(self.single_target(r, creds, uri)?);
+        *cache = Some((Arc::clone(creds), Arc::clone(&d)));
+        Ok(d)
     }
 
     /// Where a single service's request goes.
     fn single_target(&self, r: &Route, creds: &Credentials, uri: &Uri) -> Result<Dest, ConnError> {
         let cfg = r.cfg();
         if let Some(u) = &cfg.upstream {
-            return Ok(Dest {
-                to: HostPort::new(u.host.clone(), u.port),
-                https: u.https,
-                name: u.host.clone(),
-                host: Some(u.authority()),
-            });
+            return Ok(Dest::new(
+                HostPort::new(u.host.clone(), u.port),
+                u.https,
+                u.host.clone(),
+                Some(u.authority()),
+            ));
         }
         if self.orig_dst.is_none()
             && let (Some(scheme), Some(auth)) = (uri.scheme_str(), uri.authority())
@@ -944,12 +1025,7 @@ impl<'a> Handler<'a> {
             to.port = 443;
         }
         let name = self.sni.clone().unwrap_or(t.name);
-        Ok(Dest {
-            to,
-            https,
-            name,
-            host: None,
-        })
+        Ok(Dest::new(to, https, name, None))
     }
 
     /// The service's credentials: from the store, or the ones this connection got less
@@ -990,7 +1066,7 @@ impl<'a> Handler<'a> {
         log: &mut RequestLog,
     ) -> Result<Response<UpBody>, Failure> {
         let bad = |e: ConnError| (StatusCode::BAD_GATEWAY, e.to_string());
-        let (route, creds, dest, _url) = self.destination(req.uri()).await?;
+        let (route, creds, dest) = self.destination(req.uri()).await?;
         if let Some(r) = route {
             log.service = Arc::clone(&r.service);
             log.authenticated = true;
@@ -1003,11 +1079,12 @@ impl<'a> Handler<'a> {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
         parts.headers.remove(header::EXPECT);
-        if let Some(h) = &dest.host {
-            parts.headers.insert(
-                header::HOST,
-                HeaderValue::from_str(h).map_err(|_| bad(ConnError::Config("bad host".into())))?,
-            );
+        if dest.host.is_some() {
+            let h = dest
+                .host_value
+                .clone()
+                .ok_or_else(|| bad(ConnError::Config("bad host".into())))?;
+            parts.headers.insert(header::HOST, h);
         } else if !parts.headers.contains_key(header::HOST) {
             let h = self
                 .tunnel
@@ -1020,12 +1097,18 @@ impl<'a> Handler<'a> {
         let base = route
             .and_then(|r| r.cfg().upstream.as_ref())
             .map_or("", |u| u.base_path.as_str());
-        let path = parts.uri.path();
-        let query = parts.uri.query().map(str::to_owned);
-        let mut origin = format!("{base}{path}");
-        if let Some(q) = &query {
-            origin.push('?');
-            origin.push_str(q);
+        // The request target is rewritten (as a string, then parsed) only when a base
+        // path or query parameters are added; else an absolute-form target becomes its
+        // own path and query, and an origin-form one stays as it is.
+        let rewrite = !base.is_empty() || route.is_some_and(|r| !r.cfg().query_params.is_empty());
+        let mut origin = String::new();
+        if rewrite {
+            origin.push_str(base);
+            origin.push_str(parts.uri.path());
+            if let Some(q) = parts.uri.query() {
+                origin.push('?');
+                origin.push_str(q);
+            }
         }
         parts.version = http::Version::HTTP_11;
         let mut token = None;
@@ -1044,11 +1127,23 @@ impl<'a> Handler<'a> {
             if !cfg.keep_client_authorization {
                 parts.headers.remove(header::AUTHORIZATION);
             }
-            token = authenticate(r, &creds, &mut parts.headers, &mut origin).await?;
+            token = authenticate(
+                r,
+                &creds,
+                &mut parts.headers,
+                &mut origin,
+                Some(&self.rendered),
+            )
+            .await?;
         }
-        parts.uri = origin
-            .parse()
-            .map_err(|_| bad(ConnError::Protocol("invalid request path".into())))?;
+        if rewrite {
+            parts.uri = origin
+                .parse()
+                .map_err(|_| bad(ConnError::Protocol("invalid request path".into())))?;
+        } else if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            parts.uri = origin_form(&parts.uri)
+                .ok_or_else(|| bad(ConnError::Protocol("invalid request path".into())))?;
+        }
         let replayable = body.is_end_stream();
         let mut up_body = body.boxed();
         if let Some(scope) = &aws_scope {
@@ -1076,7 +1171,7 @@ impl<'a> Handler<'a> {
             let (mut parts, ()) = retry.into_parts();
             let mut origin = parts.uri.to_string();
             parts.headers.remove(header::AUTHORIZATION);
-            authenticate(r, &creds, &mut parts.headers, &mut origin).await?;
+            authenticate(r, &creds, &mut parts.headers, &mut origin, None).await?;
             let _ = origin; // query parameters were already added
             let req = Request::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed());
             resp = self.send(route, &dest, req, upgrade, one_shot).await?;
@@ -1155,10 +1250,14 @@ impl<'a> Handler<'a> {
                 Err(_) => Err(timed_out()),
             };
         }
-        let key = (to.clone(), dest.https, idx);
         let mut slot = self.upstream.lock().await;
         let reuse = match slot.as_mut() {
-            Some(u) if u.key == key && !u.sender.is_closed() => {
+            Some(u)
+                if u.key.0 == *to
+                    && u.key.1 == dest.https
+                    && u.key.2 == idx
+                    && !u.sender.is_closed() =>
+            {
                 // Ready at once in the usual case (the last response is done): no timer.
                 u.sender.is_ready()
                     || tokio::time::timeout(timeout, u.sender.ready())
@@ -1173,16 +1272,28 @@ impl<'a> Handler<'a> {
                 .open_upstream(to, tls, Drive::Here)
                 .await
                 .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
-            *slot = Some(Upstream { key, sender });
+            *slot = Some(Upstream {
+                key: (to.clone(), dest.https, idx),
+                sender,
+                deadline: Box::pin(tokio::time::sleep(timeout)),
+            });
         }
         let u = slot.as_mut().expect("set above");
-        match tokio::time::timeout(timeout, u.sender.send_request(req)).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => {
+        u.deadline
+            .as_mut()
+            .reset(tokio::time::Instant::now() + timeout);
+        let r = tokio::select! {
+            biased;
+            r = u.sender.send_request(req) => Some(r),
+            () = u.deadline.as_mut() => None,
+        };
+        match r {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(e)) => {
                 *slot = None;
                 Err((StatusCode::BAD_GATEWAY, format!("upstream {to}: {e}")))
             }
-            Err(_) => {
+            None => {
                 *slot = None;
                 Err(timed_out())
             }
@@ -1229,7 +1340,7 @@ impl<'a> Handler<'a> {
                 });
             }
             Drive::Here => {
-                let _ = self.drivers.send(Box::pin(async move {
+                self.drivers.push(Box::pin(async move {
                     let _ = conn.await;
                 }));
             }
@@ -1267,14 +1378,53 @@ fn closes_after<B>(req: &Request<B>) -> bool {
     }
 }
 
-/// Add a service's credentials to a request; returns the OAuth2 token used.
+/// An absolute-form request target's path and query, as an origin-form target.
+fn origin_form(uri: &Uri) -> Option<Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .filter(|pq| pq.as_str().starts_with('/'))
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).ok()
+}
+
+/// Headers rendered from one route's templates and one set of credentials (the same
+/// `Arc`): what a keep-alive connection's next requests with them get, unrendered.
+/// Never for an OAuth2 route (its token is not part of the key).
+struct Rendered {
+    route: usize,
+    creds: Arc<Credentials>,
+    headers: Vec<(http::HeaderName, HeaderValue)>,
+}
+
+/// Add a service's credentials to a request; returns the OAuth2 token used. With
+/// `cache`, the headers rendered for these credentials by an earlier request of the
+/// connection are reused (and kept for the next one).
 async fn authenticate(
     r: &Route,
-    creds: &Credentials,
+    creds: &Arc<Credentials>,
     headers: &mut HeaderMap,
     origin: &mut String,
+    cache: Option<&Mutex<Option<Rendered>>>,
 ) -> Result<Option<Secret>, Failure> {
     let cfg = r.cfg();
+    let route_id = std::ptr::from_ref(r) as usize;
+    let cache = cache.filter(|_| r.tokens.is_none() && cfg.style != Style::Aws);
+    if let Some(c) = cache
+        && cfg.query_params.is_empty()
+        && let Some(hit) = c.lock().expect("lock").as_ref()
+        && hit.route == route_id
+        && Arc::ptr_eq(&hit.creds, creds)
+    {
+        // Validated and rendered from these very credentials already.
+        for (name, v) in &hit.headers {
+            headers.insert(name.clone(), v.clone());
+        }
+        return Ok(None);
+    }
+    let mut rendered = Vec::new();
     let svc = &r.service.name;
     for (name, re) in &cfg.credential_validations {
         let ok = creds
@@ -1322,14 +1472,14 @@ async fn authenticate(
                     "credentials `username` and `password` are required".into(),
                 ));
             };
-            headers.insert(header::AUTHORIZATION, value(&inject::basic(u, p))?);
+            rendered.push((header::AUTHORIZATION, value(&inject::basic(u, p))?));
         }
         Style::Generic => {
             for (name, t) in &cfg.headers {
                 let v = t
                     .render(&get)
                     .map_err(|e| (StatusCode::BAD_GATEWAY, format!("header {name}: {e}")))?;
-                headers.insert(name.clone(), value(&v)?);
+                rendered.push((name.clone(), value(&v)?));
             }
             if !cfg.query_params.is_empty() {
                 let mut q = zeroize::Zeroizing::new(Vec::new());
@@ -1352,6 +1502,16 @@ async fn authenticate(
             }
         }
     }
+    for (name, v) in &rendered {
+        headers.insert(name.clone(), v.clone());
+    }
+    if let Some(c) = cache {
+        *c.lock().expect("lock") = Some(Rendered {
+            route: route_id,
+            creds: Arc::clone(creds),
+            headers: rendered,
+        });
+    }
     Ok(token)
 }
 
@@ -1360,12 +1520,12 @@ async fn authenticate(
 fn absolute_dest(auth: &http::uri::Authority, https: bool) -> Dest {
     let host = auth.host().trim_start_matches('[').trim_end_matches(']');
     let port = auth.port_u16().unwrap_or(if https { 443 } else { 80 });
-    Dest {
-        to: HostPort::new(host, port),
+    Dest::new(
+        HostPort::new(host, port),
         https,
-        name: host.to_owned(),
-        host: Some(auth.to_string()),
-    }
+        host.to_owned(),
+        Some(auth.to_string()),
+    )
 }
 
 /// A template's value: `access_token` is the OAuth2 token when the service has one.
@@ -1577,35 +1737,73 @@ fn is_upgrade(h: &HeaderMap) -> bool {
         })
 }
 
+/// `Keep-Alive` and `Proxy-Connection`: hop-by-hop headers the `http` crate has no
+/// constant for.
+const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
+
+/// The headers that are hop-by-hop whatever `Connection` lists, each with a bit of
+/// [`strip_hop_by_hop`]'s mask.
+static HOP_BY_HOP: [http::HeaderName; 7] = [
+    header::CONNECTION,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+    header::PROXY_AUTHORIZATION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+];
+
 /// Remove the hop-by-hop headers (RFC 9110 7.6.1), keeping an upgrade's
 /// `Connection: upgrade` and `Upgrade`. Framing (`Content-Length`,
 /// `Transfer-Encoding`) stays: hyper frames each leg from it.
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    let listed: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty() && t != "upgrade" && t != "transfer-encoding")
-        .collect();
-    for name in listed {
-        h.remove(name.as_str());
+    // One pass over the names (a handful): which hop-by-hop headers are there. Most
+    // messages carry none, or only `Connection: keep-alive`; no look-up by a name
+    // that is not there.
+    let mut present = 0u8;
+    for name in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == name) {
+            present |= 1 << i;
+        }
     }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authorization",
-        "te",
-        "trailer",
-    ] {
+    let mut listed: Vec<http::HeaderName> = Vec::new();
+    if present & 1 != 0 {
+        for v in h.get_all(header::CONNECTION) {
+            let Ok(s) = v.to_str() else { continue };
+            for t in s.split(',').map(str::trim) {
+                if t.is_empty()
+                    || t.eq_ignore_ascii_case("upgrade")
+                    || t.eq_ignore_ascii_case("transfer-encoding")
+                    || t.eq_ignore_ascii_case("keep-alive")
+                {
+                    // `Keep-Alive` goes below anyway.
+                    continue;
+                }
+                if let Ok(name) = http::HeaderName::from_bytes(t.as_bytes()) {
+                    listed.push(name);
+                }
+            }
+        }
+    }
+    for name in &listed {
         h.remove(name);
+    }
+    // TE, Trailer, Proxy-Authorization, Keep-Alive, Proxy-Connection.
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(2) {
+        if present & (1 << i) != 0 {
+            h.remove(name);
+        }
     }
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
+        if present & 1 != 0 {
+            h.remove(header::CONNECTION);
+        }
+        if present & 2 != 0 {
+            h.remove(header::UPGRADE);
+        }
     }
 }
 
@@ -1727,6 +1925,24 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counting<IO> {
         r
     }
 
+    // Passed on, so that hyper writes a response head and its body chunks with one
+    // writev instead of copying the chunks into its own buffer first.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
@@ -1743,6 +1959,67 @@ mod tests {
     fn viable(pattern: &str, origin: &str) -> bool {
         let dfa = regex_automata::hybrid::dfa::DFA::new(pattern).expect("pattern");
         prefix_viable(&dfa, origin)
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = h.keys().map(http::HeaderName::as_str).collect();
+        n.sort_unstable();
+        n
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_lists_are_removed() {
+        let mut h = headers(&[
+            ("host", "a"),
+            ("connection", "keep-alive, X-Trace, close"),
+            ("Connection", "Upgrade, transfer-encoding"),
+            ("x-trace", "1"),
+            ("close", "odd but listed"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("authorization", "Bearer t"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["authorization", "host", "transfer-encoding"]);
+
+        let mut h = headers(&[
+            ("host", "a"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(names(&h), ["connection", "host", "upgrade"]);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+
+        // Nothing hop-by-hop: untouched.
+        let mut h = headers(&[("host", "a"), ("content-length", "3")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["content-length", "host"]);
+    }
+
+    #[test]
+    fn an_absolute_target_becomes_its_path_and_query() {
+        let t = |u: &str| origin_form(&u.parse().expect("uri")).map(|u| u.to_string());
+        assert_eq!(t("http://a.example/v1/x?q=1").as_deref(), Some("/v1/x?q=1"));
+        assert_eq!(t("http://a.example").as_deref(), Some("/"));
+        assert_eq!(t("https://a.example:8443/").as_deref(), Some("/"));
     }
 
     #[test]
