@@ -471,10 +471,23 @@ pub(crate) fn start_broker(
             pw_file.display()
         ),
     )?;
-    let broker = Killed(
+    release_broker(root, &cfg, cg, health, target)
+}
+
+/// Start the release broker on configuration file `cfg` for cgroup `cg`
+/// (`BENCH_BROKER_THREADS` sets its worker threads); waits until its health endpoint on
+/// 127.0.0.1:`health` says ready, failing at once if it exits. `tag` names it in errors.
+pub(crate) fn release_broker(
+    root: &Path,
+    cfg: &Path,
+    cg: &TestCgroup,
+    health: u16,
+    tag: &str,
+) -> anyhow::Result<Killed> {
+    let mut broker = Killed(
         Command::new(root.join("target/release/broker"))
             .args(["--log-level", "warn", "run", "-f"])
-            .arg(&cfg)
+            .arg(cfg)
             .arg("--cgroup")
             .arg(&cg.path)
             .envs(
@@ -490,8 +503,11 @@ pub(crate) fn start_broker(
     let health_addr: SocketAddr = format!("127.0.0.1:{health}").parse()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !matches!(http_get(health_addr, "/ready"), Some((200, _))) {
+        if let Some(st) = broker.0.try_wait()? {
+            bail!("broker ({tag}) exited: {st}");
+        }
         if Instant::now() > deadline {
-            bail!("broker ({target}) not ready");
+            bail!("broker ({tag}) not ready");
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -27,13 +27,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use broker_tests::{
-    free_port, http_get,
+    free_port,
     net::TestCgroup,
     pg::{PgAuth, PgOptions, PgServer},
 };
 
 use crate::{
-    bench::{Killed, median, rows, start_broker, tcp_haproxy},
+    bench::{median, rows, start_broker, tcp_haproxy},
     report::Row,
 };
 
@@ -352,28 +352,7 @@ pub fn tcp(root: &Path) -> anyhow::Result<Vec<Row>> {
             sink.addr
         ),
     )?;
-    let mut broker = Killed(
-        Command::new(root.join("target/release/broker"))
-            .args(["--log-level", "warn", "run", "-f"])
-            .arg(&cfg)
-            .arg("--cgroup")
-            .arg(&cg.path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting broker")?,
-    );
-    let health_addr: SocketAddr = format!("127.0.0.1:{health}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(http_get(health_addr, "/ready"), Some((200, _))) {
-        if let Some(st) = broker.0.try_wait()? {
-            bail!("broker exited: {st}");
-        }
-        if Instant::now() > deadline {
-            bail!("broker not ready");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let broker = crate::bench::release_broker(root, &cfg, &cg, health, "tcp")?;
     broker_tests::wait_port(
         format!("127.0.0.1:{ha_port}").parse()?,
         Duration::from_secs(10),

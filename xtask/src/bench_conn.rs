@@ -28,7 +28,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use broker_tests::{free_port, http_get, net::TestCgroup};
+use broker_tests::{free_port, net::TestCgroup};
 
 use crate::{
     bench::{Killed, median, rss_kib},
@@ -66,26 +66,7 @@ fn start_broker(
 ) -> anyhow::Result<Killed> {
     let cfg = dir.join(format!("broker-{tag}.yaml"));
     std::fs::write(&cfg, yaml)?;
-    let broker = Killed(
-        Command::new(root.join("target/release/broker"))
-            .args(["--log-level", "warn", "run", "-f"])
-            .arg(&cfg)
-            .arg("--cgroup")
-            .arg(&cg.path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting broker")?,
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{health}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(http_get(addr, "/ready"), Some((200, _))) {
-        if Instant::now() > deadline {
-            bail!("broker ({tag}) not ready");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(broker)
+    crate::bench::release_broker(root, &cfg, cg, health, tag)
 }
 
 /// A python3 program run with its descriptor limit raised to the hard limit, its stdout piped; `lines`

@@ -10,21 +10,20 @@
 //! the client); broker runs carry none.
 
 use std::{
-    net::SocketAddr,
     path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use broker_tests::{
-    free_port, http_get,
+    free_port,
     mariadb::{DATABASE, MariaDb, MariaDbOptions, NATIVE_USER},
     net::TestCgroup,
 };
 
 use crate::{
-    bench::{Killed, median, rss_kib, tcp_haproxy},
+    bench::{median, rss_kib, tcp_haproxy},
     report::Row,
 };
 
@@ -113,25 +112,7 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<Vec<Row>> {
             pw = pw_file.display(),
         ),
     )?;
-    let broker = Killed(
-        Command::new(root.join("target/release/broker"))
-            .args(["--log-level", "warn", "run", "-f"])
-            .arg(&cfg)
-            .arg("--cgroup")
-            .arg(&cg.path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting broker")?,
-    );
-    let health_addr: SocketAddr = format!("127.0.0.1:{health}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(http_get(health_addr, "/ready"), Some((200, _))) {
-        if Instant::now() > deadline {
-            bail!("broker not ready");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let broker = crate::bench::release_broker(root, &cfg, &cg, health, "mysql")?;
     broker_tests::wait_port(
         format!("127.0.0.1:{ha_port}").parse()?,
         Duration::from_secs(10),
