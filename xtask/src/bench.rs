@@ -393,13 +393,7 @@ pub fn pg(root: &Path, seconds: u32) -> anyhow::Result<Vec<Row>> {
             )?);
         }
         let direct = median(&runs[0]);
-        let cell = |i: usize| {
-            let ratios: Vec<f64> = runs[i].iter().zip(&runs[0]).map(|(r, d)| r / d).collect();
-            let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = ratios.iter().copied().fold(0.0, f64::max);
-            let m = median(&runs[i]);
-            format!("{m:.0} ({:.2}x, {lo:.2}-{hi:.2})", m / direct)
-        };
+        let cell = |i: usize| crate::report::cell(&runs[i], &runs[0], 1.0, "");
         println!(
             "| {name} | {direct:.0} | {} | {} | {} | {} | {} | {} | {} |",
             cell(1),

@@ -434,17 +434,7 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<Vec<Row>> {
         };
         let unit = if *path == "1m" { "MB/s" } else { "req/s" };
         let direct = median(&runs[0]);
-        let cell = |i: usize| {
-            let ratios: Vec<f64> = runs[i].iter().zip(&runs[0]).map(|(r, d)| r / d).collect();
-            let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = ratios.iter().copied().fold(0.0, f64::max);
-            let m = median(&runs[i]);
-            format!(
-                "{:.0} {unit} ({:.2}x, {lo:.2}-{hi:.2})",
-                m * scale,
-                m / direct
-            )
-        };
+        let cell = |i: usize| crate::report::cell(&runs[i], &runs[0], scale, unit);
         let line = format!(
             "| {name} | {:.0} {unit} | {} | {} |\n",
             direct * scale,

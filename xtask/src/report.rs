@@ -6,6 +6,33 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
+/// The lowest and highest per-round ratio of `runs` to `base` (paired by round).
+#[must_use]
+pub fn ratio_range(runs: &[f64], base: &[f64]) -> (f64, f64) {
+    runs.iter()
+        .zip(base)
+        .map(|(r, d)| r / d)
+        .fold((f64::INFINITY, 0.0), |(lo, hi), x| (lo.min(x), hi.max(x)))
+}
+
+/// A single benchmark's table cell: `median (ratio of medians, per-round range)`, the
+/// median shown times `scale` (a unit change).
+#[must_use]
+pub fn cell(runs: &[f64], base: &[f64], scale: f64, unit: &str) -> String {
+    let (lo, hi) = ratio_range(runs, base);
+    let m = crate::bench::median(runs);
+    let unit = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
+    format!(
+        "{:.0}{unit} ({:.2}x, {lo:.2}-{hi:.2})",
+        m * scale,
+        m / crate::bench::median(base)
+    )
+}
+
 /// One measured path of one workload.
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -55,23 +82,20 @@ impl Row {
     ) -> Row {
         let value = crate::bench::median(runs);
         let b = crate::bench::median(base);
-        let ratios: Vec<f64> = runs.iter().zip(base).map(|(r, d)| r / d).collect();
-        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = ratios.iter().copied().fold(0.0, f64::max);
+        let (lo, hi) = ratio_range(runs, base);
         Row {
             workload: workload.to_owned(),
             path: path.to_owned(),
             value,
             unit,
             ratio: (b > 0.0).then(|| value / b),
-            range: (ratios.len() > 1).then_some((lo, hi)),
+            range: (runs.len().min(base.len()) > 1).then_some((lo, hi)),
             higher_is_better: true,
             target: None,
         }
     }
 
     /// An absolute figure with no baseline (memory, per-connection cost).
-    #[allow(dead_code, reason = "for bench_conn's rows, written in main")]
     pub fn absolute(workload: &str, path: &str, value: f64, unit: &'static str) -> Row {
         Row {
             higher_is_better: false,
