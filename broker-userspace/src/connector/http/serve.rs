@@ -474,27 +474,14 @@ async fn first_bytes(client: &AppSocket) -> Result<Option<Option<String>>, ConnE
     // One byte tells plain HTTP from TLS: no ClientHello buffer (and no copy of the
     // request head) for a plain connection.
     let mut first = [0u8; 1];
-    let n = tokio::time::timeout_at(deadline, client.peek(&mut first))
-        .await
-        .map_err(|_| ConnError::ClientGone("sent nothing within 30 s".into()))??;
-    if n == 0 {
-        return Err(ConnError::ClientGone("closed before a request".into()));
-    }
+    peek_by(client, deadline, &mut first).await?;
     if first[0] != 0x16 {
         return Ok(None);
     }
     let mut buf = vec![0u8; sni::MAX_HELLO];
     let mut last = 0;
     loop {
-        let n = tokio::time::timeout_at(deadline, client.peek(&mut buf))
-            .await
-            .map_err(|_| ConnError::ClientGone("sent nothing within 30 s".into()))??;
-        if n == 0 {
-            return Err(ConnError::ClientGone("closed before a request".into()));
-        }
-        if buf[0] != 0x16 {
-            return Ok(None);
-        }
+        let n = peek_by(client, deadline, &mut buf).await?;
         match sni::parse(&buf[..n]) {
             sni::Hello::Sni(name) => return Ok(Some(name)),
             sni::Hello::NotTls => return Ok(None),
@@ -508,6 +495,21 @@ async fn first_bytes(client: &AppSocket) -> Result<Option<Option<String>>, ConnE
             return Err(ConnError::ClientGone("incomplete TLS ClientHello".into()));
         }
     }
+}
+
+/// Peek at the client's first bytes into `buf` by `deadline`: how many (at least one).
+async fn peek_by(
+    client: &AppSocket,
+    deadline: tokio::time::Instant,
+    buf: &mut [u8],
+) -> Result<usize, ConnError> {
+    let n = tokio::time::timeout_at(deadline, client.peek(buf))
+        .await
+        .map_err(|_| ConnError::ClientGone("sent nothing within 30 s".into()))??;
+    if n == 0 {
+        return Err(ConnError::ClientGone("closed before a request".into()));
+    }
+    Ok(n)
 }
 
 /// The upstream connection kept for a client connection: where it goes, with TLS or

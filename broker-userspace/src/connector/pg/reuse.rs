@@ -311,12 +311,16 @@ async fn until_ready(
 
 /// Run `sql` on an idle session: whether it ended idle without an error.
 async fn run(up: &mut PgStream, sql: &str, params: &mut Vec<(String, String)>) -> bool {
+    send(up, &query(sql)).await && answered(up, 1, params).await
+}
+
+/// Write `bytes` to an idle session within [`RESET_TIMEOUT`]: whether it went.
+async fn send(up: &mut PgStream, bytes: &[u8]) -> bool {
     let sent = async {
-        up.write_all(&query(sql)).await?;
+        up.write_all(bytes).await?;
         up.flush().await
     };
     matches!(tokio::time::timeout(RESET_TIMEOUT, sent).await, Ok(Ok(())))
-        && answered(up, 1, params).await
 }
 
 /// Read the answers to `queries` simple queries sent on a session: whether each ended
@@ -402,11 +406,7 @@ pub async fn begin_reset(up: &mut PgStream, status: u8) -> Option<u8> {
     }
     out.extend(query("DISCARD ALL"));
     n += 1;
-    let sent = async {
-        up.write_all(&out).await?;
-        up.flush().await
-    };
-    matches!(tokio::time::timeout(RESET_TIMEOUT, sent).await, Ok(Ok(()))).then_some(n)
+    send(up, &out).await.then_some(n)
 }
 
 /// One direction's framing: where the current message ends.
