@@ -150,6 +150,26 @@ pub fn conn_key(netns_cookie: u64, peer: SocketAddr, local: SocketAddr) -> ConnK
 
 use crate::sys::sockopt_u64;
 
+/// Take the record under `key` out of the redirect-record map: one
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` where the kernel has it for hash maps (5.14),
+/// else a lookup and a delete.
+fn take(records: &mut HashMap<MapData, ConnKey, ConnRecord>, key: &ConnKey) -> Option<ConnRecord> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TWO_CALLS: AtomicBool = AtomicBool::new(false);
+    if !TWO_CALLS.load(Ordering::Relaxed) {
+        match crate::sys::bpf_map_take(records.map().fd().as_fd(), key) {
+            Ok(rec) => return rec,
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                TWO_CALLS.store(true, Ordering::Relaxed);
+            }
+            Err(_) => return None,
+        }
+    }
+    let rec = records.get(key, 0).ok()?;
+    let _ = records.remove(key);
+    Some(rec)
+}
+
 /// The socket's cookie, the same the kernel programs get from `bpf_get_socket_cookie`.
 ///
 /// # Errors
@@ -577,15 +597,20 @@ impl Interceptor {
     pub fn take_record(
         &self,
         accepted: &tokio::net::TcpStream,
+        peer: Option<SocketAddr>,
+        local: Option<SocketAddr>,
     ) -> std::io::Result<Option<ConnRecord>> {
-        let key = conn_key(
-            self.netns_cookie,
-            accepted.peer_addr()?,
-            accepted.local_addr()?,
-        );
+        let peer = match peer {
+            Some(p) => p,
+            None => accepted.peer_addr()?,
+        };
+        let local = match local {
+            Some(l) => l,
+            None => accepted.local_addr()?,
+        };
+        let key = conn_key(self.netns_cookie, peer, local);
         let mut records = lock(&self.records);
-        if let Ok(rec) = records.get(&key, 0) {
-            let _ = records.remove(&key);
+        if let Some(rec) = take(&mut records, &key) {
             return Ok((rec.netns_cookie == self.netns_cookie).then_some(rec));
         }
         drop(records);

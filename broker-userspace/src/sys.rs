@@ -296,6 +296,63 @@ pub fn bpf_map_count_keys(
     Ok(n)
 }
 
+/// Look `key` up in the hash map `fd` and delete it, in one `BPF_MAP_LOOKUP_AND_DELETE_ELEM`
+/// (kernel >= 5.14 for hash maps): the value, `None` when there is no such key.
+/// `Unsupported` when the kernel does not have the command for this map type (the
+/// caller then looks up and deletes in two calls).
+///
+/// # Errors
+/// The `bpf(2)` error.
+pub fn bpf_map_take<K: Copy, V: Copy>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    /// The kernel's `ENOTSUPP` (not `ENOTSUP`), which it returns for map types
+    /// without the command before 5.14.
+    const ENOTSUPP: i32 = 524;
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    let attr = Attr {
+        map_fd: u32::try_from(fd.as_raw_fd())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: attr, the key and the value buffer (the map's key and value sizes, which
+    // the caller's types are) outlive the call; the size passed is attr's.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &raw const attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) => {
+                Err(io::Error::new(io::ErrorKind::Unsupported, e))
+            }
+            _ => Err(e),
+        };
+    }
+    // SAFETY: the kernel wrote the whole value on success.
+    Ok(Some(unsafe { value.assume_init() }))
+}
+
 /// [`bpf_map_count_keys`] with `BPF_MAP_LOOKUP_BATCH` (kernel >= 5.6): [`BATCH`] keys
 /// and values per call, for plain hash maps (`HASH`, `LRU_HASH`, not per-CPU) whose
 /// values are `value_size` bytes. Much cheaper per key than one call per key.
@@ -826,9 +883,32 @@ impl ProcDir {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a new fd nobody else owns.
-        let f = unsafe { std::fs::File::from_raw_fd(fd) };
-        let mut out = Vec::new();
-        f.take(max).read_to_end(&mut out)?;
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        // A procfs file is generated whole and handed out as far as the buffer goes,
+        // so a read that does not fill the buffer reached its end: no second read (one
+        // syscall less per file on every accepted connection).
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        let mut out = Vec::with_capacity(max.min(512));
+        while out.len() < max {
+            if out.len() == out.capacity() {
+                out.reserve((max - out.len()).min(out.capacity()));
+            }
+            let room = (out.capacity() - out.len()).min(max - out.len());
+            let start = out.len();
+            out.resize(start + room, 0);
+            let n = match f.read(&mut out[start..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    out.truncate(start);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            out.truncate(start + n);
+            if n < room {
+                break;
+            }
+        }
         Ok(out)
     }
 

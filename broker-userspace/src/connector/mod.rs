@@ -437,6 +437,17 @@ pub enum ClientAddr {
     Unix(Arc<Path>),
 }
 
+impl ClientAddr {
+    /// The client's TCP address, if it is a TCP client.
+    #[must_use]
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Tcp(a) => Some(*a),
+            Self::Unix(_) => None,
+        }
+    }
+}
+
 impl From<SocketAddr> for ClientAddr {
     fn from(a: SocketAddr) -> Self {
         Self::Tcp(a)

@@ -19,7 +19,7 @@
 //! so `listenOn` listeners (which any local process can reach) cannot starve it; the
 //! health endpoint has its own listener and task, outside the caps.
 
-use std::{os::fd::AsFd, sync::Arc, time::Duration};
+use std::{net::SocketAddr, os::fd::AsFd, sync::Arc, time::Duration};
 
 use broker_common::REC_IN_SPLICE_APP;
 use tokio::{
@@ -261,6 +261,12 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     explicit: Option<u32>,
 ) {
+    // The address every accepted connection has on our side (one `getsockname` here
+    // instead of one per connection); unknown for a wildcard or Unix listener.
+    let local = match &listener {
+        Listener::Tcp(l) => l.local_addr().ok().filter(|a| !a.ip().is_unspecified()),
+        Listener::Unix(_) => None,
+    };
     loop {
         tokio::select! {
             biased;
@@ -271,7 +277,7 @@ async fn accept_loop(
                         // Closed at once: over a cap, a connection must not cost more
                         // than the accept and one write (no task, no buffer, no
                         // upstream).
-                        refuse_over_cap(&shared, &stream, explicit);
+                        refuse_over_cap(&shared, &stream, &peer, local, explicit);
                         drop(stream);
                         shared.metrics.refused("cap");
                         cap_reached(&shared, &peer, explicit);
@@ -282,7 +288,7 @@ async fn accept_loop(
                     tokio::spawn(async move {
                         let _guard = guard;
                         let _admission = admission;
-                        handle(stream, peer, shared, explicit).await;
+                        handle(stream, peer, local, shared, explicit).await;
                     });
                 }
                 Err(e) => {
@@ -298,7 +304,13 @@ async fn accept_loop(
 /// Tell a client refused for a cap what its protocol says ("too many connections"), with
 /// one non-blocking write, where the protocol lets a server speak first. A transparent
 /// connection's record is taken (it names the service) so it does not linger.
-fn refuse_over_cap(shared: &Shared, stream: &AppSocket, explicit: Option<u32>) {
+fn refuse_over_cap(
+    shared: &Shared,
+    stream: &AppSocket,
+    peer: &ClientAddr,
+    local: Option<SocketAddr>,
+    explicit: Option<u32>,
+) {
     let runtime = shared.runtime.load();
     let rt = match explicit {
         Some(id) => runtime.listener(id),
@@ -307,7 +319,7 @@ fn refuse_over_cap(shared: &Shared, stream: &AppSocket, explicit: Option<u32>) {
             .as_ref()
             .and_then(std::sync::Weak::upgrade)
             .zip(stream.as_tcp())
-            .and_then(|(i, s)| i.take_record(s).ok().flatten())
+            .and_then(|(i, s)| i.take_record(s, peer.tcp(), local).ok().flatten())
             .and_then(|r| runtime.service(r.service_id)),
     };
     let Some(rt) = rt else {
@@ -421,7 +433,13 @@ fn cap_reached(shared: &Shared, peer: &ClientAddr, explicit: Option<u32>) {
     );
 }
 
-async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: Option<u32>) {
+async fn handle(
+    stream: AppSocket,
+    peer: ClientAddr,
+    local: Option<SocketAddr>,
+    shared: Shared,
+    explicit: Option<u32>,
+) {
     // The snapshot this connection runs with, from start to end: the one in force, or
     // for a redirected connect, the one its record was written under.
     let (runtime, rt, caller, orig_dst, splice) = match explicit {
@@ -445,7 +463,7 @@ async fn handle(stream: AppSocket, peer: ClientAddr, shared: Shared, explicit: O
             let rec = interceptor
                 .as_ref()
                 .zip(stream.as_tcp())
-                .and_then(|(i, s)| i.take_record(s).ok().flatten());
+                .and_then(|(i, s)| i.take_record(s, peer.tcp(), local).ok().flatten());
             let Some(rec) = rec.filter(|r| record_is_fresh(r.connect_ns)) else {
                 // Someone connected to the listener directly: no redirect record, no
                 // identity, nothing to broker. Close without a byte. Anyone local can

@@ -830,6 +830,12 @@ impl<'a> Audit<'a> {
                 redact_id(id)
             }
         };
+        let event = tracing::enabled!(target: "audit", tracing::Level::INFO);
+        if !event && !self.log.enabled() {
+            // Nobody records this lookup (the log level is above info, no audit sink):
+            // nothing to format.
+            return;
+        }
         let latency = started.elapsed();
         let credentials = self
             .members
