@@ -295,8 +295,9 @@ async fn reused(
             .get("application_name")
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_default();
+        let to = params.to.to_string();
         let key = reuse::Key {
-            to: params.to.to_string(),
+            to: to.clone(),
             params: rewritten
                 .params
                 .iter()
@@ -305,7 +306,7 @@ async fn reused(
                 .collect(),
             rule: conn.admitted_by.clone(),
         };
-        conn.stats.upstream = Some(params.to.to_string());
+        conn.stats.upstream = Some(to);
         while let Some(mut idle) = pg.shared.pool.take(&key, &cfg) {
             if reuse::adopt(&mut idle, &app_name).await {
                 return Ok::<_, Failure>((

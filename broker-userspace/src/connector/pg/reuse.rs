@@ -219,21 +219,43 @@ fn query(sql: &str) -> Vec<u8> {
 }
 
 /// What a reused session tells the app: AuthenticationOk, its parameters, its key, idle.
+/// Written into one buffer sized up front (an app connection per request pays for this
+/// each time).
 #[must_use]
 pub fn greeting(params: &[(String, String)], key: &CancelKey) -> Vec<u8> {
-    let mut out = message(b'R', &0u32.to_be_bytes());
-    for (n, v) in params {
-        let mut body = Vec::with_capacity(n.len() + v.len() + 2);
-        body.extend_from_slice(n.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-        out.extend(message(b'S', &body));
+    fn header(out: &mut Vec<u8>, tag: u8, body_len: usize) {
+        out.push(tag);
+        out.extend_from_slice(
+            &u32::try_from(body_len + 4)
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
     }
-    let mut k = key.pid.to_be_bytes().to_vec();
-    k.extend_from_slice(&key.key);
-    out.extend(message(b'K', &k));
-    out.extend(message(b'Z', b"I"));
+    let size = 9
+        + params
+            .iter()
+            .map(|(n, v)| 5 + n.len() + v.len() + 2)
+            .sum::<usize>()
+        + 5
+        + 4
+        + key.key.len()
+        + 6;
+    let mut out = Vec::with_capacity(size);
+    header(&mut out, b'R', 4);
+    out.extend_from_slice(&0u32.to_be_bytes());
+    for (n, v) in params {
+        header(&mut out, b'S', n.len() + v.len() + 2);
+        out.extend_from_slice(n.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    header(&mut out, b'K', 4 + key.key.len());
+    out.extend_from_slice(&key.pid.to_be_bytes());
+    out.extend_from_slice(&key.key);
+    header(&mut out, b'Z', 1);
+    out.push(b'I');
+    debug_assert_eq!(out.len(), size);
     out
 }
 
