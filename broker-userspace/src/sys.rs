@@ -919,21 +919,27 @@ impl ProcDir {
     /// The process is gone, access is denied, or the target is longer than `PATH_MAX`.
     pub fn readlink(&self, name: &std::ffi::CStr) -> io::Result<std::path::PathBuf> {
         use std::os::{fd::AsRawFd as _, unix::ffi::OsStringExt as _};
-        let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-        // SAFETY: valid directory fd, NUL-terminated name, a buffer of buf.len() bytes.
+        // On the stack and not zeroed (the kernel writes the `n` bytes that are kept),
+        // then copied out at its length: the path is held for the connection's life,
+        // and a `PATH_MAX` buffer kept with it would be 4 KiB per connection.
+        const CAP: usize = libc::PATH_MAX as usize + 1;
+        let mut raw = [std::mem::MaybeUninit::<u8>::uninit(); CAP];
+        // SAFETY: valid directory fd, NUL-terminated name, a buffer of CAP writable
+        // bytes.
         let n = unsafe {
             libc::readlinkat(
                 self.0.as_raw_fd(),
                 name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
+                raw.as_mut_ptr().cast(),
+                CAP,
             )
         };
         let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-        if n >= buf.len() {
+        if n >= CAP {
             return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
         }
-        buf.truncate(n);
+        // SAFETY: readlinkat wrote the first n bytes (n < CAP).
+        let buf = unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<u8>(), n) }.to_vec();
         Ok(std::ffi::OsString::from_vec(buf).into())
     }
 }
