@@ -350,19 +350,34 @@ pub fn unmatched_connect(root: &Path) -> anyhow::Result<Vec<Row>> {
 }
 
 /// Run time of the programs attached to `cg` (`bpf_stats`), in nanoseconds per connect
-/// of the loop, over 3 rounds.
+/// of the loop, over 3 rounds; each program's share is printed (time and runs per
+/// connect).
 fn program_time_per_connect(addr: SocketAddr, cg: &TestCgroup) -> anyhow::Result<f64> {
     const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
     let before = std::fs::read_to_string(SYSCTL)?;
     std::fs::write(SYSCTL, "1")?;
     let result = (|| {
         let ids = attached_ids(cg)?;
-        let t0 = run_time_ns(&ids)?;
+        let s0 = run_stats(&ids)?;
         for _ in 0..3 {
             connect_round(addr, cg)?;
         }
-        let t1 = run_time_ns(&ids)?;
-        Ok((t1 - t0) as f64 / f64::from(3 * CONNECTS))
+        let s1 = run_stats(&ids)?;
+        let connects = f64::from(3 * CONNECTS);
+        let mut total = 0.0;
+        println!();
+        for (a, b) in s0.iter().zip(&s1) {
+            let (ns, runs) = ((b.1 - a.1) as f64, (b.2 - a.2) as f64);
+            total += ns;
+            println!(
+                "  {}: {:.0} ns per connect ({:.1} runs, {:.0} ns per run)",
+                a.0,
+                ns / connects,
+                runs / connects,
+                if runs > 0.0 { ns / runs } else { 0.0 },
+            );
+        }
+        Ok(total / connects)
     })();
     std::fs::write(SYSCTL, before.trim())?;
     result
@@ -381,23 +396,31 @@ fn attached_ids(cg: &TestCgroup) -> anyhow::Result<Vec<u64>> {
     Ok(ids)
 }
 
-/// The summed `run_time_ns` of programs `ids` (`bpftool prog show id N`).
-fn run_time_ns(ids: &[u64]) -> anyhow::Result<u64> {
-    let mut total = 0;
+/// Name, `run_time_ns` and `run_cnt` of each program `ids` (`bpftool prog show id N`).
+fn run_stats(ids: &[u64]) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let mut stats = Vec::with_capacity(ids.len());
     for id in ids {
         let out = Command::new("bpftool")
             .args(["prog", "show", "id", &id.to_string()])
             .output()
             .context("bpftool")?;
         let text = String::from_utf8_lossy(&out.stdout);
-        total += text
+        let field = |name: &str| {
+            text.split_whitespace()
+                .skip_while(|w| *w != name)
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let name = text
             .split_whitespace()
-            .skip_while(|w| *w != "run_time_ns")
+            .skip_while(|w| *w != "name")
             .nth(1)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
+            .unwrap_or("?")
+            .to_owned();
+        stats.push((name, field("run_time_ns"), field("run_cnt")));
     }
-    Ok(total)
+    Ok(stats)
 }
 
 /// `cargo xtask bench conn`: both figures.
