@@ -241,18 +241,13 @@ fn lookup_target(addr: [u8; 16], port: u16) -> Option<TargetValue> {
     TARGET_CIDRS.get(&cidr).copied()
 }
 
-/// Whether this connect must be left alone, by what its context says at once: sockets of
-/// another network namespace (their loopback is not ours), sockets bound to another
-/// device, the bypass mark, or not TCP. The costlier checks ([`exempt_caller`]) wait
-/// until the destination is a target: most connects are not, and pay only for these
-/// and two lookups.
+/// Whether this connect must be left alone, by what its context fields say: sockets
+/// bound to another device, the bypass mark, or not TCP. The checks that call helpers
+/// ([`exempt_caller`]) wait until the destination is a target: most connects are not,
+/// and pay only for these loads, a socket-storage lookup and an array lookup.
 #[inline(always)]
 fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
     if s.flags & SETTINGS_ENABLED == 0 {
-        return true;
-    }
-    // SAFETY: ctx.as_ptr() is the program's context.
-    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != s.netns_cookie {
         return true;
     }
     // SAFETY: the kernel hands us a valid bpf_sock_addr; sk is always set for connect.
@@ -271,11 +266,17 @@ fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
     dev != 0 && dev != LOOPBACK_IFINDEX
 }
 
-/// Whether a connect to a target must be left alone all the same: the kernel's own
-/// sockets (MPTCP subflows, SMC) and the broker's own process.
+/// Whether a connect to a target must be left alone all the same: sockets of another
+/// network namespace (their loopback is not ours), the kernel's own sockets (MPTCP
+/// subflows, SMC) and the broker's own process. Checked before anything is written for
+/// the socket; until then such a socket has only been looked at: its storage cannot
+/// exist (a socket never changes namespace, and [`mark_recorded`] runs only after this),
+/// so [`forget_earlier_connect`] did nothing for it.
 #[inline(always)]
 fn exempt_caller(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
-    kernel_socket(ctx) || broker_process(s)
+    // SAFETY: ctx.as_ptr() is the program's context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    netns != s.netns_cookie || kernel_socket(ctx) || broker_process(s)
 }
 
 /// Device and inode of the broker's pid namespace, set by the daemon at load time when
