@@ -347,10 +347,11 @@ fn was_recorded(sk: *mut bpf_sock) -> bool {
     .is_null()
 }
 
-/// The socket's cookie, written in its own storage (`APP_SK`) before its connect is
-/// recorded (see [`was_recorded`]). `None` if the storage cannot be made (no memory):
-/// the connect is then not redirected, since its next connect would not look for the
-/// record.
+/// The socket's cookie, in its own storage (`APP_SK`) before its connect is recorded
+/// (see [`was_recorded`]): made with it, or holding it since an earlier recorded connect
+/// of the socket (a cookie never changes), so nothing is written over. `None` if the
+/// storage cannot be made (no memory): the connect is then not redirected, since its
+/// next connect would not look for the record.
 #[inline(always)]
 fn mark_recorded(ctx: &SockAddrContext) -> Option<u64> {
     // SAFETY: ctx.as_ptr() is the program's context, valid for the cookie helper.
@@ -366,12 +367,7 @@ fn mark_recorded(ctx: &SockAddrContext) -> Option<u64> {
             BPF_SK_STORAGE_GET_F_CREATE,
         )
     };
-    if stored.is_null() {
-        return None;
-    }
-    // SAFETY: points to this socket's u64 for the duration of the program.
-    unsafe { *stored.cast::<u64>() = cookie };
-    Some(cookie)
+    (!stored.is_null()).then_some(cookie)
 }
 
 /// Drop whatever an earlier `connect()` of the same socket recorded (one that failed, or
