@@ -11,6 +11,9 @@
 pub const MAP_TARGETS: &str = "TARGETS";
 /// Name of the LPM trie of `cidr:port` targets ([`CidrKey`] -> [`TargetValue`]).
 pub const MAP_TARGET_CIDRS: &str = "TARGET_CIDRS";
+/// Name of the array of the ports some target names ([`PortBits`], [`PORT_WORDS`]
+/// entries): connect4/6 look a destination up only if its port is there.
+pub const MAP_TARGET_PORTS: &str = "TARGET_PORTS";
 /// Name of the one-entry array holding [`BrokerSettings`].
 pub const MAP_SETTINGS: &str = "SETTINGS";
 /// Name of the LRU map socket cookie -> [`ConnRecord`], written by connect4/6.
@@ -69,6 +72,8 @@ pub const GLOBAL_PIDNS_INO: &str = "PIDNS_INO";
 pub const MAX_TARGETS: u32 = 16_384;
 /// Capacity of the CIDR trie.
 pub const MAX_CIDRS: u32 = 4_096;
+/// Entries of `TARGET_PORTS`: one [`PortBits`] per 64 ports.
+pub const PORT_WORDS: u32 = 65_536 / 64;
 /// Capacity of each per-connection LRU map. LRU eviction bounds them even if the daemon
 /// never reads an entry (a client that connects and dies before the broker accepts).
 pub const MAX_CONNS: u32 = 65_536;
@@ -158,6 +163,27 @@ pub struct TargetValue {
     /// into the record, so a record outliving a reload is recognised as stale.
     pub generation: u32,
     pub _pad: u32,
+}
+
+/// The ports that have a target, 64 per entry of `TARGET_PORTS` (entry `port / 64`, bit
+/// `port % 64`, see [`port_slot`]): one bit for exact targets (`TARGETS`), one for CIDR
+/// targets (`TARGET_CIDRS`). A connect to a port without its bit skips that lookup.
+/// The daemon sets a bit before it inserts the first target on the port and clears it
+/// only after it has removed the last one, so a connect never misses a target.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortBits {
+    /// Ports with an exact target.
+    pub exact: u64,
+    /// Ports with a CIDR target.
+    pub cidr: u64,
+}
+
+/// Where `port` is in `TARGET_PORTS`: the entry, and the bit within [`PortBits`]' words.
+#[must_use]
+#[inline(always)]
+pub const fn port_slot(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1u64 << (port & 63))
 }
 
 /// Global settings, written by the daemon before it attaches the programs.
@@ -286,6 +312,7 @@ mod pod {
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::CidrKey {}
     unsafe impl aya::Pod for super::TargetValue {}
+    unsafe impl aya::Pod for super::PortBits {}
     unsafe impl aya::Pod for super::BrokerSettings {}
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::SockKey {}
@@ -297,6 +324,7 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<CidrKey>() == 18);
 const _: () = assert!(core::mem::size_of::<TargetValue>() == 16);
+const _: () = assert!(core::mem::size_of::<PortBits>() == 16);
 const _: () = assert!(core::mem::size_of::<BrokerSettings>() == 24);
 const _: () =
     assert!(core::mem::size_of::<ConnRecord>() == 8 + 8 + 8 + 8 + 16 + 16 + 2 + 2 + 4 * 7);
@@ -327,4 +355,18 @@ pub const fn is_mapped_v4(a: &[u8; 16]) -> bool {
         && a[9] == 0
         && a[10] == 0xff
         && a[11] == 0xff
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_port_has_one_slot_within_the_map() {
+        assert_eq!(port_slot(0), (0, 1));
+        assert_eq!(port_slot(63), (0, 1 << 63));
+        assert_eq!(port_slot(64), (1, 1));
+        assert_eq!(port_slot(5432), (84, 1 << 56));
+        assert_eq!(port_slot(u16::MAX), (PORT_WORDS - 1, 1 << 63));
+    }
 }

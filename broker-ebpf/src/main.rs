@@ -19,8 +19,8 @@
 //! (which anyone with a user namespace can listen on). Sockets in other namespaces are
 //! left alone, like any connection to an address that is not a target.
 //! * Splice (after the daemon has authenticated a session): sock_ops also puts the app's
-//!   socket in `SPLICE_APP` under its socket cookie, and writes that cookie in the
-//!   socket's own storage (`APP_SK`, read by the sk_msg program, which cannot ask for a
+//!   socket in `SPLICE_APP` under its socket cookie (which connect4/6 wrote in the
+//!   socket's own storage, `APP_SK`, read by the sk_msg program, which cannot ask for a
 //!   cookie). Once the daemon writes the two `SPLICE` entries (keyed by socket cookies,
 //!   which are never reused, so no other socket can ever match them), `broker_splice_msg` (sk_msg on `SPLICE_APP`) sends what the app
 //!   writes straight out of the broker's upstream socket, and `broker_splice_skb`
@@ -40,7 +40,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{bpf_pidns_info, bpf_sock_addr},
+    bindings::{bpf_pidns_info, bpf_sock, bpf_sock_addr},
     btf_maps::SkStorage,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -80,10 +80,10 @@ unsafe fn add_atomic(p: *mut u64, v: u64) {
 }
 use broker_common::{
     AddrKey, BrokerSettings, CidrKey, ConnKey, ConnRecord, FAMILY_INET, FAMILY_INET6, MAX_CIDRS,
-    MAX_CONNS, MAX_SERVICES, MAX_TARGETS, MYSQL_COM_CHANGE_USER, REC_IN_SPLICE_APP, SETTINGS_DEBUG,
-    SETTINGS_ENABLED, SETTINGS_V6, SPLICE_FALLBACK, SPLICE_INGRESS, SPLICE_MYSQL,
-    SPLICE_READ_BUDGET, SPLICE_SEQ, SockKey, SpliceValue, TARGET_SPLICE, TargetValue, is_mapped_v4,
-    mapped_v4,
+    MAX_CONNS, MAX_SERVICES, MAX_TARGETS, MYSQL_COM_CHANGE_USER, PORT_WORDS, PortBits,
+    REC_IN_SPLICE_APP, SETTINGS_DEBUG, SETTINGS_ENABLED, SETTINGS_V6, SPLICE_FALLBACK,
+    SPLICE_INGRESS, SPLICE_MYSQL, SPLICE_READ_BUDGET, SPLICE_SEQ, SockKey, SpliceValue,
+    TARGET_SPLICE, TargetValue, is_mapped_v4, mapped_v4, port_slot,
 };
 
 #[map]
@@ -91,6 +91,11 @@ static TARGETS: HashMap<AddrKey, TargetValue> = HashMap::with_max_entries(MAX_TA
 
 #[map]
 static TARGET_CIDRS: LpmTrie<CidrKey, TargetValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+/// The ports some target names (see [`PortBits`]): an array lookup, which the verifier
+/// inlines, spares a connect to any other port both target lookups.
+#[map]
+static TARGET_PORTS: Array<PortBits> = Array::with_max_entries(PORT_WORDS, 0);
 
 #[map]
 static SETTINGS: Array<BrokerSettings> = Array::with_max_entries(1, 0);
@@ -110,8 +115,11 @@ static SPLICE_UP: SockHash<u64> = SockHash::with_max_entries(MAX_CONNS, 0);
 #[map]
 static SPLICE: HashMap<u64, SpliceValue> = HashMap::with_max_entries(2 * MAX_CONNS, 0);
 
-/// An app socket that may be spliced -> its own socket cookie (written by sock_ops, read
-/// by the sk_msg program, which has no cookie helper). Lives and dies with the socket.
+/// A socket whose connect connect4/6 recorded -> its own socket cookie (written before
+/// the record, read by the sk_msg program, which has no cookie helper). Lives and dies
+/// with the socket, and nothing deletes it: a socket without it has never had a record
+/// (`BY_COOKIE`) nor a splice entry (`SPLICE`), so connect4/6 and sock_ops look no
+/// further for one (one cheap lookup instead of a cookie and two hash lookups).
 #[btf_map]
 static APP_SK: SkStorage<u64> = SkStorage::new();
 
@@ -200,17 +208,28 @@ fn words_from_addr(addr: [u8; 16]) -> [u32; 4] {
     ]
 }
 
-/// The target a destination maps to: exact `ip:port` first, then the longest CIDR.
+/// The target a destination maps to: exact `ip:port` first, then the longest CIDR. Each
+/// lookup is made only if some target of its kind names the port (`TARGET_PORTS`):
+/// nearly every connect goes to a port no target names, and stops at that array.
 #[inline(always)]
 fn lookup_target(addr: [u8; 16], port: u16) -> Option<TargetValue> {
-    let key = AddrKey {
-        addr,
-        port,
-        _pad: 0,
-    };
-    // SAFETY: the value is copied out immediately; TARGETS is only written by the daemon.
-    if let Some(v) = unsafe { TARGETS.get(key) } {
-        return Some(*v);
+    let (slot, bit) = port_slot(port);
+    let ports = TARGET_PORTS.get(slot)?;
+    let (exact, cidr) = (ports.exact & bit != 0, ports.cidr & bit != 0);
+    if exact {
+        let key = AddrKey {
+            addr,
+            port,
+            _pad: 0,
+        };
+        // SAFETY: the value is copied out immediately; TARGETS is only written by the
+        // daemon.
+        if let Some(v) = unsafe { TARGETS.get(key) } {
+            return Some(*v);
+        }
+    }
+    if !cidr {
+        return None;
     }
     let cidr = Key::new(
         16 + 128,
@@ -222,18 +241,13 @@ fn lookup_target(addr: [u8; 16], port: u16) -> Option<TargetValue> {
     TARGET_CIDRS.get(&cidr).copied()
 }
 
-/// Whether this connect must be left alone, by what its context says at once: sockets of
-/// another network namespace (their loopback is not ours), sockets bound to another
-/// device, the bypass mark, or not TCP. The costlier checks ([`exempt_caller`]) wait
-/// until the destination is a target: most connects are not, and pay only for these
-/// and two lookups.
+/// Whether this connect must be left alone, by what its context fields say: sockets
+/// bound to another device, the bypass mark, or not TCP. The checks that call helpers
+/// ([`exempt_caller`]) wait until the destination is a target: most connects are not,
+/// and pay only for these loads, a socket-storage lookup and an array lookup.
 #[inline(always)]
 fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
     if s.flags & SETTINGS_ENABLED == 0 {
-        return true;
-    }
-    // SAFETY: ctx.as_ptr() is the program's context.
-    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != s.netns_cookie {
         return true;
     }
     // SAFETY: the kernel hands us a valid bpf_sock_addr; sk is always set for connect.
@@ -252,11 +266,17 @@ fn exempt(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
     dev != 0 && dev != LOOPBACK_IFINDEX
 }
 
-/// Whether a connect to a target must be left alone all the same: the kernel's own
-/// sockets (MPTCP subflows, SMC) and the broker's own process.
+/// Whether a connect to a target must be left alone all the same: sockets of another
+/// network namespace (their loopback is not ours), the kernel's own sockets (MPTCP
+/// subflows, SMC) and the broker's own process. Checked before anything is written for
+/// the socket; until then such a socket has only been looked at: its storage cannot
+/// exist (a socket never changes namespace, and [`mark_recorded`] runs only after this),
+/// so [`forget_earlier_connect`] did nothing for it.
 #[inline(always)]
 fn exempt_caller(ctx: &SockAddrContext, s: &BrokerSettings) -> bool {
-    kernel_socket(ctx) || broker_process(s)
+    // SAFETY: ctx.as_ptr() is the program's context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    netns != s.netns_cookie || kernel_socket(ctx) || broker_process(s)
 }
 
 /// Device and inode of the broker's pid namespace, set by the daemon at load time when
@@ -306,17 +326,66 @@ fn broker_process(s: &BrokerSettings) -> bool {
     (bpf_get_current_pid_tgid() >> 32) as u32 == s.bypass_tgid
 }
 
-/// The socket's cookie, after dropping whatever an earlier `connect()` of the same socket
-/// recorded (one that failed, or was undone with `AF_UNSPEC`): a record only ever
-/// describes the socket's current connect.
+/// Whether a connect of this socket was ever recorded: it has storage in `APP_SK`.
+/// Without it, no `BY_COOKIE` record nor `SPLICE` entry can exist for the socket: only
+/// [`mark_recorded`] makes the storage, and it runs before every record is written;
+/// the daemon splices only sockets whose record it took; nothing deletes the storage
+/// while the socket lives. A lookup without `F_CREATE` on a socket that has no
+/// storage at all (nearly every one) is one pointer read in the helper.
 #[inline(always)]
-fn forget_earlier_connect(ctx: &SockAddrContext) -> u64 {
+fn was_recorded(sk: *mut bpf_sock) -> bool {
+    // SAFETY: APP_SK is a socket storage map and sk the program's socket (checked by the
+    // verifier); no value to create.
+    !unsafe {
+        bpf_sk_storage_get(
+            (&raw const APP_SK).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .is_null()
+}
+
+/// The socket's cookie, in its own storage (`APP_SK`) before its connect is recorded
+/// (see [`was_recorded`]): made with it, or holding it since an earlier recorded connect
+/// of the socket (a cookie never changes), so nothing is written over. `None` if the
+/// storage cannot be made (no memory): the connect is then not redirected, since its
+/// next connect would not look for the record.
+#[inline(always)]
+fn mark_recorded(ctx: &SockAddrContext) -> Option<u64> {
+    // SAFETY: ctx.as_ptr() is the program's context, valid for the cookie helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let mut init = cookie;
+    // SAFETY: APP_SK is a socket storage map, sk the connecting socket, init outlives the
+    // call.
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            (&raw const APP_SK).cast_mut().cast(),
+            (*ctx.sock_addr).__bindgen_anon_1.sk.cast(),
+            (&raw mut init).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE,
+        )
+    };
+    (!stored.is_null()).then_some(cookie)
+}
+
+/// Drop whatever an earlier `connect()` of the same socket recorded (one that failed, or
+/// was undone with `AF_UNSPEC`): a record only ever describes the socket's current
+/// connect. Nearly every socket connects once and was never recorded: it stops at
+/// [`was_recorded`].
+#[inline(always)]
+fn forget_earlier_connect(ctx: &SockAddrContext) {
+    // SAFETY: the kernel hands us a valid bpf_sock_addr; sk is always set for connect.
+    if !was_recorded(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }) {
+        return;
+    }
     // SAFETY: ctx.as_ptr() is the program's context, valid for the cookie helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A lookup first: a delete takes the bucket's lock even when there is nothing to
-    // delete, and nearly every socket connects once. Only this socket's own connect
-    // writes its `BY_COOKIE` entry (under the socket lock), and the daemon writes its
-    // `SPLICE` entry only while it is connected, so nothing appears in between.
+    // delete. Only this socket's own connect writes its `BY_COOKIE` entry (under the
+    // socket lock), and the daemon writes its `SPLICE` entry only while it is connected,
+    // so nothing appears in between.
     // SAFETY: only tested for presence.
     if unsafe { BY_COOKIE.get(cookie) }.is_some() {
         let _ = BY_COOKIE.remove(cookie);
@@ -327,7 +396,6 @@ fn forget_earlier_connect(ctx: &SockAddrContext) -> u64 {
     if unsafe { SPLICE.get(cookie) }.is_some() {
         let _ = SPLICE.remove(cookie);
     }
-    cookie
 }
 
 /// Byte offsets of `sk_socket` in the kernel's `struct sock` and of `file` and `sk` in
@@ -444,13 +512,16 @@ pub fn broker_connect4(ctx: SockAddrContext) -> i32 {
     let (ip, port_raw) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
     let addr = mapped_v4(ip.to_ne_bytes());
     let port = u16::from_be(port_raw as u16);
-    let cookie = forget_earlier_connect(&ctx);
+    forget_earlier_connect(&ctx);
     let Some(target) = lookup_target(addr, port) else {
         return 1;
     };
     if exempt_caller(&ctx, &s) {
         return 1;
     }
+    let Some(cookie) = mark_recorded(&ctx) else {
+        return 1;
+    };
     if !record(cookie, &s, (&addr, port, FAMILY_INET), target) {
         return 1;
     }
@@ -493,7 +564,7 @@ pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
         return 1;
     }
     let (addr, port) = user_addr6(&ctx);
-    let cookie = forget_earlier_connect(&ctx);
+    forget_earlier_connect(&ctx);
     let Some(target) = lookup_target(addr, port) else {
         return 1;
     };
@@ -508,6 +579,9 @@ pub fn broker_connect6(ctx: SockAddrContext) -> i32 {
         LOOPBACK_V6
     } else {
         // No [::1] listener of ours: whoever binds that port would get the connection.
+        return 1;
+    };
+    let Some(cookie) = mark_recorded(&ctx) else {
         return 1;
     };
     let family = FAMILY_INET6;
@@ -647,6 +721,13 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
 
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
+    // SAFETY: the context pointer is valid; `sk` is the full socket or null.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    // Every socket of the cgroup that connects gets here; only one whose connect was
+    // recorded can have a record to move (see `was_recorded`).
+    if sk.is_null() || !was_recorded(sk) {
+        return;
+    }
     // SAFETY: ctx.as_ptr() is the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the record is copied out immediately.
@@ -680,30 +761,11 @@ fn on_established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | SOCK_OPS_STATE_CB_FLAG);
 }
 
-/// Put an app socket that may be spliced in `SPLICE_APP` under its cookie, after writing
-/// the cookie in its own storage for the sk_msg program. `false` if it is not there.
+/// Put an app socket that may be spliced in `SPLICE_APP` under its cookie (connect4/6
+/// already wrote the cookie in its own storage, `APP_SK`, for the sk_msg program).
+/// `false` if it is not there.
 #[inline(always)]
 fn splice_candidate(ctx: &SockOpsContext, cookie: u64) -> bool {
-    // SAFETY: the context pointer is valid; `sk` is the full socket or null.
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return false;
-    }
-    let mut init = cookie;
-    // SAFETY: APP_SK is a socket storage map, sk a socket, init outlives the call.
-    let stored = unsafe {
-        bpf_sk_storage_get(
-            (&raw const APP_SK).cast_mut().cast(),
-            sk.cast(),
-            (&raw mut init).cast(),
-            BPF_SK_STORAGE_GET_F_CREATE,
-        )
-    };
-    if stored.is_null() {
-        return false;
-    }
-    // SAFETY: points to this socket's u64 for the duration of the program.
-    unsafe { *stored.cast::<u64>() = cookie };
     let mut key = cookie;
     // SAFETY: ctx.ops is the program's own bpf_sock_ops.
     if SPLICE_APP
@@ -797,7 +859,7 @@ fn upstream_pressed(up: u64, size: u32, sent: u64, blind_budget: u64) -> bool {
 /// socket, ahead of anything the daemon writes, so the order holds).
 #[sk_msg]
 pub fn broker_splice_msg(ctx: SkMsgContext) -> u32 {
-    // The sending socket's cookie, from its own storage (sock_ops wrote it there).
+    // The sending socket's cookie, from its own storage (connect4/6 wrote it there).
     // SAFETY: the context pointer is valid; `sk` is the sending socket.
     let cookie = unsafe {
         let sk = (*ctx.msg).__bindgen_anon_3.sk;

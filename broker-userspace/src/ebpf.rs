@@ -32,8 +32,9 @@ use broker_common::{
     GLOBAL_SK_COOKIE, GLOBAL_SK_SNDBUF, GLOBAL_SK_SOCKET, GLOBAL_SK_WMEM_QUEUED, GLOBAL_SKB_CB,
     GLOBAL_SOCKET_FILE, GLOBAL_SOCKET_SK, MAP_BY_CONN, MAP_BY_COOKIE, MAP_REDIRECTS, MAP_SETTINGS,
     MAP_SPLICE, MAP_SPLICE_APP, MAP_SPLICE_EVENTS, MAP_SPLICE_READ, MAP_SPLICE_UP,
-    MAP_TARGET_CIDRS, MAP_TARGETS, REC_IN_SPLICE_APP, SPLICE_FALLBACK, SPLICE_INGRESS,
-    SPLICE_MYSQL, SockKey, SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
+    MAP_TARGET_CIDRS, MAP_TARGET_PORTS, MAP_TARGETS, PortBits, REC_IN_SPLICE_APP, SPLICE_FALLBACK,
+    SPLICE_INGRESS, SPLICE_MYSQL, SockKey, SpliceValue, TARGET_SPLICE, TargetValue, mapped_v4,
+    port_slot,
 };
 use tokio::sync::Notify;
 
@@ -212,6 +213,11 @@ pub fn record_destination(rec: &ConnRecord) -> SocketAddr {
 struct Targets {
     exact: HashMap<MapData, AddrKey, TargetValue>,
     cidrs: LpmTrie<MapData, CidrKey, TargetValue>,
+    /// The ports some target names (`TARGET_PORTS`): connect4/6 look a destination up
+    /// only if its port is there.
+    ports: Array<MapData, PortBits>,
+    /// What this process last wrote in `ports` (entries not here are zero).
+    port_bits: BTreeMap<u32, PortBits>,
     current: BTreeMap<KernelTarget, u32>,
     /// Services whose sessions may be spliced in the kernel.
     splice_services: BTreeSet<u32>,
@@ -465,12 +471,15 @@ impl Interceptor {
                 .map_err(map_err(MAP_TARGETS))?,
             cidrs: LpmTrie::try_from(take(&mut ebpf, MAP_TARGET_CIDRS)?)
                 .map_err(map_err(MAP_TARGET_CIDRS))?,
+            ports: Array::try_from(take(&mut ebpf, MAP_TARGET_PORTS)?)
+                .map_err(map_err(MAP_TARGET_PORTS))?,
+            port_bits: BTreeMap::new(),
             current: BTreeMap::new(),
             splice_services,
             splicing,
             generation,
         };
-        t.update(targets)?;
+        t.update(targets, false)?;
         views.extend(MapView::of(MAP_TARGETS, t.exact.map()));
         views.extend(MapView::of(MAP_TARGET_CIDRS, t.cidrs.map()));
         views.extend(MapView::of(MAP_SPLICE_APP, lock(&splicer.app).map()));
@@ -553,7 +562,7 @@ impl Interceptor {
     /// # Errors
     /// A map update failure (e.g. the map is full).
     pub fn set_targets(&self, targets: &BTreeMap<KernelTarget, u32>) -> Result<(), EbpfError> {
-        lock(&self.targets).update(targets)
+        lock(&self.targets).update(targets, false)
     }
 
     /// A reload: every target rewritten in place with the new configuration's
@@ -579,12 +588,7 @@ impl Interceptor {
         t.generation = generation;
         // Every value changes (the generation): rewrite them all, then remove the ones
         // no longer wanted.
-        let before: Vec<KernelTarget> = std::mem::take(&mut t.current).into_keys().collect();
-        t.update(targets)?;
-        for k in before.into_iter().filter(|k| !targets.contains_key(k)) {
-            t.remove(k);
-        }
-        Ok(())
+        t.update(targets, true)
     }
 
     /// Look up and delete the record of the connection accepted on the transparent
@@ -732,9 +736,19 @@ impl Targets {
         self.cidrs.get(&key, 0).ok()
     }
 
-    fn update(&mut self, want: &BTreeMap<KernelTarget, u32>) -> Result<(), EbpfError> {
+    /// Make the maps hold `want`: new and changed entries written (every one with
+    /// `rewrite`) before stale ones are removed. The ports of the new targets are added
+    /// to `TARGET_PORTS` before any entry is written, and the ports no target names any
+    /// more leave it only after the stale entries are gone: a connect in between never
+    /// finds a target's port missing.
+    fn update(
+        &mut self,
+        want: &BTreeMap<KernelTarget, u32>,
+        rewrite: bool,
+    ) -> Result<(), EbpfError> {
+        self.write_ports(&port_bits(self.current.keys().chain(want.keys())))?;
         for (t, &id) in want {
-            if self.current.get(t) == Some(&id) {
+            if !rewrite && self.current.get(t) == Some(&id) {
                 continue;
             }
             let v = TargetValue {
@@ -768,6 +782,26 @@ impl Targets {
         for t in stale {
             self.remove(t);
             self.current.remove(&t);
+        }
+        self.write_ports(&port_bits(self.current.keys()))
+    }
+
+    /// Write the `TARGET_PORTS` entries that differ from `want` (absent: zero).
+    fn write_ports(&mut self, want: &BTreeMap<u32, PortBits>) -> Result<(), EbpfError> {
+        let slots: BTreeSet<u32> = self.port_bits.keys().chain(want.keys()).copied().collect();
+        for slot in slots {
+            let v = want.get(&slot).copied().unwrap_or_default();
+            if self.port_bits.get(&slot).copied().unwrap_or_default() == v {
+                continue;
+            }
+            self.ports
+                .set(slot, v, 0)
+                .map_err(map_err(MAP_TARGET_PORTS))?;
+            if v == PortBits::default() {
+                self.port_bits.remove(&slot);
+            } else {
+                self.port_bits.insert(slot, v);
+            }
         }
         Ok(())
     }
@@ -1077,6 +1111,25 @@ impl Drop for Spliced {
     }
 }
 
+/// The `TARGET_PORTS` entries (the non-zero ones) naming the ports of `targets`.
+fn port_bits<'a>(targets: impl Iterator<Item = &'a KernelTarget>) -> BTreeMap<u32, PortBits> {
+    let mut out: BTreeMap<u32, PortBits> = BTreeMap::new();
+    for t in targets {
+        let (port, cidr) = match *t {
+            KernelTarget::Exact(_, port) => (port, false),
+            KernelTarget::Cidr(_, _, port) => (port, true),
+        };
+        let (slot, bit) = port_slot(port);
+        let e = out.entry(slot).or_default();
+        if cidr {
+            e.cidr |= bit;
+        } else {
+            e.exact |= bit;
+        }
+    }
+    out
+}
+
 fn exact_key(ip: IpAddr, port: u16) -> AddrKey {
     AddrKey {
         addr: addr16(ip),
@@ -1128,6 +1181,42 @@ mod tests {
         assert_eq!(data.port_be, 5432u16.to_be_bytes());
         let k6 = cidr_key("2001:db8::".parse().unwrap(), 32, 443);
         assert_eq!(k6.prefix_len(), 16 + 32);
+    }
+
+    #[test]
+    fn port_bits_name_each_port_once_by_kind() {
+        let v4 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let targets = [
+            KernelTarget::Exact(v4("10.0.0.1"), 5432),
+            KernelTarget::Exact(v4("10.0.0.2"), 5432),
+            KernelTarget::Cidr(v4("10.1.0.0"), 16, 5432),
+            KernelTarget::Cidr(v4("2001:db8::"), 32, 443),
+            KernelTarget::Exact(v4("::1"), 65535),
+        ];
+        let bits = port_bits(targets.iter());
+        assert_eq!(bits.len(), 3);
+        assert_eq!(
+            bits[&84],
+            PortBits {
+                exact: 1 << 56,
+                cidr: 1 << 56
+            }
+        );
+        assert_eq!(
+            bits[&6],
+            PortBits {
+                exact: 0,
+                cidr: 1 << 59
+            }
+        );
+        assert_eq!(
+            bits[&1023],
+            PortBits {
+                exact: 1 << 63,
+                cidr: 0
+            }
+        );
+        assert!(port_bits([].iter()).is_empty());
     }
 
     #[test]

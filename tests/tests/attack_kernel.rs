@@ -8,7 +8,10 @@
 //! * a record minted by a connect that fails cannot be redeemed: not by the same socket
 //!   connecting to the broker's listener afterwards, not by a process outside the cgroup;
 //!   and `getpeername` does not lie for such a socket;
-//! * an MPTCP socket to a target: `getpeername` never shows the broker.
+//! * an MPTCP socket to a target: `getpeername` never shows the broker;
+//! * a socket undoing its brokered connection with `connect(AF_UNSPEC)` gets a session of
+//!   its own at each new connect to the target, and none from the broker's listener
+//!   afterwards (connect4/6 look for an old record only on a socket they once recorded).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -362,6 +365,92 @@ fn a_failed_connect_mints_no_record_and_getpeername_does_not_lie() {
     assert_canary(&b);
     assert_no_secret(
         &format!("{minter}{outsider}{}", b.daemon.log_text()),
+        &[PASSWORD],
+        "outputs and log",
+    );
+    assert_no_secret(&pg.log_text(), &[PASSWORD], "PostgreSQL log");
+}
+
+/// In the cgroup: one socket connects to the target, gets a session (ReadyForQuery) and
+/// undoes the connection with `connect(AF_UNSPEC)`, three times; then connects straight
+/// to the broker's listener and asks for a session.
+const RECONNECTER: &str = r#"
+import ctypes, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+port, host, tport = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+s = socket.socket()
+s.settimeout(10)
+def unspec():
+    sa = ctypes.create_string_buffer(16)
+    r = libc.connect(s.fileno(), sa, 16)
+    print("unspec", r, ctypes.get_errno() if r else 0, flush=True)
+for i in range(3):
+    s.connect((host, tport))
+    print("peer", s.getpeername()[0], s.getpeername()[1], flush=True)
+    s.sendall(startup())
+    got = b""
+    while b"Z\0\0\0\x05" not in got:
+        d = s.recv(65536)
+        if not d:
+            break
+        got += d
+    print("session", i, b"Z\0\0\0\x05" in got, flush=True)
+    unspec()
+s.connect(("127.0.0.1", port))
+print("peer", s.getpeername()[0], s.getpeername()[1], flush=True)
+s.sendall(startup())
+got = drain(s)
+print("got", len(got), repr(got[:100]), flush=True)
+"#;
+
+#[test]
+fn a_socket_reconnecting_with_af_unspec_gets_a_fresh_session_and_nothing_after() {
+    if !privileged() {
+        return;
+    }
+    let (pg, b, port, _dir) = setup("unspec");
+    let text = run_text(as_nobody(
+        Some(&b),
+        false,
+        &[
+            &python(),
+            "-c",
+            &format!("{STARTUP}{RECONNECTER}"),
+            &port.to_string(),
+            TARGET_HOST,
+            &TARGET_PORT.to_string(),
+        ],
+    ));
+    println!("reconnecter:\n{text}");
+    for i in 0..3 {
+        assert!(
+            text.contains(&format!("session {i} True")),
+            "connect {i} to the target got its own session:\n{text}\n{}",
+            b.daemon.log_text()
+        );
+    }
+    assert_eq!(
+        text.matches(&format!("peer {TARGET_HOST} {TARGET_PORT}"))
+            .count(),
+        3,
+        "getpeername shows the target each time:\n{text}"
+    );
+    assert_eq!(text.matches("unspec 0 0").count(), 3, "{text}");
+    assert!(
+        text.contains(&format!("peer 127.0.0.1 {port}")) && text.contains("got 0 "),
+        "the same socket, straight to the listener, got no session:\n{text}\n{}",
+        b.daemon.log_text()
+    );
+    let log = b.daemon.log_until(std::time::Duration::from_secs(2), |l| {
+        l.contains("\"result\":\"refused\"")
+    });
+    assert!(
+        log.contains("\"result\":\"refused\""),
+        "refused and logged:\n{log}"
+    );
+    assert_canary(&b);
+    assert_no_secret(
+        &format!("{text}{}", b.daemon.log_text()),
         &[PASSWORD],
         "outputs and log",
     );

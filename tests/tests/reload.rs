@@ -68,10 +68,15 @@ fn wait_reload(d: &Daemon, before: (usize, usize)) -> (usize, usize) {
 
 /// `psql` in the cgroup to `host:5432` (an intercepted destination), no password.
 fn psql_in(b: &RunBroker, host: &str, sql: &str) -> (bool, String) {
+    psql_at(b, host, 5432, sql)
+}
+
+/// `psql` in the cgroup to `host:port`, no password.
+fn psql_at(b: &RunBroker, host: &str, port: u16, sql: &str) -> (bool, String) {
     let mut c = Command::new("timeout");
     c.args(["--kill-after=5", "30", "psql", "-X", "-w", "-A", "-t"])
         .arg(format!(
-            "host={host} port=5432 user=anything dbname=app sslmode=disable connect_timeout=10"
+            "host={host} port={port} user=anything dbname=app sslmode=disable connect_timeout=10"
         ))
         .args(["-c", sql])
         .env_remove("PGPASSWORD")
@@ -173,8 +178,9 @@ fn a_good_change_applies_without_dropping_a_session_and_a_bad_file_is_refused() 
     assert_eq!(session.query(), "app_user");
 
     // A good change: the credential moves to another file (the old one now holds a wrong
-    // password, so only the new source can log in), a new intercepted service and a new
-    // listenOn service.
+    // password, so only the new source can log in), a new intercepted service (also on a
+    // port and a CIDR no target named before: the programs look a port up only once the
+    // daemon has marked it) and a new listenOn service.
     let moved = write_file(files.path(), "moved", PW);
     std::fs::write(&right, "not-the-password-either").expect("write");
     let listen = free_port();
@@ -183,7 +189,12 @@ fn a_good_change_applies_without_dropping_a_session_and_a_bad_file_is_refused() 
         config(
             health,
             &(service("db", "intercept: [\"127.0.0.2:5432\"]", port, &moved)
-                + &service("db2", "intercept: [\"127.0.0.3:5432\"]", port, &moved)
+                + &service(
+                    "db2",
+                    "intercept: [\"127.0.0.3:5432\", \"127.0.9.0/24:6543\"]",
+                    port,
+                    &moved,
+                )
                 + &service(
                     "db3",
                     &format!("listenOn: tcp://127.0.0.1:{listen}"),
@@ -203,9 +214,13 @@ fn a_good_change_applies_without_dropping_a_session_and_a_bad_file_is_refused() 
     );
     // The open session goes on.
     assert_eq!(session.query(), "app_user");
-    for host in ["127.0.0.2", "127.0.0.3"] {
-        let (ok, text) = psql_in(&b, host, "select current_user");
-        assert!(ok, "{host}: {text}\n{}", b.daemon.log_text());
+    for (host, to) in [
+        ("127.0.0.2", 5432),
+        ("127.0.0.3", 5432),
+        ("127.0.9.7", 6543),
+    ] {
+        let (ok, text) = psql_at(&b, host, to, "select current_user");
+        assert!(ok, "{host}:{to}: {text}\n{}", b.daemon.log_text());
         assert_eq!(text.trim(), "app_user");
     }
     let out = psql(
@@ -265,6 +280,8 @@ fn a_good_change_applies_without_dropping_a_session_and_a_bad_file_is_refused() 
     assert!(!out.status.success(), "db3 was removed");
     let (ok, _) = psql_in(&b, "127.0.0.3", "select 1");
     assert!(!ok, "db2's target is no longer intercepted");
+    let (ok, _) = psql_at(&b, "127.0.9.7", 6543, "select 1");
+    assert!(!ok, "db2's CIDR target is no longer intercepted");
     assert_eq!(session.query(), "app_user");
     let log = b.daemon.log_text();
     assert_no_secret(&log, &[PW], "daemon log");
