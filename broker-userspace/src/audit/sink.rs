@@ -475,10 +475,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.log");
         let sink = Sink::file(&path, 1 << 30, 1).unwrap();
-        // More bytes than the queue holds, faster than any disk: some are dropped.
+        // More bytes than the queue holds, faster than the writer drains them: some are
+        // dropped. Pushed until one is (a writer on an idle machine can keep up with a
+        // few queues' worth), at most 64 queues' worth.
         let big = line(0, 64 * 1024);
-        for _ in 0..((QUEUE_BYTES / big.len()) * 4) {
+        for _ in 0..((QUEUE_BYTES / big.len()) * 64) {
             sink.push(big.clone());
+            if sink.dropped() > 0 {
+                break;
+            }
         }
         sink.flush(Duration::from_secs(30));
         let dropped = sink.dropped();
