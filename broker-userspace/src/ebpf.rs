@@ -151,10 +151,11 @@ pub fn conn_key(netns_cookie: u64, peer: SocketAddr, local: SocketAddr) -> ConnK
 
 use crate::sys::sockopt_u64;
 
-/// Take the record under `key` out of the redirect-record map: one
+/// Take the record under `key` out of a redirect-record map (ours, or the previous
+/// process's): one
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` where the kernel has it for hash maps (5.14),
 /// else a lookup and a delete.
-fn take(records: &mut HashMap<MapData, ConnKey, ConnRecord>, key: &ConnKey) -> Option<ConnRecord> {
+fn take(records: &mut RecordMap, key: &ConnKey) -> Option<ConnRecord> {
     use std::sync::atomic::{AtomicBool, Ordering};
     static TWO_CALLS: AtomicBool = AtomicBool::new(false);
     if !TWO_CALLS.load(Ordering::Relaxed) {
@@ -634,8 +635,7 @@ impl Interceptor {
             *previous = None;
             return None;
         }
-        let mut rec = map.get(key, 0).ok()?;
-        let _ = map.remove(key);
+        let mut rec = take(map, key)?;
         drop(previous);
         let now = lock(&self.targets).lookup(record_destination(&rec))?;
         if now.service_id != rec.service_id {

@@ -235,6 +235,46 @@ pub fn sockopt_u64(fd: &impl std::os::fd::AsRawFd, opt: libc::c_int) -> io::Resu
     }
 }
 
+/// `bpf(2)` with command `cmd` and `attr` (the command's member of `union bpf_attr`,
+/// passed with its own size): the kernel's non-negative result, or the error.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what `cmd` reads and writes through it.
+unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
+    // SAFETY: attr outlives the call and its size is the one passed; the pointers in it
+    // are the caller's to vouch for.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<A>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// A descriptor as `bpf_attr` carries it.
+fn attr_fd(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// `union bpf_attr` for the map element commands (`value` is `next_key` for
+/// `BPF_MAP_GET_NEXT_KEY`).
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
 /// The number of keys in the BPF map `fd` whose keys are `key_size` bytes, counted
 /// with `BPF_MAP_GET_NEXT_KEY` from the first key, one call per key, at most `cap`
 /// (a map whose entries come and go meanwhile may be counted a little off; the cap
@@ -247,43 +287,23 @@ pub fn bpf_map_count_keys(
     key_size: usize,
     cap: usize,
 ) -> io::Result<usize> {
-    use std::os::fd::AsRawFd as _;
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    /// `union bpf_attr` for the map element commands.
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        next_key: u64,
-        flags: u64,
-    }
-    let fd =
-        u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let fd = attr_fd(fd)?;
     let mut cur = vec![0u8; key_size.max(1)];
     let mut next = vec![0u8; key_size.max(1)];
     let mut n = 0;
     while n < cap {
-        let attr = Attr {
+        let mut attr = MapElemAttr {
             map_fd: fd,
             _pad: 0,
             // NULL: the first key.
             key: if n == 0 { 0 } else { cur.as_ptr() as u64 },
-            next_key: next.as_mut_ptr() as u64,
+            value: next.as_mut_ptr() as u64,
             flags: 0,
         };
-        // SAFETY: attr and both key buffers (key_size bytes, what the kernel reads and
-        // writes) outlive the call; the size passed is attr's.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                &raw const attr,
-                std::mem::size_of::<Attr>(),
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
+        // SAFETY: both key buffers (key_size bytes, what the kernel reads and writes)
+        // outlive the call.
+        if let Err(e) = unsafe { sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
             return if e.raw_os_error() == Some(libc::ENOENT) {
                 Ok(n)
             } else {
@@ -307,40 +327,21 @@ pub fn bpf_map_take<K: Copy, V: Copy>(
     fd: std::os::fd::BorrowedFd<'_>,
     key: &K,
 ) -> io::Result<Option<V>> {
-    use std::os::fd::AsRawFd as _;
     const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     /// The kernel's `ENOTSUPP` (not `ENOTSUP`), which it returns for map types
     /// without the command before 5.14.
     const ENOTSUPP: i32 = 524;
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
     let mut value = std::mem::MaybeUninit::<V>::uninit();
-    let attr = Attr {
-        map_fd: u32::try_from(fd.as_raw_fd())
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+    let mut attr = MapElemAttr {
+        map_fd: attr_fd(fd)?,
         _pad: 0,
         key: std::ptr::from_ref(key) as u64,
         value: value.as_mut_ptr() as u64,
         flags: 0,
     };
-    // SAFETY: attr, the key and the value buffer (the map's key and value sizes, which
-    // the caller's types are) outlive the call; the size passed is attr's.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &raw const attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
-    if r < 0 {
-        let e = io::Error::last_os_error();
+    // SAFETY: the key and the value buffer (the map's key and value sizes, which the
+    // caller's types are) outlive the call.
+    if let Err(e) = unsafe { sys_bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) } {
         return match e.raw_os_error() {
             Some(libc::ENOENT) => Ok(None),
             Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) => {
@@ -366,7 +367,6 @@ pub fn bpf_map_count_batch(
     value_size: usize,
     cap: usize,
 ) -> io::Result<usize> {
-    use std::os::fd::AsRawFd as _;
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     /// `union bpf_attr`'s `batch` member.
     #[repr(C)]
@@ -380,8 +380,7 @@ pub fn bpf_map_count_batch(
         elem_flags: u64,
         flags: u64,
     }
-    let fd =
-        u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let fd = attr_fd(fd)?;
     let mut keys = vec![0u8; key_size.max(1) * BATCH];
     let mut values = vec![0u8; value_size.max(1) * BATCH];
     // The position between calls (a bucket number for hash maps); 8 bytes is enough.
@@ -400,20 +399,11 @@ pub fn bpf_map_count_batch(
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: attr, the token buffers and the key and value buffers (BATCH
-        // elements of the map's key and value sizes, what the kernel may write) outlive
-        // the call; the size passed is attr's.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                std::mem::size_of::<Attr>(),
-            )
-        };
+        // SAFETY: the token buffers and the key and value buffers (BATCH elements of
+        // the map's key and value sizes, what the kernel may write) outlive the call.
+        let r = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         n += attr.count as usize;
-        if r < 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = r {
             return if e.raw_os_error() == Some(libc::ENOENT) {
                 Ok(n.min(cap))
             } else {
@@ -1083,7 +1073,7 @@ pub fn bpf_link_create(
     cgroup: std::os::fd::BorrowedFd<'_>,
     attach_type: u32,
 ) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    use std::os::fd::FromRawFd as _;
     const BPF_LINK_CREATE: libc::c_long = 28;
     /// `union bpf_attr`'s `link_create` member, up to its flags (the rest zero).
     #[repr(C)]
@@ -1094,28 +1084,15 @@ pub fn bpf_link_create(
         flags: u32,
         _rest: [u64; 4],
     }
-    let fd = |f: std::os::fd::BorrowedFd<'_>| {
-        u32::try_from(f.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-    };
-    let attr = Attr {
-        prog_fd: fd(prog)?,
-        target_fd: fd(cgroup)?,
+    let mut attr = Attr {
+        prog_fd: attr_fd(prog)?,
+        target_fd: attr_fd(cgroup)?,
         attach_type,
         flags: 0,
         _rest: [0; 4],
     };
-    // SAFETY: attr outlives the call; the size passed is attr's.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &raw const attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: no pointers in attr.
+    let r = unsafe { sys_bpf(BPF_LINK_CREATE, &mut attr) }?;
     let raw = i32::try_from(r).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
