@@ -1132,17 +1132,7 @@ impl Daemon {
     }
 }
 
-/// Aborts the task when dropped (a supervisor aborted at shutdown takes its listener
-/// task with it).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Run a listener's accept loop as its own task and watch it. An accept loop ends only
+/// Run a listener's accept loop as a task of `tasks` and watch it. An accept loop ends only
 /// when `stop` turns true; if it ends before, or panics, the listener is dead (every
 /// connection to it would be refused by the kernel, or left in its backlog, while the
 /// programs stay attached): [`Readiness::listener_failed`] turns `/ready` to 503 and
@@ -1155,15 +1145,18 @@ pub fn supervise(
     readiness: Arc<Readiness>,
 ) {
     tasks.spawn(async move {
-        let mut inner = AbortOnDrop(tokio::spawn(serve));
-        let res = (&mut inner.0).await;
+        use futures_util::FutureExt as _;
+        // Polled in this task, not one of its own: when shutdown aborts `tasks`, the
+        // accept loop and its listener (a Unix socket's file) are gone by the time the
+        // set reports this task ended, not at some later turn of the runtime, which an
+        // exiting process may never reach.
+        let res = std::panic::AssertUnwindSafe(serve).catch_unwind().await;
         if res.is_ok() && *stop.borrow() {
             return;
         }
         let why = match res {
             Ok(()) => format!("{what}: the accept loop ended unexpectedly"),
-            Err(e) if e.is_panic() => {
-                let p = e.into_panic();
+            Err(p) => {
                 let text = p
                     .downcast_ref::<&str>()
                     .map(|s| (*s).to_owned())
@@ -1171,7 +1164,6 @@ pub fn supervise(
                     .unwrap_or_else(|| "(no message)".to_owned());
                 format!("{what}: the accept loop panicked: {text}")
             }
-            Err(e) => format!("{what}: the accept loop was cancelled: {e}"),
         };
         tracing::error!(error = %why, "listener task died: not ready, shutting down");
         readiness.listener_failed(why);
